@@ -1,0 +1,61 @@
+// DiskService: the managed disks of this daemon and their durable metadata.
+//
+// Creates sparse backing files under the disks directory or adopts existing
+// files and block devices, keeps their records in the metadata database
+// (SQLite, so they survive restarts and crashes), keeps the open FileDisk of
+// each, and resolves NBD export names to them.
+//
+// Thread-safety: every method is safe from any thread (one internal mutex;
+// nothing here is on the data path).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/block_device.h"
+
+namespace rpoint {
+
+struct DiskServiceOptions {
+  std::string disks_dir;    // where created disks' files live
+  std::string metadata_db;  // SQLite file
+  bool direct_io = false;   // open disks with O_DIRECT for aligned I/O
+};
+
+struct DiskRecord {
+  std::string name;
+  std::string path;
+  uint64_t size_bytes = 0;
+  bool adopted = false;         // true: an existing file/device; false: created by us
+  bool block_device = false;
+  std::string kind = "managed";  // managed | shared | ephemeral
+  std::string time_created;      // RFC 3339 UTC
+  int attached_clients = 0;      // live transport users (not persisted)
+};
+
+class DiskService : public ExportResolver {
+ public:
+  static Result<std::unique_ptr<DiskService>> Open(const DiskServiceOptions& options);
+  ~DiskService() override = default;
+
+  virtual Result<DiskRecord> create(const std::string& name, uint64_t size_bytes,
+                                    const std::string& kind) = 0;
+  virtual Result<DiskRecord> adopt(const std::string& name, const std::string& path,
+                                   const std::string& kind) = 0;
+  virtual Result<DiskRecord> get(const std::string& name) = 0;
+  virtual std::vector<DiskRecord> list() = 0;
+  virtual Result<DiskRecord> resize(const std::string& name, uint64_t new_size_bytes) = 0;
+  // Conflict when clients are attached and !force; with force they are cut off.
+  virtual Status remove(const std::string& name, bool force) = 0;
+  // fdatasync every open disk (shutdown).
+  virtual void sync_all() = 0;
+
+  // Valid names: 1-63 chars of [A-Za-z0-9._-], not starting with '.' or '-'.
+  static Status ValidateName(const std::string& name);
+};
+
+}  // namespace rpoint

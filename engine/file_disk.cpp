@@ -1,0 +1,313 @@
+#include "engine/file_disk.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <spdlog/spdlog.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+
+namespace rpoint {
+namespace {
+
+// Progress of a request inside the engine (IoRequest::stage_).
+enum Stage : uint32_t {
+  kStageIo = 0,         // the main ring operation
+  kStageFailed,         // a NOP carrying an error decided at submit time (in done_)
+  kStageZeroWrite,      // write-zeroes fallback: writing zero buffers
+  kStageSyncAfter,      // FUA on trim/zero: fdatasync after the fallocate
+};
+
+constexpr size_t kZeroBufSize = 1 << 20;
+alignas(4096) const char kZeros[kZeroBufSize] = {};
+
+bool IsMutation(IoKind k) {
+  return k == IoKind::kWrite || k == IoKind::kTrim || k == IoKind::kWriteZeroes;
+}
+
+bool Retryable(int res) { return res == -EAGAIN || res == -EINTR; }
+
+}  // namespace
+
+Result<std::shared_ptr<FileDisk>> FileDisk::Open(const FileDiskOptions& opts) {
+  std::shared_ptr<FileDisk> d(new FileDisk(opts));
+  int flags = (opts.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  d->fd_.reset(::open(opts.path.c_str(), flags));
+  if (!d->fd_) return Status::FromErrno(errno, "open " + opts.path);
+  struct stat st {};
+  if (fstat(d->fd_.get(), &st) != 0) return Status::FromErrno(errno, "stat " + opts.path);
+  uint64_t size = 0;
+  if (S_ISBLK(st.st_mode)) {
+    d->is_blockdev_ = true;
+    if (ioctl(d->fd_.get(), BLKGETSIZE64, &size) != 0) {
+      return Status::FromErrno(errno, "BLKGETSIZE64 " + opts.path);
+    }
+    int lbs = 512;
+    if (ioctl(d->fd_.get(), BLKSSZGET, &lbs) == 0 && lbs > 0) d->logical_block_ = lbs;
+  } else if (S_ISREG(st.st_mode)) {
+    size = st.st_size;
+    // 4096 satisfies O_DIRECT on every local filesystem and device in use today.
+    d->logical_block_ = 4096;
+  } else {
+    return Status::InvalidArgument(opts.path + " is neither a regular file nor a block device");
+  }
+  d->size_.store(size);
+  if (opts.direct) {
+    d->direct_fd_.reset(::open(opts.path.c_str(), flags | O_DIRECT));
+    if (!d->direct_fd_) {
+      // tmpfs and some FUSE filesystems refuse O_DIRECT: serve buffered rather than fail.
+      spdlog::warn("disk {}: O_DIRECT unavailable on {} ({}), using buffered I/O", opts.name,
+                   opts.path, std::strerror(errno));
+    }
+  }
+  return d;
+}
+
+DeviceCaps FileDisk::caps() const {
+  DeviceCaps c;
+  c.read_only = opts_.read_only;
+  c.can_flush = true;
+  c.can_trim = !opts_.read_only;
+  c.can_zero = !opts_.read_only;
+  c.can_fast_zero = !opts_.read_only && zero_range_ok_.load();
+  c.can_cache = true;
+  c.can_multi_conn = true;  // FLUSH is fdatasync of the one shared file
+  c.min_block = 1;          // unaligned requests go through the buffered descriptor
+  c.preferred_block = 4096;
+  return c;
+}
+
+int FileDisk::fd_for(const IoRequest& req) const {
+  if (!direct_fd_) return fd_.get();
+  uint64_t a = logical_block_ - 1;
+  uint64_t off = req.offset + req.done_;
+  uint64_t len = req.length - req.done_;
+  const char* buf = req.kind == IoKind::kWriteZeroes ? kZeros : req.buf + req.done_;
+  if ((off & a) || (len & a) || (reinterpret_cast<uintptr_t>(buf) & a)) return fd_.get();
+  return direct_fd_.get();
+}
+
+void FileDisk::submit(Reactor& reactor, IoRequest& req) {
+  req.device_ = this;
+  req.reactor_ = &reactor;
+  req.done_ = 0;
+  req.stage_ = kStageIo;
+  int err = 0;
+  if (req.kind != IoKind::kFlush && !check_range(req.offset, req.length).ok()) {
+    err = EINVAL;
+  } else if (IsMutation(req.kind) && opts_.read_only) {
+    err = EPERM;
+  } else if (retired()) {
+    err = ESHUTDOWN;
+  }
+  if (err != 0) {
+    // Completion must never run inside submit(): report through the ring.
+    req.stage_ = kStageFailed;
+    req.done_ = err;
+    io_uring_prep_nop(reactor.sqe(&req));
+    return;
+  }
+  if (IsMutation(req.kind)) {
+    start_mutation(reactor, req);
+  } else {
+    issue(reactor, req);
+  }
+}
+
+void FileDisk::start_mutation(Reactor& reactor, IoRequest& req) {
+  // The one place every write, trim and zero passes: change tracking hooks in
+  // here so its dirty bits are durable before the data write is issued.
+  issue(reactor, req);
+}
+
+void FileDisk::issue(Reactor& reactor, IoRequest& req) {
+  uint64_t off = req.offset + req.done_;
+  uint64_t left = req.length - req.done_;
+  switch (req.kind) {
+    case IoKind::kRead: {
+      io_uring_prep_read(reactor.sqe(&req), fd_for(req), req.buf + req.done_,
+                         static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30)), off);
+      return;
+    }
+    case IoKind::kWrite: {
+      io_uring_sqe* s = reactor.sqe(&req);
+      io_uring_prep_write(s, fd_for(req), req.buf + req.done_,
+                          static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30)), off);
+      if (req.flags & kIoFua) s->rw_flags = RWF_DSYNC;
+      return;
+    }
+    case IoKind::kFlush:
+      io_uring_prep_fsync(reactor.sqe(&req), fd_.get(), IORING_FSYNC_DATASYNC);
+      return;
+    case IoKind::kTrim:
+      if (req.length == 0) break;
+      io_uring_prep_fallocate(reactor.sqe(&req), fd_.get(),
+                              FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.offset, req.length);
+      return;
+    case IoKind::kWriteZeroes: {
+      if (req.length == 0) break;
+      if (req.stage_ == kStageZeroWrite) {
+        io_uring_prep_write(reactor.sqe(&req), fd_for(req), kZeros,
+                            static_cast<unsigned>(std::min<uint64_t>(left, kZeroBufSize)), off);
+        return;
+      }
+      int mode = (req.flags & kIoNoHole) ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE;
+      io_uring_prep_fallocate(reactor.sqe(&req), fd_.get(), mode | FALLOC_FL_KEEP_SIZE,
+                              req.offset, req.length);
+      return;
+    }
+    case IoKind::kCache:
+      if (req.length == 0) break;
+      io_uring_prep_fadvise(reactor.sqe(&req), fd_.get(), req.offset,
+                            static_cast<off_t>(req.length), POSIX_FADV_WILLNEED);
+      return;
+  }
+  // Nothing to do (zero length): still complete through the ring.
+  req.stage_ = kStageFailed;
+  req.done_ = 0;
+  io_uring_prep_nop(reactor.sqe(&req));
+}
+
+void FileDisk::on_completion(Reactor& reactor, IoRequest& req, int res) {
+  if (req.stage_ == kStageFailed) return finish(reactor, req, -static_cast<int>(req.done_));
+  if (Retryable(res)) return issue(reactor, req);
+
+  if (req.stage_ == kStageSyncAfter) return finish(reactor, req, res < 0 ? res : 0);
+
+  switch (req.kind) {
+    case IoKind::kRead:
+    case IoKind::kWrite:
+      if (res < 0) return finish(reactor, req, res);
+      if (res == 0) {
+        // The backing file ended early: it was truncated behind our back.
+        spdlog::error("disk {}: short {} at offset {}", name(),
+                      req.kind == IoKind::kRead ? "read" : "write", req.offset + req.done_);
+        return finish(reactor, req, -EIO);
+      }
+      req.done_ += static_cast<uint64_t>(res);
+      if (req.done_ < req.length) return issue(reactor, req);
+      return finish(reactor, req, 0);
+    case IoKind::kFlush:
+      return finish(reactor, req, res < 0 ? res : 0);
+    case IoKind::kCache:
+      // Read-ahead is advisory: a filesystem that cannot do it has still served the request.
+      return finish(reactor, req, 0);
+    case IoKind::kTrim:
+      // Trim is advisory too: where punching holes is unsupported the data simply stays.
+      if (res < 0 && res != -EOPNOTSUPP) return finish(reactor, req, res);
+      break;
+    case IoKind::kWriteZeroes:
+      if (req.stage_ == kStageZeroWrite) {
+        if (res < 0) return finish(reactor, req, res);
+        if (res == 0) return finish(reactor, req, -EIO);
+        req.done_ += static_cast<uint64_t>(res);
+        if (req.done_ < req.length) return issue(reactor, req);
+        break;
+      }
+      if (res == -EOPNOTSUPP || res == -EINVAL) {
+        if (req.flags & kIoFastZero) return finish(reactor, req, -EOPNOTSUPP);
+        if (!(req.flags & kIoNoHole)) {
+          // No hole punching here; an explicit zero range may still work.
+          req.flags |= kIoNoHole;
+          return issue(reactor, req);
+        }
+        zero_range_ok_.store(false);
+        req.stage_ = kStageZeroWrite;
+        req.done_ = 0;
+        return issue(reactor, req);
+      }
+      if (res < 0) return finish(reactor, req, res);
+      break;
+  }
+  // trim / write-zeroes done; FUA makes the new allocation state durable first.
+  if (req.flags & kIoFua) {
+    req.stage_ = kStageSyncAfter;
+    io_uring_prep_fsync(reactor.sqe(&req), fd_.get(), IORING_FSYNC_DATASYNC);
+    return;
+  }
+  finish(reactor, req, 0);
+}
+
+void FileDisk::finish(Reactor&, IoRequest& req, int result) {
+  if (result > 0) result = 0;
+  req.on_done(result);
+}
+
+Result<std::vector<Extent>> FileDisk::block_status(uint64_t offset, uint64_t length,
+                                                   size_t max_extents) {
+  Status range = check_range(offset, length);
+  if (!range.ok()) return range;
+  std::vector<Extent> out;
+  uint64_t end = offset + length;
+  if (length == 0 || max_extents == 0) return out;
+  if (is_blockdev_) {
+    out.push_back({length, 0});
+    return out;
+  }
+  uint64_t pos = offset;
+  while (pos < end && out.size() < max_extents) {
+    off_t data = lseek(fd_.get(), static_cast<off_t>(pos), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) {  // no data after pos: the rest is a hole
+        out.push_back({end - pos, Extent::kHole | Extent::kZero});
+        break;
+      }
+      if (errno == EINVAL || errno == EOPNOTSUPP) {  // no SEEK_DATA support: all data
+        out.push_back({end - pos, 0});
+        break;
+      }
+      return Status::FromErrno(errno, "lseek SEEK_DATA " + opts_.path);
+    }
+    uint64_t d = static_cast<uint64_t>(data);
+    if (d > pos) {
+      uint64_t hole_end = std::min(d, end);
+      out.push_back({hole_end - pos, Extent::kHole | Extent::kZero});
+      pos = hole_end;
+      continue;
+    }
+    off_t hole = lseek(fd_.get(), static_cast<off_t>(pos), SEEK_HOLE);
+    if (hole < 0) return Status::FromErrno(errno, "lseek SEEK_HOLE " + opts_.path);
+    uint64_t data_end = std::min(static_cast<uint64_t>(hole), end);
+    if (data_end <= pos) data_end = end;  // defensive: never loop without progress
+    out.push_back({data_end - pos, 0});
+    pos = data_end;
+  }
+  return out;
+}
+
+Status FileDisk::grow(uint64_t new_size) {
+  static std::mutex grow_mu;  // resizes are rare; serialise them simply
+  std::lock_guard<std::mutex> lock(grow_mu);
+  if (is_blockdev_) {
+    uint64_t sz = 0;
+    if (ioctl(fd_.get(), BLKGETSIZE64, &sz) != 0) return Status::FromErrno(errno, "BLKGETSIZE64");
+    if (sz < new_size) {
+      return Status::Unsupported("block device " + opts_.path + " is " + std::to_string(sz) +
+                                 " bytes; grow the device itself first");
+    }
+    size_.store(sz);
+    return Status::Ok();
+  }
+  if (new_size < size_.load()) return Status::InvalidArgument("disks can only grow");
+  if (ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
+    return Status::FromErrno(errno, "ftruncate " + opts_.path);
+  }
+  if (fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + opts_.path);
+  size_.store(new_size);
+  return Status::Ok();
+}
+
+Status FileDisk::sync() {
+  if (opts_.read_only) return Status::Ok();
+  if (fdatasync(fd_.get()) != 0) return Status::FromErrno(errno, "fdatasync " + opts_.path);
+  return Status::Ok();
+}
+
+}  // namespace rpoint
