@@ -52,6 +52,8 @@ class IoRequest : public Reactor::Op {
   Reactor* reactor_ = nullptr;
   uint64_t done_ = 0;
   uint32_t stage_ = 0;
+  bool entered_ = false;  // holds a change-tracking epoch ticket
+  uint64_t epoch_ = 0;
 
   void complete(int res, uint32_t cqe_flags) override;
 

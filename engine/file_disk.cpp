@@ -59,6 +59,11 @@ Result<std::shared_ptr<FileDisk>> FileDisk::Open(const FileDiskOptions& opts) {
     return Status::InvalidArgument(opts.path + " is neither a regular file nor a block device");
   }
   d->size_.store(size);
+  if (!opts.tracking_dir.empty() && !opts.read_only) {
+    auto t = ChangeTracker::Open({opts.tracking_dir, opts.tracking_granularity, size});
+    if (!t.ok()) return t.status();
+    d->tracker_ = std::move(t).value();
+  }
   if (opts.direct) {
     d->direct_fd_.reset(::open(opts.path.c_str(), flags | O_DIRECT));
     if (!d->direct_fd_) {
@@ -122,10 +127,19 @@ void FileDisk::submit(Reactor& reactor, IoRequest& req) {
 }
 
 void FileDisk::start_mutation(Reactor& reactor, IoRequest& req) {
-  // The one place every write, trim and zero passes: change tracking hooks in
-  // here so its dirty bits are durable before the data write is issued.
-  issue(reactor, req);
+  // The one place every write, trim and zero passes: the blocks' dirty bits are
+  // durable before the data write is issued.
+  if (!tracker_ || req.length == 0) return after_marked(reactor, req);
+  req.epoch_ = tracker_->enter();
+  req.entered_ = true;
+  bool ready = tracker_->ensure_marked(req.offset, req.length, reactor, [this, &reactor, &req](Status st) {
+    if (!st.ok()) return finish(reactor, req, -EIO);  // never write what we could not track
+    after_marked(reactor, req);
+  });
+  if (ready) after_marked(reactor, req);
 }
+
+void FileDisk::after_marked(Reactor& reactor, IoRequest& req) { issue(reactor, req); }
 
 void FileDisk::issue(Reactor& reactor, IoRequest& req) {
   uint64_t off = req.offset + req.done_;
@@ -235,8 +249,32 @@ void FileDisk::on_completion(Reactor& reactor, IoRequest& req, int res) {
   finish(reactor, req, 0);
 }
 
-void FileDisk::finish(Reactor&, IoRequest& req, int result) {
+void FileDisk::finish(Reactor& reactor, IoRequest& req, int result) {
   if (result > 0) result = 0;
+  if (req.entered_ && result == 0) {
+    // A mutation that entered before a cut may have landed after the copier read
+    // its blocks: before it is acknowledged (and before its old epoch may be
+    // retired), the generation active now records it too. If another cut comes
+    // while that mark is being written, mark again in the newer generation.
+    uint64_t now = tracker_->epoch();
+    if (req.epoch_ != now) {
+      bool ready = tracker_->ensure_marked(req.offset, req.length, reactor,
+                                           [this, &reactor, &req, now](Status st) {
+        if (st.ok() && tracker_->epoch() != now) return finish(reactor, req, 0);
+        complete_mutation(req, st.ok() ? 0 : -EIO);
+      });
+      if (!ready) return;
+      if (tracker_->epoch() != now) return finish(reactor, req, 0);
+    }
+  }
+  complete_mutation(req, result);
+}
+
+void FileDisk::complete_mutation(IoRequest& req, int result) {
+  if (req.entered_) {
+    req.entered_ = false;
+    tracker_->leave(req.epoch_);
+  }
   req.on_done(result);
 }
 
@@ -292,6 +330,10 @@ Status FileDisk::grow(uint64_t new_size) {
       return Status::Unsupported("block device " + opts_.path + " is " + std::to_string(sz) +
                                  " bytes; grow the device itself first");
     }
+    if (tracker_) {
+      Status st = tracker_->grow(sz);
+      if (!st.ok()) return st;
+    }
     size_.store(sz);
     return Status::Ok();
   }
@@ -300,6 +342,11 @@ Status FileDisk::grow(uint64_t new_size) {
     return Status::FromErrno(errno, "ftruncate " + opts_.path);
   }
   if (fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + opts_.path);
+  // Tracking covers the new blocks before any client can address them.
+  if (tracker_) {
+    Status st = tracker_->grow(new_size);
+    if (!st.ok()) return st;
+  }
   size_.store(new_size);
   return Status::Ok();
 }

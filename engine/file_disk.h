@@ -18,6 +18,7 @@
 #include <string>
 
 #include "engine/block_device.h"
+#include "engine/change_tracker.h"
 
 namespace rpoint {
 
@@ -26,6 +27,10 @@ struct FileDiskOptions {
   std::string path;
   bool read_only = false;
   bool direct = false;  // O_DIRECT for aligned requests
+  // Change tracking: the directory of this disk's bitmap generations (empty: no
+  // tracking, e.g. read-only exports) and its granularity.
+  std::string tracking_dir;
+  uint32_t tracking_granularity = 64 * 1024;
 };
 
 class FileDisk final : public BlockDevice, public std::enable_shared_from_this<FileDisk> {
@@ -48,13 +53,17 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   Status grow(uint64_t new_size);
   // fdatasync, synchronously (shutdown, tests).
   Status sync();
+  // nullptr when the disk is not tracked.
+  ChangeTracker* tracker() const { return tracker_.get(); }
 
  private:
   explicit FileDisk(FileDiskOptions opts) : opts_(std::move(opts)) {}
   void start(Reactor& reactor, IoRequest& req);
   void start_mutation(Reactor& reactor, IoRequest& req);
   void issue(Reactor& reactor, IoRequest& req);
+  void after_marked(Reactor& reactor, IoRequest& req);
   void finish(Reactor& reactor, IoRequest& req, int result);
+  void complete_mutation(IoRequest& req, int result);
   int fd_for(const IoRequest& req) const;
 
   FileDiskOptions opts_;
@@ -65,6 +74,7 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   bool punch_ok_ = true;
   std::atomic<bool> zero_range_ok_{true};
   std::atomic<uint64_t> size_{0};
+  std::unique_ptr<ChangeTracker> tracker_;
 };
 
 }  // namespace rpoint

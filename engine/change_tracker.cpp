@@ -1,0 +1,359 @@
+#include "engine/change_tracker.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstring>
+#include <map>
+
+namespace rpoint {
+namespace {
+
+constexpr char kMagic[8] = {'R', 'P', 'C', 'T', 'B', 'M', '0', '1'};
+constexpr uint64_t kHeaderBytes = 4096;
+constexpr char kRetiredFile[] = "retired";
+
+struct Header {
+  char magic[8];
+  uint32_t granularity;
+  uint32_t reserved;
+  uint64_t generation;
+};
+
+std::string GenPath(const std::string& dir, uint64_t gen) {
+  char name[32];
+  std::snprintf(name, sizeof name, "%016" PRIx64 ".ctbm", gen);
+  return dir + "/" + name;
+}
+
+Status FsyncDir(int dir_fd, const std::string& dir) {
+  if (fsync(dir_fd) != 0) return Status::FromErrno(errno, "fsync " + dir);
+  return Status::Ok();
+}
+
+Status MakeDirs(const std::string& path) {
+  std::string cur;
+  for (size_t i = 0; i <= path.size(); ++i) {
+    if (i == path.size() || (path[i] == '/' && i > 0)) {
+      cur = path.substr(0, i);
+      if (mkdir(cur.c_str(), 0700) != 0 && errno != EEXIST) {
+        return Status::FromErrno(errno, "mkdir " + cur);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+ChangeTracker::ChangeTracker(const ChangeTrackerOptions& o)
+    : dir_(o.dir),
+      granularity_(o.granularity),
+      shift_(static_cast<unsigned>(std::countr_zero(o.granularity))),
+      nblocks_((o.disk_size + o.granularity - 1) / o.granularity) {}
+
+Result<std::unique_ptr<ChangeTracker>> ChangeTracker::Open(const ChangeTrackerOptions& options) {
+  if (options.granularity < 4096 || !std::has_single_bit(options.granularity)) {
+    return Status::InvalidArgument("tracking granularity must be a power of two >= 4096");
+  }
+  if ((options.disk_size + options.granularity - 1) / options.granularity > SparseBitmap::kMaxBits) {
+    return Status::InvalidArgument("disk too large for change tracking at this granularity");
+  }
+  std::unique_ptr<ChangeTracker> t(new ChangeTracker(options));
+  Status st = MakeDirs(t->dir_);
+  if (!st.ok()) return st;
+  t->dir_fd_.reset(::open(t->dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!t->dir_fd_) return Status::FromErrno(errno, "open " + t->dir_);
+  st = t->load_existing();
+  if (!st.ok()) return st;
+  t->flusher_ = std::thread([p = t.get()] {
+    pthread_setname_np(pthread_self(), "ct-flusher");
+    p->flusher_loop();
+  });
+  return t;
+}
+
+ChangeTracker::~ChangeTracker() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (flusher_.joinable()) flusher_.join();
+}
+
+Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generation(uint64_t number) {
+  auto g = std::make_shared<Generation>();
+  g->number = number;
+  g->path = GenPath(dir_, number);
+  g->bits = SparseBitmap(nblocks_.load());
+  std::string tmp = g->path + ".tmp";
+  UniqueFd fd(::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd) return Status::FromErrno(errno, "create " + tmp);
+  char header[kHeaderBytes] = {};
+  Header h{};
+  std::memcpy(h.magic, kMagic, sizeof kMagic);
+  h.granularity = granularity_;
+  h.generation = number;
+  std::memcpy(header, &h, sizeof h);
+  if (pwrite(fd.get(), header, sizeof header, 0) != static_cast<ssize_t>(sizeof header)) {
+    return Status::FromErrno(errno, "write " + tmp);
+  }
+  if (fdatasync(fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
+  if (rename(tmp.c_str(), g->path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
+  Status st = FsyncDir(dir_fd_.get(), dir_);
+  if (!st.ok()) return st;
+  g->fd = std::move(fd);
+  return g;
+}
+
+Status ChangeTracker::load_existing() {
+  std::map<uint64_t, std::string> found;
+  std::unique_ptr<DIR, int (*)(DIR*)> d(opendir(dir_.c_str()), closedir);
+  if (!d) return Status::FromErrno(errno, "opendir " + dir_);
+  while (dirent* e = readdir(d.get())) {
+    std::string name = e->d_name;
+    if (name == kRetiredFile) ever_retired_ = true;
+    if (name.size() == 21 && name.ends_with(".ctbm")) {
+      found[std::strtoull(name.substr(0, 16).c_str(), nullptr, 16)] = dir_ + "/" + name;
+    } else if (name.ends_with(".tmp")) {
+      unlinkat(dir_fd_.get(), name.c_str(), 0);  // a generation that never became durable
+    }
+  }
+  uint64_t last = 0;
+  for (auto& [number, path] : found) {
+    auto g = std::make_shared<Generation>();
+    g->number = number;
+    g->path = path;
+    g->bits = SparseBitmap(nblocks_.load());
+    g->fd.reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    if (!g->fd) return Status::FromErrno(errno, "open " + path);
+    Header h{};
+    if (pread(g->fd.get(), &h, sizeof h, 0) != static_cast<ssize_t>(sizeof h) ||
+        std::memcmp(h.magic, kMagic, sizeof kMagic) != 0 || h.granularity != granularity_) {
+      return Status::IoError(path + " is not a change-tracking bitmap of granularity " +
+                             std::to_string(granularity_));
+    }
+    std::vector<uint64_t> page(SparseBitmap::kWordsPerPage);
+    for (size_t p = 0; p < g->bits.page_count(); ++p) {
+      ssize_t n = pread(g->fd.get(), page.data(), SparseBitmap::kPageBytes,
+                        static_cast<off_t>(kHeaderBytes + p * SparseBitmap::kPageBytes));
+      if (n <= 0) break;  // sparse tail: nothing was ever marked there
+      if (n < static_cast<ssize_t>(SparseBitmap::kPageBytes)) {
+        std::memset(reinterpret_cast<char*>(page.data()) + n, 0, SparseBitmap::kPageBytes - n);
+      }
+      g->bits.or_page(p, page.data());
+    }
+    last = std::max(last, number);
+    if (g->bits.find_next(0) == g->bits.size()) {
+      // Never marked (e.g. the pre-made next generation): nothing to keep.
+      unlink(path.c_str());
+      continue;
+    }
+    // Crashed generations (the one active at the crash included) all count as
+    // changes not yet in a successful restore point.
+    frozen_.push_back(std::move(g));
+  }
+  if (!frozen_.empty()) {
+    spdlog::info("change tracking {}: recovered {} generation(s), {} changed blocks", dir_,
+                 frozen_.size(), changed().count());
+  }
+  auto active = create_generation(last + 1);
+  if (!active.ok()) return active.status();
+  active_ = std::move(active).value();
+  active_raw_.store(active_.get());
+  epoch_.store(active_->number);
+  auto next = create_generation(last + 2);
+  if (!next.ok()) return next.status();
+  next_ = std::move(next).value();
+  return Status::Ok();
+}
+
+uint64_t ChangeTracker::enter() {
+  for (;;) {
+    uint64_t e = epoch_.load(std::memory_order_acquire);
+    inflight_[e % 4].fetch_add(1, std::memory_order_acq_rel);
+    if (epoch_.load(std::memory_order_acquire) == e) return e;
+    inflight_[e % 4].fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ChangeTracker::leave(uint64_t epoch) { inflight_[epoch % 4].fetch_sub(1, std::memory_order_acq_rel); }
+
+bool ChangeTracker::ensure_marked(uint64_t offset, uint64_t length, Reactor& reactor,
+                                  std::function<void(Status)> done) {
+  if (length == 0) return true;
+  uint64_t first = offset >> shift_;
+  uint64_t last = (offset + length - 1) >> shift_;
+  Generation* g = active_raw_.load(std::memory_order_acquire);
+  if (g->bits.all_set(first, last)) return true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back({first, last, &reactor, std::move(done)});
+  }
+  cv_.notify_one();
+  return false;
+}
+
+Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& batch) {
+  // New content of every page the batch touches: what is durable | the batch's bits.
+  std::map<size_t, std::vector<uint64_t>> pages;
+  for (const Pending& p : batch) {
+    for (uint64_t b = p.first; b <= p.last && b < gen.bits.size(); ++b) {
+      if (gen.bits.test(b)) continue;
+      size_t pi = b / SparseBitmap::kBitsPerPage;
+      auto it = pages.find(pi);
+      if (it == pages.end()) {
+        std::vector<uint64_t> words(SparseBitmap::kWordsPerPage, 0);
+        if (const uint64_t* cur = gen.bits.page_words(pi)) std::copy_n(cur, words.size(), words.data());
+        it = pages.emplace(pi, std::move(words)).first;
+      }
+      uint64_t in = b % SparseBitmap::kBitsPerPage;
+      it->second[in / 64] |= 1ull << (in % 64);
+    }
+  }
+  if (pages.empty()) return Status::Ok();
+  for (auto& [pi, words] : pages) {
+    off_t off = static_cast<off_t>(kHeaderBytes + pi * SparseBitmap::kPageBytes);
+    if (pwrite(gen.fd.get(), words.data(), SparseBitmap::kPageBytes, off) !=
+        static_cast<ssize_t>(SparseBitmap::kPageBytes)) {
+      return Status::FromErrno(errno ? errno : EIO, "write " + gen.path);
+    }
+  }
+  if (fdatasync(gen.fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + gen.path);
+  // Durable: only now may readers see the bits (and skip the slow path).
+  for (auto& [pi, words] : pages) gen.bits.or_page(pi, words.data());
+  marks_written_.fetch_add(pages.size());
+  syncs_.fetch_add(1);
+  return Status::Ok();
+}
+
+void ChangeTracker::flusher_loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty() && stopping_) return;
+    std::vector<Pending> batch(std::make_move_iterator(queue_.begin()),
+                               std::make_move_iterator(queue_.end()));
+    queue_.clear();
+    std::shared_ptr<Generation> gen = active_;
+    ++batches_started_;
+    lock.unlock();
+    Status st = write_marks(*gen, batch);
+    if (!st.ok()) spdlog::error("change tracking {}: {}", dir_, st.ToString());
+    for (Pending& p : batch) {
+      p.reactor->post([done = std::move(p.done), st] { done(st); });
+    }
+    lock.lock();
+    ++batches_done_;
+    synced_cv_.notify_all();
+  }
+}
+
+Status ChangeTracker::sync() {
+  std::unique_lock<std::mutex> lock(mu_);
+  uint64_t target = batches_started_ + (queue_.empty() ? 0 : 1);
+  synced_cv_.wait(lock, [&] { return batches_done_ >= target || stopping_; });
+  return Status::Ok();
+}
+
+Result<uint64_t> ChangeTracker::flip() {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t e = epoch_.load();
+  if (inflight_[(e + 1) % 4].load() != 0) {
+    return Status::Conflict("writes from an old epoch are still in flight; retry the cut");
+  }
+  if (!next_) return Status::Internal("no next generation prepared");
+  frozen_.push_back(active_);
+  active_ = std::move(next_);
+  active_->bits.resize(nblocks_.load());
+  active_raw_.store(active_.get(), std::memory_order_release);
+  epoch_.store(active_->number, std::memory_order_release);
+  // Prepare the following generation now, outside any pause that matters to
+  // guests; if it fails, the next flip reports it.
+  auto next = create_generation(active_->number + 1);
+  if (next.ok()) {
+    next_ = std::move(next).value();
+  } else {
+    spdlog::error("change tracking {}: {}", dir_, next.status().ToString());
+  }
+  return e;
+}
+
+SparseBitmap ChangeTracker::changed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  SparseBitmap out(nblocks_.load());
+  for (const auto& g : frozen_) out.merge(g->bits);
+  return out;
+}
+
+bool ChangeTracker::all_since_creation() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !ever_retired_;
+}
+
+Status ChangeTracker::retire_through(uint64_t gen) {
+  // Wait for every mutation that entered in an epoch <= gen to leave.
+  for (;;) {
+    uint64_t e = epoch_.load();
+    bool busy = false;
+    for (uint64_t k = (e >= 3 ? e - 3 : 0); k <= gen && k < e; ++k) busy |= inflight_[k % 4].load() != 0;
+    if (!busy) break;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  std::vector<std::shared_ptr<Generation>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto keep = std::stable_partition(frozen_.begin(), frozen_.end(),
+                                      [&](const auto& g) { return g->number > gen; });
+    dropped.assign(keep, frozen_.end());
+    frozen_.erase(keep, frozen_.end());
+    ever_retired_ = true;
+  }
+  // The marker first: once a generation is gone, "never retired" must not come back.
+  std::string marker = dir_ + "/" + kRetiredFile;
+  UniqueFd m(::open(marker.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!m) return Status::FromErrno(errno, "create " + marker);
+  std::string text = std::to_string(gen) + "\n";
+  if (write(m.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()) ||
+      fdatasync(m.get()) != 0) {
+    return Status::FromErrno(errno, "write " + marker);
+  }
+  Status st = FsyncDir(dir_fd_.get(), dir_);
+  if (!st.ok()) return st;
+  for (const auto& g : dropped) {
+    if (unlink(g->path.c_str()) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "unlink " + g->path);
+    }
+  }
+  return FsyncDir(dir_fd_.get(), dir_);
+}
+
+Status ChangeTracker::grow(uint64_t new_disk_size) {
+  uint64_t nb = (new_disk_size + granularity_ - 1) / granularity_;
+  if (nb > SparseBitmap::kMaxBits) return Status::InvalidArgument("disk too large for tracking");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (nb <= nblocks_.load()) return Status::Ok();
+  nblocks_.store(nb);
+  active_->bits.resize(nb);
+  if (next_) next_->bits.resize(nb);
+  for (auto& g : frozen_) g->bits.resize(nb);
+  return Status::Ok();
+}
+
+size_t ChangeTracker::memory_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = active_->bits.memory_bytes() + (next_ ? next_->bits.memory_bytes() : 0);
+  for (const auto& g : frozen_) n += g->bits.memory_bytes();
+  return n;
+}
+
+}  // namespace rpoint
