@@ -266,32 +266,46 @@ Status ChangeTracker::sync() {
 }
 
 Result<uint64_t> ChangeTracker::flip() {
+  Status st = prepare_next();  // no-op unless the previous flip's preparation failed
+  if (!st.ok()) return st;
   std::lock_guard<std::mutex> lock(mu_);
   uint64_t e = epoch_.load();
   if (inflight_[(e + 1) % 4].load() != 0) {
     return Status::Conflict("writes from an old epoch are still in flight; retry the cut");
   }
-  if (!next_) return Status::Internal("no next generation prepared");
   frozen_.push_back(active_);
   active_ = std::move(next_);
   active_->bits.resize(nblocks_.load());
   active_raw_.store(active_.get(), std::memory_order_release);
   epoch_.store(active_->number, std::memory_order_release);
-  // Prepare the following generation now, outside any pause that matters to
-  // guests; if it fails, the next flip reports it.
-  auto next = create_generation(active_->number + 1);
-  if (next.ok()) {
-    next_ = std::move(next).value();
-  } else {
-    spdlog::error("change tracking {}: {}", dir_, next.status().ToString());
-  }
   return e;
+}
+
+Status ChangeTracker::prepare_next() {
+  uint64_t number;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (next_) return Status::Ok();
+    number = active_->number + 1;
+  }
+  auto next = create_generation(number);
+  if (!next.ok()) return next.status();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!next_ && active_->number + 1 == number) next_ = std::move(next).value();
+  return Status::Ok();
 }
 
 SparseBitmap ChangeTracker::changed() const {
   std::lock_guard<std::mutex> lock(mu_);
   SparseBitmap out(nblocks_.load());
   for (const auto& g : frozen_) out.merge(g->bits);
+  return out;
+}
+
+std::vector<std::shared_ptr<const SparseBitmap>> ChangeTracker::frozen_bitmaps() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<const SparseBitmap>> out;
+  for (const auto& g : frozen_) out.emplace_back(g, &g->bits);
   return out;
 }
 

@@ -81,12 +81,17 @@ class ChangeTracker {
 
   // ---- control path ----
   // Freezes the active generation and activates the next one. Returns the
-  // frozen generation number. No I/O (the next file is made ahead of time).
+  // frozen generation number. No I/O when the next generation's file was made
+  // ahead of time with prepare_next() (cuts call it after their pause).
   Result<uint64_t> flip();
+  Status prepare_next();
   // Union of every frozen generation still kept: blocks changed since the last
   // retired restore point (up to the last flip). all_since_creation() is true
   // when no restore point was ever retired (the caller copies everything).
   SparseBitmap changed() const;
+  // The frozen generations' bitmaps themselves (cheap: no merge), for testing
+  // membership block by block on the data path.
+  std::vector<std::shared_ptr<const SparseBitmap>> frozen_bitmaps() const;
   bool all_since_creation() const;
   // A restore point covering generations <= gen succeeded: waits for mutations
   // of those epochs to leave, then deletes their files.

@@ -130,6 +130,13 @@ void FileDisk::start_mutation(Reactor& reactor, IoRequest& req) {
   // The one place every write, trim and zero passes: the blocks' dirty bits are
   // durable before the data write is issued.
   if (!tracker_ || req.length == 0) return after_marked(reactor, req);
+  if (gate_closed_.load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> lock(gate_mu_);
+    if (gate_closed_.load(std::memory_order_relaxed)) {
+      parked_.emplace_back(&reactor, &req);  // a cut is in progress: resume after it
+      return;
+    }
+  }
   req.epoch_ = tracker_->enter();
   req.entered_ = true;
   bool ready = tracker_->ensure_marked(req.offset, req.length, reactor, [this, &reactor, &req](Status st) {
@@ -139,7 +146,57 @@ void FileDisk::start_mutation(Reactor& reactor, IoRequest& req) {
   if (ready) after_marked(reactor, req);
 }
 
-void FileDisk::after_marked(Reactor& reactor, IoRequest& req) { issue(reactor, req); }
+void FileDisk::after_marked(Reactor& reactor, IoRequest& req) {
+  // A write that entered after a cut preserves the blocks the restore point has
+  // not copied yet before it changes them.
+  if (req.entered_) {
+    std::shared_ptr<DiskSnapshot> snap = snapshot_.load(std::memory_order_acquire);
+    if (snap && req.epoch_ > snap->generation()) {
+      uint64_t first = req.offset / snap->granularity();
+      uint64_t last = (req.offset + req.length - 1) / snap->granularity();
+      return snap->preserve_then(reactor, first, last, [this, &reactor, &req] { issue(reactor, req); });
+    }
+  }
+  issue(reactor, req);
+}
+
+void FileDisk::close_gate() {
+  std::lock_guard<std::mutex> lock(gate_mu_);
+  gate_closed_.store(true, std::memory_order_release);
+}
+
+void FileDisk::open_gate() {
+  std::vector<std::pair<Reactor*, IoRequest*>> parked;
+  {
+    std::lock_guard<std::mutex> lock(gate_mu_);
+    gate_closed_.store(false, std::memory_order_release);
+    parked.swap(parked_);
+  }
+  for (auto [reactor, req] : parked) {
+    reactor->post([this, reactor, req] { start_mutation(*reactor, *req); });
+  }
+}
+
+Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, std::string staging_path) {
+  if (!tracker_) return Status::Unsupported("disk " + name() + " is not change-tracked");
+  if (snapshot_.load()) return Status::Conflict("disk " + name() + " already has a restore point in progress");
+  bool full = tracker_->all_since_creation();
+  auto gen = tracker_->flip();
+  if (!gen.ok()) return gen.status();
+  DiskSnapshot::Params p{name(), fd_.get(), gen.value(), size(), tracker_->granularity(), full,
+                         full ? std::vector<std::shared_ptr<const SparseBitmap>>{}
+                              : tracker_->frozen_bitmaps(),
+                         std::move(staging_path)};
+  auto snap = DiskSnapshot::Create(std::move(p), std::move(staging_fd));
+  if (!snap.ok()) return snap.status();
+  snapshot_.store(snap.value(), std::memory_order_release);
+  return snap;
+}
+
+void FileDisk::end_snapshot() {
+  std::shared_ptr<DiskSnapshot> snap = snapshot_.exchange(nullptr);
+  if (snap) snap->finish();
+}
 
 void FileDisk::issue(Reactor& reactor, IoRequest& req) {
   uint64_t off = req.offset + req.done_;

@@ -15,10 +15,14 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
 #include <string>
 
 #include "engine/block_device.h"
 #include "engine/change_tracker.h"
+#include "engine/disk_snapshot.h"
 
 namespace rpoint {
 
@@ -56,6 +60,18 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   // nullptr when the disk is not tracked.
   ChangeTracker* tracker() const { return tracker_.get(); }
 
+  // ---- restore point cuts (see engine/cut.h; control-plane threads) ----
+  // While the gate is closed, new writes, trims and zeroes park (on no thread)
+  // and resume when it opens: the cut's pause. Reads never stop.
+  void close_gate();
+  void open_gate();
+  // With the gate closed: flips the tracker and installs copy-before-write.
+  // One snapshot at a time per disk.
+  Result<std::shared_ptr<DiskSnapshot>> freeze(UniqueFd staging_fd, std::string staging_path);
+  // The restore point is done with the snapshot (succeeded or failed).
+  void end_snapshot();
+  std::shared_ptr<DiskSnapshot> snapshot() const { return snapshot_.load(); }
+
  private:
   explicit FileDisk(FileDiskOptions opts) : opts_(std::move(opts)) {}
   void start(Reactor& reactor, IoRequest& req);
@@ -75,6 +91,11 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   std::atomic<bool> zero_range_ok_{true};
   std::atomic<uint64_t> size_{0};
   std::unique_ptr<ChangeTracker> tracker_;
+
+  std::atomic<bool> gate_closed_{false};
+  std::mutex gate_mu_;
+  std::vector<std::pair<Reactor*, IoRequest*>> parked_;  // guarded by gate_mu_
+  std::atomic<std::shared_ptr<DiskSnapshot>> snapshot_;
 };
 
 }  // namespace rpoint
