@@ -21,6 +21,9 @@ namespace rpoint {
 struct NbdServerOptions {
   unsigned handshake_timeout_seconds = 30;
   uint32_t max_payload = 32u << 20;  // largest READ/WRITE payload accepted
+  // shutdown(): how long connections get to finish their requests and send
+  // their replies before their sockets are cut.
+  unsigned shutdown_grace_ms = 5000;
 };
 
 class NbdServer {
