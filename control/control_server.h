@@ -7,7 +7,9 @@
 // Thread-safety: add_listener/start/stop from the owning (main) thread.
 #pragma once
 
+#include <cstddef>
 #include <memory>
+#include <string>
 
 #include "common/status.h"
 #include "common/unique_fd.h"
@@ -17,6 +19,14 @@ namespace rpoint {
 
 struct ControlServerOptions {
   std::string version;  // daemon version, reported by GET /
+  // Larger request bodies are answered 413 (requests are small JSON objects).
+  size_t max_body_bytes = 1u << 20;
+  // Connections served at once (one thread each); more are answered 503.
+  unsigned max_connections = 64;
+  // A connection with no request started for this long is closed.
+  unsigned idle_timeout_seconds = 60;
+  // A request must arrive completely, and its response drain, within this long.
+  unsigned request_timeout_seconds = 30;
 };
 
 class ControlServer {
@@ -28,6 +38,8 @@ class ControlServer {
   virtual Status add_listener(UniqueFd listening_fd) = 0;
   virtual void start() = 0;
   // Stops accepting and closes connections once their current request is answered.
+  // Blocks until every connection thread has ended; idempotent. Call it (or
+  // destroy the server) before the DiskService goes away.
   virtual void stop() = 0;
 };
 

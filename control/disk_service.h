@@ -35,6 +35,10 @@ struct DiskRecord {
   std::string kind = "managed";  // managed | shared | ephemeral
   std::string time_created;      // RFC 3339 UTC
   int attached_clients = 0;      // live transport users (not persisted)
+  // Empty when the disk is being served. Otherwise why it is not (e.g. its
+  // backing file vanished while the daemon was down); the record stays so an
+  // operator can see it and delete it.
+  std::string error;
 };
 
 class DiskService : public ExportResolver {
@@ -56,6 +60,21 @@ class DiskService : public ExportResolver {
 
   // Valid names: 1-63 chars of [A-Za-z0-9._-], not starting with '.' or '-'.
   static Status ValidateName(const std::string& name);
+
+  // Largest disk rpointd creates or grows to: 1 PiB (2^50). Far above any VM
+  // disk in use, far below where offset + length arithmetic in 64 bits (and
+  // off_t, which is signed) gets near overflow; it also turns unit mistakes
+  // (a size in KiB taken as bytes * 1024 twice) into a clear 400 instead of a
+  // huge sparse file. Filesystems may refuse earlier (ext4 with 4 KiB blocks:
+  // 16 TiB), which comes back as OutOfRange from ftruncate.
+  static constexpr uint64_t kMaxSizeBytes = uint64_t{1} << 50;
+  // Sizes are whole 512-byte sectors: the smallest logical block any client
+  // (NBD, ublk, a guest's virtio-blk) addresses.
+  static constexpr uint64_t kSizeAlignment = 512;
+  // Positive, a multiple of kSizeAlignment, at most kMaxSizeBytes.
+  static Status ValidateSize(uint64_t size_bytes);
+  // managed | shared | ephemeral.
+  static Status ValidateKind(const std::string& kind);
 };
 
 }  // namespace rpoint

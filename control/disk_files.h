@@ -1,0 +1,35 @@
+// Disk files: the filesystem steps behind creating and deleting a disk, each
+// made durable in the order crash recovery relies on (file and its directory
+// entry on disk before the metadata row that names them commits).
+//
+// Thread-safety: plain functions on paths; callers serialise per path.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/status.h"
+
+namespace rpoint {
+
+// Creates `path` exclusively (AlreadyExists if anything is there) as a sparse
+// file of `size_bytes`, mode 0600, and fsyncs the file and its directory. On
+// any failure nothing is left behind.
+Status CreateSparseFile(const std::string& path, uint64_t size_bytes);
+
+// Removes `path` (a missing file is fine) and fsyncs its directory.
+Status RemoveFile(const std::string& path);
+
+// fsync of a directory, so entries created or removed in it are durable.
+Status SyncDirectory(const std::string& dir);
+
+// mkdir -p with `mode` for the directories it creates.
+Status MakeDirectories(const std::string& dir, unsigned mode);
+
+// Directory part of a path ("." when it has none).
+std::string DirName(const std::string& path);
+
+// Now, as RFC 3339 UTC with microseconds: 2026-11-01T12:34:56.123456Z.
+std::string NowRfc3339();
+
+}  // namespace rpoint

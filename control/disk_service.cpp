@@ -1,0 +1,519 @@
+#include "control/disk_service.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include "common/unique_fd.h"
+#include "control/disk_files.h"
+#include "control/metadata_db.h"
+#include "engine/file_disk.h"
+
+namespace rpoint {
+
+namespace {
+
+constexpr const char* kDiskFileSuffix = ".raw";
+
+bool IsNameChar(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+         c == '_' || c == '-';
+}
+
+// What the service knows of one disk. `disk` is null while the disk is in the
+// error state (its backing store could not be opened).
+struct Entry {
+  DiskRow row;
+  std::shared_ptr<FileDisk> disk;
+  // Block devices are also held open with O_EXCL, so nothing can mount them
+  // (and we cannot adopt one that is mounted) while rpointd serves them.
+  UniqueFd exclusive_fd;
+  std::string error;
+};
+
+// Opens a block device with O_EXCL; Conflict when it is mounted or claimed.
+Result<UniqueFd> ClaimBlockDevice(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC));
+  if (!fd) {
+    if (errno == EBUSY) {
+      return Status::Conflict(path + " is in use (mounted, or held open exclusively)");
+    }
+    return Status::FromErrno(errno, "open " + path);
+  }
+  return fd;
+}
+
+std::string CanonicalPath(const std::string& path) {
+  char buf[PATH_MAX];
+  if (::realpath(path.c_str(), buf) == nullptr) return path;
+  return buf;
+}
+
+// (device, inode) naming a file, or (rdev) naming a block device, so the same
+// storage reached through a symlink, a hard link or a second device node is
+// recognised.
+struct Identity {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  dev_t rdev = 0;
+  bool block = false;
+  bool operator==(const Identity& o) const {
+    return block == o.block && (block ? rdev == o.rdev : (dev == o.dev && ino == o.ino));
+  }
+};
+
+Identity IdentityOf(const struct stat& st) {
+  Identity id;
+  id.block = S_ISBLK(st.st_mode);
+  id.dev = st.st_dev;
+  id.ino = st.st_ino;
+  id.rdev = st.st_rdev;
+  return id;
+}
+
+class DiskServiceImpl final : public DiskService {
+ public:
+  DiskServiceImpl(DiskServiceOptions options, std::string disks_dir,
+                  std::unique_ptr<MetadataDb> db)
+      : options_(std::move(options)), disks_dir_(std::move(disks_dir)), db_(std::move(db)) {}
+
+  ~DiskServiceImpl() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [name, e] : disks_) {
+      if (e.disk) e.disk->retire();
+    }
+  }
+
+  Status load() {
+    auto rows = db_->list_disks();
+    if (!rows.ok()) return rows.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (DiskRow& row : rows.value()) {
+      Entry e;
+      e.row = std::move(row);
+      open_entry(e);
+      std::string name = e.row.name;
+      disks_.emplace(name, std::move(e));
+    }
+    sweep_orphans();
+    size_t bad = std::count_if(disks_.begin(), disks_.end(),
+                               [](const auto& kv) { return !kv.second.error.empty(); });
+    spdlog::info("disk service: {} disk(s) in {}, {} unavailable", disks_.size(),
+                 options_.metadata_db, bad);
+    return Status::Ok();
+  }
+
+  Result<DiskRecord> create(const std::string& name, uint64_t size_bytes,
+                            const std::string& kind) override {
+    Status s = ValidateName(name);
+    if (s.ok()) s = ValidateSize(size_bytes);
+    if (s.ok()) s = ValidateKind(kind);
+    if (!s.ok()) return s;
+
+    std::lock_guard<std::mutex> lock(mu_);
+    if (disks_.count(name)) return Status::AlreadyExists("disk '" + name + "' already exists");
+    DiskRow row;
+    row.name = name;
+    row.path = disks_dir_ + "/" + name + kDiskFileSuffix;
+    row.size_bytes = size_bytes;
+    row.adopted = false;
+    row.block_device = false;
+    row.kind = kind;
+    row.time_created = NowRfc3339();
+
+    // File durable first, then the row: a crash in between leaves an orphan
+    // file (swept at the next start), never a row without its file.
+    s = CreateSparseFile(row.path, size_bytes);
+    if (!s.ok()) return s;
+    auto disk = FileDisk::Open(disk_options(name, row.path));
+    if (!disk.ok()) {
+      (void)RemoveFile(row.path);
+      return disk.status();
+    }
+    s = db_->insert_disk(row);
+    if (!s.ok()) {
+      (void)RemoveFile(row.path);
+      return s;
+    }
+    Entry e;
+    e.row = row;
+    e.disk = std::move(disk).value();
+    DiskRecord rec = record(e);
+    disks_.emplace(name, std::move(e));
+    spdlog::info("disk {}: created {} ({} bytes, {})", name, row.path, size_bytes, kind);
+    return rec;
+  }
+
+  Result<DiskRecord> adopt(const std::string& name, const std::string& path,
+                           const std::string& kind) override {
+    Status s = ValidateName(name);
+    if (s.ok()) s = ValidateKind(kind);
+    if (!s.ok()) return s;
+    if (path.empty() || path[0] != '/') {
+      return Status::InvalidArgument("path must be absolute, got '" + path + "'");
+    }
+    if (path.find('\0') != std::string::npos) {
+      return Status::InvalidArgument("path contains a NUL byte");
+    }
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+      int err = errno;
+      if (err == ENOENT || err == ENOTDIR) {
+        return Status::InvalidArgument("path " + path + " does not exist");
+      }
+      return Status::FromErrno(err, "stat " + path);
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+      return Status::InvalidArgument("path " + path +
+                                     " is neither a regular file nor a block device");
+    }
+    std::string canonical = CanonicalPath(path);
+    Identity id = IdentityOf(st);
+    if (DirName(canonical) == disks_dir_) {
+      // The disks directory is rpointd's: files in it that no record names are
+      // removed at start-up, which an adopted file would become once deleted.
+      return Status::InvalidArgument("path " + path + " is inside rpointd's disks directory " +
+                                     disks_dir_ + "; adopt files from elsewhere");
+    }
+
+    std::lock_guard<std::mutex> lock(mu_);
+    if (disks_.count(name)) return Status::AlreadyExists("disk '" + name + "' already exists");
+    for (const auto& [other, e] : disks_) {
+      struct stat ost {};
+      bool same = e.row.path == canonical ||
+                  (::stat(e.row.path.c_str(), &ost) == 0 && IdentityOf(ost) == id);
+      if (same) {
+        return Status::Conflict(path + " is already managed as disk '" + other + "'");
+      }
+    }
+
+    Entry e;
+    if (id.block) {
+      auto claim = ClaimBlockDevice(canonical);
+      if (!claim.ok()) return claim.status();
+      e.exclusive_fd = std::move(claim).value();
+    }
+    auto disk = FileDisk::Open(disk_options(name, canonical));
+    if (!disk.ok()) return disk.status();
+    uint64_t size = disk.value()->size();
+    if (size == 0 || size % kSizeAlignment != 0) {
+      return Status::InvalidArgument("path " + path + " is " + std::to_string(size) +
+                                     " bytes; a disk must be a positive multiple of " +
+                                     std::to_string(kSizeAlignment) + " bytes");
+    }
+    e.row.name = name;
+    e.row.path = canonical;
+    e.row.size_bytes = size;
+    e.row.adopted = true;
+    e.row.block_device = id.block;
+    e.row.kind = kind;
+    e.row.time_created = NowRfc3339();
+    s = db_->insert_disk(e.row);
+    if (!s.ok()) return s;
+    e.disk = std::move(disk).value();
+    DiskRecord rec = record(e);
+    disks_.emplace(name, std::move(e));
+    spdlog::info("disk {}: adopted {} ({} bytes, {})", name, canonical, size, kind);
+    return rec;
+  }
+
+  Result<DiskRecord> get(const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = disks_.find(name);
+    if (it == disks_.end()) return not_found(name);
+    return record(it->second);
+  }
+
+  std::vector<DiskRecord> list() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<DiskRecord> out;
+    out.reserve(disks_.size());
+    for (const auto& [name, e] : disks_) out.push_back(record(e));
+    return out;
+  }
+
+  Result<DiskRecord> resize(const std::string& name, uint64_t new_size_bytes) override {
+    Status s = ValidateSize(new_size_bytes);
+    if (!s.ok()) return s;
+    std::shared_ptr<FileDisk> disk;
+    uint64_t cur = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = disks_.find(name);
+      if (it == disks_.end()) return not_found(name);
+      Entry& e = it->second;
+      if (!e.disk) return Status::Conflict("disk '" + name + "' is unavailable: " + e.error);
+      cur = e.disk->size();
+      if (new_size_bytes == cur) return record(e);
+      if (e.row.block_device) {
+        return Status::Unsupported("disk '" + name + "' is the block device " + e.row.path +
+                                   "; resize the device itself");
+      }
+      if (new_size_bytes < cur) {
+        return Status::OutOfRange("disks can only grow: '" + name + "' is " +
+                                  std::to_string(cur) + " bytes, asked for " +
+                                  std::to_string(new_size_bytes));
+      }
+      disk = e.disk;
+    }
+    // Outside the lock: grow() fsyncs the file, which waits for every dirty
+    // page a busy VM has written, and NBD handshakes resolve exports through
+    // this mutex. The file grows (durably) before the row records it: after a
+    // crash in between, load() finds the file larger and takes its size.
+    s = disk->grow(new_size_bytes);
+    if (!s.ok()) return s;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = disks_.find(name);
+    if (it == disks_.end() || it->second.disk != disk) return not_found(name);  // deleted meanwhile
+    Entry& e = it->second;
+    uint64_t size = disk->size();  // a concurrent larger resize may have won
+    if (size > e.row.size_bytes) {
+      s = db_->update_disk_size(name, size);
+      if (!s.ok()) return s;
+      e.row.size_bytes = size;
+    }
+    spdlog::info("disk {}: grown from {} to {} bytes", name, cur, new_size_bytes);
+    return record(e);
+  }
+
+  Status remove(const std::string& name, bool force) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = disks_.find(name);
+    if (it == disks_.end()) return not_found(name);
+    Entry& e = it->second;
+    int users = e.disk ? e.disk->users() : 0;
+    if (users > 0 && !force) {
+      return Status::Conflict("disk '" + name + "' has " + std::to_string(users) +
+                              " attached client(s); disconnect them or delete with force");
+    }
+    // Row first, then the file: a crash in between leaves an orphan file that
+    // the next start removes, never a row whose file is gone.
+    Status s = db_->delete_disk(name);
+    if (!s.ok()) return s;
+    // Retired even with no user: a client resolving the export right now gets
+    // a device the transport closes at its first request.
+    if (e.disk) e.disk->retire();
+    Entry gone = std::move(e);
+    disks_.erase(it);
+    if (!gone.row.adopted) {
+      s = RemoveFile(gone.row.path);
+      if (!s.ok()) spdlog::warn("disk {}: deleted, but its file stays: {}", name, s.ToString());
+    }
+    spdlog::info("disk {}: deleted{}{}", name, force && users > 0 ? " (forced, clients cut off)" : "",
+                 gone.row.adopted ? " (adopted storage left in place)" : "");
+    return Status::Ok();
+  }
+
+  void sync_all() override {
+    std::vector<std::shared_ptr<FileDisk>> disks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& [name, e] : disks_) {
+        if (e.disk) disks.push_back(e.disk);
+      }
+    }
+    for (auto& d : disks) {
+      Status s = d->sync();
+      if (!s.ok()) spdlog::error("disk {}: sync failed: {}", d->name(), s.ToString());
+    }
+  }
+
+  std::shared_ptr<BlockDevice> find_export(const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = disks_.find(name);
+    if (it == disks_.end() || !it->second.disk || it->second.disk->retired()) return nullptr;
+    return it->second.disk;
+  }
+
+  std::vector<ExportInfo> list_exports() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<ExportInfo> out;
+    for (const auto& [name, e] : disks_) {
+      if (!e.disk) continue;
+      out.push_back({name, "rpointd " + e.row.kind + " disk " + name});
+    }
+    return out;
+  }
+
+ private:
+  FileDiskOptions disk_options(const std::string& name, const std::string& path) const {
+    FileDiskOptions o;
+    o.name = name;
+    o.path = path;
+    o.direct = options_.direct_io;
+    // Change tracking (tracking_dir) is switched on with restore points.
+    return o;
+  }
+
+  static Status not_found(const std::string& name) {
+    return Status::NotFound("disk '" + name + "' not found");
+  }
+
+  static DiskRecord record(const Entry& e) {
+    DiskRecord r;
+    r.name = e.row.name;
+    r.path = e.row.path;
+    r.size_bytes = e.disk ? e.disk->size() : e.row.size_bytes;
+    r.adopted = e.row.adopted;
+    r.block_device = e.row.block_device;
+    r.kind = e.row.kind;
+    r.time_created = e.row.time_created;
+    r.attached_clients = e.disk ? e.disk->users() : 0;
+    r.error = e.error;
+    return r;
+  }
+
+  // Opens one recorded disk at start-up; on failure the entry keeps the error.
+  void open_entry(Entry& e) {
+    const std::string& name = e.row.name;
+    struct stat st {};
+    if (::stat(e.row.path.c_str(), &st) != 0) {
+      e.error = Status::FromErrno(errno, "backing store " + e.row.path).message();
+      spdlog::error("disk {}: unavailable: {}", name, e.error);
+      return;
+    }
+    bool block = S_ISBLK(st.st_mode);
+    if (block != e.row.block_device || (!block && !S_ISREG(st.st_mode))) {
+      e.error = "backing store " + e.row.path + " is no longer " +
+                (e.row.block_device ? "a block device" : "a regular file");
+      spdlog::error("disk {}: unavailable: {}", name, e.error);
+      return;
+    }
+    if (block) {
+      auto claim = ClaimBlockDevice(e.row.path);
+      if (!claim.ok()) {
+        e.error = claim.status().message();
+        spdlog::error("disk {}: unavailable: {}", name, e.error);
+        return;
+      }
+      e.exclusive_fd = std::move(claim).value();
+    }
+    auto disk = FileDisk::Open(disk_options(name, e.row.path));
+    if (!disk.ok()) {
+      e.error = disk.status().message();
+      e.exclusive_fd.reset();
+      spdlog::error("disk {}: unavailable: {}", name, e.error);
+      return;
+    }
+    e.disk = std::move(disk).value();
+    uint64_t size = e.disk->size();
+    if (size > e.row.size_bytes && !block) {
+      // A resize whose file grew but whose row did not commit before a crash.
+      spdlog::warn("disk {}: file is {} bytes, metadata says {}; keeping the file's size", name,
+                   size, e.row.size_bytes);
+      Status s = db_->update_disk_size(name, size);
+      if (!s.ok()) spdlog::error("disk {}: cannot record its size: {}", name, s.ToString());
+      e.row.size_bytes = size;
+    } else if (size != e.row.size_bytes) {
+      spdlog::warn("disk {}: {} is {} bytes, metadata says {} (changed outside rpointd?)", name,
+                   e.row.path, size, e.row.size_bytes);
+    }
+  }
+
+  // Removes files in the disks directory that look like ours but no row names:
+  // left by a crash between creating a file and committing its row (never
+  // acknowledged, never exported: all zeroes), or between deleting a row and
+  // unlinking its file.
+  void sweep_orphans() {
+    std::set<std::string> known;
+    for (const auto& [name, e] : disks_) known.insert(e.row.path);
+    DIR* dir = ::opendir(disks_dir_.c_str());
+    if (!dir) {
+      spdlog::warn("disk service: cannot list {}: {}", disks_dir_, std::strerror(errno));
+      return;
+    }
+    std::vector<std::string> orphans;
+    while (struct dirent* de = ::readdir(dir)) {
+      std::string f = de->d_name;
+      size_t n = std::char_traits<char>::length(kDiskFileSuffix);
+      if (f.size() <= n || f.compare(f.size() - n, n, kDiskFileSuffix) != 0) continue;
+      if (!ValidateName(f.substr(0, f.size() - n)).ok()) continue;
+      std::string path = disks_dir_ + "/" + f;
+      struct stat st {};
+      if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+      if (!known.count(path)) orphans.push_back(path);
+    }
+    ::closedir(dir);
+    for (const auto& path : orphans) {
+      spdlog::warn("disk service: removing {}: no disk record names it (an interrupted "
+                   "create or delete)",
+                   path);
+      Status s = RemoveFile(path);
+      if (!s.ok()) spdlog::warn("disk service: {}", s.ToString());
+    }
+  }
+
+  const DiskServiceOptions options_;
+  const std::string disks_dir_;  // absolute
+  std::mutex mu_;
+  std::unique_ptr<MetadataDb> db_;
+  std::map<std::string, Entry> disks_;
+};
+
+}  // namespace
+
+Status DiskService::ValidateName(const std::string& name) {
+  if (name.empty()) return Status::InvalidArgument("disk name is empty");
+  if (name.size() > 63) {
+    return Status::InvalidArgument("disk name is longer than 63 characters");
+  }
+  if (name[0] == '.' || name[0] == '-') {
+    return Status::InvalidArgument("disk name '" + name + "' must not start with '.' or '-'");
+  }
+  for (char c : name) {
+    if (!IsNameChar(c)) {
+      return Status::InvalidArgument("disk name may only contain A-Z, a-z, 0-9, '.', '_' and "
+                                     "'-'");
+    }
+  }
+  return Status::Ok();
+}
+
+Status DiskService::ValidateSize(uint64_t size_bytes) {
+  if (size_bytes == 0) return Status::InvalidArgument("sizeBytes must be positive");
+  if (size_bytes % kSizeAlignment != 0) {
+    return Status::InvalidArgument("sizeBytes must be a multiple of 512, got " +
+                                   std::to_string(size_bytes));
+  }
+  if (size_bytes > kMaxSizeBytes) {
+    return Status::OutOfRange("sizeBytes " + std::to_string(size_bytes) +
+                              " is above the limit of 1 PiB (" + std::to_string(kMaxSizeBytes) +
+                              " bytes)");
+  }
+  return Status::Ok();
+}
+
+Status DiskService::ValidateKind(const std::string& kind) {
+  if (kind == "managed" || kind == "shared" || kind == "ephemeral") return Status::Ok();
+  return Status::InvalidArgument("kind must be managed, shared or ephemeral, got '" + kind + "'");
+}
+
+Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions& options) {
+  if (options.disks_dir.empty()) return Status::InvalidArgument("disks_dir is not set");
+  if (options.metadata_db.empty()) return Status::InvalidArgument("metadata_db is not set");
+  Status s = MakeDirectories(options.disks_dir, 0750);
+  if (!s.ok()) return s;
+  s = MakeDirectories(DirName(options.metadata_db), 0750);
+  if (!s.ok()) return s;
+  // Rows store absolute paths, so they stay right whatever the daemon's cwd.
+  std::string disks_dir = CanonicalPath(options.disks_dir);
+  auto db = MetadataDb::Open(options.metadata_db);
+  if (!db.ok()) return db.status();
+  auto svc = std::make_unique<DiskServiceImpl>(options, disks_dir, std::move(db).value());
+  s = svc->load();
+  if (!s.ok()) return s;
+  return std::unique_ptr<DiskService>(std::move(svc));
+}
+
+}  // namespace rpoint

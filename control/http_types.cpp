@@ -1,0 +1,56 @@
+#include "control/http_types.h"
+
+#include <strings.h>
+
+namespace rpoint {
+
+const std::string* HttpResponse::header(const std::string& name) const {
+  for (const auto& [k, v] : headers) {
+    if (strcasecmp(k.c_str(), name.c_str()) == 0) return &v;
+  }
+  return nullptr;
+}
+
+int HttpStatusFor(Code code) {
+  switch (code) {
+    case Code::kOk: return 200;
+    case Code::kInvalidArgument: return 400;
+    case Code::kOutOfRange: return 400;
+    case Code::kUnsupported: return 400;  // a request this resource cannot honour, not a missing feature
+    case Code::kNotFound: return 404;
+    case Code::kAlreadyExists: return 409;
+    case Code::kConflict: return 409;
+    case Code::kPermissionDenied: return 403;
+    case Code::kNoSpace: return 507;
+    case Code::kShutdown: return 503;
+    case Code::kIoError: return 500;
+    case Code::kInternal: return 500;
+  }
+  return 500;
+}
+
+HttpResponse ErrorResponse(int status, const std::string& code, const std::string& message) {
+  nlohmann::ordered_json j = {{"error", {{"code", code}, {"message", message}}}};
+  return JsonResponse(status, j);
+}
+
+HttpResponse ErrorResponse(const Status& s) {
+  return ErrorResponse(HttpStatusFor(s.code()), s.code_name(), s.message());
+}
+
+HttpResponse JsonResponse(int status, const nlohmann::ordered_json& body) {
+  HttpResponse r;
+  r.status = status;
+  // Invalid UTF-8 (from a file name, say) is replaced rather than throwing.
+  r.body = body.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n";
+  return r;
+}
+
+HttpResponse EmptyResponse(int status) {
+  HttpResponse r;
+  r.status = status;
+  r.content_type.clear();
+  return r;
+}
+
+}  // namespace rpoint

@@ -1,0 +1,58 @@
+// MetadataDb: the daemon's durable metadata (SQLite) and its schema migrations.
+//
+// Opening applies, in order and each in its own transaction, every migration
+// newer than the database's recorded schema version (table schema_version), so
+// later features (restore points, collections, jobs) add tables by appending a
+// migration. A database written by a newer rpointd is refused rather than
+// misread. The connection runs in WAL mode with synchronous=FULL: a committed
+// row survives power loss, which is what "the disk exists" promises.
+//
+// Thread-safety: none; the owner serialises calls (DiskService holds its mutex).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "control/sqlite.h"
+
+namespace rpoint {
+
+// One row of the disks table.
+struct DiskRow {
+  std::string name;
+  std::string path;
+  uint64_t size_bytes = 0;
+  bool adopted = false;
+  bool block_device = false;
+  std::string kind;
+  std::string time_created;
+};
+
+class MetadataDb {
+ public:
+  static Result<std::unique_ptr<MetadataDb>> Open(const std::string& path);
+
+  // The schema version this binary writes (the number of migrations it knows).
+  static int LatestSchemaVersion();
+  Result<int> schema_version();
+
+  Result<std::vector<DiskRow>> list_disks();
+  // AlreadyExists when the name (or the path) is taken.
+  Status insert_disk(const DiskRow& row);
+  Status update_disk_size(const std::string& name, uint64_t size_bytes);
+  // NotFound when there is no such row.
+  Status delete_disk(const std::string& name);
+
+  SqliteDb& db() { return *db_; }
+
+ private:
+  explicit MetadataDb(std::unique_ptr<SqliteDb> db) : db_(std::move(db)) {}
+  Status migrate();
+
+  std::unique_ptr<SqliteDb> db_;
+};
+
+}  // namespace rpoint

@@ -1,0 +1,242 @@
+// The disk and service routes (control/disk_handlers.h, service_handlers.h)
+// through the Router with a real DiskService on a temporary directory.
+#include <doctest/doctest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "control/disk_handlers.h"
+#include "control/service_handlers.h"
+
+using namespace rpoint;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Fixture {
+  std::string dir;
+  std::unique_ptr<DiskService> svc;
+  Router router;
+
+  Fixture() {
+    char t[] = "/tmp/rpoint-http-XXXXXX";
+    REQUIRE(mkdtemp(t) != nullptr);
+    dir = t;
+    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false});
+    REQUIRE(s.ok());
+    svc = std::move(s).value();
+    AddServiceRoutes(router, *svc, "9.9.9");
+    AddDiskRoutes(router, *svc);
+  }
+  ~Fixture() {
+    svc.reset();
+    fs::remove_all(dir);
+  }
+
+  HttpResponse call(const std::string& method, const std::string& target,
+                    const std::string& body = "") {
+    return router.dispatch({method, target, body.empty() ? "" : "application/json", body});
+  }
+  HttpResponse call(const std::string& method, const std::string& target, const json& body) {
+    return call(method, target, body.dump());
+  }
+};
+
+json Body(const HttpResponse& r) { return json::parse(r.body); }
+std::string ErrCode(const HttpResponse& r) { return Body(r)["error"]["code"].get<std::string>(); }
+std::string Message(const HttpResponse& r) {
+  return Body(r)["error"]["message"].get<std::string>();
+}
+
+json Create(uint64_t size, const char* kind = nullptr) {
+  json p = {{"sizeBytes", size}};
+  if (kind) p["kind"] = kind;
+  return {{"properties", p}};
+}
+
+constexpr uint64_t kMiB = 1 << 20;
+
+}  // namespace
+
+TEST_CASE("GET / and GET /health") {
+  Fixture f;
+  auto r = f.call("GET", "/");
+  CHECK(r.status == 200);
+  CHECK(Body(r)["version"] == "9.9.9");
+  CHECK(Body(r)["apiVersions"] == json::array({"2026-11-01"}));
+  CHECK(Body(r)["latestApiVersion"] == "2026-11-01");
+  auto h = f.call("GET", "/health");
+  CHECK(h.status == 200);
+  CHECK(Body(h)["status"] == "Healthy");
+  CHECK(Body(h)["disks"] == 0);
+}
+
+TEST_CASE("PUT creates (201), repeats (200), conflicts (409)") {
+  Fixture f;
+  auto r = f.call("PUT", "/disks/vm1", Create(16 * kMiB));
+  REQUIRE(r.status == 201);
+  json d = Body(r);
+  CHECK(d["id"] == "/disks/vm1");
+  CHECK(d["name"] == "vm1");
+  CHECK(d["type"] == "rpoint/disks");
+  json p = d["properties"];
+  CHECK(p["sizeBytes"] == 16 * kMiB);
+  CHECK(p["kind"] == "managed");
+  CHECK(p["diskState"] == "Unattached");
+  CHECK(p["attachedClients"] == 0);
+  CHECK(p["provisioningState"] == "Succeeded");
+  CHECK(p["export"]["nbd"]["name"] == "vm1");
+  CHECK(p["deviceType"] == "File");
+  CHECK(p["creationData"]["createOption"] == "Empty");
+  CHECK(p["timeCreated"].get<std::string>().size() == 27);
+  CHECK_FALSE(p.contains("error"));
+
+  auto again = f.call("PUT", "/disks/vm1", Create(16 * kMiB));
+  CHECK(again.status == 200);
+  CHECK(Body(again) == d);
+
+  auto bigger = f.call("PUT", "/disks/vm1", Create(32 * kMiB));
+  CHECK(bigger.status == 409);
+  CHECK(ErrCode(bigger) == "AlreadyExists");
+  CHECK(Message(bigger).find("PATCH") != std::string::npos);
+  CHECK(f.call("PUT", "/disks/vm1", Create(16 * kMiB, "shared")).status == 409);
+  CHECK(f.call("PUT", "/disks/vm1", json{{"properties", {{"path", "/etc/hostname"}}}}).status ==
+        409);
+  // The GET result's identity fields may be sent back.
+  json echo = Create(16 * kMiB);
+  echo["name"] = "vm1";
+  echo["id"] = "/disks/vm1";
+  echo["type"] = "rpoint/disks";
+  CHECK(f.call("PUT", "/disks/vm1", echo).status == 200);
+}
+
+TEST_CASE("PUT adopts with properties.path") {
+  Fixture f;
+  std::string img = f.dir + "/img.raw";
+  { std::ofstream(img).close(); }
+  fs::resize_file(img, 4 * kMiB);
+  auto r = f.call("PUT", "/disks/ad", json{{"properties", {{"path", img}, {"kind", "shared"}}}});
+  REQUIRE(r.status == 201);
+  CHECK(Body(r)["properties"]["creationData"]["createOption"] == "Attach");
+  CHECK(Body(r)["properties"]["sizeBytes"] == 4 * kMiB);
+  CHECK(Body(r)["properties"]["kind"] == "shared");
+  CHECK(f.call("PUT", "/disks/ad", json{{"properties", {{"path", img}, {"kind", "shared"}}}})
+            .status == 200);
+  CHECK(f.call("PUT", "/disks/ad", json{{"properties", {{"path", img}}}}).status == 409);
+  auto missing = f.call("PUT", "/disks/m", json{{"properties", {{"path", f.dir + "/nope"}}}});
+  CHECK(missing.status == 400);
+  CHECK(Message(missing).find("does not exist") != std::string::npos);
+  auto twice = f.call("PUT", "/disks/other", json{{"properties", {{"path", img}}}});
+  CHECK(twice.status == 409);
+  CHECK(ErrCode(twice) == "Conflict");
+}
+
+TEST_CASE("PUT validation errors are 400 and name the problem") {
+  Fixture f;
+  struct Case {
+    const char* target;
+    std::string body;
+    const char* needle;
+  } cases[] = {
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1048576, "colour": "red"}})", "'colour'"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1048576, "diskState": "x"}})", "read-only"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": "1G"}})", "integer"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1.5}})", "integer"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": -512}})", "positive"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 0}})", "positive"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1000}})", "multiple of 512"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 99999999999999999999}})", "integer"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 2251799813685248}})", "1 PiB"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1048576, "kind": "weird"}})", "kind"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1048576, "kind": 3}})", "string"},
+      {"/disks/ok", R"({"properties": {}})", "exactly one"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1048576, "path": "/x"}})", "exactly one"},
+      {"/disks/ok", R"({"properties": {"path": "relative"}})", "absolute"},
+      {"/disks/ok", R"({"properties": []})", "object"},
+      {"/disks/ok", R"({})", "required"},
+      {"/disks/ok", R"({"properties": {"sizeBytes": 1048576}, "tags": {}})", "'tags'"},
+      {"/disks/ok", R"({"name": "other", "properties": {"sizeBytes": 1048576}})", "match"},
+      {"/disks/.hidden", R"({"properties": {"sizeBytes": 1048576}})", "start"},
+      {"/disks/a%2Fb", R"({"properties": {"sizeBytes": 1048576}})", "only contain"},
+      {"/disks/..", R"({"properties": {"sizeBytes": 1048576}})", "start"},
+  };
+  for (const auto& c : cases) {
+    auto r = f.call("PUT", c.target, c.body);
+    CHECK_MESSAGE(r.status == 400, c.body);
+    std::string m = Message(r);
+    CHECK_MESSAGE(m.find(c.needle) != std::string::npos, c.body, " -> ", m);
+  }
+  auto name = f.call("PUT", "/disks/" + std::string(64, 'a'), Create(kMiB));
+  CHECK(name.status == 400);
+  CHECK(f.svc->list().empty());
+}
+
+TEST_CASE("PUT body problems: 400 InvalidJson, 415 media type") {
+  Fixture f;
+  CHECK(ErrCode(f.call("PUT", "/disks/a", std::string("{nope"))) == "InvalidJson");
+  CHECK(ErrCode(f.call("PUT", "/disks/a", std::string(""))) == "InvalidJson");
+  auto r = f.router.dispatch({"PUT", "/disks/a", "text/plain", Create(kMiB).dump()});
+  CHECK(r.status == 415);
+}
+
+TEST_CASE("GET, list, PATCH, DELETE") {
+  Fixture f;
+  REQUIRE(f.call("PUT", "/disks/b", Create(kMiB)).status == 201);
+  REQUIRE(f.call("PUT", "/disks/a", Create(kMiB, "ephemeral")).status == 201);
+
+  auto list = f.call("GET", "/disks");
+  CHECK(list.status == 200);
+  json v = Body(list)["value"];
+  REQUIRE(v.size() == 2);
+  CHECK(v[0]["name"] == "a");
+  CHECK(v[1]["name"] == "b");
+
+  CHECK(f.call("GET", "/disks/a").status == 200);
+  auto nf = f.call("GET", "/disks/zz");
+  CHECK(nf.status == 404);
+  CHECK(ErrCode(nf) == "NotFound");
+  CHECK(f.call("GET", "/disks/bad%20name").status == 400);
+
+  auto grow = f.call("PATCH", "/disks/a", json{{"properties", {{"sizeBytes", 4 * kMiB}}}});
+  CHECK(grow.status == 200);
+  CHECK(Body(grow)["properties"]["sizeBytes"] == 4 * kMiB);
+  auto shrink = f.call("PATCH", "/disks/a", json{{"properties", {{"sizeBytes", kMiB}}}});
+  CHECK(shrink.status == 400);
+  CHECK(ErrCode(shrink) == "OutOfRange");
+  auto kind = f.call("PATCH", "/disks/a", json{{"properties", {{"kind", "shared"}}}});
+  CHECK(kind.status == 400);
+  CHECK(Message(kind).find("cannot be changed") != std::string::npos);
+  CHECK(f.call("PATCH", "/disks/a", json{{"properties", json::object()}}).status == 200);
+  CHECK(f.call("PATCH", "/disks/zz", json{{"properties", {{"sizeBytes", 4 * kMiB}}}}).status ==
+        404);
+  CHECK(f.call("PATCH", "/disks/a", std::string("")).status == 400);
+
+  CHECK(f.call("DELETE", "/disks/a?force=maybe").status == 400);
+  CHECK(f.call("DELETE", "/disks/a?forse=true").status == 400);
+  CHECK(f.call("DELETE", "/disks/a").status == 204);
+  CHECK(f.call("DELETE", "/disks/a").status == 404);
+  CHECK(f.call("DELETE", "/disks/b?force=false").status == 204);
+  CHECK(Body(f.call("GET", "/disks"))["value"].empty());
+
+  auto m = f.call("POST", "/disks");
+  CHECK(m.status == 405);
+  CHECK(*m.header("Allow") == "GET");
+  auto m2 = f.call("POST", "/disks/a");
+  CHECK(*m2.header("Allow") == "GET, PUT, PATCH, DELETE");
+}
+
+TEST_CASE("DELETE of an attached disk: 409 unless force") {
+  Fixture f;
+  REQUIRE(f.call("PUT", "/disks/a", Create(kMiB)).status == 201);
+  BlockDevice::Use use(f.svc->find_export("a"));
+  auto g = Body(f.call("GET", "/disks/a"));
+  CHECK(g["properties"]["diskState"] == "Attached");
+  CHECK(g["properties"]["attachedClients"] == 1);
+  auto r = f.call("DELETE", "/disks/a");
+  CHECK(r.status == 409);
+  CHECK(ErrCode(r) == "Conflict");
+  CHECK(f.call("DELETE", "/disks/a?force=true").status == 204);
+  CHECK(use->retired());
+}
