@@ -1,0 +1,230 @@
+#include "daemon/daemon.h"
+
+#include <sched.h>
+#include <signal.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "common/logging.h"
+#include "control/control_server.h"
+#include "control/disk_service.h"
+#include "daemon/listeners.h"
+#include "daemon/state_dir.h"
+#include "engine/reactor.h"
+#include "nbd/server.h"
+
+namespace rpoint {
+namespace {
+
+unsigned UsableCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? n : 1;
+}
+
+sigset_t DaemonSignals() {
+  sigset_t s;
+  sigemptyset(&s);
+  sigaddset(&s, SIGTERM);
+  sigaddset(&s, SIGINT);
+  sigaddset(&s, SIGHUP);
+  return s;
+}
+
+// Once shutdown has begun, a second SIGTERM/SIGINT means "stop now": an
+// operator pressing Ctrl-C twice, or an admin giving up on a stuck drain.
+void StartForcedExitWatcher() {
+  std::thread([] {
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGTERM);
+    sigaddset(&s, SIGINT);
+    int sig = 0;
+    while (sigwait(&s, &sig) != 0) {
+    }
+    static const char kMsg[] = "rpointd: second signal during shutdown, exiting without finishing\n";
+    ssize_t ignored = write(2, kMsg, sizeof kMsg - 1);
+    (void)ignored;
+    _exit(1);
+  }).detach();
+}
+
+void Reload(const DaemonOptions& options, Config& current) {
+  Result<Config> fresh = BuildConfig(options);
+  if (!fresh.ok()) {
+    spdlog::error("SIGHUP: keeping the running configuration: {}", fresh.status().message());
+    return;
+  }
+  spdlog::level::level_enum level;
+  if (ParseLogLevel(fresh->log_level, &level).ok()) {
+    spdlog::set_level(level);
+    spdlog::default_logger()->set_level(level);
+  }
+  std::string before = current.log_level;
+  Config compare = fresh.value();
+  compare.log_level = current.log_level;
+  bool others_changed = ConfigToYaml(compare) != ConfigToYaml(current);
+  current.log_level = fresh->log_level;
+  spdlog::info("SIGHUP: log level {} (was {}){}", current.log_level, before,
+               others_changed ? "; other configuration changes take effect on restart" : "");
+}
+
+std::string JoinAddresses(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& a : v) out += (out.empty() ? "" : ", ") + a;
+  return out;
+}
+
+}  // namespace
+
+Result<Config> BuildConfig(const DaemonOptions& options) {
+  Config config;
+  if (options.config_path) {
+    Result<Config> loaded = LoadConfigFile(*options.config_path);
+    if (!loaded.ok()) return loaded.status();
+    config = std::move(loaded.value());
+  }
+  if (options.state_dir_flag) {
+    config.state_dir = *options.state_dir_flag;
+    config.origins["state_dir"] = "--state-dir";
+  }
+  if (options.log_level_flag) {
+    config.log_level = *options.log_level_flag;
+    config.origins["log.level"] = "--log-level";
+  }
+  if (Status st = FinalizeConfig(config); !st.ok()) return st;
+  return config;
+}
+
+int RunDaemon(const Config& initial, const DaemonOptions& options) {
+  Config config = initial;
+  auto fail = [](const std::string& what, const Status& st) {
+    spdlog::critical("{}: {}", what, st.message());
+    sd_notifyf(0, "STATUS=Failed to start: %s: %s", what.c_str(), st.message().c_str());
+    return 1;
+  };
+  spdlog::info("rpointd {} starting (pid {}), state directory {}", options.version, getpid(), config.state_dir);
+  // One line per setting: the journal splits multi-line messages into entries
+  // that lose their priority.
+  {
+    std::istringstream yaml(ConfigToYaml(config));
+    for (std::string line; std::getline(yaml, line);) spdlog::debug("config: {}", line);
+  }
+
+  // --- state directory and lock ---
+  if (Status st = MakeDirs(config.state_dir, 0700); !st.ok()) return fail("state directory", st);
+  Result<StateLock> lock = StateLock::Acquire(config.state_dir);
+  if (!lock.ok()) return fail("state directory", lock.status());
+  namespace fs = std::filesystem;
+  for (const std::string& dir : {config.disks_dir, fs::path(config.metadata_db).parent_path().string()}) {
+    if (Status st = MakeDirs(dir, 0700); !st.ok()) return fail("state directory", st);
+  }
+
+  // --- listening sockets: systemd's first, then whatever is still missing ---
+  Result<ActivatedSockets> activated = TakeActivatedSockets();
+  if (!activated.ok()) return fail("socket activation", activated.status());
+  for (const auto& name : activated->ignored) {
+    spdlog::warn("socket activation: ignoring socket {} (known names: control, nbd, nbd-*)", name);
+  }
+  std::optional<Listener> control_listener = std::move(activated->control);
+  std::vector<Listener> nbd_listeners = std::move(activated->nbd);
+  bool have_nbd_unix = false, have_nbd_tcp = false;
+  for (const auto& l : nbd_listeners) (IsUnixSocket(l.fd.get()) ? have_nbd_unix : have_nbd_tcp) = true;
+
+  // Parent directories of sockets stay traversable (0755) so a group given
+  // access through the socket mode can reach them.
+  if (!control_listener) {
+    if (Status st = MakeDirs(fs::path(config.control_socket).parent_path().string(), 0755); !st.ok()) {
+      return fail("control socket", st);
+    }
+    Result<Listener> l = ListenUnix(config.control_socket, config.control_socket_mode);
+    if (!l.ok()) return fail("control socket", l.status());
+    control_listener = std::move(l.value());
+  }
+  if (!have_nbd_unix) {
+    if (Status st = MakeDirs(fs::path(config.nbd_socket).parent_path().string(), 0755); !st.ok()) {
+      return fail("NBD socket", st);
+    }
+    Result<Listener> l = ListenUnix(config.nbd_socket, config.nbd_socket_mode);
+    if (!l.ok()) return fail("NBD socket", l.status());
+    nbd_listeners.push_back(std::move(l.value()));
+  }
+  if (!have_nbd_tcp && config.nbd_tcp) {
+    Result<std::vector<Listener>> tcp = ListenTcp(*config.nbd_tcp);
+    if (!tcp.ok()) return fail("NBD TCP listener", tcp.status());
+    for (auto& l : tcp.value()) nbd_listeners.push_back(std::move(l));
+  }
+
+  // --- services ---
+  Result<std::unique_ptr<DiskService>> disks =
+      DiskService::Open({config.disks_dir, config.metadata_db, config.direct_io});
+  if (!disks.ok()) return fail("disk service", disks.status());
+  unsigned threads = config.io_threads ? config.io_threads : UsableCpus();
+  Result<std::unique_ptr<ReactorPool>> pool = ReactorPool::Create(threads, config.io_queue_depth);
+  if (!pool.ok()) return fail("reactor pool", pool.status());
+  Result<std::unique_ptr<NbdServer>> nbd = NbdServer::Create(*disks.value(), *pool.value(), NbdServerOptions{});
+  if (!nbd.ok()) return fail("NBD server", nbd.status());
+  ControlServerOptions control_options;
+  control_options.version = options.version;
+  Result<std::unique_ptr<ControlServer>> control = ControlServer::Create(*disks.value(), control_options);
+  if (!control.ok()) return fail("control server", control.status());
+
+  std::vector<std::string> nbd_addresses;
+  for (auto& l : nbd_listeners) {
+    nbd_addresses.push_back(l.address + (l.activated ? " (from systemd)" : ""));
+    if (Status st = nbd.value()->add_listener(std::move(l.fd)); !st.ok()) return fail("NBD listener", st);
+  }
+  std::string control_address = control_listener->address + (control_listener->activated ? " (from systemd)" : "");
+  if (Status st = control.value()->add_listener(std::move(control_listener->fd)); !st.ok()) {
+    return fail("control listener", st);
+  }
+  nbd.value()->start();
+  control.value()->start();
+
+  size_t disk_count = disks.value()->list().size();
+  spdlog::info("control API listening on {}", control_address);
+  spdlog::info("NBD listening on {}", JoinAddresses(nbd_addresses));
+  spdlog::info("ready: {} disk(s), {} reactor thread(s), queue depth {}", disk_count, threads,
+               config.io_queue_depth);
+  sd_notifyf(0, "READY=1\nSTATUS=Serving %zu disk(s); control %s; NBD %s", disk_count,
+             control_address.c_str(), JoinAddresses(nbd_addresses).c_str());
+
+  // --- wait for a signal ---
+  sigset_t signals = DaemonSignals();
+  int sig = 0;
+  for (;;) {
+    if (sigwait(&signals, &sig) != 0) continue;
+    if (sig == SIGHUP) {
+      Reload(options, config);
+      continue;
+    }
+    break;
+  }
+  spdlog::info("received {}, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  sd_notify(0, "STOPPING=1\nSTATUS=Shutting down: finishing in-flight I/O");
+  StartForcedExitWatcher();
+
+  // New control requests stop first so nothing starts while NBD drains.
+  control.value()->stop();
+  nbd.value()->shutdown();
+  disks.value()->sync_all();
+  control.value().reset();
+  nbd.value().reset();
+  pool.value().reset();
+  disks.value().reset();
+  // control_listener / nbd_listeners: socket files are removed as they go out of scope.
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace rpoint
