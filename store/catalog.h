@@ -1,0 +1,118 @@
+// Catalog: the region's SQLite database (store.db): the chunk index
+// (digest -> pack, offset, length), the pack list and the disk point records.
+//
+// Durability: WAL with synchronous=FULL, so a committed transaction survives a
+// power cut. The store only ever adds index rows for objects whose pack is
+// already sealed and fsynced, and adds a point row in the same transaction as
+// the last of its objects (see store.h for the full write order).
+//
+// Thread-safety: every method is safe from any thread. Three connections keep
+// slow work apart: one for writes (serialised), one for point lookups (the hot
+// path of writers and readers), one for the GC's long scans, so a GC pass
+// never stalls a writer's dedup lookups.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "store/digest.h"
+#include "store/format.h"
+
+struct sqlite3;
+struct sqlite3_stmt;
+
+namespace rpoint::store {
+
+using PointId = uint64_t;
+
+struct ObjectLoc {
+  uint64_t pack = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+};
+
+struct PackRow {
+  uint64_t id = 0;
+  uint64_t bytes = 0;  // file size
+  uint64_t objects = 0;
+};
+
+// One disk restore point as recorded; see PointInfo in store.h.
+struct PointRecord {
+  PointId id = 0;
+  Digest root;
+  uint64_t size = 0;
+  uint32_t chunk_size = 0;
+  uint32_t fanout = kFanout;
+  uint32_t depth = 1;
+  PointId parent = 0;  // 0: none
+  int64_t created_ns = 0;
+  std::string tag;
+  uint64_t new_chunks = 0;
+  uint64_t new_chunk_bytes = 0;
+  uint64_t new_pages = 0;
+  uint64_t put_slots = 0;
+};
+
+// The objects a sealed pack adds to the index.
+struct SealedPack {
+  uint64_t id = 0;
+  uint64_t bytes = 0;
+  std::vector<PackEntry> entries;
+};
+
+class Catalog {
+ public:
+  static Result<std::unique_ptr<Catalog>> Open(const std::string& path);
+  ~Catalog();
+  Catalog(const Catalog&) = delete;
+  Catalog& operator=(const Catalog&) = delete;
+
+  // --- chunk index -----------------------------------------------------------
+  Result<std::optional<ObjectLoc>> lookup(const Digest& d);
+  // Adds a sealed pack and its objects (an object already indexed elsewhere
+  // keeps its first location), and, when `point` is given, the point record in
+  // the same transaction. Returns the new point id (0 without a point).
+  Result<PointId> add_pack(const SealedPack& pack, const PointRecord* point);
+  // GC: streams every index row (on the scan connection; consistent snapshot).
+  Status for_each_object(const std::function<void(const Digest&, const ObjectLoc&)>& fn);
+  // GC: removes index rows; returns how many existed.
+  Result<uint64_t> delete_objects(const std::vector<Digest>& digests);
+  Result<std::vector<PackEntry>> objects_in_pack(uint64_t pack);
+  // GC repack: moves the listed objects from old_pack into new_pack (sealed),
+  // and drops old_pack's row, in one transaction.
+  Status replace_pack(uint64_t old_pack, const SealedPack& new_pack);
+  // Drops a pack row, only if no object row points into it any more.
+  Result<bool> delete_pack_if_empty(uint64_t pack);
+  Result<std::vector<PackRow>> packs();
+  Result<uint64_t> object_count();
+
+  // --- points ----------------------------------------------------------------
+  Result<std::optional<PointRecord>> get_point(PointId id);
+  Result<std::vector<PointRecord>> list_points();
+  Result<bool> delete_point(PointId id);
+
+  // --- verification results -------------------------------------------------
+  // Moves damaged objects out of the index into bad_objects, so the next
+  // writer that puts the same content stores a fresh copy (which heals every
+  // point naming that digest).
+  Status quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad, const std::string& why);
+
+ private:
+  class Conn;
+  Catalog() = default;
+  std::unique_ptr<Conn> wr_;
+  std::unique_ptr<Conn> rd_;
+  std::unique_ptr<Conn> scan_;
+  std::mutex wr_mu_;
+  std::mutex rd_mu_;
+  std::mutex scan_mu_;
+};
+
+}  // namespace rpoint::store

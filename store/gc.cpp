@@ -1,0 +1,224 @@
+// Store::collect_garbage and pack rewriting. The scheme (why it is safe while
+// writers and readers run) is described in store.h and docs/store.md.
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "store/file_util.h"
+#include "store/macros.h"
+#include "store/pack.h"
+#include "store/store.h"
+
+namespace rpoint::store {
+namespace {
+
+constexpr size_t kDeleteBatch = 2048;
+
+struct PageKey {
+  Digest d;
+  uint32_t level;
+  bool operator==(const PageKey&) const = default;
+};
+struct PageKeyHash {
+  size_t operator()(const PageKey& k) const { return size_t(k.d.prefix()) ^ k.level; }
+};
+
+}  // namespace
+
+Result<GcStats> Store::collect_garbage(const GcOptions& o) {
+  std::lock_guard<std::mutex> run(gc_run_mu_);
+  auto t0 = std::chrono::steady_clock::now();
+  GcStats st;
+
+  // a. Snapshot what is live right now, and start collecting late references.
+  struct Root {
+    Digest d;
+    uint32_t depth;
+  };
+  std::vector<Root> roots;
+  std::vector<uint64_t> marks;
+  std::vector<PackRow> packs_at_start;
+  {
+    std::unique_lock<std::shared_mutex> g(gc_mu_);
+    STORE_ASSIGN_OR_RETURN(auto pts, catalog_->list_points());
+    for (const PointRecord& p : pts) roots.push_back({p.root, p.depth});
+    STORE_ASSIGN_OR_RETURN(packs_at_start, catalog_->packs());
+    std::lock_guard<std::mutex> lock(reg_mu_);
+    for (const auto& [k, n] : pins_) roots.push_back({k.root, k.depth});
+    for (WriterRefs* w : writers_) {
+      marks.insert(marks.end(), w->prefixes.begin(), w->prefixes.end());
+    }
+    gc_active_ = true;
+    late_refs_.clear();
+  }
+  struct EndGc {
+    Store* s;
+    ~EndGc() {
+      std::unique_lock<std::shared_mutex> g(s->gc_mu_);
+      std::lock_guard<std::mutex> lock(s->reg_mu_);
+      s->gc_active_ = false;
+      s->late_refs_.clear();
+    }
+  } end_gc{this};
+  st.roots = roots.size();
+  for (const PackRow& p : packs_at_start) st.pack_bytes_before += p.bytes;
+
+  // b. Mark: every page once per (digest, level); shared subtrees are skipped.
+  // A page that cannot be read stops the GC before anything is deleted: what
+  // lies below it is unknown, and guessing could delete live data.
+  std::unordered_set<PageKey, PageKeyHash> visited;
+  std::vector<PageKey> stack;
+  for (const Root& r : roots) {
+    if (!r.d.is_zero() && visited.insert({r.d, r.depth}).second) stack.push_back({r.d, r.depth});
+  }
+  while (!stack.empty()) {
+    PageKey k = stack.back();
+    stack.pop_back();
+    std::shared_ptr<const Page> page = pages_.get(k.d);  // use, but do not fill, the cache
+    if (!page) {
+      auto r = read_page_uncached(k.d);
+      if (!r.ok()) {
+        return Status::IoError("GC stopped, nothing deleted: " + r.status().message() +
+                               " (run verify on the points; delete or repair the damaged one)");
+      }
+      page = std::move(r).value();
+    }
+    ++st.pages_walked;
+    marks.push_back(k.d.prefix());
+    for (const Digest& e : page->e) {
+      if (e.is_zero()) continue;
+      if (k.level == 1) {
+        marks.push_back(e.prefix());
+      } else if (visited.insert({e, k.level - 1}).second) {
+        stack.push_back({e, k.level - 1});
+      }
+    }
+  }
+  std::unordered_set<PageKey, PageKeyHash>().swap(visited);
+  std::sort(marks.begin(), marks.end());
+  marks.erase(std::unique(marks.begin(), marks.end()), marks.end());
+
+  // c. Scan the index: unmarked objects are candidates.
+  std::vector<std::pair<Digest, ObjectLoc>> cands;
+  std::unordered_map<uint64_t, uint64_t> live_bytes;
+  STORE_RETURN_IF_ERROR(catalog_->for_each_object([&](const Digest& d, const ObjectLoc& loc) {
+    ++st.objects_scanned;
+    if (std::binary_search(marks.begin(), marks.end(), d.prefix())) {
+      live_bytes[loc.pack] += loc.length;
+    } else {
+      cands.emplace_back(d, loc);
+    }
+  }));
+  std::vector<uint64_t>().swap(marks);
+  if (o.before_sweep) o.before_sweep();
+
+  // d. Delete in batches, each atomic against writers' "exists, reuse it".
+  for (size_t i = 0; i < cands.size(); i += kDeleteBatch) {
+    std::vector<Digest> batch;
+    std::unique_lock<std::shared_mutex> g(gc_mu_);
+    {
+      std::lock_guard<std::mutex> lock(reg_mu_);
+      for (size_t j = i; j < std::min(cands.size(), i + kDeleteBatch); ++j) {
+        const auto& [d, loc] = cands[j];
+        if (late_refs_.count(d.prefix())) {
+          ++st.objects_kept_late;
+          live_bytes[loc.pack] += loc.length;
+        } else {
+          batch.push_back(d);
+        }
+      }
+    }
+    if (o.dry_run) {
+      st.objects_deleted += batch.size();
+      continue;
+    }
+    STORE_ASSIGN_OR_RETURN(uint64_t n, catalog_->delete_objects(batch));
+    st.objects_deleted += n;
+  }
+  std::vector<std::pair<Digest, ObjectLoc>>().swap(cands);
+
+  // e. Packs: drop empty ones, rewrite mostly dead ones. Only packs that
+  // existed at the snapshot: newer ones belong to running writers.
+  if (!o.dry_run) {
+    std::unordered_set<std::string> dirty_dirs;
+    for (const PackRow& p : packs_at_start) {
+      uint64_t live = live_bytes.count(p.id) ? live_bytes[p.id] : 0;
+      uint64_t payload = p.bytes > kPackHeaderBytes ? p.bytes - kPackHeaderBytes : 0;
+      if (live == 0) {
+        std::unique_lock<std::shared_mutex> g(gc_mu_);
+        STORE_ASSIGN_OR_RETURN(bool gone, catalog_->delete_pack_if_empty(p.id));
+        if (gone) {
+          drop_pack_fd_locked(p.id);
+          std::string path = PackPath(packs_dir_, p.id);
+          if (::unlink(path.c_str()) != 0) {
+            spdlog::warn("store {}: unlink {}: {}", opts_.dir, path, std::strerror(errno));
+          }
+          dirty_dirs.insert(PackSubdir(packs_dir_, p.id));
+          ++st.packs_deleted;
+        }
+      } else if (double(live) < opts_.repack_below_live * double(payload)) {
+        Status s = repack(p.id, &st);
+        if (!s.ok()) spdlog::warn("store {}: repack of pack {}: {}", opts_.dir, p.id, s.ToString());
+      }
+    }
+    for (const std::string& d : dirty_dirs) STORE_RETURN_IF_ERROR(FsyncDir(d));
+  }
+
+  STORE_ASSIGN_OR_RETURN(auto after, catalog_->packs());
+  for (const PackRow& p : after) st.pack_bytes_after += p.bytes;
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  spdlog::info(
+      "store {}: GC {} roots, {} pages walked, {} objects scanned, {} deleted ({} kept for "
+      "running writers), {} packs deleted, {} rewritten, pack bytes {} -> {} in {:.3f}s",
+      opts_.dir, st.roots, st.pages_walked, st.objects_scanned, st.objects_deleted,
+      st.objects_kept_late, st.packs_deleted, st.packs_repacked, st.pack_bytes_before,
+      st.pack_bytes_after, st.seconds);
+  return st;
+}
+
+// Copies a pack's live objects into a new pack, re-checking each on the way
+// (a damaged object is never copied: the old pack stays for verify to report),
+// then moves their index rows in one transaction and deletes the old file.
+Status Store::repack(uint64_t pack, GcStats* stats) {
+  STORE_ASSIGN_OR_RETURN(auto entries, catalog_->objects_in_pack(pack));
+  std::shared_ptr<PackFd> fd;
+  {
+    std::shared_lock<std::shared_mutex> g(gc_mu_);
+    STORE_ASSIGN_OR_RETURN(fd, pack_fd_locked(pack));
+  }
+  STORE_ASSIGN_OR_RETURN(auto w, PackWriter::Create(packs_dir_, new_pack_id(),
+                                                     opts_.pack_buffer_bytes));
+  std::vector<char> buf;
+  for (const PackEntry& e : entries) {
+    buf.resize(e.length);
+    STORE_RETURN_IF_ERROR(PreadFull(fd->fd.get(), buf.data(), e.length, e.offset,
+                                    "pack " + std::to_string(pack)));
+    if (Sha256(buf.data(), e.length) != e.digest) {
+      return Status::IoError("object " + e.digest.short_hex() + " at " + std::to_string(e.offset) +
+                             " fails its checksum; pack left as is");
+    }
+    STORE_RETURN_IF_ERROR(
+        w->append(ObjectKind(e.kind), e.digest, buf.data(), e.length, e.length).status());
+  }
+  STORE_ASSIGN_OR_RETURN(auto sealed, w->seal());
+  Status s;
+  {
+    std::unique_lock<std::shared_mutex> g(gc_mu_);
+    s = catalog_->replace_pack(pack, sealed);
+    if (s.ok()) drop_pack_fd_locked(pack);
+  }
+  if (!s.ok()) {
+    ::unlink(PackPath(packs_dir_, sealed.id).c_str());
+    return s;
+  }
+  ::unlink(PackPath(packs_dir_, pack).c_str());
+  STORE_RETURN_IF_ERROR(FsyncDir(PackSubdir(packs_dir_, pack)));
+  ++stats->packs_repacked;
+  return Status::Ok();
+}
+
+}  // namespace rpoint::store

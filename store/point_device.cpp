@@ -1,0 +1,277 @@
+#include "store/point_device.h"
+
+#include <pthread.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "store/macros.h"
+
+namespace rpoint::store {
+namespace {
+
+// IoRequest progress while reading (the engine-private fields):
+//   stage_ = ring operations still outstanding for the request;
+//   done_  = bytes delivered (holes count when zero-filled) in the low 48 bits,
+//            the first errno seen in the high 16.
+constexpr int kErrShift = 48;
+constexpr uint64_t kBytesMask = (uint64_t(1) << kErrShift) - 1;
+// One SQE reads at most this much (the CQE result is an int).
+constexpr uint64_t kMaxRun = 1u << 30;
+
+void NoteError(IoRequest& req, int err) {
+  if ((req.done_ >> kErrShift) == 0) req.done_ |= uint64_t(err & 0xffff) << kErrShift;
+}
+
+}  // namespace
+
+Result<std::shared_ptr<PointDevice>> PointDevice::Create(std::shared_ptr<PointReader> reader,
+                                                         std::string name, size_t cache_leaves) {
+  if (!reader) return Status::InvalidArgument("PointDevice without a reader");
+  std::shared_ptr<PointDevice> d(
+      new PointDevice(std::move(reader), std::move(name), std::max<size_t>(cache_leaves, 8)));
+  d->resolver_ = std::thread([raw = d.get()] {
+    std::string tname = "rp-res-" + raw->name_;
+    pthread_setname_np(pthread_self(), tname.substr(0, 15).c_str());
+    raw->resolver_loop();
+  });
+  return d;
+}
+
+PointDevice::PointDevice(std::shared_ptr<PointReader> reader, std::string name,
+                         size_t cache_leaves)
+    : reader_(std::move(reader)), name_(std::move(name)), cache_cap_(cache_leaves) {}
+
+PointDevice::~PointDevice() {
+  {
+    std::lock_guard<std::mutex> lock(jobs_mu_);
+    stopping_ = true;
+  }
+  jobs_cv_.notify_all();
+  if (resolver_.joinable()) resolver_.join();
+}
+
+DeviceCaps PointDevice::caps() const {
+  DeviceCaps c;
+  c.read_only = true;
+  c.can_flush = true;
+  c.can_trim = false;
+  c.can_zero = false;
+  c.can_fast_zero = false;
+  c.can_cache = false;
+  c.can_multi_conn = true;  // immutable content: every connection sees the same bytes
+  c.min_block = 1;
+  c.preferred_block = std::min<uint32_t>(reader_->chunk_size(), 1u << 20);
+  return c;
+}
+
+void PointDevice::finish(IoRequest& req) {
+  int err = int(req.done_ >> kErrShift);
+  if (err != 0) {
+    req.on_done(-err);
+  } else if ((req.done_ & kBytesMask) != req.length) {
+    req.on_done(-EIO);  // a short read: the pack is shorter than the index says
+  } else {
+    req.on_done(0);
+  }
+}
+
+// Completes req from the ring (a NOP), never from inside submit().
+void PointDevice::finish_async(Reactor& reactor, IoRequest& req, int err) {
+  req.done_ = req.length;
+  if (err != 0) NoteError(req, err);
+  req.stage_ = 1;
+  io_uring_prep_nop(reactor.sqe(&req));
+}
+
+void PointDevice::submit(Reactor& reactor, IoRequest& req) {
+  req.device_ = this;
+  req.reactor_ = &reactor;
+  req.done_ = 0;
+  req.stage_ = 0;
+  switch (req.kind) {
+    case IoKind::kRead:
+      break;
+    case IoKind::kFlush:
+    case IoKind::kCache:
+      finish_async(reactor, req, 0);
+      return;
+    default:
+      finish_async(reactor, req, EPERM);
+      return;
+  }
+  if (!check_range(req.offset, req.length).ok()) {
+    finish_async(reactor, req, EINVAL);
+    return;
+  }
+  if (req.length == 0) {
+    finish_async(reactor, req, 0);
+    return;
+  }
+  std::vector<LeafRef> leaves;
+  if (cached_leaves(req, &leaves)) {
+    issue(reactor, req, leaves);
+    return;
+  }
+  slow_.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(jobs_mu_);
+    jobs_.push_back(Job{&reactor, &req});
+  }
+  jobs_cv_.notify_one();
+}
+
+bool PointDevice::cached_leaves(const IoRequest& req, std::vector<LeafRef>* out) {
+  const uint64_t cs = reader_->chunk_size();
+  uint64_t l0 = (req.offset / cs) >> kFanoutShift;
+  uint64_t l1 = ((req.offset + req.length - 1) / cs) >> kFanoutShift;
+  out->clear();
+  out->reserve(l1 - l0 + 1);
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t l = l0; l <= l1; ++l) {
+    auto it = cache_.find(l);
+    if (it == cache_.end()) return false;
+    lru_.splice(lru_.begin(), lru_, it->second.second);
+    out->push_back(it->second.first);
+  }
+  return true;
+}
+
+Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find(leaf);
+    if (it != cache_.end()) return it->second.first;
+  }
+  uint64_t first = leaf << kFanoutShift;
+  uint32_t count = uint32_t(std::min<uint64_t>(kFanout, reader_->slots() - first));
+  STORE_ASSIGN_OR_RETURN(auto locs, reader_->resolve(first, count));
+  auto l = std::make_shared<Leaf>();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint32_t i = 0; i < count; ++i) {
+    const auto& loc = locs[i];
+    if (loc.state == PointReader::Location::kHole) continue;
+    if (loc.state == PointReader::Location::kMissing) {
+      l->s[i].fd = -2;
+      continue;
+    }
+    // Keep every pack fd for the device's life: a raw fd in a queued SQE must
+    // never be closed (and reused) before the kernel has taken its reference.
+    auto [pit, inserted] = packs_.emplace(loc.pack->id, loc.pack);
+    (void)inserted;
+    l->s[i].fd = pit->second->fd.get();
+    l->s[i].offset = loc.offset;
+  }
+  LeafRef ref = l;
+  auto it = cache_.find(leaf);
+  if (it != cache_.end()) return it->second.first;  // resolved meanwhile
+  lru_.push_front(leaf);
+  cache_.emplace(leaf, std::make_pair(ref, lru_.begin()));
+  while (cache_.size() > cache_cap_) {
+    cache_.erase(lru_.back());
+    lru_.pop_back();
+  }
+  return ref;
+}
+
+void PointDevice::resolver_loop() {
+  for (;;) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> lock(jobs_mu_);
+      jobs_cv_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+      if (stopping_) return;
+      job = jobs_.front();
+      jobs_.pop_front();
+    }
+    IoRequest* req = job.req;
+    const uint64_t cs = reader_->chunk_size();
+    uint64_t l0 = (req->offset / cs) >> kFanoutShift;
+    uint64_t l1 = ((req->offset + req->length - 1) / cs) >> kFanoutShift;
+    std::vector<LeafRef> leaves;
+    Status st;
+    for (uint64_t l = l0; l <= l1 && st.ok(); ++l) {
+      auto r = resolve_leaf(l);
+      if (r.ok()) {
+        leaves.push_back(std::move(r).value());
+      } else {
+        st = r.status();
+      }
+    }
+    if (!st.ok()) {
+      spdlog::error("export {}: resolving [{}, +{}): {}", name_, req->offset, req->length,
+                    st.ToString());
+      job.reactor->post([this, reactor = job.reactor, req] { finish_async(*reactor, *req, EIO); });
+      continue;
+    }
+    job.reactor->post([this, reactor = job.reactor, req, leaves = std::move(leaves)] {
+      issue(*reactor, *req, leaves);
+    });
+  }
+}
+
+void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves) {
+  const uint64_t cs = reader_->chunk_size();
+  const uint64_t l0 = (req.offset / cs) >> kFanoutShift;
+  req.stage_ = 0;
+  int run_fd = -1;
+  uint64_t run_off = 0, run_len = 0;
+  char* run_buf = nullptr;
+  auto flush_run = [&] {
+    if (run_len == 0) return;
+    ++req.stage_;
+    io_uring_prep_read(reactor.sqe(&req), run_fd, run_buf, unsigned(run_len), run_off);
+    run_len = 0;
+  };
+  uint64_t pos = req.offset, end = req.offset + req.length;
+  while (pos < end) {
+    uint64_t slot = pos / cs;
+    uint64_t next = std::min(end, (slot + 1) * cs);
+    const Slot& s = leaves[(slot >> kFanoutShift) - l0]->s[slot & (kFanout - 1)];
+    char* dst = req.buf + (pos - req.offset);
+    if (s.fd == -1) {
+      std::memset(dst, 0, next - pos);
+      req.done_ += next - pos;
+    } else if (s.fd < 0) {
+      NoteError(req, EIO);
+    } else {
+      uint64_t src = s.offset + (pos - slot * cs);
+      if (run_len > 0 && s.fd == run_fd && src == run_off + run_len &&
+          dst == run_buf + run_len && run_len + (next - pos) <= kMaxRun) {
+        run_len += next - pos;
+      } else {
+        flush_run();
+        run_fd = s.fd;
+        run_off = src;
+        run_len = next - pos;
+        run_buf = dst;
+      }
+    }
+    pos = next;
+  }
+  flush_run();
+  if (req.stage_ == 0) {
+    // All holes (or all failed): complete through the ring, not from here.
+    req.stage_ = 1;
+    io_uring_prep_nop(reactor.sqe(&req));
+  }
+}
+
+void PointDevice::on_completion(Reactor&, IoRequest& req, int res) {
+  if (res < 0) {
+    NoteError(req, -res);
+  } else {
+    req.done_ += uint64_t(res);
+  }
+  if (--req.stage_ == 0) finish(req);
+}
+
+Result<std::vector<Extent>> PointDevice::block_status(uint64_t offset, uint64_t length,
+                                                      size_t max_extents) {
+  STORE_RETURN_IF_ERROR(check_range(offset, length));
+  return reader_->extents(offset, length, max_extents);
+}
+
+}  // namespace rpoint::store

@@ -1,0 +1,161 @@
+#include "store/point_reader.h"
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+
+#include "store/file_util.h"
+#include "store/macros.h"
+
+namespace rpoint::store {
+
+PointReader::PointReader(std::shared_ptr<Store> store, PointInfo info)
+    : store_(std::move(store)), info_(std::move(info)) {
+  slots_ = (info_.size + info_.chunk_size - 1) / info_.chunk_size;
+  tree_ = TreeView(store_.get(), info_.root, info_.depth);
+}
+
+PointReader::~PointReader() { store_->unpin(info_.root, info_.depth); }
+
+Result<Digest> PointReader::slot_digest(uint64_t slot) {
+  if (slot >= slots_) return Status::OutOfRange("slot beyond the disk");
+  return tree_.node(0, slot);
+}
+
+Result<std::vector<PointReader::Location>> PointReader::resolve(uint64_t first, uint32_t count) {
+  if (count == 0) return std::vector<Location>();
+  if ((first >> kFanoutShift) != ((first + count - 1) >> kFanoutShift) || first + count > slots_) {
+    return Status::InvalidArgument("resolve: slots must lie in one leaf of the disk");
+  }
+  STORE_ASSIGN_OR_RETURN(auto leaf, tree_.page(1, first >> kFanoutShift));
+  std::vector<Location> out(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    const Digest& d = leaf->e[(first + i) & (kFanout - 1)];
+    if (d.is_zero()) continue;
+    auto where = store_->locate(d);
+    if (!where.ok()) {
+      // A pack file gone missing is damage to report per slot, not a reason
+      // to fail the slots around it.
+      if (where.status().code() == Code::kNotFound) {
+        out[i].state = Location::kMissing;
+        continue;
+      }
+      return where.status();
+    }
+    if (!where.value()) {
+      out[i].state = Location::kMissing;
+      continue;
+    }
+    out[i].state = Location::kData;
+    out[i].offset = where.value()->first.offset;
+    out[i].pack = std::move(where.value()->second);
+  }
+  return out;
+}
+
+Status PointReader::read(uint64_t offset, uint64_t len, void* buf) {
+  if (offset > info_.size || len > info_.size - offset) {
+    return Status::OutOfRange("read beyond the end of the disk point");
+  }
+  auto* out = static_cast<char*>(buf);
+  const uint64_t cs = info_.chunk_size;
+  // Contiguous pieces in one pack become one pread.
+  int run_fd = -1;
+  uint64_t run_off = 0, run_len = 0;
+  char* run_buf = nullptr;
+  std::shared_ptr<PackFd> run_pack;
+  auto flush = [&]() -> Status {
+    if (run_len == 0) return Status::Ok();
+    Status s = PreadFull(run_fd, run_buf, run_len, run_off, "pack " + std::to_string(run_pack->id));
+    run_len = 0;
+    return s;
+  };
+  uint64_t pos = offset, end = offset + len;
+  while (pos < end) {
+    uint64_t slot = pos / cs;
+    uint64_t leaf_end_slot = ((slot >> kFanoutShift) + 1) << kFanoutShift;
+    uint64_t last_slot = std::min({leaf_end_slot, slots_, (end + cs - 1) / cs});
+    STORE_ASSIGN_OR_RETURN(auto locs, resolve(slot, uint32_t(last_slot - slot)));
+    for (uint64_t s = slot; s < last_slot; ++s) {
+      uint64_t a = std::max(pos, s * cs), b = std::min(end, (s + 1) * cs);
+      char* dst = out + (a - offset);
+      const Location& l = locs[s - slot];
+      if (l.state == Location::kHole) {
+        std::memset(dst, 0, b - a);
+      } else if (l.state == Location::kMissing) {
+        return Status::IoError("slot " + std::to_string(s) + " of point " +
+                               std::to_string(info_.id) + ": chunk missing from the store");
+      } else {
+        uint64_t src = l.offset + (a - s * cs);
+        int fd = l.pack->fd.get();
+        if (run_len > 0 && fd == run_fd && src == run_off + run_len && dst == run_buf + run_len) {
+          run_len += b - a;
+        } else {
+          STORE_RETURN_IF_ERROR(flush());
+          run_fd = fd;
+          run_off = src;
+          run_len = b - a;
+          run_buf = dst;
+          run_pack = l.pack;
+        }
+      }
+      pos = b;
+    }
+  }
+  return flush();
+}
+
+Result<std::vector<Extent>> PointReader::extents(uint64_t offset, uint64_t len,
+                                                 size_t max_extents) {
+  if (offset > info_.size || len > info_.size - offset) {
+    return Status::OutOfRange("extents beyond the end of the disk point");
+  }
+  std::vector<Extent> out;
+  if (len == 0 || max_extents == 0) return out;
+  const uint64_t cs = info_.chunk_size;
+  const uint64_t end = offset + len;
+  const uint64_t s0 = offset / cs, s1 = (end + cs - 1) / cs;
+  bool full = false;
+
+  auto emit = [&](uint64_t slot_a, uint64_t slot_b, bool hole) {
+    uint64_t a = std::max(offset, slot_a * cs), b = std::min(end, slot_b * cs);
+    if (a >= b) return;
+    uint32_t flags = hole ? (Extent::kHole | Extent::kZero) : 0;
+    if (!out.empty() && out.back().flags == flags) {
+      out.back().length += b - a;
+    } else if (out.size() < max_extents) {
+      out.push_back(Extent{b - a, flags});
+    } else {
+      full = true;
+      return;
+    }
+  };
+
+  // Depth-first over the tree, visiting only subtrees that overlap [s0, s1);
+  // a zero digest at any level is one hole run for its whole span.
+  std::function<Status(uint32_t, uint64_t, const Digest&)> walk =
+      [&](uint32_t level, uint64_t index, const Digest& d) -> Status {
+    uint64_t span = uint64_t(1) << (kFanoutShift * level);
+    uint64_t first = index * span, last = first + span;
+    if (last <= s0 || first >= s1 || full) return Status::Ok();
+    if (d.is_zero() || level == 0) {
+      emit(std::max(first, s0), std::min(last, s1), d.is_zero());
+      return Status::Ok();
+    }
+    STORE_ASSIGN_OR_RETURN(auto page, store_->load_page(d));
+    uint64_t child_span = span >> kFanoutShift;
+    uint32_t i0 = first >= s0 ? 0 : uint32_t((s0 - first) / child_span);
+    for (uint32_t i = i0; i < kFanout && !full; ++i) {
+      uint64_t child = index * kFanout + i;
+      if (child * child_span >= s1) break;
+      STORE_RETURN_IF_ERROR(walk(level - 1, child, page->e[i]));
+    }
+    return Status::Ok();
+  };
+  STORE_RETURN_IF_ERROR(walk(tree_.depth(), 0, tree_.root()));
+  // The tree covers every slot, so at least one extent was emitted.
+  if (out.empty()) return Status::Internal("extents: empty map");
+  return out;
+}
+
+}  // namespace rpoint::store

@@ -1,0 +1,75 @@
+// PointReader: random access to one committed disk point.
+//
+// Opening a point pins its root: it stays readable, even if the point is
+// deleted meanwhile, until the last holder of the reader lets go. Reads walk
+// the tree through the store's page cache (pages are verified on load), find
+// each chunk in the index and pread it from its pack; holes are zero-filled
+// without I/O. extents() answers from the tree alone, skipping whole hole
+// subtrees, so mapping a huge sparse disk costs only its allocated part.
+//
+// resolve() is the building block of PointDevice: it turns a run of slots into
+// pack locations ahead of time, so the device can issue the data reads on a
+// reactor's ring without touching SQLite or the tree on the loop thread.
+//
+// Thread-safety: every method is safe from any thread, concurrently.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/block_device.h"
+#include "store/store.h"
+#include "store/tree.h"
+
+namespace rpoint::store {
+
+class PointReader {
+ public:
+  ~PointReader();
+  PointReader(const PointReader&) = delete;
+  PointReader& operator=(const PointReader&) = delete;
+
+  const PointInfo& info() const { return info_; }
+  uint64_t size() const { return info_.size; }
+  uint32_t chunk_size() const { return info_.chunk_size; }
+  uint64_t slots() const { return slots_; }
+
+  // Copies [offset, offset+len) of the disk into buf.
+  Status read(uint64_t offset, uint64_t len, void* buf);
+
+  // Allocation map of [offset, offset+len) in NBD base:allocation terms: holes
+  // are kHole|kZero, stored chunks 0. Adjacent runs of one kind are merged;
+  // at most max_extents entries (the last may end before offset+len).
+  Result<std::vector<Extent>> extents(uint64_t offset, uint64_t len,
+                                      size_t max_extents = SIZE_MAX);
+
+  // The chunk digest of one slot (zero: a hole), and any tree node
+  // (level 0 = slots; level depth() = the root). For tests and diffing.
+  Result<Digest> slot_digest(uint64_t slot);
+  Result<Digest> node(uint32_t level, uint64_t index) { return tree_.node(level, index); }
+  uint32_t depth() const { return tree_.depth(); }
+
+  // Where a slot's data lives.
+  struct Location {
+    enum State : uint8_t { kHole = 0, kData = 1, kMissing = 2 };
+    State state = kHole;
+    uint64_t offset = 0;          // in the pack
+    std::shared_ptr<PackFd> pack; // kData only
+  };
+  // Locations of slots [first, first+count), which must lie in one leaf page
+  // (128 slots). A chunk missing from the index (or its pack) is kMissing.
+  Result<std::vector<Location>> resolve(uint64_t first, uint32_t count);
+
+ private:
+  friend class Store;
+  PointReader(std::shared_ptr<Store> store, PointInfo info);
+
+  std::shared_ptr<Store> store_;
+  PointInfo info_;
+  uint64_t slots_ = 0;
+  TreeView tree_;
+};
+
+}  // namespace rpoint::store

@@ -1,0 +1,118 @@
+// PointWriter: builds one disk restore point from the slots that changed.
+//
+// The restore-point job walks the disk's frozen change bitmap and calls put()
+// for each changed chunk slot (from a few threads if it likes), then commit().
+// Slots never put inherit the parent's content; without a parent they are
+// holes, as are slots added by growing the disk. All-zero data and put_hole()
+// (a trimmed chunk) make the slot a hole: nothing is written for it.
+//
+// Cost follows the change, not the disk. put() hashes outside any lock, then
+// deduplicates (this writer's open packs, then the region's chunk index) and
+// appends new chunks to the writer's pack. Changed leaf pages are kept in
+// memory up to writer_leaf_cache_bytes and spill to an unlinked scratch file
+// beyond that, so memory stays bounded even for a full point of a huge disk.
+// commit() rewrites only the pages above changed leaves, level by level, each
+// starting from the parent's page at the same place (shared subtrees are left
+// alone): O(changed slots x depth) time, I/O and memory.
+//
+// Durability and GC: see store.h. Until commit() returns the point does not
+// exist; destroying the writer (or abandon()) leaves at most unreferenced,
+// indexed objects that the next GC frees.
+//
+// Thread-safety: put() and put_hole() may be called from several threads at
+// once (different slots; a slot put twice keeps one of the two). commit() and
+// abandon() must not overlap any put().
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_set>
+#include <vector>
+
+#include "common/status.h"
+#include "common/unique_fd.h"
+#include "store/pack.h"
+#include "store/store.h"
+#include "store/tree.h"
+
+namespace rpoint::store {
+
+class PointWriter {
+ public:
+  ~PointWriter();
+  PointWriter(const PointWriter&) = delete;
+  PointWriter& operator=(const PointWriter&) = delete;
+
+  uint64_t size() const { return params_.size; }
+  uint32_t chunk_size() const { return params_.chunk_size; }
+  uint64_t slots() const { return slots_; }
+  // Bytes put() expects for `slot`: chunk_size, or less for the disk's last slot.
+  uint32_t slot_bytes(uint64_t slot) const;
+
+  // Sets the content of one chunk slot. `len` must be slot_bytes(slot) (for
+  // the last slot anything up to chunk_size: bytes past the disk end are
+  // ignored). Data is copied; the buffer may be reused once put() returns.
+  Status put(uint64_t slot, const void* data, size_t len);
+  // The slot reads as zeroes and is stored as a hole (trimmed or zeroed).
+  Status put_hole(uint64_t slot);
+
+  // Makes the point durable and returns its record. The writer is spent.
+  Result<PointInfo> commit();
+  // Drops the point being built (also what the destructor does).
+  void abandon();
+
+ private:
+  friend class Store;
+  using DigestSet = std::unordered_set<Digest, DigestHash>;
+
+  PointWriter(std::shared_ptr<Store> store, PointParams params,
+              std::optional<PointRecord> parent);
+
+  Status put_digest(uint64_t slot, const Digest& d, const void* data, size_t len);
+  // Dedups and, when new, appends `d` to the open pack; records the reference.
+  // Caller holds store_->gc_mu_ (shared) and mu_. A pack that became full is
+  // handed back in *to_seal for the caller to seal after unlocking.
+  Status store_object_locked(ObjectKind kind, const Digest& d, const void* data, size_t len,
+                             size_t stored_len, std::unique_ptr<PackWriter>* to_seal,
+                             std::list<DigestSet>::iterator* sealing_it);
+  Status seal_and_index(std::unique_ptr<PackWriter> pack, std::list<DigestSet>::iterator it);
+  // Page of the parent tree at (level, index) as seen at this writer's depth.
+  Result<std::shared_ptr<const Page>> base_page(uint32_t level, uint64_t index);
+  // Caller holds mu_.
+  Status evict_locked(uint64_t keep_leaf);
+  Status load_spilled_locked(uint64_t leaf, Page* out);
+  // Writes one changed page (level >= 1); returns its digest (zero for a hole page).
+  Result<Digest> write_page(const Page& p);
+  void release();
+
+  std::shared_ptr<Store> store_;
+  PointParams params_;
+  std::optional<PointRecord> parent_;
+  uint64_t slots_ = 0;
+  uint32_t depth_ = 1;
+  TreeView base_;  // the parent's tree (or empty)
+
+  std::mutex mu_;
+  Status failed_;                // first error; every later call returns it
+  bool done_ = false;            // committed or abandoned
+  std::unique_ptr<PackWriter> pack_;
+  DigestSet pack_digests_;       // objects in pack_ (not yet indexed)
+  std::list<DigestSet> sealing_; // objects in packs being sealed by some thread
+  std::map<uint64_t, std::unique_ptr<Page>> resident_;  // changed leaves in memory
+  std::unordered_set<uint64_t> spilled_;                // changed leaves in scratch_
+  UniqueFd scratch_;
+  size_t max_resident_ = 0;
+  Store::WriterRefs refs_;
+  bool registered_ = false;
+
+  uint64_t new_chunks_ = 0;
+  uint64_t new_chunk_bytes_ = 0;
+  uint64_t new_pages_ = 0;
+  uint64_t put_slots_ = 0;
+};
+
+}  // namespace rpoint::store

@@ -1,0 +1,271 @@
+#include "store/store.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+
+#include "store/file_util.h"
+#include "store/macros.h"
+#include "store/point_reader.h"
+#include "store/point_writer.h"
+#include "store/tree.h"
+
+namespace rpoint::store {
+namespace {
+
+// Entry names of a directory (without . and ..).
+Result<std::vector<std::string>> ListDir(const std::string& dir) {
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), ::closedir);
+  if (!d) return Status::FromErrno(errno, "opendir " + dir);
+  std::vector<std::string> out;
+  while (dirent* e = ::readdir(d.get())) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") out.push_back(std::move(n));
+  }
+  return out;
+}
+
+bool EndsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+Store::Store(StoreOptions opts)
+    : opts_(std::move(opts)),
+      packs_dir_(opts_.dir + "/packs"),
+      pages_(std::max<size_t>(opts_.page_cache_bytes / kPageBytes, 16)) {}
+
+Store::~Store() = default;
+
+Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
+  static_assert(std::endian::native == std::endian::little, "on-disk format is little-endian");
+  if (opts.dir.empty()) return Status::InvalidArgument("store: empty region directory");
+  if (opts.pack_target_bytes < (1u << 20)) {
+    return Status::InvalidArgument("store: pack_target_bytes below 1 MiB");
+  }
+  std::shared_ptr<Store> s(new Store(opts));
+  bool created = false;
+  STORE_RETURN_IF_ERROR(MakeDir(opts.dir, &created));
+  STORE_RETURN_IF_ERROR(MakeDir(s->packs_dir_, nullptr));
+  if (created) STORE_RETURN_IF_ERROR(FsyncDir(opts.dir));
+
+  std::string lock_path = opts.dir + "/LOCK";
+  s->lock_fd_.reset(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640));
+  if (!s->lock_fd_) return Status::FromErrno(errno, "open " + lock_path);
+  if (::flock(s->lock_fd_.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) return Status::Conflict("store " + opts.dir + " is open elsewhere");
+    return Status::FromErrno(errno, "flock " + lock_path);
+  }
+
+  STORE_ASSIGN_OR_RETURN(s->catalog_, Catalog::Open(opts.dir + "/store.db"));
+  STORE_RETURN_IF_ERROR(s->recover());
+  return s;
+}
+
+// After a crash: packs still named .tmp were never sealed, and sealed packs the
+// index does not list were sealed but never indexed (the crash hit between the
+// rename and the index transaction). Nothing can reference either: delete them.
+Status Store::recover() {
+  STORE_ASSIGN_OR_RETURN(auto rows, catalog_->packs());
+  std::unordered_set<uint64_t> known;
+  uint64_t max_id = 0;
+  for (const PackRow& r : rows) {
+    known.insert(r.id);
+    max_id = std::max(max_id, r.id);
+  }
+  STORE_ASSIGN_OR_RETURN(auto subs, ListDir(packs_dir_));
+  uint64_t removed = 0, on_disk = 0;
+  for (const std::string& sub : subs) {
+    std::string subdir = packs_dir_ + "/" + sub;
+    auto names = ListDir(subdir);
+    if (!names.ok()) continue;  // a stray file, not a subdirectory
+    bool changed = false;
+    for (const std::string& n : names.value()) {
+      std::string path = subdir + "/" + n;
+      if (EndsWith(n, ".tmp")) {
+        auto id = ParsePackName(n.substr(0, n.size() - 4));
+        if (id) max_id = std::max(max_id, *id);
+        ::unlink(path.c_str());
+        ++removed;
+        changed = true;
+        continue;
+      }
+      auto id = ParsePackName(n);
+      if (!id) continue;
+      max_id = std::max(max_id, *id);
+      if (!known.count(*id)) {
+        ::unlink(path.c_str());
+        ++removed;
+        changed = true;
+      } else {
+        ++on_disk;
+        known.erase(*id);
+      }
+    }
+    if (changed) STORE_RETURN_IF_ERROR(FsyncDir(subdir));
+  }
+  if (removed > 0) {
+    spdlog::warn("store {}: removed {} unfinished pack file(s) left by an interrupted writer",
+                 opts_.dir, removed);
+  }
+  for (uint64_t id : known) {
+    // Verify reports exactly which points this damages.
+    spdlog::error("store {}: pack {} is in the index but its file is missing", opts_.dir, id);
+  }
+  next_pack_id_.store(max_id + 1);
+  spdlog::info("store {}: {} packs, next pack id {}", opts_.dir, on_disk, max_id + 1);
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<PackFd>> Store::pack_fd_locked(uint64_t pack) {
+  std::lock_guard<std::mutex> lock(fds_mu_);
+  auto it = fds_.find(pack);
+  if (it != fds_.end()) return it->second;
+  auto p = std::make_shared<PackFd>();
+  p->id = pack;
+  std::string path = PackPath(packs_dir_, pack);
+  p->fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!p->fd) return Status::FromErrno(errno, "open pack " + path);
+  // Bound the number of descriptors the cache holds; holders keep theirs.
+  if (fds_.size() >= 1024) fds_.erase(fds_.begin());
+  fds_.emplace(pack, p);
+  return p;
+}
+
+void Store::drop_pack_fd_locked(uint64_t pack) {
+  std::lock_guard<std::mutex> lock(fds_mu_);
+  fds_.erase(pack);
+}
+
+Result<std::optional<std::pair<ObjectLoc, std::shared_ptr<PackFd>>>> Store::locate(
+    const Digest& d) {
+  using Out = std::optional<std::pair<ObjectLoc, std::shared_ptr<PackFd>>>;
+  std::shared_lock<std::shared_mutex> g(gc_mu_);
+  STORE_ASSIGN_OR_RETURN(auto loc, catalog_->lookup(d));
+  if (!loc) return Out();
+  STORE_ASSIGN_OR_RETURN(auto fd, pack_fd_locked(loc->pack));
+  return Out(std::make_pair(*loc, std::move(fd)));
+}
+
+Result<std::shared_ptr<const Page>> Store::read_page_uncached(const Digest& d) {
+  STORE_ASSIGN_OR_RETURN(auto where, locate(d));
+  if (!where) return Status::IoError("tree page " + d.short_hex() + " is not in the index");
+  const auto& [loc, fd] = *where;
+  if (loc.length != kPageBytes) {
+    return Status::IoError("tree page " + d.short_hex() + " has length " +
+                           std::to_string(loc.length));
+  }
+  auto page = std::make_shared<Page>();
+  STORE_RETURN_IF_ERROR(PreadFull(fd->fd.get(), page.get(), kPageBytes, loc.offset,
+                                  "pack " + std::to_string(loc.pack)));
+  if (Sha256(page.get(), kPageBytes) != d) {
+    return Status::IoError("tree page " + d.short_hex() + " in pack " + std::to_string(loc.pack) +
+                           " at " + std::to_string(loc.offset) + " fails its checksum");
+  }
+  return std::shared_ptr<const Page>(std::move(page));
+}
+
+Result<std::shared_ptr<const Page>> Store::load_page(const Digest& d) {
+  if (d.is_zero()) return ZeroPage();
+  if (auto p = pages_.get(d)) return p;
+  STORE_ASSIGN_OR_RETURN(auto p, read_page_uncached(d));
+  pages_.put(d, p);
+  return p;
+}
+
+void Store::pin(const Digest& root, uint32_t depth) {
+  std::lock_guard<std::mutex> lock(reg_mu_);
+  ++pins_[PinKey{root, depth}];
+}
+
+void Store::unpin(const Digest& root, uint32_t depth) {
+  std::lock_guard<std::mutex> lock(reg_mu_);
+  auto it = pins_.find(PinKey{root, depth});
+  if (it != pins_.end() && --it->second == 0) pins_.erase(it);
+}
+
+void Store::register_writer(WriterRefs* w) {
+  std::lock_guard<std::mutex> lock(reg_mu_);
+  writers_.insert(w);
+}
+
+void Store::unregister_writer(WriterRefs* w) {
+  std::lock_guard<std::mutex> lock(reg_mu_);
+  writers_.erase(w);
+}
+
+void Store::note_ref_locked(WriterRefs* w, const Digest& d) {
+  uint64_t p = d.prefix();
+  w->prefixes.push_back(p);
+  std::lock_guard<std::mutex> lock(reg_mu_);
+  if (gc_active_) late_refs_.insert(p);
+}
+
+Result<std::unique_ptr<PointWriter>> Store::begin_point(const PointParams& p) {
+  if (!ValidChunkSize(p.chunk_size)) {
+    return Status::InvalidArgument("chunk size " + std::to_string(p.chunk_size) +
+                                   " is not a power of two between 4 KiB and 4 MiB");
+  }
+  std::optional<PointRecord> parent;
+  if (p.parent != 0) {
+    // Read the parent and pin its root atomically against a GC snapshot.
+    std::shared_lock<std::shared_mutex> g(gc_mu_);
+    STORE_ASSIGN_OR_RETURN(auto rec, catalog_->get_point(p.parent));
+    if (!rec) return Status::NotFound("parent point " + std::to_string(p.parent) + " not found");
+    if (rec->fanout != kFanout) return Status::Unsupported("parent point has another fanout");
+    if (rec->chunk_size != p.chunk_size) {
+      return Status::InvalidArgument("chunk size " + std::to_string(p.chunk_size) +
+                                     " differs from the parent's " +
+                                     std::to_string(rec->chunk_size));
+    }
+    if (p.size < rec->size) {
+      return Status::InvalidArgument("disk size " + std::to_string(p.size) +
+                                     " is smaller than the parent's " + std::to_string(rec->size));
+    }
+    pin(rec->root, rec->depth);
+    parent = std::move(rec);
+  }
+  return std::unique_ptr<PointWriter>(new PointWriter(shared_from_this(), p, std::move(parent)));
+}
+
+Result<PointInfo> Store::point(PointId id) {
+  STORE_ASSIGN_OR_RETURN(auto rec, catalog_->get_point(id));
+  if (!rec) return Status::NotFound("point " + std::to_string(id) + " not found");
+  return std::move(*rec);
+}
+
+Result<std::vector<PointInfo>> Store::list_points() { return catalog_->list_points(); }
+
+Status Store::delete_point(PointId id) {
+  STORE_ASSIGN_OR_RETURN(bool existed, catalog_->delete_point(id));
+  if (!existed) return Status::NotFound("point " + std::to_string(id) + " not found");
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<PointReader>> Store::open_point(PointId id) {
+  std::shared_lock<std::shared_mutex> g(gc_mu_);
+  STORE_ASSIGN_OR_RETURN(auto rec, catalog_->get_point(id));
+  if (!rec) return Status::NotFound("point " + std::to_string(id) + " not found");
+  if (rec->fanout != kFanout) return Status::Unsupported("point has another fanout");
+  pin(rec->root, rec->depth);
+  return std::shared_ptr<PointReader>(new PointReader(shared_from_this(), std::move(*rec)));
+}
+
+Result<StoreStats> Store::stats() {
+  StoreStats s;
+  STORE_ASSIGN_OR_RETURN(auto pts, catalog_->list_points());
+  s.points = pts.size();
+  STORE_ASSIGN_OR_RETURN(auto packs, catalog_->packs());
+  s.packs = packs.size();
+  for (const PackRow& r : packs) s.pack_bytes += r.bytes;
+  STORE_ASSIGN_OR_RETURN(s.objects, catalog_->object_count());
+  return s;
+}
+
+}  // namespace rpoint::store

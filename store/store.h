@@ -1,0 +1,274 @@
+// Store: one region's restore point store, a directory of deduplicated,
+// content-addressed chunks and the disk image maps that name them.
+//
+// Layout (docs/store.md has the byte-level format):
+//   <dir>/LOCK           flock: one process owns a region at a time
+//   <dir>/store.db       SQLite (WAL, synchronous=FULL): chunk index, packs, points
+//   <dir>/packs/xx/<id>.pack   pack files, tens of MiB, hundreds of objects each
+//
+// Objects are SHA-256-named byte strings of two kinds: data chunks (one chunk
+// slot of a disk, size = the disk's tracking granularity) and tree pages (128
+// digests, 4 KiB). The all-zero digest means "hole": zero chunks are never
+// written, and a subtree that is all holes is one zero entry in its parent.
+//
+// A disk point is a Merkle tree of pages over the disk's chunk slots
+// ("disk image map"): level 0 are the slots' chunk digests, each page holds 128
+// digests of the level below, the top page is the root. An incremental point
+// rewrites only the pages on the paths from changed slots to the root; every
+// other subtree is shared with its parent by digest. So a point's own cost is
+// O(changed slots x depth) pages, whatever the disk size, and any point can be
+// deleted without touching the others (no chains to rebase).
+//
+// Write order and crash safety. For each point:
+//   1. chunks and pages are appended to the writer's own pack files; a full
+//      pack is sealed: trailer, fdatasync, rename from .tmp, fsync of its dir;
+//   2. only then do its objects enter the chunk index (one SQLite transaction);
+//   3. commit() writes the changed pages bottom-up into the last pack, seals it,
+//      and adds that pack's objects AND the point record in one transaction.
+// A point record therefore exists only when every object it names is durable
+// and indexed. A crash at any moment leaves earlier points intact and the new
+// one absent: Store::Open deletes *.tmp packs and sealed packs the index does
+// not know; objects indexed for a point that never committed are garbage for
+// the next GC. Files are never overwritten in place (packs are immutable, GC
+// writes a new pack and deletes the old one), so no rewrite can tear.
+//
+// Garbage collection (mark and sweep, concurrent with writers and readers).
+// Live = reachable from a point record, from a pinned root (open readers and
+// devices; a writer's parent) or referenced by a writer still in progress.
+// Each writer keeps the 64-bit digest prefix of every object it referenced
+// (new or deduplicated) in `refs`; it appends under gc_mu_ (shared) together
+// with the index lookup that decided "exists, reuse it". The GC:
+//   a. under gc_mu_ exclusive: snapshots point roots, pinned roots and all
+//      writers' refs, and opens a "late refs" set that every reference made
+//      from now on also goes to (gc_active_);
+//   b. marks without locks: walks every snapshot root (each page once, shared
+//      subtrees are skipped by digest), collecting digest prefixes;
+//   c. scans the chunk index; unmarked objects are candidates;
+//   d. deletes candidates in batches, each under gc_mu_ exclusive after
+//      dropping those now in the late refs. A writer's "exists, reuse it" and a
+//      batch's delete are thus strictly ordered: either the writer's reference
+//      is seen by the batch, or the writer found the row gone and wrote a new
+//      copy;
+//   e. deletes packs with no indexed object left, and rewrites packs mostly
+//      dead (live objects copied into a new sealed pack, index rows moved in
+//      one transaction, then the old file unlinked).
+// A point committed during a GC is safe: its new objects are in its writer's
+// refs (snapshot) or in the late refs, and what it inherits is reachable from
+// its parent, which was a snapshot root, pinned, or itself covered the same
+// way. Prefix collisions only ever keep garbage alive. Readers that resolved
+// a location before a pack was unlinked keep reading through their open fd.
+//
+// Thread-safety: Store is safe from any thread; several PointWriters (other
+// disks, other VMs) run at once; see PointWriter / PointReader for theirs.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "common/status.h"
+#include "common/unique_fd.h"
+#include "store/catalog.h"
+#include "store/digest.h"
+#include "store/format.h"
+#include "store/page_cache.h"
+
+namespace rpoint::store {
+
+class PointWriter;
+class PointReader;
+class PointDevice;
+class TreeView;
+
+struct StoreOptions {
+  std::string dir;                              // the region directory (created if missing)
+  uint64_t pack_target_bytes = 32ull << 20;     // seal a pack once it holds this much
+  size_t pack_buffer_bytes = 4u << 20;          // per open pack: size of each sequential write
+  size_t page_cache_bytes = 64u << 20;          // verified tree pages kept in memory
+  size_t writer_leaf_cache_bytes = 32u << 20;   // per writer: changed leaf pages in memory
+  double repack_below_live = 0.5;               // GC rewrites packs less live than this
+};
+
+// A committed disk point. `id` names it in this region; `root` + `size` +
+// `chunk_size` fully describe its content.
+using PointInfo = PointRecord;
+
+struct PointParams {
+  PointId parent = 0;                      // 0: a full point (no parent)
+  uint64_t size = 0;                       // disk size in bytes (>= the parent's)
+  uint32_t chunk_size = kDefaultChunkSize; // must equal the parent's
+  std::string tag;                         // caller's label (e.g. the diskRestorePoint id)
+};
+
+struct GcOptions {
+  bool dry_run = false;  // mark and count only
+  // Tests: runs once after the index scan, before anything is deleted, with
+  // no store lock held (to put writers exactly into the race GC must win).
+  std::function<void()> before_sweep;
+};
+
+struct GcStats {
+  uint64_t roots = 0;
+  uint64_t pages_walked = 0;
+  uint64_t objects_scanned = 0;
+  uint64_t objects_deleted = 0;
+  uint64_t objects_kept_late = 0;  // candidates a concurrent writer referenced
+  uint64_t packs_deleted = 0;
+  uint64_t packs_repacked = 0;
+  uint64_t pack_bytes_before = 0;
+  uint64_t pack_bytes_after = 0;
+  double seconds = 0;
+};
+
+struct Damage {
+  enum class Kind { kPage, kChunk };
+  Kind kind = Kind::kChunk;
+  Digest digest;
+  uint64_t pack = 0;  // 0 when the object is not in the index at all
+  uint64_t offset = 0;
+  std::string reason;
+  uint32_t level = 0;            // pages: tree level (1 = leaf page)
+  uint64_t first_slot = 0;       // first chunk slot affected
+  uint64_t slot_count = 0;       // slots affected (pages: the range they map)
+  std::vector<uint64_t> slots;   // chunks: the slots naming it (at most 64 listed)
+};
+
+struct PackProblem {
+  uint64_t pack = 0;
+  std::string reason;  // bad header, torn or bad footer, trailer checksum mismatch
+};
+
+struct VerifyReport {
+  PointId id = 0;
+  uint64_t pages_checked = 0;
+  uint64_t chunks_checked = 0;  // distinct chunks re-read and re-hashed
+  uint64_t packs_checked = 0;   // packs whose header and trailer were checked
+  uint64_t bytes_read = 0;
+  std::vector<Damage> damage;            // objects the point cannot be read without
+  std::vector<PackProblem> pack_problems; // pack framing damage (objects may still be fine)
+  std::vector<uint64_t> damaged_packs;   // every pack named above
+  bool ok() const { return damage.empty() && pack_problems.empty(); }
+};
+
+struct VerifyOptions {
+  // Move damaged objects out of the index (into bad_objects): the next point
+  // that contains the same data stores a fresh copy, which heals every point
+  // naming that digest. Until then reads of the affected slots fail (EIO).
+  bool quarantine = false;
+};
+
+struct StoreStats {
+  uint64_t points = 0;
+  uint64_t packs = 0;
+  uint64_t pack_bytes = 0;  // sum of sealed pack sizes
+  uint64_t objects = 0;
+};
+
+// An open, read-only pack file; shared by everyone reading from it, closed
+// when the last holder lets go (GC may have unlinked the file by then).
+struct PackFd {
+  uint64_t id = 0;
+  UniqueFd fd;
+};
+
+class Store : public std::enable_shared_from_this<Store> {
+ public:
+  static Result<std::shared_ptr<Store>> Open(const StoreOptions& opts);
+  ~Store();
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  // Starts a disk point. The writer pins its parent until commit or abandon.
+  Result<std::unique_ptr<PointWriter>> begin_point(const PointParams& p);
+
+  Result<PointInfo> point(PointId id);
+  Result<std::vector<PointInfo>> list_points();
+  // Removes the record; space returns at the next GC. Any point may go, in any
+  // order: children share content by digest, they do not depend on parents.
+  // Open readers of it keep working (they pin its root).
+  Status delete_point(PointId id);
+
+  Result<std::shared_ptr<PointReader>> open_point(PointId id);
+
+  // One pass of mark and sweep; safe while writers and readers run.
+  Result<GcStats> collect_garbage(const GcOptions& o = {});
+
+  // Re-reads and re-hashes every page and chunk the point references.
+  Result<VerifyReport> verify(PointId id, const VerifyOptions& o = {});
+
+  Result<StoreStats> stats();
+  const std::string& dir() const { return opts_.dir; }
+  const StoreOptions& options() const { return opts_; }
+
+ private:
+  friend class PointWriter;
+  friend class PointReader;
+  friend class PointDevice;
+  friend class TreeView;
+
+  // What GC must keep for one writer in progress (see the header comment).
+  struct WriterRefs {
+    std::vector<uint64_t> prefixes;
+  };
+
+  explicit Store(StoreOptions opts);
+  Status recover();
+
+  // Pages through the cache, verified against their digest when read.
+  Result<std::shared_ptr<const Page>> load_page(const Digest& d);
+  // Reads a page from its pack, bypassing the cache (GC and verify).
+  Result<std::shared_ptr<const Page>> read_page_uncached(const Digest& d);
+  // Index lookup + open pack, atomic against GC (caller must NOT hold gc_mu_).
+  Result<std::optional<std::pair<ObjectLoc, std::shared_ptr<PackFd>>>> locate(const Digest& d);
+  // Same, for callers already holding gc_mu_ (shared or exclusive).
+  Result<std::shared_ptr<PackFd>> pack_fd_locked(uint64_t pack);
+  void drop_pack_fd_locked(uint64_t pack);
+  uint64_t new_pack_id() { return next_pack_id_.fetch_add(1); }
+  const std::string& packs_dir() const { return packs_dir_; }
+
+  // Roots kept alive by readers and writers' parents.
+  void pin(const Digest& root, uint32_t depth);
+  void unpin(const Digest& root, uint32_t depth);
+  void register_writer(WriterRefs* w);
+  void unregister_writer(WriterRefs* w);
+  // Records a reference by a writer; caller holds gc_mu_ shared.
+  void note_ref_locked(WriterRefs* w, const Digest& d);
+
+  Status repack(uint64_t pack, GcStats* stats);
+
+  StoreOptions opts_;
+  std::string packs_dir_;
+  UniqueFd lock_fd_;
+  std::unique_ptr<Catalog> catalog_;
+  std::atomic<uint64_t> next_pack_id_{1};
+  PageCache pages_;
+
+  // Lock order: gc_run_mu_ -> gc_mu_ -> (PointWriter::mu_) -> reg_mu_ -> fds_mu_.
+  std::mutex gc_run_mu_;          // one GC / quarantine at a time
+  std::shared_mutex gc_mu_;       // see the header comment
+  std::mutex reg_mu_;
+  struct PinKey {
+    Digest root;
+    uint32_t depth;
+    bool operator==(const PinKey&) const = default;
+  };
+  struct PinKeyHash {
+    size_t operator()(const PinKey& k) const { return k.root.prefix() ^ k.depth; }
+  };
+  std::unordered_map<PinKey, int, PinKeyHash> pins_;
+  std::unordered_set<WriterRefs*> writers_;
+  bool gc_active_ = false;
+  std::unordered_set<uint64_t> late_refs_;
+
+  std::mutex fds_mu_;
+  std::unordered_map<uint64_t, std::shared_ptr<PackFd>> fds_;
+};
+
+}  // namespace rpoint::store
