@@ -456,14 +456,6 @@ class HandshakeHarness {
   void send(const std::vector<uint8_t>& b) {
     REQUIRE(::write(client_.get(), b.data(), b.size()) == static_cast<ssize_t>(b.size()));
   }
-  void option(uint32_t opt, const std::vector<uint8_t>& data = {}) {
-    std::vector<uint8_t> b;
-    Append64(b, kIHaveOpt);
-    Append32(b, opt);
-    Append32(b, static_cast<uint32_t>(data.size()));
-    b.insert(b.end(), data.begin(), data.end());
-    send(b);
-  }
   Result<NegotiatedExport> run(uint32_t client_flags = kClientFlagFixedNewstyle | kClientFlagNoZeroes,
                                bool send_flags = true) {
     if (send_flags) {
