@@ -959,10 +959,10 @@ TEST_CASE("store: PointDevice serves a point through a Reactor, reading back exa
     if (s % 5 != 0) im.random_slot(s, 4'000'000 + s);
   }
   auto p = Commit(*st, 0, im, AllSlots(im));
+  Loop loop;  // outlives the device: its resolver thread posts to this reactor
   auto dev = Take(PointDevice::Create(Take(st->open_point(p.id)), "rp-test", 64));
   CHECK(dev->size() == im.size());
   CHECK(dev->caps().read_only);
-  Loop loop;
 
   // Whole disk, then many unaligned pieces in flight at once.
   {
