@@ -10,6 +10,7 @@
 //               [--chunk-kib 64] [--threads 2] [--pattern random|runs] [--keep]
 //
 // Numbers printed are for this machine; see docs/store.md for recorded runs.
+#include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -27,7 +28,6 @@
 #include <thread>
 #include <vector>
 
-#include <spdlog/spdlog.h>
 #include "store/digest.h"
 #include "store/point_reader.h"
 #include "store/point_writer.h"
@@ -39,7 +39,9 @@ using namespace rpoint::store;
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 void Fill(char* p, size_t n, uint64_t seed) {
   uint64_t x = seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
@@ -66,10 +68,18 @@ double CpuSeconds() {
   return double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
          double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
-uint64_t PeakRssKiB() { return ProcValue("/proc/self/status", "VmHWM:"); }
-uint64_t RssKiB() { return ProcValue("/proc/self/status", "VmRSS:"); }
-uint64_t WriteBytes() { return ProcValue("/proc/self/io", "write_bytes: "); }
-void ResetPeakRss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+uint64_t PeakRssKiB() {
+  return ProcValue("/proc/self/status", "VmHWM:");
+}
+uint64_t RssKiB() {
+  return ProcValue("/proc/self/status", "VmRSS:");
+}
+uint64_t WriteBytes() {
+  return ProcValue("/proc/self/io", "write_bytes: ");
+}
+void ResetPeakRss() {
+  std::ofstream("/proc/self/clear_refs") << "5";
+}
 
 uint64_t DirBytes(const std::string& dir) {
   uint64_t total = 0;
@@ -94,7 +104,9 @@ void Must(const Status& s, const char* what) {
   }
 }
 
-double MiB(uint64_t b) { return double(b) / (1 << 20); }
+double MiB(uint64_t b) {
+  return double(b) / (1 << 20);
+}
 
 }  // namespace
 
@@ -113,14 +125,22 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--dir") dir = next();
-    else if (a == "--disk-gib") disk_gib = std::stoull(next());
-    else if (a == "--changed-mib") changed_mib = std::stoull(next());
-    else if (a == "--base-mib") base_mib = std::stoull(next());
-    else if (a == "--chunk-kib") chunk_kib = std::stoull(next());
-    else if (a == "--threads") threads = unsigned(std::stoul(next()));
-    else if (a == "--pattern") pattern = next();
-    else if (a == "--keep") keep = true;
+    if (a == "--dir")
+      dir = next();
+    else if (a == "--disk-gib")
+      disk_gib = std::stoull(next());
+    else if (a == "--changed-mib")
+      changed_mib = std::stoull(next());
+    else if (a == "--base-mib")
+      base_mib = std::stoull(next());
+    else if (a == "--chunk-kib")
+      chunk_kib = std::stoull(next());
+    else if (a == "--threads")
+      threads = unsigned(std::stoul(next()));
+    else if (a == "--pattern")
+      pattern = next();
+    else if (a == "--keep")
+      keep = true;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -264,8 +284,9 @@ int main(int argc, char** argv) {
   Must(st->delete_point(base.id), "delete base");
   t0 = Clock::now();
   auto g = Must(st->collect_garbage(), "gc");
-  std::printf("delete base + GC: %.2fs, %" PRIu64 " pages walked, %" PRIu64 " objects scanned, %" PRIu64
-              " deleted, %" PRIu64 " packs deleted, %" PRIu64 " rewritten, packs %.1f -> %.1f MiB\n",
+  std::printf("delete base + GC: %.2fs, %" PRIu64 " pages walked, %" PRIu64
+              " objects scanned, %" PRIu64 " deleted, %" PRIu64 " packs deleted, %" PRIu64
+              " rewritten, packs %.1f -> %.1f MiB\n",
               Since(t0), g.pages_walked, g.objects_scanned, g.objects_deleted, g.packs_deleted,
               g.packs_repacked, MiB(g.pack_bytes_before), MiB(g.pack_bytes_after));
 

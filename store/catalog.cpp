@@ -118,8 +118,8 @@ class Catalog::Conn {
                              (c->db_ ? sqlite3_errmsg(c->db_) : sqlite3_errstr(rc)));
     }
     sqlite3_busy_timeout(c->db_, 30000);
-    Status s = c->exec(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-32768;");
+    Status s =
+        c->exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-32768;");
     if (!s.ok()) return s;
     return c;
   }
@@ -197,7 +197,8 @@ Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
   c->wr_ = std::move(wr).value();
   STORE_RETURN_IF_ERROR(c->wr_->exec(kSchema));
   {
-    STORE_ASSIGN_OR_RETURN(auto st, c->wr_->prepare("SELECT value FROM meta WHERE key='format_version'"));
+    STORE_ASSIGN_OR_RETURN(auto st,
+                           c->wr_->prepare("SELECT value FROM meta WHERE key='format_version'"));
     STORE_ASSIGN_OR_RETURN(auto row, st->step());
     if (row) {
       std::string v = st->text(0);
@@ -206,8 +207,8 @@ Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
                                    std::to_string(kFormatVersion));
       }
     } else {
-      STORE_ASSIGN_OR_RETURN(auto ins, c->wr_->prepare(
-                                "INSERT INTO meta(key, value) VALUES('format_version', ?)"));
+      STORE_ASSIGN_OR_RETURN(
+          auto ins, c->wr_->prepare("INSERT INTO meta(key, value) VALUES('format_version', ?)"));
       ins->bind(1, std::to_string(kFormatVersion));
       STORE_RETURN_IF_ERROR(ins->run());
     }
@@ -223,7 +224,8 @@ Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& path) {
 
 Result<std::optional<ObjectLoc>> Catalog::lookup(const Digest& d) {
   std::lock_guard<std::mutex> lock(rd_mu_);
-  STORE_ASSIGN_OR_RETURN(auto st, rd_->prepare("SELECT pack, offset, length FROM objects WHERE digest=?"));
+  STORE_ASSIGN_OR_RETURN(auto st,
+                         rd_->prepare("SELECT pack, offset, length FROM objects WHERE digest=?"));
   st->bind(1, d);
   STORE_ASSIGN_OR_RETURN(auto row, st->step());
   if (!row) return std::optional<ObjectLoc>();
@@ -236,31 +238,45 @@ Result<PointId> Catalog::add_pack(const SealedPack& pack, const PointRecord* poi
   Conn::Txn txn(wr_.get());
   STORE_RETURN_IF_ERROR(txn.begin());
   if (pack.id != 0) {
-    STORE_ASSIGN_OR_RETURN(auto ip, wr_->prepare("INSERT INTO packs(id, bytes, objects, created_ns) VALUES(?,?,?,?)"));
-    ip->bind(1, int64_t(pack.id)).bind(2, int64_t(pack.bytes))
-        .bind(3, int64_t(pack.entries.size())).bind(4, NowNs());
+    STORE_ASSIGN_OR_RETURN(
+        auto ip, wr_->prepare("INSERT INTO packs(id, bytes, objects, created_ns) VALUES(?,?,?,?)"));
+    ip->bind(1, int64_t(pack.id))
+        .bind(2, int64_t(pack.bytes))
+        .bind(3, int64_t(pack.entries.size()))
+        .bind(4, NowNs());
     STORE_RETURN_IF_ERROR(ip->run());
-    STORE_ASSIGN_OR_RETURN(auto io, wr_->prepare("INSERT OR IGNORE INTO objects(digest, pack, offset, "
-                                      "length, kind) VALUES(?,?,?,?,?)"));
+    STORE_ASSIGN_OR_RETURN(auto io,
+                           wr_->prepare("INSERT OR IGNORE INTO objects(digest, pack, offset, "
+                                        "length, kind) VALUES(?,?,?,?,?)"));
     for (const PackEntry& e : pack.entries) {
       Conn::Stmt& s = *io;
-      s.bind(1, e.digest).bind(2, int64_t(pack.id)).bind(3, int64_t(e.offset))
-          .bind(4, int64_t(e.length)).bind(5, int64_t(e.kind));
+      s.bind(1, e.digest)
+          .bind(2, int64_t(pack.id))
+          .bind(3, int64_t(e.offset))
+          .bind(4, int64_t(e.length))
+          .bind(5, int64_t(e.kind));
       STORE_RETURN_IF_ERROR(s.run());
       s.reset();
     }
   }
   PointId id = 0;
   if (point != nullptr) {
-    STORE_ASSIGN_OR_RETURN(auto pt, wr_->prepare(
-                             "INSERT INTO points(root, size, chunk_size, fanout, depth, parent, "
-                             "created_ns, tag, new_chunks, new_chunk_bytes, new_pages, put_slots) "
-                             "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)"));
-    pt->bind(1, point->root).bind(2, int64_t(point->size)).bind(3, int64_t(point->chunk_size))
-        .bind(4, int64_t(point->fanout)).bind(5, int64_t(point->depth))
-        .bind(6, int64_t(point->parent)).bind(7, point->created_ns).bind(8, point->tag)
-        .bind(9, int64_t(point->new_chunks)).bind(10, int64_t(point->new_chunk_bytes))
-        .bind(11, int64_t(point->new_pages)).bind(12, int64_t(point->put_slots));
+    STORE_ASSIGN_OR_RETURN(
+        auto pt, wr_->prepare("INSERT INTO points(root, size, chunk_size, fanout, depth, parent, "
+                              "created_ns, tag, new_chunks, new_chunk_bytes, new_pages, put_slots) "
+                              "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)"));
+    pt->bind(1, point->root)
+        .bind(2, int64_t(point->size))
+        .bind(3, int64_t(point->chunk_size))
+        .bind(4, int64_t(point->fanout))
+        .bind(5, int64_t(point->depth))
+        .bind(6, int64_t(point->parent))
+        .bind(7, point->created_ns)
+        .bind(8, point->tag)
+        .bind(9, int64_t(point->new_chunks))
+        .bind(10, int64_t(point->new_chunk_bytes))
+        .bind(11, int64_t(point->new_pages))
+        .bind(12, int64_t(point->put_slots));
     STORE_RETURN_IF_ERROR(pt->run());
     id = PointId(sqlite3_last_insert_rowid(wr_->db()));
   }
@@ -268,10 +284,10 @@ Result<PointId> Catalog::add_pack(const SealedPack& pack, const PointRecord* poi
   return id;
 }
 
-Status Catalog::for_each_object(
-    const std::function<void(const Digest&, const ObjectLoc&)>& fn) {
+Status Catalog::for_each_object(const std::function<void(const Digest&, const ObjectLoc&)>& fn) {
   std::lock_guard<std::mutex> lock(scan_mu_);
-  STORE_ASSIGN_OR_RETURN(auto st, scan_->prepare("SELECT digest, pack, offset, length FROM objects"));
+  STORE_ASSIGN_OR_RETURN(auto st,
+                         scan_->prepare("SELECT digest, pack, offset, length FROM objects"));
   for (;;) {
     STORE_ASSIGN_OR_RETURN(auto row, st->step());
     if (!row) break;
@@ -299,7 +315,7 @@ Result<uint64_t> Catalog::delete_objects(const std::vector<Digest>& digests) {
 Result<std::vector<PackEntry>> Catalog::objects_in_pack(uint64_t pack) {
   std::lock_guard<std::mutex> lock(scan_mu_);
   STORE_ASSIGN_OR_RETURN(auto st, scan_->prepare("SELECT digest, offset, length, kind FROM objects "
-                                      "WHERE pack=? ORDER BY offset"));
+                                                 "WHERE pack=? ORDER BY offset"));
   st->bind(1, int64_t(pack));
   std::vector<PackEntry> out;
   for (;;) {
@@ -319,14 +335,19 @@ Status Catalog::replace_pack(uint64_t old_pack, const SealedPack& np) {
   std::lock_guard<std::mutex> lock(wr_mu_);
   Conn::Txn txn(wr_.get());
   STORE_RETURN_IF_ERROR(txn.begin());
-  STORE_ASSIGN_OR_RETURN(auto ip, wr_->prepare("INSERT INTO packs(id, bytes, objects, created_ns) VALUES(?,?,?,?)"));
-  ip->bind(1, int64_t(np.id)).bind(2, int64_t(np.bytes)).bind(3, int64_t(np.entries.size()))
+  STORE_ASSIGN_OR_RETURN(
+      auto ip, wr_->prepare("INSERT INTO packs(id, bytes, objects, created_ns) VALUES(?,?,?,?)"));
+  ip->bind(1, int64_t(np.id))
+      .bind(2, int64_t(np.bytes))
+      .bind(3, int64_t(np.entries.size()))
       .bind(4, NowNs());
   STORE_RETURN_IF_ERROR(ip->run());
-  STORE_ASSIGN_OR_RETURN(auto up, wr_->prepare(
-                           "UPDATE objects SET pack=?, offset=? WHERE digest=? AND pack=?"));
+  STORE_ASSIGN_OR_RETURN(
+      auto up, wr_->prepare("UPDATE objects SET pack=?, offset=? WHERE digest=? AND pack=?"));
   for (const PackEntry& e : np.entries) {
-    up->bind(1, int64_t(np.id)).bind(2, int64_t(e.offset)).bind(3, e.digest)
+    up->bind(1, int64_t(np.id))
+        .bind(2, int64_t(e.offset))
+        .bind(3, e.digest)
         .bind(4, int64_t(old_pack));
     STORE_RETURN_IF_ERROR(up->run());
     up->reset();
@@ -404,8 +425,8 @@ PointRecord ReadPoint(const S& st) {
 
 Result<std::optional<PointRecord>> Catalog::get_point(PointId id) {
   std::lock_guard<std::mutex> lock(rd_mu_);
-  STORE_ASSIGN_OR_RETURN(auto st, rd_->prepare(std::string("SELECT ") + kPointCols +
-                                    " FROM points WHERE id=?"));
+  STORE_ASSIGN_OR_RETURN(
+      auto st, rd_->prepare(std::string("SELECT ") + kPointCols + " FROM points WHERE id=?"));
   st->bind(1, int64_t(id));
   STORE_ASSIGN_OR_RETURN(auto row, st->step());
   if (!row) return std::optional<PointRecord>();
@@ -414,8 +435,8 @@ Result<std::optional<PointRecord>> Catalog::get_point(PointId id) {
 
 Result<std::vector<PointRecord>> Catalog::list_points() {
   std::lock_guard<std::mutex> lock(rd_mu_);
-  STORE_ASSIGN_OR_RETURN(auto st, rd_->prepare(std::string("SELECT ") + kPointCols +
-                                    " FROM points ORDER BY id"));
+  STORE_ASSIGN_OR_RETURN(
+      auto st, rd_->prepare(std::string("SELECT ") + kPointCols + " FROM points ORDER BY id"));
   std::vector<PointRecord> out;
   for (;;) {
     STORE_ASSIGN_OR_RETURN(auto row, st->step());
@@ -438,13 +459,18 @@ Status Catalog::quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad,
   std::lock_guard<std::mutex> lock(wr_mu_);
   Conn::Txn txn(wr_.get());
   STORE_RETURN_IF_ERROR(txn.begin());
-  STORE_ASSIGN_OR_RETURN(auto ins, wr_->prepare("INSERT INTO bad_objects(digest, pack, offset, length, "
-                                     "detected_ns, reason) VALUES(?,?,?,?,?,?)"));
+  STORE_ASSIGN_OR_RETURN(auto ins,
+                         wr_->prepare("INSERT INTO bad_objects(digest, pack, offset, length, "
+                                      "detected_ns, reason) VALUES(?,?,?,?,?,?)"));
   STORE_ASSIGN_OR_RETURN(auto del, wr_->prepare("DELETE FROM objects WHERE digest=? AND pack=? AND "
-                                     "offset=?"));
+                                                "offset=?"));
   for (const auto& [d, loc] : bad) {
-    ins->bind(1, d).bind(2, int64_t(loc.pack)).bind(3, int64_t(loc.offset))
-        .bind(4, int64_t(loc.length)).bind(5, NowNs()).bind(6, why);
+    ins->bind(1, d)
+        .bind(2, int64_t(loc.pack))
+        .bind(3, int64_t(loc.offset))
+        .bind(4, int64_t(loc.length))
+        .bind(5, NowNs())
+        .bind(6, why);
     STORE_RETURN_IF_ERROR(ins->run());
     ins->reset();
     del->bind(1, d).bind(2, int64_t(loc.pack)).bind(3, int64_t(loc.offset));

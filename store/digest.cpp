@@ -68,7 +68,9 @@ Digest Sha256Padded(const void* data, size_t len, size_t padded_len) {
   return d;
 }
 
-Digest Sha256(const void* data, size_t len) { return Sha256Padded(data, len, len); }
+Digest Sha256(const void* data, size_t len) {
+  return Sha256Padded(data, len, len);
+}
 
 bool IsAllZero(const void* data, size_t len) {
   const auto* p = static_cast<const uint8_t*>(data);

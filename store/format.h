@@ -75,7 +75,7 @@ struct PackHeader {
   uint32_t version;
   uint32_t header_bytes;  // kPackHeaderBytes: where the first object starts
   uint64_t pack_id;
-  int64_t created_ns;     // CLOCK_REALTIME
+  int64_t created_ns;  // CLOCK_REALTIME
 };
 static_assert(sizeof(PackHeader) == 32);
 

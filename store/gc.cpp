@@ -190,13 +190,13 @@ Status Store::repack(uint64_t pack, GcStats* stats) {
     std::shared_lock<std::shared_mutex> g(gc_mu_);
     STORE_ASSIGN_OR_RETURN(fd, pack_fd_locked(pack));
   }
-  STORE_ASSIGN_OR_RETURN(auto w, PackWriter::Create(packs_dir_, new_pack_id(),
-                                                     opts_.pack_buffer_bytes));
+  STORE_ASSIGN_OR_RETURN(auto w,
+                         PackWriter::Create(packs_dir_, new_pack_id(), opts_.pack_buffer_bytes));
   std::vector<char> buf;
   for (const PackEntry& e : entries) {
     buf.resize(e.length);
-    STORE_RETURN_IF_ERROR(PreadFull(fd->fd.get(), buf.data(), e.length, e.offset,
-                                    "pack " + std::to_string(pack)));
+    STORE_RETURN_IF_ERROR(
+        PreadFull(fd->fd.get(), buf.data(), e.length, e.offset, "pack " + std::to_string(pack)));
     if (Sha256(buf.data(), e.length) != e.digest) {
       return Status::IoError("object " + e.digest.short_hex() + " at " + std::to_string(e.offset) +
                              " fails its checksum; pack left as is");

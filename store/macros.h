@@ -12,8 +12,7 @@
 #define STORE_CONCAT(a, b) STORE_CONCAT_INNER(a, b)
 
 // Declares `lhs` from a Result<T> expression, or returns its Status.
-#define STORE_ASSIGN_OR_RETURN(lhs, expr)                               \
-  auto STORE_CONCAT(_res_, __LINE__) = (expr);                          \
-  if (!STORE_CONCAT(_res_, __LINE__).ok())                              \
-    return STORE_CONCAT(_res_, __LINE__).status();                      \
+#define STORE_ASSIGN_OR_RETURN(lhs, expr)                                                 \
+  auto STORE_CONCAT(_res_, __LINE__) = (expr);                                            \
+  if (!STORE_CONCAT(_res_, __LINE__).ok()) return STORE_CONCAT(_res_, __LINE__).status(); \
   lhs = std::move(STORE_CONCAT(_res_, __LINE__)).value()

@@ -40,8 +40,7 @@ Result<std::shared_ptr<PointDevice>> PointDevice::Create(std::shared_ptr<PointRe
   return d;
 }
 
-PointDevice::PointDevice(std::shared_ptr<PointReader> reader, std::string name,
-                         size_t cache_leaves)
+PointDevice::PointDevice(std::shared_ptr<PointReader> reader, std::string name, size_t cache_leaves)
     : reader_(std::move(reader)), name_(std::move(name)), cache_cap_(cache_leaves) {}
 
 PointDevice::~PointDevice() {
@@ -238,8 +237,8 @@ void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<Leaf
       NoteError(req, EIO);
     } else {
       uint64_t src = s.offset + (pos - slot * cs);
-      if (run_len > 0 && s.fd == run_fd && src == run_off + run_len &&
-          dst == run_buf + run_len && run_len + (next - pos) <= kMaxRun) {
+      if (run_len > 0 && s.fd == run_fd && src == run_off + run_len && dst == run_buf + run_len &&
+          run_len + (next - pos) <= kMaxRun) {
         run_len += next - pos;
       } else {
         flush_run();

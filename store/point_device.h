@@ -41,8 +41,7 @@ class PointDevice final : public BlockDevice {
  public:
   // cache_leaves: resolved leaves kept (2 KiB each; one maps 128 chunk slots).
   static Result<std::shared_ptr<PointDevice>> Create(std::shared_ptr<PointReader> reader,
-                                                     std::string name,
-                                                     size_t cache_leaves = 4096);
+                                                     std::string name, size_t cache_leaves = 4096);
   ~PointDevice() override;
 
   const std::string& name() const override { return name_; }

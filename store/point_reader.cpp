@@ -15,7 +15,9 @@ PointReader::PointReader(std::shared_ptr<Store> store, PointInfo info)
   tree_ = TreeView(store_.get(), info_.root, info_.depth);
 }
 
-PointReader::~PointReader() { store_->unpin(info_.root, info_.depth); }
+PointReader::~PointReader() {
+  store_->unpin(info_.root, info_.depth);
+}
 
 Result<Digest> PointReader::slot_digest(uint64_t slot) {
   if (slot >= slots_) return Status::OutOfRange("slot beyond the disk");

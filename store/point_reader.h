@@ -42,8 +42,7 @@ class PointReader {
   // Allocation map of [offset, offset+len) in NBD base:allocation terms: holes
   // are kHole|kZero, stored chunks 0. Adjacent runs of one kind are merged;
   // at most max_extents entries (the last may end before offset+len).
-  Result<std::vector<Extent>> extents(uint64_t offset, uint64_t len,
-                                      size_t max_extents = SIZE_MAX);
+  Result<std::vector<Extent>> extents(uint64_t offset, uint64_t len, size_t max_extents = SIZE_MAX);
 
   // The chunk digest of one slot (zero: a hole), and any tree node
   // (level 0 = slots; level depth() = the root). For tests and diffing.
@@ -55,8 +54,8 @@ class PointReader {
   struct Location {
     enum State : uint8_t { kHole = 0, kData = 1, kMissing = 2 };
     State state = kHole;
-    uint64_t offset = 0;          // in the pack
-    std::shared_ptr<PackFd> pack; // kData only
+    uint64_t offset = 0;           // in the pack
+    std::shared_ptr<PackFd> pack;  // kData only
   };
   // Locations of slots [first, first+count), which must lie in one leaf page
   // (128 slots). A chunk missing from the index (or its pack) is kMissing.

@@ -33,7 +33,9 @@ PointWriter::PointWriter(std::shared_ptr<Store> store, PointParams params,
   registered_ = true;
 }
 
-PointWriter::~PointWriter() { abandon(); }
+PointWriter::~PointWriter() {
+  abandon();
+}
 
 uint32_t PointWriter::slot_bytes(uint64_t slot) const {
   uint64_t start = slot * params_.chunk_size;
@@ -230,8 +232,8 @@ Result<Digest> PointWriter::write_page(const Page& p) {
   {
     std::shared_lock<std::shared_mutex> g(store_->gc_mu_);
     std::lock_guard<std::mutex> lock(mu_);
-    STORE_RETURN_IF_ERROR(
-        store_object_locked(ObjectKind::kPage, d, &p, kPageBytes, kPageBytes, &to_seal, &sealing_it));
+    STORE_RETURN_IF_ERROR(store_object_locked(ObjectKind::kPage, d, &p, kPageBytes, kPageBytes,
+                                              &to_seal, &sealing_it));
   }
   if (to_seal) STORE_RETURN_IF_ERROR(seal_and_index(std::move(to_seal), sealing_it));
   return d;

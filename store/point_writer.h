@@ -69,8 +69,7 @@ class PointWriter {
   friend class Store;
   using DigestSet = std::unordered_set<Digest, DigestHash>;
 
-  PointWriter(std::shared_ptr<Store> store, PointParams params,
-              std::optional<PointRecord> parent);
+  PointWriter(std::shared_ptr<Store> store, PointParams params, std::optional<PointRecord> parent);
 
   Status put_digest(uint64_t slot, const Digest& d, const void* data, size_t len);
   // Dedups and, when new, appends `d` to the open pack; records the reference.
@@ -97,11 +96,11 @@ class PointWriter {
   TreeView base_;  // the parent's tree (or empty)
 
   std::mutex mu_;
-  Status failed_;                // first error; every later call returns it
-  bool done_ = false;            // committed or abandoned
+  Status failed_;      // first error; every later call returns it
+  bool done_ = false;  // committed or abandoned
   std::unique_ptr<PackWriter> pack_;
-  DigestSet pack_digests_;       // objects in pack_ (not yet indexed)
-  std::list<DigestSet> sealing_; // objects in packs being sealed by some thread
+  DigestSet pack_digests_;        // objects in pack_ (not yet indexed)
+  std::list<DigestSet> sealing_;  // objects in packs being sealed by some thread
   std::map<uint64_t, std::unique_ptr<Page>> resident_;  // changed leaves in memory
   std::unordered_set<uint64_t> spilled_;                // changed leaves in scratch_
   UniqueFd scratch_;

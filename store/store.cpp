@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
+#include <filesystem>
 
 #include "store/file_util.h"
 #include "store/macros.h"
@@ -31,7 +33,8 @@ Result<std::vector<std::string>> ListDir(const std::string& dir) {
 }
 
 bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 }  // namespace
@@ -50,10 +53,14 @@ Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
     return Status::InvalidArgument("store: pack_target_bytes below 1 MiB");
   }
   std::shared_ptr<Store> s(new Store(opts));
-  bool created = false;
+  bool created = false, packs_created = false;
   STORE_RETURN_IF_ERROR(MakeDir(opts.dir, &created));
-  STORE_RETURN_IF_ERROR(MakeDir(s->packs_dir_, nullptr));
-  if (created) STORE_RETURN_IF_ERROR(FsyncDir(opts.dir));
+  STORE_RETURN_IF_ERROR(MakeDir(s->packs_dir_, &packs_created));
+  if (packs_created) STORE_RETURN_IF_ERROR(FsyncDir(opts.dir));
+  if (created) {
+    std::string parent = std::filesystem::path(opts.dir).parent_path().string();
+    STORE_RETURN_IF_ERROR(FsyncDir(parent.empty() ? "." : parent));
+  }
 
   std::string lock_path = opts.dir + "/LOCK";
   s->lock_fd_.reset(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640));
@@ -240,7 +247,9 @@ Result<PointInfo> Store::point(PointId id) {
   return std::move(*rec);
 }
 
-Result<std::vector<PointInfo>> Store::list_points() { return catalog_->list_points(); }
+Result<std::vector<PointInfo>> Store::list_points() {
+  return catalog_->list_points();
+}
 
 Status Store::delete_point(PointId id) {
   STORE_ASSIGN_OR_RETURN(bool existed, catalog_->delete_point(id));

@@ -84,16 +84,15 @@ namespace rpoint::store {
 
 class PointWriter;
 class PointReader;
-class PointDevice;
 class TreeView;
 
 struct StoreOptions {
-  std::string dir;                              // the region directory (created if missing)
-  uint64_t pack_target_bytes = 32ull << 20;     // seal a pack once it holds this much
-  size_t pack_buffer_bytes = 4u << 20;          // per open pack: size of each sequential write
-  size_t page_cache_bytes = 64u << 20;          // verified tree pages kept in memory
-  size_t writer_leaf_cache_bytes = 32u << 20;   // per writer: changed leaf pages in memory
-  double repack_below_live = 0.5;               // GC rewrites packs less live than this
+  std::string dir;                             // the region directory (created if missing)
+  uint64_t pack_target_bytes = 32ull << 20;    // seal a pack once it holds this much
+  size_t pack_buffer_bytes = 4u << 20;         // per open pack: size of each sequential write
+  size_t page_cache_bytes = 64u << 20;         // verified tree pages kept in memory
+  size_t writer_leaf_cache_bytes = 32u << 20;  // per writer: changed leaf pages in memory
+  double repack_below_live = 0.5;              // GC rewrites packs less live than this
 };
 
 // A committed disk point. `id` names it in this region; `root` + `size` +
@@ -101,10 +100,10 @@ struct StoreOptions {
 using PointInfo = PointRecord;
 
 struct PointParams {
-  PointId parent = 0;                      // 0: a full point (no parent)
-  uint64_t size = 0;                       // disk size in bytes (>= the parent's)
-  uint32_t chunk_size = kDefaultChunkSize; // must equal the parent's
-  std::string tag;                         // caller's label (e.g. the diskRestorePoint id)
+  PointId parent = 0;                       // 0: a full point (no parent)
+  uint64_t size = 0;                        // disk size in bytes (>= the parent's)
+  uint32_t chunk_size = kDefaultChunkSize;  // must equal the parent's
+  std::string tag;                          // caller's label (e.g. the diskRestorePoint id)
 };
 
 struct GcOptions {
@@ -134,10 +133,10 @@ struct Damage {
   uint64_t pack = 0;  // 0 when the object is not in the index at all
   uint64_t offset = 0;
   std::string reason;
-  uint32_t level = 0;            // pages: tree level (1 = leaf page)
-  uint64_t first_slot = 0;       // first chunk slot affected
-  uint64_t slot_count = 0;       // slots affected (pages: the range they map)
-  std::vector<uint64_t> slots;   // chunks: the slots naming it (at most 64 listed)
+  uint32_t level = 0;           // pages: tree level (1 = leaf page)
+  uint64_t first_slot = 0;      // first chunk slot affected
+  uint64_t slot_count = 0;      // slots affected (pages: the range they map)
+  std::vector<uint64_t> slots;  // chunks: the slots naming it (at most 64 listed)
 };
 
 struct PackProblem {
@@ -151,9 +150,9 @@ struct VerifyReport {
   uint64_t chunks_checked = 0;  // distinct chunks re-read and re-hashed
   uint64_t packs_checked = 0;   // packs whose header and trailer were checked
   uint64_t bytes_read = 0;
-  std::vector<Damage> damage;            // objects the point cannot be read without
-  std::vector<PackProblem> pack_problems; // pack framing damage (objects may still be fine)
-  std::vector<uint64_t> damaged_packs;   // every pack named above
+  std::vector<Damage> damage;              // objects the point cannot be read without
+  std::vector<PackProblem> pack_problems;  // pack framing damage (objects may still be fine)
+  std::vector<uint64_t> damaged_packs;     // every pack named above
   bool ok() const { return damage.empty() && pack_problems.empty(); }
 };
 
@@ -210,7 +209,6 @@ class Store : public std::enable_shared_from_this<Store> {
  private:
   friend class PointWriter;
   friend class PointReader;
-  friend class PointDevice;
   friend class TreeView;
 
   // What GC must keep for one writer in progress (see the header comment).
@@ -251,8 +249,8 @@ class Store : public std::enable_shared_from_this<Store> {
   PageCache pages_;
 
   // Lock order: gc_run_mu_ -> gc_mu_ -> (PointWriter::mu_) -> reg_mu_ -> fds_mu_.
-  std::mutex gc_run_mu_;          // one GC / quarantine at a time
-  std::shared_mutex gc_mu_;       // see the header comment
+  std::mutex gc_run_mu_;     // one GC / quarantine at a time
+  std::shared_mutex gc_mu_;  // see the header comment
   std::mutex reg_mu_;
   struct PinKey {
     Digest root;

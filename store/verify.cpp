@@ -22,7 +22,7 @@
 namespace rpoint::store {
 namespace {
 
-constexpr size_t kChunkBatch = 16384;     // slots gathered before reading chunks
+constexpr size_t kChunkBatch = 16384;  // slots gathered before reading chunks
 constexpr size_t kMaxListedSlots = 64;
 constexpr size_t kMaxRememberedGood = 1u << 20;
 
@@ -127,41 +127,41 @@ Result<VerifyReport> Store::verify(PointId id, const VerifyOptions& o) {
 
   // Depth-first in slot order. A damaged page hides everything below it:
   // report the slot range it maps and do not descend.
-  std::function<void(uint32_t, uint64_t, const Digest&)> walk =
-      [&](uint32_t level, uint64_t index, const Digest& d) {
-        if (d.is_zero()) return;
-        ObjectLoc loc;
-        std::string why = check_object(d, kPageBytes, &loc);
-        if (!why.empty()) {
-          Damage dmg;
-          dmg.kind = Damage::Kind::kPage;
-          dmg.digest = d;
-          dmg.pack = loc.pack;
-          dmg.offset = loc.offset;
-          dmg.reason = why;
-          dmg.level = level;
-          uint64_t span = uint64_t(1) << (kFanoutShift * level);
-          dmg.first_slot = index * span;
-          dmg.slot_count = dmg.first_slot < slots ? std::min(span, slots - dmg.first_slot) : 0;
-          if (why == "checksum mismatch") to_quarantine.emplace_back(d, loc);
-          rep.damage.push_back(std::move(dmg));
-          return;
-        }
-        ++rep.pages_checked;
-        Page page;
-        std::memcpy(&page, buf.data(), kPageBytes);
-        for (uint32_t i = 0; i < kFanout; ++i) {
-          const Digest& e = page.e[i];
-          if (e.is_zero()) continue;
-          uint64_t child = index * kFanout + i;
-          if (level == 1) {
-            batch.emplace_back(e, child);
-            if (batch.size() >= kChunkBatch) check_chunks();
-          } else {
-            walk(level - 1, child, e);
-          }
-        }
-      };
+  std::function<void(uint32_t, uint64_t, const Digest&)> walk = [&](uint32_t level, uint64_t index,
+                                                                    const Digest& d) {
+    if (d.is_zero()) return;
+    ObjectLoc loc;
+    std::string why = check_object(d, kPageBytes, &loc);
+    if (!why.empty()) {
+      Damage dmg;
+      dmg.kind = Damage::Kind::kPage;
+      dmg.digest = d;
+      dmg.pack = loc.pack;
+      dmg.offset = loc.offset;
+      dmg.reason = why;
+      dmg.level = level;
+      uint64_t span = uint64_t(1) << (kFanoutShift * level);
+      dmg.first_slot = index * span;
+      dmg.slot_count = dmg.first_slot < slots ? std::min(span, slots - dmg.first_slot) : 0;
+      if (why == "checksum mismatch") to_quarantine.emplace_back(d, loc);
+      rep.damage.push_back(std::move(dmg));
+      return;
+    }
+    ++rep.pages_checked;
+    Page page;
+    std::memcpy(&page, buf.data(), kPageBytes);
+    for (uint32_t i = 0; i < kFanout; ++i) {
+      const Digest& e = page.e[i];
+      if (e.is_zero()) continue;
+      uint64_t child = index * kFanout + i;
+      if (level == 1) {
+        batch.emplace_back(e, child);
+        if (batch.size() >= kChunkBatch) check_chunks();
+      } else {
+        walk(level - 1, child, e);
+      }
+    }
+  };
   walk(info.depth, 0, info.root);
   check_chunks();
 
