@@ -32,6 +32,21 @@ def run(*cmd, check=True, timeout=120):
     return r
 
 
+def mounted(path):
+    """True if `path` is a mount point, also for a FUSE mount whose server died
+    (os.path.ismount() stats the path, which then fails with ENOTCONN)."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # Field 5 is the mount point, with space, tab, newline, backslash octal-escaped.
+            mp = line.split()[4]
+            mp = (mp.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+                  .replace("\\134", "\\"))
+            if mp == path:
+                return True
+    return False
+
+
 @pytest.fixture(autouse=True)
 def _needs_kernel_stack():
     require("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount")
@@ -72,7 +87,7 @@ class BlockStack:
                                             stderr=log, stdin=subprocess.DEVNULL)
         self._undo.callback(self._stop_nbdfuse)
         deadline = time.time() + 20
-        while not (os.path.ismount(self.fuse_dir) and os.path.exists(self.file)):
+        while not (mounted(self.fuse_dir) and os.path.exists(self.file)):
             if self.nbdfuse.poll() is not None:
                 raise AssertionError(f"nbdfuse exited {self.nbdfuse.returncode}: {self._log()}")
             if time.time() > deadline:
@@ -101,7 +116,7 @@ class BlockStack:
     # Undo steps. Each tries the clean way first, then the forceful one, so a
     # dead daemon or a crashed nbdfuse never leaves a mount behind.
     def _umount(self):
-        if os.path.ismount(self.mnt):
+        if mounted(self.mnt):
             if run("umount", self.mnt, check=False).returncode != 0:
                 run("umount", "-l", self.mnt, check=False)
 
@@ -112,7 +127,9 @@ class BlockStack:
             run("losetup", "-d", loop, check=False)
 
     def _stop_nbdfuse(self):
-        if os.path.ismount(self.fuse_dir):
+        # nbdfuse may have died with the daemon (libnbd 1.14 aborts on some
+        # dropped connections), leaving a dead FUSE mount: unmount that too.
+        if mounted(self.fuse_dir):
             if run("fusermount3", "-u", self.fuse_dir, check=False).returncode != 0:
                 run("fusermount3", "-u", "-z", self.fuse_dir, check=False)
         p, self.nbdfuse = self.nbdfuse, None
@@ -260,5 +277,6 @@ def test_ext4_synced_data_survives_kill9_while_mounted(daemon, stacks):
 def _no_leftover_mounts():
     """Fails loudly (instead of confusing the next test) if a mount leaked."""
     yield
-    leaked = [line for line in open("/proc/mounts") if "-mnt " in line and "pytest" in line]
+    with open("/proc/self/mountinfo") as f:
+        leaked = [line for line in f if "pytest" in line and ("-mnt " in line or "-fuse " in line)]
     assert not leaked, "mounts left behind:\n" + "".join(leaked)
