@@ -35,6 +35,13 @@ struct DiskRecord {
   std::string kind = "managed";  // managed | shared | ephemeral
   std::string time_created;      // RFC 3339 UTC
   int attached_clients = 0;      // live transport users (not persisted)
+  // Change tracking block size (a power of two, 4 KiB..4 MiB); also the
+  // chunk size of this disk's restore points.
+  uint32_t tracking_granularity = 64 * 1024;
+  // Creating while a restore fills it (not exported yet); Succeeded otherwise.
+  std::string provisioning_state = "Succeeded";
+  // For a disk restored from a restore point: the disk restore point's id.
+  std::string source_resource_id;
   // Empty when the disk is being served. Otherwise why it is not (e.g. its
   // backing file vanished while the daemon was down); the record stays so an
   // operator can see it and delete it.

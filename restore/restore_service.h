@@ -1,0 +1,220 @@
+// RestoreService: VMs, restore point collections, restore points, their
+// long-running operations, and restores. The control plane's handlers
+// (control/vm_handlers.cpp, control/restore_point_handlers.cpp) are thin JSON
+// translations of these calls; the NBD server reaches disk restore points
+// through exports() (names "{collection}/{restorePoint}/{disk}").
+//
+// Model (Azure's Microsoft.Compute restore points, on one host):
+//   VM            a name, an ordered list of managed disks (each disk in at most
+//                 one VM) and an opaque configuration that restore points keep.
+//   Collection    one per VM, in a region (a store::Store at a configured path).
+//   RestorePoint  crash-consistent across the VM's disks not excluded; one
+//                 DiskRestorePoint (a store point) per disk. The first point of
+//                 a disk in a collection is full, later ones incremental against
+//                 the disk's change tracker; a disk grown or added in between is
+//                 handled (added: full; grown: new slots start as holes).
+//   Operation     an async job (create point, restore disk, restore VM, verify)
+//                 with status InProgress | Succeeded | Failed and percentComplete.
+//
+// Durability: every record is in the metadata database (SQLite, FULL sync)
+// before the call that made it returns. A restore point is marked Succeeded
+// only after every disk point is committed in the region's store. On Open,
+// points and operations left Creating/InProgress by a crash become Failed
+// (their store writers never committed; trackers kept their generations, so the
+// next point still sees every change).
+//
+// Thread-safety: every method is safe from any thread. Jobs run on the
+// service's own threads; nothing here runs on, or blocks, a reactor.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/block_device.h"
+
+namespace rpoint {
+
+class DiskService;
+
+struct RegionSpec {
+  std::string name;  // [A-Za-z0-9._-]{1,63}
+  std::string path;  // the store directory (created if missing)
+  bool is_default = false;
+};
+
+// A shell command run around a FileSystemConsistent cut. Environment:
+// RPOINT_VM, RPOINT_COLLECTION, RPOINT_RESTORE_POINT, RPOINT_PHASE (freeze|thaw).
+struct FreezeHooks {
+  std::string freeze;  // /bin/sh -c; non-zero exit or timeout fails the point
+  std::string thaw;    // always run after a freeze was attempted
+};
+
+struct RestoreServiceOptions {
+  std::vector<RegionSpec> regions;  // at least one; exactly one is_default
+  std::string metadata_db;          // the daemon's SQLite file (DiskService's)
+  std::string tracking_dir;         // <state>/tracking: per-disk bitmaps live in <tracking_dir>/<disk>
+  std::string staging_dir;          // <state>/staging: copy-before-write staging files
+  // Hooks: per VM name; `default_hooks` for VMs not listed (empty = none).
+  std::map<std::string, FreezeHooks> vm_hooks;
+  FreezeHooks default_hooks;
+  unsigned hook_timeout_seconds = 60;
+  unsigned copy_threads = 2;  // readers+hashers per restore point job
+};
+
+// ---- records (what GET returns; handlers turn them into Azure-shaped JSON) ----
+
+struct VmRecord {
+  std::string name;
+  std::vector<std::string> disks;  // disk names, in the order given
+  nlohmann::json configuration;    // opaque, as PUT
+  std::string time_created;        // RFC 3339 UTC
+};
+
+struct CollectionRecord {
+  std::string name;
+  std::string source_vm;  // source.id = "/vms/" + source_vm
+  std::string region;     // location
+  std::string time_created;
+  std::string provisioning_state = "Succeeded";
+};
+
+struct DiskRestorePointRecord {
+  std::string disk;      // source disk name; also this disk restore point's name
+  uint64_t size_bytes = 0;
+  uint32_t granularity = 0;
+  bool full = false;              // stored every allocated block, not a delta
+  std::string status;             // replicationStatus.status: Pending | InProgress | Succeeded | Failed
+  int completion_percent = 0;     // replicationStatus.completionPercent
+  uint64_t blocks_to_copy = 0;    // chunk slots the point had to store
+  uint64_t blocks_copied = 0;
+  uint64_t bytes_stored = 0;      // new chunk bytes written to the store (after dedup)
+  uint64_t store_point = 0;       // store::PointId once committed, else 0
+  uint64_t parent_store_point = 0;
+};
+
+struct RestorePointRecord {
+  std::string collection;
+  std::string name;
+  std::string consistency_mode;  // CrashConsistent | FileSystemConsistent
+  std::vector<std::string> exclude_disks;
+  std::string provisioning_state;  // Creating | Succeeded | Failed | Deleting
+  std::string time_created;        // the cut's time
+  nlohmann::json source_metadata;  // {"vmName", "configuration", "disks": [{"id","name","sizeBytes","kind"}]}
+  std::vector<DiskRestorePointRecord> disk_restore_points;
+  std::string operation_id;        // the creating operation
+  int64_t cut_pause_ns = -1;       // guest I/O pause of the cut (-1 before the cut)
+  std::string error_code, error_message;  // Failed only
+};
+
+struct OperationRecord {
+  std::string id;                  // uuid-like, [0-9a-f-]
+  std::string kind;                // CreateRestorePoint | RestoreDisk | RestoreVm | Verify
+  std::string resource_id;         // the resource it acts on, e.g. /restorePointCollections/c/restorePoints/rp
+  std::string status;              // InProgress | Succeeded | Failed
+  int percent_complete = 0;
+  std::string start_time, end_time;  // RFC 3339; end_time empty while InProgress
+  std::string error_code, error_message;
+  nlohmann::json result;           // kind-specific (Verify: the report), null otherwise
+};
+
+struct VerifyDamage {
+  std::string disk;
+  std::string kind;      // Chunk | Page | Pack
+  std::string digest;    // hex, empty for packs
+  uint64_t first_offset = 0, length = 0;  // disk byte range affected
+  std::string reason;
+};
+
+// What a create call returns: the record as it is now and the operation to poll.
+template <typename T>
+struct Started {
+  T record;
+  std::string operation_id;
+  bool created = true;  // false: an identical repeat of an earlier request (HTTP 200, no new job)
+};
+
+class RestoreService {
+ public:
+  static Result<std::unique_ptr<RestoreService>> Open(const RestoreServiceOptions& options,
+                                                      DiskService& disks);
+  virtual ~RestoreService() = default;
+
+  // ---- VMs ----
+  // Create or replace. InvalidArgument: unknown disk, duplicate, disk in another VM.
+  // Returns {record, created}.
+  virtual Result<std::pair<VmRecord, bool>> put_vm(const std::string& name,
+                                                   const std::vector<std::string>& disks,
+                                                   const nlohmann::json& configuration) = 0;
+  virtual Result<VmRecord> get_vm(const std::string& name) = 0;
+  virtual std::vector<VmRecord> list_vms() = 0;
+  // Collections and their points stay (a restore point outlives its VM).
+  virtual Status delete_vm(const std::string& name) = 0;
+  // The VM a disk belongs to, if any (disk deletion refuses disks in a VM).
+  virtual std::optional<std::string> vm_of_disk(const std::string& disk) = 0;
+
+  // ---- regions ----
+  virtual std::vector<RegionSpec> regions() = 0;
+
+  // ---- collections ----
+  // region empty = the default region. Conflict: the VM already has a collection.
+  virtual Result<std::pair<CollectionRecord, bool>> put_collection(const std::string& name,
+                                                                   const std::string& source_vm,
+                                                                   const std::string& region) = 0;
+  virtual Result<CollectionRecord> get_collection(const std::string& name) = 0;
+  virtual std::vector<CollectionRecord> list_collections() = 0;
+  // Deletes its restore points too. Conflict while one is Creating.
+  virtual Status delete_collection(const std::string& name) = 0;
+
+  // ---- restore points ----
+  // Validates synchronously (InvalidArgument names the shared/ephemeral disk
+  // not excluded, an excluded disk not in the VM, a FileSystemConsistent point
+  // with no freeze hook; Conflict when the VM has a point Creating), records
+  // the point Creating and starts the job.
+  virtual Result<Started<RestorePointRecord>> create_restore_point(
+      const std::string& collection, const std::string& name,
+      const std::vector<std::string>& exclude_disks, const std::string& consistency_mode) = 0;
+  virtual Result<RestorePointRecord> get_restore_point(const std::string& collection,
+                                                       const std::string& name) = 0;
+  virtual Result<std::vector<RestorePointRecord>> list_restore_points(
+      const std::string& collection) = 0;
+  // Any point, in any order; Conflict while Creating. Space returns at the
+  // store's next GC (started in the background).
+  virtual Status delete_restore_point(const std::string& collection, const std::string& name) = 0;
+  // Long-running: re-reads and re-hashes everything the point references.
+  // The operation's result: {"ok": bool, "chunksChecked", "bytesRead",
+  // "damage": [{"disk","kind","digest","offset","length","reason"}]}.
+  virtual Result<std::string> start_verify(const std::string& collection,
+                                           const std::string& name) = 0;
+
+  // ---- restore ----
+  // New managed disk `disk` from the disk restore point `source_id`
+  // ("/restorePointCollections/c/restorePoints/rp/diskRestorePoints/d").
+  // The disk record exists at once (provisioning Creating, not exported) and
+  // is served once the operation succeeds; a failed restore deletes it.
+  virtual Result<std::string> start_restore_disk(const std::string& disk,
+                                                 const std::string& source_id) = 0;
+  // New VM `vm` from a restore point: one disk per disk restore point, named
+  // `{vm}-{sourceDisk}` unless `disk_names` maps a source disk to a name, and
+  // the stored configuration.
+  virtual Result<std::string> start_restore_vm(
+      const std::string& collection, const std::string& name, const std::string& vm,
+      const std::map<std::string, std::string>& disk_names) = 0;
+
+  // ---- operations ----
+  virtual Result<OperationRecord> get_operation(const std::string& id) = 0;
+
+  // ---- NBD ----
+  // Read-only exports of every Succeeded disk restore point.
+  virtual ExportResolver& exports() = 0;
+
+  // Stops jobs (their points become Failed) and joins threads. Idempotent.
+  virtual void shutdown() = 0;
+};
+
+}  // namespace rpoint
