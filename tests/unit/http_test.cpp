@@ -8,6 +8,7 @@
 
 #include "control/disk_handlers.h"
 #include "control/service_handlers.h"
+#include "restore/restore_service.h"
 
 using namespace rpoint;
 using nlohmann::json;
@@ -18,19 +19,31 @@ namespace {
 struct Fixture {
   std::string dir;
   std::unique_ptr<DiskService> svc;
+  std::unique_ptr<RestoreService> restore;
   Router router;
 
   Fixture() {
     char t[] = "/tmp/rpoint-http-XXXXXX";
     REQUIRE(mkdtemp(t) != nullptr);
     dir = t;
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, ""});
+    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, dir + "/tracking"});
     REQUIRE(s.ok());
     svc = std::move(s).value();
+    fs::create_directories(dir + "/regions");
+    RestoreServiceOptions ro;
+    ro.regions = {{"local", dir + "/regions/local", true}};
+    ro.metadata_db = dir + "/metadata.db";
+    ro.tracking_dir = dir + "/tracking";
+    ro.staging_dir = dir + "/staging";
+    auto r = RestoreService::Open(ro, *svc);
+    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+    restore = std::move(r).value();
     AddServiceRoutes(router, *svc, "9.9.9");
-    AddDiskRoutes(router, *svc);
+    AddDiskRoutes(router, *svc, *restore);
   }
   ~Fixture() {
+    restore->shutdown();
+    restore.reset();
     svc.reset();
     fs::remove_all(dir);
   }
