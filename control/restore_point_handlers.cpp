@@ -257,7 +257,14 @@ HttpResponse Verify(RestoreService& svc, const RequestContext& ctx) {
   if (!ValidNames(ctx, &err)) return err;
   json body;
   if (!ReadActionBody(ctx, &body, &err)) return err;
-  if (Status s = CheckFields(body, {}, "the request body"); !s.ok()) return ErrorResponse(s);
+  if (!body.empty()) {
+    return ErrorResponse(Status::InvalidArgument(
+        "verify takes no request body fields (send no body or {}), got " + JoinQuoted([&] {
+          std::vector<std::string> keys;
+          for (const auto& [k, v] : body.items()) keys.push_back(k);
+          return keys;
+        }())));
+  }
   auto op = svc.start_verify(ctx.params[0], ctx.params[1]);
   if (!op.ok()) return ErrorResponse(op.status());
   return ActionStarted(svc, op.value());
@@ -322,8 +329,17 @@ ojson RestorePointToJson(const RestorePointRecord& rp, bool instance_view) {
   const json& meta = rp.source_metadata.is_object() ? rp.source_metadata : json::object();
   std::string vm_name = meta.value("vmName", std::string());
   ojson disks = ojson::array();
-  if (auto it = meta.find("disks"); it != meta.end() && it->is_array()) {
-    for (const json& d : *it) {
+  // The service keeps the disks either in Azure's place (storageProfile.disks)
+  // or as a plain "disks" list: read whichever is there.
+  const json* listed = nullptr;
+  if (auto sp = meta.find("storageProfile"); sp != meta.end() && sp->is_object()) {
+    if (auto it = sp->find("disks"); it != sp->end() && it->is_array()) listed = &*it;
+  }
+  if (auto it = meta.find("disks"); listed == nullptr && it != meta.end() && it->is_array()) {
+    listed = &*it;
+  }
+  if (listed != nullptr) {
+    for (const json& d : *listed) {
       std::string name = d.value("name", std::string());
       if (std::find(rp.exclude_disks.begin(), rp.exclude_disks.end(), name) !=
           rp.exclude_disks.end()) {
