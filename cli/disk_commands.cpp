@@ -40,7 +40,8 @@ void PrintDisk(Context& ctx, const json& disk) {
       {"Path", Str(p, "path")},
       {"Device type", Str(p, "deviceType")},
       {"Origin", origin},
-      {"Tracking block", p.contains("trackingGranularityBytes") ? SizeText(p, "trackingGranularityBytes") : ""},
+      {"Tracking block",
+       p.contains("trackingGranularityBytes") ? SizeText(p, "trackingGranularityBytes") : ""},
       {"NBD export", nbd},
       {"Created", Str(p, "timeCreated")},
       {"Provisioning", Str(p, "provisioningState")},
@@ -49,7 +50,9 @@ void PrintDisk(Context& ctx, const json& disk) {
   PrintFields(ctx.out, f);
 }
 
-std::string Name(const po::variables_map& vm) { return vm["name"].as<std::string>(); }
+std::string Name(const po::variables_map& vm) {
+  return vm["name"].as<std::string>();
+}
 
 void DeclareName(po::options_description&, po::options_description& hidden,
                  po::positional_options_description& p) {
@@ -70,10 +73,9 @@ int Create(Context& ctx, const po::variables_map& vm) {
       return UsageError(ctx, "--from takes COLLECTION/RESTORE_POINT/DISK, got '" +
                                  vm["from"].as<std::string>() + "'");
     }
-    props["creationData"] = {
-        {"createOption", "Restore"},
-        {"sourceResourceId", RestorePointPath(parts[0], parts[1]) + "/diskRestorePoints/" +
-                                 Escape(parts[2])}};
+    props["creationData"] = {{"createOption", "Restore"},
+                             {"sourceResourceId", RestorePointPath(parts[0], parts[1]) +
+                                                      "/diskRestorePoints/" + Escape(parts[2])}};
   } else if (has_size) {
     auto size = ParseSize(vm["size"].as<std::string>());
     if (!size.ok()) return UsageError(ctx, size.status().message());
@@ -178,31 +180,33 @@ void AddDiskCommands(std::vector<Command>& table) {
                    [](po::options_description& o, po::options_description& h,
                       po::positional_options_description& p) {
                      DeclareName(o, h, p);
-                     o.add_options()
-                         ("size", po::value<std::string>()->value_name("SIZE"),
-                          "size of a new disk: bytes or K, M, G, T, P (binary), e.g. 10G")
-                         ("path", po::value<std::string>()->value_name("PATH"),
-                          "adopt this existing file or block device instead")
-                         ("from", po::value<std::string>()->value_name("C/RP/DISK"),
-                          "restore from this disk restore point (collection/restore "
-                          "point/disk); the disk is served once the restore finishes")
-                         ("wait", "with --from: wait until the restore finishes")
-                         ("kind", po::value<std::string>()->value_name("KIND"),
-                          "managed (default), shared or ephemeral")
-                         ("granularity", po::value<std::string>()->value_name("BYTES"),
-                          "change tracking block size for restore points: a power of two "
-                          "from 4K to 4M (default 64K)");
+                     o.add_options()(
+                         "size", po::value<std::string>()->value_name("SIZE"),
+                         "size of a new disk: bytes or K, M, G, T, P (binary), e.g. 10G")(
+                         "path", po::value<std::string>()->value_name("PATH"),
+                         "adopt this existing file or block device instead")(
+                         "from", po::value<std::string>()->value_name("C/RP/DISK"),
+                         "restore from this disk restore point (collection/restore "
+                         "point/disk); the disk is served once the restore finishes")(
+                         "wait", "with --from: wait until the restore finishes")(
+                         "kind", po::value<std::string>()->value_name("KIND"),
+                         "managed (default), shared or ephemeral")(
+                         "granularity", po::value<std::string>()->value_name("BYTES"),
+                         "change tracking block size for restore points: a power of two "
+                         "from 4K to 4M (default 64K)");
                    },
                    Create});
   table.push_back({"disk", "list", "", "list disks",
                    [](po::options_description&, po::options_description&,
-                      po::positional_options_description&) {}, List});
+                      po::positional_options_description&) {},
+                   List});
   table.push_back({"disk", "show", "NAME", "show one disk", DeclareName, Show});
   table.push_back({"disk", "resize", "NAME --size SIZE", "grow a disk to SIZE",
                    [](po::options_description& o, po::options_description& h,
                       po::positional_options_description& p) {
                      DeclareName(o, h, p);
-                     o.add_options()("size", po::value<std::string>()->value_name("SIZE")->required(),
+                     o.add_options()("size",
+                                     po::value<std::string>()->value_name("SIZE")->required(),
                                      "new size (larger than the current one), e.g. 20G");
                    },
                    Resize});
@@ -211,8 +215,9 @@ void AddDiskCommands(std::vector<Command>& table) {
                    [](po::options_description& o, po::options_description& h,
                       po::positional_options_description& p) {
                      DeclareName(o, h, p);
-                     o.add_options()("force,f", "delete even with NBD clients attached (they are "
-                                                "disconnected)");
+                     o.add_options()("force,f",
+                                     "delete even with NBD clients attached (they are "
+                                     "disconnected)");
                    },
                    Delete});
 }

@@ -118,7 +118,8 @@ Result<DiskRequest> ReadDiskRequest(const json& props) {
     req.kind = v.value();
   }
   if (props.contains("trackingGranularityBytes")) {
-    auto v = UnsignedField(props["trackingGranularityBytes"], "properties.trackingGranularityBytes");
+    auto v =
+        UnsignedField(props["trackingGranularityBytes"], "properties.trackingGranularityBytes");
     if (!v.ok()) return v.status();
     if (Status s = DiskService::ValidateTrackingGranularity(v.value()); !s.ok()) return s;
     req.granularity = static_cast<uint32_t>(v.value());
@@ -155,9 +156,8 @@ std::string Difference(const DiskRecord& d, const DiskRequest& req) {
   std::string why = "disk '" + d.name + "' already exists";
   if (!req.source.empty() || !d.source_resource_id.empty()) {
     if (req.source == d.source_resource_id) return "";
-    return d.source_resource_id.empty()
-               ? why + " (not restored from a restore point)"
-               : why + " (restored from " + d.source_resource_id + ")";
+    return d.source_resource_id.empty() ? why + " (not restored from a restore point)"
+                                        : why + " (restored from " + d.source_resource_id + ")";
   }
   if (req.size && d.adopted) return why + " (adopted from " + d.path + ", not created with a size)";
   if (req.path && !d.adopted) return why + " (created with a size, not adopted)";
@@ -201,8 +201,8 @@ HttpResponse PutDisk(DiskService& svc, RestoreService& restore, const RequestCon
     auto d = svc.get(name);
     if (!d.ok()) {
       // Already failed and removed: the operation says why.
-      nlohmann::ordered_json gone = ResourceJson("/disks/" + name, name, kDiskType,
-                                                 {{"provisioningState", "Failed"}});
+      nlohmann::ordered_json gone =
+          ResourceJson("/disks/" + name, name, kDiskType, {{"provisioningState", "Failed"}});
       return OperationStarted(201, gone, op.value());
     }
     return OperationStarted(201, DiskToJson(d.value()), op.value());
@@ -268,8 +268,9 @@ HttpResponse DeleteDisk(DiskService& svc, RestoreService& restore, const Request
   // (it is about NBD clients, not about the VM's definition).
   if (auto vm = restore.vm_of_disk(name)) {
     return ErrorResponse(409, "Conflict",
-                         "disk '" + name + "' is in VM '" + *vm + "'; remove it from the VM (PUT /vms/" +
-                             *vm + " without it) or delete the VM first");
+                         "disk '" + name + "' is in VM '" + *vm +
+                             "'; remove it from the VM (PUT /vms/" + *vm +
+                             " without it) or delete the VM first");
   }
   s = svc.remove(name, force);
   if (!s.ok()) return ErrorResponse(s);
@@ -293,7 +294,7 @@ nlohmann::ordered_json DiskToJson(const DiskRecord& d) {
       {"trackingGranularityBytes", d.tracking_granularity},
       {"deviceType", d.block_device ? "BlockDevice" : "File"},
       {"creationData", std::move(creation)},
-      {"diskState", !d.error.empty()          ? "Unavailable"
+      {"diskState", !d.error.empty()         ? "Unavailable"
                     : d.attached_clients > 0 ? "Attached"
                                              : "Unattached"},
       {"attachedClients", d.attached_clients},
@@ -313,13 +314,12 @@ void AddDiskRoutes(Router& router, DiskService& disks, RestoreService& restore) 
   RestoreService* rs = &restore;
   router.add("GET", "/disks", [svc](const RequestContext& c) { return ListDisks(*svc, c); });
   router.add("GET", "/disks/{name}", [svc](const RequestContext& c) { return GetDisk(*svc, c); });
-  router.add("PUT", "/disks/{name}", [svc, rs](const RequestContext& c) { return PutDisk(*svc, *rs, c); });
+  router.add("PUT", "/disks/{name}",
+             [svc, rs](const RequestContext& c) { return PutDisk(*svc, *rs, c); });
   router.add("PATCH", "/disks/{name}",
              [svc](const RequestContext& c) { return PatchDisk(*svc, c); });
-  router.add(
-      "DELETE", "/disks/{name}",
-      [svc, rs](const RequestContext& c) { return DeleteDisk(*svc, *rs, c); },
-      {"force"});
+  router.add("DELETE", "/disks/{name}",
+             [svc, rs](const RequestContext& c) { return DeleteDisk(*svc, *rs, c); }, {"force"});
 }
 
 }  // namespace rpoint
