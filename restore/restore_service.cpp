@@ -174,8 +174,11 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // Jobs.
   void run_create_point(RestorePointRecord rec, OperationRecord op, std::string vm,
                         std::string region, std::shared_ptr<PointProgress> prog);
-  std::optional<JobError> create_point(RestorePointRecord& rec, const std::string& vm,
-                                       const std::string& region, PointProgress& prog);
+  // Cuts and copies; on success fills *to_retire with each disk's frozen
+  // generation (retired once the point is recorded Succeeded).
+  std::optional<JobError> create_point(
+      RestorePointRecord& rec, const std::string& vm, const std::string& region,
+      PointProgress& prog, std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>>* to_retire);
   Result<store::PointInfo> copy_disk(store::Store& st, DiskSnapshot& snap, uint64_t parent,
                                      const std::string& tag, std::atomic<uint64_t>& to_copy,
                                      std::atomic<uint64_t>& copied);
@@ -244,6 +247,8 @@ Status RestoreServiceImpl::init() {
     default_region_ = options_.regions[0].name;
   }
   for (const auto& r : options_.regions) {
+    Status made = MakeDirectories(r.path, 0750);
+    if (!made.ok()) return made;
     store::StoreOptions so;
     so.dir = r.path;
     auto st = store::Store::Open(so);
@@ -739,39 +744,71 @@ void RestoreServiceImpl::overlay(RestorePointRecord& p) {
 void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecord op,
                                           std::string vm, std::string region,
                                           std::shared_ptr<PointProgress> prog) {
-  std::optional<JobError> err = create_point(rec, vm, region, *prog);
+  std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>> to_retire;
+  std::optional<JobError> err = create_point(rec, vm, region, *prog, &to_retire);
+  auto st = store_of(region);
   if (err) {
     spdlog::error("restore point {}/{}: failed: {}: {}", rec.collection, rec.name, err->code,
                   err->message);
-    auto st = store_of(region);
     for (auto& d : rec.disk_restore_points) {
       // Disk points committed before another disk failed belong to no point.
       if (d.store_point && st) (void)st->delete_point(d.store_point);
       d.store_point = 0;
-      if (d.status != "Failed") d.status = "Failed";
+      if (d.status != "Succeeded") d.status = "Failed";
     }
     rec.provisioning_state = "Failed";
     rec.error_code = err->code;
     rec.error_message = err->message;
+  } else {
+    rec.provisioning_state = "Succeeded";
+  }
+  // One critical section from the record to the VM being free again, so a
+  // client that sees the operation end can start the next point at once (and
+  // that point's cut finds the trackers already retired).
+  std::lock_guard<std::mutex> lock(mu_);
+  op.end_time = NowRfc3339();
+  if (err) {
     op.status = "Failed";
     op.error_code = err->code;
     op.error_message = err->message;
-    op.end_time = NowRfc3339();
-    std::lock_guard<std::mutex> lock(mu_);
-    Status s = db_->save_point(rec, &op);
-    if (!s.ok())
-      spdlog::error("restore point {}/{}: cannot record failure: {}", rec.collection, rec.name,
-                    s.ToString());
+  } else {
+    op.status = "Succeeded";
+    op.percent_complete = 100;
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<TrackingBase> bases;
+  if (!err) {
+    for (const auto& d : rec.disk_restore_points) {
+      bases.push_back({d.disk, rec.collection, rec.name, d.store_point, d.granularity});
+    }
+  }
+  // One transaction: the point, its operation and (on success) the disks' new
+  // bases, so the point and the parents of the next points move together.
+  Status s = db_->save_point(rec, &op, err ? nullptr : &bases);
+  if (!s.ok()) {
+    spdlog::error("restore point {}/{}: cannot record its end: {}", rec.collection, rec.name,
+                  s.ToString());
+  } else if (!err) {
+    // Only now may the trackers forget: a crash before this leaves their
+    // generations in place and the next point copies a superset (harmless).
+    for (auto& [disk, gen] : to_retire) {
+      Status r = disk->tracker()->retire_through(gen);
+      if (!r.ok()) {
+        spdlog::warn("restore point {}/{}: disk {}: retiring tracked changes: {}", rec.collection,
+                     rec.name, disk->name(), r.ToString());
+      }
+    }
+    uint64_t stored = 0;
+    for (const auto& d : rec.disk_restore_points) stored += d.bytes_stored;
+    spdlog::info("restore point {}/{}: succeeded, {} new bytes stored", rec.collection, rec.name,
+                 stored);
+  }
   live_points_.erase(rec.collection + "/" + rec.name);
   creating_vms_.erase(vm);
 }
 
-std::optional<JobError> RestoreServiceImpl::create_point(RestorePointRecord& rec,
-                                                         const std::string& vm,
-                                                         const std::string& region,
-                                                         PointProgress& prog) {
+std::optional<JobError> RestoreServiceImpl::create_point(
+    RestorePointRecord& rec, const std::string& vm, const std::string& region, PointProgress& prog,
+    std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>>* to_retire) {
   auto st = store_of(region);
   if (!st) return JobError{"RegionUnavailable", "region '" + region + "' is not configured"};
   const size_t n = rec.disk_restore_points.size();
@@ -890,39 +927,9 @@ std::optional<JobError> RestoreServiceImpl::create_point(RestorePointRecord& rec
     d.status = "Succeeded";
   }
 
-  // One transaction: the point, its operation and the disks' new bases.
-  rec.provisioning_state = "Succeeded";
-  OperationRecord op;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto o = db_->get_operation(rec.operation_id);
-    if (o.ok() && o.value()) op = *o.value();
-  }
-  op.status = "Succeeded";
-  op.percent_complete = 100;
-  op.end_time = NowRfc3339();
-  std::vector<TrackingBase> bases;
-  for (const auto& d : rec.disk_restore_points) {
-    bases.push_back({d.disk, rec.collection, rec.name, d.store_point, d.granularity});
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    Status s = db_->save_point(rec, op.id.empty() ? nullptr : &op, &bases);
-    if (!s.ok()) return JobError{"InternalError", s.message()};
-  }
-  // Only now may the trackers forget: a crash before this line leaves their
-  // generations in place, and the next point copies a superset (harmless).
-  for (size_t i = 0; i < n; ++i) {
-    Status s = fdisks[i]->tracker()->retire_through(snaps[i]->generation());
-    if (!s.ok()) {
-      spdlog::warn("restore point {}/{}: disk {}: retiring tracked changes: {}", rec.collection,
-                   rec.name, rec.disk_restore_points[i].disk, s.ToString());
-    }
-  }
-  uint64_t stored = 0;
-  for (const auto& d : rec.disk_restore_points) stored += d.bytes_stored;
-  spdlog::info("restore point {}/{}: succeeded, {} new bytes stored", rec.collection, rec.name,
-               stored);
+  // The snapshots end (EndSnapshots) before run_create_point records the
+  // point and retires the trackers.
+  for (size_t i = 0; i < n; ++i) to_retire->emplace_back(fdisks[i], snaps[i]->generation());
   return std::nullopt;
 }
 
