@@ -118,7 +118,7 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::vector<VmRecord> list_vms() override;
   Status delete_vm(const std::string& name) override;
   std::optional<std::string> vm_of_disk(const std::string& disk) override;
-  std::vector<RegionSpec> regions() override { return options_.regions; }
+  std::vector<RegionSpec> regions() override { return regions_; }
 
   // ---- collections ----
   Result<std::pair<CollectionRecord, bool>> put_collection(const std::string& name,
@@ -190,6 +190,7 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   const RestoreServiceOptions options_;
   DiskService& disks_;
   std::string default_region_;
+  std::vector<RegionSpec> regions_;  // as configured, is_default normalised
   std::map<std::string, std::shared_ptr<store::Store>> stores_;
 
   std::mutex mu_;  // db_, the maps below
@@ -246,6 +247,8 @@ Status RestoreServiceImpl::init() {
     }
     default_region_ = options_.regions[0].name;
   }
+  regions_ = options_.regions;
+  for (auto& r : regions_) r.is_default = r.name == default_region_;
   for (const auto& r : options_.regions) {
     Status made = MakeDirectories(r.path, 0750);
     if (!made.ok()) return made;
