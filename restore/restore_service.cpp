@@ -207,6 +207,7 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
 
   std::mutex gc_mu_;
   std::set<std::string> gc_running_, gc_again_;
+  std::vector<std::string> gc_at_start_;  // regions recover() freed store points in
 };
 
 // ---------------------------------------------------------------------------
@@ -262,8 +263,10 @@ Status RestoreServiceImpl::init() {
     stores_[r.name] = std::move(st).value();
   }
   Status s = MakeDirectories(options_.staging_dir, 0750);
+  if (s.ok()) s = recover();
   if (!s.ok()) return s;
-  return recover();
+  for (const auto& region : gc_at_start_) request_gc(region);
+  return Status::Ok();
 }
 
 Status RestoreServiceImpl::recover() {
@@ -318,7 +321,34 @@ Status RestoreServiceImpl::recover() {
       if (!s.ok()) return s;
     }
   }
-  return db_->fail_in_progress_operations("daemon restarted while the operation was running", now);
+  Status s =
+      db_->fail_in_progress_operations("daemon restarted while the operation was running", now);
+  if (!s.ok()) return s;
+
+  // Store points no record names: committed by a job that crashed before its
+  // final transaction recorded them. They would pin their chunks forever.
+  auto after = db_->list_points("");
+  if (!after.ok()) return after.status();
+  std::map<std::string, std::set<uint64_t>> named;  // region -> store points
+  for (const auto& p : after.value()) {
+    for (const auto& d : p.disk_restore_points) {
+      if (d.store_point) named[region_of[p.collection]].insert(d.store_point);
+    }
+  }
+  for (const auto& [region, st] : stores_) {
+    auto points = st->list_points();
+    if (!points.ok()) return points.status();
+    size_t dropped = 0;
+    for (const auto& sp : points.value()) {
+      if (named[region].count(sp.id)) continue;
+      spdlog::warn("region {}: deleting store point {} ({}): no restore point names it", region,
+                   sp.id, sp.tag);
+      Status d = st->delete_point(sp.id);
+      if (d.ok()) ++dropped;
+    }
+    if (dropped) gc_at_start_.push_back(region);
+  }
+  return Status::Ok();
 }
 
 void RestoreServiceImpl::spawn(std::function<void()> fn) {

@@ -24,6 +24,8 @@
 #include "control/disk_service.h"
 #include "engine/file_disk.h"
 #include "engine/reactor.h"
+#include "store/point_writer.h"
+#include "store/store.h"
 
 namespace fs = std::filesystem;
 using namespace rpoint;
@@ -413,6 +415,19 @@ TEST_CASE("restore points: recovery after a crash during creation and restore") 
   sqlite3_close(db);
   std::string staging = e.tmp.path + "/staging/a.c.rp1.staging";
   { std::ofstream(staging).close(); }
+  // A store point committed by a job that died before recording it.
+  uint64_t orphan = 0;
+  {
+    auto st = store::Store::Open({e.region_dir()});
+    REQUIRE(st.ok());
+    auto w = st.value()->begin_point({0, kMiB, kGran, "orphan"});
+    REQUIRE(w.ok());
+    Bytes data(kGran, 'o');
+    REQUIRE(w.value()->put(0, data.data(), data.size()).ok());
+    auto info = w.value()->commit();
+    REQUIRE(info.ok());
+    orphan = info->id;
+  }
 
   e.open();
   auto p = e.rs->get_restore_point("c", "rp1");
@@ -422,6 +437,14 @@ TEST_CASE("restore points: recovery after a crash during creation and restore") 
   CHECK(e.rs->get_operation(p->operation_id)->status == "Failed");
   CHECK_FALSE(fs::exists(staging));
   CHECK(e.disks->get("half").status().code() == Code::kNotFound);
+  e.close();  // the region is free again: look inside
+  {
+    auto st = store::Store::Open({e.region_dir()});
+    REQUIRE(st.ok());
+    CHECK(st.value()->point(orphan).status().code() == Code::kNotFound);
+    CHECK(st.value()->list_points()->empty());  // rp1's point went with its Failed record
+  }
+  e.open();
   // The failed point's store point was released; the next point is full again.
   auto rp2 = e.create_point("c", "rp2");
   CHECK(Dp(rp2, "a").full);
