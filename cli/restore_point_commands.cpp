@@ -300,7 +300,6 @@ int PointDelete(Context& ctx, const po::variables_map& vm) {
 }
 
 void PrintVerify(Context& ctx, const json& output) {
-  if (ctx.output == OutputFormat::kJson) return PrintJson(ctx, output);
   bool ok = output.value("ok", false);
   ctx.out << (ok ? "OK" : "DAMAGED") << ": " << Str(output, "chunksChecked") << " chunks, "
           << FormatSize(output.value("bytesRead", uint64_t{0})) << " read\n";
@@ -331,7 +330,12 @@ int PointVerify(Context& ctx, const po::variables_map& vm) {
   rc = WaitForOperation(ctx, op, "verifying " + pt[0] + "/" + pt[1], &done);
   if (rc != kExitOk) return rc;
   json output = Props(done).value("output", json::object());
-  PrintVerify(ctx, output);
+  // -o json prints the server's JSON: the finished operation, report inside.
+  if (ctx.output == OutputFormat::kJson) {
+    PrintJson(ctx, done);
+  } else {
+    PrintVerify(ctx, output);
+  }
   return output.value("ok", false) ? kExitOk : kExitDamage;
 }
 
