@@ -43,6 +43,10 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
   }
   const std::string vm_name = coll.value()->source_vm;
   const std::string region = coll.value()->region;
+  if (!store_of(region)) {
+    return Status::Conflict("collection '" + collection + "' is in region '" + region +
+                            "', which is no longer configured");
+  }
 
   auto existing = db_->get_point(collection, name);
   if (!existing.ok()) return existing.status();
