@@ -21,6 +21,7 @@ namespace rpoint {
 Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
     const std::string& collection, const std::string& name,
     const std::vector<std::string>& exclude_in, const std::string& mode_in) {
+  if (stopping_.load()) return Status::Shutdown("rpointd is stopping");
   Status s = ValidateResourceName("restore point", name);
   if (!s.ok()) return s;
   std::string mode = mode_in.empty() ? "CrashConsistent" : mode_in;
