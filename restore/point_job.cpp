@@ -21,6 +21,7 @@ namespace rpoint {
 Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
     const std::string& collection, const std::string& name,
     const std::vector<std::string>& exclude_in, const std::string& mode_in) {
+  if (stopping_.load()) return Status::Shutdown("rpointd is stopping");
   Status s = ValidateResourceName("restore point", name);
   if (!s.ok()) return s;
   std::string mode = mode_in.empty() ? "CrashConsistent" : mode_in;
@@ -43,6 +44,10 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
   }
   const std::string vm_name = coll.value()->source_vm;
   const std::string region = coll.value()->region;
+  if (!store_of(region)) {
+    return Status::Conflict("collection '" + collection + "' is in region '" + region +
+                            "', which is no longer configured");
+  }
 
   auto existing = db_->get_point(collection, name);
   if (!existing.ok()) return existing.status();

@@ -20,6 +20,7 @@ namespace rpoint {
 
 Result<std::string> RestoreServiceImpl::start_verify(const std::string& collection,
                                                      const std::string& name) {
+  if (stopping_.load()) return Status::Shutdown("rpointd is stopping");
   RestorePointRecord rec;
   std::string region;
   OperationRecord op;
@@ -163,6 +164,7 @@ Status RestoreServiceImpl::fill_disk(const std::string& disk, store::Store& st,
 
 Result<std::string> RestoreServiceImpl::start_restore_disk(const std::string& disk,
                                                            const std::string& source_id) {
+  if (stopping_.load()) return Status::Shutdown("rpointd is stopping");
   Status s = DiskService::ValidateName(disk);
   if (!s.ok()) return s;
   // /restorePointCollections/c/restorePoints/rp/diskRestorePoints/d
@@ -240,6 +242,7 @@ Result<std::string> RestoreServiceImpl::start_restore_disk(const std::string& di
 Result<std::string> RestoreServiceImpl::start_restore_vm(
     const std::string& collection, const std::string& name, const std::string& vm,
     const std::map<std::string, std::string>& disk_names) {
+  if (stopping_.load()) return Status::Shutdown("rpointd is stopping");
   Status s = ValidateResourceName("VM", vm);
   if (!s.ok()) return s;
   RestorePointRecord rec;

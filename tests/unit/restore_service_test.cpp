@@ -24,6 +24,7 @@
 #include "control/disk_service.h"
 #include "engine/file_disk.h"
 #include "engine/reactor.h"
+#include "restore/hooks.h"
 #include "store/point_writer.h"
 #include "store/store.h"
 
@@ -630,4 +631,22 @@ TEST_CASE("restore points: SIGKILL during a point's copy; the next point has eve
   Bytes want(2 * kMiB, 0);
   std::memset(want.data(), 'a', 4 * kGran);
   CHECK(e.point("c", "rp1", "a") == want);
+}
+
+TEST_CASE("hooks: environment, exit status, output tail, timeout kills the process group") {
+  auto r =
+      RunHook("echo \"$RPOINT_PHASE-$X\"; exit 7", {{"RPOINT_PHASE", "freeze"}, {"X", "y"}}, 5);
+  CHECK(r.ran);
+  CHECK_FALSE(r.timed_out);
+  CHECK(r.exit_status == 7);
+  CHECK(r.output_tail == "freeze-y\n");
+  CHECK(DescribeHookFailure("freeze", "cmd", r) ==
+        "freeze hook 'cmd' exited with status 7: freeze-y");
+  auto t0 = std::chrono::steady_clock::now();
+  r = RunHook("sleep 30 & sleep 30", {}, 1);
+  CHECK(r.timed_out);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+  CHECK(DescribeHookFailure("thaw", "x", r).find("timed out") != std::string::npos);
+  r = RunHook("true", {}, 5);
+  CHECK(r.exit_status == 0);
 }
