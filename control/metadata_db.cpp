@@ -103,6 +103,11 @@ const char* const kMigrations[] = {
       granularity   INTEGER NOT NULL
     );
     )sql",
+    // 4: a base whose restore point was deleted keeps its store point
+    // (retained = 1) so the disk's next point stays incremental.
+    R"sql(
+    ALTER TABLE tracking_bases ADD COLUMN retained INTEGER NOT NULL DEFAULT 0;
+    )sql",
 };
 
 constexpr int kLatest = static_cast<int>(std::size(kMigrations));

@@ -189,7 +189,7 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   // One critical section from the record to the VM being free again, so a
   // client that sees the operation end can start the next point at once (and
   // that point's cut finds the trackers already retired).
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   op.end_time = NowRfc3339();
   if (err) {
     op.status = "Failed";
@@ -200,15 +200,25 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
     op.percent_complete = 100;
   }
   std::vector<TrackingBase> bases;
+  std::vector<StoreRef> freed;  // retained bases this point replaces
   if (!err) {
     for (const auto& d : rec.disk_restore_points) {
       bases.push_back({d.disk, rec.collection, rec.name, d.store_point, d.granularity});
+      auto old = db_->tracking_base(d.disk);
+      if (old.ok() && old.value() && old.value()->retained &&
+          old.value()->store_point != d.store_point) {
+        auto c = db_->get_collection(old.value()->collection);
+        if (c.ok() && c.value()) freed.push_back({c.value()->region, old.value()->store_point});
+        spdlog::info("restore point {}/{}: disk {}: replaces the retained base (store point {})",
+                     rec.collection, rec.name, d.disk, old.value()->store_point);
+      }
     }
   }
   // One transaction: the point, its operation and (on success) the disks' new
   // bases, so the point and the parents of the next points move together.
   Status s = db_->save_point(rec, &op, err ? nullptr : &bases);
   if (!s.ok()) {
+    freed.clear();  // the old bases are still the bases
     spdlog::error("restore point {}/{}: cannot record its end: {}", rec.collection, rec.name,
                   s.ToString());
   } else if (!err) {
@@ -228,6 +238,9 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   }
   live_points_.erase(rec.collection + "/" + rec.name);
   creating_vms_.erase(vm);
+  lock.unlock();
+  // The replaced retained bases are unnamed now (a crash here: Open deletes them).
+  free_store_points(freed);
 }
 
 std::optional<JobError> RestoreServiceImpl::create_point(
@@ -237,10 +250,11 @@ std::optional<JobError> RestoreServiceImpl::create_point(
   if (!st) return JobError{"RegionUnavailable", "region '" + region + "' is not configured"};
   const size_t n = rec.disk_restore_points.size();
 
-  // Which disks can be incremental: their tracking base is a Succeeded point
-  // of this collection whose store point still exists with the same chunk
-  // size. Everything else is forced full (the tracker may have retired
-  // generations against a base this collection cannot use).
+  // Which disks can be incremental: their tracking base is of this
+  // collection, either a Succeeded point that still names the store point or
+  // a base retained when its point was deleted, and the store point exists
+  // with the same chunk size. Everything else is forced full (the tracker may
+  // have retired generations against a base this collection cannot use).
   std::vector<std::shared_ptr<FileDisk>> fdisks;
   std::vector<bool> force_full(n, true);
   std::vector<uint64_t> parent(n, 0);
@@ -262,11 +276,12 @@ std::optional<JobError> RestoreServiceImpl::create_point(
         if (bp.ok() && bp.value()) base_point = bp.value();
       }
     }
-    if (!base || !base_point || base_point->provisioning_state != "Succeeded") continue;
-    if (base->granularity != fd->tracker()->granularity()) continue;
-    bool named = false;
-    for (const auto& bd : base_point->disk_restore_points) {
-      named |= bd.disk == d.disk && bd.store_point == base->store_point;
+    if (!base || base->granularity != fd->tracker()->granularity()) continue;
+    bool named = base->retained;
+    if (!named && base_point && base_point->provisioning_state == "Succeeded") {
+      for (const auto& bd : base_point->disk_restore_points) {
+        named |= bd.disk == d.disk && bd.store_point == base->store_point;
+      }
     }
     if (!named) continue;
     auto info = st->point(base->store_point);
@@ -290,24 +305,67 @@ std::optional<JobError> RestoreServiceImpl::create_point(
                    DescribeHookFailure("thaw", hooks.thaw, r));
     }
   };
-  if (fs) {
-    env["RPOINT_PHASE"] = "freeze";
-    HookResult r = RunHook(hooks.freeze, env, options_.hook_timeout_seconds);
-    if (!r.ran || r.timed_out || r.exit_status != 0) {
-      thaw();
-      return JobError{"FreezeFailed", DescribeHookFailure("freeze", hooks.freeze, r)};
-    }
-  }
-  auto cut = CutDisks(fdisks, options_.staging_dir, rec.collection + "." + rec.name, force_full);
-  if (fs) thaw();
-  if (!cut.ok()) return JobError{"CutFailed", cut.status().message()};
-  // From here on every disk has a snapshot to end, whatever happens.
+  // From the first cut on, every disk may have a snapshot to end, whatever happens.
   struct EndSnapshots {
     std::vector<std::shared_ptr<FileDisk>>& disks;
     ~EndSnapshots() {
       for (auto& d : disks) d->end_snapshot();
     }
   } end_snapshots{fdisks};
+  std::optional<CutResult> cut;
+  // Writers begin right after the cut: begin_point pins each parent, so a
+  // parent that survives until then survives the copy. One that vanished
+  // since the choice above (its base was released: the disk left the VM)
+  // cannot be fixed up, since an incremental snapshot does not protect the
+  // unchanged blocks; those disks are cut again, forced full. Each retry makes
+  // at least one more disk full, so this ends.
+  std::vector<std::unique_ptr<store::PointWriter>> writers(n);
+  for (;;) {
+    if (fs) {
+      env["RPOINT_PHASE"] = "freeze";
+      HookResult r = RunHook(hooks.freeze, env, options_.hook_timeout_seconds);
+      if (!r.ran || r.timed_out || r.exit_status != 0) {
+        thaw();
+        return JobError{"FreezeFailed", DescribeHookFailure("freeze", hooks.freeze, r)};
+      }
+    }
+    auto c = CutDisks(fdisks, options_.staging_dir, rec.collection + "." + rec.name, force_full);
+    if (fs) thaw();
+    if (!c.ok()) return JobError{"CutFailed", c.status().message()};
+    cut = std::move(c).value();
+    bool vanished = false;
+    for (size_t i = 0; i < n; ++i) {
+      DiskSnapshot& snap = *cut->snapshots[i];
+      store::PointParams pp;
+      pp.parent = snap.full() ? 0 : parent[i];
+      pp.size = snap.size();
+      pp.chunk_size = snap.granularity();
+      pp.tag = DiskPointId(rec.collection, rec.name, rec.disk_restore_points[i].disk);
+      auto w = st->begin_point(pp);
+      if (w.ok()) {
+        writers[i] = std::move(w).value();
+      } else if (pp.parent != 0 && w.status().code() == Code::kNotFound) {
+        spdlog::warn(
+            "restore point {}/{}: disk {}: parent store point {} is gone; cutting again, "
+            "full for this disk",
+            rec.collection, rec.name, rec.disk_restore_points[i].disk, parent[i]);
+        force_full[i] = true;
+        parent[i] = 0;
+        vanished = true;
+      } else {
+        rec.disk_restore_points[i].status = "Failed";
+        return JobError{"CopyFailed",
+                        "disk '" + rec.disk_restore_points[i].disk + "': " + w.status().message()};
+      }
+    }
+    if (!vanished) break;
+    for (auto& w : writers) {
+      if (w) w->abandon();
+      w.reset();
+    }
+    for (auto& d : fdisks) d->end_snapshot();
+    cut.reset();
+  }
   std::vector<std::shared_ptr<DiskSnapshot>>& snaps = cut->snapshots;
 
   rec.cut_pause_ns = cut->pause.count();
@@ -335,9 +393,8 @@ std::optional<JobError> RestoreServiceImpl::create_point(
   for (size_t i = 0; i < n; ++i) {
     auto& d = rec.disk_restore_points[i];
     prog.started[i].store(true);
-    auto info =
-        copy_disk(*st, *snaps[i], d.parent_store_point,
-                  DiskPointId(rec.collection, rec.name, d.disk), prog.to_copy[i], prog.copied[i]);
+    auto info = copy_disk(*writers[i], *snaps[i], prog.to_copy[i], prog.copied[i]);
+    writers[i].reset();
     if (!info.ok()) {
       d.status = "Failed";
       return JobError{info.status().code() == Code::kShutdown ? "Interrupted" : "CopyFailed",
@@ -357,21 +414,15 @@ std::optional<JobError> RestoreServiceImpl::create_point(
   return std::nullopt;
 }
 
-Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::Store& st, DiskSnapshot& snap,
-                                                       uint64_t parent, const std::string& tag,
+Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::PointWriter& w, DiskSnapshot& snap,
                                                        std::atomic<uint64_t>& to_copy,
                                                        std::atomic<uint64_t>& copied) {
   auto bits = snap.to_copy();
-  if (!bits.ok()) return bits.status();
+  if (!bits.ok()) {
+    w.abandon();
+    return bits.status();
+  }
   to_copy.store(bits->count());
-  store::PointParams pp;
-  pp.parent = parent;
-  pp.size = snap.size();
-  pp.chunk_size = snap.granularity();
-  pp.tag = tag;
-  auto writer = st.begin_point(pp);
-  if (!writer.ok()) return writer.status();
-  store::PointWriter& w = *writer.value();
 
   std::mutex mu;
   uint64_t cursor = 0;

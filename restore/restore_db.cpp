@@ -352,7 +352,8 @@ Status RestoreDb::save_point(const RestorePointRecord& p, const OperationRecord*
             "INSERT INTO tracking_bases (disk, collection, restore_point, store_point, "
             "granularity) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(disk) DO UPDATE SET "
             "collection = excluded.collection, restore_point = excluded.restore_point, "
-            "store_point = excluded.store_point, granularity = excluded.granularity");
+            "store_point = excluded.store_point, granularity = excluded.granularity, "
+            "retained = 0");
         if (!ins.ok()) return ins.status();
         s = ins->bind(1, b.disk)
                 .bind(2, b.collection)
@@ -373,22 +374,82 @@ Status RestoreDb::delete_point(const std::string& collection, const std::string&
   return st->bind(1, collection).bind(2, name).run();  // disk points cascade
 }
 
+Result<std::vector<TrackingBase>> RestoreDb::mark_point_deleting(const std::string& collection,
+                                                                 const std::string& name) {
+  Status s = InTxn(db(), [&]() -> Status {
+    auto up = db().prepare(
+        "UPDATE restore_points SET provisioning_state = 'Deleting' "
+        "WHERE collection = ?1 AND name = ?2");
+    if (!up.ok()) return up.status();
+    Status s = up->bind(1, collection).bind(2, name).run();
+    if (!s.ok()) return s;
+    // Only a base that is still this point's own disk point, for a disk the
+    // collection's VM still has: anything else will never be a parent again.
+    auto keep = db().prepare(
+        "UPDATE tracking_bases SET retained = 1 WHERE collection = ?1 AND restore_point = ?2 "
+        "AND disk IN (SELECT disk FROM vm_disks WHERE vm = "
+        "(SELECT source_vm FROM collections WHERE name = ?1)) "
+        "AND store_point IN (SELECT store_point FROM disk_restore_points "
+        "WHERE collection = ?1 AND restore_point = ?2 AND disk = tracking_bases.disk "
+        "AND status = 'Succeeded' AND store_point != 0)");
+    if (!keep.ok()) return keep.status();
+    return keep->bind(1, collection).bind(2, name).run();
+  });
+  if (!s.ok()) return s;
+  auto all = retained_bases();
+  if (!all.ok()) return all.status();
+  std::vector<TrackingBase> out;
+  for (auto& b : all.value()) {
+    if (b.collection == collection && b.restore_point == name) out.push_back(std::move(b));
+  }
+  return out;
+}
+
+namespace {
+constexpr const char* kBaseCols =
+    "SELECT disk, collection, restore_point, store_point, granularity, retained "
+    "FROM tracking_bases ";
+
+TrackingBase BaseFrom(const SqliteStmt& st) {
+  TrackingBase b;
+  b.disk = st.column_text(0);
+  b.collection = st.column_text(1);
+  b.restore_point = st.column_text(2);
+  b.store_point = static_cast<uint64_t>(st.column_int(3));
+  b.granularity = static_cast<uint32_t>(st.column_int(4));
+  b.retained = st.column_int(5) != 0;
+  return b;
+}
+}  // namespace
+
 Result<std::optional<TrackingBase>> RestoreDb::tracking_base(const std::string& disk) {
-  auto st = db().prepare(
-      "SELECT collection, restore_point, store_point, granularity FROM tracking_bases "
-      "WHERE disk = ?1");
+  auto st = db().prepare(std::string(kBaseCols) + "WHERE disk = ?1");
   if (!st.ok()) return st.status();
   st->bind(1, disk);
   auto r = st->step();
   if (!r.ok()) return r.status();
   if (!r.value()) return std::optional<TrackingBase>();
-  TrackingBase b;
-  b.disk = disk;
-  b.collection = st->column_text(0);
-  b.restore_point = st->column_text(1);
-  b.store_point = static_cast<uint64_t>(st->column_int(2));
-  b.granularity = static_cast<uint32_t>(st->column_int(3));
-  return std::optional<TrackingBase>(b);
+  return std::optional<TrackingBase>(BaseFrom(*st));
+}
+
+Result<std::vector<TrackingBase>> RestoreDb::retained_bases() {
+  auto st = db().prepare(std::string(kBaseCols) + "WHERE retained = 1 ORDER BY disk");
+  if (!st.ok()) return st.status();
+  std::vector<TrackingBase> out;
+  for (;;) {
+    auto r = st->step();
+    if (!r.ok()) return r.status();
+    if (!r.value()) break;
+    out.push_back(BaseFrom(*st));
+  }
+  return out;
+}
+
+Status RestoreDb::drop_retained_base(const std::string& disk, uint64_t store_point) {
+  auto st = db().prepare(
+      "DELETE FROM tracking_bases WHERE disk = ?1 AND store_point = ?2 AND retained = 1");
+  if (!st.ok()) return st.status();
+  return st->bind(1, disk).bind(2, static_cast<int64_t>(store_point)).run();
 }
 
 // ---- operations ----

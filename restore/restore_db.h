@@ -30,6 +30,9 @@ struct TrackingBase {
   std::string restore_point;
   uint64_t store_point = 0;
   uint32_t granularity = 0;
+  // The restore point was deleted while this was the disk's base: no record
+  // names store_point any more, it is kept only as the next point's parent.
+  bool retained = false;
 };
 
 class RestoreDb {
@@ -62,8 +65,16 @@ class RestoreDb {
   Status save_point(const RestorePointRecord& p, const OperationRecord* op = nullptr,
                     const std::vector<TrackingBase>* bases = nullptr);
   Status delete_point(const std::string& collection, const std::string& name);
+  // Marks the point Deleting and, in the same transaction, every tracking base
+  // it is for a disk still in the collection's VM as retained (its store point
+  // outlives the point). Returns those bases.
+  Result<std::vector<TrackingBase>> mark_point_deleting(const std::string& collection,
+                                                        const std::string& name);
 
   Result<std::optional<TrackingBase>> tracking_base(const std::string& disk);
+  Result<std::vector<TrackingBase>> retained_bases();
+  // Forgets a retained base (only if it is still that store point, retained).
+  Status drop_retained_base(const std::string& disk, uint64_t store_point);
 
   // ---- operations ----
   Result<std::optional<OperationRecord>> get_operation(const std::string& id);

@@ -178,9 +178,18 @@ Status RestoreServiceImpl::recover() {
       Status s = db_->save_point(p);
       if (!s.ok()) return s;
     } else if (p.provisioning_state == "Deleting") {
+      // A base the delete retained (same transaction as Deleting) stays.
       auto st = store_of(region_of[p.collection]);
+      auto retained = db_->retained_bases();
+      if (!retained.ok()) return retained.status();
+      std::set<uint64_t> keep;
+      for (const auto& b : retained.value()) {
+        if (b.collection == p.collection) keep.insert(b.store_point);
+      }
       for (auto& d : p.disk_restore_points) {
-        if (d.store_point && st) (void)st->delete_point(d.store_point);
+        if (d.store_point && st && !keep.count(d.store_point)) {
+          (void)st->delete_point(d.store_point);
+        }
       }
       Status s = db_->delete_point(p.collection, p.name);
       if (!s.ok()) return s;
@@ -190,8 +199,14 @@ Status RestoreServiceImpl::recover() {
       db_->fail_in_progress_operations("daemon restarted while the operation was running", now);
   if (!s.ok()) return s;
 
+  // Retained bases whose disk left the VM (or was deleted) while the daemon
+  // was down, or between a VM change and its sweep: their store points are
+  // no longer named below, so the next loop deletes them.
+  (void)sweep_retained_locked();
+
   // Store points no record names: committed by a job that crashed before its
-  // final transaction recorded them. They would pin their chunks forever.
+  // final transaction recorded them, or bases released just before a crash.
+  // They would pin their chunks forever. Retained bases count as named.
   auto after = db_->list_points("");
   if (!after.ok()) return after.status();
   std::map<std::string, std::set<uint64_t>> named;  // region -> store points
@@ -200,6 +215,9 @@ Status RestoreServiceImpl::recover() {
       if (d.store_point) named[region_of[p.collection]].insert(d.store_point);
     }
   }
+  auto retained = db_->retained_bases();
+  if (!retained.ok()) return retained.status();
+  for (const auto& b : retained.value()) named[region_of[b.collection]].insert(b.store_point);
   for (const auto& [region, st] : stores_) {
     auto points = st->list_points();
     if (!points.ok()) return points.status();
@@ -283,6 +301,47 @@ void RestoreServiceImpl::finish_operation(OperationRecord& op, const JobError* e
   live_ops_.erase(op.id);
 }
 
+std::vector<RestoreServiceImpl::StoreRef> RestoreServiceImpl::sweep_retained_locked() {
+  std::vector<StoreRef> out;
+  auto bases = db_->retained_bases();
+  if (!bases.ok()) {
+    spdlog::warn("retained bases: {}", bases.status().ToString());
+    return out;
+  }
+  for (const auto& b : bases.value()) {
+    auto c = db_->get_collection(b.collection);
+    auto vm = db_->vm_of_disk(b.disk);
+    if (!c.ok() || !vm.ok()) continue;  // a read error keeps it; the next sweep decides
+    if (c.value() && vm.value() && *vm.value() == c.value()->source_vm && disks_.get(b.disk).ok()) {
+      continue;  // still the base of a disk the collection's VM has
+    }
+    Status s = db_->drop_retained_base(b.disk, b.store_point);
+    if (!s.ok()) {
+      spdlog::warn("disk {}: releasing retained base: {}", b.disk, s.ToString());
+      continue;
+    }
+    spdlog::info("disk {}: released the retained base (store point {} of deleted {}/{})", b.disk,
+                 b.store_point, b.collection, b.restore_point);
+    // Collection gone: its region is unknown here; Open deletes the unnamed point.
+    if (c.value()) out.push_back({c.value()->region, b.store_point});
+  }
+  return out;
+}
+
+void RestoreServiceImpl::free_store_points(const std::vector<StoreRef>& refs) {
+  std::set<std::string> regions;
+  for (const auto& r : refs) {
+    auto st = store_of(r.region);
+    if (!st) continue;
+    Status s = st->delete_point(r.id);
+    if (!s.ok() && s.code() != Code::kNotFound) {
+      spdlog::warn("region {}: deleting store point {}: {}", r.region, r.id, s.ToString());
+    }
+    regions.insert(r.region);
+  }
+  for (const auto& region : regions) request_gc(region);
+}
+
 void RestoreServiceImpl::request_gc(const std::string& region) {
   {
     std::lock_guard<std::mutex> lock(gc_mu_);
@@ -334,7 +393,7 @@ Result<std::pair<VmRecord, bool>> RestoreServiceImpl::put_vm(const std::string& 
       return rec.status();
     }
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   for (const auto& d : disks) {
     auto owner = db_->vm_of_disk(d);
     if (!owner.ok()) return owner.status();
@@ -353,6 +412,10 @@ Result<std::pair<VmRecord, bool>> RestoreServiceImpl::put_vm(const std::string& 
   if (!s.ok()) return s;
   spdlog::info("vm {}: {} with {} disk(s)", name, old.value() ? "replaced" : "created",
                disks.size());
+  // A disk that left the VM no longer needs a retained base.
+  std::vector<StoreRef> freed = sweep_retained_locked();
+  lock.unlock();
+  free_store_points(freed);
   return std::make_pair(vm, !old.value().has_value());
 }
 
@@ -375,9 +438,13 @@ std::vector<VmRecord> RestoreServiceImpl::list_vms() {
 }
 
 Status RestoreServiceImpl::delete_vm(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   Status s = db_->delete_vm(name);
-  if (s.ok()) spdlog::info("vm {}: deleted (its collections stay)", name);
+  if (!s.ok()) return s;
+  spdlog::info("vm {}: deleted (its collections stay)", name);
+  std::vector<StoreRef> freed = sweep_retained_locked();  // its disks left it
+  lock.unlock();
+  free_store_points(freed);
   return s;
 }
 
@@ -483,13 +550,20 @@ Status RestoreServiceImpl::delete_collection(const std::string& name) {
     deleting_collections_.insert(name);
   }
   for (const auto& p : points) purge_point(p, region);
+  std::vector<StoreRef> freed;  // retained bases of the collection: its rows go with it
   {
     std::lock_guard<std::mutex> lock(mu_);
     deleting_collections_.erase(name);
+    auto retained = db_->retained_bases();
+    if (!retained.ok()) return retained.status();
+    for (const auto& b : retained.value()) {
+      if (b.collection == name) freed.push_back({region, b.store_point});
+    }
     Status s = db_->delete_collection(name);
     if (!s.ok()) return s;
   }
   spdlog::info("collection {}: deleted with {} restore point(s)", name, points.size());
+  free_store_points(freed);
   if (!points.empty()) request_gc(region);
   return Status::Ok();
 }
@@ -525,8 +599,18 @@ Result<std::vector<RestorePointRecord>> RestoreServiceImpl::list_restore_points(
 
 void RestoreServiceImpl::purge_point(const RestorePointRecord& p, const std::string& region) {
   auto st = store_of(region);
+  std::set<uint64_t> keep;  // retained as a disk's tracking base
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto retained = db_->retained_bases();
+    if (retained.ok()) {
+      for (const auto& b : retained.value()) {
+        if (b.collection == p.collection) keep.insert(b.store_point);
+      }
+    }
+  }
   for (const auto& d : p.disk_restore_points) {
-    if (!d.store_point || !st) continue;
+    if (!d.store_point || !st || keep.count(d.store_point)) continue;
     Status s = st->delete_point(d.store_point);
     if (!s.ok() && s.code() != Code::kNotFound) {
       spdlog::warn("restore point {}/{}: disk {}: {}", p.collection, p.name, d.disk, s.ToString());
@@ -564,9 +648,15 @@ Status RestoreServiceImpl::delete_restore_point(const std::string& collection,
     if (p.provisioning_state == "Creating") {
       return Status::Conflict("restore point '" + name + "' is being created");
     }
+    // A disk base among its disk points keeps its store point (retained), so
+    // the disk's next point stays incremental.
+    auto kept = db_->mark_point_deleting(collection, name);
+    if (!kept.ok()) return kept.status();
     p.provisioning_state = "Deleting";
-    Status s = db_->save_point(p);
-    if (!s.ok()) return s;
+    for (const auto& b : kept.value()) {
+      spdlog::info("restore point {}/{}: disk {}: store point {} kept as the tracking base",
+                   collection, name, b.disk, b.store_point);
+    }
   }
   purge_point(p, region);
   spdlog::info("restore point {}/{}: deleted", collection, name);

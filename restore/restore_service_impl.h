@@ -118,8 +118,22 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   void finish_operation(OperationRecord& op, const JobError* err, nlohmann::json result = nullptr);
   Status recover();
   void request_gc(const std::string& region);
-  // Removes a point's store points and rows (it is Deleting or Failed).
+  // Removes a point's store points (except those kept as retained tracking
+  // bases) and rows (it is Deleting or Failed).
   void purge_point(const RestorePointRecord& p, const std::string& region);
+
+  // A store point in a region, to delete once no record names it.
+  struct StoreRef {
+    std::string region;
+    uint64_t id = 0;
+  };
+  // mu_ held. Forgets retained bases that can never be a parent again: their
+  // collection, its VM or the disk is gone, or the disk left the VM. Returns
+  // their store points for free_store_points (after mu_ is released).
+  std::vector<StoreRef> sweep_retained_locked();
+  // Deletes the store points, then a GC pass of each region. A crash before
+  // the delete leaves them unnamed: Open deletes them.
+  void free_store_points(const std::vector<StoreRef>& refs);
 
   // Jobs.
   void run_create_point(RestorePointRecord rec, OperationRecord op, std::string vm,
@@ -129,9 +143,8 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::optional<JobError> create_point(
       RestorePointRecord& rec, const std::string& vm, const std::string& region,
       PointProgress& prog, std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>>* to_retire);
-  Result<store::PointInfo> copy_disk(store::Store& st, DiskSnapshot& snap, uint64_t parent,
-                                     const std::string& tag, std::atomic<uint64_t>& to_copy,
-                                     std::atomic<uint64_t>& copied);
+  Result<store::PointInfo> copy_disk(store::PointWriter& w, DiskSnapshot& snap,
+                                     std::atomic<uint64_t>& to_copy, std::atomic<uint64_t>& copied);
   // Fills an existing (Creating) disk's file from a store point.
   Status fill_disk(const std::string& disk, store::Store& st, uint64_t store_point,
                    const std::function<void(uint64_t, uint64_t)>& progress);

@@ -19,6 +19,7 @@
 #include <fstream>
 #include <future>
 #include <iostream>
+#include <random>
 #include <thread>
 
 #include "control/disk_service.h"
@@ -474,11 +475,12 @@ TEST_CASE("restore points: deleting points in the middle and the base; restore d
   saved["rp4"] = e.file("a");
   for (const auto& rp : {"rp1", "rp3", "rp4"}) CHECK(e.point("c", rp, "a") == saved[rp]);
 
-  // The base itself goes: the next point cannot be incremental.
+  // The base itself goes: its store point stays as the parent of the next.
   REQUIRE(e.rs->delete_restore_point("c", "rp4").ok());
   e.write("a", kGran, kGran, 'w');
   auto rp5 = e.create_point("c", "rp5");
-  CHECK(Dp(rp5, "a").full);
+  CHECK_FALSE(Dp(rp5, "a").full);
+  CHECK(Dp(rp5, "a").parent_store_point == Dp(rp4, "a").store_point);
   CHECK(e.point("c", "rp5", "a") == e.file("a"));
   CHECK(e.point("c", "rp1", "a") == saved["rp1"]);
 
@@ -521,6 +523,130 @@ TEST_CASE("restore points: deleting points in the middle and the base; restore d
   CHECK(e.rs->delete_collection("c").ok());
   CHECK(e.rs->exports().list_exports().empty());
   CHECK(e.rs->get_collection("c").status().code() == Code::kNotFound);
+}
+
+TEST_CASE("restore points: a deleted base stays the parent until the base moves on") {
+  Env e;
+  e.make_disk("a", kMiB);  // 16 blocks
+  e.make_disk("b", kMiB);
+  REQUIRE(e.rs->put_vm("vm", {"a", "b"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  e.write("a", 0, kGran, '1');
+  auto rp1 = e.create_point("c", "rp1");
+  Bytes a1 = e.file("a");
+  // Only rp2 holds these 512 KiB (random, so no chunk is shared).
+  {
+    auto d = e.disks->file_disk("a");
+    Bytes noise(8 * kGran);
+    std::mt19937 rng(7);
+    for (auto& ch : noise) ch = static_cast<char>(rng());
+    REQUIRE(e.io(*d, IoKind::kWrite, 4 * kGran, noise.data(), noise.size()) == 0);
+  }
+  auto rp2 = e.create_point("c", "rp2");
+  CHECK_FALSE(Dp(rp2, "a").full);
+  const uint64_t kept = Dp(rp2, "a").store_point;
+  REQUIRE(e.rs->delete_restore_point("c", "rp2").ok());
+  CHECK(e.rs->get_restore_point("c", "rp2").status().code() == Code::kNotFound);
+  CHECK(e.rs->exports().find_export("c/rp2/a") == nullptr);
+
+  // A restart keeps the retained base (Open's orphan sweep must not take it).
+  e.close();
+  e.open();
+  e.write("a", 4 * kGran, 8 * kGran, '3');
+  e.write("a", 13 * kGran, 100, '3');
+  auto rp3 = e.create_point("c", "rp3");
+  CHECK_FALSE(Dp(rp3, "a").full);
+  CHECK(Dp(rp3, "a").parent_store_point == kept);
+  CHECK(Dp(rp3, "a").blocks_to_copy == 9);  // only the changed blocks
+  CHECK(Dp(rp3, "a").bytes_stored <= 2 * kGran);
+  CHECK_FALSE(Dp(rp3, "b").full);
+  CHECK(Dp(rp3, "b").blocks_to_copy == 0);
+  CHECK(e.point("c", "rp3", "a") == e.file("a"));
+  CHECK(e.point("c", "rp1", "a") == a1);
+
+  // rp3 is the base now: rp2's store point went, and GC frees its content.
+  e.close();
+  {
+    auto st = store::Store::Open({e.region_dir()});
+    REQUIRE(st.ok());
+    CHECK(st.value()->point(kept).status().code() == Code::kNotFound);
+    CHECK(st.value()->list_points()->size() == 4);  // rp1, rp3 (a and b)
+    REQUIRE(st.value()->collect_garbage().ok());
+    auto stats = st.value()->stats();
+    REQUIRE(stats.ok());
+    CHECK(stats->pack_bytes < 8 * kGran);  // the random 512 KiB are gone
+  }
+  e.open();
+  CHECK(e.point("c", "rp3", "a") == e.file("a"));
+
+  // The disk leaves the VM: its retained base is released; back in, it is full.
+  REQUIRE(e.rs->delete_restore_point("c", "rp3").ok());
+  REQUIRE(e.rs->put_vm("vm", {"b"}, nullptr).ok());
+  REQUIRE(e.rs->put_vm("vm", {"a", "b"}, nullptr).ok());
+  auto rp4 = e.create_point("c", "rp4");
+  CHECK(Dp(rp4, "a").full);
+  CHECK_FALSE(Dp(rp4, "b").full);
+  CHECK(Dp(rp4, "b").parent_store_point == Dp(rp3, "b").store_point);
+  CHECK(e.point("c", "rp4", "a") == e.file("a"));
+  e.close();
+  {
+    auto st = store::Store::Open({e.region_dir()});
+    REQUIRE(st.ok());
+    CHECK(st.value()->point(Dp(rp3, "a").store_point).status().code() == Code::kNotFound);
+    CHECK(st.value()->point(Dp(rp3, "b").store_point).status().code() == Code::kNotFound);
+  }
+  e.open();
+
+  // Deleting the collection takes its retained bases with it.
+  REQUIRE(e.rs->delete_restore_point("c", "rp4").ok());
+  REQUIRE(e.rs->delete_collection("c").ok());
+  e.close();
+  {
+    auto st = store::Store::Open({e.region_dir()});
+    REQUIRE(st.ok());
+    CHECK(st.value()->list_points()->empty());
+  }
+}
+
+TEST_CASE("restore points: a parent released during the freeze hook: that disk goes full") {
+  TempDir dir;
+  std::string go = dir.path + "/go", frozen = dir.path + "/frozen";
+  std::map<std::string, FreezeHooks> hooks = {
+      {"vm", {"touch " + frozen + "; while [ ! -e " + go + " ]; do sleep 0.01; done", "true"}}};
+  Env e(dir.path, hooks);
+  e.make_disk("a", kMiB);
+  e.make_disk("b", kMiB);
+  REQUIRE(e.rs->put_vm("vm", {"a", "b"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  e.write("a", 0, kGran, '1');
+  e.write("b", 0, kGran, '1');
+  e.create_point("c", "rp1");
+  e.write("a", kGran, kGran, '2');
+  auto rp2 = e.create_point("c", "rp2");
+  REQUIRE(e.rs->delete_restore_point("c", "rp2").ok());  // a's and b's bases retained
+  e.write("a", 2 * kGran, kGran, '3');
+  e.write("b", 2 * kGran, kGran, '3');
+
+  auto s = e.rs->create_restore_point("c", "rp3", {}, "FileSystemConsistent");
+  REQUIRE(s.ok());
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!fs::exists(frozen)) {
+    REQUIRE(std::chrono::steady_clock::now() < until);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  // Parents are chosen; "a" leaves the VM, which releases its retained base.
+  REQUIRE(e.rs->put_vm("vm", {"b"}, nullptr).ok());
+  { std::ofstream(go).close(); }
+  auto op = e.wait(s->operation_id);
+  CHECK_MESSAGE(op.status == "Succeeded", op.error_code << ": " << op.error_message);
+  auto rp3 = e.rs->get_restore_point("c", "rp3");
+  REQUIRE(rp3.ok());
+  CHECK(Dp(rp3.value(), "a").full);
+  CHECK(Dp(rp3.value(), "a").parent_store_point == 0);
+  CHECK_FALSE(Dp(rp3.value(), "b").full);
+  CHECK(Dp(rp3.value(), "b").parent_store_point == Dp(rp2, "b").store_point);
+  CHECK(e.point("c", "rp3", "a") == e.file("a"));
+  CHECK(e.point("c", "rp3", "b") == e.file("b"));
 }
 
 TEST_CASE("restore points: verify finds a corrupted pack byte") {
