@@ -608,6 +608,35 @@ TEST_CASE("restore points: a deleted base stays the parent until the base moves 
   }
 }
 
+TEST_CASE("restore points: a crash while deleting the base keeps the retained base") {
+  Env e;
+  e.make_disk("a", kMiB);
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  e.write("a", 0, kGran, '1');
+  e.create_point("c", "rp1");
+  e.write("a", kGran, kGran, '2');
+  auto rp2 = e.create_point("c", "rp2");
+  e.close();
+  // What delete_restore_point's first transaction leaves if the daemon dies
+  // before the store points and rows are gone.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open((e.tmp.path + "/meta.db").c_str(), &db) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(db,
+                       "UPDATE restore_points SET provisioning_state = 'Deleting' "
+                       "WHERE name = 'rp2'; UPDATE tracking_bases SET retained = 1",
+                       nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+  e.open();
+  CHECK(e.rs->get_restore_point("c", "rp2").status().code() == Code::kNotFound);
+  e.write("a", 2 * kGran, kGran, '3');
+  auto rp3 = e.create_point("c", "rp3");
+  CHECK_FALSE(Dp(rp3, "a").full);
+  CHECK(Dp(rp3, "a").parent_store_point == Dp(rp2, "a").store_point);
+  CHECK(Dp(rp3, "a").blocks_to_copy == 1);
+  CHECK(e.point("c", "rp3", "a") == e.file("a"));
+}
+
 TEST_CASE("restore points: a parent released during the freeze hook: that disk goes full") {
   TempDir dir;
   std::string go = dir.path + "/go", frozen = dir.path + "/frozen";
