@@ -24,6 +24,7 @@ namespace {
 
 constexpr unsigned kMaxQueueDepth = 32768;  // IORING_MAX_ENTRIES
 constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaxHookTimeout = 3600;  // a freeze longer than an hour is a hung guest
 
 // Thrown inside this file only (never across its interface): it lets the
 // recursive walk below stop at the first error without threading a Status
@@ -277,14 +278,57 @@ class Parser {
     }
   }
 
-  static Status ValidateRegionName(const std::string& name) {
-    if (name.empty() || name.size() > 63) return Status::InvalidArgument("region name must be 1-63 characters");
+  // consistency: {hook_timeout_seconds, freeze, thaw, vms: {NAME: {freeze, thaw}}}
+  void Consistency(const Item& it) {
+    ConsistencyConfig& cc = config_->consistency;
+    WalkMap(it.value, MarkOf(it), it.path,
+            {{"hook_timeout_seconds",
+              [&](const Item& x) { cc.hook_timeout_seconds = Unsigned(x, 1, kMaxHookTimeout); }},
+             {"freeze", [&](const Item& x) { cc.defaults.freeze = String(x); }},
+             {"thaw", [&](const Item& x) { cc.defaults.thaw = String(x); }},
+             {"vms", [&](const Item& x) { VmHooks(x); }}});
+  }
+
+  // VM names are keys here, so this walks the mapping itself (WalkMap wants a
+  // fixed set of keys) and validates each name as the API does.
+  void VmHooks(const Item& it) {
+    if (!it.value.IsMap()) {
+      Fail(it, std::string("expected a mapping of VM names to {freeze, thaw}, got ") +
+                   KindName(it.value));
+    }
+    auto& vms = config_->consistency.vms;
+    vms.clear();
+    for (auto kv : it.value) {
+      const YAML::Node& k = kv.first;
+      if (!k.IsScalar()) Fail(k.Mark(), it.path, std::string("VM names must be plain words, got ") + KindName(k));
+      const std::string& vm = k.Scalar();
+      const std::string full = it.path + "." + vm;
+      Status st = ValidateName(vm, "VM name");
+      if (!st.ok()) Fail(k.Mark(), full, st.message());
+      if (vms.count(vm)) Fail(k.Mark(), full, "duplicate VM");
+      const YAML::Node& v = kv.second;
+      config_->origins[full] = MarkText(source_, v.Mark().is_null() ? k.Mark() : v.Mark());
+      ConsistencyConfig::VmHooks hooks;
+      if (!v.IsNull()) {
+        WalkMap(v, k.Mark(), full,
+                {{"freeze", [&](const Item& x) { hooks.freeze = String(x); }},
+                 {"thaw", [&](const Item& x) { hooks.thaw = String(x); }}});
+      }
+      vms[vm] = hooks;
+    }
+  }
+
+  static Status ValidateRegionName(const std::string& name) { return ValidateName(name, "region name"); }
+
+  // Region and VM names: the API's resource name rule.
+  static Status ValidateName(const std::string& name, const std::string& what) {
+    if (name.empty() || name.size() > 63) return Status::InvalidArgument(what + " must be 1-63 characters");
     if (name[0] == '.' || name[0] == '-') {
-      return Status::InvalidArgument("region name must not start with '.' or '-', got '" + name + "'");
+      return Status::InvalidArgument(what + " must not start with '.' or '-', got '" + name + "'");
     }
     for (char c : name) {
       if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
-        return Status::InvalidArgument("region name may only contain A-Z a-z 0-9 . _ -, got '" + name + "'");
+        return Status::InvalidArgument(what + " may only contain A-Z a-z 0-9 . _ -, got '" + name + "'");
       }
     }
     return Status::Ok();
@@ -297,6 +341,8 @@ class Parser {
             {{"state_dir", [&](const Item& it) { c.state_dir = NonEmptyString(it); }},
              {"disks_dir", [&](const Item& it) { c.disks_dir = String(it); }},
              {"metadata_db", [&](const Item& it) { c.metadata_db = String(it); }},
+             {"tracking_dir", [&](const Item& it) { c.tracking_dir = String(it); }},
+             {"staging_dir", [&](const Item& it) { c.staging_dir = String(it); }},
              {"control",
               [&](const Item& it) {
                 WalkMap(it.value, MarkOf(it), it.path,
@@ -322,7 +368,8 @@ class Parser {
                          {"threads", [&](const Item& x) { c.io_threads = Unsigned(x, 0, kMaxThreads); }},
                          {"direct", [&](const Item& x) { c.direct_io = Bool(x); }}});
               }},
-             {"regions", [&](const Item& it) { Regions(it); }}});
+             {"regions", [&](const Item& it) { Regions(it); }},
+             {"consistency", [&](const Item& it) { Consistency(it); }}});
   }
 
  private:
@@ -406,6 +453,8 @@ Status FinalizeConfig(Config& c) {
   ResolveUnder(c.state_dir, c.nbd_socket, "nbd.sock");
   ResolveUnder(c.state_dir, c.disks_dir, "disks");
   ResolveUnder(c.state_dir, c.metadata_db, "metadata.db");
+  ResolveUnder(c.state_dir, c.tracking_dir, "tracking");
+  ResolveUnder(c.state_dir, c.staging_dir, "staging");
 
   constexpr size_t kMaxSun = sizeof(sockaddr_un{}.sun_path) - 1;
   for (auto [key, path] : {std::pair<const char*, std::string*>{"control.socket", &c.control_socket},
@@ -420,10 +469,28 @@ Status FinalizeConfig(Config& c) {
     return KeyError(c, "nbd.socket", "must differ from control.socket (both are '" + c.nbd_socket + "')");
   }
   for (auto [key, path] : {std::pair<const char*, std::string*>{"control.socket", &c.control_socket},
-                           {"nbd.socket", &c.nbd_socket}, {"disks_dir", &c.disks_dir}}) {
+                           {"nbd.socket", &c.nbd_socket}, {"disks_dir", &c.disks_dir},
+                           {"tracking_dir", &c.tracking_dir}, {"staging_dir", &c.staging_dir}}) {
     if (*path == c.metadata_db) {
       return KeyError(c, "metadata_db", std::string("must differ from ") + key + " ('" + *path + "')");
     }
+  }
+  // Each directory holds files named after disks: sharing one would mix them.
+  {
+    std::vector<std::pair<const char*, const std::string*>> dirs = {
+        {"disks_dir", &c.disks_dir}, {"tracking_dir", &c.tracking_dir}, {"staging_dir", &c.staging_dir}};
+    for (size_t i = 0; i < dirs.size(); ++i) {
+      for (size_t j = i + 1; j < dirs.size(); ++j) {
+        if (*dirs[i].second == *dirs[j].second) {
+          return KeyError(c, dirs[j].first, std::string("must differ from ") + dirs[i].first + " ('" +
+                                                *dirs[j].second + "')");
+        }
+      }
+    }
+  }
+  if (c.consistency.hook_timeout_seconds < 1 || c.consistency.hook_timeout_seconds > kMaxHookTimeout) {
+    return KeyError(c, "consistency.hook_timeout_seconds",
+                    "must be a whole number from 1 to " + std::to_string(kMaxHookTimeout));
   }
   if (c.control_socket_mode > 0777) return KeyError(c, "control.mode", "must be no larger than 0777");
   if (c.nbd_socket_mode > 0777) return KeyError(c, "nbd.mode", "must be no larger than 0777");
@@ -456,6 +523,10 @@ Status FinalizeConfig(Config& c) {
   if (c.regions.size() > 1 && defaults == 0) {
     return KeyError(c, "regions", "with several regions, one needs \"default: true\"");
   }
+  if (c.regions.empty()) {
+    // Restore points work out of the box: one store next to the other state.
+    c.regions.push_back({"local", Normal(std::filesystem::path(c.state_dir) / "regions" / "local"), true});
+  }
   return Status::Ok();
 }
 
@@ -473,6 +544,8 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "state_dir" << YAML::Value << c.state_dir;
   out << YAML::Key << "disks_dir" << YAML::Value << c.disks_dir;
   out << YAML::Key << "metadata_db" << YAML::Value << c.metadata_db;
+  out << YAML::Key << "tracking_dir" << YAML::Value << c.tracking_dir;
+  out << YAML::Key << "staging_dir" << YAML::Value << c.staging_dir;
   out << YAML::Key << "control" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "socket" << YAML::Value << c.control_socket;
   out << YAML::Key << "mode" << YAML::Value << YAML::DoubleQuoted << mode;
@@ -509,6 +582,25 @@ std::string ConfigToYaml(const Config& c) {
     }
     out << YAML::EndSeq;
   }
+  const ConsistencyConfig& cc = c.consistency;
+  out << YAML::Key << "consistency" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "hook_timeout_seconds" << YAML::Value << cc.hook_timeout_seconds;
+  out << YAML::Key << "freeze" << YAML::Value << YAML::DoubleQuoted << cc.defaults.freeze;
+  out << YAML::Key << "thaw" << YAML::Value << YAML::DoubleQuoted << cc.defaults.thaw;
+  out << YAML::Key << "vms" << YAML::Value;
+  if (cc.vms.empty()) {
+    out << YAML::Flow << YAML::BeginMap << YAML::EndMap;
+  } else {
+    out << YAML::BeginMap;
+    for (const auto& [vm, hooks] : cc.vms) {
+      out << YAML::Key << vm << YAML::Value << YAML::BeginMap;
+      if (hooks.freeze) out << YAML::Key << "freeze" << YAML::Value << YAML::DoubleQuoted << *hooks.freeze;
+      if (hooks.thaw) out << YAML::Key << "thaw" << YAML::Value << YAML::DoubleQuoted << *hooks.thaw;
+      out << YAML::EndMap;
+    }
+    out << YAML::EndMap;
+  }
+  out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }
@@ -518,7 +610,9 @@ const std::vector<std::string>& ConfigKeys() {
       "state_dir",     "disks_dir",      "metadata_db",  "control.socket",  "control.mode",
       "nbd.socket",    "nbd.mode",       "nbd.tcp",      "log.level",       "io.queue_depth",
       "io.threads",    "io.direct",      "regions",      "regions[].name",  "regions[].path",
-      "regions[].default"};
+      "regions[].default", "tracking_dir", "staging_dir", "consistency.hook_timeout_seconds",
+      "consistency.freeze", "consistency.thaw", "consistency.vms", "consistency.vms.{vm}",
+      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw"};
   return kKeys;
 }
 
@@ -527,6 +621,16 @@ const RegionConfig* DefaultRegion(const Config& c) {
     if (r.is_default) return &r;
   }
   return c.regions.size() == 1 ? &c.regions[0] : nullptr;
+}
+
+HookConfig EffectiveHooks(const ConsistencyConfig& cc, const std::string& vm) {
+  HookConfig h = cc.defaults;
+  auto it = cc.vms.find(vm);
+  if (it != cc.vms.end()) {
+    if (it->second.freeze) h.freeze = *it->second.freeze;
+    if (it->second.thaw) h.thaw = *it->second.thaw;
+  }
+  return h;
 }
 
 }  // namespace rpoint

@@ -27,12 +27,31 @@ struct TcpAddress {
   uint16_t port = 10809;
 };
 
-// A restore point store (filled in by the restore point issue; parsed and
-// validated already so configs written now keep working).
+// A restore point store.
 struct RegionConfig {
   std::string name;        // like a disk name: [A-Za-z0-9._-], 1-63 chars
   std::string path;        // absolute
   bool is_default = false; // exactly one region is the default
+};
+
+// Commands run around a FileSystemConsistent restore point's cut (/bin/sh -c).
+// Empty: no hook.
+struct HookConfig {
+  std::string freeze;
+  std::string thaw;
+};
+
+// The `consistency:` block. A VM listed under `vms` takes its freeze/thaw from
+// there; a field it leaves out (absent or null) falls back to the top-level
+// one, and an empty string means "no hook" for that VM (EffectiveHooks).
+struct ConsistencyConfig {
+  unsigned hook_timeout_seconds = 60;
+  HookConfig defaults;
+  struct VmHooks {
+    std::optional<std::string> freeze;
+    std::optional<std::string> thaw;
+  };
+  std::map<std::string, VmHooks> vms;
 };
 
 struct Config {
@@ -50,7 +69,12 @@ struct Config {
 
   // --- additions (config engineer) ---
   uint32_t nbd_socket_mode = 0660;      // the NBD Unix socket gives full access to every disk
-  std::vector<RegionConfig> regions;    // empty: no restore point store configured
+  // Empty in the file: FinalizeConfig adds the default region "local" at
+  // <state_dir>/regions/local.
+  std::vector<RegionConfig> regions;
+  std::string tracking_dir;             // default: <state_dir>/tracking (change bitmaps)
+  std::string staging_dir;              // default: <state_dir>/staging (copy-before-write)
+  ConsistencyConfig consistency;
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").
@@ -70,7 +94,10 @@ std::string ConfigToYaml(const Config& config);
 std::string FormatTcpAddress(const TcpAddress& address);
 // Every key the parser accepts, dotted ("io.queue_depth", "regions[].name").
 const std::vector<std::string>& ConfigKeys();
-// The default region, or nullptr when none is configured (after FinalizeConfig).
+// The default region, or nullptr when none is configured (after FinalizeConfig
+// there always is one).
 const RegionConfig* DefaultRegion(const Config& config);
+// The hooks a VM gets: its own entry merged over the top-level defaults.
+HookConfig EffectiveHooks(const ConsistencyConfig& consistency, const std::string& vm);
 
 }  // namespace rpoint

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
@@ -114,11 +115,45 @@ class DiskServiceImpl final : public DiskService {
     return Status::Ok();
   }
 
-  Result<DiskRecord> create(const std::string& name, uint64_t size_bytes,
-                            const std::string& kind) override {
+  Result<DiskRecord> create(const std::string& name, uint64_t size_bytes, const std::string& kind,
+                            uint32_t tracking_granularity) override {
+    return create_disk(name, size_bytes, kind, tracking_granularity, "Succeeded", "");
+  }
+
+  Result<DiskRecord> create_provisioning(const std::string& name, uint64_t size_bytes,
+                                         uint32_t tracking_granularity,
+                                         const std::string& source_resource_id) override {
+    return create_disk(name, size_bytes, "managed", tracking_granularity, "Creating",
+                       source_resource_id);
+  }
+
+  Status mark_provisioned(const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = disks_.find(name);
+    if (it == disks_.end()) return not_found(name);
+    if (it->second.row.provisioning_state == "Succeeded") return Status::Ok();
+    Status s = db_->update_disk_provisioning(name, "Succeeded");
+    if (!s.ok()) return s;
+    it->second.row.provisioning_state = "Succeeded";
+    spdlog::info("disk {}: provisioned", name);
+    return Status::Ok();
+  }
+
+  std::shared_ptr<FileDisk> file_disk(const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = disks_.find(name);
+    if (it == disks_.end()) return nullptr;
+    return it->second.disk;
+  }
+
+  Result<DiskRecord> create_disk(const std::string& name, uint64_t size_bytes,
+                                 const std::string& kind, uint32_t tracking_granularity,
+                                 const std::string& provisioning_state,
+                                 const std::string& source_resource_id) {
     Status s = ValidateName(name);
     if (s.ok()) s = ValidateSize(size_bytes);
     if (s.ok()) s = ValidateKind(kind);
+    if (s.ok()) s = ValidateTrackingGranularity(tracking_granularity);
     if (!s.ok()) return s;
 
     std::lock_guard<std::mutex> lock(mu_);
@@ -131,19 +166,28 @@ class DiskServiceImpl final : public DiskService {
     row.block_device = false;
     row.kind = kind;
     row.time_created = NowRfc3339();
+    row.tracking_granularity = tracking_granularity;
+    row.provisioning_state = provisioning_state;
+    row.source_resource_id = source_resource_id;
 
+    // A tracking directory left by an earlier disk of this name (a crash
+    // between its row's deletion and the directory's) must not be taken over.
+    remove_tracking(name);
     // File durable first, then the row: a crash in between leaves an orphan
     // file (swept at the next start), never a row without its file.
     s = CreateSparseFile(row.path, size_bytes);
     if (!s.ok()) return s;
-    auto disk = FileDisk::Open(disk_options(name, row.path));
+    auto disk = FileDisk::Open(disk_options(row));
     if (!disk.ok()) {
       (void)RemoveFile(row.path);
       return disk.status();
     }
     s = db_->insert_disk(row);
     if (!s.ok()) {
+      disk.value()->retire();
+      disk.value().reset();
       (void)RemoveFile(row.path);
+      remove_tracking(name);
       return s;
     }
     Entry e;
@@ -151,14 +195,17 @@ class DiskServiceImpl final : public DiskService {
     e.disk = std::move(disk).value();
     DiskRecord rec = record(e);
     disks_.emplace(name, std::move(e));
-    spdlog::info("disk {}: created {} ({} bytes, {})", name, row.path, size_bytes, kind);
+    spdlog::info("disk {}: created {} ({} bytes, {}, tracking {} bytes{})", name, row.path,
+                 size_bytes, kind, tracking_granularity,
+                 provisioning_state == "Creating" ? ", being restored" : "");
     return rec;
   }
 
   Result<DiskRecord> adopt(const std::string& name, const std::string& path,
-                           const std::string& kind) override {
+                           const std::string& kind, uint32_t tracking_granularity) override {
     Status s = ValidateName(name);
     if (s.ok()) s = ValidateKind(kind);
+    if (s.ok()) s = ValidateTrackingGranularity(tracking_granularity);
     if (!s.ok()) return s;
     if (path.empty() || path[0] != '/') {
       return Status::InvalidArgument("path must be absolute, got '" + path + "'");
@@ -204,7 +251,11 @@ class DiskServiceImpl final : public DiskService {
       if (!claim.ok()) return claim.status();
       e.exclusive_fd = std::move(claim).value();
     }
-    auto disk = FileDisk::Open(disk_options(name, canonical));
+    e.row.name = name;
+    e.row.path = canonical;
+    e.row.tracking_granularity = tracking_granularity;
+    remove_tracking(name);
+    auto disk = FileDisk::Open(disk_options(e.row));
     if (!disk.ok()) return disk.status();
     uint64_t size = disk.value()->size();
     if (size == 0 || size % kSizeAlignment != 0) {
@@ -220,7 +271,12 @@ class DiskServiceImpl final : public DiskService {
     e.row.kind = kind;
     e.row.time_created = NowRfc3339();
     s = db_->insert_disk(e.row);
-    if (!s.ok()) return s;
+    if (!s.ok()) {
+      disk.value()->retire();
+      disk.value().reset();
+      remove_tracking(name);
+      return s;
+    }
     e.disk = std::move(disk).value();
     DiskRecord rec = record(e);
     disks_.emplace(name, std::move(e));
@@ -310,6 +366,7 @@ class DiskServiceImpl final : public DiskService {
       s = RemoveFile(gone.row.path);
       if (!s.ok()) spdlog::warn("disk {}: deleted, but its file stays: {}", name, s.ToString());
     }
+    remove_tracking(name);
     spdlog::info("disk {}: deleted{}{}", name, force && users > 0 ? " (forced, clients cut off)" : "",
                  gone.row.adopted ? " (adopted storage left in place)" : "");
     return Status::Ok();
@@ -333,6 +390,7 @@ class DiskServiceImpl final : public DiskService {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = disks_.find(name);
     if (it == disks_.end() || !it->second.disk || it->second.disk->retired()) return nullptr;
+    if (it->second.row.provisioning_state != "Succeeded") return nullptr;  // being restored
     return it->second.disk;
   }
 
@@ -340,20 +398,31 @@ class DiskServiceImpl final : public DiskService {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<ExportInfo> out;
     for (const auto& [name, e] : disks_) {
-      if (!e.disk) continue;
+      if (!e.disk || e.row.provisioning_state != "Succeeded") continue;
       out.push_back({name, "rpointd " + e.row.kind + " disk " + name});
     }
     return out;
   }
 
  private:
-  FileDiskOptions disk_options(const std::string& name, const std::string& path) const {
+  FileDiskOptions disk_options(const DiskRow& row) const {
     FileDiskOptions o;
-    o.name = name;
-    o.path = path;
+    o.name = row.name;
+    o.path = row.path;
     o.direct = options_.direct_io;
-    // Change tracking (tracking_dir) is switched on with restore points.
+    if (!options_.tracking_dir.empty()) {
+      o.tracking_dir = options_.tracking_dir + "/" + row.name;
+      o.tracking_granularity = row.tracking_granularity;
+    }
     return o;
+  }
+
+  // Drops a disk's change tracking generations (the disk is gone or new).
+  void remove_tracking(const std::string& name) {
+    if (options_.tracking_dir.empty()) return;
+    std::error_code ec;
+    std::filesystem::remove_all(options_.tracking_dir + "/" + name, ec);
+    if (ec) spdlog::warn("disk {}: cannot remove its change tracking: {}", name, ec.message());
   }
 
   static Status not_found(const std::string& name) {
@@ -370,6 +439,9 @@ class DiskServiceImpl final : public DiskService {
     r.kind = e.row.kind;
     r.time_created = e.row.time_created;
     r.attached_clients = e.disk ? e.disk->users() : 0;
+    r.tracking_granularity = e.row.tracking_granularity;
+    r.provisioning_state = e.row.provisioning_state;
+    r.source_resource_id = e.row.source_resource_id;
     r.error = e.error;
     return r;
   }
@@ -399,7 +471,7 @@ class DiskServiceImpl final : public DiskService {
       }
       e.exclusive_fd = std::move(claim).value();
     }
-    auto disk = FileDisk::Open(disk_options(name, e.row.path));
+    auto disk = FileDisk::Open(disk_options(e.row));
     if (!disk.ok()) {
       e.error = disk.status().message();
       e.exclusive_fd.reset();
@@ -499,6 +571,15 @@ Status DiskService::ValidateKind(const std::string& kind) {
   return Status::InvalidArgument("kind must be managed, shared or ephemeral, got '" + kind + "'");
 }
 
+Status DiskService::ValidateTrackingGranularity(uint64_t bytes) {
+  if (bytes < 4096 || bytes > (4u << 20) || (bytes & (bytes - 1)) != 0) {
+    return Status::InvalidArgument(
+        "trackingGranularityBytes must be a power of two from 4096 to 4194304, got " +
+        std::to_string(bytes));
+  }
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions& options) {
   if (options.disks_dir.empty()) return Status::InvalidArgument("disks_dir is not set");
   if (options.metadata_db.empty()) return Status::InvalidArgument("metadata_db is not set");
@@ -506,6 +587,10 @@ Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions&
   if (!s.ok()) return s;
   s = MakeDirectories(DirName(options.metadata_db), 0750);
   if (!s.ok()) return s;
+  if (!options.tracking_dir.empty()) {
+    s = MakeDirectories(options.tracking_dir, 0750);
+    if (!s.ok()) return s;
+  }
   // Rows store absolute paths, so they stay right whatever the daemon's cwd.
   std::string disks_dir = CanonicalPath(options.disks_dir);
   auto db = MetadataDb::Open(options.metadata_db);

@@ -20,10 +20,15 @@
 
 namespace rpoint {
 
+class FileDisk;
+
 struct DiskServiceOptions {
   std::string disks_dir;    // where created disks' files live
   std::string metadata_db;  // SQLite file
   bool direct_io = false;   // open disks with O_DIRECT for aligned I/O
+  // Change tracking for restore points: each disk's bitmap generations live in
+  // <tracking_dir>/<disk>. Empty: no tracking (restore points refuse the disk).
+  std::string tracking_dir;
 };
 
 struct DiskRecord {
@@ -53,10 +58,15 @@ class DiskService : public ExportResolver {
   static Result<std::unique_ptr<DiskService>> Open(const DiskServiceOptions& options);
   ~DiskService() override = default;
 
+  static constexpr uint32_t kDefaultTrackingGranularity = 64 * 1024;
+
+  // tracking_granularity: see DiskRecord; ValidateTrackingGranularity.
   virtual Result<DiskRecord> create(const std::string& name, uint64_t size_bytes,
-                                    const std::string& kind) = 0;
+                                    const std::string& kind,
+                                    uint32_t tracking_granularity = kDefaultTrackingGranularity) = 0;
   virtual Result<DiskRecord> adopt(const std::string& name, const std::string& path,
-                                   const std::string& kind) = 0;
+                                   const std::string& kind,
+                                   uint32_t tracking_granularity = kDefaultTrackingGranularity) = 0;
   virtual Result<DiskRecord> get(const std::string& name) = 0;
   virtual std::vector<DiskRecord> list() = 0;
   virtual Result<DiskRecord> resize(const std::string& name, uint64_t new_size_bytes) = 0;
@@ -64,6 +74,20 @@ class DiskService : public ExportResolver {
   virtual Status remove(const std::string& name, bool force) = 0;
   // fdatasync every open disk (shutdown).
   virtual void sync_all() = 0;
+
+  // ---- for RestoreService ----
+  // A managed disk in provisioning state Creating, to be filled by a restore:
+  // its record exists (the name is taken, GET shows it) but find_export and
+  // list_exports skip it until mark_provisioned(). A failed fill calls
+  // remove(name, true). On the next start, RestoreService removes disks still
+  // Creating (a restore interrupted by a crash).
+  virtual Result<DiskRecord> create_provisioning(const std::string& name, uint64_t size_bytes,
+                                                 uint32_t tracking_granularity,
+                                                 const std::string& source_resource_id) = 0;
+  virtual Status mark_provisioned(const std::string& name) = 0;
+  // The open engine disk (for cuts and restores); nullptr when there is no
+  // such disk or it is unavailable.
+  virtual std::shared_ptr<FileDisk> file_disk(const std::string& name) = 0;
 
   // Valid names: 1-63 chars of [A-Za-z0-9._-], not starting with '.' or '-'.
   static Status ValidateName(const std::string& name);
@@ -82,6 +106,8 @@ class DiskService : public ExportResolver {
   static Status ValidateSize(uint64_t size_bytes);
   // managed | shared | ephemeral.
   static Status ValidateKind(const std::string& kind);
+  // A power of two from 4 KiB to 4 MiB.
+  static Status ValidateTrackingGranularity(uint64_t bytes);
 };
 
 }  // namespace rpoint

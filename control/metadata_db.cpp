@@ -23,6 +23,86 @@ const char* const kMigrations[] = {
       time_created TEXT NOT NULL
     );
     )sql",
+    // 2: per-disk change tracking granularity; disks being filled by a restore.
+    R"sql(
+    ALTER TABLE disks ADD COLUMN tracking_granularity INTEGER NOT NULL DEFAULT 65536;
+    ALTER TABLE disks ADD COLUMN provisioning_state TEXT NOT NULL DEFAULT 'Succeeded';
+    ALTER TABLE disks ADD COLUMN source_resource_id TEXT NOT NULL DEFAULT '';
+    )sql",
+    // 3: VMs, restore point collections, restore points, operations (restore/).
+    R"sql(
+    CREATE TABLE vms (
+      name          TEXT PRIMARY KEY NOT NULL,
+      configuration TEXT NOT NULL,
+      time_created  TEXT NOT NULL
+    );
+    CREATE TABLE vm_disks (
+      vm       TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+      disk     TEXT NOT NULL UNIQUE,
+      position INTEGER NOT NULL,
+      PRIMARY KEY (vm, disk)
+    );
+    CREATE TABLE collections (
+      name         TEXT PRIMARY KEY NOT NULL,
+      source_vm    TEXT NOT NULL UNIQUE,
+      region       TEXT NOT NULL,
+      time_created TEXT NOT NULL
+    );
+    CREATE TABLE restore_points (
+      collection         TEXT NOT NULL REFERENCES collections(name),
+      name               TEXT NOT NULL,
+      seq                INTEGER NOT NULL,
+      consistency_mode   TEXT NOT NULL,
+      exclude_disks      TEXT NOT NULL,
+      provisioning_state TEXT NOT NULL,
+      time_created       TEXT NOT NULL,
+      source_metadata    TEXT NOT NULL,
+      operation_id       TEXT NOT NULL,
+      cut_pause_ns       INTEGER NOT NULL DEFAULT -1,
+      error_code         TEXT NOT NULL DEFAULT '',
+      error_message      TEXT NOT NULL DEFAULT '',
+      PRIMARY KEY (collection, name)
+    );
+    CREATE TABLE disk_restore_points (
+      collection         TEXT NOT NULL,
+      restore_point      TEXT NOT NULL,
+      disk               TEXT NOT NULL,
+      position           INTEGER NOT NULL,
+      size_bytes         INTEGER NOT NULL,
+      granularity        INTEGER NOT NULL,
+      full               INTEGER NOT NULL,
+      status             TEXT NOT NULL,
+      blocks_to_copy     INTEGER NOT NULL DEFAULT 0,
+      blocks_copied      INTEGER NOT NULL DEFAULT 0,
+      bytes_stored       INTEGER NOT NULL DEFAULT 0,
+      store_point        INTEGER NOT NULL DEFAULT 0,
+      parent_store_point INTEGER NOT NULL DEFAULT 0,
+      PRIMARY KEY (collection, restore_point, disk),
+      FOREIGN KEY (collection, restore_point) REFERENCES restore_points(collection, name)
+        ON DELETE CASCADE
+    );
+    CREATE TABLE operations (
+      id               TEXT PRIMARY KEY NOT NULL,
+      kind             TEXT NOT NULL,
+      resource_id      TEXT NOT NULL,
+      status           TEXT NOT NULL,
+      percent_complete INTEGER NOT NULL DEFAULT 0,
+      start_time       TEXT NOT NULL,
+      end_time         TEXT NOT NULL DEFAULT '',
+      error_code       TEXT NOT NULL DEFAULT '',
+      error_message    TEXT NOT NULL DEFAULT '',
+      result           TEXT NOT NULL DEFAULT 'null'
+    );
+    -- The restore point each disk's change tracker last retired through: the
+    -- parent of the disk's next incremental point (if still usable).
+    CREATE TABLE tracking_bases (
+      disk          TEXT PRIMARY KEY NOT NULL,
+      collection    TEXT NOT NULL,
+      restore_point TEXT NOT NULL,
+      store_point   INTEGER NOT NULL,
+      granularity   INTEGER NOT NULL
+    );
+    )sql",
 };
 
 constexpr int kLatest = static_cast<int>(std::size(kMigrations));
@@ -95,8 +175,8 @@ Status MetadataDb::migrate() {
 
 Result<std::vector<DiskRow>> MetadataDb::list_disks() {
   auto st = db_->prepare(
-      "SELECT name, path, size_bytes, adopted, block_device, kind, time_created "
-      "FROM disks ORDER BY name");
+      "SELECT name, path, size_bytes, adopted, block_device, kind, time_created, "
+      "tracking_granularity, provisioning_state, source_resource_id FROM disks ORDER BY name");
   if (!st.ok()) return st.status();
   std::vector<DiskRow> out;
   for (;;) {
@@ -111,6 +191,9 @@ Result<std::vector<DiskRow>> MetadataDb::list_disks() {
     r.block_device = st->column_int(4) != 0;
     r.kind = st->column_text(5);
     r.time_created = st->column_text(6);
+    r.tracking_granularity = static_cast<uint32_t>(st->column_int(7));
+    r.provisioning_state = st->column_text(8);
+    r.source_resource_id = st->column_text(9);
     out.push_back(std::move(r));
   }
   return out;
@@ -118,8 +201,9 @@ Result<std::vector<DiskRow>> MetadataDb::list_disks() {
 
 Status MetadataDb::insert_disk(const DiskRow& r) {
   auto st = db_->prepare(
-      "INSERT INTO disks (name, path, size_bytes, adopted, block_device, kind, time_created) "
-      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+      "INSERT INTO disks (name, path, size_bytes, adopted, block_device, kind, time_created, "
+      "tracking_granularity, provisioning_state, source_resource_id) "
+      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
   if (!st.ok()) return st.status();
   // One statement is its own transaction; with synchronous=FULL it is durable on return.
   return st->bind(1, r.name)
@@ -129,7 +213,19 @@ Status MetadataDb::insert_disk(const DiskRow& r) {
       .bind(5, int64_t{r.block_device})
       .bind(6, r.kind)
       .bind(7, r.time_created)
+      .bind(8, int64_t{r.tracking_granularity})
+      .bind(9, r.provisioning_state)
+      .bind(10, r.source_resource_id)
       .run();
+}
+
+Status MetadataDb::update_disk_provisioning(const std::string& name, const std::string& state) {
+  auto st = db_->prepare("UPDATE disks SET provisioning_state = ?2 WHERE name = ?1");
+  if (!st.ok()) return st.status();
+  Status s = st->bind(1, name).bind(2, state).run();
+  if (!s.ok()) return s;
+  if (st->changes() == 0) return Status::NotFound("no disk named '" + name + "'");
+  return Status::Ok();
 }
 
 Status MetadataDb::update_disk_size(const std::string& name, uint64_t size_bytes) {

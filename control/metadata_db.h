@@ -29,6 +29,9 @@ struct DiskRow {
   bool block_device = false;
   std::string kind;
   std::string time_created;
+  uint32_t tracking_granularity = 64 * 1024;
+  std::string provisioning_state = "Succeeded";  // Creating while a restore fills it
+  std::string source_resource_id;                // restored disks: the disk restore point
 };
 
 class MetadataDb {
@@ -43,6 +46,7 @@ class MetadataDb {
   // AlreadyExists when the name (or the path) is taken.
   Status insert_disk(const DiskRow& row);
   Status update_disk_size(const std::string& name, uint64_t size_bytes);
+  Status update_disk_provisioning(const std::string& name, const std::string& state);
   // NotFound when there is no such row.
   Status delete_disk(const std::string& name);
 

@@ -167,7 +167,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
 
   // --- services ---
   Result<std::unique_ptr<DiskService>> disks =
-      DiskService::Open({config.disks_dir, config.metadata_db, config.direct_io});
+      DiskService::Open({config.disks_dir, config.metadata_db, config.direct_io, /*tracking_dir=*/""});
   if (!disks.ok()) return fail("disk service", disks.status());
   unsigned threads = config.io_threads ? config.io_threads : UsableCpus();
   Result<std::unique_ptr<ReactorPool>> pool = ReactorPool::Create(threads, config.io_queue_depth);

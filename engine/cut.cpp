@@ -8,7 +8,11 @@
 namespace rpoint {
 
 Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
-                           const std::string& staging_dir, const std::string& tag) {
+                           const std::string& staging_dir, const std::string& tag,
+                           const std::vector<bool>& force_full) {
+  if (!force_full.empty() && force_full.size() != disks.size()) {
+    return Status::InvalidArgument("CutDisks: force_full needs one flag per disk");
+  }
   // Before the pause: everything that may touch the filesystem.
   std::vector<std::pair<UniqueFd, std::string>> staging;
   for (const auto& d : disks) {
@@ -27,7 +31,8 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
   for (const auto& d : disks) d->close_gate();
   Status failure;
   for (size_t i = 0; i < disks.size() && failure.ok(); ++i) {
-    auto snap = disks[i]->freeze(std::move(staging[i].first), staging[i].second);
+    bool full = !force_full.empty() && force_full[i];
+    auto snap = disks[i]->freeze(std::move(staging[i].first), staging[i].second, full);
     if (!snap.ok()) {
       failure = snap.status();
     } else {

@@ -28,7 +28,9 @@ struct CutResult {
 };
 
 // staging_dir: where the copy-before-write staging files go (local, fast).
+// force_full: empty, or one flag per disk (see FileDisk::freeze).
 Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
-                           const std::string& staging_dir, const std::string& tag);
+                           const std::string& staging_dir, const std::string& tag,
+                           const std::vector<bool>& force_full = {});
 
 }  // namespace rpoint

@@ -177,10 +177,11 @@ void FileDisk::open_gate() {
   }
 }
 
-Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, std::string staging_path) {
+Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, std::string staging_path,
+                                                       bool force_full) {
   if (!tracker_) return Status::Unsupported("disk " + name() + " is not change-tracked");
   if (snapshot_.load()) return Status::Conflict("disk " + name() + " already has a restore point in progress");
-  bool full = tracker_->all_since_creation();
+  bool full = force_full || tracker_->all_since_creation();
   auto gen = tracker_->flip();
   if (!gen.ok()) return gen.status();
   DiskSnapshot::Params p{name(), fd_.get(), gen.value(), size(), tracker_->granularity(), full,

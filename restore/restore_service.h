@@ -58,8 +58,8 @@ struct FreezeHooks {
 struct RestoreServiceOptions {
   std::vector<RegionSpec> regions;  // at least one; exactly one is_default
   std::string metadata_db;          // the daemon's SQLite file (DiskService's)
-  std::string tracking_dir;         // <state>/tracking: per-disk bitmaps live in <tracking_dir>/<disk>
-  std::string staging_dir;          // <state>/staging: copy-before-write staging files
+  std::string tracking_dir;  // <state>/tracking: per-disk bitmaps live in <tracking_dir>/<disk>
+  std::string staging_dir;   // <state>/staging: copy-before-write staging files
   // Hooks: per VM name; `default_hooks` for VMs not listed (empty = none).
   std::map<std::string, FreezeHooks> vm_hooks;
   FreezeHooks default_hooks;
@@ -85,16 +85,16 @@ struct CollectionRecord {
 };
 
 struct DiskRestorePointRecord {
-  std::string disk;      // source disk name; also this disk restore point's name
+  std::string disk;  // source disk name; also this disk restore point's name
   uint64_t size_bytes = 0;
   uint32_t granularity = 0;
-  bool full = false;              // stored every allocated block, not a delta
-  std::string status;             // replicationStatus.status: Pending | InProgress | Succeeded | Failed
-  int completion_percent = 0;     // replicationStatus.completionPercent
-  uint64_t blocks_to_copy = 0;    // chunk slots the point had to store
+  bool full = false;   // stored every allocated block, not a delta
+  std::string status;  // replicationStatus.status: Pending | InProgress | Succeeded | Failed
+  int completion_percent = 0;   // replicationStatus.completionPercent
+  uint64_t blocks_to_copy = 0;  // chunk slots the point had to store
   uint64_t blocks_copied = 0;
-  uint64_t bytes_stored = 0;      // new chunk bytes written to the store (after dedup)
-  uint64_t store_point = 0;       // store::PointId once committed, else 0
+  uint64_t bytes_stored = 0;  // new chunk bytes written to the store (after dedup)
+  uint64_t store_point = 0;   // store::PointId once committed, else 0
   uint64_t parent_store_point = 0;
 };
 
@@ -105,28 +105,30 @@ struct RestorePointRecord {
   std::vector<std::string> exclude_disks;
   std::string provisioning_state;  // Creating | Succeeded | Failed | Deleting
   std::string time_created;        // the cut's time
-  nlohmann::json source_metadata;  // {"vmName", "configuration", "disks": [{"id","name","sizeBytes","kind"}]}
+  nlohmann::json
+      source_metadata;  // {"vmName", "configuration", "disks": [{"id","name","sizeBytes","kind"}]}
   std::vector<DiskRestorePointRecord> disk_restore_points;
-  std::string operation_id;        // the creating operation
-  int64_t cut_pause_ns = -1;       // guest I/O pause of the cut (-1 before the cut)
+  std::string operation_id;               // the creating operation
+  int64_t cut_pause_ns = -1;              // guest I/O pause of the cut (-1 before the cut)
   std::string error_code, error_message;  // Failed only
 };
 
 struct OperationRecord {
-  std::string id;                  // uuid-like, [0-9a-f-]
-  std::string kind;                // CreateRestorePoint | RestoreDisk | RestoreVm | Verify
-  std::string resource_id;         // the resource it acts on, e.g. /restorePointCollections/c/restorePoints/rp
-  std::string status;              // InProgress | Succeeded | Failed
+  std::string id;    // uuid-like, [0-9a-f-]
+  std::string kind;  // CreateRestorePoint | RestoreDisk | RestoreVm | Verify
+  std::string
+      resource_id;     // the resource it acts on, e.g. /restorePointCollections/c/restorePoints/rp
+  std::string status;  // InProgress | Succeeded | Failed
   int percent_complete = 0;
   std::string start_time, end_time;  // RFC 3339; end_time empty while InProgress
   std::string error_code, error_message;
-  nlohmann::json result;           // kind-specific (Verify: the report), null otherwise
+  nlohmann::json result;  // kind-specific (Verify: the report), null otherwise
 };
 
 struct VerifyDamage {
   std::string disk;
-  std::string kind;      // Chunk | Page | Pack
-  std::string digest;    // hex, empty for packs
+  std::string kind;                       // Chunk | Page | Pack
+  std::string digest;                     // hex, empty for packs
   uint64_t first_offset = 0, length = 0;  // disk byte range affected
   std::string reason;
 };

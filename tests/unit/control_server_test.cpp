@@ -45,7 +45,7 @@ struct Fixture {
     REQUIRE(mkdtemp(t) != nullptr);
     dir = t;
     sock_path = dir + "/control.sock";
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false});
+    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, ""});
     REQUIRE(s.ok());
     svc = std::move(s).value();
     o.version = "1.2.3";

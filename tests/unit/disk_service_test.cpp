@@ -27,7 +27,7 @@ struct TempDir {
 };
 
 DiskServiceOptions Opts(const TempDir& t) {
-  return {t.path + "/disks", t.path + "/metadata.db", false};
+  return {t.path + "/disks", t.path + "/metadata.db", false, t.path + "/tracking"};
 }
 
 std::unique_ptr<DiskService> OpenSvc(const TempDir& t) {

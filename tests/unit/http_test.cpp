@@ -24,7 +24,7 @@ struct Fixture {
     char t[] = "/tmp/rpoint-http-XXXXXX";
     REQUIRE(mkdtemp(t) != nullptr);
     dir = t;
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false});
+    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, ""});
     REQUIRE(s.ok());
     svc = std::move(s).value();
     AddServiceRoutes(router, *svc, "9.9.9");

@@ -1,0 +1,84 @@
+// RestoreDb: the restore point records (VMs, collections, restore points,
+// disk restore points, operations, tracking bases) in the daemon's metadata
+// database, on RestoreService's own connection.
+//
+// The tables are created by MetadataDb's migrations (control/metadata_db.cpp),
+// so one schema version covers the whole file. Each method is one statement
+// or one transaction: save_point() writes a point, its disk points, its
+// operation and (on success) the disks' new tracking bases atomically, which
+// is what lets a point become Succeeded and the parents of the next points
+// move in the same commit.
+//
+// Thread-safety: none; RestoreService serialises calls with its mutex.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "control/metadata_db.h"
+#include "restore/restore_service.h"
+
+namespace rpoint {
+
+// The point a disk's change tracker last retired through.
+struct TrackingBase {
+  std::string disk;
+  std::string collection;
+  std::string restore_point;
+  uint64_t store_point = 0;
+  uint32_t granularity = 0;
+};
+
+class RestoreDb {
+ public:
+  static Result<std::unique_ptr<RestoreDb>> Open(const std::string& path);
+
+  // ---- VMs ----
+  Result<std::optional<VmRecord>> get_vm(const std::string& name);
+  Result<std::vector<VmRecord>> list_vms();
+  // Inserts or replaces the VM and its disk list (one transaction).
+  Status put_vm(const VmRecord& vm);
+  Status delete_vm(const std::string& name);
+  Result<std::optional<std::string>> vm_of_disk(const std::string& disk);
+
+  // ---- collections ----
+  Result<std::optional<CollectionRecord>> get_collection(const std::string& name);
+  Result<std::optional<CollectionRecord>> collection_of_vm(const std::string& vm);
+  Result<std::vector<CollectionRecord>> list_collections();
+  Status insert_collection(const CollectionRecord& c);
+  // Also its tracking bases; its points must be gone already.
+  Status delete_collection(const std::string& name);
+
+  // ---- restore points ----
+  Result<std::optional<RestorePointRecord>> get_point(const std::string& collection,
+                                                      const std::string& name);
+  // In creation order. collection empty: every collection.
+  Result<std::vector<RestorePointRecord>> list_points(const std::string& collection);
+  // Inserts or updates the point and replaces its disk points; with `op` also
+  // that operation, with `bases` also those disks' tracking bases. One transaction.
+  Status save_point(const RestorePointRecord& p, const OperationRecord* op = nullptr,
+                    const std::vector<TrackingBase>* bases = nullptr);
+  Status delete_point(const std::string& collection, const std::string& name);
+
+  Result<std::optional<TrackingBase>> tracking_base(const std::string& disk);
+
+  // ---- operations ----
+  Result<std::optional<OperationRecord>> get_operation(const std::string& id);
+  Status save_operation(const OperationRecord& op);
+  // Marks every InProgress operation Failed (start-up after a crash).
+  Status fail_in_progress_operations(const std::string& message, const std::string& end_time);
+
+ private:
+  explicit RestoreDb(std::unique_ptr<MetadataDb> db) : meta_(std::move(db)) {}
+  SqliteDb& db() { return meta_->db(); }
+  Status save_operation_locked(const OperationRecord& op);
+  Result<std::vector<DiskRestorePointRecord>> disk_points(const std::string& collection,
+                                                          const std::string& point);
+
+  std::unique_ptr<MetadataDb> meta_;
+};
+
+}  // namespace rpoint

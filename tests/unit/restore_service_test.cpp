@@ -1,0 +1,534 @@
+// RestoreService end to end below HTTP: real sparse files, writes through
+// FileDisk on a Reactor (so change tracking sees them), a real region store,
+// real hook processes. Restore points are read back through their NBD export
+// devices (PointDevice on the same reactor) and compared with copies of the
+// disks taken at the cut.
+#include "restore/restore_service.h"
+
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sqlite3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <thread>
+
+#include "control/disk_service.h"
+#include "engine/file_disk.h"
+#include "engine/reactor.h"
+
+namespace fs = std::filesystem;
+using namespace rpoint;
+
+namespace {
+
+constexpr uint32_t kGran = 64 * 1024;
+constexpr uint64_t kMiB = 1 << 20;
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/rpoint-restore-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+struct SyncIo final : IoRequest {
+  std::promise<int> done;
+  void on_done(int r) override { done.set_value(r); }
+};
+
+using Bytes = std::vector<char>;
+
+struct Env {
+  TempDir tmp;
+  std::unique_ptr<Reactor> reactor;
+  std::thread loop;
+  std::unique_ptr<DiskService> disks;
+  std::unique_ptr<RestoreService> rs;
+  std::map<std::string, FreezeHooks> hooks;
+
+  Env() {
+    reactor = std::move(Reactor::Create("restore-test", 64)).value();
+    loop = std::thread([this] { reactor->run(); });
+    open();
+  }
+  ~Env() {
+    close();
+    reactor->stop();
+    loop.join();
+  }
+  std::string region_dir() const { return tmp.path + "/regions/local"; }
+  void open() {
+    auto d = DiskService::Open(
+        {tmp.path + "/disks", tmp.path + "/meta.db", false, tmp.path + "/tracking"});
+    REQUIRE(d.ok());
+    disks = std::move(d).value();
+    open_restore();
+  }
+  void open_restore() {
+    RestoreServiceOptions o;
+    o.regions = {{"local", region_dir(), true}};
+    o.metadata_db = tmp.path + "/meta.db";
+    o.tracking_dir = tmp.path + "/tracking";
+    o.staging_dir = tmp.path + "/staging";
+    o.vm_hooks = hooks;
+    o.hook_timeout_seconds = 10;
+    o.copy_threads = 2;
+    auto r = RestoreService::Open(o, *disks);
+    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+    rs = std::move(r).value();
+  }
+  void close() {
+    if (rs) rs->shutdown();
+    rs.reset();
+    disks.reset();
+  }
+
+  int io(BlockDevice& dev, IoKind kind, uint64_t off, char* buf, uint64_t len) {
+    SyncIo r;
+    r.kind = kind;
+    r.offset = off;
+    r.length = len;
+    r.buf = buf;
+    auto f = r.done.get_future();
+    reactor->post([&] { dev.submit(*reactor, r); });
+    return f.get();
+  }
+  // Fills [off, off+len) of a disk with `c` through its FileDisk.
+  void write(const std::string& disk, uint64_t off, uint64_t len, char c) {
+    auto d = disks->file_disk(disk);
+    REQUIRE(d);
+    Bytes buf(len, c);
+    REQUIRE(io(*d, IoKind::kWrite, off, buf.data(), len) == 0);
+  }
+  Bytes file(const std::string& disk) {
+    auto rec = disks->get(disk);
+    REQUIRE(rec.ok());
+    std::ifstream f(rec->path, std::ios::binary);
+    Bytes b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    return b;
+  }
+  Bytes point(const std::string& c, const std::string& rp, const std::string& disk) {
+    auto dev = rs->exports().find_export(c + "/" + rp + "/" + disk);
+    REQUIRE_MESSAGE(dev, "no export " << c << "/" << rp << "/" << disk);
+    Bytes b(dev->size());
+    REQUIRE(io(*dev, IoKind::kRead, 0, b.data(), b.size()) == 0);
+    return b;
+  }
+  OperationRecord wait(const std::string& op) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    for (;;) {
+      auto r = rs->get_operation(op);
+      REQUIRE(r.ok());
+      if (r->status != "InProgress") return r.value();
+      REQUIRE(std::chrono::steady_clock::now() < until);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  RestorePointRecord create_point(const std::string& c, const std::string& rp,
+                                  std::vector<std::string> exclude = {},
+                                  const std::string& mode = "") {
+    auto s = rs->create_restore_point(c, rp, exclude, mode);
+    REQUIRE_MESSAGE(s.ok(), s.status().ToString());
+    CHECK(s->created);
+    CHECK(s->record.provisioning_state == "Creating");
+    auto op = wait(s->operation_id);
+    CHECK_MESSAGE(op.status == "Succeeded", op.error_code << ": " << op.error_message);
+    auto p = rs->get_restore_point(c, rp);
+    REQUIRE(p.ok());
+    return p.value();
+  }
+  void make_disk(const std::string& name, uint64_t size, const std::string& kind = "managed") {
+    auto r = disks->create(name, size, kind, kGran);
+    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  }
+};
+
+const DiskRestorePointRecord& Dp(const RestorePointRecord& p, const std::string& disk) {
+  for (const auto& d : p.disk_restore_points) {
+    if (d.disk == disk) return d;
+  }
+  FAIL("no disk point " << disk);
+  return p.disk_restore_points.front();
+}
+
+}  // namespace
+
+TEST_CASE("restore points: full then incremental, exact, only changed blocks stored") {
+  Env e;
+  e.make_disk("a", 4 * kMiB);
+  e.make_disk("b", 2 * kMiB);
+  e.write("a", 0, 5 * kGran, 'x');           // blocks 0-4
+  e.write("a", 40 * kGran, 2 * kGran, 'y');  // blocks 40-41
+  e.write("b", kGran + 100, 10, 'z');        // block 1, unaligned
+  REQUIRE(e.rs->put_vm("vm", {"a", "b"}, {{"cpus", 2}}).ok());
+  auto coll = e.rs->put_collection("c", "vm", "");
+  REQUIRE(coll.ok());
+  CHECK(coll->second);
+  CHECK(coll->first.region == "local");
+
+  auto rp1 = e.create_point("c", "rp1");
+  CHECK(rp1.provisioning_state == "Succeeded");
+  CHECK(rp1.cut_pause_ns >= 0);
+  CHECK(Dp(rp1, "a").full);
+  CHECK(Dp(rp1, "a").blocks_to_copy == 7);
+  CHECK(Dp(rp1, "b").blocks_to_copy == 1);
+  CHECK(Dp(rp1, "a").completion_percent == 100);
+  CHECK(rp1.source_metadata["configuration"]["cpus"] == 2);
+  CHECK(rp1.source_metadata["storageProfile"]["disks"].size() == 2);
+  Bytes a1 = e.file("a"), b1 = e.file("b");
+
+  e.write("a", 2 * kGran, 4096, 'q');    // block 2
+  e.write("a", 63 * kGran, kGran, 'r');  // last block
+  auto rp2 = e.create_point("c", "rp2");
+  CHECK_FALSE(Dp(rp2, "a").full);
+  CHECK(Dp(rp2, "a").parent_store_point == Dp(rp1, "a").store_point);
+  CHECK(Dp(rp2, "a").blocks_to_copy == 2);
+  CHECK(Dp(rp2, "b").blocks_to_copy == 0);
+  CHECK(Dp(rp2, "b").bytes_stored == 0);
+  Bytes a2 = e.file("a"), b2 = e.file("b");
+  CHECK(a1 != a2);
+
+  CHECK(e.point("c", "rp1", "a") == a1);
+  CHECK(e.point("c", "rp1", "b") == b1);
+  CHECK(e.point("c", "rp2", "a") == a2);
+  CHECK(e.point("c", "rp2", "b") == b2);
+  auto exports = e.rs->exports().list_exports();
+  CHECK(exports.size() == 4);
+  CHECK(e.rs->exports().find_export("c/rp9/a") == nullptr);
+
+  // An identical repeat is not a new point; a different one conflicts.
+  auto again = e.rs->create_restore_point("c", "rp2", {}, "CrashConsistent");
+  REQUIRE(again.ok());
+  CHECK_FALSE(again->created);
+  CHECK(e.rs->create_restore_point("c", "rp2", {"b"}, "").status().code() == Code::kConflict);
+  auto list = e.rs->list_restore_points("c");
+  REQUIRE(list.ok());
+  REQUIRE(list->size() == 2);
+  CHECK(list->at(0).name == "rp1");
+}
+
+TEST_CASE("restore points: a write after the cut stays out of the point (copy-before-write)") {
+  Env e;
+  std::string mark = e.tmp.path + "/thawing", go = e.tmp.path + "/go";
+  e.hooks["vm"] = {"echo \"$RPOINT_PHASE $RPOINT_VM $RPOINT_COLLECTION $RPOINT_RESTORE_POINT\" > " +
+                       e.tmp.path + "/env",
+                   "touch " + mark + "; while [ ! -e " + go + " ]; do sleep 0.01; done"};
+  e.close();
+  e.open();
+  e.make_disk("a", 2 * kMiB);
+  e.write("a", 0, 8 * kGran, 'o');
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "local").ok());
+  Bytes at_cut = e.file("a");
+
+  auto s = e.rs->create_restore_point("c", "rp1", {}, "FileSystemConsistent");
+  REQUIRE(s.ok());
+  // The thaw hook runs after the cut and before the copy: write now.
+  while (!fs::exists(mark)) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  e.write("a", 3 * kGran, kGran, 'N');
+  e.write("a", 20 * kGran, 4096, 'N');  // was a hole at the cut
+  auto busy = e.rs->create_restore_point("c", "rp2", {}, "");
+  CHECK(busy.status().code() == Code::kConflict);
+  auto during = e.rs->get_restore_point("c", "rp1");
+  REQUIRE(during.ok());
+  CHECK(during->provisioning_state == "Creating");
+  { std::ofstream(go).close(); }
+  auto op = e.wait(s->operation_id);
+  REQUIRE(op.status == "Succeeded");
+  CHECK(op.percent_complete == 100);
+  CHECK(e.point("c", "rp1", "a") == at_cut);
+  std::ifstream env(e.tmp.path + "/env");
+  std::string line;
+  std::getline(env, line);
+  CHECK(line == "freeze vm c rp1");
+
+  // The next point has exactly the two post-cut writes.
+  auto rp2 = e.create_point("c", "rp2");
+  CHECK(Dp(rp2, "a").blocks_to_copy == 2);
+  CHECK(e.point("c", "rp2", "a") == e.file("a"));
+}
+
+TEST_CASE("restore points: validation, excluded and shared disks, freeze failure") {
+  Env e;
+  e.hooks["vm"] = {"echo frozen-fail >&2; exit 3", "touch " + e.tmp.path + "/thawed"};
+  e.close();
+  e.open();
+  e.make_disk("a", kMiB);
+  e.make_disk("s", kMiB, "shared");
+  e.make_disk("t", kMiB, "ephemeral");
+  e.make_disk("other", kMiB);
+  REQUIRE(e.rs->put_vm("vm", {"a", "s", "t"}, nullptr).ok());
+  CHECK(e.rs->put_vm("vm2", {"a"}, nullptr).status().code() == Code::kConflict);
+  CHECK(e.rs->put_vm("vm2", {"nope"}, nullptr).status().code() == Code::kInvalidArgument);
+  CHECK(e.rs->put_vm("vm2", {"other", "other"}, nullptr).status().code() == Code::kInvalidArgument);
+  CHECK(e.rs->vm_of_disk("a") == std::optional<std::string>("vm"));
+  CHECK(e.rs->put_collection("c", "vm", "mars").status().code() == Code::kInvalidArgument);
+  CHECK(e.rs->put_collection("c", "novm", "").status().code() == Code::kNotFound);
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  CHECK_FALSE(e.rs->put_collection("c", "vm", "").value().second);  // identical repeat
+  CHECK(e.rs->put_collection("c2", "vm", "").status().code() == Code::kConflict);
+
+  auto r = e.rs->create_restore_point("c", "rp", {}, "");
+  CHECK(r.status().code() == Code::kInvalidArgument);
+  CHECK(r.status().message().find("'s'") != std::string::npos);
+  r = e.rs->create_restore_point("c", "rp", {"s"}, "");
+  CHECK(r.status().message().find("'t'") != std::string::npos);
+  r = e.rs->create_restore_point("c", "rp", {"s", "t", "other"}, "");
+  CHECK(r.status().code() == Code::kInvalidArgument);
+  CHECK(e.rs->create_restore_point("nope", "rp", {}, "").status().code() == Code::kNotFound);
+
+  // Freeze fails: the point fails with FreezeFailed, thaw still ran.
+  r = e.rs->create_restore_point("c", "rp", {"s", "t"}, "FileSystemConsistent");
+  REQUIRE(r.ok());
+  auto op = e.wait(r->operation_id);
+  CHECK(op.status == "Failed");
+  CHECK(op.error_code == "FreezeFailed");
+  CHECK(op.error_message.find("frozen-fail") != std::string::npos);
+  CHECK(op.error_message.find("status 3") != std::string::npos);
+  CHECK(fs::exists(e.tmp.path + "/thawed"));
+  auto p = e.rs->get_restore_point("c", "rp");
+  CHECK(p->provisioning_state == "Failed");
+  CHECK(p->error_code == "FreezeFailed");
+
+  auto ok = e.create_point("c", "rp-ok", {"s", "t"});
+  CHECK(ok.disk_restore_points.size() == 1);
+  CHECK(ok.exclude_disks == std::vector<std::string>{"s", "t"});
+
+  // No freeze hook for this VM.
+  REQUIRE(e.rs->put_vm("vm3", {"other"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c3", "vm3", "").ok());
+  r = e.rs->create_restore_point("c3", "rp", {}, "FileSystemConsistent");
+  CHECK(r.status().code() == Code::kInvalidArgument);
+  // Deleting a VM keeps its collection and points.
+  REQUIRE(e.rs->delete_vm("vm").ok());
+  CHECK(e.rs->get_restore_point("c", "rp-ok").ok());
+  CHECK(e.rs->create_restore_point("c", "rp2", {}, "").status().code() == Code::kNotFound);
+}
+
+TEST_CASE("restore points: a grown disk and a disk added to the VM") {
+  Env e;
+  e.make_disk("a", kMiB);
+  e.make_disk("b", kMiB);
+  e.write("a", 0, kMiB, 'a');
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  auto rp1 = e.create_point("c", "rp1");
+  Bytes a1 = e.file("a");
+
+  REQUIRE(e.disks->resize("a", 3 * kMiB).ok());
+  e.write("a", 2 * kMiB + 5 * kGran, kGran, 'g');
+  e.write("b", 0, 3 * kGran, 'b');
+  REQUIRE(e.rs->put_vm("vm", {"a", "b"}, nullptr).ok());
+  auto rp2 = e.create_point("c", "rp2");
+  CHECK_FALSE(Dp(rp2, "a").full);
+  CHECK(Dp(rp2, "a").size_bytes == 3 * kMiB);
+  CHECK(Dp(rp2, "a").blocks_to_copy == 1);
+  CHECK(Dp(rp2, "b").full);
+  CHECK(Dp(rp2, "b").blocks_to_copy == 3);
+  CHECK(e.point("c", "rp2", "a") == e.file("a"));
+  CHECK(e.point("c", "rp2", "b") == e.file("b"));
+  CHECK(e.point("c", "rp1", "a") == a1);
+}
+
+TEST_CASE("restore points: a failed point keeps its changes for the next one") {
+  Env e;
+  std::string mark = e.tmp.path + "/thawing", go = e.tmp.path + "/go";
+  e.hooks["vm"] = {"true", "touch " + mark + "; while [ ! -e " + go + " ]; do sleep 0.01; done"};
+  e.close();
+  e.open();
+  e.make_disk("a", 2 * kMiB);
+  e.write("a", 0, 2 * kGran, '1');
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  auto rp1 = e.create_point("c", "rp1");
+  e.write("a", 10 * kGran, kGran, '2');
+
+  // Fail rp2 after its cut: shut the service down while the thaw hook holds the job.
+  auto s = e.rs->create_restore_point("c", "rp2", {}, "FileSystemConsistent");
+  REQUIRE(s.ok());
+  while (!fs::exists(mark)) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  e.write("a", 12 * kGran, kGran, '3');  // after rp2's cut
+  std::thread stopper([&] { e.rs->shutdown(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  { std::ofstream(go).close(); }
+  stopper.join();
+  e.rs.reset();
+  e.open_restore();
+  auto p2 = e.rs->get_restore_point("c", "rp2");
+  REQUIRE(p2.ok());
+  CHECK(p2->provisioning_state == "Failed");
+  auto op2 = e.rs->get_operation(s->operation_id);
+  CHECK(op2->status == "Failed");
+  CHECK(e.rs->exports().find_export("c/rp2/a") == nullptr);
+
+  fs::remove(mark);
+  auto rp3 = e.create_point("c", "rp3", {}, "FileSystemConsistent");  // go exists: no wait
+  CHECK_FALSE(Dp(rp3, "a").full);
+  CHECK(Dp(rp3, "a").parent_store_point == Dp(rp1, "a").store_point);
+  CHECK(Dp(rp3, "a").blocks_to_copy == 2);  // blocks 10 and 12
+  CHECK(e.point("c", "rp3", "a") == e.file("a"));
+}
+
+TEST_CASE("restore points: recovery after a crash during creation and restore") {
+  Env e;
+  e.make_disk("a", kMiB);
+  e.write("a", 0, kGran, 'a');
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  auto rp1 = e.create_point("c", "rp1");
+  REQUIRE(e.disks->create_provisioning("half", kMiB, kGran, "/x").ok());
+  CHECK(e.disks->find_export("half") == nullptr);
+  CHECK(e.disks->find_export("a") != nullptr);
+  e.close();
+
+  // What a crash mid-job leaves: the point Creating, its operation InProgress,
+  // a staging file, a disk being restored.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open((e.tmp.path + "/meta.db").c_str(), &db) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(db,
+                       "UPDATE restore_points SET provisioning_state = 'Creating'; "
+                       "UPDATE operations SET status = 'InProgress', end_time = ''",
+                       nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+  std::string staging = e.tmp.path + "/staging/a.c.rp1.staging";
+  { std::ofstream(staging).close(); }
+
+  e.open();
+  auto p = e.rs->get_restore_point("c", "rp1");
+  REQUIRE(p.ok());
+  CHECK(p->provisioning_state == "Failed");
+  CHECK(p->error_message == "daemon restarted during creation");
+  CHECK(e.rs->get_operation(p->operation_id)->status == "Failed");
+  CHECK_FALSE(fs::exists(staging));
+  CHECK(e.disks->get("half").status().code() == Code::kNotFound);
+  // The failed point's store point was released; the next point is full again.
+  auto rp2 = e.create_point("c", "rp2");
+  CHECK(Dp(rp2, "a").full);
+  CHECK(e.point("c", "rp2", "a") == e.file("a"));
+}
+
+TEST_CASE("restore points: deleting points in the middle and the base; restore disk and VM") {
+  Env e;
+  e.make_disk("a", 2 * kMiB);
+  e.make_disk("b", kMiB);
+  REQUIRE(e.rs->put_vm("vm", {"a", "b"}, {{"os", "linux"}}).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  std::map<std::string, Bytes> saved;
+  for (int i = 1; i <= 3; ++i) {
+    e.write("a", static_cast<uint64_t>(i) * 3 * kGran, kGran + 7, static_cast<char>('0' + i));
+    e.write("b", static_cast<uint64_t>(i) * kGran, 4096, static_cast<char>('0' + i));
+    e.create_point("c", "rp" + std::to_string(i));
+    saved["rp" + std::to_string(i)] = e.file("a");
+  }
+  CHECK(e.rs->delete_restore_point("c", "rp2").ok());
+  CHECK(e.rs->get_restore_point("c", "rp2").status().code() == Code::kNotFound);
+  CHECK(e.rs->delete_restore_point("c", "rp2").code() == Code::kNotFound);
+  e.write("a", 0, kGran, 'z');
+  auto rp4 = e.create_point("c", "rp4");
+  CHECK_FALSE(Dp(rp4, "a").full);
+  saved["rp4"] = e.file("a");
+  for (const auto& rp : {"rp1", "rp3", "rp4"}) CHECK(e.point("c", rp, "a") == saved[rp]);
+
+  // The base itself goes: the next point cannot be incremental.
+  REQUIRE(e.rs->delete_restore_point("c", "rp4").ok());
+  e.write("a", kGran, kGran, 'w');
+  auto rp5 = e.create_point("c", "rp5");
+  CHECK(Dp(rp5, "a").full);
+  CHECK(e.point("c", "rp5", "a") == e.file("a"));
+  CHECK(e.point("c", "rp1", "a") == saved["rp1"]);
+
+  // Restore one disk.
+  auto bad = e.rs->start_restore_disk(
+      "r", "/restorePointCollections/c/restorePoints/rp2/diskRestorePoints/a");
+  CHECK(bad.status().code() == Code::kNotFound);
+  auto op = e.rs->start_restore_disk(
+      "r", "/restorePointCollections/c/restorePoints/rp3/diskRestorePoints/a");
+  REQUIRE(op.ok());
+  auto done = e.wait(op.value());
+  REQUIRE(done.status == "Succeeded");
+  auto r = e.disks->get("r");
+  REQUIRE(r.ok());
+  CHECK(r->provisioning_state == "Succeeded");
+  CHECK(r->source_resource_id.find("/rp3/") != std::string::npos);
+  CHECK(e.file("r") == saved["rp3"]);
+  struct stat st {};
+  REQUIRE(::stat(r->path.c_str(), &st) == 0);
+  CHECK(static_cast<uint64_t>(st.st_blocks) * 512 < kMiB);  // holes stayed holes
+  CHECK(e.disks->find_export("r") != nullptr);
+  CHECK(e.rs->start_restore_disk("r",
+                                 "/restorePointCollections/c/restorePoints/rp3/diskRestorePoints/a")
+            .status()
+            .code() == Code::kAlreadyExists);
+
+  // Restore the VM.
+  CHECK(e.rs->start_restore_vm("c", "rp1", "vm", {}).status().code() == Code::kConflict);
+  auto vop = e.rs->start_restore_vm("c", "rp1", "new", {{"b", "new-bee"}});
+  REQUIRE(vop.ok());
+  REQUIRE(e.wait(vop.value()).status == "Succeeded");
+  auto vm = e.rs->get_vm("new");
+  REQUIRE(vm.ok());
+  CHECK(vm->disks == std::vector<std::string>{"new-a", "new-bee"});
+  CHECK(vm->configuration["os"] == "linux");
+  CHECK(e.file("new-a") == saved["rp1"]);
+  CHECK(e.file("new-bee") == e.point("c", "rp1", "b"));
+
+  // Deleting the collection takes its points with it.
+  CHECK(e.rs->delete_collection("c").ok());
+  CHECK(e.rs->exports().list_exports().empty());
+  CHECK(e.rs->get_collection("c").status().code() == Code::kNotFound);
+}
+
+TEST_CASE("restore points: verify finds a corrupted pack byte") {
+  Env e;
+  e.make_disk("a", kMiB);
+  for (int i = 0; i < 16; ++i)
+    e.write("a", static_cast<uint64_t>(i) * kGran, kGran, static_cast<char>('A' + i));
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "").ok());
+  e.create_point("c", "rp1");
+  auto op = e.rs->start_verify("c", "rp1");
+  REQUIRE(op.ok());
+  auto v = e.wait(op.value());
+  REQUIRE(v.status == "Succeeded");
+  CHECK(v.result["ok"] == true);
+  CHECK(v.result["chunksChecked"] == 16);
+
+  std::string pack;
+  for (const auto& f : fs::recursive_directory_iterator(e.region_dir() + "/packs")) {
+    if (f.path().extension() == ".pack") pack = f.path().string();
+  }
+  REQUIRE(!pack.empty());
+  {
+    std::fstream f(pack, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(4096 + 1000);
+    char c = 0;
+    f.read(&c, 1);
+    c ^= 0x5a;
+    f.seekp(4096 + 1000);
+    f.write(&c, 1);
+  }
+  op = e.rs->start_verify("c", "rp1");
+  REQUIRE(op.ok());
+  v = e.wait(op.value());
+  REQUIRE(v.status == "Succeeded");
+  CHECK(v.result["ok"] == false);
+  REQUIRE(v.result["damage"].size() >= 1);
+  MESSAGE(v.result.dump());
+  bool chunk = false;
+  for (const auto& d : v.result["damage"]) {
+    if (d["kind"] == "Chunk") {
+      chunk = true;
+      CHECK(d["disk"] == "a");
+      CHECK(d["length"] == kGran);
+    }
+  }
+  CHECK(chunk);
+}
