@@ -1,7 +1,8 @@
 """The rpoint verbs for VMs, collections, restore points, restores, operations
 and regions, against the real daemon: -o json is the server's JSON, tables by
 default, --wait, and exit codes (0 ok, 1 server error / failed operation,
-2 usage, 3 unreachable; verify --wait: 3 when damage was found).
+2 usage, 3 unreachable; verify --wait: 4 when damage was found; the contract
+said 3, which rpoint(1) already uses for "unreachable", so rp-api made it 4).
 """
 import json
 import os
@@ -145,6 +146,7 @@ def test_restore_point_verbs(vm, tmp_path):
 
     # verify --wait: 0 when clean.
     r = ok(rpoint(d, "restore-point", "verify", "col/rp1", "--wait"))
+    assert "OK" in r.stdout, r.stdout
     r = js(rpoint(d, "restore-point", "verify", "col/rp1", "--wait", "-o", "json"))
     assert r["properties"]["output"]["ok"] is True, r
 
@@ -167,7 +169,7 @@ def test_restore_point_verbs(vm, tmp_path):
     assert r.returncode == 1, r
 
 
-def test_verify_wait_exit_3_on_damage(vm):
+def test_verify_wait_exit_4_on_damage(vm):
     d = vm
     ok(rpoint(d, "collection", "create", "col", "--vm", "web"))
     ok(rpoint(d, "restore-point", "create", "col/rp", "--exclude-disk", "scratch", "--wait"))
@@ -184,7 +186,8 @@ def test_verify_wait_exit_3_on_damage(vm):
             f.seek(4096 + 100)
             f.write(bytes([b[0] ^ 1]))
     r = rpoint(d, "restore-point", "verify", "col/rp", "--wait")
-    assert r.returncode == 3, f"exit {r.returncode}: {r.stdout}\n{r.stderr}"
+    assert r.returncode == 4, f"exit {r.returncode}: {r.stdout}\n{r.stderr}"
+    assert "DAMAGED" in r.stdout, r.stdout
     r = rpoint(d, "-o", "json", "restore-point", "verify", "col/rp", "--wait")
-    assert r.returncode == 3, r
+    assert r.returncode == 4, r
     assert json.loads(r.stdout)["properties"]["output"]["ok"] is False
