@@ -1,6 +1,10 @@
 #include "cli/app.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cstdlib>
+#include <iostream>
 #include <ostream>
 #include <sstream>
 
@@ -16,6 +20,9 @@ const std::vector<Command>& Commands() {
   static const std::vector<Command> table = [] {
     std::vector<Command> t;
     AddDiskCommands(t);
+    AddVmCommands(t);
+    AddRestorePointCommands(t);
+    AddOperationCommands(t);
     AddDaemonCommands(t);
     return t;
   }();
@@ -50,13 +57,20 @@ void PrintJson(Context& ctx, const nlohmann::ordered_json& j) {
   ctx.out << j.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << '\n';
 }
 
+std::string DefaultSocket() {
+  struct stat st;
+  if (::stat(kDefaultSocket, &st) == 0 && S_ISSOCK(st.st_mode)) return kDefaultSocket;
+  return kSystemdSocket;
+}
+
 namespace {
 
 po::options_description GlobalOptions() {
   po::options_description o("Global options", 100, 50);
   o.add_options()
       ("socket", po::value<std::string>()->value_name("PATH"),
-       "rpointd's control socket (default: $RPOINT_SOCKET, else /var/lib/rpointd/control.sock)")
+       "rpointd's control socket (default: $RPOINT_SOCKET, else /var/lib/rpointd/control.sock "
+       "if it exists, else /run/rpointd/control.sock)")
       ("output,o", po::value<std::string>()->value_name("FORMAT")->default_value("table"),
        "output format: table or json (the server's JSON)")
       ("help,h", "show help (for a command: rpoint NOUN VERB --help)")
@@ -75,8 +89,9 @@ void PrintMainHelp(std::ostream& os) {
     os << "  " << n << std::string(w - n.size() + 2, ' ') << c.summary << '\n';
   }
   os << '\n' << GlobalOptions() << '\n'
-     << "Exit status: 0 success, 1 the daemon reported an error, 2 usage error,\n"
-        "3 the daemon could not be reached.\n";
+     << "Exit status: 0 success, 1 the daemon reported an error (or an awaited operation\n"
+        "failed), 2 usage error, 3 the daemon could not be reached, 4 verify --wait found\n"
+        "damage.\n";
 }
 
 void PrintNounHelp(std::ostream& os, const std::string& noun) {
@@ -188,9 +203,12 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
     po::notify(vm);
   } catch (const po::error& e) {
     std::string what = e.what();
-    // Boost names the hidden positional "--name"; say what the user typed.
-    for (const char* p : {"the option '--name' is required but missing"}) {
-      if (what == p) what = "missing NAME";
+    // Boost names a missing hidden positional "--name"; say what the usage says.
+    for (const auto& opt : hidden.options()) {
+      if (what == "the option '--" + opt->long_name() + "' is required but missing") {
+        what = "missing argument (" + opt->long_name() + ")";
+        if (opt->long_name() == "name") what = "missing NAME";
+      }
     }
     err << "rpoint " << noun << ' ' << cmd->verb << ": " << what << "\nUsage: rpoint " << noun
         << ' ' << cmd->verb << ' ' << cmd->usage << '\n';
@@ -203,10 +221,12 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
   } else if (const char* env = std::getenv("RPOINT_SOCKET"); env && *env) {
     socket = env;
   } else {
-    socket = kDefaultSocket;
+    socket = DefaultSocket();
   }
   HttpClient client(socket);
   Context ctx{client, output == "json" ? OutputFormat::kJson : OutputFormat::kTable, out, err};
+  // A progress bar only where a person watches it; logs and pipes get lines.
+  ctx.err_is_tty = &err == &std::cerr && ::isatty(STDERR_FILENO);
   return cmd->run(ctx, vm);
 }
 

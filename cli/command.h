@@ -21,9 +21,10 @@ namespace po = boost::program_options;
 
 enum ExitCode : int {
   kExitOk = 0,
-  kExitServerError = 1,  // the daemon answered with an error
+  kExitServerError = 1,  // the daemon answered with an error (or an awaited operation failed)
   kExitUsage = 2,        // bad command line
   kExitUnreachable = 3,  // the daemon could not be reached (or hung up)
+  kExitDamage = 4,       // verify --wait: the restore point is damaged
 };
 
 enum class OutputFormat { kTable, kJson };
@@ -33,6 +34,7 @@ struct Context {
   OutputFormat output;
   std::ostream& out;
   std::ostream& err;
+  bool err_is_tty = false;  // --wait draws a progress bar on err only then
 };
 
 struct Command {
@@ -54,6 +56,9 @@ const std::vector<Command>& Commands();
 
 // Registration, one function per noun.
 void AddDiskCommands(std::vector<Command>& table);
+void AddVmCommands(std::vector<Command>& table);
+void AddRestorePointCommands(std::vector<Command>& table);  // collection, restore-point, region
+void AddOperationCommands(std::vector<Command>& table);
 void AddDaemonCommands(std::vector<Command>& table);
 
 // Shared by the commands:
@@ -67,5 +72,29 @@ bool Call(Context& ctx, const std::string& method, const std::string& path,
 int UsageError(Context& ctx, const std::string& message);
 // Prints the JSON as the -o json output.
 void PrintJson(Context& ctx, const nlohmann::ordered_json& j);
+
+// ---- JSON and names (cli/resource_text.cpp) ----
+// A member as text: strings as they are, other values as JSON, absent as "".
+std::string Str(const nlohmann::ordered_json& j, const char* key);
+// j["properties"], or an empty object.
+const nlohmann::ordered_json& Props(const nlohmann::ordered_json& resource);
+// A name for a URL path segment (percent-encodes all but [A-Za-z0-9._-]).
+std::string Escape(const std::string& s);
+// Splits "a/b/c" into exactly `parts` non-empty names; false otherwise.
+bool SplitNames(const std::string& s, size_t parts, std::vector<std::string>* out);
+// "/restorePointCollections/C/restorePoints/RP" from {C, RP}.
+std::string RestorePointPath(const std::string& collection, const std::string& point);
+
+// ---- long-running operations (cli/operation_commands.cpp) ----
+// The operation a 201/202 started (from its Azure-AsyncOperation header), or "".
+std::string OperationIdOf(const HttpReply& reply);
+// Polls /operations/ID until it is no longer InProgress, showing progress on
+// ctx.err (a bar on a terminal, a line per step otherwise). Returns kExitOk
+// when it Succeeded (with *operation set to its final JSON), kExitServerError
+// after printing the error when it Failed, or the exit code of a failed call.
+int WaitForOperation(Context& ctx, const std::string& id, const std::string& label,
+                     nlohmann::ordered_json* operation);
+// For a create/action without --wait: "operation ID started (rpoint operation show ID)".
+void PrintOperationHint(Context& ctx, const std::string& id);
 
 }  // namespace rpoint::cli

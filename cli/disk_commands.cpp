@@ -13,21 +13,9 @@ namespace {
 
 using json = nlohmann::ordered_json;
 
-std::string Str(const json& j, const char* key) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return "";
-  return it->is_string() ? it->get<std::string>() : it->dump();
-}
-
-const json& Props(const json& disk) {
-  static const json kEmpty = json::object();
-  auto it = disk.find("properties");
-  return it != disk.end() && it->is_object() ? *it : kEmpty;
-}
-
-std::string SizeText(const json& props) {
-  auto it = props.find("sizeBytes");
-  if (it == props.end() || !it->is_number_unsigned()) return Str(props, "sizeBytes");
+std::string SizeText(const json& props, const char* key = "sizeBytes") {
+  auto it = props.find(key);
+  if (it == props.end() || !it->is_number_unsigned()) return Str(props, key);
   return FormatSize(it->get<uint64_t>());
 }
 
@@ -37,7 +25,10 @@ void PrintDisk(Context& ctx, const json& disk) {
   std::string size = SizeText(p);
   if (p.contains("sizeBytes")) size += " (" + Str(p, "sizeBytes") + " bytes)";
   std::string origin = p.contains("creationData") ? Str(p["creationData"], "createOption") : "";
-  origin = origin == "Attach" ? "adopted" : origin == "Empty" ? "created" : origin;
+  origin = origin == "Attach"    ? "adopted"
+           : origin == "Empty"   ? "created"
+           : origin == "Restore" ? "restored from " + Str(p["creationData"], "sourceResourceId")
+                                 : origin;
   std::string nbd;
   if (p.contains("export") && p["export"].contains("nbd")) nbd = Str(p["export"]["nbd"], "name");
   std::vector<std::pair<std::string, std::string>> f = {
@@ -49,6 +40,8 @@ void PrintDisk(Context& ctx, const json& disk) {
       {"Path", Str(p, "path")},
       {"Device type", Str(p, "deviceType")},
       {"Origin", origin},
+      {"Tracking block",
+       p.contains("trackingGranularityBytes") ? SizeText(p, "trackingGranularityBytes") : ""},
       {"NBD export", nbd},
       {"Created", Str(p, "timeCreated")},
       {"Provisioning", Str(p, "provisioningState")},
@@ -57,23 +50,8 @@ void PrintDisk(Context& ctx, const json& disk) {
   PrintFields(ctx.out, f);
 }
 
-std::string Name(const po::variables_map& vm) { return vm["name"].as<std::string>(); }
-
-// Names go in the URL: escape anything the server would not take literally,
-// so a bad name gets the server's validation message, not a garbled path.
-std::string Escape(const std::string& s) {
-  static const char* kHex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out += '%';
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
+std::string Name(const po::variables_map& vm) {
+  return vm["name"].as<std::string>();
 }
 
 void DeclareName(po::options_description&, po::options_description& hidden,
@@ -83,10 +61,22 @@ void DeclareName(po::options_description&, po::options_description& hidden,
 }
 
 int Create(Context& ctx, const po::variables_map& vm) {
-  bool has_size = vm.count("size"), has_path = vm.count("path");
-  if (has_size == has_path) return UsageError(ctx, "give exactly one of --size or --path");
+  bool has_size = vm.count("size"), has_path = vm.count("path"), has_from = vm.count("from");
+  if (int(has_size) + int(has_path) + int(has_from) != 1) {
+    return UsageError(ctx, "give exactly one of --size, --path or --from");
+  }
+  if (vm.count("wait") && !has_from) return UsageError(ctx, "--wait goes with --from");
   json props = json::object();
-  if (has_size) {
+  if (has_from) {
+    std::vector<std::string> parts;
+    if (!SplitNames(vm["from"].as<std::string>(), 3, &parts)) {
+      return UsageError(ctx, "--from takes COLLECTION/RESTORE_POINT/DISK, got '" +
+                                 vm["from"].as<std::string>() + "'");
+    }
+    props["creationData"] = {{"createOption", "Restore"},
+                             {"sourceResourceId", RestorePointPath(parts[0], parts[1]) +
+                                                      "/diskRestorePoints/" + Escape(parts[2])}};
+  } else if (has_size) {
     auto size = ParseSize(vm["size"].as<std::string>());
     if (!size.ok()) return UsageError(ctx, size.status().message());
     props["sizeBytes"] = size.value();
@@ -101,12 +91,25 @@ int Create(Context& ctx, const po::variables_map& vm) {
     props["path"] = path;
   }
   if (vm.count("kind")) props["kind"] = vm["kind"].as<std::string>();
+  if (vm.count("granularity")) {
+    auto g = ParseSize(vm["granularity"].as<std::string>());
+    if (!g.ok()) return UsageError(ctx, "--granularity: " + g.status().message());
+    props["trackingGranularityBytes"] = g.value();
+  }
   HttpReply r;
   int rc;
   if (!Call(ctx, "PUT", "/disks/" + Escape(Name(vm)), json{{"properties", props}}, &r, &rc)) {
     return rc;
   }
+  std::string op = OperationIdOf(r);
+  if (!op.empty() && vm.count("wait")) {
+    json done;
+    rc = WaitForOperation(ctx, op, "restoring disk " + Name(vm), &done);
+    if (rc != kExitOk) return rc;
+    if (!Call(ctx, "GET", "/disks/" + Escape(Name(vm)), std::nullopt, &r, &rc)) return rc;
+  }
   if (r.json) PrintDisk(ctx, *r.json);
+  if (!op.empty() && !vm.count("wait")) PrintOperationHint(ctx, op);
   return kExitOk;
 }
 
@@ -169,29 +172,41 @@ int Delete(Context& ctx, const po::variables_map& vm) {
 }  // namespace
 
 void AddDiskCommands(std::vector<Command>& table) {
-  table.push_back({"disk", "create", "NAME (--size SIZE | --path PATH) [--kind KIND]",
-                   "create a sparse disk of SIZE, or adopt an existing file or block device",
+  table.push_back({"disk", "create",
+                   "NAME (--size SIZE | --path PATH | --from C/RP/DISK [--wait]) [--kind KIND] "
+                   "[--granularity BYTES]",
+                   "create a sparse disk of SIZE, adopt an existing file or block device, or "
+                   "restore a disk from a restore point",
                    [](po::options_description& o, po::options_description& h,
                       po::positional_options_description& p) {
                      DeclareName(o, h, p);
-                     o.add_options()
-                         ("size", po::value<std::string>()->value_name("SIZE"),
-                          "size of a new disk: bytes or K, M, G, T, P (binary), e.g. 10G")
-                         ("path", po::value<std::string>()->value_name("PATH"),
-                          "adopt this existing file or block device instead")
-                         ("kind", po::value<std::string>()->value_name("KIND"),
-                          "managed (default), shared or ephemeral");
+                     o.add_options()(
+                         "size", po::value<std::string>()->value_name("SIZE"),
+                         "size of a new disk: bytes or K, M, G, T, P (binary), e.g. 10G")(
+                         "path", po::value<std::string>()->value_name("PATH"),
+                         "adopt this existing file or block device instead")(
+                         "from", po::value<std::string>()->value_name("C/RP/DISK"),
+                         "restore from this disk restore point (collection/restore "
+                         "point/disk); the disk is served once the restore finishes")(
+                         "wait", "with --from: wait until the restore finishes")(
+                         "kind", po::value<std::string>()->value_name("KIND"),
+                         "managed (default), shared or ephemeral")(
+                         "granularity", po::value<std::string>()->value_name("BYTES"),
+                         "change tracking block size for restore points: a power of two "
+                         "from 4K to 4M (default 64K)");
                    },
                    Create});
   table.push_back({"disk", "list", "", "list disks",
                    [](po::options_description&, po::options_description&,
-                      po::positional_options_description&) {}, List});
+                      po::positional_options_description&) {},
+                   List});
   table.push_back({"disk", "show", "NAME", "show one disk", DeclareName, Show});
   table.push_back({"disk", "resize", "NAME --size SIZE", "grow a disk to SIZE",
                    [](po::options_description& o, po::options_description& h,
                       po::positional_options_description& p) {
                      DeclareName(o, h, p);
-                     o.add_options()("size", po::value<std::string>()->value_name("SIZE")->required(),
+                     o.add_options()("size",
+                                     po::value<std::string>()->value_name("SIZE")->required(),
                                      "new size (larger than the current one), e.g. 20G");
                    },
                    Resize});
@@ -200,8 +215,9 @@ void AddDiskCommands(std::vector<Command>& table) {
                    [](po::options_description& o, po::options_description& h,
                       po::positional_options_description& p) {
                      DeclareName(o, h, p);
-                     o.add_options()("force,f", "delete even with NBD clients attached (they are "
-                                                "disconnected)");
+                     o.add_options()("force,f",
+                                     "delete even with NBD clients attached (they are "
+                                     "disconnected)");
                    },
                    Delete});
 }

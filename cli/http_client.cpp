@@ -1,7 +1,8 @@
 #include "cli/http_client.h"
 
-#include "control/beast.h"
+#include <strings.h>
 
+#include "control/beast.h"
 
 #ifndef RPOINT_VERSION
 #define RPOINT_VERSION "unknown"
@@ -12,6 +13,13 @@ namespace rpoint::cli {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
+
+const std::string* HttpReply::header(const std::string& name) const {
+  for (const auto& [k, v] : headers) {
+    if (strcasecmp(k.c_str(), name.c_str()) == 0) return &v;
+  }
+  return nullptr;
+}
 
 std::string HttpReply::error_code() const {
   if (json && json->is_object() && json->contains("error") && (*json)["error"].is_object()) {
@@ -70,6 +78,9 @@ Result<HttpReply> HttpClient::request(const std::string& method, const std::stri
   }
   HttpReply reply;
   reply.status = static_cast<int>(parser.get().result_int());
+  for (const auto& field : parser.get()) {
+    reply.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+  }
   reply.body = std::move(parser.get().body());
   if (!reply.body.empty()) {
     auto j = nlohmann::ordered_json::parse(reply.body, nullptr, false);

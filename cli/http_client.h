@@ -9,6 +9,8 @@
 
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/status.h"
 
@@ -21,6 +23,10 @@ struct HttpReply {
   int status = 0;
   std::string body;
   std::optional<nlohmann::ordered_json> json;  // the body, when it is JSON
+  std::vector<std::pair<std::string, std::string>> headers;
+
+  // The first header of this name (case-insensitive), or nullptr.
+  const std::string* header(const std::string& name) const;
 
   // error.code / error.message from an error body, or something readable.
   std::string error_code() const;

@@ -17,8 +17,11 @@
 
 #include "control/disk_handlers.h"
 #include "control/http_connection.h"
+#include "control/operation_handlers.h"
+#include "control/restore_point_handlers.h"
 #include "control/router.h"
 #include "control/service_handlers.h"
+#include "control/vm_handlers.h"
 
 namespace rpoint {
 
@@ -30,14 +33,18 @@ namespace {
 // loop, and max_connections bounds the threads.
 class ControlServerImpl final : public ControlServer {
  public:
-  ControlServerImpl(DiskService& disks, ControlServerOptions options, UniqueFd stop_fd)
+  ControlServerImpl(DiskService& disks, RestoreService& restore, ControlServerOptions options,
+                    UniqueFd stop_fd)
       : options_(std::move(options)), stop_fd_(std::move(stop_fd)) {
     limits_.max_body_bytes = options_.max_body_bytes;
     limits_.idle_timeout_seconds = options_.idle_timeout_seconds;
     limits_.request_timeout_seconds = options_.request_timeout_seconds;
     limits_.server_header = "rpointd/" + options_.version;
     AddServiceRoutes(router_, disks, options_.version);
-    AddDiskRoutes(router_, disks);
+    AddDiskRoutes(router_, disks, restore);
+    AddVmRoutes(router_, restore);
+    AddRestorePointRoutes(router_, restore);
+    AddOperationRoutes(router_, restore);
   }
 
   ~ControlServerImpl() override { stop(); }
@@ -174,12 +181,13 @@ class ControlServerImpl final : public ControlServer {
 }  // namespace
 
 Result<std::unique_ptr<ControlServer>> ControlServer::Create(DiskService& disks,
+                                                             RestoreService& restore,
                                                              ControlServerOptions options) {
   UniqueFd stop_fd(::eventfd(0, EFD_CLOEXEC));
   if (!stop_fd) return Status::FromErrno(errno, "eventfd");
   if (options.version.empty()) options.version = "unknown";
   return std::unique_ptr<ControlServer>(
-      std::make_unique<ControlServerImpl>(disks, std::move(options), std::move(stop_fd)));
+      std::make_unique<ControlServerImpl>(disks, restore, std::move(options), std::move(stop_fd)));
 }
 
 }  // namespace rpoint

@@ -17,6 +17,8 @@
 
 namespace rpoint {
 
+class RestoreService;
+
 struct ControlServerOptions {
   std::string version;  // daemon version, reported by GET /
   // Larger request bodies are answered 413 (requests are small JSON objects).
@@ -32,6 +34,7 @@ struct ControlServerOptions {
 class ControlServer {
  public:
   static Result<std::unique_ptr<ControlServer>> Create(DiskService& disks,
+                                                       RestoreService& restore,
                                                        ControlServerOptions options);
   virtual ~ControlServer() = default;
   // A Unix stream socket already bound and listening.
@@ -39,7 +42,7 @@ class ControlServer {
   virtual void start() = 0;
   // Stops accepting and closes connections once their current request is answered.
   // Blocks until every connection thread has ended; idempotent. Call it (or
-  // destroy the server) before the DiskService goes away.
+  // destroy the server) before the DiskService or RestoreService goes away.
   virtual void stop() = 0;
 };
 

@@ -517,6 +517,21 @@ class DiskServiceImpl final : public DiskService {
       if (!known.count(path)) orphans.push_back(path);
     }
     ::closedir(dir);
+    if (!options_.tracking_dir.empty()) {
+      // Tracking directories of disks deleted just before a crash.
+      std::error_code ec;
+      std::vector<std::string> stale;
+      for (const auto& de : std::filesystem::directory_iterator(options_.tracking_dir, ec)) {
+        std::string name = de.path().filename().string();
+        if (de.is_directory() && ValidateName(name).ok() && !disks_.count(name)) {
+          stale.push_back(name);
+        }
+      }
+      for (const auto& name : stale) {
+        spdlog::warn("disk service: removing change tracking of deleted disk {}", name);
+        remove_tracking(name);
+      }
+    }
     for (const auto& path : orphans) {
       spdlog::warn("disk service: removing {}: no disk record names it (an interrupted "
                    "create or delete)",

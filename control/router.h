@@ -51,8 +51,9 @@ class Router {
 
 // Parses the body as a JSON object. On failure returns false and sets *error:
 // 415 UnsupportedMediaType for a Content-Type other than application/json
-// (absent is accepted), 400 InvalidJson for a missing body, bad JSON or a
-// non-object.
+// (absent is accepted, and so is application/x-www-form-urlencoded when the
+// body is a JSON object: plain `curl -d`), 400 InvalidJson for a missing body,
+// bad JSON or a non-object.
 bool ParseJsonObjectBody(const HttpRequest& request, nlohmann::json* out, HttpResponse* error);
 
 }  // namespace rpoint

@@ -16,10 +16,12 @@
 #include "common/logging.h"
 #include "control/control_server.h"
 #include "control/disk_service.h"
+#include "daemon/composite_resolver.h"
 #include "daemon/listeners.h"
 #include "daemon/state_dir.h"
 #include "engine/reactor.h"
 #include "nbd/server.h"
+#include "restore/restore_service.h"
 
 namespace rpoint {
 namespace {
@@ -79,6 +81,23 @@ void Reload(const DaemonOptions& options, Config& current) {
                others_changed ? "; other configuration changes take effect on restart" : "");
 }
 
+RestoreServiceOptions RestoreOptions(const Config& config) {
+  RestoreServiceOptions o;
+  for (const RegionConfig& r : config.regions) o.regions.push_back({r.name, r.path, r.is_default});
+  o.metadata_db = config.metadata_db;
+  o.tracking_dir = config.tracking_dir;
+  o.staging_dir = config.staging_dir;
+  const ConsistencyConfig& cc = config.consistency;
+  o.default_hooks = {cc.defaults.freeze, cc.defaults.thaw};
+  // The service takes a listed VM's hooks as they are: merge in the defaults here.
+  for (const auto& [vm, hooks] : cc.vms) {
+    HookConfig h = EffectiveHooks(cc, vm);
+    o.vm_hooks[vm] = {h.freeze, h.thaw};
+  }
+  o.hook_timeout_seconds = cc.hook_timeout_seconds;
+  return o;
+}
+
 std::string JoinAddresses(const std::vector<std::string>& v) {
   std::string out;
   for (const auto& a : v) out += (out.empty() ? "" : ", ") + a;
@@ -126,8 +145,16 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   Result<StateLock> lock = StateLock::Acquire(config.state_dir);
   if (!lock.ok()) return fail("state directory", lock.status());
   namespace fs = std::filesystem;
-  for (const std::string& dir : {config.disks_dir, fs::path(config.metadata_db).parent_path().string()}) {
+  for (const std::string& dir : {config.disks_dir, fs::path(config.metadata_db).parent_path().string(),
+                                 config.tracking_dir, config.staging_dir}) {
     if (Status st = MakeDirs(dir, 0700); !st.ok()) return fail("state directory", st);
+  }
+  // A region's store makes its own directory; its parent must be there (the
+  // default region lives in <state_dir>/regions/).
+  for (const RegionConfig& r : config.regions) {
+    if (Status st = MakeDirs(fs::path(r.path).parent_path().string(), 0700); !st.ok()) {
+      return fail("region " + r.name, st);
+    }
   }
 
   // --- listening sockets: systemd's first, then whatever is still missing ---
@@ -167,16 +194,19 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
 
   // --- services ---
   Result<std::unique_ptr<DiskService>> disks =
-      DiskService::Open({config.disks_dir, config.metadata_db, config.direct_io, /*tracking_dir=*/""});
+      DiskService::Open({config.disks_dir, config.metadata_db, config.direct_io, config.tracking_dir});
   if (!disks.ok()) return fail("disk service", disks.status());
+  Result<std::unique_ptr<RestoreService>> restore = RestoreService::Open(RestoreOptions(config), *disks.value());
+  if (!restore.ok()) return fail("restore point service", restore.status());
+  CompositeResolver exports(*disks.value(), restore.value()->exports());
   unsigned threads = config.io_threads ? config.io_threads : UsableCpus();
   Result<std::unique_ptr<ReactorPool>> pool = ReactorPool::Create(threads, config.io_queue_depth);
   if (!pool.ok()) return fail("reactor pool", pool.status());
-  Result<std::unique_ptr<NbdServer>> nbd = NbdServer::Create(*disks.value(), *pool.value(), NbdServerOptions{});
+  Result<std::unique_ptr<NbdServer>> nbd = NbdServer::Create(exports, *pool.value(), NbdServerOptions{});
   if (!nbd.ok()) return fail("NBD server", nbd.status());
   ControlServerOptions control_options;
   control_options.version = options.version;
-  Result<std::unique_ptr<ControlServer>> control = ControlServer::Create(*disks.value(), control_options);
+  Result<std::unique_ptr<ControlServer>> control = ControlServer::Create(*disks.value(), *restore.value(), control_options);
   if (!control.ok()) return fail("control server", control.status());
 
   std::vector<std::string> nbd_addresses;
@@ -214,12 +244,16 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   sd_notify(0, "STOPPING=1\nSTATUS=Shutting down: finishing in-flight I/O");
   StartForcedExitWatcher();
 
-  // New control requests stop first so nothing starts while NBD drains.
+  // New control requests stop first so nothing starts while NBD drains; then
+  // restore point jobs stop (an unfinished point becomes Failed, its tracker
+  // generations kept) before NBD clients are drained and the disks synced.
   control.value()->stop();
+  restore.value()->shutdown();
   nbd.value()->shutdown();
   disks.value()->sync_all();
   control.value().reset();
-  nbd.value().reset();
+  nbd.value().reset();  // its connections hold restore point exports
+  restore.value().reset();  // its point devices post to the reactors
   pool.value().reset();
   disks.value().reset();
   // control_listener / nbd_listeners: socket files are removed as they go out of scope.

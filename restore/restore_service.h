@@ -58,8 +58,11 @@ struct FreezeHooks {
 struct RestoreServiceOptions {
   std::vector<RegionSpec> regions;  // at least one; exactly one is_default
   std::string metadata_db;          // the daemon's SQLite file (DiskService's)
-  std::string tracking_dir;  // <state>/tracking: per-disk bitmaps live in <tracking_dir>/<disk>
-  std::string staging_dir;   // <state>/staging: copy-before-write staging files
+  // <state>/tracking: per-disk bitmaps live in <tracking_dir>/<disk>. The
+  // trackers belong to DiskService: pass the same directory as
+  // DiskServiceOptions::tracking_dir (this field is informational).
+  std::string tracking_dir;
+  std::string staging_dir;  // <state>/staging: copy-before-write staging files
   // Hooks: per VM name; `default_hooks` for VMs not listed (empty = none).
   std::map<std::string, FreezeHooks> vm_hooks;
   FreezeHooks default_hooks;
@@ -105,8 +108,10 @@ struct RestorePointRecord {
   std::vector<std::string> exclude_disks;
   std::string provisioning_state;  // Creating | Succeeded | Failed | Deleting
   std::string time_created;        // the cut's time
-  nlohmann::json
-      source_metadata;  // {"vmName", "configuration", "disks": [{"id","name","sizeBytes","kind"}]}
+  // Already in the contract's shape: {"vmId":"/vms/vm","vmName","configuration",
+  // "storageProfile":{"disks":[{"name","id":"/disks/a","sizeBytes","kind",
+  // "diskRestorePoint":{"id"}}]}} (excluded disks absent; sizes as at the cut).
+  nlohmann::json source_metadata;
   std::vector<DiskRestorePointRecord> disk_restore_points;
   std::string operation_id;               // the creating operation
   int64_t cut_pause_ns = -1;              // guest I/O pause of the cut (-1 before the cut)
@@ -148,8 +153,8 @@ class RestoreService {
   virtual ~RestoreService() = default;
 
   // ---- VMs ----
-  // Create or replace. InvalidArgument: unknown disk, duplicate, disk in another VM.
-  // Returns {record, created}.
+  // Create or replace. InvalidArgument: bad name, unknown disk, duplicate;
+  // Conflict: a disk already in another VM. Returns {record, created}.
   virtual Result<std::pair<VmRecord, bool>> put_vm(const std::string& name,
                                                    const std::vector<std::string>& disks,
                                                    const nlohmann::json& configuration) = 0;
@@ -186,11 +191,14 @@ class RestoreService {
   virtual Result<std::vector<RestorePointRecord>> list_restore_points(
       const std::string& collection) = 0;
   // Any point, in any order; Conflict while Creating. Space returns at the
-  // store's next GC (started in the background).
+  // store's next GC (started in the background). Open NBD devices of the
+  // point are retired (clients are disconnected at their next request).
   virtual Status delete_restore_point(const std::string& collection, const std::string& name) = 0;
   // Long-running: re-reads and re-hashes everything the point references.
   // The operation's result: {"ok": bool, "chunksChecked", "bytesRead",
   // "damage": [{"disk","kind","digest","offset","length","reason"}]}.
+  // Conflict unless the point is Succeeded. Damage found is not a failure:
+  // the operation Succeeds with "ok": false.
   virtual Result<std::string> start_verify(const std::string& collection,
                                            const std::string& name) = 0;
 
@@ -199,11 +207,15 @@ class RestoreService {
   // ("/restorePointCollections/c/restorePoints/rp/diskRestorePoints/d").
   // The disk record exists at once (provisioning Creating, not exported) and
   // is served once the operation succeeds; a failed restore deletes it.
+  // InvalidArgument: malformed source_id or disk name; NotFound: no such disk
+  // restore point; Conflict: the point is not Succeeded; AlreadyExists: the
+  // disk name is taken. The new disk has the point's size and granularity.
   virtual Result<std::string> start_restore_disk(const std::string& disk,
                                                  const std::string& source_id) = 0;
   // New VM `vm` from a restore point: one disk per disk restore point, named
   // `{vm}-{sourceDisk}` unless `disk_names` maps a source disk to a name, and
-  // the stored configuration.
+  // the stored configuration. Conflict: the VM or a disk name exists, or the
+  // point is not Succeeded; InvalidArgument: disk_names names an unknown disk.
   virtual Result<std::string> start_restore_vm(
       const std::string& collection, const std::string& name, const std::string& vm,
       const std::map<std::string, std::string>& disk_names) = 0;
@@ -216,6 +228,8 @@ class RestoreService {
   virtual ExportResolver& exports() = 0;
 
   // Stops jobs (their points become Failed) and joins threads. Idempotent.
+  // A job inside a freeze/thaw hook finishes the hook first (at most
+  // hook_timeout_seconds). Call before destroying the DiskService.
   virtual void shutdown() = 0;
 };
 

@@ -1,10 +1,12 @@
 // The rpoint CLI without a daemon: size parsing/printing, tables, argument
 // handling and its exit codes (cli/size.h, cli/table.h, cli/app.h).
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 
 #include <sstream>
 
 #include "cli/app.h"
+#include "cli/command.h"
 #include "cli/size.h"
 #include "cli/table.h"
 
@@ -102,4 +104,112 @@ TEST_CASE("an unreachable daemon exits 3, options anywhere") {
   CHECK(Run({"disk", "create", "a", "--size", "1G", kNoDaemon}) == 3);
   CHECK(Run({"disk", "delete", "--force", "a", kNoDaemon}) == 3);
   CHECK(Run({kNoDaemon, "daemon", "status"}) == 3);
+}
+
+// The restore point verbs: argument shapes the CLI refuses itself (exit 2)
+// and ones it accepts (they get as far as the missing daemon: exit 3).
+TEST_CASE("restore point verbs: argument parsing") {
+  std::string out, err;
+  CHECK(Run({"--help"}, &out) == 0);
+  for (const char* verb : {"vm create", "vm restore", "collection create", "restore-point create",
+                           "restore-point verify", "operation show", "region list"}) {
+    CHECK_MESSAGE(out.find(verb) != std::string::npos, verb);
+  }
+  CHECK(Run({"restore-point", "--help"}, &out) == 0);
+  CHECK(out.find("rpoint restore-point create COLLECTION/NAME") != std::string::npos);
+
+  // Accepted: they try to reach the daemon.
+  for (std::vector<std::string> args : std::vector<std::vector<std::string>>{
+           {"vm", "create", "web1", "--disk", "a", "--disk", "b"},
+           {"vm", "create", "web1"},
+           {"vm", "list"},
+           {"vm", "show", "web1"},
+           {"vm", "delete", "web1"},
+           {"vm", "restore", "c/rp1", "web2"},
+           {"vm", "restore", "c/rp1", "web2", "--disk-name", "a=new-a", "--disk-name", "b=x", "--wait"},
+           {"collection", "create", "c", "--vm", "web1"},
+           {"collection", "create", "c", "--vm", "web1", "--region", "nas"},
+           {"collection", "list"},
+           {"collection", "show", "c"},
+           {"collection", "delete", "c"},
+           {"restore-point", "create", "c/rp1"},
+           {"restore-point", "create", "c/rp1", "--exclude-disk", "x", "--exclude-disk", "y",
+            "--consistency", "fs", "--wait"},
+           {"restore-point", "create", "c/rp1", "--consistency", "crash"},
+           {"restore-point", "list", "c"},
+           {"restore-point", "show", "c/rp1"},
+           {"restore-point", "delete", "c/rp1"},
+           {"restore-point", "verify", "c/rp1", "--wait"},
+           {"disk", "create", "d", "--from", "c/rp1/a"},
+           {"disk", "create", "d", "--from", "c/rp1/a", "--wait"},
+           {"disk", "create", "d", "--size", "1G", "--granularity", "1M"},
+           {"operation", "show", "0123-abcd"},
+           {"operation", "show", "/operations/0123-abcd"},
+           {"region", "list"},
+       }) {
+    args.insert(args.begin(), kNoDaemon);
+    std::string line;
+    for (const auto& a : args) line += a + " ";
+    CHECK_MESSAGE(Run(args, nullptr, &err) == 3, line << "-> " << err);
+  }
+
+  // Refused before any request.
+  for (std::vector<std::string> args : std::vector<std::vector<std::string>>{
+           {"vm", "create"},
+           {"vm", "restore", "c/rp1"},
+           {"vm", "restore", "c", "web2"},                 // not C/RP
+           {"vm", "restore", "c/rp1/x", "web2"},           // too many parts
+           {"vm", "restore", "c/rp1", "web2", "--disk-name", "a"},
+           {"vm", "restore", "c/rp1", "web2", "--disk-name", "=b"},
+           {"vm", "create", "web1", "--config", "/nonexistent/config.json"},
+           {"collection", "create", "c"},                  // --vm required
+           {"restore-point", "create", "c"},
+           {"restore-point", "create", "c/"},
+           {"restore-point", "create", "/rp"},
+           {"restore-point", "create", "c/rp1", "--consistency", "app"},
+           {"restore-point", "show", "c"},
+           {"restore-point", "verify", "c//rp1"},
+           {"restore-point", "list"},
+           {"disk", "create", "d", "--from", "c/rp1"},
+           {"disk", "create", "d", "--from", "c/rp1/a", "--size", "1G"},
+           {"disk", "create", "d", "--size", "1G", "--wait"},  // --wait is for --from
+           {"disk", "create", "d", "--size", "1G", "--granularity", "big"},
+           {"operation", "show"},
+           {"region", "list", "extra"},
+       }) {
+    args.insert(args.begin(), kNoDaemon);
+    std::string line;
+    for (const auto& a : args) line += a + " ";
+    CHECK_MESSAGE(Run(args, nullptr, &err) == 2, line << "-> " << err);
+  }
+  CHECK(Run({kNoDaemon, "restore-point", "create", "c/rp1", "--consistency", "app"}, nullptr, &err) ==
+        2);
+  CHECK(err.find("fs or crash") != std::string::npos);
+}
+
+TEST_CASE("C/RP/DISK names and operation ids") {
+  std::vector<std::string> parts;
+  CHECK(SplitNames("c/rp", 2, &parts));
+  CHECK(parts == std::vector<std::string>{"c", "rp"});
+  CHECK(SplitNames("c/rp/a", 3, &parts));
+  CHECK(parts[2] == "a");
+  CHECK(!SplitNames("c/rp", 3, &parts));
+  CHECK(!SplitNames("c/rp/a", 2, &parts));
+  CHECK(!SplitNames("c//a", 3, &parts));
+  CHECK(!SplitNames("", 1, &parts));
+  CHECK(RestorePointPath("c", "r p") == "/restorePointCollections/c/restorePoints/r%20p");
+
+  HttpReply r;
+  CHECK(OperationIdOf(r).empty());
+  r.headers = {{"location", "/operations/abc-1"}};
+  CHECK(OperationIdOf(r) == "abc-1");
+  r.headers.insert(r.headers.begin(), {"Azure-AsyncOperation", "/operations/def-2?api-version=x"});
+  CHECK(OperationIdOf(r) == "def-2");
+}
+
+TEST_CASE("default socket: /var/lib/rpointd if it is there, else /run/rpointd") {
+  std::string s = DefaultSocket();
+  struct stat st;
+  bool var_lib = ::stat(kDefaultSocket, &st) == 0 && S_ISSOCK(st.st_mode);
+  CHECK(s == (var_lib ? kDefaultSocket : kSystemdSocket));
 }

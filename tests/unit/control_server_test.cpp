@@ -12,6 +12,7 @@
 
 #include "control/beast.h"
 #include "control/control_server.h"
+#include "restore/restore_service.h"
 
 using namespace rpoint;
 namespace asio = boost::asio;
@@ -37,6 +38,7 @@ struct Fixture {
   std::string dir;
   std::string sock_path;
   std::unique_ptr<DiskService> svc;
+  std::unique_ptr<RestoreService> restore;
   std::unique_ptr<ControlServer> server;
   asio::io_context ioc;
 
@@ -45,11 +47,20 @@ struct Fixture {
     REQUIRE(mkdtemp(t) != nullptr);
     dir = t;
     sock_path = dir + "/control.sock";
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, ""});
+    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, dir + "/tracking"});
     REQUIRE(s.ok());
     svc = std::move(s).value();
+    fs::create_directories(dir + "/regions");
+    RestoreServiceOptions ro;
+    ro.regions = {{"local", dir + "/regions/local", true}};
+    ro.metadata_db = dir + "/metadata.db";
+    ro.tracking_dir = dir + "/tracking";
+    ro.staging_dir = dir + "/staging";
+    auto r = RestoreService::Open(ro, *svc);
+    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+    restore = std::move(r).value();
     o.version = "1.2.3";
-    auto c = ControlServer::Create(*svc, o);
+    auto c = ControlServer::Create(*svc, *restore, o);
     REQUIRE(c.ok());
     server = std::move(c).value();
     REQUIRE(server->add_listener(Listen(sock_path)).ok());
@@ -58,6 +69,8 @@ struct Fixture {
   ~Fixture() {
     server->stop();
     server.reset();
+    restore->shutdown();
+    restore.reset();
     svc.reset();
     fs::remove_all(dir);
   }
@@ -185,7 +198,7 @@ TEST_CASE("add_listener refuses what is not a listening Unix stream socket") {
   int sv[2];
   REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
   ::close(sv[1]);
-  auto c = ControlServer::Create(*f.svc, {});
+  auto c = ControlServer::Create(*f.svc, *f.restore, {});
   REQUIRE(c.ok());
   CHECK_FALSE(c.value()->add_listener(UniqueFd(sv[0])).ok());
 }

@@ -10,6 +10,7 @@
 
 #include "control/disk_service.h"
 #include "control/metadata_db.h"
+#include "engine/file_disk.h"
 
 using namespace rpoint;
 namespace fs = std::filesystem;
@@ -256,4 +257,57 @@ TEST_CASE("a database from a newer rpointd is refused") {
   auto svc = DiskService::Open(Opts(t));
   REQUIRE_FALSE(svc.ok());
   CHECK(svc.status().message().find("999") != std::string::npos);
+}
+
+TEST_CASE("tracking granularity: validated, persisted, tracked; delete drops the tracking dir") {
+  for (uint64_t ok : {4096ull, 65536ull, 4194304ull}) {
+    CHECK(DiskService::ValidateTrackingGranularity(ok).ok());
+  }
+  for (uint64_t bad : {0ull, 2048ull, 65535ull, 3ull << 12, 8388608ull}) {
+    CHECK(DiskService::ValidateTrackingGranularity(bad).code() == Code::kInvalidArgument);
+  }
+  TempDir t;
+  {
+    auto svc = OpenSvc(t);
+    CHECK(svc->create("bad", kMiB, "managed", 12345).status().code() == Code::kInvalidArgument);
+    auto d = svc->create("d", kMiB, "managed", 16384);
+    REQUIRE(d.ok());
+    CHECK(d->tracking_granularity == 16384);
+    auto fd = svc->file_disk("d");
+    REQUIRE(fd);
+    REQUIRE(fd->tracker());
+    CHECK(fd->tracker()->granularity() == 16384);
+    CHECK(fs::is_directory(t.path + "/tracking/d"));
+    CHECK(svc->create("e", kMiB, "managed").value().tracking_granularity == 65536);
+  }
+  auto svc = OpenSvc(t);
+  CHECK(svc->get("d")->tracking_granularity == 16384);
+  CHECK(svc->file_disk("d")->tracker()->granularity() == 16384);
+  REQUIRE(svc->remove("d", false).ok());
+  CHECK_FALSE(fs::exists(t.path + "/tracking/d"));
+  CHECK(svc->file_disk("d") == nullptr);
+}
+
+TEST_CASE("a disk being provisioned is not exported until marked, and survives as Creating") {
+  TempDir t;
+  {
+    auto svc = OpenSvc(t);
+    auto d = svc->create_provisioning("r", 2 * kMiB, 4096, "/restorePointCollections/c/x");
+    REQUIRE(d.ok());
+    CHECK(d->provisioning_state == "Creating");
+    CHECK(svc->find_export("r") == nullptr);
+    CHECK(svc->list_exports().empty());
+    CHECK(svc->file_disk("r") != nullptr);
+    CHECK(svc->create("r", kMiB, "managed").status().code() == Code::kAlreadyExists);
+  }
+  auto svc = OpenSvc(t);
+  auto d = svc->get("r");
+  REQUIRE(d.ok());
+  CHECK(d->provisioning_state == "Creating");
+  CHECK(d->source_resource_id == "/restorePointCollections/c/x");
+  CHECK(svc->find_export("r") == nullptr);
+  REQUIRE(svc->mark_provisioned("r").ok());
+  CHECK(svc->find_export("r") != nullptr);
+  CHECK(svc->list_exports().size() == 1);
+  CHECK(svc->get("r")->provisioning_state == "Succeeded");
 }

@@ -1,13 +1,20 @@
-// The disk and service routes (control/disk_handlers.h, service_handlers.h)
-// through the Router with a real DiskService on a temporary directory.
+// The control API's routes (control/*_handlers.h) through the Router with a
+// real DiskService and RestoreService on a temporary directory.
 #include <doctest/doctest.h>
 #include <stdlib.h>
 
 #include <filesystem>
 #include <fstream>
 
+#include <chrono>
+#include <thread>
+
 #include "control/disk_handlers.h"
+#include "control/operation_handlers.h"
+#include "control/restore_point_handlers.h"
 #include "control/service_handlers.h"
+#include "control/vm_handlers.h"
+#include "restore/restore_service.h"
 
 using namespace rpoint;
 using nlohmann::json;
@@ -18,19 +25,34 @@ namespace {
 struct Fixture {
   std::string dir;
   std::unique_ptr<DiskService> svc;
+  std::unique_ptr<RestoreService> restore;
   Router router;
 
   Fixture() {
     char t[] = "/tmp/rpoint-http-XXXXXX";
     REQUIRE(mkdtemp(t) != nullptr);
     dir = t;
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, ""});
+    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, dir + "/tracking"});
     REQUIRE(s.ok());
     svc = std::move(s).value();
+    fs::create_directories(dir + "/regions");
+    RestoreServiceOptions ro;
+    ro.regions = {{"local", dir + "/regions/local", true}};
+    ro.metadata_db = dir + "/metadata.db";
+    ro.tracking_dir = dir + "/tracking";
+    ro.staging_dir = dir + "/staging";
+    auto r = RestoreService::Open(ro, *svc);
+    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+    restore = std::move(r).value();
     AddServiceRoutes(router, *svc, "9.9.9");
-    AddDiskRoutes(router, *svc);
+    AddDiskRoutes(router, *svc, *restore);
+    AddVmRoutes(router, *restore);
+    AddRestorePointRoutes(router, *restore);
+    AddOperationRoutes(router, *restore);
   }
   ~Fixture() {
+    restore->shutdown();
+    restore.reset();
     svc.reset();
     fs::remove_all(dir);
   }
@@ -239,4 +261,168 @@ TEST_CASE("DELETE of an attached disk: 409 unless force") {
   CHECK(ErrCode(r) == "Conflict");
   CHECK(f.call("DELETE", "/disks/a?force=true").status == 204);
   CHECK(use->retired());
+}
+
+// ---- VMs, collections, restore points, operations ----
+
+namespace {
+
+// Polls the operation a 201/202 named until it is done; returns its JSON.
+json WaitDone(Fixture& f, const HttpResponse& started) {
+  const std::string* op = started.header("Azure-AsyncOperation");
+  REQUIRE(op != nullptr);
+  CHECK(*started.header("Location") == *op);
+  CHECK(*started.header("Retry-After") == "1");
+  for (int i = 0; i < 500; ++i) {
+    auto r = f.call("GET", *op);
+    REQUIRE(r.status == 200);
+    json j = Body(r);
+    if (j["status"] != "InProgress") return j;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  FAIL("operation did not finish");
+  return {};
+}
+
+void MakeVm(Fixture& f) {
+  REQUIRE(f.call("PUT", "/disks/a", Create(kMiB)).status == 201);
+  REQUIRE(f.call("PUT", "/disks/tmp", Create(kMiB, "ephemeral")).status == 201);
+  auto vm = f.call("PUT", "/vms/vm1",
+                   json{{"properties", {{"disks", {{{"id", "/disks/a"}}, "/disks/tmp"}},
+                                        {"configuration", {{"cpus", 2}}}}}});
+  REQUIRE(vm.status == 201);
+  REQUIRE(f.call("PUT", "/restorePointCollections/c",
+                 json{{"properties", {{"source", {{"id", "/vms/vm1"}}}}}})
+              .status == 201);
+}
+
+}  // namespace
+
+TEST_CASE("VMs: strict bodies, 201/200, disks in a VM cannot be deleted") {
+  Fixture f;
+  REQUIRE(f.call("PUT", "/disks/a", Create(kMiB)).status == 201);
+  REQUIRE(f.call("PUT", "/disks/b", Create(kMiB)).status == 201);
+  json body = {{"properties", {{"disks", {{{"id", "/disks/a"}}}}}}};
+  auto r = f.call("PUT", "/vms/vm1", body);
+  REQUIRE(r.status == 201);
+  CHECK(Body(r)["properties"]["disks"][0]["name"] == "a");
+  CHECK(Body(r)["properties"]["configuration"] == json::object());
+  CHECK(f.call("PUT", "/vms/vm1", body).status == 200);
+
+  auto e = f.call("PUT", "/vms/vm2", json{{"properties", {{"disks", {"/disks/a"}}}}});
+  CHECK(e.status == 409);
+  CHECK(Message(e).find("'vm1'") != std::string::npos);
+  e = f.call("PUT", "/vms/vm2", json{{"properties", {{"disks", {"/disks/b", "/disks/b"}}}}});
+  CHECK(e.status == 400);
+  e = f.call("PUT", "/vms/vm2", json{{"properties", {{"disks", {"/disks/b"}}, {"cpu", 1}}}});
+  CHECK(e.status == 400);
+  CHECK(Message(e).find("'cpu'") != std::string::npos);
+  CHECK(f.call("PUT", "/vms/vm2", json{{"properties", {{"disks", {"/vms/b"}}}}}).status == 400);
+  CHECK(f.call("PUT", "/vms/vm2", json{{"properties", json::object()}}).status == 400);
+  CHECK(f.call("PUT", "/vms/vm2", json{{"properties", {{"disks", {"/disks/b"}}}}, {"id", "/vms/x"}})
+            .status == 400);
+
+  e = f.call("DELETE", "/disks/a");
+  CHECK(e.status == 409);
+  CHECK(Message(e).find("VM 'vm1'") != std::string::npos);
+  CHECK(f.call("DELETE", "/vms/vm1").status == 204);
+  CHECK(f.call("DELETE", "/vms/vm1").status == 404);
+  CHECK(f.call("DELETE", "/disks/a").status == 204);
+}
+
+TEST_CASE("restore points: 201 + operation headers, $expand, disk restore") {
+  Fixture f;
+  MakeVm(f);
+  CHECK(Body(f.call("GET", "/regions"))["value"][0]["name"] == "local");
+  auto bad = f.call("PUT", "/restorePointCollections/c2",
+                    json{{"location", "moon"}, {"properties", {{"source", {{"id", "/vms/vm1"}}}}}});
+  CHECK(bad.status == 400);
+  CHECK(Message(bad).find("'local'") != std::string::npos);
+
+  // An ephemeral disk must be excluded; the message names it.
+  auto e = f.call("PUT", "/restorePointCollections/c/restorePoints/rp1", std::string(""));
+  CHECK(e.status == 400);
+  CHECK(Message(e).find("'tmp'") != std::string::npos);
+  CHECK(f.call("PUT", "/restorePointCollections/c/restorePoints/rp1",
+               json{{"properties", {{"consistencyMode", "Sometimes"}}}})
+            .status == 400);
+  CHECK(f.call("PUT", "/restorePointCollections/c/restorePoints/rp1",
+               json{{"properties", {{"timeCreated", "now"}}}})
+            .status == 400);
+
+  json rp_body = {{"properties", {{"excludeDisks", {{{"id", "/disks/tmp"}}}}}}};
+  auto r = f.call("PUT", "/restorePointCollections/c/restorePoints/rp1", rp_body);
+  REQUIRE(r.status == 201);
+  CHECK(Body(r)["type"] == "rpoint/restorePoints");
+  json op = WaitDone(f, r);
+  CHECK(op["status"] == "Succeeded");
+  CHECK(op["properties"]["kind"] == "CreateRestorePoint");
+  CHECK(f.call("PUT", "/restorePointCollections/c/restorePoints/rp1", rp_body).status == 200);
+
+  json rp = Body(f.call("GET", "/restorePointCollections/c/restorePoints/rp1?$expand=instanceView"));
+  CHECK(rp["properties"]["provisioningState"] == "Succeeded");
+  CHECK(rp["properties"]["sourceMetadata"]["vmId"] == "/vms/vm1");
+  CHECK(rp["properties"]["sourceMetadata"]["configuration"]["cpus"] == 2);
+  REQUIRE(rp["properties"]["sourceMetadata"]["storageProfile"]["disks"].size() == 1);
+  CHECK(rp["properties"]["instanceView"]["diskRestorePoints"].size() == 1);
+  CHECK(!Body(f.call("GET", "/restorePointCollections/c/restorePoints/rp1"))["properties"].contains(
+      "instanceView"));
+  CHECK(f.call("GET", "/restorePointCollections/c/restorePoints/rp1?$expand=all").status == 400);
+  CHECK(f.call("GET", "/restorePointCollections/c/restorePoints/rp1?expand=x").status == 400);
+  json c = Body(f.call("GET", "/restorePointCollections/c?$expand=restorePoints"));
+  CHECK(c["properties"]["restorePoints"].size() == 1);
+  json drp = Body(f.call("GET", "/restorePointCollections/c/restorePoints/rp1/diskRestorePoints/a"));
+  CHECK(drp["properties"]["export"]["nbd"]["name"] == "c/rp1/a");
+  CHECK(drp["properties"]["incremental"] == false);
+
+  // Restore a disk: 201 Creating (not exported), then Succeeded.
+  std::string src = "/restorePointCollections/c/restorePoints/rp1/diskRestorePoints/a";
+  json restore = {{"properties", {{"creationData", {{"createOption", "Restore"}, {"sourceResourceId", src}}}}}};
+  auto d = f.call("PUT", "/disks/r1", restore);
+  REQUIRE(d.status == 201);
+  CHECK(Body(d)["properties"]["creationData"]["sourceResourceId"] == src);
+  CHECK(WaitDone(f, d)["status"] == "Succeeded");
+  json r1 = Body(f.call("GET", "/disks/r1"));
+  CHECK(r1["properties"]["provisioningState"] == "Succeeded");
+  CHECK(r1["properties"]["export"]["nbd"]["name"] == "r1");
+  CHECK(f.call("PUT", "/disks/r1", restore).status == 200);
+  json with_size = restore;
+  with_size["properties"]["sizeBytes"] = kMiB;
+  CHECK(f.call("PUT", "/disks/r2", with_size).status == 400);
+  json other = restore;
+  other["properties"]["creationData"]["sourceResourceId"] = src + "x";
+  CHECK(f.call("PUT", "/disks/r2", other).status == 404);
+
+  // Actions: strict bodies, 202 + headers.
+  CHECK(f.call("POST", "/restorePointCollections/c/restorePoints/rp1/verify", json{{"deep", true}})
+            .status == 400);
+  auto v = f.call("POST", "/restorePointCollections/c/restorePoints/rp1/verify");
+  REQUIRE(v.status == 202);
+  json vop = WaitDone(f, v);
+  CHECK(vop["properties"]["output"]["ok"] == true);
+  CHECK(f.call("POST", "/restorePointCollections/c/restorePoints/rp1/restore", json{{"vm", "x"}})
+            .status == 400);
+  CHECK(f.call("POST", "/restorePointCollections/c/restorePoints/rp1/restore", json{{"vmName", "vm1"}})
+            .status == 409);
+  CHECK(f.call("GET", "/operations/not-an-id!").status == 404);
+
+  CHECK(f.call("DELETE", "/restorePointCollections/c/restorePoints/rp1").status == 204);
+  CHECK(f.call("DELETE", "/restorePointCollections/c").status == 204);
+}
+
+TEST_CASE("trackingGranularityBytes is set at PUT only") {
+  Fixture f;
+  json body = Create(kMiB);
+  body["properties"]["trackingGranularityBytes"] = 4096;
+  auto r = f.call("PUT", "/disks/g", body);
+  REQUIRE(r.status == 201);
+  CHECK(Body(r)["properties"]["trackingGranularityBytes"] == 4096);
+  CHECK(f.call("PUT", "/disks/g", body).status == 200);
+  body["properties"]["trackingGranularityBytes"] = 8192;
+  CHECK(f.call("PUT", "/disks/g", body).status == 409);
+  body["properties"]["trackingGranularityBytes"] = 3000;
+  CHECK(f.call("PUT", "/disks/h", body).status == 400);
+  auto p = f.call("PATCH", "/disks/g", json{{"properties", {{"trackingGranularityBytes", 8192}}}});
+  CHECK(p.status == 400);
+  CHECK(Message(p).find("cannot be changed") != std::string::npos);
 }

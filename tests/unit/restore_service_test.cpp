@@ -7,8 +7,10 @@
 
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -16,11 +18,15 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <iostream>
 #include <thread>
 
 #include "control/disk_service.h"
 #include "engine/file_disk.h"
 #include "engine/reactor.h"
+#include "restore/hooks.h"
+#include "store/point_writer.h"
+#include "store/store.h"
 
 namespace fs = std::filesystem;
 using namespace rpoint;
@@ -32,11 +38,15 @@ constexpr uint64_t kMiB = 1 << 20;
 
 struct TempDir {
   std::string path;
+  bool own = true;
   TempDir() {
     char tmpl[] = "/tmp/rpoint-restore-XXXXXX";
     path = mkdtemp(tmpl);
   }
-  ~TempDir() { fs::remove_all(path); }
+  explicit TempDir(std::string existing) : path(std::move(existing)), own(false) {}
+  ~TempDir() {
+    if (own) fs::remove_all(path);
+  }
 };
 
 struct SyncIo final : IoRequest {
@@ -54,7 +64,13 @@ struct Env {
   std::unique_ptr<RestoreService> rs;
   std::map<std::string, FreezeHooks> hooks;
 
-  Env() {
+  Env() { start(); }
+  // Works in `dir` (left in place): a second life of a daemon's state.
+  explicit Env(std::string dir, std::map<std::string, FreezeHooks> h = {})
+      : tmp(std::move(dir)), hooks(std::move(h)) {
+    start();
+  }
+  void start() {
     reactor = std::move(Reactor::Create("restore-test", 64)).value();
     loop = std::thread([this] { reactor->run(); });
     open();
@@ -400,6 +416,19 @@ TEST_CASE("restore points: recovery after a crash during creation and restore") 
   sqlite3_close(db);
   std::string staging = e.tmp.path + "/staging/a.c.rp1.staging";
   { std::ofstream(staging).close(); }
+  // A store point committed by a job that died before recording it.
+  uint64_t orphan = 0;
+  {
+    auto st = store::Store::Open({e.region_dir()});
+    REQUIRE(st.ok());
+    auto w = st.value()->begin_point({0, kMiB, kGran, "orphan"});
+    REQUIRE(w.ok());
+    Bytes data(kGran, 'o');
+    REQUIRE(w.value()->put(0, data.data(), data.size()).ok());
+    auto info = w.value()->commit();
+    REQUIRE(info.ok());
+    orphan = info->id;
+  }
 
   e.open();
   auto p = e.rs->get_restore_point("c", "rp1");
@@ -409,6 +438,14 @@ TEST_CASE("restore points: recovery after a crash during creation and restore") 
   CHECK(e.rs->get_operation(p->operation_id)->status == "Failed");
   CHECK_FALSE(fs::exists(staging));
   CHECK(e.disks->get("half").status().code() == Code::kNotFound);
+  e.close();  // the region is free again: look inside
+  {
+    auto st = store::Store::Open({e.region_dir()});
+    REQUIRE(st.ok());
+    CHECK(st.value()->point(orphan).status().code() == Code::kNotFound);
+    CHECK(st.value()->list_points()->empty());  // rp1's point went with its Failed record
+  }
+  e.open();
   // The failed point's store point was released; the next point is full again.
   auto rp2 = e.create_point("c", "rp2");
   CHECK(Dp(rp2, "a").full);
@@ -531,4 +568,85 @@ TEST_CASE("restore points: verify finds a corrupted pack byte") {
     }
   }
   CHECK(chunk);
+}
+
+TEST_CASE("restore points: SIGKILL during a point's copy; the next point has every change") {
+  TempDir dir;
+  std::string mark = dir.path + "/thawing";
+  std::map<std::string, FreezeHooks> hooks = {
+      {"vm", {"true", "echo $$ > " + dir.path + "/hook.pid; touch " + mark + "; exec sleep 1000"}}};
+  std::cout.flush();  // or the child repeats what is buffered
+  std::fflush(nullptr);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // The "daemon": one good point, more writes, a second point that the
+    // parent kills (SIGKILL) between its cut and its copy.
+    Env e(dir.path, hooks);
+    e.make_disk("a", 2 * kMiB);
+    e.write("a", 0, 4 * kGran, 'a');
+    if (!e.rs->put_vm("vm", {"a"}, nullptr).ok()) ::_exit(2);
+    if (!e.rs->put_collection("c", "vm", "").ok()) ::_exit(2);
+    auto rp1 = e.rs->create_restore_point("c", "rp1", {}, "");
+    if (!rp1.ok() || e.wait(rp1->operation_id).status != "Succeeded") ::_exit(3);
+    e.write("a", 8 * kGran, kGran, 'b');  // before rp2's cut (hook holds the job after it)
+    auto rp2 = e.rs->create_restore_point("c", "rp2", {}, "FileSystemConsistent");
+    if (!rp2.ok()) ::_exit(4);
+    while (!fs::exists(mark)) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    e.write("a", 9 * kGran, kGran, 'c');  // after rp2's cut
+    { std::ofstream(dir.path + "/child-wrote").close(); }
+    for (;;) ::pause();
+  }
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!fs::exists(dir.path + "/child-wrote")) {
+    int status = 0;
+    REQUIRE_MESSAGE(::waitpid(pid, &status, WNOHANG) == 0, "child exited: " << status);
+    REQUIRE(std::chrono::steady_clock::now() < until);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFSIGNALED(status));
+  // The thaw hook (its own process group, pid = pgid) outlived the child.
+  pid_t hook = 0;
+  std::ifstream(dir.path + "/hook.pid") >> hook;
+  REQUIRE(hook > 0);
+  ::kill(-hook, SIGKILL);
+
+  Env e(dir.path);  // no hooks this time
+  auto p2 = e.rs->get_restore_point("c", "rp2");
+  REQUIRE(p2.ok());
+  CHECK(p2->provisioning_state == "Failed");
+  CHECK(p2->error_message == "daemon restarted during creation");
+  CHECK(e.rs->get_operation(p2->operation_id)->status == "Failed");
+  auto rp1 = e.rs->get_restore_point("c", "rp1");
+  REQUIRE(rp1.ok());
+  CHECK(rp1->provisioning_state == "Succeeded");
+  auto rp3 = e.create_point("c", "rp3");
+  CHECK_FALSE(Dp(rp3, "a").full);
+  CHECK(Dp(rp3, "a").parent_store_point == Dp(rp1.value(), "a").store_point);
+  CHECK(Dp(rp3, "a").blocks_to_copy == 2);  // blocks 8 and 9
+  CHECK(e.point("c", "rp3", "a") == e.file("a"));
+  Bytes want(2 * kMiB, 0);
+  std::memset(want.data(), 'a', 4 * kGran);
+  CHECK(e.point("c", "rp1", "a") == want);
+}
+
+TEST_CASE("hooks: environment, exit status, output tail, timeout kills the process group") {
+  auto r =
+      RunHook("echo \"$RPOINT_PHASE-$X\"; exit 7", {{"RPOINT_PHASE", "freeze"}, {"X", "y"}}, 5);
+  CHECK(r.ran);
+  CHECK_FALSE(r.timed_out);
+  CHECK(r.exit_status == 7);
+  CHECK(r.output_tail == "freeze-y\n");
+  CHECK(DescribeHookFailure("freeze", "cmd", r) ==
+        "freeze hook 'cmd' exited with status 7: freeze-y");
+  auto t0 = std::chrono::steady_clock::now();
+  r = RunHook("sleep 30 & sleep 30", {}, 1);
+  CHECK(r.timed_out);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+  CHECK(DescribeHookFailure("thaw", "x", r).find("timed out") != std::string::npos);
+  r = RunHook("true", {}, 5);
+  CHECK(r.exit_status == 0);
 }

@@ -1,0 +1,419 @@
+// Creating a restore point: validation, then the job (hooks, cut, copy,
+// commit, the one transaction that makes it Succeeded, tracker retirement).
+// docs/restore-points.md explains the parent choice and crash behaviour.
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "control/disk_files.h"
+#include "control/disk_service.h"
+#include "engine/cut.h"
+#include "engine/file_disk.h"
+#include "restore/hooks.h"
+#include "restore/restore_service_impl.h"
+#include "store/point_writer.h"
+
+namespace rpoint {
+
+// ---------------------------------------------------------------------------
+// Restore points
+
+Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
+    const std::string& collection, const std::string& name,
+    const std::vector<std::string>& exclude_in, const std::string& mode_in) {
+  if (stopping_.load()) return Status::Shutdown("rpointd is stopping");
+  Status s = ValidateResourceName("restore point", name);
+  if (!s.ok()) return s;
+  std::string mode = mode_in.empty() ? "CrashConsistent" : mode_in;
+  if (mode != "CrashConsistent" && mode != "FileSystemConsistent") {
+    return Status::InvalidArgument(
+        "consistencyMode must be CrashConsistent or "
+        "FileSystemConsistent, got '" +
+        mode_in + "'");
+  }
+  std::vector<std::string> exclude = exclude_in;
+  std::sort(exclude.begin(), exclude.end());
+  exclude.erase(std::unique(exclude.begin(), exclude.end()), exclude.end());
+
+  std::unique_lock<std::mutex> lock(mu_);
+  auto coll = db_->get_collection(collection);
+  if (!coll.ok()) return coll.status();
+  if (!coll.value()) return Status::NotFound("collection '" + collection + "' not found");
+  if (deleting_collections_.count(collection)) {
+    return Status::Conflict("collection '" + collection + "' is being deleted");
+  }
+  const std::string vm_name = coll.value()->source_vm;
+  const std::string region = coll.value()->region;
+  if (!store_of(region)) {
+    return Status::Conflict("collection '" + collection + "' is in region '" + region +
+                            "', which is no longer configured");
+  }
+
+  auto existing = db_->get_point(collection, name);
+  if (!existing.ok()) return existing.status();
+  if (existing.value()) {
+    RestorePointRecord p = *existing.value();
+    std::vector<std::string> had = p.exclude_disks;
+    std::sort(had.begin(), had.end());
+    if (had == exclude && p.consistency_mode == mode && p.provisioning_state != "Deleting") {
+      overlay(p);
+      std::string op = p.operation_id;
+      return Started<RestorePointRecord>{std::move(p), op, false};
+    }
+    return Status::Conflict("restore point '" + name + "' already exists in collection '" +
+                            collection + "'; restore points cannot be updated");
+  }
+  auto vm = db_->get_vm(vm_name);
+  if (!vm.ok()) return vm.status();
+  if (!vm.value()) {
+    return Status::NotFound("VM '" + vm_name + "' of collection '" + collection + "' not found");
+  }
+  if (creating_vms_.count(vm_name)) {
+    return Status::Conflict("VM '" + vm_name + "' already has a restore point being created");
+  }
+  for (const auto& x : exclude) {
+    if (std::find(vm.value()->disks.begin(), vm.value()->disks.end(), x) ==
+        vm.value()->disks.end()) {
+      return Status::InvalidArgument("excluded disk '" + x + "' is not a disk of VM '" + vm_name +
+                                     "'");
+    }
+  }
+  if (mode == "FileSystemConsistent" && hooks_for(vm_name).freeze.empty()) {
+    return Status::InvalidArgument(
+        "FileSystemConsistent restore points need a freeze hook for "
+        "VM '" +
+        vm_name + "' (consistency: in the configuration)");
+  }
+
+  RestorePointRecord rec;
+  rec.collection = collection;
+  rec.name = name;
+  rec.consistency_mode = mode;
+  rec.exclude_disks = exclude;
+  rec.provisioning_state = "Creating";
+  rec.time_created = NowRfc3339();
+  nlohmann::json disks_json = nlohmann::json::array();
+  for (const auto& d : vm.value()->disks) {
+    if (std::binary_search(exclude.begin(), exclude.end(), d)) continue;
+    auto dr = disks_.get(d);
+    if (!dr.ok()) {
+      return Status::Conflict("disk '" + d + "' of VM '" + vm_name + "': " + dr.status().message());
+    }
+    if (dr->kind == "shared" || dr->kind == "ephemeral") {
+      return Status::InvalidArgument("disk '" + d + "' is " + dr->kind +
+                                     "; exclude it (excludeDisks) to create a restore point");
+    }
+    if (!dr->error.empty()) {
+      return Status::Conflict("disk '" + d + "' is unavailable: " + dr->error);
+    }
+    if (dr->provisioning_state != "Succeeded") {
+      return Status::Conflict("disk '" + d + "' is still being provisioned");
+    }
+    auto fd = disks_.file_disk(d);
+    if (!fd || !fd->tracker()) {
+      return Status::Unsupported("disk '" + d + "' has no change tracking (tracking_dir unset?)");
+    }
+    DiskRestorePointRecord drp;
+    drp.disk = d;
+    drp.size_bytes = dr->size_bytes;
+    drp.granularity = fd->tracker()->granularity();
+    drp.status = "Pending";
+    rec.disk_restore_points.push_back(drp);
+    disks_json.push_back({{"name", d},
+                          {"id", "/disks/" + d},
+                          {"sizeBytes", dr->size_bytes},
+                          {"kind", dr->kind},
+                          {"diskRestorePoint", {{"id", DiskPointId(collection, name, d)}}}});
+  }
+  if (rec.disk_restore_points.empty()) {
+    return Status::InvalidArgument("VM '" + vm_name + "' has no disk left to include");
+  }
+  rec.source_metadata = {{"vmId", "/vms/" + vm_name},
+                         {"vmName", vm_name},
+                         {"configuration", vm.value()->configuration},
+                         {"storageProfile", {{"disks", disks_json}}}};
+  OperationRecord op = new_operation("CreateRestorePoint", PointId(collection, name));
+  rec.operation_id = op.id;
+  s = db_->save_point(rec, &op);
+  if (!s.ok()) return s;
+  auto prog = std::make_shared<PointProgress>(rec.disk_restore_points.size());
+  live_points_[collection + "/" + name] = prog;
+  creating_vms_.insert(vm_name);
+  lock.unlock();
+
+  spdlog::info("restore point {}/{}: creating ({}, {} disk(s)), operation {}", collection, name,
+               mode, rec.disk_restore_points.size(), op.id);
+  spawn(
+      [this, rec, op, vm_name, region, prog] { run_create_point(rec, op, vm_name, region, prog); });
+  return Started<RestorePointRecord>{rec, op.id, true};
+}
+
+void RestoreServiceImpl::overlay(RestorePointRecord& p) {
+  auto it = live_points_.find(p.collection + "/" + p.name);
+  if (it == live_points_.end() || p.provisioning_state != "Creating") return;
+  const PointProgress& prog = *it->second;
+  for (size_t i = 0; i < p.disk_restore_points.size() && i < prog.copied.size(); ++i) {
+    auto& d = p.disk_restore_points[i];
+    if (d.status == "Succeeded" || !prog.started[i].load()) continue;
+    d.status = "InProgress";
+    d.blocks_to_copy = prog.to_copy[i].load();
+    d.blocks_copied = prog.copied[i].load();
+    d.completion_percent =
+        d.blocks_to_copy
+            ? static_cast<int>(std::min<uint64_t>(99, d.blocks_copied * 100 / d.blocks_to_copy))
+            : 0;
+  }
+}
+
+void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecord op,
+                                          std::string vm, std::string region,
+                                          std::shared_ptr<PointProgress> prog) {
+  std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>> to_retire;
+  std::optional<JobError> err = create_point(rec, vm, region, *prog, &to_retire);
+  auto st = store_of(region);
+  if (err) {
+    spdlog::error("restore point {}/{}: failed: {}: {}", rec.collection, rec.name, err->code,
+                  err->message);
+    for (auto& d : rec.disk_restore_points) {
+      // Disk points committed before another disk failed belong to no point.
+      if (d.store_point && st) (void)st->delete_point(d.store_point);
+      d.store_point = 0;
+      if (d.status != "Succeeded") d.status = "Failed";
+    }
+    rec.provisioning_state = "Failed";
+    rec.error_code = err->code;
+    rec.error_message = err->message;
+  } else {
+    rec.provisioning_state = "Succeeded";
+  }
+  // One critical section from the record to the VM being free again, so a
+  // client that sees the operation end can start the next point at once (and
+  // that point's cut finds the trackers already retired).
+  std::lock_guard<std::mutex> lock(mu_);
+  op.end_time = NowRfc3339();
+  if (err) {
+    op.status = "Failed";
+    op.error_code = err->code;
+    op.error_message = err->message;
+  } else {
+    op.status = "Succeeded";
+    op.percent_complete = 100;
+  }
+  std::vector<TrackingBase> bases;
+  if (!err) {
+    for (const auto& d : rec.disk_restore_points) {
+      bases.push_back({d.disk, rec.collection, rec.name, d.store_point, d.granularity});
+    }
+  }
+  // One transaction: the point, its operation and (on success) the disks' new
+  // bases, so the point and the parents of the next points move together.
+  Status s = db_->save_point(rec, &op, err ? nullptr : &bases);
+  if (!s.ok()) {
+    spdlog::error("restore point {}/{}: cannot record its end: {}", rec.collection, rec.name,
+                  s.ToString());
+  } else if (!err) {
+    // Only now may the trackers forget: a crash before this leaves their
+    // generations in place and the next point copies a superset (harmless).
+    for (auto& [disk, gen] : to_retire) {
+      Status r = disk->tracker()->retire_through(gen);
+      if (!r.ok()) {
+        spdlog::warn("restore point {}/{}: disk {}: retiring tracked changes: {}", rec.collection,
+                     rec.name, disk->name(), r.ToString());
+      }
+    }
+    uint64_t stored = 0;
+    for (const auto& d : rec.disk_restore_points) stored += d.bytes_stored;
+    spdlog::info("restore point {}/{}: succeeded, {} new bytes stored", rec.collection, rec.name,
+                 stored);
+  }
+  live_points_.erase(rec.collection + "/" + rec.name);
+  creating_vms_.erase(vm);
+}
+
+std::optional<JobError> RestoreServiceImpl::create_point(
+    RestorePointRecord& rec, const std::string& vm, const std::string& region, PointProgress& prog,
+    std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>>* to_retire) {
+  auto st = store_of(region);
+  if (!st) return JobError{"RegionUnavailable", "region '" + region + "' is not configured"};
+  const size_t n = rec.disk_restore_points.size();
+
+  // Which disks can be incremental: their tracking base is a Succeeded point
+  // of this collection whose store point still exists with the same chunk
+  // size. Everything else is forced full (the tracker may have retired
+  // generations against a base this collection cannot use).
+  std::vector<std::shared_ptr<FileDisk>> fdisks;
+  std::vector<bool> force_full(n, true);
+  std::vector<uint64_t> parent(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    auto& d = rec.disk_restore_points[i];
+    auto fd = disks_.file_disk(d.disk);
+    if (!fd || !fd->tracker() || fd->retired()) {
+      return JobError{"DiskUnavailable", "disk '" + d.disk + "' is gone or unavailable"};
+    }
+    fdisks.push_back(fd);
+    std::optional<TrackingBase> base;
+    std::optional<RestorePointRecord> base_point;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto b = db_->tracking_base(d.disk);
+      if (b.ok() && b.value() && b.value()->collection == rec.collection) {
+        base = b.value();
+        auto bp = db_->get_point(base->collection, base->restore_point);
+        if (bp.ok() && bp.value()) base_point = bp.value();
+      }
+    }
+    if (!base || !base_point || base_point->provisioning_state != "Succeeded") continue;
+    if (base->granularity != fd->tracker()->granularity()) continue;
+    bool named = false;
+    for (const auto& bd : base_point->disk_restore_points) {
+      named |= bd.disk == d.disk && bd.store_point == base->store_point;
+    }
+    if (!named) continue;
+    auto info = st->point(base->store_point);
+    if (!info.ok() || info->chunk_size != fd->tracker()->granularity() || info->size > fd->size()) {
+      continue;
+    }
+    force_full[i] = false;
+    parent[i] = base->store_point;
+  }
+
+  const bool fs = rec.consistency_mode == "FileSystemConsistent";
+  FreezeHooks hooks = hooks_for(vm);
+  std::map<std::string, std::string> env = {
+      {"RPOINT_VM", vm}, {"RPOINT_COLLECTION", rec.collection}, {"RPOINT_RESTORE_POINT", rec.name}};
+  auto thaw = [&] {
+    if (hooks.thaw.empty()) return;
+    env["RPOINT_PHASE"] = "thaw";
+    HookResult r = RunHook(hooks.thaw, env, options_.hook_timeout_seconds);
+    if (!r.ran || r.timed_out || r.exit_status != 0) {
+      spdlog::warn("restore point {}/{}: {}", rec.collection, rec.name,
+                   DescribeHookFailure("thaw", hooks.thaw, r));
+    }
+  };
+  if (fs) {
+    env["RPOINT_PHASE"] = "freeze";
+    HookResult r = RunHook(hooks.freeze, env, options_.hook_timeout_seconds);
+    if (!r.ran || r.timed_out || r.exit_status != 0) {
+      thaw();
+      return JobError{"FreezeFailed", DescribeHookFailure("freeze", hooks.freeze, r)};
+    }
+  }
+  auto cut = CutDisks(fdisks, options_.staging_dir, rec.collection + "." + rec.name, force_full);
+  if (fs) thaw();
+  if (!cut.ok()) return JobError{"CutFailed", cut.status().message()};
+  // From here on every disk has a snapshot to end, whatever happens.
+  struct EndSnapshots {
+    std::vector<std::shared_ptr<FileDisk>>& disks;
+    ~EndSnapshots() {
+      for (auto& d : disks) d->end_snapshot();
+    }
+  } end_snapshots{fdisks};
+  std::vector<std::shared_ptr<DiskSnapshot>>& snaps = cut->snapshots;
+
+  rec.cut_pause_ns = cut->pause.count();
+  rec.time_created = NowRfc3339();
+  for (size_t i = 0; i < n; ++i) {
+    auto& d = rec.disk_restore_points[i];
+    d.size_bytes = snaps[i]->size();
+    d.granularity = snaps[i]->granularity();
+    d.full = snaps[i]->full();
+    d.parent_store_point = d.full ? 0 : parent[i];
+    d.status = "InProgress";
+    auto& sd = rec.source_metadata["storageProfile"]["disks"];
+    for (auto& j : sd) {
+      if (j.value("name", "") == d.disk) j["sizeBytes"] = d.size_bytes;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Status s = db_->save_point(rec);
+    if (!s.ok()) return JobError{"InternalError", s.message()};
+  }
+  spdlog::info("restore point {}/{}: cut {} disk(s) in {} us", rec.collection, rec.name, n,
+               rec.cut_pause_ns / 1000);
+
+  for (size_t i = 0; i < n; ++i) {
+    auto& d = rec.disk_restore_points[i];
+    prog.started[i].store(true);
+    auto info =
+        copy_disk(*st, *snaps[i], d.parent_store_point,
+                  DiskPointId(rec.collection, rec.name, d.disk), prog.to_copy[i], prog.copied[i]);
+    if (!info.ok()) {
+      d.status = "Failed";
+      return JobError{info.status().code() == Code::kShutdown ? "Interrupted" : "CopyFailed",
+                      "disk '" + d.disk + "': " + info.status().message()};
+    }
+    d.store_point = info->id;
+    d.bytes_stored = info->new_chunk_bytes;
+    d.blocks_to_copy = prog.to_copy[i].load();
+    d.blocks_copied = prog.copied[i].load();
+    d.completion_percent = 100;
+    d.status = "Succeeded";
+  }
+
+  // The snapshots end (EndSnapshots) before run_create_point records the
+  // point and retires the trackers.
+  for (size_t i = 0; i < n; ++i) to_retire->emplace_back(fdisks[i], snaps[i]->generation());
+  return std::nullopt;
+}
+
+Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::Store& st, DiskSnapshot& snap,
+                                                       uint64_t parent, const std::string& tag,
+                                                       std::atomic<uint64_t>& to_copy,
+                                                       std::atomic<uint64_t>& copied) {
+  auto bits = snap.to_copy();
+  if (!bits.ok()) return bits.status();
+  to_copy.store(bits->count());
+  store::PointParams pp;
+  pp.parent = parent;
+  pp.size = snap.size();
+  pp.chunk_size = snap.granularity();
+  pp.tag = tag;
+  auto writer = st.begin_point(pp);
+  if (!writer.ok()) return writer.status();
+  store::PointWriter& w = *writer.value();
+
+  std::mutex mu;
+  uint64_t cursor = 0;
+  Status failure;
+  auto work = [&] {
+    std::vector<char> buf(snap.granularity());
+    for (;;) {
+      uint64_t b;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!failure.ok()) return;
+        if (stopping_.load()) {
+          failure = Status::Shutdown("daemon stopping");
+          return;
+        }
+        b = bits->find_next(cursor);
+        if (b >= bits->size()) return;
+        cursor = b + 1;
+      }
+      Status s = snap.read_block(b, buf.data());
+      if (s.ok()) s = w.put(b, buf.data(), w.slot_bytes(b));
+      if (!s.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (failure.ok()) failure = s;
+        return;
+      }
+      copied.fetch_add(1);
+    }
+  };
+  unsigned nthreads = std::max(1u, options_.copy_threads);
+  std::vector<std::thread> threads;
+  for (unsigned t = 1; t < nthreads; ++t) threads.emplace_back(work);
+  work();
+  for (auto& t : threads) t.join();
+  if (failure.ok() && snap.broken()) {
+    failure = Status::IoError("copy-before-write failed: " + snap.broken_reason());
+  }
+  if (!failure.ok()) {
+    w.abandon();
+    return failure;
+  }
+  return w.commit();
+}
+
+}  // namespace rpoint

@@ -1,0 +1,163 @@
+// RestoreServiceImpl: the one implementation of RestoreService, shared by the
+// files that define its parts (restore_service.cpp: open, recovery, VMs,
+// collections, records; point_job.cpp: creating restore points;
+// restore_jobs.cpp: verify and restores; point_exports.cpp: NBD exports).
+// Private to restore/.
+//
+// Thread-safety: every public method is safe from any thread. mu_ guards the
+// database connection and the in-memory job state; jobs run on threads the
+// service starts (spawn) and joins (shutdown). Lock order: mu_ -> DiskService's.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "restore/restore_db.h"
+#include "restore/restore_service.h"
+#include "store/point_device.h"
+#include "store/store.h"
+
+namespace rpoint {
+
+class FileDisk;
+class DiskSnapshot;
+
+Status ValidateResourceName(const std::string& what, const std::string& name);
+std::string NewOperationId();
+std::string PointId(const std::string& c, const std::string& rp);
+std::string DiskPointId(const std::string& c, const std::string& rp, const std::string& d);
+std::vector<std::string> Split(const std::string& s, char sep);
+
+// Live progress of a job, so GETs see it without a database write per block.
+struct PointProgress {
+  explicit PointProgress(size_t disks) : to_copy(disks), copied(disks) {}
+  std::vector<std::atomic<uint64_t>> to_copy;
+  std::vector<std::atomic<uint64_t>> copied;
+  std::vector<std::atomic<bool>> started = std::vector<std::atomic<bool>>(to_copy.size());
+};
+
+// A job failure: the Azure-style error code shown to clients and a message.
+struct JobError {
+  std::string code;
+  std::string message;
+};
+
+class RestoreServiceImpl final : public RestoreService, public ExportResolver {
+ public:
+  RestoreServiceImpl(RestoreServiceOptions options, DiskService& disks,
+                     std::unique_ptr<RestoreDb> db)
+      : options_(std::move(options)), disks_(disks), db_(std::move(db)) {}
+  ~RestoreServiceImpl() override { shutdown(); }
+
+  Status init();
+
+  // ---- VMs ----
+  Result<std::pair<VmRecord, bool>> put_vm(const std::string& name,
+                                           const std::vector<std::string>& disks,
+                                           const nlohmann::json& configuration) override;
+  Result<VmRecord> get_vm(const std::string& name) override;
+  std::vector<VmRecord> list_vms() override;
+  Status delete_vm(const std::string& name) override;
+  std::optional<std::string> vm_of_disk(const std::string& disk) override;
+  std::vector<RegionSpec> regions() override { return regions_; }
+
+  // ---- collections ----
+  Result<std::pair<CollectionRecord, bool>> put_collection(const std::string& name,
+                                                           const std::string& source_vm,
+                                                           const std::string& region) override;
+  Result<CollectionRecord> get_collection(const std::string& name) override;
+  std::vector<CollectionRecord> list_collections() override;
+  Status delete_collection(const std::string& name) override;
+
+  // ---- restore points ----
+  Result<Started<RestorePointRecord>> create_restore_point(
+      const std::string& collection, const std::string& name,
+      const std::vector<std::string>& exclude_disks, const std::string& consistency_mode) override;
+  Result<RestorePointRecord> get_restore_point(const std::string& collection,
+                                               const std::string& name) override;
+  Result<std::vector<RestorePointRecord>> list_restore_points(
+      const std::string& collection) override;
+  Status delete_restore_point(const std::string& collection, const std::string& name) override;
+  Result<std::string> start_verify(const std::string& collection, const std::string& name) override;
+
+  // ---- restore ----
+  Result<std::string> start_restore_disk(const std::string& disk,
+                                         const std::string& source_id) override;
+  Result<std::string> start_restore_vm(
+      const std::string& collection, const std::string& name, const std::string& vm,
+      const std::map<std::string, std::string>& disk_names) override;
+
+  Result<OperationRecord> get_operation(const std::string& id) override;
+  ExportResolver& exports() override { return *this; }
+  void shutdown() override;
+
+  // ---- ExportResolver ----
+  std::shared_ptr<BlockDevice> find_export(const std::string& name) override;
+  std::vector<ExportInfo> list_exports() override;
+
+ private:
+  struct Job {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+
+  void spawn(std::function<void()> fn);
+  std::shared_ptr<store::Store> store_of(const std::string& region);
+  FreezeHooks hooks_for(const std::string& vm) const;
+  void overlay(RestorePointRecord& p);
+  OperationRecord new_operation(const std::string& kind, const std::string& resource_id);
+  void finish_operation(OperationRecord& op, const JobError* err, nlohmann::json result = nullptr);
+  Status recover();
+  void request_gc(const std::string& region);
+  // Removes a point's store points and rows (it is Deleting or Failed).
+  void purge_point(const RestorePointRecord& p, const std::string& region);
+
+  // Jobs.
+  void run_create_point(RestorePointRecord rec, OperationRecord op, std::string vm,
+                        std::string region, std::shared_ptr<PointProgress> prog);
+  // Cuts and copies; on success fills *to_retire with each disk's frozen
+  // generation (retired once the point is recorded Succeeded).
+  std::optional<JobError> create_point(
+      RestorePointRecord& rec, const std::string& vm, const std::string& region,
+      PointProgress& prog, std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>>* to_retire);
+  Result<store::PointInfo> copy_disk(store::Store& st, DiskSnapshot& snap, uint64_t parent,
+                                     const std::string& tag, std::atomic<uint64_t>& to_copy,
+                                     std::atomic<uint64_t>& copied);
+  // Fills an existing (Creating) disk's file from a store point.
+  Status fill_disk(const std::string& disk, store::Store& st, uint64_t store_point,
+                   const std::function<void(uint64_t, uint64_t)>& progress);
+  void run_verify(RestorePointRecord rec, OperationRecord op, std::string region);
+
+  const RestoreServiceOptions options_;
+  DiskService& disks_;
+  std::string default_region_;
+  std::vector<RegionSpec> regions_;  // as configured, is_default normalised
+  std::map<std::string, std::shared_ptr<store::Store>> stores_;
+
+  std::mutex mu_;  // db_, the maps below
+  std::unique_ptr<RestoreDb> db_;
+  std::map<std::string, std::shared_ptr<PointProgress>> live_points_;  // "c/rp"
+  std::map<std::string, std::shared_ptr<std::atomic<int>>> live_ops_;
+  std::set<std::string> creating_vms_;  // VMs with a point job running
+  std::set<std::string> deleting_collections_;
+  std::map<std::string, std::weak_ptr<store::PointDevice>> devices_;
+
+  std::mutex jobs_mu_;
+  std::list<Job> jobs_;
+  std::atomic<bool> stopping_{false};
+
+  std::mutex gc_mu_;
+  std::set<std::string> gc_running_, gc_again_;
+  std::vector<std::string> gc_at_start_;  // regions recover() freed store points in
+};
+
+}  // namespace rpoint
