@@ -238,13 +238,16 @@ def test_grown_and_added_disk_between_points(daemon, tmp_path):
 
 HOOK = """#!/bin/sh
 echo "$RPOINT_PHASE $RPOINT_VM $RPOINT_COLLECTION $RPOINT_RESTORE_POINT" >> {log}
-nbdsh -u "nbd+unix:///${{RPOINT_VM}}-d?socket={sock}" -c 'h.pwrite(b"{marker}" * 512, {offset})' || exit 9
+/usr/bin/python3 -c 'import nbd, os
+h = nbd.NBD()
+h.connect_uri("nbd+unix:///" + os.environ["RPOINT_VM"] + "-d?socket={sock}")
+h.pwrite(b"{marker}" * 512, {offset})
+h.shutdown()' || exit 9
 {extra}
 """
 
 
 def test_filesystem_consistent_hooks(make_daemon, tmp_path):
-    require("nbdsh")
     state = tmp_path / "state"
     sock = state / "nbd.sock"
     log = tmp_path / "hooks.log"
