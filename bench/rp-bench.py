@@ -73,6 +73,7 @@ class Bench:
         self.tmp = None
         self.d = None
         self.fio_procs = []
+        self.full_rate = None   # MiB/s of the full point, sizes the fio run of part iops
 
     # ------------------------------------------------------------ plumbing
 
@@ -190,6 +191,7 @@ class Bench:
         self.drop_caches()
         dt, _ = self.point("c", "full")
         cp = self.cp_sparse(raw, os.path.join(self.tmp, "a.copy"))
+        self.full_rate = base_mib / dt
         self.row("full point (first point of a disk)", base_mib / dt, "MiB/s",
                  "cp --sparse=always of the raw file", base_mib / cp)
 
@@ -213,8 +215,9 @@ class Bench:
         self.row(f"incremental point ({mib} MiB changed)", mib / dt, "MiB/s",
                  "cp --sparse=always of the same bytes", mib / cp)
         self.notes.append(f"incremental point stored {drp['bytesStored'] / MiB:.1f} MiB for "
-                          f"{mib} MiB changed ({drp['blocksChanged']} blocks), cut pause "
-                          f"{rp['properties'].get('instanceView', {}).get('cutPauseMicroseconds')} us")
+                          f"{mib} MiB changed ({drp['blocksChanged']} blocks)")
+        self.row(f"cut pause of that incremental point ({mib} MiB changed)",
+                 rp["properties"]["instanceView"]["cutPauseMicroseconds"], "us")
 
         # Restore the incremental point (all of the disk's data) into a new disk.
         allocated = len(set(base) | set(changed))
@@ -244,6 +247,9 @@ class Bench:
         subprocess.run(["nbdcopy", fill, uri], check=True)
         os.unlink(fill)
         runtime = a.runtime
+        if self.full_rate:
+            # The copy-out must outlast fio: at most 60% of the expected copy time.
+            runtime = max(1, min(runtime, int(0.6 * (a.size / MiB) / self.full_rate)))
         idle = self.fio(uri, runtime)
         d.create_collection("cio", "io")
         r = d.start_restore_point("cio", "p")
@@ -261,7 +267,7 @@ class Bench:
         self.row("guest 4k randwrite QD32 during a copy-out", busy, "IOPS",
                  "no point in progress", idle)
         self.notes.append(
-            f"copy-out of {a.size >> 20} MiB took {total:.1f} s with fio running; "
+            f"copy-out of {a.size >> 20} MiB took {total:.1f} s with fio running for {runtime} s; "
             + ("the point was still copying when fio ended (the whole fio run overlapped it)"
                if still else f"WARNING: the copy-out ended before fio's {runtime} s: "
                              "use --runtime shorter or --size larger"))

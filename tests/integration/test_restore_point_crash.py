@@ -1,8 +1,9 @@
 """Change tracking and restore point creation survive kill -9 of the daemon.
 
 1. Rounds of random kill -9 under a stamped write load (several connections,
-   many writes in flight): after each restart an incremental point is cut and
-   must equal the disk byte for byte. A tracker that lost a dirty bit for a
+   many writes in flight; every other round a point is started just before
+   the kill): after each restart an incremental point is cut and must equal
+   the disk byte for byte, and verify. A tracker that lost a dirty bit for a
    block whose data reached the file would leave the parent's old block in the
    point. The point must also stay incremental (no full re-copy of the cold
    data after a crash).
@@ -13,6 +14,7 @@
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -60,14 +62,31 @@ def test_incremental_point_equals_disk_after_kill9_under_load(make_daemon, tmp_p
         w = StampWriter([d.nbd_uri("a")], hot_blocks, rng, connections=3, queue_depth=16,
                         first_seq=seq)
         pid = d.proc.pid
-        w.run_until_dead(time.monotonic() + rng.uniform(0.3, 1.2),
-                         lambda: os.kill(pid, signal.SIGKILL))
+        kill_at = time.monotonic() + rng.uniform(0.3, 1.2)
+        # Every other round a point is started just before the kill, so the kill
+        # lands in its cut, its copy-out or just after it.
+        inflight = None
+        if rnd % 2 == 0:
+            inflight = threading.Timer(max(0.0, kill_at - time.monotonic() - rng.uniform(0, 0.3)),
+                                       _start_point_quietly, (d, f"x{rnd}"))
+            inflight.start()
+        w.run_until_dead(kill_at, lambda: os.kill(pid, signal.SIGKILL))
         w.close()
+        if inflight:
+            inflight.join()
         seq = w.next_seq
         d.kill9()
         acked = sum(1 for x in w.writes if x.ack is not None and x.err is None)
         assert acked > 100, f"round {rnd}: only {acked} writes acked before the kill"
         d.start()
+        if inflight:
+            r = d.api("GET", f"/restorePointCollections/c/restorePoints/x{rnd}")
+            if r.status == 200:
+                state = r.json["properties"]["provisioningState"]
+                assert state in ("Failed", "Succeeded"), r
+                if state == "Succeeded":
+                    assert d.verify_restore_point("c", f"x{rnd}")["properties"]["output"]["ok"]
+                print(f"round {rnd}: the point started before the kill is {state}")
         rp = f"rp{rnd}"
         d.create_restore_point("c", rp)
         assert_point_equals_disk(d, rp, "a", tmp_path, f"after kill -9 round {rnd} {seed_note}")
@@ -75,9 +94,19 @@ def test_incremental_point_equals_disk_after_kill9_under_load(make_daemon, tmp_p
         assert drp["incremental"] is True, drp
         # Only the hot area can have changed: no full re-copy after a crash.
         assert drp["blocksChanged"] <= hot_blocks * 4096 // G, drp
+        out = d.verify_restore_point("c", rp)["properties"]["output"]
+        assert out["ok"] is True, out
         print(f"round {rnd}: {acked} writes acked, point stored {drp['bytesStored']} bytes, "
               f"{drp['blocksChanged']} blocks")
     assert d.stop() == 0, d.log()
+
+
+def _start_point_quietly(d, name):
+    """PUT of a point from a timer thread; the daemon may be dying meanwhile."""
+    try:
+        d.start_restore_point("c", name)
+    except OSError:
+        pass
 
 
 def test_kill9_during_creation(make_daemon, tmp_path):
