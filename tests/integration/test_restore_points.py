@@ -105,6 +105,7 @@ def test_points_exact_incremental_delete_gc_verify(vm, tmp_path):
     full_bytes = len(s1) * G
     assert full_bytes * 0.99 <= drp1["bytesStored"] <= 1.2 * full_bytes + META_SLACK, drp1
     packs1 = packs_bytes(region)
+    region1 = tree_bytes(region)
     assert packs1 - packs0 <= 1.2 * full_bytes + META_SLACK, (packs0, packs1)
 
     # The point's export shows holes where nothing was written.
@@ -133,8 +134,11 @@ def test_points_exact_incremental_delete_gc_verify(vm, tmp_path):
     assert changed * 0.99 <= drp2["bytesStored"] <= 1.2 * changed + META_SLACK, drp2
     packs2 = packs_bytes(region)
     assert packs2 - packs1 <= 1.2 * changed + META_SLACK, (packs1, packs2, changed)
+    # The whole region (SQLite catalog and its WAL too) grows by about the same.
+    region2 = tree_bytes(region)
+    assert region2 - region1 <= 1.2 * changed + 4 * MiB, (region1, region2, changed)
     print(f"rp2: {changed_slots} slots changed, {drp2['bytesStored']} bytes stored, "
-          f"packs +{packs2 - packs1}, {t_rp2:.2f} s")
+          f"packs +{packs2 - packs1}, region +{region2 - region1}, {t_rp2:.2f} s")
 
     # ---- overwrite again: the points must not follow the disk ----
     nbd_write(uri, [(s * G, rng.randbytes(G)) for s in rng.sample(range(SLOTS), 50)])
