@@ -151,6 +151,35 @@ def test_restore_vm_same_configuration_and_bytes(daemon, tmp_path):
     assert_same(imgs["a"], nbd_save(d.rp_uri("c", "rp", "a"), tmp_path / "rp.a"), "point a")
 
 
+def test_vm_and_collection_lifecycle(daemon, tmp_path):
+    """A disk in a VM cannot be deleted; deleting the VM keeps its points;
+    deleting the collection deletes its points and their exports."""
+    d = daemon
+    d.create_disk("a", 8 * MiB)
+    d.create_vm("vm", ["a"], configuration={"x": 1})
+    d.create_collection("c", "vm")
+    fill(d, "a", random.Random(6), 8, 8 * MiB)
+    img = nbd_save(d.nbd_uri("a"), tmp_path / "a.img")
+    d.create_restore_point("c", "rp")
+
+    r = d.api("DELETE", "/disks/a")
+    assert r.status == 409 and "vm" in r.json["error"]["message"], r
+    assert d.api("DELETE", "/vms/vm").status == 204
+    assert d.api("GET", "/vms/vm").status == 404
+    assert d.api("DELETE", "/disks/a").status == 204
+    # The point outlives its VM and its disk.
+    assert d.get_restore_point("c", "rp")["properties"]["provisioningState"] == "Succeeded"
+    assert_same(img, nbd_save(d.rp_uri("c", "rp", "a"), tmp_path / "rp.a"), "point a")
+    d.restart()
+    assert_same(img, nbd_save(d.rp_uri("c", "rp", "a"), tmp_path / "rp.b"), "after restart")
+    expanded = d.api("GET", "/restorePointCollections/c?$expand=restorePoints").json
+    assert [x["name"] for x in expanded["properties"]["restorePoints"]] == ["rp"]
+
+    assert d.api("DELETE", "/restorePointCollections/c").status == 204
+    assert d.api("GET", "/restorePointCollections/c").status == 404
+    assert not exported(d, "c/rp/a")
+
+
 def test_disk_create_from_point(daemon, tmp_path):
     d = daemon
     d.create_disk("a", 64 * MiB)
@@ -169,6 +198,11 @@ def test_disk_create_from_point(daemon, tmp_path):
     p = r.json["properties"]
     assert p["provisioningState"] == "Creating", p
     assert p["creationData"] == {"createOption": "Restore", "sourceResourceId": src}, p
+    # Not served before the copy is complete: if the operation is still running
+    # after the export list was read, the list must not have had the disk.
+    listed = exported(d, "r1")
+    if d.api("GET", op).json["status"] == "InProgress":
+        assert not listed, "a disk being restored is already exported"
     done = d.wait_operation(op)
     assert done["status"] == "Succeeded", done
     assert done["properties"]["kind"] == "RestoreDisk", done
