@@ -49,6 +49,7 @@ from rpointd_harness import Daemon, operation_path  # noqa: E402
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 PARTS = ["create", "restore", "iops", "cut"]
+LOAD_IOPS = 2000  # guest writes during the loaded cut series
 
 
 def log(*a):
@@ -148,11 +149,13 @@ class Bench:
         h.flush()
         h.shutdown()
 
-    def fio(self, uri, runtime, rw="randwrite", background=False):
+    def fio(self, uri, runtime, rw="randwrite", background=False, rate_iops=None):
         out = os.path.join(self.tmp, f"fio-{time.monotonic_ns()}.json")
         argv = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
                 "--bs=4k", "--iodepth=32", "--time_based", f"--runtime={runtime}",
                 "--output-format=json", f"--output={out}"]
+        if rate_iops:
+            argv.append(f"--rate_iops={rate_iops}")
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.fio_procs.append(p)
         if background:
@@ -284,13 +287,19 @@ class Bench:
         h2.connect_uri(d.nbd_uri("small"))
         rng = random.Random(4)
         results = {}
-        for mode in ("idle", "fio randwrite running"):
+        loaded = f"fio randwrite {LOAD_IOPS} IOPS running"
+        for mode in ("idle", loaded):
             bg = None
+            cuts = a.cuts
             if mode != "idle":
-                bg = self.fio(d.nbd_uri("small"), runtime=3600, background=True)
+                # Rate-limited: every point copies what fio dirtied since the last one,
+                # so an unlimited fio would turn each point into a large copy-out.
+                bg = self.fio(d.nbd_uri("small"), runtime=3600, background=True,
+                              rate_iops=LOAD_IOPS)
                 time.sleep(1)
+                cuts = max(10, a.cuts // 4)
             pauses = []
-            for i in range(a.cuts):
+            for i in range(cuts):
                 h1.pwrite(rng.randbytes(4096), rng.randrange(TiB // 4096) * 4096)
                 h2.pwrite(rng.randbytes(4096), rng.randrange(GiB // 4096) * 4096)
                 name = f"{'l' if bg else 'i'}{i}"
@@ -306,13 +315,15 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     bg[0].kill()
             results[mode] = pauses
-            self.row(f"cut pause p50 ({mode}, {a.cuts} cuts)", pct(pauses, 50), "us")
+            self.row(f"cut pause p50 ({mode}, {cuts} cuts)", pct(pauses, 50), "us")
             self.row(f"cut pause p99 ({mode})", pct(pauses, 99), "us")
             self.row(f"cut pause max ({mode})", max(pauses), "us")
         h1.shutdown()
         h2.shutdown()
         self.notes.append("cut VM: a 1 TiB sparse disk and a 1 GiB disk; one 4 KiB block "
-                          "changed on each before every point; the previous point deleted")
+                          "changed on each before every point; the previous point deleted; "
+                          f"the loaded series runs a quarter of the cuts with fio at {LOAD_IOPS} "
+                          "IOPS on the 1 GiB disk")
         return results
 
     # ------------------------------------------------------------ run/report
