@@ -211,3 +211,36 @@ def find_in_packs(region, data):
                     return path, i
                 i = blob.find(probe, i + 1)
     raise AssertionError("chunk not found in any pack (compressed or encrypted store?)")
+
+
+def test_tracking_granularity_per_disk(daemon, tmp_path):
+    """A disk tracked at 4 KiB stores scattered 4 KiB writes as 4 KiB chunks;
+    its neighbour at the default 64 KiB in the same VM stores whole 64 KiB blocks."""
+    d = daemon
+    d.create_disk("fine", 16 * MiB, trackingGranularityBytes=4096)
+    d.create_disk("coarse", 16 * MiB)
+    assert d.api("GET", "/disks/fine").json["properties"]["trackingGranularityBytes"] == 4096
+    d.create_vm("vm", ["fine", "coarse"])
+    d.create_collection("c", "vm")
+    rng = random.Random(12)
+    for disk in ("fine", "coarse"):
+        nbd_write(d.nbd_uri(disk), [(0, rng.randbytes(4 * MiB))])
+    d.create_restore_point("c", "rp1")
+    # 100 4 KiB writes, each in a different 64 KiB block.
+    slots = rng.sample(range(16 * MiB // G), 100)
+    for disk in ("fine", "coarse"):
+        nbd_write(d.nbd_uri(disk), [(s * G + 4 * KiB, rng.randbytes(4 * KiB)) for s in slots])
+    imgs = {x: nbd_save(d.nbd_uri(x), tmp_path / f"{x}.img") for x in ("fine", "coarse")}
+    d.create_restore_point("c", "rp2")
+    fine = d.disk_restore_point("c", "rp2", "fine")["properties"]
+    coarse = d.disk_restore_point("c", "rp2", "coarse")["properties"]
+    assert fine["trackingGranularityBytes"] == 4096 and coarse["trackingGranularityBytes"] == G
+    assert fine["blocksChanged"] == 100 and coarse["blocksChanged"] == 100, (fine, coarse)
+    assert fine["bytesStored"] <= 1.2 * 100 * 4 * KiB + 64 * KiB, fine
+    assert coarse["bytesStored"] >= 0.99 * 100 * G, coarse  # whole 64 KiB blocks
+    for x in ("fine", "coarse"):
+        same, msg = images_equal(imgs[x], nbd_save(d.rp_uri("c", "rp2", x), tmp_path / f"{x}.rp"))
+        assert same, f"{x}: {msg}"
+    # The granularity is fixed at creation.
+    r = d.api("PATCH", "/disks/fine", {"properties": {"trackingGranularityBytes": 65536}})
+    assert r.status == 400, r
