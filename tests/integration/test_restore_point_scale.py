@@ -74,7 +74,8 @@ def test_one_tib_disk_one_gib_changed(daemon, tmp_path):
     tracking = tree_bytes(os.path.join(d.state_dir, "tracking"))
     print(f"rss {rss0 >> 20} MiB -> {rss_tracked >> 20} MiB with 1 TiB tracked; "
           f"tracking files {tracking} bytes")
-    assert rss_tracked - rss0 < 16 * MiB, "tracking 1 TiB costs too much memory"
+    # 1 TiB at 64 KiB is 2 MiB of bits (the issue: under 4 MiB); allocator slack on top.
+    assert rss_tracked - rss0 < 8 * MiB, "tracking 1 TiB costs too much memory"
     assert tracking < 4 * MiB, f"tracking files take {tracking} bytes for 1 TiB"
 
     t0 = time.monotonic()
