@@ -151,9 +151,198 @@ class Daemon:
         assert r.status in (200, 201), r
         return r.json
 
+    # ---- restore points (VMs, collections, points, operations) ----
+
+    @property
+    def regions_dir(self):
+        """Where the default region lives when the config names no regions."""
+        return os.path.join(self.state_dir, "regions")
+
+    def region_dir(self, name="local"):
+        return os.path.join(self.regions_dir, name)
+
+    def create_vm(self, name, disks, configuration=None, expect=(200, 201)):
+        props = {"disks": [{"id": f"/disks/{d}"} for d in disks]}
+        if configuration is not None:
+            props["configuration"] = configuration
+        r = self.api("PUT", f"/vms/{name}", {"properties": props})
+        assert r.status in expect, r
+        return r.json
+
+    def create_collection(self, name, vm, location=None, expect=(200, 201)):
+        body = {"properties": {"source": {"id": f"/vms/{vm}"}}}
+        if location is not None:
+            body["location"] = location
+        r = self.api("PUT", f"/restorePointCollections/{name}", body)
+        assert r.status in expect, r
+        return r.json
+
+    def start_restore_point(self, collection, name, exclude=(), consistency=None):
+        """PUT of a restore point; returns the raw Response (201 + operation headers)."""
+        props = {}
+        if exclude:
+            props["excludeDisks"] = [{"id": f"/disks/{d}"} for d in exclude]
+        if consistency is not None:
+            props["consistencyMode"] = consistency
+        return self.api("PUT", f"/restorePointCollections/{collection}/restorePoints/{name}",
+                        {"properties": props})
+
+    def create_restore_point(self, collection, name, exclude=(), consistency=None, wait=True,
+                             timeout=300, expect_status="Succeeded"):
+        """Creates a point; with wait, polls its operation and returns the point as
+        GET ?$expand=instanceView shows it afterwards (asserting expect_status)."""
+        r = self.start_restore_point(collection, name, exclude, consistency)
+        assert r.status == 201, r
+        op = operation_path(r)
+        assert r.json["properties"]["provisioningState"] == "Creating", r
+        if not wait:
+            return r
+        done = self.wait_operation(op, timeout=timeout)
+        rp = self.get_restore_point(collection, name, expand="instanceView")
+        state = rp["properties"]["provisioningState"]
+        if expect_status is not None:
+            assert state == expect_status, (f"restore point {collection}/{name}: {state}, "
+                                            f"operation {done}\n{self.log()[-3000:]}")
+        return rp
+
+    def wait_operation(self, op, timeout=300, poll=0.05):
+        """Polls /operations/{id} (a path from Azure-AsyncOperation or a bare id)
+        until it is no longer InProgress; returns the final operation JSON."""
+        path = op if op.startswith("/operations/") else f"/operations/{op}"
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.api("GET", path)
+            assert r.status == 200, r
+            if r.json["status"] != "InProgress":
+                return r.json
+            if time.monotonic() > deadline:
+                raise AssertionError(f"operation {path} still InProgress after {timeout} s: "
+                                     f"{r.json}\n{self.log()[-3000:]}")
+            time.sleep(poll)
+
+    def get_restore_point(self, collection, name, expand=None):
+        path = f"/restorePointCollections/{collection}/restorePoints/{name}"
+        if expand:
+            path += f"?$expand={expand}"
+        r = self.api("GET", path)
+        assert r.status == 200, r
+        return r.json
+
+    def disk_restore_point(self, collection, name, disk):
+        r = self.api("GET", f"/restorePointCollections/{collection}/restorePoints/{name}"
+                            f"/diskRestorePoints/{disk}")
+        assert r.status == 200, r
+        return r.json
+
+    def delete_restore_point(self, collection, name):
+        r = self.api("DELETE", f"/restorePointCollections/{collection}/restorePoints/{name}")
+        assert r.status == 204, r
+
+    def verify_restore_point(self, collection, name, timeout=300):
+        """POST .../verify, waits; returns the operation (output in properties.output)."""
+        r = self.api("POST", f"/restorePointCollections/{collection}/restorePoints/{name}/verify")
+        assert r.status == 202, r
+        op = self.wait_operation(operation_path(r), timeout=timeout)
+        assert op["status"] == "Succeeded", op
+        return op
+
+    def restore_disk(self, disk, collection, rp, source_disk, wait=True, timeout=300):
+        """Creates disk `disk` from a disk restore point; returns (response, final op)."""
+        src = (f"/restorePointCollections/{collection}/restorePoints/{rp}"
+               f"/diskRestorePoints/{source_disk}")
+        r = self.api("PUT", f"/disks/{disk}",
+                     {"properties": {"creationData": {"createOption": "Restore",
+                                                      "sourceResourceId": src}}})
+        assert r.status == 201, r
+        if not wait:
+            return r, None
+        op = self.wait_operation(operation_path(r), timeout=timeout)
+        assert op["status"] == "Succeeded", op
+        return r, op
+
+    def restore_vm(self, collection, rp, vm, disk_names=None, wait=True, timeout=300):
+        body = {"vmName": vm}
+        if disk_names:
+            body["diskNames"] = disk_names
+        r = self.api("POST", f"/restorePointCollections/{collection}/restorePoints/{rp}/restore",
+                     body)
+        assert r.status == 202, r
+        if not wait:
+            return r, None
+        op = self.wait_operation(operation_path(r), timeout=timeout)
+        assert op["status"] == "Succeeded", op
+        return r, op
+
+    def rp_export(self, collection, rp, disk):
+        """The NBD export name of a disk restore point."""
+        return f"{collection}/{rp}/{disk}"
+
+    def rp_uri(self, collection, rp, disk):
+        return self.nbd_uri(self.rp_export(collection, rp, disk))
+
+    def rss_bytes(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
     def cli(self, *args, check=True):
         cmd = [RPOINT_CLI, "--socket", self.control_sock] + [str(a) for a in args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if check and r.returncode != 0:
             raise AssertionError(f"{cmd} failed {r.returncode}: {r.stdout}\n{r.stderr}")
         return r
+
+
+def operation_path(response):
+    """The /operations/{id} path of a 201/202 answer; checks the three headers agree."""
+    h = {k.lower(): v for k, v in response.headers.items()}
+    op = h.get("azure-asyncoperation")
+    assert op and op.startswith("/operations/"), f"no Azure-AsyncOperation header: {response.headers}"
+    assert h.get("location") == op, f"Location {h.get('location')!r} != {op!r}"
+    assert h.get("retry-after") == "1", h.get("retry-after")
+    return op
+
+
+# ---- data helpers shared by the restore point tests ----
+
+def nbd_save(uri, path, timeout=300):
+    """Copies an export to a local sparse file with nbdcopy."""
+    r = subprocess.run(["nbdcopy", uri, str(path)], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"nbdcopy {uri} {path} failed: {r.stderr}"
+    return str(path)
+
+
+def nbd_write(uri, chunks):
+    """Writes [(offset, bytes)] through libnbd, then flushes."""
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for off, data in chunks:
+        h.pwrite(data, off)
+    h.flush()
+    h.shutdown()
+
+
+def images_equal(a, b, timeout=300):
+    """qemu-img compare of two raw images (files or json: NBD specs);
+    returns (equal, message)."""
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode in (0, 1), f"qemu-img compare failed ({r.returncode}): {r.stderr}"
+    return r.returncode == 0, (r.stdout + r.stderr).strip()
+
+
+def tree_bytes(path):
+    """Bytes allocated on disk under `path` (st_blocks), 0 if it does not exist."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total

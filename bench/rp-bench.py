@@ -1,0 +1,436 @@
+#!/usr/bin/python3
+"""Restore point benchmark: creation and restore rates, guest IOPS during a
+copy-out, and the cut pause, each against an anchor measured in the same run.
+
+  creation   incremental point of C MiB changed (1 MiB runs at random places of
+             a D-byte disk): MiB/s of changed data, as a ratio to
+             `cp --sparse=always` + fsync of a sparse raw file holding the same
+             runs. Also the first (full) point of the disk: MiB/s of allocated
+             data, against `cp --sparse=always` of the disk's own raw file.
+  restore    PUT /disks/r {creationData: the incremental point's disk}: MiB/s
+             of allocated data until the operation succeeds, against
+             `cp --sparse=always` + fsync of the source disk's raw file.
+  guest IOPS fio (nbd engine) 4k randwrite QD32 on a disk of a VM, first with no
+             point in progress, then while a full point of that VM is being
+             copied out (copy-before-write on every first write to a block
+             not yet copied). Ratio during / idle.
+  cut pause  cutPauseMicroseconds of N points of a VM with a 1 TiB sparse disk
+             and a 1 GiB disk (one block changed on each per point): p50, p99,
+             max; idle, and with fio randwrite running on the VM's disk.
+
+The page cache is dropped before each timed copy (root needed). Not a test:
+run it by hand on a quiet machine and paste the report into bench/RESULTS.md.
+
+  bench/rp-bench.sh                 # full: 2 GiB disk, 1 GiB changed, 200 cuts (~5 min)
+  bench/rp-bench.sh --quick         # smoke: 256 MiB disk, 128 MiB changed, 20 cuts (~1 min)
+  bench/rp-bench.sh --only cut --cuts 500
+"""
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
+
+import nbd  # noqa: E402  (python3-libnbd: run with /usr/bin/python3)
+
+from rpointd_harness import Daemon, operation_path  # noqa: E402
+
+MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
+PARTS = ["create", "restore", "iops", "cut"]
+LOAD_IOPS = 2000  # guest writes during the loaded cut series
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def pct(values, p):
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.rows = []       # (what, value, unit, anchor, anchor value, ratio)
+        self.notes = []
+        self.failures = []
+        self.tmp = None
+        self.d = None
+        self.fio_procs = []
+        self.full_rate = None   # MiB/s of the full point, sizes the fio run of part iops
+
+    # ------------------------------------------------------------ plumbing
+
+    def setup(self):
+        os.makedirs(self.a.dir, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix="rp-bench.", dir=self.a.dir)
+        self.d = Daemon(os.path.join(self.tmp, "state"),
+                        config_text="io:\n  direct: false\n")
+        self.d.start()
+        log(f"rpointd up in {self.tmp}")
+
+    def cleanup(self):
+        for p in self.fio_procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if self.d is not None and self.d.proc is not None:
+            try:
+                self.d.stop()
+            except Exception as e:  # noqa: BLE001 - cleanup must go on
+                log(f"stopping rpointd: {e}")
+                self.d.kill9()
+        if self.tmp and not self.a.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def drop_caches(self):
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError:
+            pass
+
+    def api_ok(self, method, path, body=None, want=(200, 201, 202, 204)):
+        r = self.d.api(method, path, body)
+        if r.status not in want:
+            raise RuntimeError(f"{method} {path}: {r.status} {r.raw[:500]!r}")
+        return r
+
+    def point(self, coll, name, exclude=()):
+        """Creates a point; returns (seconds until the operation ended, point JSON)."""
+        t0 = time.monotonic()
+        r = self.d.start_restore_point(coll, name, exclude)
+        if r.status != 201:
+            raise RuntimeError(f"restore point {coll}/{name}: {r}")
+        op = self.d.wait_operation(operation_path(r), timeout=3600, poll=0.01)
+        dt = time.monotonic() - t0
+        if op["status"] != "Succeeded":
+            raise RuntimeError(f"restore point {coll}/{name} failed: {op}")
+        return dt, self.d.get_restore_point(coll, name, expand="instanceView")
+
+    def cp_sparse(self, src, dst):
+        """Seconds for cp --sparse=always + fsync of the copy (the store fsyncs too)."""
+        if os.path.exists(dst):
+            os.unlink(dst)
+        self.drop_caches()
+        t0 = time.monotonic()
+        subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+        subprocess.run(["sync", dst], check=True)
+        dt = time.monotonic() - t0
+        os.unlink(dst)
+        return dt
+
+    def write_runs(self, uri, runs, seed):
+        """1 MiB runs of seeded random data at the given offsets, over NBD."""
+        rng = random.Random(seed)
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        for off in runs:
+            h.pwrite(rng.randbytes(MiB), off)
+        h.flush()
+        h.shutdown()
+
+    def fio(self, uri, runtime, rw="randwrite", background=False, rate_iops=None):
+        out = os.path.join(self.tmp, f"fio-{time.monotonic_ns()}.json")
+        argv = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+                "--bs=4k", "--iodepth=32", "--time_based", f"--runtime={runtime}",
+                "--output-format=json", f"--output={out}"]
+        if rate_iops:
+            argv.append(f"--rate_iops={rate_iops}")
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.fio_procs.append(p)
+        if background:
+            return p, out
+        return self.fio_result(p, out)
+
+    def fio_result(self, p, out):
+        _, err = p.communicate(timeout=3600)
+        with open(out) as f:
+            j = json.load(f)["jobs"][0]
+        if p.returncode != 0 or j.get("error"):
+            raise RuntimeError(f"fio failed ({p.returncode}): {err[-1000:]}")
+        return j["write"]["iops"]
+
+    def row(self, what, value, unit, anchor=None, anchor_value=None):
+        ratio = value / anchor_value if anchor_value else None
+        self.rows.append((what, value, unit, anchor, anchor_value, ratio))
+        log(f"  {what}: {value:.1f} {unit}"
+            + (f" ({ratio:.2f}x {anchor} = {anchor_value:.1f})" if ratio else ""))
+
+    # ------------------------------------------------------------ parts
+
+    def part_create_restore(self):
+        a = self.a
+        d = self.d
+        d.create_disk("a", a.size)
+        d.create_vm("vm", ["a"])
+        d.create_collection("c", "vm")
+        raw = self.api_ok("GET", "/disks/a").json["properties"]["path"]
+        rng = random.Random(1)
+        nruns = a.size // MiB
+        # Base: half the disk in 1 MiB runs (the full point copies these).
+        base = sorted(rng.sample(range(nruns), nruns // 2))
+        self.write_runs(d.nbd_uri("a"), [r * MiB for r in base], seed=2)
+        base_mib = len(base)
+        self.drop_caches()
+        dt, _ = self.point("c", "full")
+        cp = self.cp_sparse(raw, os.path.join(self.tmp, "a.copy"))
+        self.full_rate = base_mib / dt
+        self.row("full point (first point of a disk)", base_mib / dt, "MiB/s",
+                 "cp --sparse=always of the raw file", base_mib / cp)
+
+        # Incremental: `changed` MiB in 1 MiB runs anywhere on the disk.
+        changed = sorted(rng.sample(range(nruns), a.changed // MiB))
+        self.write_runs(d.nbd_uri("a"), [r * MiB for r in changed], seed=3)
+        ref = os.path.join(self.tmp, "changed.raw")
+        with open(ref, "wb") as f:
+            f.truncate(a.size)
+            g = random.Random(3)
+            for r in changed:
+                f.seek(r * MiB)
+                f.write(g.randbytes(MiB))
+        self.drop_caches()
+        dt, rp = self.point("c", "inc")
+        drp = self.api_ok("GET", "/restorePointCollections/c/restorePoints/inc/"
+                                 "diskRestorePoints/a").json["properties"]
+        cp = self.cp_sparse(ref, os.path.join(self.tmp, "changed.copy"))
+        os.unlink(ref)
+        mib = len(changed)
+        self.row(f"incremental point ({mib} MiB changed)", mib / dt, "MiB/s",
+                 "cp --sparse=always of the same bytes", mib / cp)
+        self.notes.append(f"incremental point stored {drp['bytesStored'] / MiB:.1f} MiB for "
+                          f"{mib} MiB changed ({drp['blocksChanged']} blocks)")
+        self.row(f"cut pause of that incremental point ({mib} MiB changed)",
+                 rp["properties"]["instanceView"]["cutPauseMicroseconds"], "us")
+
+        # Restore the incremental point (all of the disk's data) into a new disk.
+        allocated = len(set(base) | set(changed))
+        self.drop_caches()
+        t0 = time.monotonic()
+        r = self.api_ok("PUT", "/disks/r", {"properties": {"creationData": {
+            "createOption": "Restore",
+            "sourceResourceId": "/restorePointCollections/c/restorePoints/inc/diskRestorePoints/a"}}})
+        op = d.wait_operation(operation_path(r), timeout=3600, poll=0.01)
+        dt = time.monotonic() - t0
+        if op["status"] != "Succeeded":
+            raise RuntimeError(f"restore failed: {op}")
+        cp = self.cp_sparse(raw, os.path.join(self.tmp, "a.copy"))
+        self.row(f"restore (create disk from a point, {allocated} MiB allocated)",
+                 allocated / dt, "MiB/s", "cp --sparse=always of the raw file", allocated / cp)
+
+    def part_iops(self):
+        a = self.a
+        d = self.d
+        d.create_disk("g", a.size)
+        d.create_vm("io", ["g"])
+        uri = d.nbd_uri("g")
+        # Fill the disk so that a full point has a.size bytes to copy out.
+        fill = os.path.join(self.tmp, "fill.raw")
+        subprocess.run(["dd", "if=/dev/urandom", f"of={fill}", "bs=1M",
+                        f"count={a.size // MiB}", "status=none"], check=True)
+        subprocess.run(["nbdcopy", fill, uri], check=True)
+        os.unlink(fill)
+        runtime = a.runtime
+        if self.full_rate:
+            # The copy-out must outlast fio: at most 60% of the expected copy time.
+            runtime = max(1, min(runtime, int(0.6 * (a.size / MiB) / self.full_rate)))
+        idle = self.fio(uri, runtime)
+        d.create_collection("cio", "io")
+        r = d.start_restore_point("cio", "p")
+        if r.status != 201:
+            raise RuntimeError(f"restore point: {r}")
+        op_path = operation_path(r)
+        t0 = time.monotonic()
+        busy = self.fio(uri, runtime)
+        op_mid = d.api("GET", op_path).json
+        op = d.wait_operation(op_path, timeout=3600)
+        total = time.monotonic() - t0
+        if op["status"] != "Succeeded":
+            raise RuntimeError(f"point under fio failed: {op}")
+        still = op_mid["status"] == "InProgress"
+        self.row("guest 4k randwrite QD32 during a copy-out", busy, "IOPS",
+                 "no point in progress", idle)
+        self.notes.append(
+            f"copy-out of {a.size >> 20} MiB took {total:.1f} s with fio running for {runtime} s; "
+            + ("the point was still copying when fio ended (the whole fio run overlapped it)"
+               if still else f"WARNING: the copy-out ended before fio's {runtime} s: "
+                             "use --runtime shorter or --size larger"))
+
+    def part_cut(self):
+        a = self.a
+        d = self.d
+        d.create_disk("huge", TiB)
+        d.create_disk("small", GiB)
+        d.create_vm("cutvm", ["huge", "small"])
+        d.create_collection("ccut", "cutvm")
+        h1, h2 = nbd.NBD(), nbd.NBD()
+        h1.connect_uri(d.nbd_uri("huge"))
+        h2.connect_uri(d.nbd_uri("small"))
+        rng = random.Random(4)
+        results = {}
+        loaded = f"fio randwrite {LOAD_IOPS} IOPS running"
+        for mode in ("idle", loaded):
+            bg = None
+            cuts = a.cuts
+            if mode != "idle":
+                # Rate-limited: every point copies what fio dirtied since the last one,
+                # so an unlimited fio would turn each point into a large copy-out.
+                bg = self.fio(d.nbd_uri("small"), runtime=3600, background=True,
+                              rate_iops=LOAD_IOPS)
+                time.sleep(1)
+                cuts = max(10, a.cuts // 4)
+            pauses = []
+            for i in range(cuts):
+                h1.pwrite(rng.randbytes(4096), rng.randrange(TiB // 4096) * 4096)
+                h2.pwrite(rng.randbytes(4096), rng.randrange(GiB // 4096) * 4096)
+                name = f"{'l' if bg else 'i'}{i}"
+                _, rp = self.point("ccut", name)
+                pauses.append(rp["properties"]["instanceView"]["cutPauseMicroseconds"])
+                if i > 0:  # keep the store small; deleting is part of the steady state
+                    self.api_ok("DELETE", f"/restorePointCollections/ccut/restorePoints/"
+                                          f"{'l' if bg else 'i'}{i - 1}")
+            if bg:
+                bg[0].send_signal(signal.SIGINT)
+                try:
+                    bg[0].wait(30)
+                except subprocess.TimeoutExpired:
+                    bg[0].kill()
+            results[mode] = pauses
+            self.row(f"cut pause p50 ({mode}, {cuts} cuts)", pct(pauses, 50), "us")
+            self.row(f"cut pause p99 ({mode})", pct(pauses, 99), "us")
+            self.row(f"cut pause max ({mode})", max(pauses), "us")
+        h1.shutdown()
+        h2.shutdown()
+        self.notes.append("cut VM: a 1 TiB sparse disk and a 1 GiB disk; one 4 KiB block "
+                          "changed on each before every point; the previous point deleted; "
+                          f"the loaded series runs a quarter of the cuts with fio at {LOAD_IOPS} "
+                          "IOPS on the 1 GiB disk")
+        return results
+
+    # ------------------------------------------------------------ run/report
+
+    def run(self):
+        self.setup()
+        parts = {"create": self.part_create_restore, "restore": None,
+                 "iops": self.part_iops, "cut": self.part_cut}
+        for p in self.a.only:
+            if parts.get(p) is None:
+                continue
+            log(f"== {p}")
+            try:
+                parts[p]()
+            except Exception as e:  # noqa: BLE001 - one failed part must not hide the others
+                self.failures.append(f"{p}: {e}")
+                log(f"FAILED {p}: {e}")
+        self.report()
+        return 1 if self.failures else 0
+
+    def report(self):
+        a = self.a
+        fstype = subprocess.run(["stat", "-f", "-c", "%T", self.a.dir], capture_output=True,
+                                text=True).stdout.strip()
+        lines = [f"## rp-bench {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+                 "",
+                 f"{platform.node()}: {os.cpu_count()} CPUs, {platform.release()}, {fstype}; "
+                 f"disk {a.size >> 20} MiB, {a.changed >> 20} MiB changed, fio {a.runtime} s, "
+                 f"{a.cuts} cuts; load average at the end {os.getloadavg()[0]:.2f}",
+                 "",
+                 "| what | value | anchor (same run) | anchor value | ratio |",
+                 "|---|---:|---|---:|---:|"]
+        for what, v, unit, anchor, av, ratio in self.rows:
+            lines.append(f"| {what} | {v:.1f} {unit} | {anchor or ''} | "
+                         f"{'' if av is None else f'{av:.1f} {unit}'} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}'} |")
+        if self.notes:
+            lines += [""] + [f"- {n}" for n in self.notes]
+        if self.failures:
+            lines += ["", "### Failures", ""] + [f"- {f}" for f in self.failures]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+
+
+def parse_size(s):
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = s.strip().lower().rstrip("ib").rstrip("i")
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 256 MiB disk, 128 MiB changed, 3 s fio, 20 cuts")
+    ap.add_argument("--size", help="disk size (default 2G; --quick 256M)")
+    ap.add_argument("--changed", help="changed data for the incremental point "
+                                      "(default 1G; --quick 128M)")
+    ap.add_argument("--runtime", type=int, help="seconds of fio per measurement "
+                                                 "(default 8; --quick 3)")
+    ap.add_argument("--cuts", type=int, help="points per cut-pause series (default 200; "
+                                             "--quick 20)")
+    ap.add_argument("--only", default=",".join(PARTS),
+                    help="comma-separated subset of: " + ", ".join(PARTS)
+                         + " (create and restore run together)")
+    ap.add_argument("--dir", default=os.path.join(HERE, "work"),
+                    help="where the temp dir goes (a real filesystem, not tmpfs)")
+    ap.add_argument("--out", help="also write the Markdown report here")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (state, logs)")
+    a = ap.parse_args()
+    a.size = parse_size(a.size or ("256M" if a.quick else "2G"))
+    a.changed = parse_size(a.changed or ("128M" if a.quick else "1G"))
+    a.runtime = a.runtime or (3 if a.quick else 8)
+    a.cuts = a.cuts or (20 if a.quick else 200)
+    a.only = [p.strip() for p in a.only.split(",") if p.strip()]
+    if "restore" in a.only and "create" not in a.only:
+        a.only.append("create")
+    for p in a.only:
+        if p not in PARTS:
+            ap.error(f"unknown part {p}")
+    if a.size % MiB or a.changed % MiB or a.changed > a.size:
+        ap.error("--size and --changed: whole MiB, changed <= size")
+    if os.geteuid() != 0:
+        log("warning: not root, the page cache is not dropped between copies")
+    for tool in ("fio", "nbdcopy", "cp", "dd"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} missing: bash scripts/install-deps.sh")
+
+    b = Bench(a)
+    atexit.register(b.cleanup)
+
+    def on_signal(signum, _frame):
+        b.cleanup()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return b.run()
+    finally:
+        b.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
