@@ -52,6 +52,7 @@ class IoRequest : public Reactor::Op {
   Reactor* reactor_ = nullptr;
   uint64_t done_ = 0;
   uint32_t stage_ = 0;
+  int inline_result_ = 0;  // FileDisk: result of a write done at submit time
   bool entered_ = false;  // holds a change-tracking epoch ticket
   uint64_t epoch_ = 0;
 

@@ -93,6 +93,7 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   bool is_blockdev_ = false;
   uint32_t logical_block_ = 512;
   bool punch_ok_ = true;
+  bool inline_buffered_writes_ = false;  // regular files: see FileDisk::issue
   std::atomic<bool> zero_range_ok_{true};
   std::atomic<uint64_t> size_{0};
   std::unique_ptr<ChangeTracker> tracker_;
