@@ -190,15 +190,7 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   // client that sees the operation end can start the next point at once (and
   // that point's cut finds the trackers already retired).
   std::unique_lock<std::mutex> lock(mu_);
-  op.end_time = NowRfc3339();
-  if (err) {
-    op.status = "Failed";
-    op.error_code = err->code;
-    op.error_message = err->message;
-  } else {
-    op.status = "Succeeded";
-    op.percent_complete = 100;
-  }
+  EndOperation(op, err ? &*err : nullptr, NowRfc3339());
   std::vector<TrackingBase> bases;
   std::vector<StoreRef> freed;  // retained bases this point replaces
   if (!err) {

@@ -285,16 +285,8 @@ OperationRecord RestoreServiceImpl::new_operation(const std::string& kind,
 
 void RestoreServiceImpl::finish_operation(OperationRecord& op, const JobError* err,
                                           nlohmann::json result) {
-  op.end_time = NowRfc3339();
+  EndOperation(op, err, NowRfc3339());
   op.result = std::move(result);
-  if (err) {
-    op.status = "Failed";
-    op.error_code = err->code;
-    op.error_message = err->message;
-  } else {
-    op.status = "Succeeded";
-    op.percent_complete = 100;
-  }
   std::lock_guard<std::mutex> lock(mu_);
   Status s = db_->save_operation(op);
   if (!s.ok()) spdlog::error("operation {}: cannot record its end: {}", op.id, s.ToString());

@@ -51,6 +51,19 @@ struct JobError {
   std::string message;
 };
 
+// Ends an operation record: Failed with err's code and message, or Succeeded at 100%.
+inline void EndOperation(OperationRecord& op, const JobError* err, const std::string& now) {
+  op.end_time = now;
+  if (err) {
+    op.status = "Failed";
+    op.error_code = err->code;
+    op.error_message = err->message;
+  } else {
+    op.status = "Succeeded";
+    op.percent_complete = 100;
+  }
+}
+
 class RestoreServiceImpl final : public RestoreService, public ExportResolver {
  public:
   RestoreServiceImpl(RestoreServiceOptions options, DiskService& disks,
