@@ -26,17 +26,10 @@ Result<std::string> RestoreServiceImpl::start_verify(const std::string& collecti
   OperationRecord op;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto c = db_->get_collection(collection);
-    if (!c.ok()) return c.status();
-    if (!c.value()) return Status::NotFound("collection '" + collection + "' not found");
-    region = c.value()->region;
-    auto p = db_->get_point(collection, name);
-    if (!p.ok()) return p.status();
-    if (!p.value()) {
-      return Status::NotFound("restore point '" + name + "' not found in collection '" +
-                              collection + "'");
-    }
-    rec = *p.value();
+    auto found = find_point_locked(collection, name);
+    if (!found.ok()) return found.status();
+    region = std::move(found.value().region);
+    rec = std::move(found.value().point);
     if (rec.provisioning_state != "Succeeded") {
       return Status::Conflict("restore point '" + name + "' is " + rec.provisioning_state +
                               "; only Succeeded points can be verified");
@@ -181,24 +174,21 @@ Result<std::string> RestoreServiceImpl::start_restore_disk(const std::string& di
   std::string region;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto coll = db_->get_collection(c);
-    if (!coll.ok()) return coll.status();
-    if (!coll.value()) return Status::NotFound("collection '" + c + "' not found");
-    region = coll.value()->region;
-    auto p = db_->get_point(c, rp);
-    if (!p.ok()) return p.status();
-    if (!p.value()) return Status::NotFound("restore point '" + c + "/" + rp + "' not found");
+    auto point = find_point_locked(c, rp);
+    if (!point.ok()) return point.status();
+    region = point.value().region;
+    const RestorePointRecord& p = point.value().point;
     bool found = false;
-    for (const auto& d : p.value()->disk_restore_points) {
+    for (const auto& d : p.disk_restore_points) {
       if (d.disk == src) {
         drp = d;
         found = true;
       }
     }
     if (!found) return Status::NotFound("disk restore point '" + source_id + "' not found");
-    if (p.value()->provisioning_state != "Succeeded") {
-      return Status::Conflict("restore point '" + c + "/" + rp + "' is " +
-                              p.value()->provisioning_state + ", not Succeeded");
+    if (p.provisioning_state != "Succeeded") {
+      return Status::Conflict("restore point '" + c + "/" + rp + "' is " + p.provisioning_state +
+                              ", not Succeeded");
     }
   }
   auto created = disks_.create_provisioning(disk, drp.size_bytes, drp.granularity, source_id);
@@ -249,16 +239,10 @@ Result<std::string> RestoreServiceImpl::start_restore_vm(
   std::string region;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto coll = db_->get_collection(collection);
-    if (!coll.ok()) return coll.status();
-    if (!coll.value()) return Status::NotFound("collection '" + collection + "' not found");
-    region = coll.value()->region;
-    auto p = db_->get_point(collection, name);
-    if (!p.ok()) return p.status();
-    if (!p.value()) {
-      return Status::NotFound("restore point '" + collection + "/" + name + "' not found");
-    }
-    rec = *p.value();
+    auto found = find_point_locked(collection, name);
+    if (!found.ok()) return found.status();
+    region = std::move(found.value().region);
+    rec = std::move(found.value().point);
     if (rec.provisioning_state != "Succeeded") {
       return Status::Conflict("restore point '" + collection + "/" + name + "' is " +
                               rec.provisioning_state + ", not Succeeded");

@@ -563,6 +563,15 @@ Status RestoreServiceImpl::delete_collection(const std::string& name) {
 Result<RestorePointRecord> RestoreServiceImpl::get_restore_point(const std::string& collection,
                                                                  const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
+  auto found = find_point_locked(collection, name);
+  if (!found.ok()) return found.status();
+  RestorePointRecord r = std::move(found.value().point);
+  overlay(r);
+  return r;
+}
+
+Result<RestoreServiceImpl::FoundPoint> RestoreServiceImpl::find_point_locked(
+    const std::string& collection, const std::string& name) {
   auto c = db_->get_collection(collection);
   if (!c.ok()) return c.status();
   if (!c.value()) return Status::NotFound("collection '" + collection + "' not found");
@@ -572,9 +581,7 @@ Result<RestorePointRecord> RestoreServiceImpl::get_restore_point(const std::stri
     return Status::NotFound("restore point '" + name + "' not found in collection '" + collection +
                             "'");
   }
-  RestorePointRecord r = *p.value();
-  overlay(r);
-  return r;
+  return FoundPoint{c.value()->region, *p.value()};
 }
 
 Result<std::vector<RestorePointRecord>> RestoreServiceImpl::list_restore_points(
@@ -626,17 +633,10 @@ Status RestoreServiceImpl::delete_restore_point(const std::string& collection,
   std::string region;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto c = db_->get_collection(collection);
-    if (!c.ok()) return c.status();
-    if (!c.value()) return Status::NotFound("collection '" + collection + "' not found");
-    region = c.value()->region;
-    auto r = db_->get_point(collection, name);
-    if (!r.ok()) return r.status();
-    if (!r.value()) {
-      return Status::NotFound("restore point '" + name + "' not found in collection '" +
-                              collection + "'");
-    }
-    p = *r.value();
+    auto found = find_point_locked(collection, name);
+    if (!found.ok()) return found.status();
+    region = std::move(found.value().region);
+    p = std::move(found.value().point);
     if (p.provisioning_state == "Creating") {
       return Status::Conflict("restore point '" + name + "' is being created");
     }

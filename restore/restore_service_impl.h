@@ -144,6 +144,13 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // collection, its VM or the disk is gone, or the disk left the VM. Returns
   // their store points for free_store_points (after mu_ is released).
   std::vector<StoreRef> sweep_retained_locked();
+  // The point `name` of `collection` and the collection's region; NotFound
+  // names whichever is missing. Caller holds mu_.
+  struct FoundPoint {
+    std::string region;
+    RestorePointRecord point;
+  };
+  Result<FoundPoint> find_point_locked(const std::string& collection, const std::string& name);
   // Deletes the store points, then a GC pass of each region. A crash before
   // the delete leaves them unnamed: Open deletes them.
   void free_store_points(const std::vector<StoreRef>& refs);
