@@ -13,6 +13,7 @@
 #include "control/beast.h"
 #include "control/control_server.h"
 #include "restore/restore_service.h"
+#include "services_fixture.h"
 
 using namespace rpoint;
 namespace asio = boost::asio;
@@ -34,31 +35,13 @@ UniqueFd Listen(const std::string& path) {
   return fd;
 }
 
-struct Fixture {
-  std::string dir;
+struct Fixture : Services {
   std::string sock_path;
-  std::unique_ptr<DiskService> svc;
-  std::unique_ptr<RestoreService> restore;
   std::unique_ptr<ControlServer> server;
   asio::io_context ioc;
 
-  explicit Fixture(ControlServerOptions o = {}) {
-    char t[] = "/tmp/rpoint-ctl-XXXXXX";
-    REQUIRE(mkdtemp(t) != nullptr);
-    dir = t;
+  explicit Fixture(ControlServerOptions o = {}) : Services("/tmp/rpoint-ctl-XXXXXX") {
     sock_path = dir + "/control.sock";
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, dir + "/tracking"});
-    REQUIRE(s.ok());
-    svc = std::move(s).value();
-    fs::create_directories(dir + "/regions");
-    RestoreServiceOptions ro;
-    ro.regions = {{"local", dir + "/regions/local", true}};
-    ro.metadata_db = dir + "/metadata.db";
-    ro.tracking_dir = dir + "/tracking";
-    ro.staging_dir = dir + "/staging";
-    auto r = RestoreService::Open(ro, *svc);
-    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
-    restore = std::move(r).value();
     o.version = "1.2.3";
     auto c = ControlServer::Create(*svc, *restore, o);
     REQUIRE(c.ok());
@@ -69,10 +52,6 @@ struct Fixture {
   ~Fixture() {
     server->stop();
     server.reset();
-    restore->shutdown();
-    restore.reset();
-    svc.reset();
-    fs::remove_all(dir);
   }
   Sock connect() {
     Sock s(ioc);

@@ -15,6 +15,7 @@
 #include "control/service_handlers.h"
 #include "control/vm_handlers.h"
 #include "restore/restore_service.h"
+#include "services_fixture.h"
 
 using namespace rpoint;
 using nlohmann::json;
@@ -22,39 +23,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct Fixture {
-  std::string dir;
-  std::unique_ptr<DiskService> svc;
-  std::unique_ptr<RestoreService> restore;
+struct Fixture : Services {
   Router router;
 
-  Fixture() {
-    char t[] = "/tmp/rpoint-http-XXXXXX";
-    REQUIRE(mkdtemp(t) != nullptr);
-    dir = t;
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, dir + "/tracking"});
-    REQUIRE(s.ok());
-    svc = std::move(s).value();
-    fs::create_directories(dir + "/regions");
-    RestoreServiceOptions ro;
-    ro.regions = {{"local", dir + "/regions/local", true}};
-    ro.metadata_db = dir + "/metadata.db";
-    ro.tracking_dir = dir + "/tracking";
-    ro.staging_dir = dir + "/staging";
-    auto r = RestoreService::Open(ro, *svc);
-    REQUIRE_MESSAGE(r.ok(), r.status().ToString());
-    restore = std::move(r).value();
+  Fixture() : Services("/tmp/rpoint-http-XXXXXX") {
     AddServiceRoutes(router, *svc, "9.9.9");
     AddDiskRoutes(router, *svc, *restore);
     AddVmRoutes(router, *restore);
     AddRestorePointRoutes(router, *restore);
     AddOperationRoutes(router, *restore);
-  }
-  ~Fixture() {
-    restore->shutdown();
-    restore.reset();
-    svc.reset();
-    fs::remove_all(dir);
   }
 
   HttpResponse call(const std::string& method, const std::string& target,
