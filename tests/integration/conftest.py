@@ -8,11 +8,40 @@ sys.path.insert(0, os.path.dirname(__file__))
 from rpointd_harness import Daemon  # noqa: E402
 
 
+def strict():
+    """Under CI (CI=true) a skip is a failure: every tool a test needs is one the
+    project installs (scripts/packages.txt), so a missing one is a broken install,
+    not a reason to pass. RPOINTD_STRICT=1 asks for the same outside CI."""
+    return (os.environ.get("CI", "").lower() in ("true", "1", "yes")
+            or os.environ.get("RPOINTD_STRICT", "") not in ("", "0"))
+
+
 def require(*tools):
-    """Skip (not fail) when a client tool is missing, as nbdkit's tests do."""
+    """Skip when a client tool is missing, as nbdkit's tests do; under CI the
+    skip becomes a failure (see strict() and the hooks below)."""
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip("missing tools: " + ", ".join(missing))
+
+
+def _strict_skip(rep, where):
+    if strict() and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped {where} under CI=true, and a skip is not a pass: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _strict_skip(outcome.get_result(), "at run time")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # A module-level pytest.importorskip("nbd") skips the whole file at collection.
+    outcome = yield
+    _strict_skip(outcome.get_result(), "at collection")
 
 
 @pytest.fixture

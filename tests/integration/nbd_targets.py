@@ -75,6 +75,14 @@ class DaemonTarget:
         self.daemon.create_disk(name, size)
         return self.uri(name)
 
+    def create_read_only(self, name, size):
+        """A read-only export of `size` zero bytes: a disk restore point of a new disk."""
+        self.daemon.create_disk(name, size)
+        self.daemon.create_vm(name + "-vm", [name])
+        self.daemon.create_collection(name + "-c", name + "-vm")
+        self.daemon.create_restore_point(name + "-c", "rp")
+        return self.daemon.rp_uri(name + "-c", "rp", name)
+
     def uri(self, name):
         return self.daemon.nbd_uri(name)
 
@@ -125,6 +133,10 @@ class StandaloneTarget:
         with open(self.dir / name, "wb") as f:
             f.truncate(size)
         return self.uri(name)
+
+    def create_read_only(self, name, size):
+        """nbd_testserver serves `*.ro` files read-only."""
+        return self.create(name + ".ro", size)
 
     def uri(self, name):
         return f"nbd+unix:///{name}?socket={self.sock}"

@@ -221,9 +221,7 @@ def test_simple_replies_only(disk):
 
 
 def test_read_only_export(target):
-    if target.kind != "testserver":
-        pytest.skip("the daemon has no read-only exports yet")
-    uri = target.create("image.ro", MiB)
+    uri = target.create_read_only("image", MiB)
     h = connect(uri, strict=False)
     assert h.is_read_only()
     assert not h.can_trim() and not h.can_zero() and not h.can_fua()
