@@ -163,13 +163,13 @@ class StampWriter:
                 raise AssertionError(f"{sum(self.inflight)} writes still in flight "
                                      f"{drain_timeout} s after the load stopped")
 
-    def run_until_dead(self, kill_at, kill, timeout=20):
-        """Issues writes; calls kill() at monotonic kill_at; returns when every
-        connection failed."""
+    def run_until_dead(self, kill_at, kill, timeout=20, stop_early=None):
+        """Issues writes; calls kill() at monotonic kill_at (or as soon as
+        stop_early() is true); returns when every connection failed."""
         killed = False
         deadline = kill_at + timeout
         while time.monotonic() < deadline:
-            if not killed and time.monotonic() >= kill_at:
+            if not killed and (time.monotonic() >= kill_at or (stop_early and stop_early())):
                 kill()
                 killed = True
             if not self._poll_once(issue=not killed):
