@@ -52,6 +52,27 @@ Status MakeDirs(const std::string& path) {
   return Status::Ok();
 }
 
+// Allocates every block a generation file of nblocks bits can ever need, so a
+// mark written on the data path never needs a new block (a full state
+// filesystem fails the cut that prepares a generation, never a guest write).
+// Filesystems without fallocate get zeroes written past the current end.
+Status Preallocate(int fd, const std::string& path, uint64_t nblocks) {
+  uint64_t pages = (nblocks + SparseBitmap::kBitsPerPage - 1) / SparseBitmap::kBitsPerPage;
+  off_t len = static_cast<off_t>(kHeaderBytes + pages * SparseBitmap::kPageBytes);
+  if (fallocate(fd, 0, 0, len) == 0) return Status::Ok();
+  if (errno != EOPNOTSUPP) return Status::FromErrno(errno, "allocate " + path);
+  struct stat st {};
+  if (fstat(fd, &st) != 0) return Status::FromErrno(errno, "stat " + path);
+  static const char zeros[SparseBitmap::kPageBytes] = {};
+  for (off_t off = std::max<off_t>(st.st_size, kHeaderBytes); off < len;
+       off += static_cast<off_t>(sizeof zeros)) {
+    if (pwrite(fd, zeros, sizeof zeros, off) != static_cast<ssize_t>(sizeof zeros)) {
+      return Status::FromErrno(errno ? errno : EIO, "allocate " + path);
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 ChangeTracker::ChangeTracker(const ChangeTrackerOptions& o)
@@ -105,7 +126,12 @@ Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generat
   h.generation = number;
   std::memcpy(header, &h, sizeof h);
   if (pwrite(fd.get(), header, sizeof header, 0) != static_cast<ssize_t>(sizeof header)) {
-    return Status::FromErrno(errno, "write " + tmp);
+    return Status::FromErrno(errno ? errno : EIO, "write " + tmp);
+  }
+  Status pre = Preallocate(fd.get(), tmp, g->bits.size());
+  if (!pre.ok()) {
+    unlink(tmp.c_str());
+    return pre;
   }
   if (fdatasync(fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
   if (rename(tmp.c_str(), g->path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
@@ -356,6 +382,15 @@ Status ChangeTracker::grow(uint64_t new_disk_size) {
   if (nb > SparseBitmap::kMaxBits) return Status::InvalidArgument("disk too large for tracking");
   std::lock_guard<std::mutex> lock(mu_);
   if (nb <= nblocks_.load()) return Status::Ok();
+  // Room for the new blocks' marks first (see Preallocate): a full state
+  // filesystem fails the resize, not a later guest write.
+  std::vector<Generation*> gens = {active_.get(), next_.get()};
+  for (auto& g : frozen_) gens.push_back(g.get());
+  for (Generation* g : gens) {
+    if (!g) continue;
+    Status st = Preallocate(g->fd.get(), g->path, nb);
+    if (!st.ok()) return st;
+  }
   nblocks_.store(nb);
   active_->bits.resize(nb);
   if (next_) next_->bits.resize(nb);

@@ -18,12 +18,16 @@
 //
 // Writes in flight across a flip hold an epoch ticket (enter/leave). A mutation
 // that completes in a later epoch than it entered re-marks its blocks in the new
-// generation before it is acknowledged, and retire_through(g) waits until every
+// generation before it is acknowledged (a failed one too: part of it may have
+// landed), and retire_through(g) waits until every
 // mutation that entered in an epoch <= g has left, so a frozen generation is
 // never deleted while a write it covers could still land unrecorded.
 //
 // Files: <dir>/<generation:016x>.ctbm, a 4 KiB header (magic, granularity,
-// generation) followed by the bitmap pages at their page offsets (sparse).
+// generation) followed by the bitmap pages at their page offsets. Each file is
+// fully allocated when its generation is prepared (before a cut's pause) or the
+// disk grows, so marking on the data path never needs a new block: a full state
+// filesystem fails a cut or a resize, never a guest write.
 //
 // Thread-safety: ensure_marked/enter/leave/epoch/covered from any reactor
 // thread; flip/changed/retire_through/grow from control-plane threads. The

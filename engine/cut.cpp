@@ -4,8 +4,31 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 
 namespace rpoint {
+namespace {
+
+// An unnamed staging file in staging_dir (O_TMPFILE): no name can collide with
+// another point's (disk, collection and point names may contain dots), no job
+// can truncate a file another job holds, and a crash leaves nothing behind.
+// Filesystems without O_TMPFILE get a unique mkostemps() name that is unlinked
+// at once (a crash in between leaves a *.staging file that Open sweeps).
+Result<UniqueFd> OpenStagingFile(const std::string& staging_dir, const std::string& what) {
+  UniqueFd fd(::open(staging_dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+  if (fd) return fd;
+  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
+    return Status::FromErrno(errno, "create a staging file in " + staging_dir + " for " + what);
+  }
+  std::string path = staging_dir + "/.cbw-XXXXXX.staging";
+  fd.reset(mkostemps(path.data(), 8, O_CLOEXEC));
+  if (!fd)
+    return Status::FromErrno(errno, "create a staging file in " + staging_dir + " for " + what);
+  if (unlink(path.c_str()) != 0) return Status::FromErrno(errno, "unlink " + path);
+  return fd;
+}
+
+}  // namespace
 
 Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
                            const std::string& staging_dir, const std::string& tag,
@@ -14,16 +37,19 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
     return Status::InvalidArgument("CutDisks: force_full needs one flag per disk");
   }
   // Before the pause: everything that may touch the filesystem.
-  std::vector<std::pair<UniqueFd, std::string>> staging;
+  std::vector<UniqueFd> staging;
   for (const auto& d : disks) {
     if (!d->tracker()) return Status::Unsupported("disk " + d->name() + " is not change-tracked");
     if (d->snapshot()) {
       return Status::Conflict("disk " + d->name() + " already has a restore point in progress");
     }
-    std::string path = staging_dir + "/" + d->name() + "." + tag + ".staging";
-    UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-    if (!fd) return Status::FromErrno(errno, "create " + path);
-    staging.emplace_back(std::move(fd), path);
+    // The generation the flip activates, fully allocated now (normally made by
+    // the previous cut): a failure here fails the point, never a guest write.
+    Status st = d->tracker()->prepare_next();
+    if (!st.ok()) return st;
+    auto fd = OpenStagingFile(staging_dir, "disk " + d->name() + " of " + tag);
+    if (!fd.ok()) return fd.status();
+    staging.push_back(std::move(fd).value());
   }
 
   CutResult out;
@@ -32,7 +58,7 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
   Status failure;
   for (size_t i = 0; i < disks.size() && failure.ok(); ++i) {
     bool full = !force_full.empty() && force_full[i];
-    auto snap = disks[i]->freeze(std::move(staging[i].first), staging[i].second, full);
+    auto snap = disks[i]->freeze(std::move(staging[i]), full);
     if (!snap.ok()) {
       failure = snap.status();
     } else {
@@ -51,7 +77,6 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
     // The disks that did flip keep their frozen generation (never retired), so
     // the next point still covers their changes.
     for (size_t i = 0; i < out.snapshots.size(); ++i) disks[i]->end_snapshot();
-    for (auto& [fd, path] : staging) unlink(path.c_str());
     return failure;
   }
   return out;

@@ -5,8 +5,8 @@
 // gates open. No drain: writes already in flight may land on either side, as
 // with a power cut. Because every disk flips inside the one pause, a write that
 // depends on another disk's acknowledged write can never be in the point
-// without it. Staging files are made before the pause, so the pause holds no
-// I/O and lasts microseconds whatever the disk sizes.
+// without it. Staging files (and the trackers' next generations) are made before the pause, so the
+// pause holds no I/O and lasts microseconds whatever the disk sizes.
 //
 // Thread-safety: call from one control-plane thread per VM at a time.
 #pragma once
@@ -27,7 +27,8 @@ struct CutResult {
   std::chrono::nanoseconds pause{0};
 };
 
-// staging_dir: where the copy-before-write staging files go (local, fast).
+// staging_dir: where the copy-before-write staging files go (local, fast);
+// they are unnamed (O_TMPFILE). tag: names the point in error messages.
 // force_full: empty, or one flag per disk (see FileDisk::freeze).
 Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
                            const std::string& staging_dir, const std::string& tag,

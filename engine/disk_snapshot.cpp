@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -10,6 +11,23 @@
 
 
 namespace rpoint {
+namespace {
+
+bool AllZero(const char* p, size_t n) {
+  // n is a multiple of 8 except for a disk's partial last block.
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    if (w != 0) return false;
+  }
+  for (; i < n; ++i) {
+    if (p[i] != 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
 
 // Preserves one block: read the old content from the disk, write it to the
 // staging file, then continue the write that asked for it. Owns itself while
@@ -32,20 +50,23 @@ class DiskSnapshot::CowOp final : public Reactor::Op {
   void complete(int res, uint32_t) override {
     std::unique_ptr<CowOp> self(this);  // freed unless handed back to the ring
     if (res == -EAGAIN || res == -EINTR) return self.release()->issue();
-    if (res < 0) return done(std::move(self), -res);
+    if (res < 0) return done(std::move(self), -res, false);
     if (res == 0 && !writing_) {
       std::memset(buf_.get() + done_, 0, len_ - done_);  // past EOF reads as zeroes
       res = static_cast<int>(len_ - done_);
     }
-    if (res == 0) return done(std::move(self), EIO);
+    if (res == 0) return done(std::move(self), EIO, false);
     done_ += static_cast<uint32_t>(res);
     if (done_ < len_) return self.release()->issue();
     if (!writing_) {
+      // Zeroes at the cut (a hole, an unallocated or zeroed block): a bit in a
+      // bitmap says it all; staging bytes are for real data only.
+      if (AllZero(buf_.get(), len_)) return done(std::move(self), 0, true);
       writing_ = true;
       done_ = 0;
       return self.release()->issue();
     }
-    done(std::move(self), 0);
+    done(std::move(self), 0, false);
   }
 
  private:
@@ -58,8 +79,8 @@ class DiskSnapshot::CowOp final : public Reactor::Op {
       io_uring_prep_read(s, snap_->p_.data_fd, buf_.get() + done_, len_ - done_, off);
     }
   }
-  static void done(std::unique_ptr<CowOp> self, int error) {
-    self->snap_->preserved(self->block_, error);
+  static void done(std::unique_ptr<CowOp> self, int error, bool zero) {
+    self->snap_->preserved(self->block_, error, zero);
     auto then = std::move(self->then_);
     self.reset();
     then();
@@ -79,7 +100,8 @@ DiskSnapshot::DiskSnapshot(Params p)
     : p_(std::move(p)),
       nblocks_((p_.size + p_.granularity - 1) / p_.granularity),
       copied_(nblocks_),
-      preserved_(nblocks_) {}
+      preserved_(nblocks_),
+      zero_(nblocks_) {}
 
 Result<std::shared_ptr<DiskSnapshot>> DiskSnapshot::Create(Params params, UniqueFd staging_fd) {
   if (!staging_fd) return Status::InvalidArgument("no staging file");
@@ -92,6 +114,8 @@ DiskSnapshot::~DiskSnapshot() { finish(); }
 
 bool DiskSnapshot::needs_preserve(uint64_t block) const {
   if (finished_.load(std::memory_order_acquire) || block >= nblocks_) return false;
+  // A broken snapshot fails its point: later writes need not pay for staging.
+  if (broken_.load(std::memory_order_acquire)) return false;
   if (copied_.test(block)) return false;
   if (p_.full) return true;
   for (const auto& f : p_.frozen) {
@@ -134,14 +158,19 @@ void DiskSnapshot::release_busy(uint64_t block) {
   cv_.notify_all();
 }
 
-void DiskSnapshot::preserved(uint64_t block, int error) {
+void DiskSnapshot::preserved(uint64_t block, int error, bool zero) {
   std::lock_guard<std::mutex> lock(mu_);
   if (error != 0) {
     if (!broken_.exchange(true)) {
-      broken_reason_ = "copy-before-write of block " + std::to_string(block) + " failed: " +
-                       std::strerror(error);
-      spdlog::error("disk {}: {}", p_.disk_name, broken_reason_);
+      broken_reason_ = "copy-before-write of block " + std::to_string(block) +
+                       " to staging_dir failed: " + std::strerror(error) +
+                       (error == ENOSPC ? " (staging_dir is full)" : "");
+      spdlog::error("disk {}: {}; the restore point fails, guest writes go on", p_.disk_name,
+                    broken_reason_);
     }
+  } else if (zero) {
+    zero_.set(block);
+    zero_count_.fetch_add(1);
   } else {
     preserved_.set(block);
     preserved_count_.fetch_add(1);
@@ -159,6 +188,10 @@ Status DiskSnapshot::read_block(uint64_t block, char* buf) {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
       if (broken_.load()) return Status::IoError(broken_reason_);
+      if (zero_.test(block)) {
+        std::memset(buf, 0, p_.granularity);
+        return Status::Ok();
+      }
       if (preserved_.test(block)) {
         fd = staging_fd_.get();
         break;
@@ -205,9 +238,10 @@ Result<SparseBitmap> DiskSnapshot::to_copy() {
     for (const auto& f : p_.frozen) out.merge(*f);
     return out;
   }
-  // Every block allocated at the cut. A block that was a hole then and written
-  // since was preserved (as zeroes) first, so allocation now plus preserved
-  // blocks covers the cut's allocation.
+  // Every block allocated at the cut. A block allocated then and written since
+  // was preserved first (into staging, or as zero), so allocation now plus the
+  // preserved blocks covers the cut's allocation. A block that was zero at the
+  // cut reads as zeroes (read_block) and the store keeps it as a hole.
   uint64_t pos = 0;
   while (pos < p_.size) {
     off_t data = lseek(p_.data_fd, static_cast<off_t>(pos), SEEK_DATA);
@@ -226,15 +260,19 @@ Result<SparseBitmap> DiskSnapshot::to_copy() {
     out.set_range(static_cast<uint64_t>(data) / p_.granularity, (end - 1) / p_.granularity);
     pos = end;
   }
+  std::lock_guard<std::mutex> lock(mu_);
   out.merge(preserved_);
   return out;
 }
 
 void DiskSnapshot::finish() {
-  if (finished_.exchange(true)) return;
-  // CoW operations still in flight keep the descriptor open through their
-  // reference; the name can go now.
-  unlink(p_.staging_path.c_str());
+  finished_.store(true, std::memory_order_release);
+}
+
+Result<uint64_t> DiskSnapshot::staging_bytes() const {
+  struct stat st {};
+  if (fstat(staging_fd_.get(), &st) != 0) return Status::FromErrno(errno, "fstat staging file");
+  return static_cast<uint64_t>(st.st_blocks) * 512;
 }
 
 std::string DiskSnapshot::broken_reason() const {

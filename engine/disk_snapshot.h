@@ -9,8 +9,16 @@
 // staging file if a write preserved it, else from the disk, while writes to
 // that block wait for the read (block by block, never the whole disk).
 //
-// A failure to preserve a block breaks the snapshot, not the guest: the guest
-// write goes on and the restore point fails (qemu's on-cbw-error=break-snapshot).
+// Only blocks the point will copy are preserved (full: every block; incremental:
+// the changed ones), and a block that reads as zeroes at the cut (a hole, an
+// unallocated or zeroed block) is recorded in a bitmap instead of the staging
+// file, so staging never holds more than the point's non-zero data at the cut.
+// The staging file is anonymous (O_TMPFILE, see engine/cut.cpp): no name to
+// collide with another point's, nothing left behind by a crash.
+//
+// A failure to preserve a block (e.g. ENOSPC on staging_dir) breaks the
+// snapshot, not the guest: the guest write goes on and the restore point fails
+// (qemu's on-cbw-error=break-snapshot).
 //
 // Thread-safety: read_block/to_copy/finish from job threads;
 // preserve_then/needs_preserve from reactor threads.
@@ -43,9 +51,8 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
     uint32_t granularity;
     bool full;                    // no retired base: the point stores every allocated block
     std::vector<std::shared_ptr<const SparseBitmap>> frozen;  // incremental: what changed
-    std::string staging_path;
   };
-  // staging_fd: an empty file opened read-write (made before the cut's pause).
+  // staging_fd: an empty, unnamed file opened read-write (made before the cut's pause).
   static Result<std::shared_ptr<DiskSnapshot>> Create(Params params, UniqueFd staging_fd);
   ~DiskSnapshot();
 
@@ -65,7 +72,8 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   // past size() is zero). Blocking; each block is read at most once. Job threads.
   Status read_block(uint64_t block, char* buf);
 
-  // Stops copy-before-write and drops the staging file. Idempotent.
+  // Stops copy-before-write. Idempotent. The staging file is freed with the
+  // last reference (CoW operations in flight hold one).
   void finish();
   bool broken() const { return broken_.load(); }
   std::string broken_reason() const;
@@ -75,7 +83,12 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   // Preserves blocks [first, last] that need it, then runs `cont` on `reactor`'s thread.
   void preserve_then(Reactor& reactor, uint64_t first, uint64_t last, std::function<void()> cont);
 
+  // Blocks whose cut content is in the staging file, and blocks recorded as
+  // zero at the cut (no staging bytes).
   uint64_t blocks_preserved() const { return preserved_count_.load(); }
+  uint64_t blocks_zero() const { return zero_count_.load(); }
+  // Bytes the staging file occupies on its filesystem (st_blocks).
+  Result<uint64_t> staging_bytes() const;
 
  private:
   class CowOp;
@@ -84,7 +97,8 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
     std::function<void()> resume;
   };
   explicit DiskSnapshot(Params p);
-  void preserved(uint64_t block, int error);
+  // error: 0 or an errno; zero: the block read as zeroes (nothing was staged).
+  void preserved(uint64_t block, int error, bool zero);
   void release_busy(uint64_t block);  // mu_ held by caller: wakes waiters
 
   Params p_;
@@ -94,7 +108,9 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   std::atomic<bool> broken_{false};
   SparseBitmap copied_;     // read by the copier or preserved: writes may proceed
   SparseBitmap preserved_;  // the old content is in the staging file
+  SparseBitmap zero_;       // the old content was all zeroes (not staged)
   std::atomic<uint64_t> preserved_count_{0};
+  std::atomic<uint64_t> zero_count_{0};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

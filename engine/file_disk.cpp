@@ -179,17 +179,20 @@ void FileDisk::open_gate() {
   }
 }
 
-Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, std::string staging_path,
-                                                       bool force_full) {
+Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, bool force_full) {
   if (!tracker_) return Status::Unsupported("disk " + name() + " is not change-tracked");
   if (snapshot_.load()) return Status::Conflict("disk " + name() + " already has a restore point in progress");
   bool full = force_full || tracker_->all_since_creation();
   auto gen = tracker_->flip();
   if (!gen.ok()) return gen.status();
-  DiskSnapshot::Params p{name(), fd_.get(), gen.value(), size(), tracker_->granularity(), full,
-                         full ? std::vector<std::shared_ptr<const SparseBitmap>>{}
-                              : tracker_->frozen_bitmaps(),
-                         std::move(staging_path)};
+  DiskSnapshot::Params p{
+      name(),
+      fd_.get(),
+      gen.value(),
+      size(),
+      tracker_->granularity(),
+      full,
+      full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : tracker_->frozen_bitmaps()};
   auto snap = DiskSnapshot::Create(std::move(p), std::move(staging_fd));
   if (!snap.ok()) return snap.status();
   snapshot_.store(snap.value(), std::memory_order_release);
@@ -329,20 +332,21 @@ void FileDisk::on_completion(Reactor& reactor, IoRequest& req, int res) {
 
 void FileDisk::finish(Reactor& reactor, IoRequest& req, int result) {
   if (result > 0) result = 0;
-  if (req.entered_ && result == 0) {
+  if (req.entered_) {
     // A mutation that entered before a cut may have landed after the copier read
     // its blocks: before it is acknowledged (and before its old epoch may be
-    // retired), the generation active now records it too. If another cut comes
-    // while that mark is being written, mark again in the newer generation.
+    // retired), the generation active now records it too. A failed one as well:
+    // part of it may have landed before the error. If another cut comes while
+    // that mark is being written, mark again in the newer generation.
     uint64_t now = tracker_->epoch();
     if (req.epoch_ != now) {
-      bool ready = tracker_->ensure_marked(req.offset, req.length, reactor,
-                                           [this, &reactor, &req, now](Status st) {
-        if (st.ok() && tracker_->epoch() != now) return finish(reactor, req, 0);
-        complete_mutation(req, st.ok() ? 0 : -EIO);
-      });
+      bool ready = tracker_->ensure_marked(
+          req.offset, req.length, reactor, [this, &reactor, &req, now, result](Status st) {
+            if (st.ok() && tracker_->epoch() != now) return finish(reactor, req, result);
+            complete_mutation(req, !st.ok() && result == 0 ? -EIO : result);
+          });
       if (!ready) return;
-      if (tracker_->epoch() != now) return finish(reactor, req, 0);
+      if (tracker_->epoch() != now) return finish(reactor, req, result);
     }
   }
   complete_mutation(req, result);

@@ -71,8 +71,7 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   // caller has no usable base point: a new collection, a disk new to the VM,
   // the base point deleted). The frozen generations are kept either way and
   // retired by the caller once the point succeeded.
-  Result<std::shared_ptr<DiskSnapshot>> freeze(UniqueFd staging_fd, std::string staging_path,
-                                               bool force_full = false);
+  Result<std::shared_ptr<DiskSnapshot>> freeze(UniqueFd staging_fd, bool force_full = false);
   // The restore point is done with the snapshot (succeeded or failed).
   void end_snapshot();
   std::shared_ptr<DiskSnapshot> snapshot() const { return snapshot_.load(); }

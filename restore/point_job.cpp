@@ -321,7 +321,7 @@ std::optional<JobError> RestoreServiceImpl::create_point(
         return JobError{"FreezeFailed", DescribeHookFailure("freeze", hooks.freeze, r)};
       }
     }
-    auto c = CutDisks(fdisks, options_.staging_dir, rec.collection + "." + rec.name, force_full);
+    auto c = CutDisks(fdisks, options_.staging_dir, PointId(rec.collection, rec.name), force_full);
     if (fs) thaw();
     if (!c.ok()) return JobError{"CutFailed", c.status().message()};
     cut = std::move(c).value();
@@ -398,6 +398,19 @@ std::optional<JobError> RestoreServiceImpl::create_point(
     d.blocks_copied = prog.copied[i].load();
     d.completion_percent = 100;
     d.status = "Succeeded";
+  }
+
+  // The copier read the disks through the page cache, and retiring a
+  // generation forgets its changes: unless what was copied is durable on the
+  // disks first, a power loss could revert a block that this point and every
+  // later incremental point keep. A sync that fails fails the point, and the
+  // generations stay (the next point copies those blocks again).
+  for (size_t i = 0; i < n; ++i) {
+    Status s = fdisks[i]->sync();
+    if (!s.ok()) {
+      return JobError{"SyncFailed", "disk '" + rec.disk_restore_points[i].disk +
+                                        "': making the copied data durable: " + s.message()};
+    }
   }
 
   // The snapshots end (EndSnapshots) before run_create_point records the

@@ -4,6 +4,8 @@
 
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -235,5 +237,84 @@ TEST_CASE("change tracker: kill -9 under a write load never loses a changed bloc
     // "Restore point succeeded": the copy is the new baseline.
     baseline = std::move(now);
     REQUIRE(t->retire_through(frozen.value()).ok());
+  }
+}
+
+TEST_CASE("change tracker: a write that straddles a cut and fails after partly landing is re-marked") {
+  // RLIMIT_FSIZE makes a real write land partly and then fail: the part below
+  // the limit is written, the rest gets EFBIG.
+  TempDir tmp;
+  fs::path img = tmp.path / "disk.img";
+  { std::ofstream(img).close(); }
+  fs::resize_file(img, 64 * kGran);
+  auto disk = FileDisk::Open({"d", img, false, false, (tmp.path / "track").string(), kGran});
+  REQUIRE(disk.ok());
+  ChangeTracker* t = disk.value()->tracker();
+  Loop loop;
+  const uint64_t limit = 16 * kGran + 4096;
+  std::vector<char> buf(4096, 'a');
+  REQUIRE(Write(loop, *disk.value(), 16 * kGran, buf) == 0);  // block 16 marked: fast path below
+
+  struct rlimit old {};
+  REQUIRE(getrlimit(RLIMIT_FSIZE, &old) == 0);
+  auto old_sig = signal(SIGXFSZ, SIG_IGN);
+  struct rlimit lim = old;
+  lim.rlim_cur = limit;
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &lim) == 0);
+
+  // Submit, then cut before the reactor can see the completion: the write
+  // entered in the old epoch and completes in the new one.
+  std::vector<char> big(8192, 'b');
+  Waiter w;
+  w.kind = IoKind::kWrite;
+  w.offset = limit - 4096;
+  w.length = big.size();
+  w.buf = big.data();
+  Result<uint64_t> frozen = Status::Internal("not cut");
+  loop.reactor->post([&] {
+    disk.value()->submit(*loop.reactor, w);
+    frozen = t->flip();
+  });
+  while (w.result.load() == 1) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &old) == 0);
+  signal(SIGXFSZ, old_sig);
+  REQUIRE(frozen.ok());
+  CHECK(w.result.load() == -EFBIG);
+  std::vector<char> landed = ReadFile(img);
+  CHECK(landed[limit - 1] == 'b');  // the first half did land
+
+  // The point of the frozen generation may have copied block 16 before the
+  // write landed; once it retires, the next generation must still hold it.
+  REQUIRE(t->retire_through(frozen.value()).ok());
+  REQUIRE(t->flip().ok());
+  CHECK(t->changed().test(16));
+}
+
+TEST_CASE("change tracker: generation files are fully allocated before they become active") {
+  TempDir tmp;
+  fs::path img = tmp.path / "disk.img";
+  { std::ofstream(img).close(); }
+  const uint64_t nblocks = 3 * SparseBitmap::kBitsPerPage + 5;  // four bitmap pages
+  fs::resize_file(img, nblocks * kGran);
+  auto disk = FileDisk::Open({"d", img, false, false, (tmp.path / "track").string(), kGran});
+  REQUIRE(disk.ok());
+  size_t files = 0;
+  for (const auto& e : fs::directory_iterator(tmp.path / "track")) {
+    if (e.path().extension() != ".ctbm") continue;
+    ++files;
+    struct stat st {};
+    REQUIRE(stat(e.path().c_str(), &st) == 0);
+    // Header + four pages, every one backed by blocks: marking never allocates.
+    CHECK(static_cast<uint64_t>(st.st_size) == 4096 + 4 * SparseBitmap::kPageBytes);
+    CHECK(static_cast<uint64_t>(st.st_blocks) * 512 >= 4096 + 4 * SparseBitmap::kPageBytes);
+  }
+  CHECK(files == 2);  // the active generation and the next one
+  // Growing the disk allocates the new pages at once too.
+  REQUIRE(disk.value()->grow((nblocks + SparseBitmap::kBitsPerPage) * kGran).ok());
+  for (const auto& e : fs::directory_iterator(tmp.path / "track")) {
+    if (e.path().extension() != ".ctbm") continue;
+    struct stat st {};
+    REQUIRE(stat(e.path().c_str(), &st) == 0);
+    CHECK(static_cast<uint64_t>(st.st_blocks) * 512 >= 4096 + 5 * SparseBitmap::kPageBytes);
   }
 }

@@ -4,6 +4,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -273,4 +274,127 @@ TEST_CASE("cut: an idle disk's incremental point copies nothing; a second cut wh
     CHECK(blocks.value().count() == 0);
   }
   for (auto& d : rig.disks) d->end_snapshot();
+}
+
+namespace {
+
+// A tracked disk of `bytes` filled with `fill` in the blocks listed (the rest
+// are holes), with its own reactor.
+std::shared_ptr<FileDisk> MakeDisk(const fs::path& dir, const std::string& name, uint64_t bytes,
+                                   const std::vector<uint64_t>& data_blocks, char fill) {
+  fs::path img = dir / (name + ".img");
+  { std::ofstream(img).close(); }
+  fs::resize_file(img, bytes);
+  {
+    std::fstream f(img, std::ios::in | std::ios::out | std::ios::binary);
+    std::vector<char> block(kGran, fill);
+    for (uint64_t b : data_blocks) {
+      f.seekp(b * kGran);
+      f.write(block.data(), block.size());
+    }
+  }
+  auto disk = FileDisk::Open({name, img.string(), false, false, (dir / ("track-" + name)).string(), kGran});
+  REQUIRE(disk.ok());
+  return disk.value();
+}
+
+struct SyncWriter final : IoRequest {
+  std::atomic<int> result{1};
+  void on_done(int r) override { result.store(r); }
+};
+
+int WriteSync(Reactor& reactor, FileDisk& d, uint64_t off, const std::vector<char>& data) {
+  SyncWriter w;
+  w.kind = IoKind::kWrite;
+  w.offset = off;
+  w.length = data.size();
+  w.buf = const_cast<char*>(data.data());
+  reactor.post([&] { d.submit(reactor, w); });
+  while (w.result.load() == 1) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  return w.result.load();
+}
+
+struct OneLoop {
+  std::unique_ptr<Reactor> reactor = std::move(Reactor::Create("cut-test", 64)).value();
+  std::thread thread{[this] { reactor->run(); }};
+  ~OneLoop() {
+    reactor->stop();
+    thread.join();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cut: staging of points whose dotted names once collided stays apart") {
+  // Disk d / tag x.y.z and disk d.x / tag y.z both used to stage into
+  // d.x.y.z.staging, the second cut truncating the first's file.
+  TempDir tmp;
+  OneLoop loop;
+  const uint64_t bytes = 16 * kGran;
+  std::vector<uint64_t> all;
+  for (uint64_t b = 0; b < 16; ++b) all.push_back(b);
+  auto d1 = MakeDisk(tmp.path, "d", bytes, all, 'a');
+  auto d2 = MakeDisk(tmp.path, "d.x", bytes, all, 'b');
+  auto c1 = CutDisks({d1}, tmp.path.string(), "x.y.z");
+  REQUIRE(c1.ok());
+  auto c2 = CutDisks({d2}, tmp.path.string(), "y.z");
+  REQUIRE(c2.ok());
+  // Both guests overwrite every block: every old block goes to staging.
+  for (uint64_t b = 0; b < 16; ++b) {
+    REQUIRE(WriteSync(*loop.reactor, *d1, b * kGran, std::vector<char>(kGran, 'A')) == 0);
+    REQUIRE(WriteSync(*loop.reactor, *d2, b * kGran, std::vector<char>(kGran, 'B')) == 0);
+  }
+  CHECK(c1.value().snapshots[0]->blocks_preserved() == 16);
+  CHECK(c2.value().snapshots[0]->blocks_preserved() == 16);
+  std::vector<char> buf(kGran);
+  uint64_t wrong = 0;
+  for (uint64_t b = 0; b < 16; ++b) {
+    REQUIRE(c1.value().snapshots[0]->read_block(b, buf.data()).ok());
+    wrong += std::count(buf.begin(), buf.end(), 'a') != static_cast<long>(kGran);
+    REQUIRE(c2.value().snapshots[0]->read_block(b, buf.data()).ok());
+    wrong += std::count(buf.begin(), buf.end(), 'b') != static_cast<long>(kGran);
+  }
+  CHECK(wrong == 0);
+  d1->end_snapshot();
+  d2->end_snapshot();
+  // Nothing named is left in staging_dir.
+  for (const auto& e : fs::directory_iterator(tmp.path)) CHECK(e.path().extension() != ".staging");
+}
+
+TEST_CASE("cut: a full point stages only the non-zero blocks it had, however much the guest writes") {
+  // 64 MiB disk, 8 blocks of data, the rest holes; after the cut the guest
+  // writes every block before the copier reaches it.
+  TempDir tmp;
+  OneLoop loop;
+  const uint64_t nblocks = 1024;
+  std::vector<uint64_t> data = {3, 100, 101, 500, 777, 900, 1000, 1023};
+  auto d = MakeDisk(tmp.path, "d", nblocks * kGran, data, 'o');
+  auto c = CutDisks({d}, tmp.path.string(), "p");
+  REQUIRE(c.ok());
+  DiskSnapshot& snap = *c.value().snapshots[0];
+  REQUIRE(snap.full());
+  for (uint64_t b = nblocks; b-- > 0;) {
+    REQUIRE(WriteSync(*loop.reactor, *d, b * kGran + 4096, std::vector<char>(8192, 'n')) == 0);
+  }
+  MESSAGE("preserved " << snap.blocks_preserved() << ", zero " << snap.blocks_zero()
+                       << ", staging bytes " << snap.staging_bytes().value());
+  CHECK(snap.blocks_preserved() == data.size());
+  CHECK(snap.blocks_zero() == nblocks - data.size());
+  auto staged = snap.staging_bytes();
+  REQUIRE(staged.ok());
+  CHECK(staged.value() <= (data.size() + 8) * kGran);
+  // The point is still exact: the data blocks as they were, zeroes elsewhere.
+  auto blocks = snap.to_copy();
+  REQUIRE(blocks.ok());
+  std::vector<char> buf(kGran);
+  uint64_t wrong = 0;
+  for (uint64_t b = 0; b < nblocks; ++b) {
+    bool had = std::find(data.begin(), data.end(), b) != data.end();
+    if (had) CHECK(blocks.value().test(b));
+    if (!blocks.value().test(b)) continue;
+    REQUIRE(snap.read_block(b, buf.data()).ok());
+    wrong += std::count(buf.begin(), buf.end(), had ? 'o' : '\0') != static_cast<long>(kGran);
+  }
+  CHECK(wrong == 0);
+  d->end_snapshot();
 }
