@@ -43,11 +43,16 @@ Result<GcStats> Store::collect_garbage(const GcOptions& o) {
   std::vector<uint64_t> marks;
   std::vector<PackRow> packs_at_start;
   {
+    // One instant for all three: a committing writer inserts its point record
+    // and only then drops its refs and its parent's pin (reg_mu_). Reading
+    // the records before taking reg_mu_ let a commit land in between, and the
+    // new point was then in none of the three: its objects and everything it
+    // inherits were swept as garbage (issue #7, defect 4).
     std::unique_lock<std::shared_mutex> g(gc_mu_);
+    std::lock_guard<std::mutex> lock(reg_mu_);
     STORE_ASSIGN_OR_RETURN(auto pts, catalog_->list_points());
     for (const PointRecord& p : pts) roots.push_back({p.root, p.depth});
     STORE_ASSIGN_OR_RETURN(packs_at_start, catalog_->packs());
-    std::lock_guard<std::mutex> lock(reg_mu_);
     for (const auto& [k, n] : pins_) roots.push_back({k.root, k.depth});
     for (WriterRefs* w : writers_) {
       marks.insert(marks.end(), w->prefixes.begin(), w->prefixes.end());

@@ -38,9 +38,11 @@
 // Each writer keeps the 64-bit digest prefix of every object it referenced
 // (new or deduplicated) in `refs`; it appends under gc_mu_ (shared) together
 // with the index lookup that decided "exists, reuse it". The GC:
-//   a. under gc_mu_ exclusive: snapshots point roots, pinned roots and all
-//      writers' refs, and opens a "late refs" set that every reference made
-//      from now on also goes to (gc_active_);
+//   a. under gc_mu_ exclusive and reg_mu_: snapshots point roots, pinned
+//      roots and all writers' refs at one instant (a commit inserts its record
+//      before its writer drops refs and pin: the snapshot sees one of the two),
+//      and opens a "late refs" set that every reference made from now on also
+//      goes to (gc_active_);
 //   b. marks without locks: walks every snapshot root (each page once, shared
 //      subtrees are skipped by digest), collecting digest prefixes;
 //   c. scans the chunk index; unmarked objects are candidates;

@@ -578,10 +578,12 @@ TEST_CASE("store: GC concurrent with writers keeps everything they reference") {
 
   std::atomic<bool> stop{false};
   std::atomic<int> gcs{0};
+  std::atomic<uint64_t> repacks{0};
   std::thread gc_thread([&] {
     while (!stop.load()) {
       auto r = st->collect_garbage();
       CHECK_MESSAGE(r.ok(), r.status().ToString());
+      if (r.ok()) repacks.fetch_add(r.value().packs_repacked);
       gcs.fetch_add(1);
     }
   });
@@ -598,18 +600,71 @@ TEST_CASE("store: GC concurrent with writers keeps everything they reference") {
       if (s % 16 == 0) std::this_thread::sleep_for(1ms);
     }
   };
+  // Writers 2 and 3 meanwhile: chains of small incremental points, each
+  // deleting its parent once committed. Every commit races a GC snapshot
+  // (the point record appears and the writer's refs and parent pin go), each
+  // point inherits a whole leaf page from its parent, every deleted parent
+  // leaves half-dead packs for the GC to rewrite, and slots going back to the
+  // content of three points ago deduplicate against garbage.
+  struct Chain {
+    Image im{200 * kCs};
+    PointId last = 0;
+  };
+  constexpr int kRounds = 12;
+  auto churn = [&](Chain* c, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    for (int round = 0; round < kRounds; ++round) {
+      PointParams cp;
+      cp.parent = c->last;
+      cp.size = c->im.size();
+      cp.chunk_size = kCs;
+      auto cw = st->begin_point(cp);
+      CHECK_MESSAGE(cw.ok(), cw.status().ToString());
+      if (!cw.ok()) return;
+      std::vector<uint64_t> slots;
+      if (round == 0) {
+        slots = AllSlots(c->im);
+      } else {
+        const uint64_t leaf = uint64_t(round % 2);  // the other leaf is inherited
+        for (int k = 0; k < 12; ++k) slots.push_back(leaf * 128 + rng() % 64);
+      }
+      for (uint64_t s : slots) {
+        c->im.random_slot(s, seed * 1'000'000 + s * 10 + uint64_t(round % 3));
+        Status ps = cw.value()->put(s, c->im.slot(s), kCs);
+        CHECK_MESSAGE(ps.ok(), ps.ToString());
+      }
+      auto pc = cw.value()->commit();
+      CHECK_MESSAGE(pc.ok(), pc.status().ToString());
+      if (!pc.ok()) return;
+      if (c->last != 0) CHECK(st->delete_point(c->last).ok());
+      c->last = pc.value().id;
+    }
+  };
+  Chain chains[2];
+  std::thread c1(churn, &chains[0], 1);
+  std::thread c2(churn, &chains[1], 2);
   std::thread t1(put_range, 50, 125);
   std::thread t2(put_range, 125, 200);
   t1.join();
   t2.join();
   while (gcs.load() < 3) std::this_thread::sleep_for(1ms);
   auto pw = Take(w->commit());
+  c1.join();
+  c2.join();
   stop.store(true);
   gc_thread.join();
-  Take(st->collect_garbage());
+  repacks.fetch_add(Take(st->collect_garbage()).packs_repacked);
+  MESSAGE("GCs during the writes: ", gcs.load(), ", packs rewritten: ", repacks.load());
+  CHECK(repacks.load() > 0);  // the race with pack rewriting was exercised
 
   CHECK(Take(st->verify(pw.id)).ok());
   CheckRead(*st, pw.id, im);
+  for (Chain& c : chains) {
+    REQUIRE(c.last != 0);
+    CHECK(Take(st->verify(c.last)).ok());
+    CheckRead(*st, c.last, c.im);
+    REQUIRE_OK(V(st->delete_point(c.last)));
+  }
 
   // A reader keeps a deleted point alive until it lets go.
   auto r = Take(st->open_point(pw.id));
