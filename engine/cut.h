@@ -30,8 +30,11 @@ struct CutResult {
 // staging_dir: where the copy-before-write staging files go (local, fast);
 // they are unnamed (O_TMPFILE). tag: names the point in error messages.
 // force_full: empty, or one flag per disk (see FileDisk::freeze).
+// also_copy: empty, or one bitmap (or nullptr) per disk: blocks an
+// incremental point copies as if changed (FileDisk::freeze).
 Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
                            const std::string& staging_dir, const std::string& tag,
-                           const std::vector<bool>& force_full = {});
+                           const std::vector<bool>& force_full = {},
+                           const std::vector<std::shared_ptr<const SparseBitmap>>& also_copy = {});
 
 }  // namespace rpoint

@@ -70,8 +70,13 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   // allocated block even when the tracker has retired generations (the
   // caller has no usable base point: a new collection, a disk new to the VM,
   // the base point deleted). The frozen generations are kept either way and
-  // retired by the caller once the point succeeded.
-  Result<std::shared_ptr<DiskSnapshot>> freeze(UniqueFd staging_fd, bool force_full = false);
+  // retired by the caller once the point succeeded. also_copy (incremental
+  // only): blocks to copy as if changed, e.g. those whose copy in the base
+  // point was found damaged; known before the cut, so copy-before-write
+  // protects them from the cut on like any changed block.
+  Result<std::shared_ptr<DiskSnapshot>> freeze(
+      UniqueFd staging_fd, bool force_full = false,
+      std::shared_ptr<const SparseBitmap> also_copy = nullptr);
   // The restore point is done with the snapshot (succeeded or failed).
   void end_snapshot();
   std::shared_ptr<DiskSnapshot> snapshot() const { return snapshot_.load(); }

@@ -284,6 +284,31 @@ std::optional<JobError> RestoreServiceImpl::create_point(
     parent[i] = base->store_point;
   }
 
+  // Blocks whose chunk in the parent was found damaged (quarantined) are
+  // copied again from the disk even if unchanged: that stores a fresh copy and
+  // heals every point naming it. Known before the cut, so copy-before-write
+  // protects them like changed blocks. A parent with an unreadable page
+  // cannot say which blocks it lost: that disk is forced full.
+  std::vector<std::shared_ptr<const SparseBitmap>> also_copy(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (force_full[i]) continue;
+    const std::string& disk = rec.disk_restore_points[i].disk;
+    auto bad = st->damaged_slots(parent[i]);
+    if (!bad.ok()) {
+      spdlog::warn("restore point {}/{}: disk {}: base store point {} is damaged ({}); full point",
+                   rec.collection, rec.name, disk, parent[i], bad.status().message());
+      force_full[i] = true;
+      parent[i] = 0;
+      continue;
+    }
+    if (bad->empty()) continue;
+    auto bits = std::make_shared<SparseBitmap>(bad->back() + 1);
+    for (uint64_t slot : *bad) bits->set(slot);
+    spdlog::warn("restore point {}/{}: disk {}: re-copying {} block(s) damaged in store point {}",
+                 rec.collection, rec.name, disk, bad->size(), parent[i]);
+    also_copy[i] = std::move(bits);
+  }
+
   const bool fs = rec.consistency_mode == "FileSystemConsistent";
   FreezeHooks hooks = hooks_for(vm);
   std::map<std::string, std::string> env = {
@@ -321,7 +346,8 @@ std::optional<JobError> RestoreServiceImpl::create_point(
         return JobError{"FreezeFailed", DescribeHookFailure("freeze", hooks.freeze, r)};
       }
     }
-    auto c = CutDisks(fdisks, options_.staging_dir, PointId(rec.collection, rec.name), force_full);
+    auto c = CutDisks(fdisks, options_.staging_dir, PointId(rec.collection, rec.name), force_full,
+                      also_copy);
     if (fs) thaw();
     if (!c.ok()) return JobError{"CutFailed", c.status().message()};
     cut = std::move(c).value();

@@ -61,8 +61,10 @@ void RestoreServiceImpl::run_verify(RestorePointRecord rec, OperationRecord op,
       err = JobError{"Interrupted", "daemon stopping"};
       break;
     }
-    auto r =
-        st ? st->verify(d.store_point) : Result<store::VerifyReport>(Status::NotFound("region"));
+    // Quarantine: damage found here is re-copied from the disk by its next
+    // restore point (docs/store.md, "Verify"), which heals this point too.
+    auto r = st ? st->verify(d.store_point, store::VerifyOptions{.quarantine = true})
+                : Result<store::VerifyReport>(Status::NotFound("region"));
     if (!r.ok()) {
       err = JobError{"VerifyFailed", "disk '" + d.disk + "': " + r.status().message()};
       break;

@@ -243,7 +243,7 @@ Result<PointId> Catalog::add_pack(const SealedPack& pack, const PointRecord* poi
     ip->bind(1, int64_t(pack.id))
         .bind(2, int64_t(pack.bytes))
         .bind(3, int64_t(pack.entries.size()))
-        .bind(4, NowNs());
+        .bind(4, point != nullptr ? point->created_ns : NowNs());  // see PackRow::created_ns
     STORE_RETURN_IF_ERROR(ip->run());
     STORE_ASSIGN_OR_RETURN(auto io,
                            wr_->prepare("INSERT OR IGNORE INTO objects(digest, pack, offset, "
@@ -335,13 +335,17 @@ Status Catalog::replace_pack(uint64_t old_pack, const SealedPack& np) {
   std::lock_guard<std::mutex> lock(wr_mu_);
   Conn::Txn txn(wr_.get());
   STORE_RETURN_IF_ERROR(txn.begin());
-  STORE_ASSIGN_OR_RETURN(
-      auto ip, wr_->prepare("INSERT INTO packs(id, bytes, objects, created_ns) VALUES(?,?,?,?)"));
+  // The copy keeps the original's created_ns (see PackRow::created_ns).
+  STORE_ASSIGN_OR_RETURN(auto ip, wr_->prepare("INSERT INTO packs(id, bytes, objects, created_ns) "
+                                               "SELECT ?, ?, ?, created_ns FROM packs WHERE id=?"));
   ip->bind(1, int64_t(np.id))
       .bind(2, int64_t(np.bytes))
       .bind(3, int64_t(np.entries.size()))
-      .bind(4, NowNs());
+      .bind(4, int64_t(old_pack));
   STORE_RETURN_IF_ERROR(ip->run());
+  if (sqlite3_changes(wr_->db()) != 1) {
+    return Status::Internal("repack: pack " + std::to_string(old_pack) + " has no row");
+  }
   STORE_ASSIGN_OR_RETURN(
       auto up, wr_->prepare("UPDATE objects SET pack=?, offset=? WHERE digest=? AND pack=?"));
   for (const PackEntry& e : np.entries) {
@@ -385,12 +389,14 @@ Result<bool> Catalog::delete_pack_if_empty(uint64_t pack) {
 
 Result<std::vector<PackRow>> Catalog::packs() {
   std::lock_guard<std::mutex> lock(rd_mu_);
-  STORE_ASSIGN_OR_RETURN(auto st, rd_->prepare("SELECT id, bytes, objects FROM packs ORDER BY id"));
+  STORE_ASSIGN_OR_RETURN(
+      auto st, rd_->prepare("SELECT id, bytes, objects, created_ns FROM packs ORDER BY id"));
   std::vector<PackRow> out;
   for (;;) {
     STORE_ASSIGN_OR_RETURN(auto row, st->step());
     if (!row) break;
-    out.push_back(PackRow{uint64_t(st->i64(0)), uint64_t(st->i64(1)), uint64_t(st->i64(2))});
+    out.push_back(
+        PackRow{uint64_t(st->i64(0)), uint64_t(st->i64(1)), uint64_t(st->i64(2)), st->i64(3)});
   }
   return out;
 }
@@ -465,6 +471,12 @@ Status Catalog::quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad,
   STORE_ASSIGN_OR_RETURN(auto del, wr_->prepare("DELETE FROM objects WHERE digest=? AND pack=? AND "
                                                 "offset=?"));
   for (const auto& [d, loc] : bad) {
+    del->bind(1, d).bind(2, int64_t(loc.pack)).bind(3, int64_t(loc.offset));
+    STORE_RETURN_IF_ERROR(del->run());
+    del->reset();
+    // Only the copy the caller read is damaged: when the index names another
+    // location by now (a fresh copy, a repack), there is nothing to record.
+    if (sqlite3_changes(wr_->db()) == 0) continue;
     ins->bind(1, d)
         .bind(2, int64_t(loc.pack))
         .bind(3, int64_t(loc.offset))
@@ -473,11 +485,21 @@ Status Catalog::quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad,
         .bind(6, why);
     STORE_RETURN_IF_ERROR(ins->run());
     ins->reset();
-    del->bind(1, d).bind(2, int64_t(loc.pack)).bind(3, int64_t(loc.offset));
-    STORE_RETURN_IF_ERROR(del->run());
-    del->reset();
   }
   return txn.commit();
+}
+
+Result<std::vector<Digest>> Catalog::unhealed_bad_objects() {
+  std::lock_guard<std::mutex> lock(rd_mu_);
+  STORE_ASSIGN_OR_RETURN(auto q, rd_->prepare("SELECT DISTINCT digest FROM bad_objects WHERE "
+                                              "digest NOT IN (SELECT digest FROM objects)"));
+  std::vector<Digest> out;
+  for (;;) {
+    STORE_ASSIGN_OR_RETURN(bool row, q->step());
+    if (!row) break;
+    out.push_back(q->digest(0));
+  }
+  return out;
 }
 
 }  // namespace rpoint::store

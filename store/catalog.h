@@ -41,6 +41,11 @@ struct PackRow {
   uint64_t id = 0;
   uint64_t bytes = 0;  // file size
   uint64_t objects = 0;
+  // When its objects entered the index (CLOCK_REALTIME); a pack indexed with
+  // a point record gets the record's created_ns, a repacked one keeps the
+  // original's. So every object a point names is in a pack whose created_ns
+  // is <= the point's (the GC relies on it for unreadable pages).
+  int64_t created_ns = 0;
 };
 
 // One disk restore point as recorded; see PointInfo in store.h.
@@ -102,7 +107,10 @@ class Catalog {
   // Moves damaged objects out of the index into bad_objects, so the next
   // writer that puts the same content stores a fresh copy (which heals every
   // point naming that digest).
+  // A row is moved only while the index still names that location.
   Status quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad, const std::string& why);
+  // Digests quarantined and not stored again since (usually none).
+  Result<std::vector<Digest>> unhealed_bad_objects();
 
  private:
   class Conn;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -17,6 +18,11 @@ namespace rpoint::store {
 namespace {
 
 constexpr size_t kDeleteBatch = 2048;
+constexpr int64_t kNoBound = INT64_MAX;
+// Points written before packs took their point's created_ns (no pack has
+// exactly the point's time) indexed their last pack a moment after the
+// record's time: their bound gets this margin.
+constexpr int64_t kOldFormatSlack = 60'000'000'000;
 
 struct PageKey {
   Digest d;
@@ -35,9 +41,13 @@ Result<GcStats> Store::collect_garbage(const GcOptions& o) {
   GcStats st;
 
   // a. Snapshot what is live right now, and start collecting late references.
+  // bound: no object below this root is in a pack indexed after it (its
+  // point's created_ns, see PackRow::created_ns); unknown for a pinned root
+  // whose record is gone.
   struct Root {
     Digest d;
     uint32_t depth;
+    int64_t bound;
   };
   std::vector<Root> roots;
   std::vector<uint64_t> marks;
@@ -51,9 +61,15 @@ Result<GcStats> Store::collect_garbage(const GcOptions& o) {
     std::unique_lock<std::shared_mutex> g(gc_mu_);
     std::lock_guard<std::mutex> lock(reg_mu_);
     STORE_ASSIGN_OR_RETURN(auto pts, catalog_->list_points());
-    for (const PointRecord& p : pts) roots.push_back({p.root, p.depth});
     STORE_ASSIGN_OR_RETURN(packs_at_start, catalog_->packs());
-    for (const auto& [k, n] : pins_) roots.push_back({k.root, k.depth});
+    std::unordered_set<int64_t> pack_times;
+    for (const PackRow& p : packs_at_start) pack_times.insert(p.created_ns);
+    for (const PointRecord& p : pts) {
+      int64_t bound =
+          pack_times.count(p.created_ns) ? p.created_ns : p.created_ns + kOldFormatSlack;
+      roots.push_back({p.root, p.depth, bound});
+    }
+    for (const auto& [k, n] : pins_) roots.push_back({k.root, k.depth, kNoBound});
     for (WriterRefs* w : writers_) {
       marks.insert(marks.end(), w->prefixes.begin(), w->prefixes.end());
     }
@@ -73,22 +89,38 @@ Result<GcStats> Store::collect_garbage(const GcOptions& o) {
   for (const PackRow& p : packs_at_start) st.pack_bytes_before += p.bytes;
 
   // b. Mark: every page once per (digest, level); shared subtrees are skipped.
-  // A page that cannot be read stops the GC before anything is deleted: what
-  // lies below it is unknown, and guessing could delete live data.
+  // A page that cannot be read hides what lies below it. Those objects are
+  // unknown, but none of them is in a pack indexed after the root the page
+  // was reached from (see Root::bound): candidates in packs indexed no later
+  // than that are kept, every other candidate goes as usual. So a damaged
+  // point only holds back garbage as old as itself.
   std::unordered_set<PageKey, PageKeyHash> visited;
-  std::vector<PageKey> stack;
+  struct Todo {
+    PageKey k;
+    int64_t bound;
+  };
+  std::vector<Todo> stack;
   for (const Root& r : roots) {
-    if (!r.d.is_zero() && visited.insert({r.d, r.depth}).second) stack.push_back({r.d, r.depth});
+    if (!r.d.is_zero() && visited.insert({r.d, r.depth}).second) {
+      stack.push_back({{r.d, r.depth}, r.bound});
+    }
   }
+  bool unreadable = false;
+  int64_t keep_until = 0;  // candidates in packs indexed up to this are kept
   while (!stack.empty()) {
-    PageKey k = stack.back();
+    auto [k, bound] = stack.back();
     stack.pop_back();
     std::shared_ptr<const Page> page = pages_.get(k.d);  // use, but do not fill, the cache
     if (!page) {
       auto r = read_page_uncached(k.d);
       if (!r.ok()) {
-        return Status::IoError("GC stopped, nothing deleted: " + r.status().message() +
-                               " (run verify on the points; delete or repair the damaged one)");
+        ++st.pages_unreadable;
+        keep_until = unreadable ? std::max(keep_until, bound) : bound;
+        unreadable = true;
+        spdlog::error("store {}: GC: {}; keeping what may lie below it (run verify)", opts_.dir,
+                      r.status().message());
+        marks.push_back(k.d.prefix());  // and the page itself, should it be healed
+        continue;
       }
       page = std::move(r).value();
     }
@@ -99,7 +131,7 @@ Result<GcStats> Store::collect_garbage(const GcOptions& o) {
       if (k.level == 1) {
         marks.push_back(e.prefix());
       } else if (visited.insert({e, k.level - 1}).second) {
-        stack.push_back({e, k.level - 1});
+        stack.push_back({{e, k.level - 1}, bound});
       }
     }
   }
@@ -110,9 +142,19 @@ Result<GcStats> Store::collect_garbage(const GcOptions& o) {
   // c. Scan the index: unmarked objects are candidates.
   std::vector<std::pair<Digest, ObjectLoc>> cands;
   std::unordered_map<uint64_t, uint64_t> live_bytes;
+  std::unordered_set<uint64_t> held_packs;  // may hold objects below an unreadable page
+  if (unreadable) {
+    for (const PackRow& p : packs_at_start) {
+      if (p.created_ns <= keep_until) held_packs.insert(p.id);
+    }
+  }
   STORE_RETURN_IF_ERROR(catalog_->for_each_object([&](const Digest& d, const ObjectLoc& loc) {
     ++st.objects_scanned;
-    if (std::binary_search(marks.begin(), marks.end(), d.prefix())) {
+    // A pack not in packs_at_start is newer than every root: never held.
+    bool marked = std::binary_search(marks.begin(), marks.end(), d.prefix());
+    bool held = !marked && !held_packs.empty() && held_packs.count(loc.pack);
+    if (held) ++st.objects_kept_unknown;
+    if (marked || held) {
       live_bytes[loc.pack] += loc.length;
     } else {
       cands.emplace_back(d, loc);
@@ -177,11 +219,12 @@ Result<GcStats> Store::collect_garbage(const GcOptions& o) {
   for (const PackRow& p : after) st.pack_bytes_after += p.bytes;
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   spdlog::info(
-      "store {}: GC {} roots, {} pages walked, {} objects scanned, {} deleted ({} kept for "
-      "running writers), {} packs deleted, {} rewritten, pack bytes {} -> {} in {:.3f}s",
-      opts_.dir, st.roots, st.pages_walked, st.objects_scanned, st.objects_deleted,
-      st.objects_kept_late, st.packs_deleted, st.packs_repacked, st.pack_bytes_before,
-      st.pack_bytes_after, st.seconds);
+      "store {}: GC {} roots, {} pages walked ({} unreadable), {} objects scanned, {} deleted "
+      "({} kept for running writers, {} kept as possibly below unreadable pages), {} packs "
+      "deleted, {} rewritten, pack bytes {} -> {} in {:.3f}s",
+      opts_.dir, st.roots, st.pages_walked, st.pages_unreadable, st.objects_scanned,
+      st.objects_deleted, st.objects_kept_late, st.objects_kept_unknown, st.packs_deleted,
+      st.packs_repacked, st.pack_bytes_before, st.pack_bytes_after, st.seconds);
   return st;
 }
 

@@ -152,6 +152,7 @@ Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf) {
   for (uint32_t i = 0; i < count; ++i) {
     const auto& loc = locs[i];
     if (loc.state == PointReader::Location::kHole) continue;
+    l->s[i].digest = loc.digest;
     if (loc.state == PointReader::Location::kMissing) {
       l->s[i].fd = -2;
       continue;
@@ -162,6 +163,7 @@ Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf) {
     (void)inserted;
     l->s[i].fd = pit->second->fd.get();
     l->s[i].offset = loc.offset;
+    l->s[i].pack = loc.pack->id;
   }
   LeafRef ref = l;
   auto it = cache_.find(leaf);
@@ -178,13 +180,27 @@ Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf) {
 void PointDevice::resolver_loop() {
   for (;;) {
     Job job;
+    std::deque<Damaged> damaged;
     {
       std::unique_lock<std::mutex> lock(jobs_mu_);
-      jobs_cv_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+      jobs_cv_.wait(lock, [this] { return stopping_ || !jobs_.empty() || !damaged_.empty(); });
       if (stopping_) return;
-      job = jobs_.front();
-      jobs_.pop_front();
+      damaged.swap(damaged_);
+      if (jobs_.empty()) {
+        job.req = nullptr;
+      } else {
+        job = jobs_.front();
+        jobs_.pop_front();
+      }
     }
+    for (const Damaged& d : damaged) {
+      Status why = reader_->damaged_chunk(d.slot, d.s.digest, d.s.pack, d.s.offset);
+      spdlog::error("export {}: {}", name_, why.message());
+      // Dropped again now that the index no longer names the damaged copy:
+      // a read that re-resolved meanwhile may have cached it.
+      drop_leaf(d.leaf);
+    }
+    if (job.req == nullptr) continue;
     IoRequest* req = job.req;
     const uint64_t cs = reader_->chunk_size();
     uint64_t l0 = (req->offset / cs) >> kFanoutShift;
@@ -211,9 +227,19 @@ void PointDevice::resolver_loop() {
   }
 }
 
+void PointDevice::drop_leaf(uint64_t leaf) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = cache_.find(leaf);
+  if (it == cache_.end()) return;
+  lru_.erase(it->second.second);
+  cache_.erase(it);
+}
+
 void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves) {
   const uint64_t cs = reader_->chunk_size();
   const uint64_t l0 = (req.offset / cs) >> kFanoutShift;
+  auto st = std::make_unique<ReadState>();
+  st->leaves = leaves;
   req.stage_ = 0;
   int run_fd = -1;
   uint64_t run_off = 0, run_len = 0;
@@ -224,38 +250,95 @@ void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<Leaf
     io_uring_prep_read(reactor.sqe(&req), run_fd, run_buf, unsigned(run_len), run_off);
     run_len = 0;
   };
+  // done_ counts bytes zero-filled or read (bounce buffers included); the
+  // request is whole when it reaches `expect`.
+  uint64_t expect = 0;
   uint64_t pos = req.offset, end = req.offset + req.length;
   while (pos < end) {
     uint64_t slot = pos / cs;
     uint64_t next = std::min(end, (slot + 1) * cs);
-    const Slot& s = leaves[(slot >> kFanoutShift) - l0]->s[slot & (kFanout - 1)];
+    uint64_t leaf = slot >> kFanoutShift;
+    const Slot& s = st->leaves[leaf - l0]->s[slot & (kFanout - 1)];
     char* dst = req.buf + (pos - req.offset);
     if (s.fd == -1) {
       std::memset(dst, 0, next - pos);
       req.done_ += next - pos;
+      expect += next - pos;
     } else if (s.fd < 0) {
+      // Missing: not cached, so a fresh copy stored later is found.
       NoteError(req, EIO);
+      drop_leaf(leaf);
+    } else if (pos != slot * cs || next != (slot + 1) * cs) {
+      // Covered in part: read the whole chunk aside, to check it.
+      flush_run();
+      st->bounce.push_back(std::make_unique<char[]>(cs));
+      char* b = st->bounce.back().get();
+      ++req.stage_;
+      io_uring_prep_read(reactor.sqe(&req), s.fd, b, unsigned(cs), s.offset);
+      expect += cs;
+      st->checks.push_back(Check{slot, &s, b, dst, pos - slot * cs, next - pos});
     } else {
-      uint64_t src = s.offset + (pos - slot * cs);
-      if (run_len > 0 && s.fd == run_fd && src == run_off + run_len && dst == run_buf + run_len &&
-          run_len + (next - pos) <= kMaxRun) {
-        run_len += next - pos;
+      if (run_len > 0 && s.fd == run_fd && s.offset == run_off + run_len &&
+          dst == run_buf + run_len && run_len + cs <= kMaxRun) {
+        run_len += cs;
       } else {
         flush_run();
         run_fd = s.fd;
-        run_off = src;
-        run_len = next - pos;
+        run_off = s.offset;
+        run_len = cs;
         run_buf = dst;
       }
+      expect += cs;
+      st->checks.push_back(Check{slot, &s, dst});
     }
     pos = next;
   }
   flush_run();
   if (req.stage_ == 0) {
     // All holes (or all failed): complete through the ring, not from here.
+    if ((req.done_ >> kErrShift) == 0) req.done_ = req.length;
     req.stage_ = 1;
     io_uring_prep_nop(reactor.sqe(&req));
+    return;
   }
+  st->expect = expect;
+  std::lock_guard<std::mutex> lock(states_mu_);
+  states_[&req] = std::move(st);
+}
+
+bool PointDevice::check(IoRequest& req) {
+  std::unique_ptr<ReadState> st;
+  {
+    std::lock_guard<std::mutex> lock(states_mu_);
+    auto it = states_.find(&req);
+    if (it == states_.end()) return true;  // holes only, or failed before any read
+    st = std::move(it->second);
+    states_.erase(it);
+  }
+  if ((req.done_ >> kErrShift) != 0) return true;  // failed anyway
+  if ((req.done_ & kBytesMask) != st->expect) {
+    NoteError(req, EIO);  // a short read: the pack is shorter than the index says
+    return true;
+  }
+  const uint64_t cs = reader_->chunk_size();
+  std::vector<Damaged> bad;
+  for (const Check& c : st->checks) {
+    if (Sha256(c.data, cs) != c.s->digest) {
+      bad.push_back(Damaged{c.slot >> kFanoutShift, c.slot, *c.s});
+      continue;
+    }
+    if (c.dst) std::memcpy(c.dst, c.data + c.from, c.len);
+  }
+  req.done_ = req.length;
+  if (bad.empty()) return true;
+  NoteError(req, EIO);
+  for (const Damaged& d : bad) drop_leaf(d.leaf);
+  {
+    std::lock_guard<std::mutex> lock(jobs_mu_);
+    damaged_.insert(damaged_.end(), bad.begin(), bad.end());
+  }
+  jobs_cv_.notify_one();
+  return false;
 }
 
 void PointDevice::on_completion(Reactor&, IoRequest& req, int res) {
@@ -264,7 +347,9 @@ void PointDevice::on_completion(Reactor&, IoRequest& req, int res) {
   } else {
     req.done_ += uint64_t(res);
   }
-  if (--req.stage_ == 0) finish(req);
+  if (--req.stage_ != 0) return;
+  check(req);
+  finish(req);
 }
 
 Result<std::vector<Extent>> PointDevice::block_status(uint64_t offset, uint64_t length,

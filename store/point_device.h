@@ -10,8 +10,16 @@
 // and posts the request back to its reactor to issue the reads there.
 // block_status() answers from the tree (whole hole subtrees at once).
 //
+// Every chunk is read whole and its SHA-256 checked when the reads complete
+// (on the reactor: ~40 us per 64 KiB with SHA-NI); a chunk covered only in
+// part (the first and last of a request) is read into a bounce buffer. A
+// chunk that fails its checksum, or is missing from the store, fails the read
+// with EIO, never wrong bytes; a damaged one is quarantined (on the resolver
+// thread: SQLite) and its leaf dropped from the cache, so once a later point
+// stores a fresh copy the next read resolves to it and succeeds.
+//
 // Writes, trims and write-zeroes fail with EPERM; flush succeeds (nothing to
-// flush). A chunk that is missing from the store fails the read with EIO.
+// flush).
 //
 // Lifetime: transports hold a BlockDevice::Use while requests are in flight,
 // which keeps the device (and its resolver thread) alive until they complete.
@@ -60,14 +68,35 @@ class PointDevice final : public BlockDevice {
   struct Slot {
     int fd = -1;  // -1: hole, -2: missing from the store
     uint64_t offset = 0;
+    uint64_t pack = 0;
+    Digest digest;
   };
   struct Leaf {
     std::array<Slot, kFanout> s;
   };
   using LeafRef = std::shared_ptr<const Leaf>;
   struct Job {
-    Reactor* reactor;
-    IoRequest* req;
+    Reactor* reactor = nullptr;
+    IoRequest* req = nullptr;
+  };
+  // A chunk of an in-flight read, checked when the request's reads are done.
+  struct Check {
+    uint64_t slot;
+    const Slot* s;        // lives in `leaves` of the ReadState
+    const char* data;     // the whole chunk as read
+    char* dst = nullptr;  // partial chunk: where [from, from+len) goes
+    uint64_t from = 0, len = 0;
+  };
+  struct ReadState {
+    std::vector<LeafRef> leaves;
+    std::vector<Check> checks;
+    std::vector<std::unique_ptr<char[]>> bounce;
+    uint64_t expect = 0;  // bytes zero-filled or read (bounce buffers included)
+  };
+  struct Damaged {
+    uint64_t leaf;
+    uint64_t slot;
+    Slot s;
   };
 
   PointDevice(std::shared_ptr<PointReader> reader, std::string name, size_t cache_leaves);
@@ -78,6 +107,9 @@ class PointDevice final : public BlockDevice {
   void issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves);
   void finish_async(Reactor& reactor, IoRequest& req, int err);
   void finish(IoRequest& req);
+  // Checks the chunks of a completed read; false on damage (queued for the resolver).
+  bool check(IoRequest& req);
+  void drop_leaf(uint64_t leaf);
 
   std::shared_ptr<PointReader> reader_;
   std::string name_;
@@ -91,6 +123,10 @@ class PointDevice final : public BlockDevice {
   std::mutex jobs_mu_;
   std::condition_variable jobs_cv_;
   std::deque<Job> jobs_;
+  std::deque<Damaged> damaged_;  // to quarantine, on the resolver thread
+
+  std::mutex states_mu_;
+  std::unordered_map<IoRequest*, std::unique_ptr<ReadState>> states_;
   bool stopping_ = false;
   std::thread resolver_;
   std::atomic<uint64_t> slow_{0};

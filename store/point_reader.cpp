@@ -34,6 +34,7 @@ Result<std::vector<PointReader::Location>> PointReader::resolve(uint64_t first, 
   for (uint32_t i = 0; i < count; ++i) {
     const Digest& d = leaf->e[(first + i) & (kFanout - 1)];
     if (d.is_zero()) continue;
+    out[i].digest = d;
     auto where = store_->locate(d);
     if (!where.ok()) {
       // A pack file gone missing is damage to report per slot, not a reason
@@ -55,21 +56,50 @@ Result<std::vector<PointReader::Location>> PointReader::resolve(uint64_t first, 
   return out;
 }
 
+Status PointReader::chunk_error(uint64_t slot, const std::string& what) const {
+  const uint64_t cs = info_.chunk_size;
+  uint64_t a = slot * cs, b = std::min(info_.size, a + cs);
+  return Status::IoError("point " + std::to_string(info_.id) + ", disk bytes [" +
+                         std::to_string(a) + ", " + std::to_string(b) + ") (slot " +
+                         std::to_string(slot) + "): " + what);
+}
+
+Status PointReader::damaged_chunk(uint64_t slot, const Digest& d, uint64_t pack, uint64_t offset) {
+  store_->quarantine(d, ObjectLoc{pack, offset, info_.chunk_size}, "read: chunk checksum mismatch");
+  return chunk_error(slot, "chunk " + d.short_hex() + " in pack " + std::to_string(pack) + " at " +
+                               std::to_string(offset) + " fails its checksum (quarantined)");
+}
+
+Status PointReader::check_chunk(uint64_t slot, const Location& l, const void* data) {
+  if (Sha256(data, info_.chunk_size) == l.digest) return Status::Ok();
+  return damaged_chunk(slot, l.digest, l.pack->id, l.offset);
+}
+
 Status PointReader::read(uint64_t offset, uint64_t len, void* buf) {
   if (offset > info_.size || len > info_.size - offset) {
     return Status::OutOfRange("read beyond the end of the disk point");
   }
   auto* out = static_cast<char*>(buf);
   const uint64_t cs = info_.chunk_size;
-  // Contiguous pieces in one pack become one pread.
-  int run_fd = -1;
-  uint64_t run_off = 0, run_len = 0;
-  char* run_buf = nullptr;
-  std::shared_ptr<PackFd> run_pack;
+  // Every chunk is read whole so it can be checked: chunks the range covers
+  // entirely go straight into buf (contiguous ones of one pack in one pread),
+  // a partly covered one (at most the first and the last) through `part`.
+  struct Piece {
+    uint64_t slot;
+    const Location* loc;
+    char* data;
+  };
+  std::vector<Piece> run;  // whole chunks, back to back in one pack and in buf
+  std::vector<char> part;
   auto flush = [&]() -> Status {
-    if (run_len == 0) return Status::Ok();
-    Status s = PreadFull(run_fd, run_buf, run_len, run_off, "pack " + std::to_string(run_pack->id));
-    run_len = 0;
+    if (run.empty()) return Status::Ok();
+    const Location& l0 = *run.front().loc;
+    Status s = PreadFull(l0.pack->fd.get(), run.front().data, run.size() * cs, l0.offset,
+                         "pack " + std::to_string(l0.pack->id));
+    for (size_t i = 0; i < run.size() && s.ok(); ++i) {
+      s = check_chunk(run[i].slot, *run[i].loc, run[i].data);
+    }
+    run.clear();
     return s;
   };
   uint64_t pos = offset, end = offset + len;
@@ -85,26 +115,31 @@ Status PointReader::read(uint64_t offset, uint64_t len, void* buf) {
       if (l.state == Location::kHole) {
         std::memset(dst, 0, b - a);
       } else if (l.state == Location::kMissing) {
-        return Status::IoError("slot " + std::to_string(s) + " of point " +
-                               std::to_string(info_.id) + ": chunk missing from the store");
+        return chunk_error(
+            s, "chunk " + l.digest.short_hex() + " is missing from the store (damaged or lost)");
+      } else if (a != s * cs || b != (s + 1) * cs) {
+        STORE_RETURN_IF_ERROR(flush());
+        part.resize(cs);
+        STORE_RETURN_IF_ERROR(PreadFull(l.pack->fd.get(), part.data(), cs, l.offset,
+                                        "pack " + std::to_string(l.pack->id)));
+        STORE_RETURN_IF_ERROR(check_chunk(s, l, part.data()));
+        std::memcpy(dst, part.data() + (a - s * cs), b - a);
       } else {
-        uint64_t src = l.offset + (a - s * cs);
-        int fd = l.pack->fd.get();
-        if (run_len > 0 && fd == run_fd && src == run_off + run_len && dst == run_buf + run_len) {
-          run_len += b - a;
-        } else {
-          STORE_RETURN_IF_ERROR(flush());
-          run_fd = fd;
-          run_off = src;
-          run_len = b - a;
-          run_buf = dst;
-          run_pack = l.pack;
+        if (!run.empty()) {
+          const Piece& p = run.back();
+          if (p.loc->pack->fd.get() != l.pack->fd.get() || l.offset != p.loc->offset + cs ||
+              dst != p.data + cs) {
+            STORE_RETURN_IF_ERROR(flush());
+          }
         }
+        run.push_back(Piece{s, &l, dst});
       }
       pos = b;
     }
+    // `run` points into `locs`: read it before the next leaf's resolve.
+    STORE_RETURN_IF_ERROR(flush());
   }
-  return flush();
+  return Status::Ok();
 }
 
 Result<std::vector<Extent>> PointReader::extents(uint64_t offset, uint64_t len,

@@ -4,8 +4,11 @@
 // deleted meanwhile, until the last holder of the reader lets go. Reads walk
 // the tree through the store's page cache (pages are verified on load), find
 // each chunk in the index and pread it from its pack; holes are zero-filled
-// without I/O. extents() answers from the tree alone, skipping whole hole
-// subtrees, so mapping a huge sparse disk costs only its allocated part.
+// without I/O. Every chunk read is re-hashed (whole, also for a read of a few
+// bytes of it): one failing its SHA-256 fails the read with IoError naming
+// the disk range and is quarantined (Store::quarantine), never returned. extents() answers from the
+// tree alone, skipping whole hole subtrees, so mapping a huge sparse disk costs only its allocated
+// part.
 //
 // resolve() is the building block of PointDevice: it turns a run of slots into
 // pack locations ahead of time, so the device can issue the data reads on a
@@ -36,7 +39,8 @@ class PointReader {
   uint32_t chunk_size() const { return info_.chunk_size; }
   uint64_t slots() const { return slots_; }
 
-  // Copies [offset, offset+len) of the disk into buf.
+  // Copies [offset, offset+len) of the disk into buf. IoError when a chunk
+  // of the range is damaged or missing.
   Status read(uint64_t offset, uint64_t len, void* buf);
 
   // Allocation map of [offset, offset+len) in NBD base:allocation terms: holes
@@ -56,10 +60,21 @@ class PointReader {
     State state = kHole;
     uint64_t offset = 0;           // in the pack
     std::shared_ptr<PackFd> pack;  // kData only
+    Digest digest;                 // kData and kMissing: the chunk's name
   };
   // Locations of slots [first, first+count), which must lie in one leaf page
   // (128 slots). A chunk missing from the index (or its pack) is kMissing.
   Result<std::vector<Location>> resolve(uint64_t first, uint32_t count);
+
+  // Checks one whole chunk read from `l` (chunk_size() bytes) against its
+  // digest; on a mismatch quarantines it and returns IoError naming `slot`'s
+  // disk range. May touch SQLite: never call it on a reactor thread.
+  Status check_chunk(uint64_t slot, const Location& l, const void* data);
+  // The chunk `d` at (pack, offset), named by `slot`, failed its checksum:
+  // quarantines it and returns the IoError for the read. Not on a reactor.
+  Status damaged_chunk(uint64_t slot, const Digest& d, uint64_t pack, uint64_t offset);
+  // The error for a damaged or missing chunk at `slot`.
+  Status chunk_error(uint64_t slot, const std::string& what) const;
 
  private:
   friend class Store;

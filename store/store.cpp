@@ -10,6 +10,7 @@
 #include <bit>
 #include <cerrno>
 #include <filesystem>
+#include <functional>
 
 #include "store/file_util.h"
 #include "store/macros.h"
@@ -172,6 +173,7 @@ Result<std::shared_ptr<const Page>> Store::read_page_uncached(const Digest& d) {
   STORE_RETURN_IF_ERROR(PreadFull(fd->fd.get(), page.get(), kPageBytes, loc.offset,
                                   "pack " + std::to_string(loc.pack)));
   if (Sha256(page.get(), kPageBytes) != d) {
+    quarantine(d, loc, "read: tree page checksum mismatch");
     return Status::IoError("tree page " + d.short_hex() + " in pack " + std::to_string(loc.pack) +
                            " at " + std::to_string(loc.offset) + " fails its checksum");
   }
@@ -184,6 +186,49 @@ Result<std::shared_ptr<const Page>> Store::load_page(const Digest& d) {
   STORE_ASSIGN_OR_RETURN(auto p, read_page_uncached(d));
   pages_.put(d, p);
   return p;
+}
+
+void Store::quarantine(const Digest& d, const ObjectLoc& loc, const std::string& why) {
+  spdlog::error("store {}: object {} in pack {} at {} is damaged ({}): quarantined", opts_.dir,
+                d.short_hex(), loc.pack, loc.offset, why);
+  std::unique_lock<std::shared_mutex> g(gc_mu_);
+  Status s = catalog_->quarantine({{d, loc}}, why);
+  if (!s.ok()) {
+    spdlog::error("store {}: quarantine of {}: {}", opts_.dir, d.short_hex(), s.ToString());
+  }
+  pages_.erase(d);
+}
+
+Result<std::vector<uint64_t>> Store::damaged_slots(PointId id) {
+  std::vector<uint64_t> out;
+  STORE_ASSIGN_OR_RETURN(auto bad_list, catalog_->unhealed_bad_objects());
+  if (bad_list.empty()) return out;
+  std::unordered_set<Digest, DigestHash> bad(bad_list.begin(), bad_list.end());
+  STORE_ASSIGN_OR_RETURN(auto reader, open_point(id));  // pins the root meanwhile
+  const uint64_t slots = reader->slots();
+  // Depth-first in slot order, so `out` comes sorted.
+  std::function<Status(uint32_t, uint64_t, const Digest&)> walk =
+      [&](uint32_t level, uint64_t index, const Digest& d) -> Status {
+    if (d.is_zero()) return Status::Ok();
+    if (bad.count(d)) {
+      return Status::IoError("tree page " + d.short_hex() + " of point " + std::to_string(id) +
+                             " is damaged");
+    }
+    STORE_ASSIGN_OR_RETURN(auto page, load_page(d));
+    for (uint32_t i = 0; i < kFanout; ++i) {
+      const Digest& e = page->e[i];
+      uint64_t child = index * kFanout + i;
+      if (e.is_zero()) continue;
+      if (level > 1) {
+        STORE_RETURN_IF_ERROR(walk(level - 1, child, e));
+      } else if (child < slots && bad.count(e)) {
+        out.push_back(child);
+      }
+    }
+    return Status::Ok();
+  };
+  STORE_RETURN_IF_ERROR(walk(reader->depth(), 0, reader->info().root));
+  return out;
 }
 
 void Store::pin(const Digest& root, uint32_t depth) {

@@ -44,7 +44,9 @@
 //      and opens a "late refs" set that every reference made from now on also
 //      goes to (gc_active_);
 //   b. marks without locks: walks every snapshot root (each page once, shared
-//      subtrees are skipped by digest), collecting digest prefixes;
+//      subtrees are skipped by digest), collecting digest prefixes; below an
+//      unreadable page nothing is known, so every object in a pack indexed
+//      no later than that page's point is kept (docs/store.md);
 //   c. scans the chunk index; unmarked objects are candidates;
 //   d. deletes candidates in batches, each under gc_mu_ exclusive after
 //      dropping those now in the late refs. A writer's "exists, reuse it" and a
@@ -120,7 +122,9 @@ struct GcStats {
   uint64_t pages_walked = 0;
   uint64_t objects_scanned = 0;
   uint64_t objects_deleted = 0;
-  uint64_t objects_kept_late = 0;  // candidates a concurrent writer referenced
+  uint64_t objects_kept_late = 0;     // candidates a concurrent writer referenced
+  uint64_t pages_unreadable = 0;      // damaged or missing pages met while marking
+  uint64_t objects_kept_unknown = 0;  // kept: possibly below an unreadable page
   uint64_t packs_deleted = 0;
   uint64_t packs_repacked = 0;
   uint64_t pack_bytes_before = 0;
@@ -204,6 +208,14 @@ class Store : public std::enable_shared_from_this<Store> {
   // Re-reads and re-hashes every page and chunk the point references.
   Result<VerifyReport> verify(PointId id, const VerifyOptions& o = {});
 
+  // Slots of point `id` naming a chunk that was found damaged (quarantined by
+  // a read or by verify) and has not been stored again since: the next point
+  // of that disk must copy them again, even if unchanged, to heal the store.
+  // Free while nothing quarantined is unhealed (one index query); else one
+  // walk of the point's tree. IoError when a page of the point is unreadable
+  // (the caller cannot know those slots: take a full point instead).
+  Result<std::vector<uint64_t>> damaged_slots(PointId id);
+
   Result<StoreStats> stats();
   const std::string& dir() const { return opts_.dir; }
   const StoreOptions& options() const { return opts_; }
@@ -223,8 +235,14 @@ class Store : public std::enable_shared_from_this<Store> {
 
   // Pages through the cache, verified against their digest when read.
   Result<std::shared_ptr<const Page>> load_page(const Digest& d);
-  // Reads a page from its pack, bypassing the cache (GC and verify).
+  // Reads a page from its pack, bypassing the cache (GC and verify). A page
+  // failing its checksum is quarantined.
   Result<std::shared_ptr<const Page>> read_page_uncached(const Digest& d);
+  // A read found the object at `loc` damaged: move it from the index to
+  // bad_objects (if the index still names that location), so dedup never
+  // reuses it and the next put of the same content stores a fresh copy.
+  // Caller must NOT hold gc_mu_. Failures are logged (the read fails anyway).
+  void quarantine(const Digest& d, const ObjectLoc& loc, const std::string& why);
   // Index lookup + open pack, atomic against GC (caller must NOT hold gc_mu_).
   Result<std::optional<std::pair<ObjectLoc, std::shared_ptr<PackFd>>>> locate(const Digest& d);
   // Same, for callers already holding gc_mu_ (shared or exclusive).

@@ -799,8 +799,109 @@ TEST_CASE("store: verify finds a corrupted byte in a chunk and in a page") {
   std::vector<char> buf(kCs);
   CHECK(r3->read(130 * kCs, kCs, buf.data()).code() == Code::kIoError);
   REQUIRE_OK(V(r3->read(0, kCs, buf.data())));  // other leaves still read
-  // GC refuses to sweep while it cannot see below a damaged page.
-  CHECK(!st->collect_garbage().ok());
+}
+
+// The slot of `im` whose chunk has digest d.
+uint64_t SlotOf(Store& st, PointId id, const Digest& d) {
+  auto r = Take(st.open_point(id));
+  for (uint64_t s = 0; s < r->slots(); ++s) {
+    if (Take(r->slot_digest(s)) == d) return s;
+  }
+  FAIL("digest not in the point");
+  return 0;
+}
+
+TEST_CASE("store: a damaged chunk fails reads with an I/O error, is quarantined, then healed") {
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  Image im(300 * kCs + 5000);  // a partial last chunk too
+  for (uint64_t s = 0; s < im.slots(); ++s) im.random_slot(s, 7'000'000 + s);
+  auto p = Commit(*st, 0, im, AllSlots(im));
+  PackEntry bad = CorruptOne(tmp.region(), ObjectKind::kChunk);
+  const uint64_t slot = SlotOf(*st, p.id, bad.digest);
+  CHECK(Take(st->damaged_slots(p.id)).empty());
+
+  {
+    auto r = Take(st->open_point(p.id));
+    std::vector<char> buf(3 * kCs);
+    // The damaged chunk, whole or a few bytes of it: an error, never data.
+    Status whole = r->read(slot * kCs, kCs, buf.data());
+    CHECK(whole.code() == Code::kIoError);
+    CHECK_MESSAGE(whole.message().find("disk bytes [" + std::to_string(slot * kCs) + ", ") !=
+                      std::string::npos,
+                  whole.message());
+    CHECK(r->read(slot * kCs + 10, 100, buf.data()).code() == Code::kIoError);
+    // Other ranges read fine, also the chunks right next to it.
+    for (uint64_t s : {slot ? slot - 1 : slot + 2, slot + 1}) {
+      REQUIRE_OK(V(r->read(s * kCs, kCs, buf.data())));
+      CHECK(std::memcmp(buf.data(), im.slot(s), kCs) == 0);
+    }
+    // Quarantined: out of the index (dedup will not reuse it), and named as
+    // the slot the next point of this disk must copy again.
+    CHECK(Take(st->damaged_slots(p.id)) == std::vector<uint64_t>{slot});
+    auto rep = Take(st->verify(p.id));
+    REQUIRE(rep.damage.size() == 1);
+    CHECK(rep.damage[0].reason == "not in the chunk index");
+    // Consistent afterwards: still an I/O error (now "missing").
+    CHECK(r->read(slot * kCs, kCs, buf.data()).code() == Code::kIoError);
+  }
+
+  // The next point puts the same content: a fresh copy, which heals p.
+  auto p2 = Commit(*st, p.id, im, {slot});
+  CHECK(p2.new_chunks == 1);
+  CHECK(Take(st->damaged_slots(p.id)).empty());
+  CHECK(Take(st->verify(p.id)).ok());
+  CheckRead(*st, p.id, im);
+  CheckRead(*st, p2.id, im);
+}
+
+TEST_CASE("store: GC with a damaged point still collects other points' garbage, keeps its data") {
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  Image old_im(100 * kCs), im(300 * kCs), later(100 * kCs);
+  for (uint64_t s = 0; s < old_im.slots(); ++s) old_im.random_slot(s, 8'000'000 + s);
+  for (uint64_t s = 0; s < im.slots(); ++s) im.random_slot(s, 8'100'000 + s);
+  for (uint64_t s = 0; s < later.slots(); ++s) later.random_slot(s, 8'200'000 + s);
+  auto older = Commit(*st, 0, old_im, AllSlots(old_im));  // garbage as old as the damage
+  std::this_thread::sleep_for(10ms);
+  auto a = Commit(*st, 0, im, AllSlots(im));  // will be damaged
+  Digest leaf1 = Take(Take(st->open_point(a.id))->node(1, 1));
+  auto b = Commit(*st, 0, later, AllSlots(later));  // garbage newer than the damage
+  REQUIRE_OK(V(st->delete_point(older.id)));
+  REQUIRE_OK(V(st->delete_point(b.id)));
+  st.reset();  // no cached pages: GC reads a's leaf from its pack
+  CorruptOne(tmp.region(), ObjectKind::kPage, &leaf1);
+  st = Open(tmp.region());
+
+  auto gc = Take(st->collect_garbage());
+  CHECK(gc.pages_unreadable == 1);
+  // b's chunks and pages went; the older point's are kept, as anything in
+  // a pack no newer than a might lie below a's unreadable leaf.
+  CHECK(gc.objects_deleted >= 100 + 1);
+  CHECK(gc.objects_kept_unknown >= 100);
+  CHECK(!Take(st->point(a.id)).root.is_zero());
+  // a's other leaves still read.
+  {
+    auto r = Take(st->open_point(a.id));
+    std::vector<char> buf(kCs);
+    CHECK(r->read(130 * kCs, kCs, buf.data()).code() == Code::kIoError);
+    REQUIRE_OK(V(r->read(0, kCs, buf.data())));
+    CHECK(std::memcmp(buf.data(), im.slot(0), kCs) == 0);
+    // The leaf is known to be damaged: the disk's next point cannot tell
+    // which blocks it lost (the caller takes a full point).
+    CHECK(st->damaged_slots(a.id).status().code() == Code::kIoError);
+  }
+  // A full point of the same disk: every chunk below the damaged leaf was
+  // kept (none is stored again), the leaf gets a fresh copy, a is whole again.
+  auto heal = Commit(*st, 0, im, AllSlots(im));
+  CHECK(heal.new_chunks == 0);
+  CheckRead(*st, a.id, im);
+  CHECK(Take(st->verify(a.id)).ok());
+  // With nothing unreadable left, the older garbage goes too.
+  auto gc2 = Take(st->collect_garbage());
+  CHECK(gc2.pages_unreadable == 0);
+  CHECK(gc2.objects_deleted >= 100);
+  CheckRead(*st, a.id, im);
 }
 
 TEST_CASE("store: crash leftovers (abandoned writer, torn pack) leave earlier points intact") {
@@ -1125,6 +1226,49 @@ TEST_CASE("store: PointDevice serves a point through a Reactor, reading back exa
     CHECK(io.wait() == 0);
     CHECK(std::memcmp(got.data(), im.bytes.data(), got.size()) == 0);
   }
+}
+
+TEST_CASE("store: PointDevice fails a read of a damaged chunk with EIO, reads it once healed") {
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  Image im(300 * kCs);
+  for (uint64_t s = 0; s < im.slots(); ++s) im.random_slot(s, 9'000'000 + s);
+  auto p = Commit(*st, 0, im, AllSlots(im));
+  PackEntry bad = CorruptOne(tmp.region(), ObjectKind::kChunk);
+  const uint64_t slot = SlotOf(*st, p.id, bad.digest);
+  Loop loop;
+  auto dev = Take(PointDevice::Create(Take(st->open_point(p.id)), "rp-damage", 64));
+  auto read = [&](uint64_t off, uint64_t len, std::vector<char>* out) {
+    out->assign(len, 'x');
+    Io io(IoKind::kRead, off, len, out->data());
+    Submit(loop, *dev, io);
+    return io.wait();
+  };
+  std::vector<char> got;
+  // The whole disk (slow path, then cached leaves), a span over the chunk,
+  // a few bytes inside it: EIO every time.
+  CHECK(read(0, im.size(), &got) == -EIO);
+  CHECK(read(slot * kCs - (slot ? 4096 : 0), 2 * kCs, &got) == -EIO);
+  CHECK(read(slot * kCs + 100, 512, &got) == -EIO);
+  // Everything else reads back exactly, whole chunks and pieces.
+  for (uint64_t s = 0; s < im.slots(); s += 37) {
+    if (s == slot) continue;
+    REQUIRE(read(s * kCs, kCs, &got) == 0);
+    CHECK(std::memcmp(got.data(), im.slot(s), kCs) == 0);
+    REQUIRE(read(s * kCs + 1000, 3000, &got) == 0);
+    CHECK(std::memcmp(got.data(), im.slot(s) + 1000, 3000) == 0);
+  }
+  // Quarantined from the device's own thread.
+  for (int i = 0; i < 200 && Take(st->damaged_slots(p.id)).empty(); ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  CHECK(Take(st->damaged_slots(p.id)) == std::vector<uint64_t>{slot});
+  CHECK(read(slot * kCs, kCs, &got) == -EIO);
+  // Healed by a new point: the same device now reads it.
+  auto p2 = Commit(*st, p.id, im, {slot});
+  CHECK(p2.new_chunks == 1);
+  REQUIRE(read(0, im.size(), &got) == 0);
+  CHECK(std::memcmp(got.data(), im.bytes.data(), im.size()) == 0);
 }
 
 }  // namespace rpoint::store
