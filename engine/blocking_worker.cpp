@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -14,11 +15,14 @@ constexpr size_t kMaxBatch = 16;
 
 }  // namespace
 
-BlockingWorker::BlockingWorker(std::string name) : name_(std::move(name)) {
-  thread_ = std::thread([this] {
-    pthread_setname_np(pthread_self(), name_.substr(0, 15).c_str());
-    loop();
-  });
+BlockingWorker::BlockingWorker(std::string name, unsigned threads)
+    : name_(std::move(name)), nthreads_(std::max(1u, threads)) {
+  for (unsigned i = 0; i < nthreads_; ++i) {
+    threads_.emplace_back([this] {
+      pthread_setname_np(pthread_self(), name_.substr(0, 15).c_str());
+      loop();
+    });
+  }
 }
 
 BlockingWorker::~BlockingWorker() {
@@ -27,7 +31,7 @@ BlockingWorker::~BlockingWorker() {
     stopping_ = true;
   }
   cv_.notify_all();
-  thread_.join();
+  for (auto& t : threads_) t.join();
 }
 
 void BlockingWorker::submit(Reactor& reactor, IoRequest& req, std::function<int()> fn) {
@@ -35,10 +39,9 @@ void BlockingWorker::submit(Reactor& reactor, IoRequest& req, std::function<int(
   {
     std::lock_guard<std::mutex> lock(mu_);
     jobs_.push_back(Job{&reactor, &req, std::move(fn)});
-    wake = idle_;
-    idle_ = false;
+    wake = idle_ > 0;
   }
-  // A busy worker finds the job when it looks at the queue again: no syscall.
+  // Busy workers find the job when they look at the queue again: no syscall.
   if (wake) cv_.notify_one();
 }
 
@@ -48,15 +51,18 @@ void BlockingWorker::loop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     while (jobs_.empty() && !stopping_) {
-      idle_ = true;
+      ++idle_;
       cv_.wait(lock);
+      --idle_;
     }
     if (jobs_.empty()) return;  // stopping, nothing left
-    idle_ = false;
-    while (!jobs_.empty() && batch.size() < kMaxBatch) {
+    // A fair share of the queue, so idle workers can take the rest.
+    size_t take = std::min(kMaxBatch, (jobs_.size() + nthreads_ - 1) / nthreads_);
+    while (!jobs_.empty() && batch.size() < take) {
       batch.push_back(std::move(jobs_.front()));
       jobs_.pop_front();
     }
+    if (!jobs_.empty() && idle_ > 0) cv_.notify_one();
     lock.unlock();
     // Results go back to each job's own reactor, one post() per reactor run,
     // in submission order.

@@ -27,6 +27,8 @@ enum Stage : uint32_t {
 };
 
 constexpr size_t kZeroBufSize = 1 << 20;
+// Threads of a regular file's BlockingWorker (buffered writes, lseek).
+constexpr unsigned kWorkerThreads = 4;
 alignas(4096) const char kZeros[kZeroBufSize] = {};
 
 bool IsMutation(IoKind k) {
@@ -54,7 +56,7 @@ Result<std::shared_ptr<FileDisk>> FileDisk::Open(const FileDiskOptions& opts) {
     if (ioctl(d->fd_.get(), BLKSSZGET, &lbs) == 0 && lbs > 0) d->logical_block_ = lbs;
   } else if (S_ISREG(st.st_mode)) {
     size = st.st_size;
-    d->worker_ = std::make_unique<BlockingWorker>("bw-" + opts.name);
+    d->worker_ = std::make_unique<BlockingWorker>("bw-" + opts.name, kWorkerThreads);
     // 4096 satisfies O_DIRECT on every local filesystem and device in use today.
     d->logical_block_ = 4096;
   } else {
