@@ -268,8 +268,8 @@ void FileDisk::issue_buffered_write(Reactor& reactor, IoRequest& req) {
   // RWF_NOWAIT for buffered writes do it inline when it cannot block; ext4
   // refuses (EOPNOTSUPP), and io_uring would punt each write to an io-wq
   // worker that runs writes to one inode one at a time and hands each back
-  // separately, at half the speed. The disk's worker thread does the same
-  // copy with batched hand-offs instead.
+  // separately (0.65x nbdkit-file at 4k, bench/RESULTS.md). The disk's
+  // BlockingWorker does the same copy with batched hand-offs instead.
   if (try_nowait_.load(std::memory_order_relaxed)) {
     int res = buffered_pwrite(req, RWF_NOWAIT);
     if (res != -EAGAIN && res != -EOPNOTSUPP) {
