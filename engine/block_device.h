@@ -22,7 +22,17 @@
 
 namespace rpoint {
 
-enum class IoKind : uint8_t { kRead, kWrite, kFlush, kTrim, kWriteZeroes, kCache };
+// kBlockStatus: the allocation map of [offset, offset+length) into
+// IoRequest::extents, as block_status() but without blocking the reactor.
+enum class IoKind : uint8_t { kRead, kWrite, kFlush, kTrim, kWriteZeroes, kCache, kBlockStatus };
+
+// One run of blocks with the same allocation state; flags as NBD base:allocation.
+struct Extent {
+  static constexpr uint32_t kHole = 1;  // not allocated
+  static constexpr uint32_t kZero = 2;  // reads as zeroes
+  uint64_t length = 0;
+  uint32_t flags = 0;
+};
 
 // Request flags (a bit set).
 enum IoFlags : uint32_t {
@@ -44,6 +54,10 @@ class IoRequest : public Reactor::Op {
   uint64_t offset = 0;
   uint64_t length = 0;
   char* buf = nullptr;  // kRead/kWrite: `length` bytes; 4096-aligned enables O_DIRECT
+  // kBlockStatus: at most max_extents entries go to extents (covering at least
+  // one byte on success; the device clears it first).
+  size_t max_extents = 0;
+  std::vector<Extent> extents;
 
   virtual void on_done(int result) = 0;
 
@@ -60,14 +74,6 @@ class IoRequest : public Reactor::Op {
 
  protected:
   ~IoRequest() = default;
-};
-
-// One run of blocks with the same allocation state; flags as NBD base:allocation.
-struct Extent {
-  static constexpr uint32_t kHole = 1;  // not allocated
-  static constexpr uint32_t kZero = 2;  // reads as zeroes
-  uint64_t length = 0;
-  uint32_t flags = 0;
 };
 
 struct DeviceCaps {
@@ -98,7 +104,8 @@ class BlockDevice {
   virtual void submit(Reactor& reactor, IoRequest& req) = 0;
 
   // Allocation map of [offset, offset+length), at most max_extents entries,
-  // covering at least one byte. Synchronous and cheap (lseek on a file).
+  // covering at least one byte. Synchronous (lseek on a file, the tree of a
+  // restore point): never on a reactor thread, which submits kBlockStatus.
   virtual Result<std::vector<Extent>> block_status(uint64_t offset, uint64_t length,
                                                    size_t max_extents) = 0;
 

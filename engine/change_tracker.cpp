@@ -212,7 +212,14 @@ uint64_t ChangeTracker::enter() {
   }
 }
 
-void ChangeTracker::leave(uint64_t epoch) { inflight_[epoch % 4].fetch_sub(1, std::memory_order_acq_rel); }
+void ChangeTracker::leave(uint64_t epoch) {
+  // seq_cst on both sides (here and in wait_writes_left): either the waiter
+  // sees the count at zero or this thread sees the waiter and wakes it.
+  if (inflight_[epoch % 4].fetch_sub(1) == 1 && retire_waiters_.load() > 0) {
+    std::lock_guard<std::mutex> lock(retire_mu_);
+    retire_cv_.notify_all();
+  }
+}
 
 bool ChangeTracker::ensure_marked(uint64_t offset, uint64_t length, Reactor& reactor,
                                   std::function<void(Status)> done) {
@@ -340,14 +347,29 @@ bool ChangeTracker::all_since_creation() const {
   return !ever_retired_;
 }
 
+bool ChangeTracker::writes_left(uint64_t gen) const {
+  uint64_t e = epoch_.load();
+  for (uint64_t k = (e >= 3 ? e - 3 : 0); k <= gen && k < e; ++k) {
+    if (inflight_[k % 4].load() != 0) return false;
+  }
+  return true;
+}
+
+bool ChangeTracker::wait_writes_left(uint64_t gen, std::chrono::milliseconds timeout) {
+  if (writes_left(gen)) return true;
+  retire_waiters_.fetch_add(1);
+  bool left;
+  {
+    std::unique_lock<std::mutex> lock(retire_mu_);
+    left = retire_cv_.wait_for(lock, timeout, [&] { return writes_left(gen); });
+  }
+  retire_waiters_.fetch_sub(1);
+  return left;
+}
+
 Status ChangeTracker::retire_through(uint64_t gen) {
   // Wait for every mutation that entered in an epoch <= gen to leave.
-  for (;;) {
-    uint64_t e = epoch_.load();
-    bool busy = false;
-    for (uint64_t k = (e >= 3 ? e - 3 : 0); k <= gen && k < e; ++k) busy |= inflight_[k % 4].load() != 0;
-    if (!busy) break;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  while (!wait_writes_left(gen, std::chrono::hours(1))) {
   }
   std::vector<std::shared_ptr<Generation>> dropped;
   {

@@ -21,7 +21,9 @@
 // generation before it is acknowledged (a failed one too: part of it may have
 // landed), and retire_through(g) waits until every
 // mutation that entered in an epoch <= g has left, so a frozen generation is
-// never deleted while a write it covers could still land unrecorded.
+// never deleted while a write it covers could still land unrecorded. The wait
+// sleeps on a condition variable the last leave() of an epoch signals; callers
+// that hold a lock others need wait first with wait_writes_left(), unlocked.
 //
 // Files: <dir>/<generation:016x>.ctbm, a 4 KiB header (magic, granularity,
 // generation) followed by the bitmap pages at their page offsets. Each file is
@@ -36,6 +38,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -100,6 +103,13 @@ class ChangeTracker {
   // A restore point covering generations <= gen succeeded: waits for mutations
   // of those epochs to leave, then deletes their files.
   Status retire_through(uint64_t gen);
+  // Waits (sleeping) until every mutation that entered in an epoch <= gen has
+  // left; false if some are still in flight after `timeout`. Once true, no
+  // such mutation can start again (the epoch has moved on): retire_through(gen)
+  // does not wait.
+  bool wait_writes_left(uint64_t gen, std::chrono::milliseconds timeout);
+  // Threads inside wait_writes_left / retire_through's wait (tests).
+  int waiting_for_writes() const { return retire_waiters_.load(); }
   // The disk grew: new blocks are tracked from now on.
   Status grow(uint64_t new_disk_size);
   // Makes every queued mark durable (tests, shutdown).
@@ -149,6 +159,13 @@ class ChangeTracker {
   // and mutations finish in milliseconds, so four slots never alias in practice;
   // flip() refuses if the slot it is about to reuse is still busy.
   std::array<std::atomic<int64_t>, 4> inflight_{};
+  // Retirement waits: leave() signals retire_cv_ when an epoch empties and
+  // someone waits (retire_waiters_ > 0), so the data path never takes
+  // retire_mu_ otherwise.
+  bool writes_left(uint64_t gen) const;
+  std::mutex retire_mu_;
+  std::condition_variable retire_cv_;
+  std::atomic<int> retire_waiters_{0};
 
   std::deque<Pending> queue_;  // guarded by mu_
   bool stopping_ = false;

@@ -19,14 +19,16 @@ namespace {
 
 // Progress of a request inside the engine (IoRequest::stage_).
 enum Stage : uint32_t {
-  kStageIo = 0,         // the main ring operation
-  kStageFailed,         // a NOP carrying an error decided at submit time (in done_)
-  kStageZeroWrite,      // write-zeroes fallback: writing zero buffers
-  kStageSyncAfter,      // FUA on trim/zero: fdatasync after the fallocate
-  kStageInlineWrite,    // a NOP carrying the result of a write done inline (in inline_result_)
+  kStageIo = 0,       // the main ring operation
+  kStageFailed,       // a NOP carrying an error decided at submit time (in done_)
+  kStageZeroWrite,    // write-zeroes fallback: writing zero buffers
+  kStageSyncAfter,    // FUA on trim/zero: fdatasync after the fallocate
+  kStageInlineWrite,  // a NOP carrying the result of a RWF_NOWAIT write (in inline_result_)
 };
 
 constexpr size_t kZeroBufSize = 1 << 20;
+// Threads of a regular file's BlockingWorker (buffered writes, lseek).
+constexpr unsigned kWorkerThreads = 4;
 alignas(4096) const char kZeros[kZeroBufSize] = {};
 
 bool IsMutation(IoKind k) {
@@ -54,7 +56,7 @@ Result<std::shared_ptr<FileDisk>> FileDisk::Open(const FileDiskOptions& opts) {
     if (ioctl(d->fd_.get(), BLKSSZGET, &lbs) == 0 && lbs > 0) d->logical_block_ = lbs;
   } else if (S_ISREG(st.st_mode)) {
     size = st.st_size;
-    d->inline_buffered_writes_ = !opts.read_only;
+    d->worker_ = std::make_unique<BlockingWorker>("bw-" + opts.name, kWorkerThreads);
     // 4096 satisfies O_DIRECT on every local filesystem and device in use today.
     d->logical_block_ = 4096;
   } else {
@@ -217,19 +219,8 @@ void FileDisk::issue(Reactor& reactor, IoRequest& req) {
       return;
     }
     case IoKind::kWrite: {
-      if (inline_buffered_writes_ && !(req.flags & kIoFua) && fd_for(req) == fd_.get()) {
-        // Buffered writes to a regular file: ext4 cannot do them without blocking
-        // (IOCB_NOWAIT is refused), so io_uring punts each one to an io-wq worker,
-        // and io-wq runs writes to one inode one at a time. Copying into the page
-        // cache here costs a few microseconds, a fraction of that hand-off, and the
-        // completion still goes through the ring (a NOP) like every other request.
-        ssize_t n = ::pwrite(fd_.get(), req.buf + req.done_,
-                             static_cast<size_t>(std::min<uint64_t>(left, 1u << 30)),
-                             static_cast<off_t>(off));
-        req.inline_result_ = n < 0 ? -errno : static_cast<int>(n);
-        req.stage_ = kStageInlineWrite;
-        io_uring_prep_nop(reactor.sqe(&req));
-        return;
+      if (worker_ && !(req.flags & kIoFua) && fd_for(req) == fd_.get()) {
+        return issue_buffered_write(reactor, req);
       }
       io_uring_sqe* s = reactor.sqe(&req);
       io_uring_prep_write(s, fd_for(req), req.buf + req.done_,
@@ -262,11 +253,59 @@ void FileDisk::issue(Reactor& reactor, IoRequest& req) {
       io_uring_prep_fadvise(reactor.sqe(&req), fd_.get(), req.offset,
                             static_cast<off_t>(req.length), POSIX_FADV_WILLNEED);
       return;
+    case IoKind::kBlockStatus:
+      // lseek(SEEK_DATA) takes the inode lock a buffered writer holds, maybe
+      // for as long as dirty throttling keeps it: off the reactor.
+      if (worker_) return worker_->submit(reactor, req, [this, &req] { return fill_extents(req); });
+      req.stage_ = kStageFailed;
+      req.done_ = static_cast<uint64_t>(-fill_extents(req));  // a block device: no syscall
+      io_uring_prep_nop(reactor.sqe(&req));
+      return;
   }
   // Nothing to do (zero length): still complete through the ring.
   req.stage_ = kStageFailed;
   req.done_ = 0;
   io_uring_prep_nop(reactor.sqe(&req));
+}
+
+void FileDisk::issue_buffered_write(Reactor& reactor, IoRequest& req) {
+  // A buffered write copies into the page cache and may sleep there (dirty
+  // throttling, the journal, page faults). Filesystems that support
+  // RWF_NOWAIT for buffered writes do it inline when it cannot block; ext4
+  // refuses (EOPNOTSUPP), and io_uring would punt each write to an io-wq
+  // worker that runs writes to one inode one at a time and hands each back
+  // separately (0.65x nbdkit-file at 4k, bench/RESULTS.md). The disk's
+  // BlockingWorker does the same copy with batched hand-offs instead.
+  if (try_nowait_.load(std::memory_order_relaxed)) {
+    int res = buffered_pwrite(req, RWF_NOWAIT);
+    if (res != -EAGAIN && res != -EOPNOTSUPP) {
+      req.inline_result_ = res;
+      req.stage_ = kStageInlineWrite;
+      io_uring_prep_nop(reactor.sqe(&req));
+      return;
+    }
+    if (res == -EOPNOTSUPP) try_nowait_.store(false, std::memory_order_relaxed);
+  }
+  // Two pointers: the std::function holds them without allocating.
+  worker_->submit(reactor, req, [this, &req] { return buffered_pwrite(req, 0); });
+}
+
+int FileDisk::buffered_pwrite(IoRequest& req, int rwf_flags) {
+  iovec iov{req.buf + req.done_,
+            static_cast<size_t>(std::min<uint64_t>(req.length - req.done_, 1u << 30))};
+  ssize_t n = ::pwritev2(fd_.get(), &iov, 1, static_cast<off_t>(req.offset + req.done_), rwf_flags);
+  return n < 0 ? -errno : static_cast<int>(n);
+}
+
+int FileDisk::fill_extents(IoRequest& req) {
+  req.extents.clear();
+  auto ext = block_status(req.offset, req.length, req.max_extents);
+  if (!ext.ok()) {
+    spdlog::debug("disk {}: block status: {}", name(), ext.status().ToString());
+    return -EIO;
+  }
+  req.extents = std::move(ext).value();
+  return 0;
 }
 
 void FileDisk::on_completion(Reactor& reactor, IoRequest& req, int res) {
@@ -293,6 +332,7 @@ void FileDisk::on_completion(Reactor& reactor, IoRequest& req, int res) {
       if (req.done_ < req.length) return issue(reactor, req);
       return finish(reactor, req, 0);
     case IoKind::kFlush:
+    case IoKind::kBlockStatus:
       return finish(reactor, req, res < 0 ? res : 0);
     case IoKind::kCache:
       // Read-ahead is advisory: a filesystem that cannot do it has still served the request.

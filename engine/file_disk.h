@@ -6,7 +6,9 @@
 // same file (Linux keeps the two coherent), so unaligned clients just work.
 // FUA writes carry RWF_DSYNC; FLUSH is fdatasync. Trim punches holes, write
 // zeroes uses fallocate(ZERO_RANGE / PUNCH_HOLE), falling back to writing
-// zeroes where the filesystem cannot.
+// zeroes where the filesystem cannot. Buffered writes to a regular file and
+// block status (lseek) may block in the kernel, so they run on the disk's
+// BlockingWorker, never on a reactor thread (see FileDisk::issue).
 //
 // Every mutating request passes through one point (start_mutation) so change
 // tracking can make its dirty bits durable before the data write is issued.
@@ -16,11 +18,12 @@
 
 #include <memory>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
-#include <string>
 
 #include "engine/block_device.h"
+#include "engine/blocking_worker.h"
 #include "engine/change_tracker.h"
 #include "engine/disk_snapshot.h"
 
@@ -90,6 +93,9 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   void finish(Reactor& reactor, IoRequest& req, int result);
   void complete_mutation(IoRequest& req, int result);
   int fd_for(const IoRequest& req) const;
+  void issue_buffered_write(Reactor& reactor, IoRequest& req);
+  int buffered_pwrite(IoRequest& req, int rwf_flags);  // bytes or -errno
+  int fill_extents(IoRequest& req);
 
   FileDiskOptions opts_;
   UniqueFd fd_;         // buffered
@@ -97,7 +103,11 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   bool is_blockdev_ = false;
   uint32_t logical_block_ = 512;
   bool punch_ok_ = true;
-  bool inline_buffered_writes_ = false;  // regular files: see FileDisk::issue
+  // Regular files: runs buffered writes and lseek off the reactors (FileDisk::issue).
+  std::unique_ptr<BlockingWorker> worker_;
+  // Buffered writes may be tried inline with RWF_NOWAIT until the filesystem
+  // refuses (ext4: EOPNOTSUPP); then they all go to worker_.
+  std::atomic<bool> try_nowait_{true};
   std::atomic<bool> zero_range_ok_{true};
   std::atomic<uint64_t> size_{0};
   std::unique_ptr<ChangeTracker> tracker_;

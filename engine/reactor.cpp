@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/thread_role.h"
+
 namespace rpoint {
 
 // Keeps one read armed on the eventfd that post()/stop() write to.
@@ -83,6 +85,7 @@ void Reactor::run_posted() {
 
 void Reactor::run() {
   loop_thread_.store(std::this_thread::get_id());
+  SetReactorThread(true);  // debug builds check that nothing here blocks
   constexpr unsigned kBatch = 128;
   io_uring_cqe* cqes[kBatch];
   struct Done {
@@ -115,6 +118,7 @@ void Reactor::run() {
   }
   // Give posted work (e.g. shutdown messages) a last chance to run.
   run_posted();
+  SetReactorThread(false);
 }
 
 Result<std::unique_ptr<ReactorPool>> ReactorPool::Create(unsigned threads, unsigned queue_depth) {

@@ -327,9 +327,6 @@ bool Connection::handle_request(const Request& r) {
       payload_left_ = r.length;
       rstate_ = RecvState::kPayload;
       return true;
-    case kCmdBlockStatus:
-      do_block_status(s);
-      return true;
     case kCmdCache:
       if (!caps_.can_cache) {
         reply_ok(s);  // a hint: succeeding without caching is allowed
@@ -394,6 +391,11 @@ void Connection::submit(Slot* s) {
     case kCmdTrim: s->kind = IoKind::kTrim; break;
     case kCmdCache: s->kind = IoKind::kCache; break;
     case kCmdWriteZeroes: s->kind = IoKind::kWriteZeroes; break;
+    case kCmdBlockStatus:
+      // The device answers off this thread when it must (SQLite, lseek).
+      s->kind = IoKind::kBlockStatus;
+      s->max_extents = (r.flags & kCmdFlagReqOne) ? 1 : limits_.max_extents;
+      break;
     default:
       reply_error(s, kEinval, "unknown command");
       return;
@@ -417,6 +419,7 @@ void Connection::on_io_done(Slot* s, int result) {
     if (IsMutation(r.type)) ++mutations_;
     if (r.type == kCmdFlush) flushed_mutations_ = std::max(flushed_mutations_, s->flush_mark);
   }
+  if (r.type == kCmdBlockStatus) return reply_block_status(s, result);
   if (r.type == kCmdWrite && !s->data_buf.empty()) {
     // The payload is on its way to disk; its buffer can serve the next request.
     buffer_bytes_ -= s->data_buf.capacity();
@@ -434,16 +437,15 @@ void Connection::on_io_done(Slot* s, int result) {
   }
 }
 
-void Connection::do_block_status(Slot* s) {
+void Connection::reply_block_status(Slot* s, int result) {
   const Request& r = s->req;
   const bool one = r.flags & kCmdFlagReqOne;
-  auto extents = use_->block_status(r.offset, r.length, one ? 1 : limits_.max_extents);
   std::string& p = s->extra;
   p.resize(4);
   Put32(p.data(), exp_.base_allocation_id);
   uint64_t covered = 0;
-  if (extents.ok()) {
-    for (const Extent& e : *extents) {
+  if (result == 0) {
+    for (const Extent& e : s->extents) {
       // Descriptors never reach past the request: REQ_ONE forbids it and the
       // 32-bit length field could not hold more anyway.
       uint64_t len = std::min<uint64_t>(e.length, r.length - covered);
@@ -456,7 +458,7 @@ void Connection::do_block_status(Slot* s) {
       if (covered == r.length || one) break;
     }
   } else {
-    spdlog::debug("nbd: '{}': block status failed: {}", exp_.name, extents.status().ToString());
+    spdlog::debug("nbd: '{}': block status failed: {}", exp_.name, std::strerror(-result));
   }
   if (covered == 0) {
     // Status 0 ("allocated, contents unknown") is always a safe answer.

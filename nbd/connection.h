@@ -118,7 +118,7 @@ class Connection {
   void release_slot(Slot* s);
   void submit(Slot* s);
   void on_io_done(Slot* s, int result);
-  void do_block_status(Slot* s);
+  void reply_block_status(Slot* s, int result);
 
   // Replies.
   void reply_ok(Slot* s);

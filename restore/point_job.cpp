@@ -14,6 +14,13 @@
 #include "store/point_writer.h"
 
 namespace rpoint {
+namespace {
+
+// How long a finished point waits for pre-cut writes before it keeps their
+// generations instead of retiring them.
+constexpr std::chrono::milliseconds kRetireWait{30000};
+
+}  // namespace
 
 // ---------------------------------------------------------------------------
 // Restore points
@@ -440,8 +447,21 @@ std::optional<JobError> RestoreServiceImpl::create_point(
   }
 
   // The snapshots end (EndSnapshots) before run_create_point records the
-  // point and retires the trackers.
-  for (size_t i = 0; i < n; ++i) to_retire->emplace_back(fdisks[i], snaps[i]->generation());
+  // point and retires the trackers. Retiring waits for writes still in flight
+  // from before the cut (a slow disk); wait for them here, without mu_, so the
+  // control API answers meanwhile. A disk whose writes are still stuck keeps
+  // its generations: the next point copies a superset of its changes.
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t gen = snaps[i]->generation();
+    if (fdisks[i]->tracker()->wait_writes_left(gen, kRetireWait)) {
+      to_retire->emplace_back(fdisks[i], gen);
+    } else {
+      spdlog::warn(
+          "restore point {}/{}: disk {}: writes from before the cut still in flight "
+          "after {} s; its tracked changes stay for the next point",
+          rec.collection, rec.name, fdisks[i]->name(), kRetireWait.count() / 1000);
+    }
+  }
   return std::nullopt;
 }
 

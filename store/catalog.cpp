@@ -5,6 +5,7 @@
 
 #include <map>
 
+#include "common/thread_role.h"
 #include "store/macros.h"
 
 namespace rpoint::store {
@@ -129,6 +130,7 @@ class Catalog::Conn {
   }
 
   Status exec(const char* sql) {
+    RPOINT_ASSERT_MAY_BLOCK("SQLite");
     char* err = nullptr;
     int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &err);
     if (rc != SQLITE_OK) {
@@ -139,7 +141,9 @@ class Catalog::Conn {
     return Status::Ok();
   }
 
+  // Every statement starts here: SQLite may read, lock and fsync.
   Result<std::unique_ptr<Stmt>> prepare(const std::string& sql) {
+    RPOINT_ASSERT_MAY_BLOCK("SQLite");
     auto it = stmts_.find(sql);
     if (it == stmts_.end()) {
       sqlite3_stmt* st = nullptr;

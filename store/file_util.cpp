@@ -7,11 +7,13 @@
 #include <cerrno>
 #include <cstdio>
 
+#include "common/thread_role.h"
 #include "common/unique_fd.h"
 
 namespace rpoint::store {
 
 Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what) {
+  RPOINT_ASSERT_MAY_BLOCK("pread");
   auto* p = static_cast<char*>(buf);
   while (len > 0) {
     ssize_t n = ::pread(fd, p, len, static_cast<off_t>(off));

@@ -92,6 +92,7 @@ void PointDevice::submit(Reactor& reactor, IoRequest& req) {
   req.stage_ = 0;
   switch (req.kind) {
     case IoKind::kRead:
+    case IoKind::kBlockStatus:
       break;
     case IoKind::kFlush:
     case IoKind::kCache:
@@ -110,7 +111,8 @@ void PointDevice::submit(Reactor& reactor, IoRequest& req) {
     return;
   }
   std::vector<LeafRef> leaves;
-  if (cached_leaves(req, &leaves)) {
+  // Block status reads tree pages (and maybe SQLite): always the resolver's job.
+  if (req.kind == IoKind::kRead && cached_leaves(req, &leaves)) {
     issue(reactor, req, leaves);
     return;
   }
@@ -202,6 +204,10 @@ void PointDevice::resolver_loop() {
     }
     if (job.req == nullptr) continue;
     IoRequest* req = job.req;
+    if (req->kind == IoKind::kBlockStatus) {
+      answer_block_status(job);
+      continue;
+    }
     const uint64_t cs = reader_->chunk_size();
     uint64_t l0 = (req->offset / cs) >> kFanoutShift;
     uint64_t l1 = ((req->offset + req->length - 1) / cs) >> kFanoutShift;
@@ -233,6 +239,21 @@ void PointDevice::drop_leaf(uint64_t leaf) {
   if (it == cache_.end()) return;
   lru_.erase(it->second.second);
   cache_.erase(it);
+}
+
+void PointDevice::answer_block_status(const Job& job) {
+  IoRequest* req = job.req;
+  req->extents.clear();
+  auto ext = reader_->extents(req->offset, req->length, req->max_extents);
+  int err = 0;
+  if (ext.ok()) {
+    req->extents = std::move(ext).value();
+  } else {
+    spdlog::error("export {}: block status [{}, +{}): {}", name_, req->offset, req->length,
+                  ext.status().ToString());
+    err = EIO;
+  }
+  job.reactor->post([this, reactor = job.reactor, req, err] { finish_async(*reactor, *req, err); });
 }
 
 void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves) {

@@ -8,7 +8,10 @@
 // holes are zero-filled in place). On a miss, the request goes to the device's
 // resolver thread, which walks the tree and the chunk index, fills the cache
 // and posts the request back to its reactor to issue the reads there.
-// block_status() answers from the tree (whole hole subtrees at once).
+// block_status() answers from the tree (whole hole subtrees at once); a
+// kBlockStatus request runs it on the resolver thread and posts the answer
+// back. Debug builds abort if SQLite or a pack/page read ever runs on a
+// reactor thread (common/thread_role.h).
 //
 // Every chunk is read whole and its SHA-256 checked when the reads complete
 // (on the reactor: ~40 us per 64 KiB with SHA-NI); a chunk covered only in
@@ -104,6 +107,7 @@ class PointDevice final : public BlockDevice {
   bool cached_leaves(const IoRequest& req, std::vector<LeafRef>* out);
   Result<LeafRef> resolve_leaf(uint64_t leaf);
   void resolver_loop();
+  void answer_block_status(const Job& job);
   void issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves);
   void finish_async(Reactor& reactor, IoRequest& req, int err);
   void finish(IoRequest& req);

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <functional>
 
+#include "common/thread_role.h"
 #include "store/file_util.h"
 #include "store/macros.h"
 #include "store/point_reader.h"
@@ -181,6 +182,8 @@ Result<std::shared_ptr<const Page>> Store::read_page_uncached(const Digest& d) {
 }
 
 Result<std::shared_ptr<const Page>> Store::load_page(const Digest& d) {
+  // Even a cache hit: whether a page is cached is luck, so no reactor may ask.
+  RPOINT_ASSERT_MAY_BLOCK("tree page");
   if (d.is_zero()) return ZeroPage();
   if (auto p = pages_.get(d)) return p;
   STORE_ASSIGN_OR_RETURN(auto p, read_page_uncached(d));

@@ -107,6 +107,40 @@ TEST_CASE("change tracker: first write to a block pays one sync, later writes no
   CHECK_FALSE(t->all_since_creation());
 }
 
+TEST_CASE("change tracker: retirement sleeps until the old epoch's writes leave") {
+  TempDir tmp;
+  auto t = ChangeTracker::Open({(tmp.path / "track").string(), kGran, 64 * kGran});
+  REQUIRE(t.ok());
+  ChangeTracker& ct = *t.value();
+  uint64_t ticket = ct.enter();  // a write in flight across the cut
+  auto frozen = ct.flip();
+  REQUIRE(frozen.ok());
+  REQUIRE(ticket == frozen.value());
+  uint64_t later = ct.enter();  // a write of the new epoch does not hold retirement
+  CHECK_FALSE(ct.wait_writes_left(frozen.value(), std::chrono::milliseconds(50)));
+  CHECK(ct.waiting_for_writes() == 0);
+  // The last leave() of the epoch wakes the waiter at once (no polling).
+  std::atomic<bool> retired{false};
+  std::thread retirer([&] {
+    CHECK(ct.retire_through(frozen.value()).ok());
+    retired.store(true);
+  });
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (ct.waiting_for_writes() == 0) {
+    REQUIRE(std::chrono::steady_clock::now() < until);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK_FALSE(retired.load());
+  auto left_at = std::chrono::steady_clock::now();
+  ct.leave(ticket);
+  retirer.join();
+  CHECK(retired.load());
+  CHECK(std::chrono::steady_clock::now() - left_at < std::chrono::seconds(5));
+  CHECK(ct.wait_writes_left(frozen.value(), std::chrono::milliseconds(0)));
+  ct.leave(later);
+}
+
 TEST_CASE("change tracker: a failed point keeps its generation; reopen recovers everything") {
   TempDir tmp;
   fs::path img = tmp.path / "disk.img";

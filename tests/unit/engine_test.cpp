@@ -5,7 +5,11 @@
 // tmpfs without O_DIRECT or hole reporting on older kernels).
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/thread_role.h"
 #include "engine/block_device.h"
 #include "engine/file_disk.h"
 #include "engine/reactor.h"
@@ -597,6 +602,93 @@ TEST_SUITE("file_disk") {
     CHECK(small->front().flags == 0);
 
     CHECK_FALSE(disk->block_status(size, 4096, 8).ok());
+  }
+
+  TEST_CASE("kBlockStatus requests answer like block_status(), through the ring") {
+    const uint64_t size = 8 * kMiB;
+    TempFile f(size);
+    std::vector<char> data(256 * 1024, 'd');
+    f.pwrite(2 * kMiB, data.data(), data.size());
+    auto disk = open_disk(f);
+    LoopThread loop;
+    for (size_t max : {size_t(1), size_t(64)}) {
+      TestIo io(IoKind::kBlockStatus, 0, size);
+      io.max_extents = max;
+      submit(loop, *disk, io);
+      REQUIRE(io.wait() == 0);
+      CHECK_FALSE(io.inside_submit);
+      auto want = disk->block_status(0, size, max);
+      REQUIRE(want.ok());
+      REQUIRE(io.extents.size() == want->size());
+      for (size_t i = 0; i < want->size(); ++i) {
+        CHECK(io.extents[i].length == (*want)[i].length);
+        CHECK(io.extents[i].flags == (*want)[i].flags);
+      }
+    }
+    TestIo oor(IoKind::kBlockStatus, size, 4096);
+    oor.max_extents = 8;
+    submit(loop, *disk, oor);
+    CHECK(oor.wait() == -EINVAL);
+  }
+
+  TEST_CASE("a buffered write stuck in the kernel does not stall the reactor") {
+    // The write's source page is registered with userfaultfd and missing, so
+    // the kernel's copy into the page cache sleeps in the fault until the test
+    // supplies the page: a real pwrite that blocks, as dirty throttling would.
+    // A read on the same reactor must complete meanwhile.
+    TempFile f(4 * kMiB);
+    auto disk = open_disk(f);  // buffered
+    LoopThread loop;
+    UniqueFd uffd(static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK)));
+    REQUIRE_MESSAGE(uffd.valid(), "userfaultfd: " << std::strerror(errno));
+    uffdio_api api{};
+    api.api = UFFD_API;
+    REQUIRE(::ioctl(uffd.get(), UFFDIO_API, &api) == 0);
+    const size_t page = 4096;
+    void* mem = ::mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(mem != MAP_FAILED);
+    uffdio_register reg{};
+    reg.range.start = reinterpret_cast<uintptr_t>(mem);
+    reg.range.len = page;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    REQUIRE(::ioctl(uffd.get(), UFFDIO_REGISTER, &reg) == 0);
+
+    TestIo write(IoKind::kWrite, 0, page, static_cast<char*>(mem));
+    write.reactor = &loop.reactor();
+    auto rbuf = aligned_buf(page);
+    TestIo read(IoKind::kRead, kMiB, page, rbuf.get());
+    read.reactor = &loop.reactor();
+    // Posted without waiting: on a reactor that blocks, post() would not return.
+    loop.reactor().post([&] { disk->submit(loop.reactor(), write); });
+    loop.reactor().post([&] { disk->submit(loop.reactor(), read); });
+    auto read_done = std::async(std::launch::async, [&] { return read.wait(); });
+    bool served = read_done.wait_for(5s) == std::future_status::ready;
+    CHECK_MESSAGE(served, "a read waited behind a blocked buffered write on the reactor");
+
+    // Supply the page: the write completes with its data.
+    alignas(4096) static char src[4096];
+    std::memset(src, 'W', sizeof src);
+    uffdio_copy copy{};
+    copy.dst = reinterpret_cast<uintptr_t>(mem);
+    copy.src = reinterpret_cast<uintptr_t>(src);
+    copy.len = page;
+    REQUIRE(::ioctl(uffd.get(), UFFDIO_COPY, &copy) == 0);
+    CHECK(write.wait() == 0);
+    CHECK(read_done.get() == 0);
+    CHECK(write.on_loop_thread);
+    CHECK_FALSE(write.inside_submit);
+    auto got = f.pread(0, page);
+    CHECK(std::all_of(got.begin(), got.end(), [](char c) { return c == 'W'; }));
+    ::munmap(mem, page);
+  }
+
+  TEST_CASE("reactor threads are marked; other threads are not") {
+    CHECK_FALSE(OnReactorThread());
+    LoopThread loop;
+    bool marked = false;
+    loop.call([&] { marked = OnReactorThread(); });
+    CHECK(marked);
+    CHECK_FALSE(OnReactorThread());
   }
 
   TEST_CASE("out-of-range requests fail with -EINVAL and touch nothing") {

@@ -23,6 +23,7 @@
 #include <thread>
 
 #include "control/disk_service.h"
+#include "engine/change_tracker.h"
 #include "engine/file_disk.h"
 #include "engine/reactor.h"
 #include "restore/hooks.h"
@@ -271,6 +272,48 @@ TEST_CASE("restore points: a write after the cut stays out of the point (copy-be
   auto rp2 = e.create_point("c", "rp2");
   CHECK(Dp(rp2, "a").blocks_to_copy == 2);
   CHECK(e.point("c", "rp2", "a") == e.file("a"));
+}
+
+TEST_CASE("restore points: a write in flight across the cut does not stall the control API") {
+  Env e;
+  e.make_disk("a", 2 * kMiB);
+  e.write("a", 0, kGran, 'x');
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "local").ok());
+  auto disk = e.disks->file_disk("a");
+  REQUIRE(disk);
+  ChangeTracker* t = disk->tracker();
+  // A mutation that entered before the cut and has not completed (a write
+  // stuck in a slow disk) holds its epoch ticket; the point must wait for it
+  // before retiring that epoch's generation.
+  uint64_t ticket = t->enter();
+  auto s = e.rs->create_restore_point("c", "rp1", {}, "");
+  REQUIRE(s.ok());
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (t->waiting_for_writes() == 0) {
+    REQUIRE(std::chrono::steady_clock::now() < until);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  // The control API answers while the point waits.
+  auto get = std::async(std::launch::async, [&] { return e.rs->get_restore_point("c", "rp1"); });
+  auto list = std::async(std::launch::async, [&] { return e.rs->list_restore_points("c"); });
+  bool got_answer = get.wait_for(std::chrono::seconds(3)) == std::future_status::ready;
+  bool list_answer = list.wait_for(std::chrono::seconds(3)) == std::future_status::ready;
+  CHECK_MESSAGE(got_answer, "GET of a point stalled behind its tracker retirement");
+  CHECK_MESSAGE(list_answer, "list of points stalled behind a tracker retirement");
+  t->leave(ticket);
+  auto during = get.get();
+  REQUIRE(during.ok());
+  if (got_answer) CHECK(during->provisioning_state == "Creating");
+  REQUIRE(list.get().ok());
+  auto op = e.wait(s->operation_id);
+  CHECK_MESSAGE(op.status == "Succeeded", op.error_code << ": " << op.error_message);
+  // The generation was retired once the write left: the next point is
+  // incremental and copies only the new change.
+  e.write("a", 10 * kGran, 4096, 'y');
+  auto rp2 = e.create_point("c", "rp2");
+  CHECK_FALSE(Dp(rp2, "a").full);
+  CHECK(Dp(rp2, "a").blocks_to_copy == 1);
 }
 
 TEST_CASE("restore points: validation, excluded and shared disks, freeze failure") {

@@ -14,9 +14,11 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <memory>
 #include <random>
@@ -24,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/thread_role.h"
 #include "common/unique_fd.h"
 #include "engine/block_device.h"
 #include "engine/reactor.h"
@@ -1211,6 +1214,26 @@ TEST_CASE("store: PointDevice serves a point through a Reactor, reading back exa
   }
   auto ex = Take(dev->block_status(0, im.size(), 1000));
   CHECK(SameExtents(ex, ModelExtents(im)));
+  // BLOCK_STATUS from a reactor: answered by the resolver thread (the tree
+  // walk never runs on the reactor; debug builds would abort there).
+  {
+    Io bs(IoKind::kBlockStatus, 0, im.size(), nullptr);
+    bs.max_extents = 1000;
+    Submit(loop, *dev, bs);
+    CHECK(bs.wait() == 0);
+    CHECK(!bs.inside_submit);
+    CHECK(SameExtents(bs.extents, ex));
+    Io one(IoKind::kBlockStatus, im.cs, 10, nullptr);
+    one.max_extents = 1;
+    Submit(loop, *dev, one);
+    CHECK(one.wait() == 0);
+    REQUIRE(one.extents.size() == 1);
+    CHECK(one.extents[0].length == 10);
+    Io oor(IoKind::kBlockStatus, im.size(), 4096, nullptr);
+    oor.max_extents = 8;
+    Submit(loop, *dev, oor);
+    CHECK(oor.wait() == -EINVAL);
+  }
   auto ex1 = Take(dev->block_status(im.cs, 10, 1));
   REQUIRE(ex1.size() == 1);
   CHECK(ex1[0].length == 10);
@@ -1270,5 +1293,41 @@ TEST_CASE("store: PointDevice fails a read of a damaged chunk with EIO, reads it
   REQUIRE(read(0, im.size(), &got) == 0);
   CHECK(std::memcmp(got.data(), im.bytes.data(), im.size()) == 0);
 }
+
+#ifndef NDEBUG
+// Runs fn in a child process marked as a reactor thread; true if it aborted.
+bool AbortsOnReactor(const std::function<void()>& fn) {
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    alarm(20);  // a hang is a failure, not an abort
+    // doctest's crash report of this child is expected noise: silence it.
+    int null = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    dup2(null, 1);
+    dup2(null, 2);
+    SetReactorThread(true);
+    fn();
+    _exit(0);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+}
+
+TEST_CASE("store: debug builds abort when a reactor thread reaches SQLite or a tree page") {
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  Image im(300 * 16384, 16384);
+  for (uint64_t s = 0; s < im.slots(); s += 3) im.random_slot(s, 77 + s);
+  auto p = Commit(*st, 0, im, AllSlots(im));
+  auto dev = Take(PointDevice::Create(Take(st->open_point(p.id)), "rp-guard", 64));
+  // Fine off the reactors.
+  CHECK(dev->block_status(0, im.size(), 100).ok());
+  CHECK(st->point(p.id).ok());
+  // The synchronous paths a reactor must never take (the old BLOCK_STATUS did).
+  CHECK(AbortsOnReactor([&] { (void)dev->block_status(0, im.size(), 100); }));
+  CHECK(AbortsOnReactor([&] { (void)st->point(p.id); }));
+}
+#endif
 
 }  // namespace rpoint::store
