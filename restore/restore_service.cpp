@@ -214,6 +214,29 @@ Status RestoreServiceImpl::recover() {
     auto imp = import_manifests_locked(r.name, &imported_collections);
     if (!imp.ok()) return imp.status();
   }
+  // Succeeded points without a manifest (made before regions kept them):
+  // write it now, so the region is portable from here on.
+  {
+    auto all = db_->list_points("");
+    if (!all.ok()) return all.status();
+    std::map<std::string, std::set<std::string>> have;  // region -> manifest names
+    for (const auto& [region, st] : stores_) {
+      auto ms = st->manifests();
+      if (!ms.ok()) return ms.status();
+      for (const auto& [name, text] : ms.value()) have[region].insert(name);
+    }
+    for (const auto& p : all.value()) {
+      if (p.provisioning_state != "Succeeded") continue;
+      auto c = db_->get_collection(p.collection);
+      if (!c.ok() || !c.value()) continue;
+      auto st = store_of(c.value()->region);
+      std::string name = ManifestName(p.collection, p.name);
+      if (!st || have[c.value()->region].count(name)) continue;
+      Status m = st->put_manifest(name, EncodeManifest(*c.value(), p));
+      if (!m.ok()) spdlog::warn("restore point {}/{}: {}", p.collection, p.name, m.ToString());
+    }
+  }
+
   // Store points no record names. Deleted only when they are provably this
   // daemon's own leftovers (unnamed_store_points_locked); anything else may be
   // someone's data the metadata does not know, and waits for an operator's

@@ -98,6 +98,14 @@ def test_lost_store_db_is_rebuilt_and_nothing_is_deleted(daemon, tmp_path):
     nbd_write(daemon.nbd_uri("a"), [(0, b"y" * 65536)])
     daemon.create_restore_point("c", "rp3")
     assert daemon.disk_restore_point("c", "rp3", "a")["properties"]["incremental"]
+    # Manifests missing (a region from before they existed) are written at start.
+    manifests = os.path.join(region, "manifests")
+    assert sorted(os.listdir(manifests)) == ["c~rp1.json", "c~rp2.json", "c~rp3.json"]
+    daemon.stop()
+    for m in os.listdir(manifests):
+        os.unlink(os.path.join(manifests, m))
+    daemon.start()
+    assert sorted(os.listdir(manifests)) == ["c~rp1.json", "c~rp2.json", "c~rp3.json"]
 
 
 def test_fresh_metadata_db_imports_the_region(daemon, tmp_path):
