@@ -1,5 +1,5 @@
 // rpoint collection create|list|show|delete, rpoint restore-point
-// create|list|show|delete|verify, rpoint region list.
+// create|list|show|delete|verify, rpoint region list|repair|gc.
 #include <ostream>
 
 #include "cli/command.h"
@@ -59,6 +59,35 @@ int RegionList(Context& ctx, const po::variables_map&) {
     t.add({Str(g, "name"), Str(p, "default") == "true" ? "yes" : "", Str(p, "path")});
   }
   t.print(ctx.out);
+  return kExitOk;
+}
+
+// region repair NAME / region gc NAME [--orphans]: synchronous, a JSON result.
+void PrintRegionResult(Context& ctx, const json& r) {
+  if (ctx.output == OutputFormat::kJson) return PrintJson(ctx, r);
+  std::vector<std::pair<std::string, std::string>> fields;
+  for (const auto& [k, v] : r.items()) {
+    fields.emplace_back(k, v.is_string() ? v.get<std::string>() : v.dump());
+  }
+  PrintFields(ctx.out, fields);
+}
+
+int RegionRepair(Context& ctx, const po::variables_map& vm) {
+  HttpReply r;
+  int rc;
+  std::string path = "/regions/" + Escape(Arg(vm, "name")) + "/repair";
+  if (!Call(ctx, "POST", path, json::object(), &r, &rc)) return rc;
+  PrintRegionResult(ctx, r.json.value_or(json::object()));
+  return kExitOk;
+}
+
+int RegionGc(Context& ctx, const po::variables_map& vm) {
+  HttpReply r;
+  int rc;
+  std::string path = "/regions/" + Escape(Arg(vm, "name")) + "/gc";
+  if (vm.count("orphans")) path += "?orphans=true";
+  if (!Call(ctx, "POST", path, json::object(), &r, &rc)) return rc;
+  PrintRegionResult(ctx, r.json.value_or(json::object()));
   return kExitOk;
 }
 
@@ -401,6 +430,21 @@ void AddRestorePointCommands(std::vector<Command>& table) {
 
   table.push_back(
       {"region", "list", "", "list the restore point stores (regions)", NoArgs, RegionList});
+  table.push_back({"region", "repair", "NAME",
+                   "re-index a region from its pack files and import the restore points it "
+                   "holds (deletes nothing)",
+                   DeclareName, RegionRepair});
+  table.push_back({"region", "gc", "NAME [--orphans]",
+                   "collect garbage in a region now; --orphans also deletes store points no "
+                   "restore point names and pack files the index cannot use",
+                   [](po::options_description& o, po::options_description& h,
+                      po::positional_options_description& p) {
+                     DeclareName(o, h, p);
+                     o.add_options()("orphans",
+                                     "also delete data no restore point names (explicit: this "
+                                     "is never done on its own)");
+                   },
+                   RegionGc});
 }
 
 }  // namespace rpoint::cli

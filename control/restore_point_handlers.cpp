@@ -52,6 +52,43 @@ HttpResponse ListRegions(RestoreService& svc, const RequestContext&) {
   return ListResponse(std::move(value));
 }
 
+// POST /regions/{region}/repair: re-index the region from its files and
+// import the restore points its manifests hold. Synchronous; JSON result.
+HttpResponse RepairRegion(RestoreService& svc, const RequestContext& ctx) {
+  HttpResponse err;
+  if (!ValidNames(ctx, &err)) return err;
+  json body;
+  if (!ReadActionBody(ctx, &body, &err)) return err;
+  if (!body.empty()) {
+    return ErrorResponse(Status::InvalidArgument("repair takes no request body fields"));
+  }
+  auto r = svc.repair_region(ctx.params[0]);
+  if (!r.ok()) return ErrorResponse(r.status());
+  return JsonResponse(200, ojson::parse(r.value().dump()));
+}
+
+// POST /regions/{region}/gc[?orphans=true]: a GC pass now; with orphans=true
+// also deletes store points no restore point names and unusable pack files.
+HttpResponse GcRegion(RestoreService& svc, const RequestContext& ctx) {
+  HttpResponse err;
+  if (!ValidNames(ctx, &err)) return err;
+  json body;
+  if (!ReadActionBody(ctx, &body, &err)) return err;
+  if (!body.empty())
+    return ErrorResponse(Status::InvalidArgument("gc takes no request body fields"));
+  bool orphans = false;
+  if (const std::string* v = ctx.target.query_param("orphans")) {
+    if (*v != "true" && *v != "false") {
+      return ErrorResponse(400, "InvalidQueryParameter",
+                           "query parameter 'orphans' must be 'true' or 'false', got '" + *v + "'");
+    }
+    orphans = *v == "true";
+  }
+  auto r = svc.gc_region(ctx.params[0], orphans);
+  if (!r.ok()) return ErrorResponse(r.status());
+  return JsonResponse(200, ojson::parse(r.value().dump()));
+}
+
 // ---- collections ----
 
 HttpResponse PutCollection(RestoreService& svc, const RequestContext& ctx) {
@@ -414,6 +451,8 @@ void AddRestorePointRoutes(Router& router, RestoreService& restore) {
   const std::string c = "/restorePointCollections";
   const std::string rp = c + "/{collection}/restorePoints/{restorePoint}";
   router.add("GET", "/regions", bind(ListRegions));
+  router.add("POST", "/regions/{region}/repair", bind(RepairRegion));
+  router.add("POST", "/regions/{region}/gc", bind(GcRegion), {"orphans"});
   router.add("GET", c, bind(ListCollections));
   router.add("GET", c + "/{collection}", bind(GetCollection), {"$expand"});
   router.add("PUT", c + "/{collection}", bind(PutCollection));

@@ -10,6 +10,7 @@
 #include "engine/cut.h"
 #include "engine/file_disk.h"
 #include "restore/hooks.h"
+#include "restore/manifest.h"
 #include "restore/restore_service_impl.h"
 #include "store/point_writer.h"
 
@@ -178,6 +179,21 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>> to_retire;
   std::optional<JobError> err = create_point(rec, vm, region, *prog, &to_retire);
   auto st = store_of(region);
+  if (!err && st) {
+    // The region's own record of the point (restore/manifest.h), after every
+    // store commit and before the transaction that makes it Succeeded: a
+    // crash in between leaves it Creating here, and Open removes it.
+    std::optional<CollectionRecord> coll;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto c = db_->get_collection(rec.collection);
+      if (c.ok()) coll = c.value();
+    }
+    Status m =
+        coll ? st->put_manifest(ManifestName(rec.collection, rec.name), EncodeManifest(*coll, rec))
+             : Status::NotFound("collection '" + rec.collection + "' is gone");
+    if (!m.ok()) err = JobError{"InternalError", "writing the point's manifest: " + m.message()};
+  }
   if (err) {
     spdlog::error("restore point {}/{}: failed: {}: {}", rec.collection, rec.name, err->code,
                   err->message);

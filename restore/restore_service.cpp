@@ -19,6 +19,7 @@
 
 #include "control/disk_files.h"
 #include "control/disk_service.h"
+#include "restore/manifest.h"
 #include "restore/restore_db.h"
 #include "restore/restore_service_impl.h"
 #include "store/point_device.h"
@@ -167,6 +168,7 @@ Status RestoreServiceImpl::recover() {
       // Disk points a writer committed before the crash are not part of any
       // Succeeded point: give their space back.
       auto st = store_of(region_of[p.collection]);
+      if (st) (void)st->remove_manifest(ManifestName(p.collection, p.name));
       for (auto& d : p.disk_restore_points) {
         if (d.store_point && st) (void)st->delete_point(d.store_point);
         d.store_point = 0;
@@ -186,6 +188,7 @@ Status RestoreServiceImpl::recover() {
       for (const auto& b : retained.value()) {
         if (b.collection == p.collection) keep.insert(b.store_point);
       }
+      if (st) (void)st->remove_manifest(ManifestName(p.collection, p.name));
       for (auto& d : p.disk_restore_points) {
         if (d.store_point && st && !keep.count(d.store_point)) {
           (void)st->delete_point(d.store_point);
@@ -204,34 +207,288 @@ Status RestoreServiceImpl::recover() {
   // no longer named below, so the next loop deletes them.
   (void)sweep_retained_locked();
 
-  // Store points no record names: committed by a job that crashed before its
-  // final transaction recorded them, or bases released just before a crash.
-  // They would pin their chunks forever. Retained bases count as named.
-  auto after = db_->list_points("");
-  if (!after.ok()) return after.status();
-  std::map<std::string, std::set<uint64_t>> named;  // region -> store points
-  for (const auto& p : after.value()) {
-    for (const auto& d : p.disk_restore_points) {
-      if (d.store_point) named[region_of[p.collection]].insert(d.store_point);
+  // Points a region holds (its manifests) that this metadata.db does not know:
+  // a lost or fresh metadata.db, or a region copied from another host.
+  std::set<std::string> imported_collections;
+  for (const auto& r : regions_) {
+    auto imp = import_manifests_locked(r.name, &imported_collections);
+    if (!imp.ok()) return imp.status();
+  }
+  // Succeeded points without a manifest (made before regions kept them):
+  // write it now, so the region is portable from here on.
+  {
+    auto all = db_->list_points("");
+    if (!all.ok()) return all.status();
+    std::map<std::string, std::set<std::string>> have;  // region -> manifest names
+    for (const auto& [region, st] : stores_) {
+      auto ms = st->manifests();
+      if (!ms.ok()) return ms.status();
+      for (const auto& [name, text] : ms.value()) have[region].insert(name);
+    }
+    for (const auto& p : all.value()) {
+      if (p.provisioning_state != "Succeeded") continue;
+      auto c = db_->get_collection(p.collection);
+      if (!c.ok() || !c.value()) continue;
+      auto st = store_of(c.value()->region);
+      std::string name = ManifestName(p.collection, p.name);
+      if (!st || have[c.value()->region].count(name)) continue;
+      Status m = st->put_manifest(name, EncodeManifest(*c.value(), p));
+      if (!m.ok()) spdlog::warn("restore point {}/{}: {}", p.collection, p.name, m.ToString());
     }
   }
-  auto retained = db_->retained_bases();
-  if (!retained.ok()) return retained.status();
-  for (const auto& b : retained.value()) named[region_of[b.collection]].insert(b.store_point);
+
+  // Store points no record names. Deleted only when they are provably this
+  // daemon's own leftovers (unnamed_store_points_locked); anything else may be
+  // someone's data the metadata does not know, and waits for an operator's
+  // `rpoint region gc NAME --orphans`.
   for (const auto& [region, st] : stores_) {
-    auto points = st->list_points();
-    if (!points.ok()) return points.status();
-    size_t dropped = 0;
-    for (const auto& sp : points.value()) {
-      if (named[region].count(sp.id)) continue;
-      spdlog::warn("region {}: deleting store point {} ({}): no restore point names it", region,
-                   sp.id, sp.tag);
-      Status d = st->delete_point(sp.id);
-      if (d.ok()) ++dropped;
+    auto unnamed = unnamed_store_points_locked(region, imported_collections);
+    if (!unnamed.ok()) return unnamed.status();
+    size_t dropped = 0, kept = 0;
+    for (const auto& [sp, leftover] : unnamed.value()) {
+      if (!leftover) {
+        ++kept;
+        continue;
+      }
+      spdlog::warn(
+          "region {}: deleting store point {} ({}): left by a point that failed or was "
+          "deleted",
+          region, sp.id, sp.tag);
+      if (st->delete_point(sp.id).ok()) ++dropped;
+    }
+    if (kept) {
+      spdlog::warn(
+          "region {}: {} store point(s) no restore point names are kept; "
+          "`rpoint region gc {} --orphans` deletes them",
+          region, kept, region);
     }
     if (dropped) gc_at_start_.push_back(region);
   }
   return Status::Ok();
+}
+
+Result<std::vector<std::pair<store::PointInfo, bool>>>
+RestoreServiceImpl::unnamed_store_points_locked(const std::string& region,
+                                                const std::set<std::string>& imported) {
+  auto st = store_of(region);
+  if (!st) return Status::NotFound("region '" + region + "' not found");
+  std::map<std::string, std::string> region_of;
+  auto colls = db_->list_collections();
+  if (!colls.ok()) return colls.status();
+  for (const auto& c : colls.value()) region_of[c.name] = c.region;
+  auto points = db_->list_points("");
+  if (!points.ok()) return points.status();
+  std::set<uint64_t> named;
+  std::map<std::string, std::string> state;  // "c/rp" -> provisioning state
+  for (const auto& p : points.value()) {
+    state[p.collection + "/" + p.name] = p.provisioning_state;
+    if (region_of[p.collection] != region) continue;
+    for (const auto& d : p.disk_restore_points) {
+      if (d.store_point) named.insert(d.store_point);
+    }
+  }
+  auto retained = db_->retained_bases();
+  if (!retained.ok()) return retained.status();
+  for (const auto& b : retained.value()) {
+    if (region_of[b.collection] == region) named.insert(b.store_point);
+  }
+  std::set<std::string> manifests;
+  auto ms = st->manifests();
+  if (!ms.ok()) return ms.status();
+  for (const auto& [name, text] : ms.value()) manifests.insert(name);
+  auto sps = st->list_points();
+  if (!sps.ok()) return sps.status();
+  std::vector<std::pair<store::PointInfo, bool>> out;
+  for (const auto& sp : sps.value()) {
+    if (named.count(sp.id)) continue;
+    // Tag = /restorePointCollections/c/restorePoints/rp/diskRestorePoints/d.
+    // Ours to delete: a collection this metadata.db already had in this
+    // region, whose point rp failed (the job committed it, then failed or
+    // was interrupted) or is gone from both metadata.db and the region's
+    // manifests (deleted; a released tracking base).
+    bool leftover = false;
+    auto parts = Split(sp.tag, '/');
+    if (parts.size() == 7 && parts[1] == "restorePointCollections" && parts[3] == "restorePoints" &&
+        parts[5] == "diskRestorePoints" && region_of.count(parts[2]) &&
+        region_of[parts[2]] == region && !imported.count(parts[2])) {
+      auto it = state.find(parts[2] + "/" + parts[4]);
+      bool in_manifest = manifests.count(ManifestName(parts[2], parts[4])) > 0;
+      leftover = (it == state.end() && !in_manifest) ||
+                 (it != state.end() && (it->second == "Failed" || it->second == "Deleting"));
+    }
+    out.emplace_back(sp, leftover);
+  }
+  return out;
+}
+
+Result<std::vector<std::string>> RestoreServiceImpl::import_manifests_locked(
+    const std::string& region, std::set<std::string>* imported_collections) {
+  auto st = store_of(region);
+  if (!st) return Status::NotFound("region '" + region + "' not found");
+  auto ms = st->manifests();
+  if (!ms.ok()) return ms.status();
+  std::vector<std::pair<CollectionRecord, RestorePointRecord>> todo;
+  for (const auto& [name, text] : ms.value()) {
+    auto m = DecodeManifest(text);
+    if (!m.ok()) {
+      spdlog::error("region {}: manifest {} not imported: {}", region, name, m.status().ToString());
+      continue;
+    }
+    if (ManifestName(m->first.name, m->second.name) != name) {
+      spdlog::error("region {}: manifest {} names another point; not imported", region, name);
+      continue;
+    }
+    auto known = db_->get_point(m->first.name, m->second.name);
+    if (!known.ok()) return known.status();
+    if (known.value()) continue;
+    todo.push_back(std::move(m).value());
+  }
+  // In creation order, so the collection lists them as they were made.
+  std::sort(todo.begin(), todo.end(), [](const auto& a, const auto& b) {
+    return a.second.time_created < b.second.time_created;
+  });
+  std::vector<std::string> out;
+  for (auto& [c, p] : todo) {
+    std::string id = PointId(c.name, p.name);
+    Status valid = ValidateResourceName("collection", c.name);
+    if (valid.ok()) valid = ValidateResourceName("restore point", p.name);
+    if (!valid.ok()) {
+      spdlog::error("region {}: {} not imported: {}", region, id, valid.ToString());
+      continue;
+    }
+    auto have = db_->get_collection(c.name);
+    if (!have.ok()) return have.status();
+    if (have.value() && have.value()->region != region) {
+      spdlog::error("region {}: {} not imported: collection {} is in region {}", region, id, c.name,
+                    have.value()->region);
+      continue;
+    }
+    if (!have.value()) {
+      // Attached by name to its VM: the VM of that name here, if any (a
+      // collection may outlive its VM, so none is fine too).
+      auto other = db_->collection_of_vm(c.source_vm);
+      if (!other.ok()) return other.status();
+      if (other.value()) {
+        spdlog::error("region {}: {} not imported: VM {} already has collection {}", region, id,
+                      c.source_vm, other.value()->name);
+        continue;
+      }
+      c.region = region;
+      Status s = db_->insert_collection(c);
+      if (!s.ok()) return s;
+      imported_collections->insert(c.name);
+      spdlog::warn("region {}: collection {} (VM {}) imported from the region", region, c.name,
+                   c.source_vm);
+    }
+    // Succeeded only if the region still holds every disk point's data.
+    for (const auto& d : p.disk_restore_points) {
+      if (d.store_point != 0 && st->point(d.store_point).ok()) continue;
+      p.provisioning_state = "Failed";
+      p.error_code = "Incomplete";
+      p.error_message = "imported from region " + region + ": disk '" + d.disk + "': store point " +
+                        std::to_string(d.store_point) + " is missing";
+    }
+    if (p.provisioning_state != "Succeeded") {
+      for (auto& d : p.disk_restore_points) {
+        if (!st->point(d.store_point).ok()) d.status = "Failed";
+      }
+    }
+    Status s = db_->save_point(p);
+    if (!s.ok()) return s;
+    spdlog::warn("region {}: restore point {} imported ({})", region, id, p.provisioning_state);
+    out.push_back(id);
+  }
+  return out;
+}
+
+Result<nlohmann::json> RestoreServiceImpl::repair_region(const std::string& region) {
+  auto st = store_of(region);
+  if (!st) return Status::NotFound("region '" + region + "' not found");
+  auto rep = st->repair();
+  if (!rep.ok()) return rep.status();
+  std::vector<std::string> imported;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::set<std::string> colls;
+    auto imp = import_manifests_locked(region, &colls);
+    if (!imp.ok()) return imp.status();
+    imported = std::move(imp).value();
+  }
+  const store::RepairReport& r = rep.value();
+  nlohmann::json unreadable = nlohmann::json::array();
+  for (const auto& p : r.packs_unreadable) {
+    unreadable.push_back({{"pack", p.pack}, {"reason", p.reason}});
+  }
+  spdlog::info(
+      "region {}: repair: {} pack(s) re-indexed, {} point(s) and {} restore point(s) "
+      "imported",
+      region, r.packs_indexed, r.points_imported, imported.size());
+  return nlohmann::json{{"region", region},
+                        {"packs", r.packs_on_disk},
+                        {"packsIndexed", r.packs_indexed},
+                        {"objectsIndexed", r.objects_indexed},
+                        {"storePointsImported", r.points_imported},
+                        {"pointFilesWritten", r.point_files_written},
+                        {"storePointsIncomplete", r.points_incomplete},
+                        {"packsUnreadable", unreadable},
+                        {"packsMissing", r.packs_missing},
+                        {"restorePointsImported", imported}};
+}
+
+Result<nlohmann::json> RestoreServiceImpl::gc_region(const std::string& region, bool orphans) {
+  auto st = store_of(region);
+  if (!st) return Status::NotFound("region '" + region + "' not found");
+  uint64_t dropped = 0;
+  if (orphans) {
+    std::vector<store::PointInfo> victims;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // A running job's committed disk points are unnamed until it ends.
+      auto points = db_->list_points("");
+      if (!points.ok()) return points.status();
+      std::map<std::string, std::string> region_of;
+      auto colls = db_->list_collections();
+      if (!colls.ok()) return colls.status();
+      for (const auto& c : colls.value()) region_of[c.name] = c.region;
+      for (const auto& p : points.value()) {
+        if (p.provisioning_state == "Creating" && region_of[p.collection] == region) {
+          return Status::Conflict("restore point " + PointId(p.collection, p.name) +
+                                  " is being created in region '" + region + "'; retry later");
+        }
+      }
+      auto unnamed = unnamed_store_points_locked(region, {});
+      if (!unnamed.ok()) return unnamed.status();
+      for (auto& [sp, leftover] : unnamed.value()) victims.push_back(sp);
+      // Deleted under mu_, so no point job can start and name one meanwhile.
+      for (const auto& sp : victims) {
+        Status s = st->delete_point(sp.id);
+        if (!s.ok() && s.code() != Code::kNotFound) return s;
+        spdlog::warn(
+            "region {}: deleted store point {} ({}): no restore point names it "
+            "(operator request)",
+            region, sp.id, sp.tag);
+        ++dropped;
+      }
+    }
+  }
+  auto g = st->collect_garbage();
+  if (!g.ok()) return g.status();
+  store::OrphanReport o;
+  if (orphans) {
+    auto r = st->delete_unindexed_packs();
+    if (!r.ok()) return r.status();
+    o = r.value();
+  }
+  return nlohmann::json{{"region", region},
+                        {"orphans", orphans},
+                        {"storePointsDeleted", dropped},
+                        {"objectsDeleted", g->objects_deleted},
+                        {"packsDeleted", g->packs_deleted + o.packs_deleted},
+                        {"packsRepacked", g->packs_repacked},
+                        {"unindexedPacksDeleted", o.packs_deleted},
+                        {"packBytesBefore", g->pack_bytes_before},
+                        {"packBytesAfter", g->pack_bytes_after},
+                        {"unindexedBytesFreed", o.bytes_freed}};
 }
 
 void RestoreServiceImpl::spawn(std::function<void()> fn) {
@@ -598,6 +855,12 @@ Result<std::vector<RestorePointRecord>> RestoreServiceImpl::list_restore_points(
 
 void RestoreServiceImpl::purge_point(const RestorePointRecord& p, const std::string& region) {
   auto st = store_of(region);
+  // The region's manifest first: from then on a copy of the region no longer
+  // lists the point, whatever happens to the rest of the delete.
+  if (st) {
+    Status m = st->remove_manifest(ManifestName(p.collection, p.name));
+    if (!m.ok()) spdlog::warn("restore point {}/{}: {}", p.collection, p.name, m.ToString());
+  }
   std::set<uint64_t> keep;  // retained as a disk's tracking base
   {
     std::lock_guard<std::mutex> lock(mu_);

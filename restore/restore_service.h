@@ -223,6 +223,25 @@ class RestoreService {
   // ---- operations ----
   virtual Result<OperationRecord> get_operation(const std::string& id) = 0;
 
+  // ---- region maintenance (operator actions) ----
+  // Brings the region's index in line with its files (store::Store::repair:
+  // re-index packs, import point files) and imports the restore points its
+  // manifests hold that metadata.db does not know. Never deletes anything.
+  // Result: {"region", "packs", "packsIndexed", "objectsIndexed",
+  // "storePointsImported", "pointFilesWritten", "storePointsIncomplete",
+  // "packsUnreadable": [{"pack","reason"}], "packsMissing",
+  // "restorePointsImported": [ids]}. NotFound: no such region; Conflict: a
+  // point is being written there.
+  virtual Result<nlohmann::json> repair_region(const std::string& region) = 0;
+  // A GC pass of the region now. With `orphans`, first deletes every store
+  // point no restore point (or retained base) names, and afterwards pack
+  // files the index cannot use: data only an explicit request may delete.
+  // Result: {"region", "orphans", "storePointsDeleted", "objectsDeleted",
+  // "packsDeleted", "packsRepacked", "unindexedPacksDeleted",
+  // "packBytesBefore", "packBytesAfter", "unindexedBytesFreed"}.
+  // Conflict while a restore point of the region is being created.
+  virtual Result<nlohmann::json> gc_region(const std::string& region, bool orphans) = 0;
+
   // ---- NBD ----
   // Read-only exports of every Succeeded disk restore point.
   virtual ExportResolver& exports() = 0;

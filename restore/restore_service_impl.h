@@ -110,6 +110,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
       const std::map<std::string, std::string>& disk_names) override;
 
   Result<OperationRecord> get_operation(const std::string& id) override;
+
+  // ---- region maintenance ----
+  Result<nlohmann::json> repair_region(const std::string& region) override;
+  Result<nlohmann::json> gc_region(const std::string& region, bool orphans) override;
   ExportResolver& exports() override { return *this; }
   void shutdown() override;
 
@@ -130,6 +134,17 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   OperationRecord new_operation(const std::string& kind, const std::string& resource_id);
   void finish_operation(OperationRecord& op, const JobError* err, nlohmann::json result = nullptr);
   Status recover();
+  // mu_ held. Imports the region's manifests of points metadata.db does not
+  // know (collections created as needed, named in *imported_collections).
+  // Returns the imported points' ids.
+  Result<std::vector<std::string>> import_manifests_locked(
+      const std::string& region, std::set<std::string>* imported_collections);
+  // mu_ held. The region's store points no restore point or retained base
+  // names, each with whether it is provably a leftover of this daemon's own
+  // (its tag names a point of a collection known here, not in `imported`,
+  // that failed or is gone from metadata.db and the region's manifests).
+  Result<std::vector<std::pair<store::PointInfo, bool>>> unnamed_store_points_locked(
+      const std::string& region, const std::set<std::string>& imported);
   void request_gc(const std::string& region);
   // Removes a point's store points (except those kept as retained tracking
   // bases) and rows (it is Deleting or Failed).

@@ -243,7 +243,8 @@ Result<PointId> Catalog::add_pack(const SealedPack& pack, const PointRecord* poi
   STORE_RETURN_IF_ERROR(txn.begin());
   if (pack.id != 0) {
     STORE_ASSIGN_OR_RETURN(
-        auto ip, wr_->prepare("INSERT INTO packs(id, bytes, objects, created_ns) VALUES(?,?,?,?)"));
+        auto ip, wr_->prepare("INSERT OR IGNORE INTO packs(id, bytes, objects, created_ns) "
+                              "VALUES(?,?,?,?)"));
     ip->bind(1, int64_t(pack.id))
         .bind(2, int64_t(pack.bytes))
         .bind(3, int64_t(pack.entries.size()))
@@ -267,8 +268,8 @@ Result<PointId> Catalog::add_pack(const SealedPack& pack, const PointRecord* poi
   if (point != nullptr) {
     STORE_ASSIGN_OR_RETURN(
         auto pt, wr_->prepare("INSERT INTO points(root, size, chunk_size, fanout, depth, parent, "
-                              "created_ns, tag, new_chunks, new_chunk_bytes, new_pages, put_slots) "
-                              "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)"));
+                              "created_ns, tag, new_chunks, new_chunk_bytes, new_pages, put_slots, "
+                              "id) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)"));
     pt->bind(1, point->root)
         .bind(2, int64_t(point->size))
         .bind(3, int64_t(point->chunk_size))
@@ -281,6 +282,7 @@ Result<PointId> Catalog::add_pack(const SealedPack& pack, const PointRecord* poi
         .bind(10, int64_t(point->new_chunk_bytes))
         .bind(11, int64_t(point->new_pages))
         .bind(12, int64_t(point->put_slots));
+    if (point->id != 0) pt->bind(13, int64_t(point->id));  // unbound: NULL, a new id
     STORE_RETURN_IF_ERROR(pt->run());
     id = PointId(sqlite3_last_insert_rowid(wr_->db()));
   }
@@ -462,6 +464,15 @@ Result<bool> Catalog::delete_point(PointId id) {
   st->bind(1, int64_t(id));
   STORE_RETURN_IF_ERROR(st->run());
   return sqlite3_changes(wr_->db()) > 0;
+}
+
+Result<PointId> Catalog::max_point_id() {
+  std::lock_guard<std::mutex> lock(rd_mu_);
+  STORE_ASSIGN_OR_RETURN(
+      auto st, rd_->prepare("SELECT MAX(COALESCE((SELECT MAX(id) FROM points), 0), "
+                            "COALESCE((SELECT seq FROM sqlite_sequence WHERE name='points'), 0))"));
+  STORE_ASSIGN_OR_RETURN(auto row, st->step());
+  return row ? PointId(st->i64(0)) : 0;
 }
 
 Status Catalog::quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad,

@@ -82,8 +82,10 @@ class Catalog {
   // --- chunk index -----------------------------------------------------------
   Result<std::optional<ObjectLoc>> lookup(const Digest& d);
   // Adds a sealed pack and its objects (an object already indexed elsewhere
-  // keeps its first location), and, when `point` is given, the point record in
-  // the same transaction. Returns the new point id (0 without a point).
+  // keeps its first location; a pack already listed is not an error, so a
+  // rebuild and a writer may both add it), and, when `point` is given, the
+  // point record in the same transaction: with point->id when set (the id its
+  // point file names), else a new one. Returns the point id (0 without one).
   Result<PointId> add_pack(const SealedPack& pack, const PointRecord* point);
   // GC: streams every index row (on the scan connection; consistent snapshot).
   Status for_each_object(const std::function<void(const Digest&, const ObjectLoc&)>& fn);
@@ -102,6 +104,8 @@ class Catalog {
   Result<std::optional<PointRecord>> get_point(PointId id);
   Result<std::vector<PointRecord>> list_points();
   Result<bool> delete_point(PointId id);
+  // The highest point id ever handed out (deleted ones included), 0 if none.
+  Result<PointId> max_point_id();
 
   // --- verification results -------------------------------------------------
   // Moves damaged objects out of the index into bad_objects, so the next

@@ -1,11 +1,13 @@
 #include "store/file_util.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
+#include <memory>
 
 #include "common/thread_role.h"
 #include "common/unique_fd.h"
@@ -59,6 +61,68 @@ Status MakeDir(const std::string& dir, bool* created) {
   }
   if (errno == EEXIST) return Status::Ok();
   return Status::FromErrno(errno, "mkdir " + dir);
+}
+
+Status WriteFileAtomic(const std::string& dir, const std::string& name, const std::string& data) {
+  std::string path = dir + "/" + name, tmp = path + ".tmp";
+  {
+    UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640));
+    if (!fd) return Status::FromErrno(errno, "create " + tmp);
+    Status s = PwriteFull(fd.get(), data.data(), data.size(), 0, tmp);
+    if (s.ok() && ::fsync(fd.get()) != 0) s = Status::FromErrno(errno, "fsync " + tmp);
+    if (!s.ok()) {
+      ::unlink(tmp.c_str());
+      return s;
+    }
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    Status s = Status::FromErrno(errno, "rename " + tmp);
+    ::unlink(tmp.c_str());
+    return s;
+  }
+  return FsyncDir(dir);
+}
+
+Status RemoveFileDurable(const std::string& dir, const std::string& name) {
+  std::string path = dir + "/" + name;
+  if (::unlink(path.c_str()) != 0) {
+    if (errno == ENOENT) return Status::Ok();
+    return Status::FromErrno(errno, "unlink " + path);
+  }
+  return FsyncDir(dir);
+}
+
+Result<std::string> ReadWholeFile(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return Status::FromErrno(errno, "open " + path);
+  std::string out;
+  char buf[16384];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, "read " + path);
+    }
+    if (n == 0) break;
+    out.append(buf, size_t(n));
+  }
+  return out;
+}
+
+Result<std::vector<std::string>> ListDir(const std::string& dir) {
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), ::closedir);
+  if (!d) return Status::FromErrno(errno, "opendir " + dir);
+  std::vector<std::string> out;
+  while (dirent* e = ::readdir(d.get())) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") out.push_back(std::move(n));
+  }
+  return out;
+}
+
+bool EndsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::string PackSubdir(const std::string& packs_dir, uint64_t id) {

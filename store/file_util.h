@@ -1,5 +1,6 @@
 // Small POSIX helpers the store's files share: whole-buffer pread/pwrite,
-// directory fsync, and the layout of pack paths inside a region directory.
+// directory fsync, atomic small-file replacement, and the layout of pack
+// paths inside a region directory.
 // Thread-safety: stateless functions.
 #pragma once
 
@@ -7,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 
@@ -19,6 +21,17 @@ Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::
 Status FsyncDir(const std::string& dir);
 // mkdir that accepts an existing directory; *created tells which happened.
 Status MakeDir(const std::string& dir, bool* created);
+// Makes `dir/name` hold exactly `data`, atomically and durably: written to
+// `name.tmp`, fsynced, renamed over `name`, directory fsynced. A crash leaves
+// either the old file (plus perhaps a stray .tmp) or the new one, never a mix.
+Status WriteFileAtomic(const std::string& dir, const std::string& name, const std::string& data);
+// Unlinks `dir/name` and fsyncs `dir`; a missing file is not an error.
+Status RemoveFileDurable(const std::string& dir, const std::string& name);
+// The whole content of a (small) file.
+Result<std::string> ReadWholeFile(const std::string& path);
+// Entry names of a directory (without . and ..).
+Result<std::vector<std::string>> ListDir(const std::string& dir);
+bool EndsWith(const std::string& s, const std::string& suffix);
 
 // <region>/packs/<last byte of id, 2 hex>/<id, 16 hex>.pack
 std::string PackSubdir(const std::string& packs_dir, uint64_t id);

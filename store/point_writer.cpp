@@ -10,6 +10,7 @@
 
 #include "store/file_util.h"
 #include "store/macros.h"
+#include "store/rebuild.h"
 
 namespace rpoint::store {
 namespace {
@@ -345,9 +346,18 @@ Result<PointInfo> PointWriter::commit() {
   rec.new_chunk_bytes = new_chunk_bytes_;
   rec.new_pages = new_pages_;
   rec.put_slots = put_slots_;
+  // The point file makes the record recoverable from the region's files
+  // alone (rebuild.h). Written after the last pack is durable and before the
+  // transaction: a crash in between leaves a complete point that the next
+  // Open imports, never a record without its file.
+  rec.id = store_->new_point_id();
+  Status pf = store_->write_point_file(rec);
+  if (!pf.ok()) return fail(pf);
   auto id = store_->catalog_->add_pack(sealed, &rec);
-  if (!id.ok()) return fail(id.status());
-  rec.id = id.value();
+  if (!id.ok()) {
+    (void)RemoveFileDurable(PointsDir(store_->dir()), PointFileName(rec.id));
+    return fail(id.status());
+  }
   // The record is durable and names everything this writer referenced: the
   // writer's pins can go.
   release();

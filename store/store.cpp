@@ -17,33 +17,14 @@
 #include "store/macros.h"
 #include "store/point_reader.h"
 #include "store/point_writer.h"
+#include "store/rebuild.h"
 #include "store/tree.h"
 
 namespace rpoint::store {
-namespace {
-
-// Entry names of a directory (without . and ..).
-Result<std::vector<std::string>> ListDir(const std::string& dir) {
-  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), ::closedir);
-  if (!d) return Status::FromErrno(errno, "opendir " + dir);
-  std::vector<std::string> out;
-  while (dirent* e = ::readdir(d.get())) {
-    std::string n = e->d_name;
-    if (n != "." && n != "..") out.push_back(std::move(n));
-  }
-  return out;
-}
-
-bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-}  // namespace
-
 Store::Store(StoreOptions opts)
     : opts_(std::move(opts)),
       packs_dir_(opts_.dir + "/packs"),
+      points_dir_(PointsDir(opts_.dir)),
       pages_(std::max<size_t>(opts_.page_cache_bytes / kPageBytes, 16)) {}
 
 Store::~Store() = default;
@@ -55,10 +36,12 @@ Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
     return Status::InvalidArgument("store: pack_target_bytes below 1 MiB");
   }
   std::shared_ptr<Store> s(new Store(opts));
-  bool created = false, packs_created = false;
+  bool created = false, packs_created = false, points_created = false, man_created = false;
   STORE_RETURN_IF_ERROR(MakeDir(opts.dir, &created));
   STORE_RETURN_IF_ERROR(MakeDir(s->packs_dir_, &packs_created));
-  if (packs_created) STORE_RETURN_IF_ERROR(FsyncDir(opts.dir));
+  STORE_RETURN_IF_ERROR(MakeDir(s->points_dir_, &points_created));
+  STORE_RETURN_IF_ERROR(MakeDir(opts.dir + "/manifests", &man_created));
+  if (packs_created || points_created || man_created) STORE_RETURN_IF_ERROR(FsyncDir(opts.dir));
   if (created) {
     std::string parent = std::filesystem::path(opts.dir).parent_path().string();
     STORE_RETURN_IF_ERROR(FsyncDir(parent.empty() ? "." : parent));
@@ -73,63 +56,11 @@ Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
   }
 
   STORE_ASSIGN_OR_RETURN(s->catalog_, Catalog::Open(opts.dir + "/store.db"));
-  STORE_RETURN_IF_ERROR(s->recover());
+  // A missing or empty store.db is rebuilt here from the packs' trailers and
+  // the point files; a crash's leftovers are reconciled the same way.
+  RepairReport rep;
+  STORE_RETURN_IF_ERROR(s->reconcile(true, &rep));
   return s;
-}
-
-// After a crash: packs still named .tmp were never sealed, and sealed packs the
-// index does not list were sealed but never indexed (the crash hit between the
-// rename and the index transaction). Nothing can reference either: delete them.
-Status Store::recover() {
-  STORE_ASSIGN_OR_RETURN(auto rows, catalog_->packs());
-  std::unordered_set<uint64_t> known;
-  uint64_t max_id = 0;
-  for (const PackRow& r : rows) {
-    known.insert(r.id);
-    max_id = std::max(max_id, r.id);
-  }
-  STORE_ASSIGN_OR_RETURN(auto subs, ListDir(packs_dir_));
-  uint64_t removed = 0, on_disk = 0;
-  for (const std::string& sub : subs) {
-    std::string subdir = packs_dir_ + "/" + sub;
-    auto names = ListDir(subdir);
-    if (!names.ok()) continue;  // a stray file, not a subdirectory
-    bool changed = false;
-    for (const std::string& n : names.value()) {
-      std::string path = subdir + "/" + n;
-      if (EndsWith(n, ".tmp")) {
-        auto id = ParsePackName(n.substr(0, n.size() - 4));
-        if (id) max_id = std::max(max_id, *id);
-        ::unlink(path.c_str());
-        ++removed;
-        changed = true;
-        continue;
-      }
-      auto id = ParsePackName(n);
-      if (!id) continue;
-      max_id = std::max(max_id, *id);
-      if (!known.count(*id)) {
-        ::unlink(path.c_str());
-        ++removed;
-        changed = true;
-      } else {
-        ++on_disk;
-        known.erase(*id);
-      }
-    }
-    if (changed) STORE_RETURN_IF_ERROR(FsyncDir(subdir));
-  }
-  if (removed > 0) {
-    spdlog::warn("store {}: removed {} unfinished pack file(s) left by an interrupted writer",
-                 opts_.dir, removed);
-  }
-  for (uint64_t id : known) {
-    // Verify reports exactly which points this damages.
-    spdlog::error("store {}: pack {} is in the index but its file is missing", opts_.dir, id);
-  }
-  next_pack_id_.store(max_id + 1);
-  spdlog::info("store {}: {} packs, next pack id {}", opts_.dir, on_disk, max_id + 1);
-  return Status::Ok();
 }
 
 Result<std::shared_ptr<PackFd>> Store::pack_fd_locked(uint64_t pack) {
@@ -166,12 +97,17 @@ Result<std::shared_ptr<const Page>> Store::read_page_uncached(const Digest& d) {
   STORE_ASSIGN_OR_RETURN(auto where, locate(d));
   if (!where) return Status::IoError("tree page " + d.short_hex() + " is not in the index");
   const auto& [loc, fd] = *where;
+  return read_page_at(d, loc, *fd);
+}
+
+Result<std::shared_ptr<const Page>> Store::read_page_at(const Digest& d, const ObjectLoc& loc,
+                                                        const PackFd& fd) {
   if (loc.length != kPageBytes) {
     return Status::IoError("tree page " + d.short_hex() + " has length " +
                            std::to_string(loc.length));
   }
   auto page = std::make_shared<Page>();
-  STORE_RETURN_IF_ERROR(PreadFull(fd->fd.get(), page.get(), kPageBytes, loc.offset,
+  STORE_RETURN_IF_ERROR(PreadFull(fd.fd.get(), page.get(), kPageBytes, loc.offset,
                                   "pack " + std::to_string(loc.pack)));
   if (Sha256(page.get(), kPageBytes) != d) {
     quarantine(d, loc, "read: tree page checksum mismatch");
@@ -268,9 +204,10 @@ Result<std::unique_ptr<PointWriter>> Store::begin_point(const PointParams& p) {
                                    " is not a power of two between 4 KiB and 4 MiB");
   }
   std::optional<PointRecord> parent;
+  // Read the parent and pin its root atomically against a GC snapshot; the
+  // writer registers under the same lock, so repair() sees every writer.
+  std::shared_lock<std::shared_mutex> g(gc_mu_);
   if (p.parent != 0) {
-    // Read the parent and pin its root atomically against a GC snapshot.
-    std::shared_lock<std::shared_mutex> g(gc_mu_);
     STORE_ASSIGN_OR_RETURN(auto rec, catalog_->get_point(p.parent));
     if (!rec) return Status::NotFound("parent point " + std::to_string(p.parent) + " not found");
     if (rec->fanout != kFanout) return Status::Unsupported("parent point has another fanout");
@@ -300,6 +237,10 @@ Result<std::vector<PointInfo>> Store::list_points() {
 }
 
 Status Store::delete_point(PointId id) {
+  // The file first: a crash in between leaves a record without a file, which
+  // Open gives its file back (the delete did not happen), never a file
+  // without a record that a rebuild would resurrect after a completed delete.
+  STORE_RETURN_IF_ERROR(RemoveFileDurable(points_dir_, PointFileName(id)));
   STORE_ASSIGN_OR_RETURN(bool existed, catalog_->delete_point(id));
   if (!existed) return Status::NotFound("point " + std::to_string(id) + " not found");
   return Status::Ok();

@@ -5,6 +5,8 @@
 //   <dir>/LOCK           flock: one process owns a region at a time
 //   <dir>/store.db       SQLite (WAL, synchronous=FULL): chunk index, packs, points
 //   <dir>/packs/xx/<id>.pack   pack files, tens of MiB, hundreds of objects each
+//   <dir>/points/<id>.point    one small text file per committed point
+//   <dir>/manifests/<name>.json  the restore layer's records (opaque here)
 //
 // Objects are SHA-256-named byte strings of two kinds: data chunks (one chunk
 // slot of a disk, size = the disk's tracking granularity) and tree pages (128
@@ -26,11 +28,15 @@
 //   3. commit() writes the changed pages bottom-up into the last pack, seals it,
 //      and adds that pack's objects AND the point record in one transaction.
 // A point record therefore exists only when every object it names is durable
-// and indexed. A crash at any moment leaves earlier points intact and the new
-// one absent: Store::Open deletes *.tmp packs and sealed packs the index does
-// not know; objects indexed for a point that never committed are garbage for
-// the next GC. Files are never overwritten in place (packs are immutable, GC
-// writes a new pack and deletes the old one), so no rewrite can tear.
+// and indexed. Just before that transaction the point's record is also written
+// as <dir>/points/<id>.point (atomically), so the region's files alone describe
+// every point (rebuild.h). A crash at any moment leaves earlier points intact:
+// Store::Open deletes *.tmp packs (never complete), re-indexes sealed packs the
+// index does not know from their trailers (it never deletes one) and imports
+// point files the index does not know; objects indexed for a point that never
+// committed are garbage for the next GC. A lost or empty store.db is the same
+// case at full scale: Open rebuilds it. Files are never overwritten in place (packs are immutable,
+// GC writes a new pack and deletes the old one), so no rewrite can tear.
 //
 // Garbage collection (mark and sweep, concurrent with writers and readers).
 // Live = reachable from a point record, from a pinned root (open readers and
@@ -169,6 +175,26 @@ struct VerifyOptions {
   bool quarantine = false;
 };
 
+// What Store::Open or Store::repair() found and did to bring the index in
+// line with the region's files (rebuild.h).
+struct RepairReport {
+  uint64_t packs_on_disk = 0;                 // sealed pack files seen
+  uint64_t packs_indexed = 0;                 // unknown to the index, re-indexed from their trailer
+  uint64_t objects_indexed = 0;               // index rows those added
+  uint64_t tmp_removed = 0;                   // *.pack.tmp / *.point.tmp (never complete) removed
+  uint64_t points_imported = 0;               // point files the index did not list
+  uint64_t point_files_written = 0;           // records that had no point file
+  std::vector<PointId> points_incomplete;     // point files naming objects no pack holds (kept)
+  std::vector<PackProblem> packs_unreadable;  // left in place, not indexed
+  std::vector<uint64_t> packs_missing;        // indexed, but the file is gone
+};
+
+// What Store::delete_unindexed_packs() removed.
+struct OrphanReport {
+  uint64_t packs_deleted = 0;
+  uint64_t bytes_freed = 0;
+};
+
 struct StoreStats {
   uint64_t points = 0;
   uint64_t packs = 0;
@@ -215,6 +241,26 @@ class Store : public std::enable_shared_from_this<Store> {
   // walk of the point's tree. IoError when a page of the point is unreadable
   // (the caller cannot know those slots: take a full point instead).
   Result<std::vector<uint64_t>> damaged_slots(PointId id);
+  // Re-runs Open's reconciliation on the live store: re-indexes sealed packs
+  // the index does not know, imports point files it does not list, writes
+  // missing point files. Conflict while a point is being written (nothing
+  // is changed then). Never deletes a pack or a point.
+  Result<RepairReport> repair();
+  // The explicit operator action for what the index cannot use: sealed pack
+  // files it does not list (unreadable trailers that repair() refused).
+  // Conflict while a point is being written. Unreferenced objects in indexed
+  // packs are the GC's job (collect_garbage).
+  Result<OrphanReport> delete_unindexed_packs();
+
+  // Small documents of the layer above, kept in the region so that it
+  // travels with the points it describes (<dir>/manifests/<name>.json,
+  // replaced atomically and durably). `name`: [A-Za-z0-9._~-], not starting
+  // with '.'.
+  Status put_manifest(const std::string& name, const std::string& content);
+  Status remove_manifest(const std::string& name);
+  // Every manifest: (name, content). A file that cannot be read is logged
+  // and skipped.
+  Result<std::vector<std::pair<std::string, std::string>>> manifests();
 
   Result<StoreStats> stats();
   const std::string& dir() const { return opts_.dir; }
@@ -231,7 +277,15 @@ class Store : public std::enable_shared_from_this<Store> {
   };
 
   explicit Store(StoreOptions opts);
-  Status recover();
+  // Brings the index in line with the region's files (rebuild.h); no writer
+  // may be active. at_open: also removes *.tmp leftovers.
+  Status reconcile(bool at_open, RepairReport* rep);
+  // Every page the point's tree names can be read and every chunk is
+  // indexed; `seen` skips subtrees already checked. Caller holds gc_mu_ or
+  // runs before any reader exists.
+  Status check_complete_locked(const PointRecord& r, std::unordered_set<Digest, DigestHash>* seen);
+  Status write_point_file(const PointRecord& r);
+  PointId new_point_id() { return next_point_id_.fetch_add(1); }
 
   // Pages through the cache, verified against their digest when read.
   Result<std::shared_ptr<const Page>> load_page(const Digest& d);
@@ -243,6 +297,8 @@ class Store : public std::enable_shared_from_this<Store> {
   // reuses it and the next put of the same content stores a fresh copy.
   // Caller must NOT hold gc_mu_. Failures are logged (the read fails anyway).
   void quarantine(const Digest& d, const ObjectLoc& loc, const std::string& why);
+  Result<std::shared_ptr<const Page>> read_page_at(const Digest& d, const ObjectLoc& loc,
+                                                   const PackFd& fd);
   // Index lookup + open pack, atomic against GC (caller must NOT hold gc_mu_).
   Result<std::optional<std::pair<ObjectLoc, std::shared_ptr<PackFd>>>> locate(const Digest& d);
   // Same, for callers already holding gc_mu_ (shared or exclusive).
@@ -263,9 +319,11 @@ class Store : public std::enable_shared_from_this<Store> {
 
   StoreOptions opts_;
   std::string packs_dir_;
+  std::string points_dir_;
   UniqueFd lock_fd_;
   std::unique_ptr<Catalog> catalog_;
   std::atomic<uint64_t> next_pack_id_{1};
+  std::atomic<PointId> next_point_id_{1};  // ids are chosen before the point file is written
   PageCache pages_;
 
   // Lock order: gc_run_mu_ -> gc_mu_ -> (PointWriter::mu_) -> reg_mu_ -> fds_mu_.

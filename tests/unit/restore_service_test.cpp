@@ -460,18 +460,24 @@ TEST_CASE("restore points: recovery after a crash during creation and restore") 
   sqlite3_close(db);
   std::string staging = e.tmp.path + "/staging/a.c.rp1.staging";
   { std::ofstream(staging).close(); }
-  // A store point committed by a job that died before recording it.
-  uint64_t orphan = 0;
+  // A store point committed by a job that died before recording it (its tag
+  // names the interrupted point: ours to delete), and one whose tag names
+  // nothing this metadata knows (someone's data: kept until an operator's
+  // gc --orphans).
+  uint64_t orphan = 0, foreign = 0;
   {
     auto st = store::Store::Open({e.region_dir()});
     REQUIRE(st.ok());
-    auto w = st.value()->begin_point({0, kMiB, kGran, "orphan"});
-    REQUIRE(w.ok());
-    Bytes data(kGran, 'o');
-    REQUIRE(w.value()->put(0, data.data(), data.size()).ok());
-    auto info = w.value()->commit();
-    REQUIRE(info.ok());
-    orphan = info->id;
+    for (const char* tag :
+         {"/restorePointCollections/c/restorePoints/rp1/diskRestorePoints/a", "foreign"}) {
+      auto w = st.value()->begin_point({0, kMiB, kGran, tag});
+      REQUIRE(w.ok());
+      Bytes data(kGran, 'o');
+      REQUIRE(w.value()->put(0, data.data(), data.size()).ok());
+      auto info = w.value()->commit();
+      REQUIRE(info.ok());
+      (orphan ? foreign : orphan) = info->id;
+    }
   }
 
   e.open();
@@ -487,9 +493,14 @@ TEST_CASE("restore points: recovery after a crash during creation and restore") 
     auto st = store::Store::Open({e.region_dir()});
     REQUIRE(st.ok());
     CHECK(st.value()->point(orphan).status().code() == Code::kNotFound);
-    CHECK(st.value()->list_points()->empty());  // rp1's point went with its Failed record
+    // rp1's point went with its Failed record; only the foreign one is left.
+    REQUIRE(st.value()->list_points()->size() == 1);
+    CHECK(st.value()->point(foreign).ok());
   }
   e.open();
+  auto gc = e.rs->gc_region("local", true);
+  REQUIRE(gc.ok());
+  CHECK(gc.value()["storePointsDeleted"] == 1);
   // The failed point's store point was released; the next point is full again.
   auto rp2 = e.create_point("c", "rp2");
   CHECK(Dp(rp2, "a").full);

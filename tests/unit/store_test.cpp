@@ -19,6 +19,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <fstream>
 #include <future>
 #include <memory>
 #include <random>
@@ -943,8 +944,10 @@ TEST_CASE("store: crash leftovers (abandoned writer, torn pack) leave earlier po
   std::string tmpfile = tmp.region() + "/packs/ff/00000000000ffffe.pack.tmp";
   std::filesystem::copy_file(files[0], tmpfile);
   {
-    auto st = Open(tmp.region());  // recovery removes both
-    CHECK(!std::filesystem::exists(torn));
+    // Recovery removes the .tmp (never complete) but never a sealed-looking
+    // pack: it cannot be indexed (torn), so it stays until an operator asks.
+    auto st = Open(tmp.region());
+    CHECK(std::filesystem::exists(torn));
     CHECK(!std::filesystem::exists(tmpfile));
     CHECK(Take(st->list_points()).size() == 1);
     CheckRead(*st, first, im);
@@ -953,6 +956,9 @@ TEST_CASE("store: crash leftovers (abandoned writer, torn pack) leave earlier po
     auto g = Take(st->collect_garbage());
     CHECK(g.objects_deleted > 0);  // the sealed packs' chunks (the open one died with it)
     CHECK(g.objects_deleted <= 60);
+    auto orphans = Take(st->delete_unindexed_packs());
+    CHECK(orphans.packs_deleted == 1);
+    CHECK(!std::filesystem::exists(torn));
     CHECK(PackBytesOnDisk(tmp.region()) == clean_bytes);
     // New pack ids never collide with the removed files.
     Commit(*st, first, im, {1});
@@ -991,6 +997,118 @@ TEST_CASE("store: crash leftovers (abandoned writer, torn pack) leave earlier po
     Take(st->collect_garbage());
     CHECK(Take(st->verify(first)).ok());
   }
+}
+
+namespace {
+void CheckSameRecord(const PointInfo& a, const PointInfo& b) {
+  CHECK(a.id == b.id);
+  CHECK(a.root == b.root);
+  CHECK(a.size == b.size);
+  CHECK(a.chunk_size == b.chunk_size);
+  CHECK(a.depth == b.depth);
+  CHECK(a.parent == b.parent);
+  CHECK(a.created_ns == b.created_ns);
+  CHECK(a.tag == b.tag);
+  CHECK(a.new_chunks == b.new_chunks);
+  CHECK(a.put_slots == b.put_slots);
+}
+}  // namespace
+
+TEST_CASE("store: a lost or empty store.db is rebuilt from the packs; no pack is unlinked") {
+  TmpDir tmp;
+  Image a(90 * kCs), b(40 * kCs + 1234);
+  for (uint64_t s = 0; s < a.slots(); ++s) a.random_slot(s, 7000 + s);
+  for (uint64_t s = 0; s < b.slots(); ++s) b.random_slot(s, 8000 + s);
+  Image a2 = a;
+  for (uint64_t s : {3, 40, 41, 89}) a2.random_slot(s, 9000 + s);
+  std::vector<PointInfo> before;
+  PointId deleted;
+  {
+    auto st = Open(tmp.region());
+    PointId pa = Commit(*st, 0, a, AllSlots(a), "disk-a/1").id;
+    Commit(*st, 0, b, AllSlots(b), "disk b \n odd tag");
+    Commit(*st, pa, a2, {3, 40, 41, 89}, "disk-a/2");
+    Image gone(20 * kCs);
+    for (uint64_t s = 0; s < gone.slots(); ++s) gone.random_slot(s, 99000 + s);
+    deleted = Commit(*st, 0, gone, AllSlots(gone), "deleted").id;
+    REQUIRE_OK(V(st->delete_point(deleted)));
+    before = Take(st->list_points());
+    REQUIRE(before.size() == 3);
+  }
+  const auto packs = PackFiles(tmp.region());
+  REQUIRE(packs.size() >= 4);  // 1 MiB packs: the points span several
+  const std::vector<Image*> images{&a, &b, &a2};
+
+  for (int round = 0; round < 2; ++round) {
+    INFO("round " << round << (round == 0 ? ": store.db deleted" : ": store.db empty"));
+    for (const char* f : {"/store.db", "/store.db-wal", "/store.db-shm"}) {
+      std::filesystem::remove(tmp.region() + f);
+    }
+    if (round == 1) std::ofstream(tmp.region() + "/store.db").flush();  // a fresh empty file
+    auto st = Open(tmp.region());
+    CHECK(PackFiles(tmp.region()) == packs);  // nothing unlinked
+    auto after = Take(st->list_points());
+    REQUIRE(after.size() == before.size());  // the deleted point stays deleted
+    for (size_t i = 0; i < after.size(); ++i) {
+      CheckSameRecord(after[i], before[i]);
+      CheckRead(*st, after[i].id, *images[i]);
+      CHECK(Take(st->verify(after[i].id)).ok());
+    }
+    auto stats = Take(st->stats());
+    CHECK(stats.packs == packs.size());
+  }
+  // Point ids continue above every surviving one.
+  auto st = Open(tmp.region());
+  Image c(8 * kCs);
+  for (uint64_t s = 0; s < c.slots(); ++s) c.random_slot(s, 123456 + s);
+  PointInfo pc = Commit(*st, 0, c, AllSlots(c), "after");
+  CHECK(pc.id > before.back().id);
+  CHECK(pc.id >= deleted);  // the deleted point's id is free again only after a full rebuild
+  // GC after a rebuild frees only what no point names.
+  Take(st->collect_garbage());
+  for (size_t i = 0; i < before.size(); ++i) CheckRead(*st, before[i].id, *images[i]);
+  CheckRead(*st, pc.id, c);
+}
+
+TEST_CASE(
+    "store: repair() imports what a live store's index lost; delete_unindexed_packs is explicit") {
+  TmpDir tmp;
+  Image a(30 * kCs);
+  for (uint64_t s = 0; s < a.slots(); ++s) a.random_slot(s, 4242 + s);
+  PointId pa;
+  {
+    auto st = Open(tmp.region());
+    pa = Commit(*st, 0, a, AllSlots(a), "a").id;
+  }
+  // A second region directory holding only the packs and point files of the
+  // first (a copy without store.db), opened and then repaired live.
+  std::string copy = tmp.path() + "/copy";
+  std::filesystem::create_directories(copy);
+  std::filesystem::copy(tmp.region() + "/packs", copy + "/packs",
+                        std::filesystem::copy_options::recursive);
+  std::filesystem::copy(tmp.region() + "/points", copy + "/points",
+                        std::filesystem::copy_options::recursive);
+  auto st = Open(copy);
+  REQUIRE(Take(st->list_points()).size() == 1);
+  CheckRead(*st, pa, a);
+  // Nothing left to do: repair changes nothing and deletes nothing.
+  auto packs = PackFiles(copy);
+  auto rep = Take(st->repair());
+  CHECK(rep.packs_indexed == 0);
+  CHECK(rep.points_imported == 0);
+  CHECK(PackFiles(copy) == packs);
+  auto orphans = Take(st->delete_unindexed_packs());
+  CHECK(orphans.packs_deleted == 0);
+  CHECK(PackFiles(copy) == packs);
+  // While a writer is open, both refuse (Conflict) rather than race it.
+  PointParams p;
+  p.size = a.size();
+  p.chunk_size = kCs;
+  auto w = Take(st->begin_point(p));
+  CHECK(st->repair().status().code() == Code::kConflict);
+  CHECK(st->delete_unindexed_packs().status().code() == Code::kConflict);
+  w.reset();
+  CHECK(st->repair().ok());
 }
 
 TEST_CASE("store: one region, one process") {
