@@ -5,6 +5,7 @@
 
 #include <map>
 
+#include "common/fault_sqlite_vfs.h"
 #include "store/macros.h"
 
 namespace rpoint::store {
@@ -112,7 +113,7 @@ class Catalog::Conn {
   static Result<std::unique_ptr<Conn>> Open(const std::string& path, bool write) {
     std::unique_ptr<Conn> c(new Conn());
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (write ? SQLITE_OPEN_CREATE : 0);
-    int rc = sqlite3_open_v2(path.c_str(), &c->db_, flags, nullptr);
+    int rc = sqlite3_open_v2(path.c_str(), &c->db_, flags, fault::SqliteVfs("catalog"));
     if (rc != SQLITE_OK) {
       return Status::IoError("sqlite open " + path + ": " +
                              (c->db_ ? sqlite3_errmsg(c->db_) : sqlite3_errstr(rc)));
