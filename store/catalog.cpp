@@ -132,11 +132,8 @@ class Catalog::Conn {
   Status exec(const char* sql) {
     char* err = nullptr;
     int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &err);
-    if (rc != SQLITE_OK) {
-      std::string m = err ? err : sqlite3_errstr(rc);
-      sqlite3_free(err);
-      return Status::IoError(std::string("sqlite: ") + m);
-    }
+    sqlite3_free(err);  // the same text as sqlite3_errmsg, which error() reports
+    if (rc != SQLITE_OK) return error(rc, "'" + std::string(sql).substr(0, 80) + "'");
     return Status::Ok();
   }
 
@@ -152,7 +149,10 @@ class Catalog::Conn {
   }
 
   Status error(int rc, const std::string& what) {
-    std::string m = "sqlite " + what + ": " + sqlite3_errmsg(db_);
+    // Named by file: a failing commit must say which database failed.
+    std::string m = "sqlite " + what + ": " + sqlite3_errmsg(db_) + " (" +
+                    sqlite3_db_filename(db_, "main") + ")";
+    rc &= 0xff;
     if (rc == SQLITE_FULL) return Status::NoSpace(m);
     if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED) return Status::Conflict(m);
     return Status::IoError(m);

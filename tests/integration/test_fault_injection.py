@@ -266,7 +266,7 @@ def test_persistent_tracking_failure_fails_the_write_not_silently(rig, tmp_path)
     fresh = next(s for s in range(SLOTS) if not any(m.img["a"][s * G:(s + 1) * G]))
     with pytest.raises(nbd.Error) as e:
         h.pwrite(b"\x55" * G, fresh * G)
-    assert e.value.errno == 5, e.value  # EIO
+    assert e.value.errno == "EIO", e.value
     h.shutdown()
     faults.disarm()
 
@@ -280,15 +280,19 @@ def test_persistent_tracking_failure_fails_the_write_not_silently(rig, tmp_path)
 
 def test_bad_rules_keep_the_armed_ones(rig):
     d, faults = rig
+    faults.arm("pack.sync=EIO")
     with open(faults.path, "w") as f:
         f.write("pack.sync=EWHAT\n")
     d.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while "EWHAT" not in d.log_text():
+    while "fault rule 'pack.sync=EWHAT'" not in d.log_text():
         assert time.monotonic() < deadline, d.log()
         time.sleep(0.02)
-    assert "fault rule 'pack.sync=EWHAT'" in d.log_text(), d.log()
-    d.create_restore_point("c", "ok")  # nothing armed: succeeds
+    d.create_disk("x", DISK_SIZE)  # the daemon serves on
+    nbd_write(d.nbd_uri("a"), [(0, b"\x11" * G)])  # something to pack
+    d.create_restore_point("c", "still-armed", expect_status="Failed")
+    faults.disarm()
+    d.create_restore_point("c", "disarmed")
 
 
 def test_bad_rule_at_start_refuses_to_start(tmp_path):
