@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -12,7 +13,6 @@
 #include <map>
 #include <mutex>
 #include <sstream>
-#include <thread>
 
 namespace rpoint::fault {
 namespace {
@@ -21,6 +21,8 @@ struct Table {
   std::mutex mu;
   std::vector<Rule> rules;
   std::map<std::string, uint64_t> hits;  // per point name
+  uint64_t generation = 0;               // bumped by Arm: ends every delay
+  std::condition_variable changed;
 };
 
 Table& table() {
@@ -152,6 +154,8 @@ void Arm(std::vector<Rule> rules) {
   std::lock_guard<std::mutex> lock(t.mu);
   t.rules = std::move(rules);
   t.hits.clear();
+  ++t.generation;
+  t.changed.notify_all();
   internal::g_armed.store(!t.rules.empty(), std::memory_order_relaxed);
 }
 
@@ -203,17 +207,21 @@ Status ReloadFromFile() {
 
 Action internal::HitSlow(const char* point) {
   Action a;
-  {
-    Table& t = table();
-    std::lock_guard<std::mutex> lock(t.mu);
-    uint64_t n = ++t.hits[point];
-    for (const Rule& r : t.rules) {
-      if (!Matches(r.pattern, point)) continue;
-      if (n >= r.from_hit && (r.count == 0 || n < r.from_hit + r.count)) a = r.action;
-      break;
-    }
+  Table& t = table();
+  std::unique_lock<std::mutex> lock(t.mu);
+  uint64_t n = ++t.hits[point];
+  for (const Rule& r : t.rules) {
+    if (!Matches(r.pattern, point)) continue;
+    if (n >= r.from_hit && (r.count == 0 || n < r.from_hit + r.count)) a = r.action;
+    break;
   }
-  if (a.delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(a.delay_ms));
+  if (a.delay_ms) {
+    // Until the time is up or the rules change: a test holds a step with a
+    // long delay and lets it go by arming its next rules.
+    const uint64_t gen = t.generation;
+    t.changed.wait_for(lock, std::chrono::milliseconds(a.delay_ms),
+                       [&] { return t.generation != gen; });
+  }
   return a;
 }
 

@@ -9,8 +9,8 @@
 //
 // Rules arm points. A rule is `point=ACTION[@N][*K]`:
 //   ACTION  EIO | ENOSPC | EDQUOT | EROFS | EBADF | <errno number> | short |
-//           delay<MS> (the I/O waits MS milliseconds, then proceeds: slows a
-//           step so a test can act while it runs)
+//           delay<MS> (the I/O waits MS milliseconds or until the rules
+//           change, then proceeds: holds a step so a test can act meanwhile)
 //   @N      fail from the point's N-th hit on (1-based; default 1)
 //   *K      fail K hits, then let the point pass again (default: forever)
 // `point` may end in '*' to match every point with that prefix ("pack.*").

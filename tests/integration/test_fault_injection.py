@@ -32,9 +32,10 @@ G = 64 * KiB
 DISK_SIZE = 8 * MiB
 SLOTS = DISK_SIZE // G
 DISKS = ("a", "b")
-# Slows the copy (each pack buffer flush waits) so guest writes made during it
-# hit blocks not copied yet: those go through copy-before-write (staging).
-SLOW_COPY = "pack.write=delay300"
+# Holds the copy at its first pack write until the rules change, so guest
+# writes made meanwhile hit blocks not copied yet: those go through
+# copy-before-write (staging). The test releases it by arming the next rules.
+SLOW_COPY = "pack.write=delay60000*1"
 
 
 class Faults:
@@ -208,6 +209,8 @@ def test_fault_at_each_step(rig, tmp_path, before, after_cut, expect, words):
     for disk in DISKS:
         m.write(disk, changed[disk][-4:])
         m.write(disk, rng.sample(range(SLOTS), 6), size=4 * KiB, sub=8 * KiB)
+    if after_cut is None and SLOW_COPY in before:
+        faults.arm(before.replace("," + SLOW_COPY, ""))  # lets the held copy go on
     op = d.wait_operation(op_path, timeout=120)
     rp1 = d.get_restore_point("c", "rp1", expand="instanceView")["properties"]
     faults.disarm()
@@ -218,6 +221,7 @@ def test_fault_at_each_step(rig, tmp_path, before, after_cut, expect, words):
         err = op.get("error", {})
         assert err.get("code"), op
         msg = err.get("message", "")
+        print(f"rp1 Failed: {err.get('code')}: {msg}")
         for w in words:
             assert w in msg, f"error message {msg!r} does not name {w!r}"
     else:

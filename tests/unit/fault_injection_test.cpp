@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/fault_sqlite_vfs.h"
@@ -134,6 +135,14 @@ TEST_CASE("wrappers fail real syscalls with the rule's errno, and short writes a
   CHECK(WriteLength("tracking.write", 3) == 3);  // waits, then proceeds whole
   CHECK(std::chrono::steady_clock::now() - t0 >= std::chrono::milliseconds(50));
   CHECK(Describe() == "tracking.write=delay50*1");
+  // A long delay ends as soon as the rules change.
+  ArmText("tracking.write=delay60000");
+  std::thread held([] { CHECK(WriteLength("tracking.write", 8) == 8); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  t0 = std::chrono::steady_clock::now();
+  DisarmAll();
+  held.join();
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10));
   DisarmAll();
   CHECK(WriteLength("tracking.write", 3) == 3);
 }
