@@ -4,6 +4,8 @@
 
 #include <utility>
 
+#include "common/fault_sqlite_vfs.h"
+
 namespace rpoint {
 
 namespace {
@@ -32,7 +34,8 @@ Code CodeFor(int rc) {
 Result<std::unique_ptr<SqliteDb>> SqliteDb::Open(const std::string& path) {
   sqlite3* raw = nullptr;
   int rc = sqlite3_open_v2(path.c_str(), &raw,
-                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                           fault::SqliteVfs("metadata"));
   if (rc != SQLITE_OK) {
     std::string msg = raw ? sqlite3_errmsg(raw) : sqlite3_errstr(rc);
     sqlite3_close(raw);  // a handle is returned even on failure; NULL is a no-op

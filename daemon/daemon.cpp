@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -13,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/fault_injection.h"
 #include "common/logging.h"
 #include "control/control_server.h"
 #include "control/disk_service.h"
@@ -79,6 +81,18 @@ void Reload(const DaemonOptions& options, Config& current) {
   current.log_level = fresh->log_level;
   spdlog::info("SIGHUP: log level {} (was {}){}", current.log_level, before,
                others_changed ? "; other configuration changes take effect on restart" : "");
+}
+
+// Testing aid (docs/testing.md): RPOINTD_FAULTS arms fault points at start,
+// RPOINTD_FAULTS_FILE at start (when RPOINTD_FAULTS is unset) and on SIGHUP.
+Status ArmFaults(bool at_start) {
+  const bool from_env = at_start && std::getenv("RPOINTD_FAULTS") != nullptr;
+  if (!from_env && !std::getenv("RPOINTD_FAULTS_FILE")) return Status::Ok();
+  Status st = from_env ? fault::ArmFromEnvironment() : fault::ReloadFromFile();
+  if (!st.ok()) return st;
+  spdlog::warn("fault injection: rules now {} (a testing aid, never for production)",
+               fault::Describe());
+  return Status::Ok();
 }
 
 RestoreServiceOptions RestoreOptions(const Config& config) {
@@ -192,6 +206,8 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
     for (auto& l : tcp.value()) nbd_listeners.push_back(std::move(l));
   }
 
+  if (Status st = ArmFaults(true); !st.ok()) return fail("fault injection", st);
+
   // --- services ---
   Result<std::unique_ptr<DiskService>> disks =
       DiskService::Open({config.disks_dir, config.metadata_db, config.direct_io, config.tracking_dir});
@@ -236,6 +252,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
     if (sigwait(&signals, &sig) != 0) continue;
     if (sig == SIGHUP) {
       Reload(options, config);
+      if (Status st = ArmFaults(false); !st.ok()) spdlog::error("SIGHUP: {}", st.message());
       continue;
     }
     break;

@@ -14,12 +14,17 @@
 #include <cstring>
 #include <map>
 
+#include "common/fault_injection.h"
+#include "common/file_io.h"
+
 namespace rpoint {
 namespace {
 
 constexpr char kMagic[8] = {'R', 'P', 'C', 'T', 'B', 'M', '0', '1'};
 constexpr uint64_t kHeaderBytes = 4096;
 constexpr char kRetiredFile[] = "retired";
+// Tries of one batch of marks before its writes fail with EIO.
+constexpr int kMarkAttempts = 3;
 
 struct Header {
   char magic[8];
@@ -125,7 +130,8 @@ Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generat
   h.granularity = granularity_;
   h.generation = number;
   std::memcpy(header, &h, sizeof h);
-  if (pwrite(fd.get(), header, sizeof header, 0) != static_cast<ssize_t>(sizeof header)) {
+  if (fault::Pwrite("tracking.create", fd.get(), header, sizeof header, 0) !=
+      static_cast<ssize_t>(sizeof header)) {
     return Status::FromErrno(errno ? errno : EIO, "write " + tmp);
   }
   Status pre = Preallocate(fd.get(), tmp, g->bits.size());
@@ -133,8 +139,12 @@ Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generat
     unlink(tmp.c_str());
     return pre;
   }
-  if (fdatasync(fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
-  if (rename(tmp.c_str(), g->path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
+  if (fault::Fdatasync("tracking.create", fd.get()) != 0) {
+    return Status::FromErrno(errno, "fdatasync " + tmp);
+  }
+  if (fault::Rename("tracking.create", tmp.c_str(), g->path.c_str()) != 0) {
+    return Status::FromErrno(errno, "rename " + tmp);
+  }
   Status st = FsyncDir(dir_fd_.get(), dir_);
   if (!st.ok()) return st;
   g->fd = std::move(fd);
@@ -256,12 +266,13 @@ Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& b
   if (pages.empty()) return Status::Ok();
   for (auto& [pi, words] : pages) {
     off_t off = static_cast<off_t>(kHeaderBytes + pi * SparseBitmap::kPageBytes);
-    if (pwrite(gen.fd.get(), words.data(), SparseBitmap::kPageBytes, off) !=
-        static_cast<ssize_t>(SparseBitmap::kPageBytes)) {
-      return Status::FromErrno(errno ? errno : EIO, "write " + gen.path);
-    }
+    Status st = PwriteFull(gen.fd.get(), words.data(), SparseBitmap::kPageBytes, uint64_t(off),
+                           gen.path, "tracking.write");
+    if (!st.ok()) return st;
   }
-  if (fdatasync(gen.fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + gen.path);
+  if (fault::Fdatasync("tracking.sync", gen.fd.get()) != 0) {
+    return Status::FromErrno(errno, "fdatasync " + gen.path);
+  }
   // Durable: only now may readers see the bits (and skip the slow path).
   for (auto& [pi, words] : pages) gen.bits.or_page(pi, words.data());
   marks_written_.fetch_add(pages.size());
@@ -281,6 +292,14 @@ void ChangeTracker::flusher_loop() {
     ++batches_started_;
     lock.unlock();
     Status st = write_marks(*gen, batch);
+    // A transient failure is retried before the writes waiting on it fail:
+    // write_marks writes every page again before the next fdatasync, so a
+    // retry never trusts pages an earlier failed sync may have dropped.
+    for (int attempt = 1; !st.ok() && attempt < kMarkAttempts; ++attempt) {
+      spdlog::warn("change tracking {}: {}; retrying", dir_, st.ToString());
+      std::this_thread::sleep_for(std::chrono::milliseconds(10 * attempt));
+      st = write_marks(*gen, batch);
+    }
     if (!st.ok()) spdlog::error("change tracking {}: {}", dir_, st.ToString());
     for (Pending& p : batch) {
       p.reactor->post([done = std::move(p.done), st] { done(st); });

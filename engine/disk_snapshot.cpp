@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/fault_injection.h"
 
 namespace rpoint {
 namespace {
@@ -49,6 +50,7 @@ class DiskSnapshot::CowOp final : public Reactor::Op {
 
   void complete(int res, uint32_t) override {
     std::unique_ptr<CowOp> self(this);  // freed unless handed back to the ring
+    if (injected_) res = -std::exchange(injected_, 0);
     if (res == -EAGAIN || res == -EINTR) return self.release()->issue();
     if (res < 0) return done(std::move(self), -res, false);
     if (res == 0 && !writing_) {
@@ -74,7 +76,14 @@ class DiskSnapshot::CowOp final : public Reactor::Op {
     uint64_t off = block_ * snap_->granularity() + done_;
     io_uring_sqe* s = reactor_.sqe(this);
     if (writing_) {
-      io_uring_prep_write(s, snap_->staging_fd_.get(), buf_.get() + done_, len_ - done_, off);
+      // An injected fault completes a no-op with the error (or writes fewer bytes).
+      ssize_t n = fault::WriteLength("staging.write", len_ - done_);
+      if (n < 0) {
+        injected_ = static_cast<int>(-n);
+        io_uring_prep_nop(s);
+      } else {
+        io_uring_prep_write(s, snap_->staging_fd_.get(), buf_.get() + done_, unsigned(n), off);
+      }
     } else {
       io_uring_prep_read(s, snap_->p_.data_fd, buf_.get() + done_, len_ - done_, off);
     }
@@ -94,6 +103,7 @@ class DiskSnapshot::CowOp final : public Reactor::Op {
   uint32_t len_ = 0;
   uint32_t done_ = 0;
   bool writing_ = false;
+  int injected_ = 0;  // errno of an injected staging write fault
 };
 
 DiskSnapshot::DiskSnapshot(Params p)

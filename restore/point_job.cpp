@@ -4,6 +4,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 
 #include "control/disk_files.h"
 #include "control/disk_service.h"
@@ -157,6 +159,11 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
 }
 
 void RestoreServiceImpl::overlay(RestorePointRecord& p) {
+  auto u = unrecorded_.find(p.collection + "/" + p.name);
+  if (u != unrecorded_.end() && p.provisioning_state == "Creating") {
+    p = u->second.first;
+    return;
+  }
   auto it = live_points_.find(p.collection + "/" + p.name);
   if (it == live_points_.end() || p.provisioning_state != "Creating") return;
   const PointProgress& prog = *it->second;
@@ -213,6 +220,7 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   // client that sees the operation end can start the next point at once (and
   // that point's cut finds the trackers already retired).
   std::unique_lock<std::mutex> lock(mu_);
+  record_unrecorded_locked();
   EndOperation(op, err ? &*err : nullptr, NowRfc3339());
   std::vector<TrackingBase> bases;
   std::vector<StoreRef> freed;  // retained bases this point replaces
@@ -231,11 +239,31 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   }
   // One transaction: the point, its operation and (on success) the disks' new
   // bases, so the point and the parents of the next points move together.
-  Status s = db_->save_point(rec, &op, err ? nullptr : &bases);
+  Status s = save_point_retrying_locked(rec, &op, err ? nullptr : &bases);
+  if (!s.ok() && !err) {
+    // Not recorded Succeeded, so it is not one: it fails, and its store points
+    // go. The disks' bases did not move and the trackers keep their
+    // generations, so the next point still covers every change.
+    spdlog::error("restore point {}/{}: cannot record it: {}", rec.collection, rec.name,
+                  s.ToString());
+    err = JobError{"MetadataCommitFailed",
+                   "recording the restore point in the metadata database failed: " + s.message()};
+    for (auto& d : rec.disk_restore_points) {
+      if (d.store_point && st) (void)st->delete_point(d.store_point);
+      d.store_point = 0;
+      d.status = "Failed";
+    }
+    rec.provisioning_state = "Failed";
+    rec.error_code = err->code;
+    rec.error_message = err->message;
+    EndOperation(op, &*err, NowRfc3339());
+    s = save_point_retrying_locked(rec, &op, nullptr);
+  }
   if (!s.ok()) {
     freed.clear();  // the old bases are still the bases
-    spdlog::error("restore point {}/{}: cannot record its end: {}", rec.collection, rec.name,
-                  s.ToString());
+    spdlog::error("restore point {}/{}: cannot record its end ({}): {}", rec.collection, rec.name,
+                  rec.provisioning_state, s.ToString());
+    unrecorded_[rec.collection + "/" + rec.name] = {rec, op};
   } else if (!err) {
     // Only now may the trackers forget: a crash before this leaves their
     // generations in place and the next point copies a superset (harmless).
@@ -256,6 +284,33 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   lock.unlock();
   // The replaced retained bases are unnamed now (a crash here: Open deletes them).
   free_store_points(freed);
+}
+
+Status RestoreServiceImpl::save_point_retrying_locked(const RestorePointRecord& rec,
+                                                      const OperationRecord* op,
+                                                      const std::vector<TrackingBase>* bases) {
+  constexpr int kAttempts = 3;
+  Status s;
+  for (int attempt = 1; attempt <= kAttempts; ++attempt) {
+    s = db_->save_point(rec, op, bases);
+    if (s.ok() || attempt == kAttempts) break;
+    spdlog::warn("restore point {}/{}: recording it: {}; retrying", rec.collection, rec.name,
+                 s.ToString());
+    std::this_thread::sleep_for(std::chrono::milliseconds(20 * attempt));
+  }
+  return s;
+}
+
+void RestoreServiceImpl::record_unrecorded_locked() {
+  for (auto it = unrecorded_.begin(); it != unrecorded_.end();) {
+    if (db_->save_point(it->second.first, &it->second.second).ok()) {
+      spdlog::info("restore point {}: its end ({}) is recorded now", it->first,
+                   it->second.first.provisioning_state);
+      it = unrecorded_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 std::optional<JobError> RestoreServiceImpl::create_point(

@@ -925,6 +925,9 @@ Result<OperationRecord> RestoreServiceImpl::get_operation(const std::string& id)
   if (!o.ok()) return o.status();
   if (!o.value()) return Status::NotFound("operation '" + id + "' not found");
   OperationRecord op = *o.value();
+  for (const auto& [key, u] : unrecorded_) {
+    if (u.second.id == id && op.status == "InProgress") return u.second;
+  }
   if (op.status == "InProgress") {
     auto it = live_ops_.find(id);
     if (it != live_ops_.end()) op.percent_complete = it->second->load();

@@ -131,6 +131,12 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::shared_ptr<store::Store> store_of(const std::string& region);
   FreezeHooks hooks_for(const std::string& vm) const;
   void overlay(RestorePointRecord& p);
+  // mu_ held. save_point, tried again after a short wait when it fails (a
+  // transient I/O error of the database must not strand a finished job).
+  Status save_point_retrying_locked(const RestorePointRecord& rec, const OperationRecord* op,
+                                    const std::vector<TrackingBase>* bases);
+  // mu_ held. Saves what unrecorded_ holds; keeps what still fails.
+  void record_unrecorded_locked();
   OperationRecord new_operation(const std::string& kind, const std::string& resource_id);
   void finish_operation(OperationRecord& op, const JobError* err, nlohmann::json result = nullptr);
   Status recover();
@@ -195,6 +201,11 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::unique_ptr<RestoreDb> db_;
   std::map<std::string, std::shared_ptr<PointProgress>> live_points_;  // "c/rp"
   std::map<std::string, std::shared_ptr<std::atomic<int>>> live_ops_;
+  // Ends of point jobs the metadata database refused to record (its commit
+  // failed, retries too): served from here ("c/rp", operation id) so clients
+  // see the end, and saved again before the next point job records its own.
+  // A restart without them marks the point Failed (still Creating on disk).
+  std::map<std::string, std::pair<RestorePointRecord, OperationRecord>> unrecorded_;
   std::set<std::string> creating_vms_;  // VMs with a point job running
   std::set<std::string> deleting_collections_;
   std::map<std::string, std::weak_ptr<store::PointDevice>> devices_;

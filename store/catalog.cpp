@@ -6,6 +6,7 @@
 #include <map>
 
 #include "common/thread_role.h"
+#include "common/fault_sqlite_vfs.h"
 #include "store/macros.h"
 
 namespace rpoint::store {
@@ -113,7 +114,7 @@ class Catalog::Conn {
   static Result<std::unique_ptr<Conn>> Open(const std::string& path, bool write) {
     std::unique_ptr<Conn> c(new Conn());
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (write ? SQLITE_OPEN_CREATE : 0);
-    int rc = sqlite3_open_v2(path.c_str(), &c->db_, flags, nullptr);
+    int rc = sqlite3_open_v2(path.c_str(), &c->db_, flags, fault::SqliteVfs("catalog"));
     if (rc != SQLITE_OK) {
       return Status::IoError("sqlite open " + path + ": " +
                              (c->db_ ? sqlite3_errmsg(c->db_) : sqlite3_errstr(rc)));
@@ -133,11 +134,8 @@ class Catalog::Conn {
     RPOINT_ASSERT_MAY_BLOCK("SQLite");
     char* err = nullptr;
     int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &err);
-    if (rc != SQLITE_OK) {
-      std::string m = err ? err : sqlite3_errstr(rc);
-      sqlite3_free(err);
-      return Status::IoError(std::string("sqlite: ") + m);
-    }
+    sqlite3_free(err);  // the same text as sqlite3_errmsg, which error() reports
+    if (rc != SQLITE_OK) return error(rc, "'" + std::string(sql).substr(0, 80) + "'");
     return Status::Ok();
   }
 
@@ -155,7 +153,10 @@ class Catalog::Conn {
   }
 
   Status error(int rc, const std::string& what) {
-    std::string m = "sqlite " + what + ": " + sqlite3_errmsg(db_);
+    // Named by file: a failing commit must say which database failed.
+    std::string m = "sqlite " + what + ": " + sqlite3_errmsg(db_) + " (" +
+                    sqlite3_db_filename(db_, "main") + ")";
+    rc &= 0xff;
     if (rc == SQLITE_FULL) return Status::NoSpace(m);
     if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED) return Status::Conflict(m);
     return Status::IoError(m);

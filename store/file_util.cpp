@@ -10,46 +10,15 @@
 #include <memory>
 
 #include "common/thread_role.h"
+#include "common/fault_injection.h"
 #include "common/unique_fd.h"
 
 namespace rpoint::store {
 
-Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what) {
-  RPOINT_ASSERT_MAY_BLOCK("pread");
-  auto* p = static_cast<char*>(buf);
-  while (len > 0) {
-    ssize_t n = ::pread(fd, p, len, static_cast<off_t>(off));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "read " + what);
-    }
-    if (n == 0) return Status::IoError("read " + what + ": unexpected end of file");
-    p += n;
-    len -= size_t(n);
-    off += uint64_t(n);
-  }
-  return Status::Ok();
-}
-
-Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::string& what) {
-  const auto* p = static_cast<const char*>(buf);
-  while (len > 0) {
-    ssize_t n = ::pwrite(fd, p, len, static_cast<off_t>(off));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "write " + what);
-    }
-    p += n;
-    len -= size_t(n);
-    off += uint64_t(n);
-  }
-  return Status::Ok();
-}
-
-Status FsyncDir(const std::string& dir) {
+Status FsyncDir(const std::string& dir, const char* fault_point) {
   UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd) return Status::FromErrno(errno, "open dir " + dir);
-  if (::fsync(fd.get()) != 0) return Status::FromErrno(errno, "fsync dir " + dir);
+  if (fault::Fsync(fault_point, fd.get()) != 0) return Status::FromErrno(errno, "fsync dir " + dir);
   return Status::Ok();
 }
 

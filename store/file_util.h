@@ -10,15 +10,17 @@
 #include <string>
 #include <vector>
 
+#include "common/file_io.h"
 #include "common/status.h"
 
 namespace rpoint::store {
 
-// Reads exactly len bytes at off; a short read (end of file) is an IoError.
-Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what);
-Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::string& what);
+// Whole-buffer reads and writes (common/file_io.h, shared with the engine).
+using rpoint::PreadFull;
+using rpoint::PwriteFull;
 // fsync of a directory, so entries created or renamed in it are durable.
-Status FsyncDir(const std::string& dir);
+// fault_point names it for fault injection (common/fault_injection.h).
+Status FsyncDir(const std::string& dir, const char* fault_point = nullptr);
 // mkdir that accepts an existing directory; *created tells which happened.
 Status MakeDir(const std::string& dir, bool* created);
 // Makes `dir/name` hold exactly `data`, atomically and durably: written to

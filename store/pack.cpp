@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/fault_injection.h"
 #include "store/file_util.h"
 #include "store/macros.h"
 
@@ -50,7 +51,8 @@ PackWriter::~PackWriter() {
 
 Status PackWriter::flush() {
   if (buf_used_ == 0) return Status::Ok();
-  STORE_RETURN_IF_ERROR(PwriteFull(fd_.get(), buf_.data(), buf_used_, buf_file_off_, tmp_path_));
+  STORE_RETURN_IF_ERROR(
+      PwriteFull(fd_.get(), buf_.data(), buf_used_, buf_file_off_, tmp_path_, "pack.write"));
   // Start writeback now, in the background: by seal() time most of the pack is
   // already on disk and the fdatasync is short.
   (void)::sync_file_range(fd_.get(), static_cast<off_t>(buf_file_off_),
@@ -68,11 +70,11 @@ Result<uint64_t> PackWriter::append(ObjectKind kind, const Digest& d, const void
   if (buf_used_ + stored_len > buf_.size()) STORE_RETURN_IF_ERROR(flush());
   if (stored_len > buf_.size()) {
     // Bigger than the whole buffer (huge chunk sizes): write it straight through.
-    STORE_RETURN_IF_ERROR(PwriteFull(fd_.get(), data, len, buf_file_off_, tmp_path_));
+    STORE_RETURN_IF_ERROR(PwriteFull(fd_.get(), data, len, buf_file_off_, tmp_path_, "pack.write"));
     if (stored_len > len) {
       std::vector<char> zeros(stored_len - len, 0);
-      STORE_RETURN_IF_ERROR(
-          PwriteFull(fd_.get(), zeros.data(), zeros.size(), buf_file_off_ + len, tmp_path_));
+      STORE_RETURN_IF_ERROR(PwriteFull(fd_.get(), zeros.data(), zeros.size(), buf_file_off_ + len,
+                                       tmp_path_, "pack.write"));
     }
     buf_file_off_ += stored_len;
   } else {
@@ -106,14 +108,17 @@ Result<SealedPack> PackWriter::seal() {
   std::vector<char> tail(tlen + sizeof(PackFooter));
   if (tlen > 0) std::memcpy(tail.data(), entries_.data(), tlen);
   std::memcpy(tail.data() + tlen, &f, sizeof(f));
-  STORE_RETURN_IF_ERROR(PwriteFull(fd_.get(), tail.data(), tail.size(), size_, tmp_path_));
+  STORE_RETURN_IF_ERROR(
+      PwriteFull(fd_.get(), tail.data(), tail.size(), size_, tmp_path_, "pack.write"));
   uint64_t file_size = size_ + tail.size();
-  if (::fdatasync(fd_.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp_path_);
-  if (::rename(tmp_path_.c_str(), final_path_.c_str()) != 0) {
+  if (fault::Fdatasync("pack.sync", fd_.get()) != 0) {
+    return Status::FromErrno(errno, "fdatasync " + tmp_path_);
+  }
+  if (fault::Rename("pack.rename", tmp_path_.c_str(), final_path_.c_str()) != 0) {
     return Status::FromErrno(errno, "rename " + tmp_path_);
   }
   sealed_ = true;
-  STORE_RETURN_IF_ERROR(FsyncDir(PackSubdir(packs_dir_, id_)));
+  STORE_RETURN_IF_ERROR(FsyncDir(PackSubdir(packs_dir_, id_), "pack.dirsync"));
   fd_.reset();
   std::vector<char>().swap(buf_);
   SealedPack sp;

@@ -1,0 +1,228 @@
+// Unit tests for fault injection (common/fault_injection.h): the rule parser,
+// hit counting (@N, *K, prefixes), the syscall wrappers on real files, and the
+// SQLite VFS shim turning an armed point into a real SQLite I/O error.
+#include "common/fault_injection.h"
+
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sqlite3.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/fault_sqlite_vfs.h"
+#include "common/unique_fd.h"
+
+namespace rpoint::fault {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    std::string t = (fs::temp_directory_path() / "rpoint-fault-XXXXXX").string();
+    REQUIRE(mkdtemp(t.data()) != nullptr);
+    path = t;
+  }
+  ~TempDir() {
+    DisarmAll();
+    fs::remove_all(path);
+  }
+};
+
+void ArmText(const std::string& text) {
+  auto r = ParseRules(text);
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  Arm(std::move(r).value());
+}
+
+TEST_CASE("rules parse: actions, @N, *K, prefixes, separators") {
+  auto r =
+      ParseRules(" pack.sync=EIO, staging.write=ENOSPC@3;pack.write=short*2\ntracking.*=28@2*1 ");
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  REQUIRE(r->size() == 4);
+  CHECK(r.value()[0].pattern == "pack.sync");
+  CHECK(r.value()[0].action.error == EIO);
+  CHECK(r.value()[0].from_hit == 1);
+  CHECK(r.value()[0].count == 0);
+  CHECK(r.value()[1].action.error == ENOSPC);
+  CHECK(r.value()[1].from_hit == 3);
+  CHECK(r.value()[2].action.shorten);
+  CHECK(r.value()[2].count == 2);
+  CHECK(r.value()[3].pattern == "tracking.*");
+  CHECK(r.value()[3].action.error == 28);
+  CHECK(r.value()[3].from_hit == 2);
+  CHECK(r.value()[3].count == 1);
+  Arm(std::move(r).value());
+  CHECK(Describe() ==
+        "pack.sync=EIO,staging.write=ENOSPC@3,pack.write=short*2,tracking.*=ENOSPC@2*1");
+  DisarmAll();
+  CHECK(Describe() == "none");
+
+  auto empty = ParseRules("  \n ");
+  REQUIRE(empty.ok());
+  CHECK(empty->empty());
+}
+
+TEST_CASE("bad rules are refused with the rule named") {
+  for (const char* bad :
+       {"pack.sync", "=EIO", "pack.sync=", "pack.sync=EWHAT", "nosuch.point=EIO", "nosuch.*=EIO",
+        "pack.sync=EIO@0", "pack.sync=EIO*0", "pack.sync=EIO@x", "pack.sync=EIO*", "pack.sync=0",
+        "pack.sync=99999", "pack.sync=delay", "pack.sync=delayx"}) {
+    auto r = ParseRules(std::string("pack.write=EIO,") + bad);
+    CHECK_MESSAGE(!r.ok(), bad);
+    CHECK(r.status().code() == Code::kInvalidArgument);
+    CHECK_MESSAGE(r.status().message().find(bad) != std::string::npos, r.status().message());
+  }
+}
+
+TEST_CASE("hits: nothing armed passes; @N fails from the N-th hit; *K fails K hits") {
+  DisarmAll();
+  for (int i = 0; i < 3; ++i) CHECK(Hit("pack.sync").error == 0);
+  CHECK(Hit(nullptr).error == 0);
+
+  ArmText("pack.sync=EIO@3*2");
+  std::vector<int> got;
+  for (int i = 0; i < 6; ++i) got.push_back(Hit("pack.sync").error);
+  CHECK(got == std::vector<int>{0, 0, EIO, EIO, 0, 0});
+  CHECK(Hit("pack.write").error == 0);  // other points unaffected
+  CHECK(Hit(nullptr).error == 0);
+
+  // Re-arming resets the counts; the first matching rule decides.
+  ArmText("pack.*=ENOSPC*1,pack.sync=EIO");
+  CHECK(Hit("pack.sync").error == ENOSPC);
+  CHECK(Hit("pack.sync").error == 0);  // pack.* matched but its one failure is spent
+  CHECK(Hit("pack.rename").error == ENOSPC);
+  DisarmAll();
+  CHECK(Hit("pack.sync").error == 0);
+}
+
+TEST_CASE("wrappers fail real syscalls with the rule's errno, and short writes are short") {
+  TempDir tmp;
+  std::string path = tmp.path + "/f";
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  REQUIRE(fd);
+  std::vector<char> buf(4096, 'x');
+
+  ArmText("pack.write=ENOSPC*1,pack.sync=EIO*1,pack.rename=EIO*1,pack.dirsync=short*1");
+  errno = 0;
+  CHECK(Pwrite("pack.write", fd.get(), buf.data(), buf.size(), 0) == -1);
+  CHECK(errno == ENOSPC);
+  CHECK(Pwrite("pack.write", fd.get(), buf.data(), buf.size(), 0) == 4096);
+  CHECK(Fdatasync("pack.sync", fd.get()) == -1);
+  CHECK(errno == EIO);
+  CHECK(Fdatasync("pack.sync", fd.get()) == 0);
+  CHECK(Rename("pack.rename", path.c_str(), (path + "2").c_str()) == -1);
+  CHECK(errno == EIO);
+  CHECK(fs::exists(path));
+  CHECK(Fsync("pack.dirsync", fd.get()) == -1);  // short on a non-write: EIO
+  CHECK(errno == EIO);
+  CHECK(Rename("pack.rename", path.c_str(), (path + "2").c_str()) == 0);
+
+  ArmText("tracking.write=short");
+  CHECK(Pwrite("tracking.write", fd.get(), buf.data(), 4096, 0) == 2048);
+  CHECK(Write("tracking.write", fd.get(), buf.data(), 1) == 1);  // always progresses
+  CHECK(WriteLength("tracking.write", 3) == 1);
+  ArmText("tracking.write=delay50*1");
+  auto t0 = std::chrono::steady_clock::now();
+  CHECK(WriteLength("tracking.write", 3) == 3);  // waits, then proceeds whole
+  CHECK(std::chrono::steady_clock::now() - t0 >= std::chrono::milliseconds(50));
+  CHECK(Describe() == "tracking.write=delay50*1");
+  // A long delay ends as soon as the rules change.
+  ArmText("tracking.write=delay60000");
+  std::thread held([] { CHECK(WriteLength("tracking.write", 8) == 8); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  t0 = std::chrono::steady_clock::now();
+  DisarmAll();
+  held.join();
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10));
+  DisarmAll();
+  CHECK(WriteLength("tracking.write", 3) == 3);
+}
+
+TEST_CASE("RPOINTD_FAULTS and RPOINTD_FAULTS_FILE arm rules; bad ones are errors") {
+  TempDir tmp;
+  ::setenv("RPOINTD_FAULTS", "catalog.sync=EIO@2", 1);
+  REQUIRE(ArmFromEnvironment().ok());
+  CHECK(Describe() == "catalog.sync=EIO@2");
+  ::setenv("RPOINTD_FAULTS", "catalog.sync=EIO@", 1);
+  CHECK(ArmFromEnvironment().code() == Code::kInvalidArgument);
+  CHECK(Describe() == "catalog.sync=EIO@2");  // a bad rule keeps what was armed
+  ::unsetenv("RPOINTD_FAULTS");
+
+  std::string file = tmp.path + "/rules";
+  ::setenv("RPOINTD_FAULTS_FILE", file.c_str(), 1);
+  REQUIRE(ReloadFromFile().ok());  // missing file: no rules
+  CHECK(Describe() == "none");
+  FILE* f = std::fopen(file.c_str(), "w");
+  REQUIRE(f);
+  std::fputs("metadata.write=ENOSPC\n", f);
+  std::fclose(f);
+  REQUIRE(ReloadFromFile().ok());
+  CHECK(Describe() == "metadata.write=ENOSPC");
+  ::unsetenv("RPOINTD_FAULTS_FILE");
+}
+
+int Exec(sqlite3* db, const char* sql) {
+  return sqlite3_exec(db, sql, nullptr, nullptr, nullptr);
+}
+
+int64_t Count(sqlite3* db) {
+  sqlite3_stmt* st = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "SELECT count(*) FROM t", -1, &st, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(st) == SQLITE_ROW);
+  int64_t n = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return n;
+}
+
+TEST_CASE("the SQLite shim: an armed sync or write fails the commit, which rolls back") {
+  TempDir tmp;
+  const char* vfs = SqliteVfs("catalog");
+  REQUIRE(vfs != nullptr);
+  CHECK(std::string(vfs) == "rpoint-catalog");
+  CHECK(std::string(SqliteVfs("metadata")) == "rpoint-metadata");
+  sqlite3* db = nullptr;
+  std::string path = tmp.path + "/store.db";
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, vfs) ==
+          SQLITE_OK);
+  sqlite3_extended_result_codes(db, 1);
+  REQUIRE(Exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;") == SQLITE_OK);
+  REQUIRE(Exec(db, "CREATE TABLE t(x); INSERT INTO t VALUES(1);") == SQLITE_OK);
+
+  struct Case {
+    const char* rule;
+    int rc;
+  };
+  for (Case c :
+       {Case{"catalog.sync=EIO", SQLITE_IOERR_FSYNC}, Case{"catalog.sync=ENOSPC", SQLITE_FULL},
+        Case{"catalog.write=EIO", SQLITE_IOERR_WRITE}, Case{"catalog.write=short", SQLITE_FULL},
+        Case{"metadata.sync=EIO", SQLITE_OK}}) {
+    CAPTURE(c.rule);
+    ArmText(c.rule);
+    REQUIRE(Exec(db, "BEGIN IMMEDIATE; INSERT INTO t VALUES(2);") == SQLITE_OK);
+    int rc = Exec(db, "COMMIT");
+    CHECK(rc == c.rc);
+    if (rc != SQLITE_OK) (void)Exec(db, "ROLLBACK");
+    DisarmAll();
+    if (rc != SQLITE_OK) CHECK(Count(db) == 1);  // the failed commit left nothing
+    (void)Exec(db, "DELETE FROM t WHERE x = 2");
+  }
+  // Disarmed, the same connection commits again; the data is intact after reopening.
+  REQUIRE(Exec(db, "INSERT INTO t VALUES(3)") == SQLITE_OK);
+  sqlite3_close(db);
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE, vfs) == SQLITE_OK);
+  CHECK(Count(db) == 2);
+  CHECK(Exec(db, "PRAGMA integrity_check") == SQLITE_OK);
+  sqlite3_close(db);
+}
+
+}  // namespace
+}  // namespace rpoint::fault
