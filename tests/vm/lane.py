@@ -242,20 +242,27 @@ def overlay(base, files, out):
         head = f.read()
     with open(out, "wb") as f:
         f.write(head)
+        # The kernel looks for the next archive at a 4-byte boundary (zeroes skipped).
+        f.write(bytes(-len(head) % 4))
         f.write(extra)
     return out
 
 
 class VM:
     """One qemu process. disks: raw image paths (virtio, cache=none, /dev/vda...).
-    serial_files: host files that receive the guest's /dev/ttyS1, ttyS2, ..."""
+    serial_files: host files that receive the guest's /dev/ttyS1, ttyS2, ...
+
+    tsc=unstable: under a busy host the TSC watchdog marks the TSC unstable at
+    run time, which flips the sched_clock static key with -smp 2 running; that
+    live code patching oopsed (int3 in sched_clock_cpu) under TCG. Unstable
+    from boot, the key never flips later."""
 
     def __init__(self, kernel, initrd, disks=(), serial_files=(), append="", mem=2048, smp=2,
                  console_log=None):
         self.args = ["qemu-system-x86_64", "-cpu", "max,-cx16", "-smp", str(smp), "-m", str(mem),
                      "-nographic", "-no-reboot", "-serial", "mon:stdio",
                      "-kernel", kernel.vmlinuz, "-initrd", initrd,
-                     "-append", f"console=ttyS0 quiet panic=-1 {append}".strip()]
+                     "-append", f"console=ttyS0 quiet panic=-1 tsc=unstable {append}".strip()]
         for s in serial_files:
             self.args += ["-serial", f"file:{s}"]
         for img in disks:

@@ -63,7 +63,9 @@ uint64_t SplitMix(uint64_t* s) {
   return z ^ (z >> 31);
 }
 
-uint64_t Seq(uint64_t boot, uint64_t batch, uint64_t i) { return boot << 40 | batch << 12 | i; }
+uint64_t Seq(uint64_t boot, uint64_t batch, uint64_t i) {
+  return boot << 40 | batch << 12 | i;
+}
 
 void Stamp(uint32_t disk, uint32_t block, uint64_t seq, unsigned char* out) {
   memcpy(out, kMagic, 8);
@@ -77,22 +79,23 @@ void Stamp(uint32_t disk, uint32_t block, uint64_t seq, unsigned char* out) {
 struct Options {
   std::string mode;
   std::string nbd_sock;
-  std::string rpoint;       // path of the rpoint CLI
+  std::string rpoint;  // path of the rpoint CLI
   std::string control_sock;
   std::string collection = "c";
   std::vector<std::string> disks;
-  uint32_t blocks = 4096;   // per disk, all written
-  uint32_t batch = 32;      // writes per disk per batch
+  uint32_t blocks = 4096;  // per disk, all written
+  uint32_t batch = 32;     // writes per disk per batch
   uint64_t seed = 1;
   uint64_t boot = 1;
-  std::string record;       // write: where record lines go; check: the record file
-  int flush_pct = 30;       // write: chance to flush after a batch
-  bool stop_flush_at_point = false;  // write: no flush once a point started
-  int point_every = 6;      // write: batches between points
-  std::string baseline;     // check: file of the previous boot's disks; write it anew
+  std::string record;                // write: where record lines go; check: the record file
+  int flush_pct = 30;                // write: chance to flush after a batch
+  bool stop_flush_at_point = false;  // write: no flush from 2 batches before the first point
+  bool pause_during_point = false;   // write: no writes while a point runs
+  int point_every = 6;               // write: batches between points
+  std::string baseline;              // check: file of the previous boot's disks; write it anew
   std::string new_baseline;
-  std::string succeeded;    // check: file listing Succeeded points, one a line
-  std::string next_point;   // check: name of the incremental point to cut now
+  std::string succeeded;   // check: file listing Succeeded points, one a line
+  std::string next_point;  // check: name of the incremental point to cut now
 };
 
 // The K distinct blocks of (boot, batch, disk).
@@ -199,8 +202,10 @@ class Recorder {
       if (n < 0) Die("record write");
       off += n;
     }
-    if (tty_) tcdrain(fd_);
-    else fdatasync(fd_);
+    if (tty_)
+      tcdrain(fd_);
+    else
+      fdatasync(fd_);
   }
 
  private:
@@ -226,6 +231,13 @@ int RunWrite(const Options& o) {
     if (batch >= (1u << 28)) Die("too many batches");
     // Between batches: has the point finished? Then every later batch is
     // submitted after it was observed done.
+    // --pause-during-point: the point's copy-out sees the disks quiet, and no
+    // later write re-marks (and so re-copies) what it copied.
+    while (o.pause_during_point && child > 0) {
+      siginfo_t si{};
+      if (waitid(P_PID, child, &si, WEXITED | WNOHANG | WNOWAIT) != 0 || si.si_pid != 0) break;
+      usleep(10000);
+    }
     if (child > 0) {
       int st = 0;
       pid_t r = waitpid(child, &st, WNOHANG);
@@ -242,12 +254,12 @@ int RunWrite(const Options& o) {
       rec.Line("P " + std::to_string(o.boot) + " " + child_name + " start " +
                std::to_string(batch - 1));
       std::string target = o.collection + "/" + child_name;
-      const char* argv[] = {o.rpoint.c_str(), "--socket", o.control_sock.c_str(), "restore-point",
-                            "create", target.c_str(), "--wait", nullptr};
+      const char* argv[] = {o.rpoint.c_str(), "--socket", o.control_sock.c_str(),
+                            "restore-point",  "create",   target.c_str(),
+                            "--wait",         nullptr};
       if (posix_spawn(&child, o.rpoint.c_str(), nullptr, nullptr, const_cast<char**>(argv),
                       environ) != 0)
         Die("spawn rpoint");
-      if (o.stop_flush_at_point) flushing = false;
     }
     rec.Line("S " + std::to_string(o.boot) + " " + std::to_string(batch));
     for (uint32_t d = 0; d < hs.size(); d++) {
@@ -262,6 +274,10 @@ int RunWrite(const Options& o) {
     }
     Drain(hs);
     if (errors) Die("writes failed");
+    // --stop-flush-at-point: the last two batches before the first point, and
+    // everything after, stay unflushed: the point copies them from the page cache.
+    if (o.stop_flush_at_point && batch + 2 >= static_cast<uint64_t>(o.point_every))
+      flushing = false;
     if (flushing && static_cast<int>(SplitMix(&rng) % 100) < o.flush_pct) {
       for (nbd_handle* h : hs)
         if (nbd_aio_flush(h, nbd_completion_callback{CheckErr, &errors, nullptr}, 0) == -1)
@@ -279,8 +295,8 @@ struct BootRecord {
   int64_t max_submitted = -1;
   int64_t max_flushed = -1;
   struct Point {
-    int64_t start = -1;   // batches <= start were acked before the point began
-    int64_t done = -1;    // batches > done were submitted after it was seen done; -1: unknown
+    int64_t start = -1;  // batches <= start were acked before the point began
+    int64_t done = -1;   // batches > done were submitted after it was seen done; -1: unknown
   };
   std::map<std::string, Point> points;
 };
@@ -464,8 +480,7 @@ class Checker {
     for (uint32_t b = 0; b < o_.blocks; b++) {
       out[b] = ParseOne(d, b, raw.data() + size_t{b} * kBlock);
       if (out[b] == kBad)
-        Problem(what + " block " + std::to_string(b) +
-                ": torn, misplaced or never-issued data");
+        Problem(what + " block " + std::to_string(b) + ": torn, misplaced or never-issued data");
     }
     return out;
   }
@@ -528,27 +543,49 @@ Options ParseArgs(int argc, char** argv) {
       o.stop_flush_at_point = true;
       continue;
     }
+    if (k == "--pause-during-point") {
+      o.pause_during_point = true;
+      continue;
+    }
     if (i + 1 >= argc) Die("missing value for " + k);
     std::string v = argv[++i];
-    if (k == "--nbd") o.nbd_sock = v;
-    else if (k == "--control") o.control_sock = v;
-    else if (k == "--rpoint") o.rpoint = v;
-    else if (k == "--collection") o.collection = v;
-    else if (k == "--disk") o.disks.push_back(v);
-    else if (k == "--blocks") o.blocks = std::stoul(v);
-    else if (k == "--batch") o.batch = std::stoul(v);
-    else if (k == "--seed") o.seed = std::stoull(v);
-    else if (k == "--boot") o.boot = std::stoull(v);
-    else if (k == "--record") o.record = v;
-    else if (k == "--flush-pct") o.flush_pct = std::stoi(v);
-    else if (k == "--point-every") o.point_every = std::stoi(v);
-    else if (k == "--baseline") o.baseline = v;
-    else if (k == "--new-baseline") o.new_baseline = v;
-    else if (k == "--succeeded") o.succeeded = v;
-    else if (k == "--next-point") o.next_point = v;
-    else Die("unknown option " + k);
+    if (k == "--nbd")
+      o.nbd_sock = v;
+    else if (k == "--control")
+      o.control_sock = v;
+    else if (k == "--rpoint")
+      o.rpoint = v;
+    else if (k == "--collection")
+      o.collection = v;
+    else if (k == "--disk")
+      o.disks.push_back(v);
+    else if (k == "--blocks")
+      o.blocks = std::stoul(v);
+    else if (k == "--batch")
+      o.batch = std::stoul(v);
+    else if (k == "--seed")
+      o.seed = std::stoull(v);
+    else if (k == "--boot")
+      o.boot = std::stoull(v);
+    else if (k == "--record")
+      o.record = v;
+    else if (k == "--flush-pct")
+      o.flush_pct = std::stoi(v);
+    else if (k == "--point-every")
+      o.point_every = std::stoi(v);
+    else if (k == "--baseline")
+      o.baseline = v;
+    else if (k == "--new-baseline")
+      o.new_baseline = v;
+    else if (k == "--succeeded")
+      o.succeeded = v;
+    else if (k == "--next-point")
+      o.next_point = v;
+    else
+      Die("unknown option " + k);
   }
-  if (o.disks.empty() || o.nbd_sock.empty() || o.record.empty()) Die("need --disk, --nbd, --record");
+  if (o.disks.empty() || o.nbd_sock.empty() || o.record.empty())
+    Die("need --disk, --nbd, --record");
   if (o.batch == 0 || o.batch > 4096 || o.batch > o.blocks) Die("bad --batch");
   if (o.point_every < 1) Die("bad --point-every");
   return o;
