@@ -20,6 +20,9 @@
 // any seq read back names the one write it came from (or is garbage).
 // Stamp format: tests/integration/rp_load.py's (magic, disk, block, seq, fill).
 //
+// Timing flags of write mode (the host picks them per boot): --flush-pct,
+// --point-every, --stop-flush-at-point, --pause-during-point (tests/vm/README.md).
+//
 // Single-threaded; one libnbd handle per disk.
 #include <fcntl.h>
 #include <libnbd.h>
@@ -229,8 +232,6 @@ int RunWrite(const Options& o) {
   rec.Line("W " + std::to_string(o.boot) + " start");
   for (uint64_t batch = 0;; batch++) {
     if (batch >= (1u << 28)) Die("too many batches");
-    // Between batches: has the point finished? Then every later batch is
-    // submitted after it was observed done.
     // --pause-during-point: the point's copy-out sees the disks quiet, and no
     // later write re-marks (and so re-copies) what it copied.
     while (o.pause_during_point && child > 0) {
@@ -238,6 +239,8 @@ int RunWrite(const Options& o) {
       if (waitid(P_PID, child, &si, WEXITED | WNOHANG | WNOWAIT) != 0 || si.si_pid != 0) break;
       usleep(10000);
     }
+    // Between batches: has the point finished? Then every later batch is
+    // submitted after it was observed done.
     if (child > 0) {
       int st = 0;
       pid_t r = waitpid(child, &st, WNOHANG);
