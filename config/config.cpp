@@ -278,6 +278,24 @@ class Parser {
     }
   }
 
+  // adopt_paths: [absolute directory, ...]
+  void AdoptPaths(const Item& it) {
+    if (!it.value.IsSequence()) {
+      Fail(it, std::string("expected a list of absolute directories, got ") + KindName(it.value));
+    }
+    std::vector<std::string>& paths = config_->adopt_paths;
+    paths.clear();
+    size_t i = 0;
+    for (const auto& entry : it.value) {
+      std::string key = it.path + "[" + std::to_string(i++) + "]";
+      std::string p = String(Item{it.key, entry, key});
+      if (p.empty() || p[0] != '/') {
+        Fail(entry.Mark(), key, "must be an absolute path, got '" + p + "'");
+      }
+      paths.push_back(p);
+    }
+  }
+
   // consistency: {hook_timeout_seconds, freeze, thaw, vms: {NAME: {freeze, thaw}}}
   void Consistency(const Item& it) {
     ConsistencyConfig& cc = config_->consistency;
@@ -369,6 +387,7 @@ class Parser {
                          {"direct", [&](const Item& x) { c.direct_io = Bool(x); }}});
               }},
              {"regions", [&](const Item& it) { Regions(it); }},
+             {"adopt_paths", [&](const Item& it) { AdoptPaths(it); }},
              {"consistency", [&](const Item& it) { Consistency(it); }}});
   }
 
@@ -523,6 +542,13 @@ Status FinalizeConfig(Config& c) {
   if (c.regions.size() > 1 && defaults == 0) {
     return KeyError(c, "regions", "with several regions, one needs \"default: true\"");
   }
+  for (size_t i = 0; i < c.adopt_paths.size(); ++i) {
+    std::string& p = c.adopt_paths[i];
+    if (p.empty() || p[0] != '/') {
+      return KeyError(c, "adopt_paths", "entry " + std::to_string(i) + " must be an absolute path");
+    }
+    p = Normal(p);
+  }
   if (c.regions.empty()) {
     // Restore points work out of the box: one store next to the other state.
     c.regions.push_back({"local", Normal(std::filesystem::path(c.state_dir) / "regions" / "local"), true});
@@ -582,6 +608,9 @@ std::string ConfigToYaml(const Config& c) {
     }
     out << YAML::EndSeq;
   }
+  out << YAML::Key << "adopt_paths" << YAML::Value << YAML::Flow << YAML::BeginSeq;
+  for (const auto& p : c.adopt_paths) out << p;
+  out << YAML::EndSeq;
   const ConsistencyConfig& cc = c.consistency;
   out << YAML::Key << "consistency" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "hook_timeout_seconds" << YAML::Value << cc.hook_timeout_seconds;
@@ -612,7 +641,7 @@ const std::vector<std::string>& ConfigKeys() {
       "io.threads",    "io.direct",      "regions",      "regions[].name",  "regions[].path",
       "regions[].default", "tracking_dir", "staging_dir", "consistency.hook_timeout_seconds",
       "consistency.freeze", "consistency.thaw", "consistency.vms", "consistency.vms.{vm}",
-      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw"};
+      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths"};
   return kKeys;
 }
 

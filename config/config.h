@@ -75,6 +75,13 @@ struct Config {
   std::string tracking_dir;             // default: <state_dir>/tracking (change bitmaps)
   std::string staging_dir;              // default: <state_dir>/staging (copy-before-write)
   ConsistencyConfig consistency;
+  // Where disks may be adopted from (PUT /disks/x {"path": ...}): a path is
+  // accepted only when its real path lies inside one of these directories.
+  // Adopting exposes the file or device read-write to NBD clients, so the
+  // list bounds what the control socket's users can reach. Absolute; "/"
+  // allows everything; [] refuses adoption. rpointd's own directories are
+  // refused whatever this says.
+  std::vector<std::string> adopt_paths = {"/dev", "/srv/vm-images", "/var/lib/libvirt/images"};
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").

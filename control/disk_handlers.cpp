@@ -286,7 +286,7 @@ nlohmann::ordered_json DiskToJson(const DiskRecord& d) {
   } else {
     creation = {{"createOption", d.adopted ? "Attach" : "Empty"}};
   }
-  bool serving = d.provisioning_state == "Succeeded";
+  bool serving = d.provisioning_state == "Succeeded" && d.error.empty();
   nlohmann::ordered_json props = {
       {"sizeBytes", d.size_bytes},
       {"path", d.path},

@@ -61,6 +61,13 @@ std::string CanonicalPath(const std::string& path) {
   return buf;
 }
 
+// True when `path` is `dir` or lies below it (both canonical, no trailing '/').
+bool IsInside(const std::string& path, const std::string& dir) {
+  if (dir == "/") return true;
+  return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 &&
+                         path[dir.size()] == '/');
+}
+
 // (device, inode) naming a file, or (rdev) naming a block device, so the same
 // storage reached through a symlink, a hard link or a second device node is
 // recognised.
@@ -227,12 +234,8 @@ class DiskServiceImpl final : public DiskService {
     }
     std::string canonical = CanonicalPath(path);
     Identity id = IdentityOf(st);
-    if (DirName(canonical) == disks_dir_) {
-      // The disks directory is rpointd's: files in it that no record names are
-      // removed at start-up, which an adopted file would become once deleted.
-      return Status::InvalidArgument("path " + path + " is inside rpointd's disks directory " +
-                                     disks_dir_ + "; adopt files from elsewhere");
-    }
+    s = check_adoptable(path, canonical, st);
+    if (!s.ok()) return s;
 
     std::lock_guard<std::mutex> lock(mu_);
     if (disks_.count(name)) return Status::AlreadyExists("disk '" + name + "' already exists");
@@ -417,6 +420,39 @@ class DiskServiceImpl final : public DiskService {
     return o;
   }
 
+  // Refuses paths a disk must not be made of: rpointd's own files (the disks
+  // directory's files that no record names are removed at start-up; a disk
+  // over a tracking bitmap, a database or a pack would let a client corrupt
+  // restore points undetected), hard-linked files (a second name may lie in
+  // one of those directories: finding it would mean scanning them), and
+  // anything outside the adopt_paths allow-list.
+  Status check_adoptable(const std::string& path, const std::string& canonical,
+                         const struct stat& st) const {
+    std::vector<std::string> reserved = options_.reserved_dirs;
+    reserved.push_back(disks_dir_);
+    for (const std::string& dir : reserved) {
+      if (dir.empty()) continue;
+      if (IsInside(canonical, CanonicalPath(dir)) || IsInside(canonical, dir)) {
+        return Status::InvalidArgument("path " + path + " is inside " + dir +
+                                       ", which holds rpointd's own files; adopt files from "
+                                       "elsewhere");
+      }
+    }
+    if (S_ISREG(st.st_mode) && st.st_nlink > 1) {
+      return Status::InvalidArgument("path " + path + " has " + std::to_string(st.st_nlink) +
+                                     " hard links; rpointd adopts only files with a single "
+                                     "link (copy it, or remove the other links)");
+    }
+    for (const std::string& dir : options_.adopt_paths) {
+      if (IsInside(canonical, CanonicalPath(dir))) return Status::Ok();
+    }
+    std::string list;
+    for (const std::string& dir : options_.adopt_paths) list += (list.empty() ? "" : ", ") + dir;
+    return Status::PermissionDenied(
+        "path " + path + (canonical != path ? " (" + canonical + ")" : "") +
+        " is outside adopt_paths [" + list + "]; an operator can allow it in the configuration");
+  }
+
   // Drops a disk's change tracking generations (the disk is gone or new).
   void remove_tracking(const std::string& name) {
     if (options_.tracking_dir.empty()) return;
@@ -478,8 +514,21 @@ class DiskServiceImpl final : public DiskService {
       spdlog::error("disk {}: unavailable: {}", name, e.error);
       return;
     }
+    uint64_t size = disk.value()->size();
+    if (size < e.row.size_bytes) {
+      // Serving it smaller would silently drop the disk's tail (and restore
+      // points' change tracking would no longer match it): keep it out of
+      // service until the operator restores the size or deletes the disk.
+      e.error = "backing store " + e.row.path + " is " + std::to_string(size) +
+                " bytes, smaller than the disk's " + std::to_string(e.row.size_bytes) +
+                " (truncated outside rpointd?); restore its size and restart rpointd, or "
+                "delete the disk";
+      disk.value()->retire();
+      e.exclusive_fd.reset();
+      spdlog::error("disk {}: unavailable: {}", name, e.error);
+      return;
+    }
     e.disk = std::move(disk).value();
-    uint64_t size = e.disk->size();
     if (size > e.row.size_bytes && !block) {
       // A resize whose file grew but whose row did not commit before a crash.
       spdlog::warn("disk {}: file is {} bytes, metadata says {}; keeping the file's size", name,
@@ -550,18 +599,17 @@ class DiskServiceImpl final : public DiskService {
 
 }  // namespace
 
-Status DiskService::ValidateName(const std::string& name) {
-  if (name.empty()) return Status::InvalidArgument("disk name is empty");
+Status DiskService::ValidateName(const std::string& name, const std::string& what) {
+  if (name.empty()) return Status::InvalidArgument(what + " is empty");
   if (name.size() > 63) {
-    return Status::InvalidArgument("disk name is longer than 63 characters");
+    return Status::InvalidArgument(what + " is longer than 63 characters");
   }
   if (name[0] == '.' || name[0] == '-') {
-    return Status::InvalidArgument("disk name '" + name + "' must not start with '.' or '-'");
+    return Status::InvalidArgument(what + " '" + name + "' must not start with '.' or '-'");
   }
   for (char c : name) {
     if (!IsNameChar(c)) {
-      return Status::InvalidArgument("disk name may only contain A-Z, a-z, 0-9, '.', '_' and "
-                                     "'-'");
+      return Status::InvalidArgument(what + " may only contain A-Z, a-z, 0-9, '.', '_' and '-'");
     }
   }
   return Status::Ok();
@@ -598,12 +646,12 @@ Status DiskService::ValidateTrackingGranularity(uint64_t bytes) {
 Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions& options) {
   if (options.disks_dir.empty()) return Status::InvalidArgument("disks_dir is not set");
   if (options.metadata_db.empty()) return Status::InvalidArgument("metadata_db is not set");
-  Status s = MakeDirectories(options.disks_dir, 0750);
+  Status s = MakeDirectories(options.disks_dir, 0700);
   if (!s.ok()) return s;
-  s = MakeDirectories(DirName(options.metadata_db), 0750);
+  s = MakeDirectories(DirName(options.metadata_db), 0700);
   if (!s.ok()) return s;
   if (!options.tracking_dir.empty()) {
-    s = MakeDirectories(options.tracking_dir, 0750);
+    s = MakeDirectories(options.tracking_dir, 0700);
     if (!s.ok()) return s;
   }
   // Rows store absolute paths, so they stay right whatever the daemon's cwd.

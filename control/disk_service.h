@@ -29,6 +29,18 @@ struct DiskServiceOptions {
   // Change tracking for restore points: each disk's bitmap generations live in
   // <tracking_dir>/<disk>. Empty: no tracking (restore points refuse the disk).
   std::string tracking_dir;
+  // Directories holding rpointd's own files (state dir, regions, staging,
+  // tracking, the metadata database's directory). Nothing inside one of them,
+  // after resolving symlinks, can be adopted: a disk over a tracking bitmap or
+  // a pack would let a client corrupt restore points undetected. The disks
+  // directory is always refused as well.
+  std::vector<std::string> reserved_dirs;
+  // Adoption allow-list: a path is adopted only when its real path lies inside
+  // one of these (after resolving their symlinks too). Adopting gives NBD
+  // clients read and write access to the file, so this is root-equivalent
+  // for whoever can reach the control socket. "/" allows every path; the
+  // daemon passes the config's adopt_paths. An empty list refuses adoption.
+  std::vector<std::string> adopt_paths = {"/"};
 };
 
 struct DiskRecord {
@@ -48,8 +60,8 @@ struct DiskRecord {
   // For a disk restored from a restore point: the disk restore point's id.
   std::string source_resource_id;
   // Empty when the disk is being served. Otherwise why it is not (e.g. its
-  // backing file vanished while the daemon was down); the record stays so an
-  // operator can see it and delete it.
+  // backing file vanished or shrank while the daemon was down); the record
+  // stays so an operator can see it, fix the file and restart, or delete it.
   std::string error;
 };
 
@@ -90,7 +102,9 @@ class DiskService : public ExportResolver {
   virtual std::shared_ptr<FileDisk> file_disk(const std::string& name) = 0;
 
   // Valid names: 1-63 chars of [A-Za-z0-9._-], not starting with '.' or '-'.
-  static Status ValidateName(const std::string& name);
+  // Every resource (disk, VM, collection, restore point) follows this rule;
+  // `what` names the kind in the message ("VM name").
+  static Status ValidateName(const std::string& name, const std::string& what = "disk name");
 
   // Largest disk rpointd creates or grows to: 1 PiB (2^50). Far above any VM
   // disk in use, far below where offset + length arithmetic in 64 bits (and

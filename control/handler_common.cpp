@@ -1,6 +1,8 @@
 #include "control/handler_common.h"
 
 #include <algorithm>
+#include <string>
+#include <utility>
 
 #include "control/disk_service.h"
 
@@ -78,11 +80,28 @@ Status CheckProperties(const json& props, const ResourceRules& rules) {
   return Status::Ok();
 }
 
+// "VM name", "collection name"...: what a bad name in an error message is.
+std::string NameKind(const std::string& type) {
+  static const std::pair<const char*, const char*> kKinds[] = {
+      {"/vms", "VM name"},
+      {"/restorePointCollections", "collection name"},
+      {"/diskRestorePoints", "disk restore point name"},
+      {"/restorePoints", "restore point name"},
+      {"/disks", "disk name"}};
+  for (const auto& [suffix, kind] : kKinds) {
+    std::string sfx = suffix;
+    if (type.size() >= sfx.size() && type.compare(type.size() - sfx.size(), sfx.size(), sfx) == 0) {
+      return kind;
+    }
+  }
+  return "name";
+}
+
 }  // namespace
 
 bool ReadResourceBody(const RequestContext& ctx, const ResourceRules& rules, bool allow_empty,
                       ResourceBody* out, HttpResponse* error) {
-  if (Status s = DiskService::ValidateName(rules.name); !s.ok()) {
+  if (Status s = DiskService::ValidateName(rules.name, NameKind(rules.type)); !s.ok()) {
     *error = ErrorResponse(s);
     return false;
   }

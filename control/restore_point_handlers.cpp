@@ -32,8 +32,12 @@ std::string DiskRestorePointId(const std::string& c, const std::string& rp, cons
 
 // Every {param} of the route, validated as a resource name (400 naming it).
 bool ValidNames(const RequestContext& ctx, HttpResponse* err) {
-  for (const std::string& p : ctx.params) {
-    if (Status s = DiskService::ValidateName(p); !s.ok()) {
+  // Routes nest as collection / restore point / disk restore point.
+  static const char* const kKinds[] = {"collection name", "restore point name",
+                                       "disk restore point name"};
+  for (size_t i = 0; i < ctx.params.size(); ++i) {
+    const std::string& p = ctx.params[i];
+    if (Status s = DiskService::ValidateName(p, i < 3 ? kKinds[i] : "name"); !s.ok()) {
       *err = ErrorResponse(s);
       return false;
     }
@@ -178,7 +182,9 @@ HttpResponse PutRestorePoint(RestoreService& svc, const RequestContext& ctx) {
   const std::string& collection = ctx.params[0];
   const std::string& name = ctx.params[1];
   HttpResponse err;
-  if (Status s = DiskService::ValidateName(collection); !s.ok()) return ErrorResponse(s);
+  if (Status s = DiskService::ValidateName(collection, "collection name"); !s.ok()) {
+    return ErrorResponse(s);
+  }
   ResourceRules rules;
   rules.id = RestorePointId(collection, name);
   rules.name = name;
@@ -320,7 +326,7 @@ HttpResponse Restore(RestoreService& svc, const RequestContext& ctx) {
   }
   auto vm = StringField(body["vmName"], "vmName");
   if (!vm.ok()) return ErrorResponse(vm.status());
-  if (Status s = DiskService::ValidateName(vm.value()); !s.ok()) return ErrorResponse(s);
+  if (Status s = DiskService::ValidateName(vm.value(), "VM name"); !s.ok()) return ErrorResponse(s);
   std::map<std::string, std::string> names;
   if (auto it = body.find("diskNames"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) {

@@ -71,7 +71,7 @@ HttpResponse PutVm(RestoreService& svc, const RequestContext& ctx) {
 
 HttpResponse GetVm(RestoreService& svc, const RequestContext& ctx) {
   const std::string& name = ctx.params[0];
-  if (Status s = DiskService::ValidateName(name); !s.ok()) return ErrorResponse(s);
+  if (Status s = DiskService::ValidateName(name, "VM name"); !s.ok()) return ErrorResponse(s);
   auto vm = svc.get_vm(name);
   if (!vm.ok()) return ErrorResponse(vm.status());
   return JsonResponse(200, VmToJson(vm.value()));
@@ -85,7 +85,7 @@ HttpResponse ListVms(RestoreService& svc, const RequestContext&) {
 
 HttpResponse DeleteVm(RestoreService& svc, const RequestContext& ctx) {
   const std::string& name = ctx.params[0];
-  if (Status s = DiskService::ValidateName(name); !s.ok()) return ErrorResponse(s);
+  if (Status s = DiskService::ValidateName(name, "VM name"); !s.ok()) return ErrorResponse(s);
   Status s = svc.delete_vm(name);
   if (!s.ok()) return ErrorResponse(s);
   return EmptyResponse(204);

@@ -2,6 +2,7 @@
 
 #include <sched.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
@@ -112,6 +113,20 @@ RestoreServiceOptions RestoreOptions(const Config& config) {
   return o;
 }
 
+DiskServiceOptions DiskOptions(const Config& config) {
+  DiskServiceOptions o;
+  o.disks_dir = config.disks_dir;
+  o.metadata_db = config.metadata_db;
+  o.direct_io = config.direct_io;
+  o.tracking_dir = config.tracking_dir;
+  o.reserved_dirs = {config.state_dir,
+                     std::filesystem::path(config.metadata_db).parent_path().string(),
+                     config.tracking_dir, config.staging_dir};
+  for (const RegionConfig& r : config.regions) o.reserved_dirs.push_back(r.path);
+  o.adopt_paths = config.adopt_paths;
+  return o;
+}
+
 std::string JoinAddresses(const std::vector<std::string>& v) {
   std::string out;
   for (const auto& a : v) out += (out.empty() ? "" : ", ") + a;
@@ -155,7 +170,13 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   }
 
   // --- state directory and lock ---
+  // Everything rpointd creates (databases and their -wal/-shm, packs,
+  // tracking bitmaps, staging files, directories) is private to its user,
+  // whatever umask it was started with: the files hold every disk's data.
+  // Sockets get their configured modes explicitly (ListenUnix).
+  umask(077);
   if (Status st = MakeDirs(config.state_dir, 0700); !st.ok()) return fail("state directory", st);
+  if (Status st = TightenDirectory(config.state_dir); !st.ok()) return fail("state directory", st);
   Result<StateLock> lock = StateLock::Acquire(config.state_dir);
   if (!lock.ok()) return fail("state directory", lock.status());
   namespace fs = std::filesystem;
@@ -209,8 +230,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   if (Status st = ArmFaults(true); !st.ok()) return fail("fault injection", st);
 
   // --- services ---
-  Result<std::unique_ptr<DiskService>> disks =
-      DiskService::Open({config.disks_dir, config.metadata_db, config.direct_io, config.tracking_dir});
+  Result<std::unique_ptr<DiskService>> disks = DiskService::Open(DiskOptions(config));
   if (!disks.ok()) return fail("disk service", disks.status());
   Result<std::unique_ptr<RestoreService>> restore = RestoreService::Open(RestoreOptions(config), *disks.value());
   if (!restore.ok()) return fail("restore point service", restore.status());

@@ -1,6 +1,7 @@
 #include "daemon/state_dir.h"
 
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -27,6 +28,17 @@ Status MakeDirs(const std::string& path, unsigned mode) {
   }
   // mkdir's mode is filtered by the umask; the requested mode is what we want.
   if (chmod(path.c_str(), mode) != 0) return Status::FromErrno(errno, "cannot chmod " + path);
+  return Status::Ok();
+}
+
+Status TightenDirectory(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) return Status::FromErrno(errno, "cannot stat " + path);
+  if ((st.st_mode & 077) == 0) return Status::Ok();
+  mode_t mode = st.st_mode & 0700;
+  if (chmod(path.c_str(), mode) != 0) return Status::FromErrno(errno, "cannot chmod " + path);
+  spdlog::warn("state directory {} was mode {:04o}, readable by others: now {:04o}", path,
+               static_cast<unsigned>(st.st_mode & 07777), static_cast<unsigned>(mode));
   return Status::Ok();
 }
 

@@ -14,6 +14,10 @@ namespace rpoint {
 // mkdir -p; directories it creates get `mode`. Existing ones are left as they are.
 Status MakeDirs(const std::string& path, unsigned mode);
 
+// Clears the group and other bits of an existing directory (logging a warning
+// when it had any): the state directory holds every disk's data.
+Status TightenDirectory(const std::string& path);
+
 // An exclusive flock(2) on <state_dir>/rpointd.lock, holding our pid, for the
 // life of the process. Released by the kernel however the process ends, so a
 // crash never leaves a lock that blocks the next start.

@@ -68,11 +68,17 @@ class Daemon:
 
     def args(self):
         a = [RPOINTD, "--state-dir", self.state_dir, "--log-level", "debug"]
-        if self.config_text is not None:
-            cfg = os.path.join(self.state_dir, "rpointd.yaml")
-            with open(cfg, "w") as f:
-                f.write(self.config_text)
-            a += ["--config", cfg]
+        text = self.config_text or ""
+        if "adopt_paths" not in text:
+            # Tests adopt files they make next to the state directory (the
+            # pytest tmp dir) and loop devices: allow those (the default list
+            # names only /dev and system image directories).
+            parent = os.path.dirname(os.path.realpath(self.state_dir))
+            text += f"\nadopt_paths: [{json.dumps(parent)}, /dev]\n"
+        cfg = os.path.join(self.state_dir, "rpointd.yaml")
+        with open(cfg, "w") as f:
+            f.write(text)
+        a += ["--config", cfg]
         return a + self.extra_args
 
     def start(self, timeout=20):

@@ -143,8 +143,9 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "nbd: {socket: n, mode: '0600', tcp: 'localhost:1'}\nlog: {level: warn}\n"
       "io: {queue_depth: 1, threads: 1, direct: false}\n"
       "regions: [{name: r, path: /r, default: true}]\n"
-      "tracking_dir: t\nstaging_dir: s\n"
-      "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: b}}}\n";
+      "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\n"
+      "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: "
+      "b}}}\n";
   Config c = Parse(text);
   for (const std::string& key : ConfigKeys()) {
     std::string k = key;
@@ -171,6 +172,17 @@ TEST_CASE("null values mean the default") {
   CHECK(!c.nbd_tcp);
   CHECK(c.io_queue_depth == 256);
   CHECK(Parse("nbd: {tcp: ''}").nbd_tcp == std::nullopt);
+}
+
+TEST_CASE("adopt_paths: a list of absolute directories, default /dev and two image dirs") {
+  Config d = Parse("");
+  CHECK(d.adopt_paths ==
+        std::vector<std::string>{"/dev", "/srv/vm-images", "/var/lib/libvirt/images"});
+  CHECK(Parse("adopt_paths: [/img/, /x//y]").adopt_paths ==
+        std::vector<std::string>{"/img/", "/x//y"});
+  CHECK(Parse("adopt_paths: []").adopt_paths.empty());
+  ExpectError("adopt_paths:\n  - img\n", "2:5:", "adopt_paths[0]", "absolute");
+  ExpectError("adopt_paths: /img\n", "1:14:", "adopt_paths", "list");
 }
 
 TEST_CASE("modes are octal") {

@@ -85,7 +85,7 @@ struct Env {
   std::string region_dir() const { return tmp.path + "/regions/local"; }
   void open() {
     auto d = DiskService::Open(
-        {tmp.path + "/disks", tmp.path + "/meta.db", false, tmp.path + "/tracking"});
+        {tmp.path + "/disks", tmp.path + "/meta.db", false, tmp.path + "/tracking", {}, {"/"}});
     REQUIRE(d.ok());
     disks = std::move(d).value();
     open_restore();

@@ -24,7 +24,8 @@ struct Services {
   explicit Services(std::string tmp_template) {
     REQUIRE(mkdtemp(tmp_template.data()) != nullptr);
     dir = tmp_template;
-    auto s = DiskService::Open({dir + "/disks", dir + "/metadata.db", false, dir + "/tracking"});
+    auto s = DiskService::Open(
+        {dir + "/disks", dir + "/metadata.db", false, dir + "/tracking", {}, {"/"}});
     REQUIRE(s.ok());
     svc = std::move(s).value();
     std::filesystem::create_directories(dir + "/regions");
