@@ -45,10 +45,13 @@ def rand_json_value(rng, depth):
 def rand_json_text(rng):
     kind = rng.random()
     if kind < 0.15:  # deep nesting, under and over the limit
-        d = rng.choice([10, 60, 63, 64, 65, 100, 1000, 50000])
+        d = rng.choice([10, 60, 62, 63, 64, 65, 100, 1000, 50000, 200000])
         open_, close = rng.choice([(b"[", b"]"), (b'{"a":', b"}")])
         body = open_ * d + b"1" + close * d
-        return b'{"properties": {"configuration": ' + body + b"}}"
+        if rng.random() < 0.2:
+            body = body[:rng.randrange(len(body))]
+        return (b'{"properties": {"disks": [{"id": "/disks/f"}], "configuration": ' + body
+                + b"}}")
     if kind < 0.25:  # numbers and keys the parser must refuse
         return rng.choice([b'{"properties": {"sizeBytes": 1e400}}',
                            b'{"properties": {"sizeBytes": -1e400}}',
@@ -84,10 +87,25 @@ def chunked(rng, body):
     return out + rng.choice([b"0\r\n\r\n", b"0\r\nTrailer: x\r\n\r\n", b"0\r\n", b""])
 
 
+RESOURCE_TARGETS = [b"/disks/f", b"/disks/g", b"/vms/v", b"/restorePointCollections/c",
+                    b"/restorePointCollections/c/restorePoints/p",
+                    b"/restorePointCollections/c/restorePoints/p/verify"]
+
+
+def well_framed(rng):
+    """A correct HTTP request whose JSON body is fuzzed: reaches the handlers."""
+    body = rand_json_text(rng)
+    return (rng.choice([b"PUT", b"PUT", b"PATCH", b"POST"]) + b" " + rng.choice(RESOURCE_TARGETS)
+            + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
 def rand_request(rng):
     r = rng.random()
     if r < 0.05:
         return bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
+    if r < 0.4:
+        return well_framed(rng)
     method = rng.choice(METHODS)
     target = rng.choice(TARGETS)
     version = rng.choice([b"HTTP/1.1"] * 8 + [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b""])
