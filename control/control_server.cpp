@@ -1,18 +1,15 @@
 #include "control/control_server.h"
 
-#include <poll.h>
 #include <spdlog/spdlog.h>
-#include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
-
-#include <fcntl.h>
 
 #include <atomic>
 #include <chrono>
-#include <cstring>
 #include <list>
-#include <mutex>
+#include <optional>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "control/disk_handlers.h"
@@ -27,15 +24,19 @@ namespace rpoint {
 
 namespace {
 
-// Accept loops (one thread per listener) hand each connection to a thread of
-// its own. Control traffic is a handful of requests; a thread per connection
-// keeps every request's blocking work (fsync, SQLite commits) off any shared
-// loop, and max_connections bounds the threads.
-class ControlServerImpl final : public ControlServer {
+namespace asio = boost::asio;
+using error_code = boost::system::error_code;
+using Acceptor = asio::local::stream_protocol::acceptor;
+
+// One I/O thread runs an Asio loop that accepts and serves every connection
+// (an idle or slow client costs a socket and a timer, never a thread); the
+// handlers, which may block on SQLite commits or fsync, run on a small worker
+// pool so one slow request never stalls the loop. All connection state lives
+// on the I/O thread.
+class ControlServerImpl final : public ControlServer, public HttpConnectionOwner {
  public:
-  ControlServerImpl(DiskService& disks, RestoreService& restore, ControlServerOptions options,
-                    UniqueFd stop_fd)
-      : options_(std::move(options)), stop_fd_(std::move(stop_fd)) {
+  ControlServerImpl(DiskService& disks, RestoreService& restore, ControlServerOptions options)
+      : options_(std::move(options)), workers_(std::max(1u, options_.handler_threads)) {
     limits_.max_body_bytes = options_.max_body_bytes;
     limits_.idle_timeout_seconds = options_.idle_timeout_seconds;
     limits_.request_timeout_seconds = options_.request_timeout_seconds;
@@ -63,119 +64,143 @@ class ControlServerImpl final : public ControlServer {
     if (domain != AF_UNIX || type != SOCK_STREAM || !listening) {
       return Status::InvalidArgument("control socket must be a listening Unix stream socket");
     }
-    // Non-blocking, so accept() after poll() never blocks if the peer is already gone.
-    int fl = fcntl(fd.get(), F_GETFL);
-    if (fl < 0 || fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) != 0) {
-      return Status::FromErrno(errno, "control socket: fcntl");
-    }
-    listeners_.push_back(std::move(fd));
+    auto a = std::make_unique<Acceptor>(io_);
+    error_code ec;
+    a->assign(asio::local::stream_protocol(), fd.get(), ec);
+    if (ec) return Status::Internal("control socket: " + ec.message());
+    (void)fd.release();  // the acceptor owns it now
+    a->non_blocking(true, ec);
+    listeners_.push_back(std::move(a));
     return Status::Ok();
   }
 
   void start() override {
-    if (started_) return;
+    if (started_ || stopped_) return;
     started_ = true;
-    for (auto& fd : listeners_) {
-      int lfd = fd.get();
-      accept_threads_.emplace_back([this, lfd] { accept_loop(lfd); });
-    }
+    work_.emplace(asio::make_work_guard(io_));
+    for (auto& a : listeners_) accept(*a);
+    io_thread_ = std::thread([this] { io_.run(); });
   }
 
   void stop() override {
     if (stopped_.exchange(true)) return;
-    stopping_.store(true);
-    uint64_t one = 1;
-    // Level-triggered: stays readable, so every poll() sees it from now on.
-    if (::write(stop_fd_.get(), &one, sizeof one) != sizeof one) {
-      spdlog::error("control: cannot signal stop: {}", std::strerror(errno));
+    if (started_) {
+      asio::post(io_, [this] { begin_stop(); });
+      io_thread_.join();  // returns once every connection has closed
     }
-    for (auto& t : accept_threads_) t.join();
-    accept_threads_.clear();
+    workers_.join();
     listeners_.clear();
-    std::list<Conn> conns;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      conns.swap(conns_);
-    }
-    for (auto& c : conns) c.thread.join();
   }
+
+  // HttpConnectionOwner (I/O thread).
+  void connection_closed(HttpConnection* c) override {
+    auto it = index_.find(c);
+    if (it != index_.end()) {
+      conns_.erase(it->second);
+      index_.erase(it);
+    }
+    maybe_finish();
+  }
+  bool stopping() const override { return stopping_; }
 
  private:
-  struct Conn {
-    std::thread thread;
-    std::atomic<bool> done{false};
-  };
-
-  void accept_loop(int lfd) {
-    for (;;) {
-      pollfd fds[2] = {{lfd, POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
-      int r = ::poll(fds, 2, -1);
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        spdlog::error("control: poll: {}", std::strerror(errno));
-        return;
-      }
-      if (fds[1].revents & POLLIN) return;
-      if (!(fds[0].revents & POLLIN)) continue;
-      UniqueFd c(::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC));
-      if (!c) {
-        int err = errno;
-        if (err == EINTR || err == EAGAIN || err == ECONNABORTED) continue;
-        spdlog::error("control: accept: {}", std::strerror(err));
-        if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
-          // Out of descriptors: back off instead of spinning on a ready listener.
-          std::this_thread::sleep_for(std::chrono::milliseconds(100));
-          continue;
+  void accept(Acceptor& a) {
+    a.async_accept([this, &a](const error_code& ec, HttpConnection::Socket s) {
+      if (stopping_) return;
+      if (ec) {
+        if (ec == asio::error::operation_aborted) return;
+        if (ec == asio::error::connection_aborted || ec == asio::error::interrupted ||
+            ec == asio::error::would_block || ec == asio::error::try_again) {
+          accept(a);
+          return;
         }
+        // Out of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM) or worse: back
+        // off instead of spinning on a ready listener.
+        spdlog::error("control: accept: {}", ec.message());
+        auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::milliseconds(100));
+        backoff_ = t;
+        t->async_wait([this, &a, t](const error_code& e) {
+          if (!e && !stopping_) accept(a);
+        });
         return;
       }
-      spawn(std::move(c));
-    }
-  }
-
-  void spawn(UniqueFd c) {
-    std::lock_guard<std::mutex> lock(mu_);
-    reap_locked();
-    if (conns_.size() >= options_.max_connections) {
-      spdlog::warn("control: {} connections open, refusing another", conns_.size());
-      WriteHttpResponse(c.get(),
-                        ErrorResponse(503, "TooManyConnections",
-                                      "the control API has too many open connections"),
-                        limits_.server_header);
-      return;
-    }
-    conns_.emplace_back();
-    Conn* conn = &conns_.back();
-    int fd = c.release();
-    conn->thread = std::thread([this, conn, fd] {
-      ServeHttpConnection(UniqueFd(fd), router_, limits_, stop_fd_.get(), stopping_);
-      conn->done.store(true);
+      admit(std::move(s));
+      accept(a);
     });
   }
 
-  // Joins connection threads that have finished. Called with mu_ held.
-  void reap_locked() {
-    for (auto it = conns_.begin(); it != conns_.end();) {
-      if (it->done.load()) {
-        it->thread.join();
-        it = conns_.erase(it);
-      } else {
-        ++it;
+  void admit(HttpConnection::Socket s) {
+    if (conns_.size() >= max_connections_) {
+      // Make room by closing the oldest connection that waits for a request
+      // (it loses nothing: it may reconnect); refuse only when every one is busy.
+      for (auto& c : conns_) {
+        if (c->idle()) {
+          spdlog::debug("control: {} connections open, closing an idle one", conns_.size());
+          c->close();
+          break;
+        }
       }
+    }
+    auto conn = std::make_shared<HttpConnection>(
+        HttpServeContext{io_, workers_, router_, limits_, *this}, std::move(s));
+    bool refuse = conns_.size() >= max_connections_;
+    conns_.push_back(conn);
+    index_[conn.get()] = std::prev(conns_.end());
+    if (refuse) {
+      // Counted while it answers (at most a few seconds), so a flood of these
+      // is bounded by the request timeout, not by the cap.
+      spdlog::warn("control: {} connections open, refusing another", conns_.size() - 1);
+      conn->refuse(ErrorResponse(503, "TooManyConnections",
+                                 "the control API has too many open connections"));
+    } else {
+      conn->start();
     }
   }
 
+  void begin_stop() {
+    stopping_ = true;
+    for (auto& a : listeners_) {
+      error_code ec;
+      a->close(ec);
+    }
+    if (auto t = backoff_.lock()) t->cancel();
+    // Copy: shutdown() may close, which removes from conns_.
+    std::vector<std::shared_ptr<HttpConnection>> all(conns_.begin(), conns_.end());
+    for (auto& c : all) c->shutdown();
+    maybe_finish();
+  }
+
+  void maybe_finish() {
+    if (stopping_ && conns_.empty()) work_.reset();  // io_.run() returns when idle
+  }
+
+  static unsigned ClampToFdLimit(unsigned wanted) {
+    // Each connection holds a descriptor; leave half the limit for disks,
+    // exports and the store.
+    rlimit rl{};
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+      unsigned half = static_cast<unsigned>(std::min<rlim_t>(rl.rlim_cur / 2, 1u << 30));
+      return std::max(1u, std::min(wanted, half));
+    }
+    return std::max(1u, wanted);
+  }
+
   const ControlServerOptions options_;
+  const unsigned max_connections_ = ClampToFdLimit(options_.max_connections);
   HttpConnectionLimits limits_;
   Router router_;
-  UniqueFd stop_fd_;  // eventfd
-  std::vector<UniqueFd> listeners_;
-  std::vector<std::thread> accept_threads_;
+  asio::io_context io_{1};
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work_;
+  asio::thread_pool workers_;
+  std::thread io_thread_;
+  std::vector<std::unique_ptr<Acceptor>> listeners_;
+  std::weak_ptr<asio::steady_timer> backoff_;
   bool started_ = false;
   std::atomic<bool> stopped_{false};
-  std::atomic<bool> stopping_{false};
-  std::mutex mu_;
-  std::list<Conn> conns_;
+  bool stopping_ = false;  // I/O thread only
+  // I/O thread only: open connections, oldest first.
+  std::list<std::shared_ptr<HttpConnection>> conns_;
+  std::unordered_map<HttpConnection*, std::list<std::shared_ptr<HttpConnection>>::iterator> index_;
 };
 
 }  // namespace
@@ -183,11 +208,9 @@ class ControlServerImpl final : public ControlServer {
 Result<std::unique_ptr<ControlServer>> ControlServer::Create(DiskService& disks,
                                                              RestoreService& restore,
                                                              ControlServerOptions options) {
-  UniqueFd stop_fd(::eventfd(0, EFD_CLOEXEC));
-  if (!stop_fd) return Status::FromErrno(errno, "eventfd");
   if (options.version.empty()) options.version = "unknown";
   return std::unique_ptr<ControlServer>(
-      std::make_unique<ControlServerImpl>(disks, restore, std::move(options), std::move(stop_fd)));
+      std::make_unique<ControlServerImpl>(disks, restore, std::move(options)));
 }
 
 }  // namespace rpoint

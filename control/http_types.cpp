@@ -42,7 +42,13 @@ HttpResponse JsonResponse(int status, const nlohmann::ordered_json& body) {
   HttpResponse r;
   r.status = status;
   // Invalid UTF-8 (from a file name, say) is replaced rather than throwing.
-  r.body = body.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n";
+  constexpr auto kReplace = nlohmann::ordered_json::error_handler_t::replace;
+  r.body = body.dump(-1, ' ', false, kReplace);
+  // Indentation costs up to 2 bytes per nesting level on every line, so a
+  // pretty-printed answer can be many times its compact size: only small
+  // answers are indented, large ones stay about as large as what was stored.
+  if (r.body.size() <= kMaxPrettyResponseBytes) r.body = body.dump(2, ' ', false, kReplace);
+  r.body += "\n";
   return r;
 }
 

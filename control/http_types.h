@@ -8,7 +8,6 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
-
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,6 +41,9 @@ HttpResponse ErrorResponse(int status, const std::string& code, const std::strin
 HttpResponse ErrorResponse(const Status& s);
 // ordered_json: members appear in the order handlers add them (id, name, type,
 // properties), as in Azure's responses, rather than sorted.
+// JSON answers whose compact form is larger than this are sent compact (no
+// indentation), so no answer grows much beyond the data it carries.
+inline constexpr size_t kMaxPrettyResponseBytes = 64 * 1024;
 HttpResponse JsonResponse(int status, const nlohmann::ordered_json& body);
 HttpResponse EmptyResponse(int status);
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <exception>
 
+#include "common/json_parse.h"
 #include "control/api_version.h"
 
 namespace rpoint {
@@ -127,32 +128,26 @@ bool ParseJsonObjectBody(const HttpRequest& request, nlohmann::json* out, HttpRe
       return false;
     }
   }
-  if (form) {
-    auto j = nlohmann::json::parse(request.body, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) {
-      *error = ErrorResponse(415, "UnsupportedMediaType",
-                             "request body must be a JSON object (Content-Type: application/json); "
-                             "got a form body ('" + request.content_type + "')");
-      return false;
-    }
-    *out = std::move(j);
-    return true;
-  }
   if (request.body.empty()) {
     *error = ErrorResponse(400, "InvalidJson", "request body is empty; a JSON object is required");
     return false;
   }
-  try {
-    *out = nlohmann::json::parse(request.body);
-  } catch (const nlohmann::json::parse_error& e) {
-    // e.what() is "[json.exception.parse_error.101] parse error at line 1, ...": keep the useful part.
-    std::string what = e.what();
-    size_t p = what.find("] ");
-    *error = ErrorResponse(400, "InvalidJson",
-                           "request body is not valid JSON: " +
-                               (p == std::string::npos ? what : what.substr(p + 2)));
+  // One strict parser (common/json_parse.h): bounded depth, no duplicate keys,
+  // no numbers that do not fit.
+  auto j = ParseJson(request.body);
+  if (form && (!j.ok() || !j->is_object())) {
+    *error = ErrorResponse(415, "UnsupportedMediaType",
+                           "request body must be a JSON object (Content-Type: application/json); "
+                           "got a form body ('" +
+                               request.content_type + "')");
     return false;
   }
+  if (!j.ok()) {
+    *error = ErrorResponse(400, "InvalidJson",
+                           "request body is not valid JSON: " + j.status().message());
+    return false;
+  }
+  *out = std::move(j).value();
   if (!out->is_object()) {
     *error = ErrorResponse(400, "InvalidJson", "request body must be a JSON object");
     return false;

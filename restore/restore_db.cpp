@@ -1,12 +1,25 @@
 #include "restore/restore_db.h"
 
+#include <spdlog/spdlog.h>
+
+#include "common/json_parse.h"
+
 namespace rpoint {
 
 namespace {
 
-nlohmann::json ParseJson(const std::string& text) {
-  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  return j.is_discarded() ? nlohmann::json() : j;
+// Stored JSON goes through the same depth-limited parser as request bodies
+// (common/json_parse.h): a row written before that limit existed must not
+// crash every later read. Stored documents wrap what clients sent (a point's
+// source metadata holds the VM configuration), hence the extra room. What
+// does not parse reads as null.
+nlohmann::json ParseStoredJson(const std::string& text) {
+  auto j = ParseJson(text, 2 * kJsonMaxDepth);
+  if (!j.ok()) {
+    spdlog::warn("restore db: stored JSON ignored: {}", j.status().message());
+    return nlohmann::json();
+  }
+  return std::move(j).value();
 }
 
 // Runs `fn` inside BEGIN IMMEDIATE ... COMMIT.
@@ -38,7 +51,7 @@ Result<std::optional<VmRecord>> RestoreDb::get_vm(const std::string& name) {
   if (!row.value()) return std::optional<VmRecord>();
   VmRecord vm;
   vm.name = st->column_text(0);
-  vm.configuration = ParseJson(st->column_text(1));
+  vm.configuration = ParseStoredJson(st->column_text(1));
   vm.time_created = st->column_text(2);
   auto ds = db().prepare("SELECT disk FROM vm_disks WHERE vm = ?1 ORDER BY position");
   if (!ds.ok()) return ds.status();
@@ -197,7 +210,7 @@ RestorePointRecord PointFrom(const SqliteStmt& st) {
   p.collection = st.column_text(0);
   p.name = st.column_text(1);
   p.consistency_mode = st.column_text(2);
-  auto ex = ParseJson(st.column_text(3));
+  auto ex = ParseStoredJson(st.column_text(3));
   if (ex.is_array()) {
     for (const auto& e : ex) {
       if (e.is_string()) p.exclude_disks.push_back(e.get<std::string>());
@@ -205,7 +218,7 @@ RestorePointRecord PointFrom(const SqliteStmt& st) {
   }
   p.provisioning_state = st.column_text(4);
   p.time_created = st.column_text(5);
-  p.source_metadata = ParseJson(st.column_text(6));
+  p.source_metadata = ParseStoredJson(st.column_text(6));
   p.operation_id = st.column_text(7);
   p.cut_pause_ns = st.column_int(8);
   p.error_code = st.column_text(9);
@@ -473,7 +486,7 @@ Result<std::optional<OperationRecord>> RestoreDb::get_operation(const std::strin
   o.end_time = st->column_text(6);
   o.error_code = st->column_text(7);
   o.error_message = st->column_text(8);
-  o.result = ParseJson(st->column_text(9));
+  o.result = ParseStoredJson(st->column_text(9));
   return std::optional<OperationRecord>(std::move(o));
 }
 

@@ -36,13 +36,17 @@ def wait_until(pred, timeout=10, what="condition"):
     raise AssertionError("timed out waiting for " + what)
 
 
-def raw_http(sock_path, data, timeout=10):
-    """Sends raw bytes, returns everything the server sends until it closes."""
+def raw_http(sock_path, data, timeout=10, half_close=False):
+    """Sends raw bytes, returns everything the server sends until it closes.
+    half_close: shut down the sending side after `data` (the server then need
+    not wait out its lingering close)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.connect(sock_path)
     try:
         s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
         out = b""
         while True:
             chunk = s.recv(65536)
@@ -335,6 +339,136 @@ def test_malformed_http_and_keep_alive(daemon):
            b"GET /disks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     out = raw_http(daemon.control_sock, req)
     assert out.count(b"HTTP/1.1 200 OK") == 2, out
+
+
+# --- a hardened edge (issue #8) ----------------------------------------------
+
+def _responses(out):
+    return out.count(b"HTTP/1.1 ")
+
+
+def test_deeply_nested_json_is_refused_and_the_daemon_lives(daemon):
+    assert put(daemon, "a", {"sizeBytes": MiB}).status == 201
+    # 50,000 '[' (100 KB, under the 1 MiB body limit) overflowed the stack.
+    body = (b'{"properties": {"disks": [{"id": "/disks/a"}], "configuration": '
+            + b"[" * 50000 + b"]" * 50000 + b"}}")
+    r = daemon.api("PUT", "/vms/x", body)
+    assert r.status == 400, r
+    code, msg = err(r)
+    assert code == "InvalidJson" and "nested deeper than 64" in msg
+    assert daemon.proc.poll() is None, daemon.log()
+    assert daemon.api("GET", "/vms").status == 200
+    # 10,000 levels made a 200 MB answer; now refused too, and the deepest
+    # accepted configuration comes back as sent.
+    cfg = "[" * 62 + "7" + "]" * 62
+    r = daemon.api("PUT", "/vms/x", ('{"properties": {"disks": [{"id": "/disks/a"}], '
+                                     '"configuration": ' + cfg + "}}").encode())
+    assert r.status == 201, r
+    listed = daemon.api("GET", "/vms")
+    assert listed.status == 200
+    assert json.dumps(listed.json["value"][0]["properties"]["configuration"],
+                      separators=(",", ":")) == cfg
+
+
+def test_json_numbers_and_duplicate_keys(daemon):
+    r = daemon.api("PUT", "/disks/a", b'{"properties": {"sizeBytes": 1e400}}')
+    assert r.status == 400, r
+    assert err(r)[0] == "InvalidJson"
+    r = daemon.api("PUT", "/disks/a", b'{"properties": {"sizeBytes": 1048576, "sizeBytes": 2}}')
+    assert r.status == 400, r
+    assert "duplicate key 'sizeBytes'" in err(r)[1]
+    assert daemon.api("GET", "/disks/a").status == 404
+
+
+SMUGGLED = b"DELETE /disks/victim?force=true HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("headers,status", [
+    (b"Transfer-Encoding: gzip\r\n", 400),
+    (b"Transfer-Encoding: identity\r\n", 400),
+    (b"Transfer-Encoding: foo\r\n", 400),
+    (b"Transfer-Encoding: chunked, identity\r\n", 400),
+    (b"Transfer-Encoding: gzip, chunked\r\n", 501),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", 400),
+    (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 400),
+    (b"Transfer-Encoding: gzip\r\nContent-Length: 0\r\n", 400),
+    (b"Content-Length: 0\r\nContent-Length: 5\r\n", 400),
+    (b"X-Folded: a\r\n b\r\n", 400),
+], ids=["gzip", "identity", "foo", "chunked-identity", "gzip-chunked", "te-then-cl",
+        "cl-then-te", "gzip-and-cl", "two-cl", "obs-fold"])
+def test_request_smuggling_is_refused(daemon, headers, status):
+    assert put(daemon, "victim", {"sizeBytes": MiB}).status == 201
+    out = raw_http(daemon.control_sock,
+                   b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + SMUGGLED,
+                   half_close=True)
+    assert out.startswith(b"HTTP/1.1 %d" % status), out
+    assert b"Connection: close" in out, out
+    assert _responses(out) == 1, out  # the body never ran as a request
+    assert daemon.api("GET", "/disks/victim").status == 200
+
+
+def test_chunked_body_still_works(daemon):
+    body = b'{"properties": {"sizeBytes": 1048576}}'
+    req = (b"PUT /disks/c HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+           + b"%x\r\n" % 10 + body[:10] + b"\r\n"
+           + b"%x\r\n" % (len(body) - 10) + body[10:] + b"\r\n0\r\n\r\n")
+    out = raw_http(daemon.control_sock, req)
+    assert out.startswith(b"HTTP/1.1 201"), out
+
+
+def _threads(pid):
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_hundreds_of_idle_and_slow_clients_cost_no_threads(daemon):
+    import threading
+    threads_before = _threads(daemon.proc.pid)
+    idle = []
+    for _ in range(500):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(daemon.control_sock)
+        idle.append(s)
+    slow = []
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(daemon.control_sock)
+        slow.append(s)
+    stop = threading.Event()
+
+    def loris():
+        # One byte a second per slow client: a request that never completes.
+        msg = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        i = 0
+        while not stop.is_set() and i < len(msg):
+            for s in slow:
+                try:
+                    s.send(msg[i:i + 1])
+                except OSError:
+                    pass
+            i += 1
+            stop.wait(1)
+
+    t = threading.Thread(target=loris)
+    t.start()
+    try:
+        time.sleep(1.5)  # every connection accepted and waiting
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = daemon.api("GET", "/health", timeout=5)
+            took = time.monotonic() - t0
+            assert r.status == 200, r
+            assert took < 1.0, f"GET /health took {took:.2f}s beside 520 idle/slow clients"
+        n = _threads(daemon.proc.pid)
+        print(f"520 clients open: GET /health in {took * 1000:.1f} ms, "
+              f"{n} daemon threads (was {threads_before})")
+        assert n <= threads_before + 2, f"{n} threads (was {threads_before}) with 520 clients open"
+    finally:
+        stop.set()
+        t.join()
+        for s in idle + slow:
+            s.close()
+    assert daemon.api("GET", "/health").status == 200
 
 
 # --- persistence -------------------------------------------------------------

@@ -1,5 +1,7 @@
 // ControlServer (control/control_server.h) over a real Unix socket: keep-alive,
 // limits, malformed requests, stop().
+#include "control/control_server.h"
+
 #include <doctest/doctest.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -11,7 +13,6 @@
 #include <thread>
 
 #include "control/beast.h"
-#include "control/control_server.h"
 #include "restore/restore_service.h"
 #include "services_fixture.h"
 
@@ -27,7 +28,7 @@ namespace {
 UniqueFd Listen(const std::string& path) {
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   REQUIRE(fd.valid());
-  sockaddr_un a {};
+  sockaddr_un a{};
   a.sun_family = AF_UNIX;
   std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
   REQUIRE(::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
@@ -100,8 +101,7 @@ TEST_CASE("keep-alive: several requests on one connection") {
   CHECK(r1[http::field::content_type] == "application/json");
   CHECK(r1[http::field::server] == "rpointd/1.2.3");
   CHECK(r1.body().find("\"1.2.3\"") != std::string::npos);
-  auto r2 = Exchange(s, http::verb::put, "/disks/a",
-                     R"({"properties": {"sizeBytes": 1048576}})");
+  auto r2 = Exchange(s, http::verb::put, "/disks/a", R"({"properties": {"sizeBytes": 1048576}})");
   CHECK(r2.result_int() == 201);
   auto r3 = Exchange(s, http::verb::get, "/disks/a?api-version=2026-11-01");
   CHECK(r3.result_int() == 200);
@@ -125,9 +125,10 @@ TEST_CASE("a body over the limit is 413, before it is sent when announced") {
   // Expect: 100-continue with a small body: 100, then the answer.
   Sock s2 = f.connect();
   std::string body = R"({"properties": {"sizeBytes": 1048576}})";
-  std::string head = "PUT /disks/b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     "Expect: 100-continue\r\nConnection: close\r\nContent-Length: " +
-                     std::to_string(body.size()) + "\r\n\r\n";
+  std::string head =
+      "PUT /disks/b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      "Expect: 100-continue\r\nConnection: close\r\nContent-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n";
   asio::write(s2, asio::buffer(head));
   char buf[256];
   size_t n = s2.read_some(asio::buffer(buf));
@@ -161,15 +162,51 @@ TEST_CASE("idle connections time out; stop() closes idle connections and the lis
   CHECK(ReadAll(s).empty());
 }
 
-TEST_CASE("connections beyond the limit get 503") {
+TEST_CASE("at the connection limit an idle connection makes room; busy ones mean 503") {
   ControlServerOptions o;
   o.max_connections = 1;
   Fixture f(o);
   Sock first = f.connect();
-  CHECK(Exchange(first, http::verb::get, "/").result_int() == 200);  // it is being served
+  CHECK(Exchange(first, http::verb::get, "/").result_int() == 200);  // now idle
   Sock second = f.connect();
-  std::string out = ReadAll(second);
+  CHECK(Exchange(second, http::verb::get, "/health").result_int() == 200);
+  CHECK(ReadAll(first).empty());  // closed to make room
+
+  // `second` has started a request: it is busy, so a third is refused.
+  asio::write(second, asio::buffer(std::string("GET /health HTTP/1.1\r\n")));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  Sock third = f.connect();
+  std::string out = ReadAll(third);
   CHECK(out.rfind("HTTP/1.1 503", 0) == 0);
+}
+
+TEST_CASE("a transfer coding other than chunked is refused, its body never runs") {
+  Fixture f;
+  Sock s = f.connect();
+  asio::write(s, asio::buffer(std::string(
+                     "GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+                     "PUT /disks/smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 38\r\n\r\n"
+                     "{\"properties\": {\"sizeBytes\": 1048576}}")));
+  s.shutdown(asio::socket_base::shutdown_send);
+  std::string out = ReadAll(s);
+  CHECK(out.rfind("HTTP/1.1 400", 0) == 0);
+  CHECK(out.find("HTTP/1.1 201") == std::string::npos);
+  CHECK_FALSE(f.svc->get("smuggled").ok());
+}
+
+TEST_CASE("stop() after a request: its answer arrives, then the connection closes") {
+  Fixture f;
+  Sock s = f.connect();
+  CHECK(Exchange(s, http::verb::get, "/health").result_int() == 200);
+  // A request whose body is still on its way when stop() is called is not
+  // answered; one complete is.
+  Sock busy = f.connect();
+  asio::write(busy, asio::buffer(std::string("GET /health HTTP/1.1\r\nHost: x\r\n\r\n")));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  f.server->stop();
+  std::string out = ReadAll(busy);
+  CHECK(out.rfind("HTTP/1.1 200", 0) == 0);
+  CHECK(ReadAll(s).empty());
 }
 
 TEST_CASE("add_listener refuses what is not a listening Unix stream socket") {

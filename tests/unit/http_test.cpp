@@ -403,3 +403,35 @@ TEST_CASE("trackingGranularityBytes is set at PUT only") {
   CHECK(p.status == 400);
   CHECK(Message(p).find("cannot be changed") != std::string::npos);
 }
+
+TEST_CASE("JSON limits: deep, duplicate and oversized values are 400, never a crash") {
+  Fixture f;
+  auto inf = f.call("PUT", "/disks/a", std::string(R"({"properties": {"sizeBytes": 1e400}})"));
+  CHECK(inf.status == 400);
+  CHECK(ErrCode(inf) == "InvalidJson");
+  REQUIRE(f.call("PUT", "/disks/a", Create(kMiB)).status == 201);
+
+  auto vm = [](const std::string& configuration) {
+    return R"({"properties": {"disks": [{"id": "/disks/a"}], "configuration": )" + configuration +
+           "}}";
+  };
+  // 10,000 levels: once a 200 MB answer, and a crash of every later GET /vms.
+  auto deep = f.call("PUT", "/vms/v", vm(std::string(10000, '[') + std::string(10000, ']')));
+  CHECK(deep.status == 400);
+  CHECK(Message(deep).find("nested deeper than 64") != std::string::npos);
+  auto dup = f.call("PUT", "/vms/v", vm(R"({"cpu": 1, "cpu": 2})"));
+  CHECK(dup.status == 400);
+  CHECK(Message(dup).find("duplicate key 'cpu'") != std::string::npos);
+  auto big = f.call("PUT", "/vms/v", vm(R"({"serial": 123456789012345678901234567890})"));
+  CHECK(big.status == 400);
+
+  // The deepest configuration accepted (62 levels inside the 2-level envelope)
+  // is stored, read back and listed.
+  std::string cfg = std::string(61, '[') + "{\"x\": 18446744073709551615}" + std::string(61, ']');
+  REQUIRE(f.call("PUT", "/vms/v", vm(cfg)).status == 201);
+  auto list = f.call("GET", "/vms");
+  REQUIRE(list.status == 200);
+  json got = Body(list)["value"][0]["properties"]["configuration"];
+  CHECK(got == json::parse(cfg));
+  CHECK(f.call("GET", "/vms/v").status == 200);
+}

@@ -162,3 +162,57 @@ TEST_CASE("Status to HTTP status") {
   CHECK(j["error"]["code"] == "Conflict");
   CHECK(j["error"]["message"] == "busy");
 }
+
+TEST_CASE("JSON bodies: nesting depth is bounded at parse time") {
+  Router r = MakeRouter();
+  auto nest = [](size_t depth) {
+    return "{\"a\":" + std::string(depth - 1, '[') + std::string(depth - 1, ']') + "}";
+  };
+  CHECK(Do(r, "PUT", "/things/a", nest(64)).status == 201);
+  auto deep = Do(r, "PUT", "/things/a", nest(65));
+  CHECK(deep.status == 400);
+  CHECK(ErrCode(deep) == "InvalidJson");
+  CHECK(deep.body.find("nested deeper than 64") != std::string::npos);
+  // 50,000 levels (100 KB, well under the body limit) used to overflow the
+  // stack when the parsed document was copied or printed.
+  auto huge = Do(r, "PUT", "/things/a", "{\"a\":" + std::string(50000, '['));
+  CHECK(huge.status == 400);
+  CHECK(huge.body.find("nested deeper than 64") != std::string::npos);
+  CHECK(huge.body.size() < 1000);
+}
+
+TEST_CASE("JSON bodies: duplicate keys and numbers that do not fit are 400") {
+  Router r = MakeRouter();
+  auto dup = Do(r, "PUT", "/things/a", R"({"a": 1, "b": {"k": 1, "k": 2}})");
+  CHECK(dup.status == 400);
+  CHECK(ErrCode(dup) == "InvalidJson");
+  CHECK(dup.body.find("duplicate key 'k'") != std::string::npos);
+  CHECK(Do(r, "PUT", "/things/a", R"({"a": 1, "a": 1})").status == 400);
+  // Same key in different objects is fine.
+  CHECK(Do(r, "PUT", "/things/a", R"({"a": {"k": 1}, "b": {"k": 1}})").status == 201);
+
+  auto inf = Do(r, "PUT", "/things/a", R"({"sizeBytes": 1e400})");
+  CHECK(inf.status == 400);
+  CHECK(ErrCode(inf) == "InvalidJson");
+  CHECK(inf.body.find("1e400") != std::string::npos);
+  auto big = Do(r, "PUT", "/things/a", R"({"n": 123456789012345678901234567890})");
+  CHECK(big.status == 400);
+  CHECK(big.body.find("64-bit") != std::string::npos);
+  // The extremes of the 64-bit range are kept exactly.
+  auto ok = Do(r, "PUT", "/things/a", R"({"u": 18446744073709551615, "i": -9223372036854775808})");
+  REQUIRE(ok.status == 201);
+  CHECK(ok.body.find("18446744073709551615") != std::string::npos);
+  CHECK(ok.body.find("-9223372036854775808") != std::string::npos);
+}
+
+TEST_CASE("JSON answers are indented only while small") {
+  nlohmann::ordered_json small = {{"a", {1, 2}}};
+  CHECK(JsonResponse(200, small).body.find("\n  ") != std::string::npos);
+  // 60 levels of nesting around 40,000 numbers: indented it would be ~5 MB.
+  nlohmann::ordered_json big = nlohmann::ordered_json::array();
+  for (int i = 0; i < 40000; ++i) big.push_back(i % 10);
+  for (int i = 0; i < 60; ++i) big = nlohmann::ordered_json::array({big});
+  auto r = JsonResponse(200, big);
+  CHECK(r.body.size() < 100000);
+  CHECK(nlohmann::ordered_json::parse(r.body) == big);
+}
