@@ -157,10 +157,9 @@ Status RestoreServiceImpl::recover() {
   std::string now = NowRfc3339();
   auto points = db_->list_points("");
   if (!points.ok()) return points.status();
-  std::map<std::string, std::string> region_of;
-  auto colls = db_->list_collections();
-  if (!colls.ok()) return colls.status();
-  for (const auto& c : colls.value()) region_of[c.name] = c.region;
+  auto regions = collection_regions_locked();
+  if (!regions.ok()) return regions.status();
+  std::map<std::string, std::string>& region_of = regions.value();
   for (auto& p : points.value()) {
     if (p.provisioning_state == "Creating") {
       spdlog::warn("restore point {}/{}: daemon restarted during creation; marked Failed",
@@ -267,15 +266,22 @@ Status RestoreServiceImpl::recover() {
   return Status::Ok();
 }
 
+Result<std::map<std::string, std::string>> RestoreServiceImpl::collection_regions_locked() {
+  auto colls = db_->list_collections();
+  if (!colls.ok()) return colls.status();
+  std::map<std::string, std::string> region_of;
+  for (const auto& c : colls.value()) region_of[c.name] = c.region;
+  return region_of;
+}
+
 Result<std::vector<std::pair<store::PointInfo, bool>>>
 RestoreServiceImpl::unnamed_store_points_locked(const std::string& region,
                                                 const std::set<std::string>& imported) {
   auto st = store_of(region);
   if (!st) return Status::NotFound("region '" + region + "' not found");
-  std::map<std::string, std::string> region_of;
-  auto colls = db_->list_collections();
-  if (!colls.ok()) return colls.status();
-  for (const auto& c : colls.value()) region_of[c.name] = c.region;
+  auto regions = collection_regions_locked();
+  if (!regions.ok()) return regions.status();
+  std::map<std::string, std::string>& region_of = regions.value();
   auto points = db_->list_points("");
   if (!points.ok()) return points.status();
   std::set<uint64_t> named;
@@ -446,10 +452,9 @@ Result<nlohmann::json> RestoreServiceImpl::gc_region(const std::string& region, 
       // A running job's committed disk points are unnamed until it ends.
       auto points = db_->list_points("");
       if (!points.ok()) return points.status();
-      std::map<std::string, std::string> region_of;
-      auto colls = db_->list_collections();
-      if (!colls.ok()) return colls.status();
-      for (const auto& c : colls.value()) region_of[c.name] = c.region;
+      auto regions = collection_regions_locked();
+      if (!regions.ok()) return regions.status();
+      std::map<std::string, std::string>& region_of = regions.value();
       for (const auto& p : points.value()) {
         if (p.provisioning_state == "Creating" && region_of[p.collection] == region) {
           return Status::Conflict("restore point " + PointId(p.collection, p.name) +

@@ -129,6 +129,8 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
 
   void spawn(std::function<void()> fn);
   std::shared_ptr<store::Store> store_of(const std::string& region);
+  // collection name -> its region, from the metadata (mu_ held).
+  Result<std::map<std::string, std::string>> collection_regions_locked();
   FreezeHooks hooks_for(const std::string& vm) const;
   void overlay(RestorePointRecord& p);
   // mu_ held. save_point, tried again after a short wait when it fails (a
