@@ -89,7 +89,8 @@ class ChangeTracker {
   // ---- control path ----
   // Freezes the active generation and activates the next one. Returns the
   // frozen generation number. No I/O when the next generation's file was made
-  // ahead of time with prepare_next() (cuts call it after their pause).
+  // ahead of time with prepare_next() (cuts call it just before their pause,
+  // so between points only the active generation's file takes space).
   Result<uint64_t> flip();
   Status prepare_next();
   // Union of every frozen generation still kept: blocks changed since the last

@@ -47,8 +47,10 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
     if (d->snapshot()) {
       return Status::Conflict("disk " + d->name() + " already has a restore point in progress");
     }
-    // The generation the flip activates, fully allocated now (normally made by
-    // the previous cut): a failure here fails the point, never a guest write.
+    // The generation the flip activates, made and fully allocated now: a
+    // failure here (a full state filesystem) fails the point, never a guest
+    // write. Made here rather than after the previous cut, so between points
+    // a disk has one fully allocated generation file, not two.
     Status st = d->tracker()->prepare_next();
     if (!st.ok()) return st;
     auto fd = OpenStagingFile(staging_dir, "disk " + d->name() + " of " + tag);
@@ -72,11 +74,6 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
   }
   for (const auto& d : disks) d->open_gate();
   out.pause = std::chrono::steady_clock::now() - t0;
-  // After the pause: the generation files the next cut will flip to.
-  for (const auto& d : disks) {
-    Status st = d->tracker()->prepare_next();
-    if (!st.ok() && failure.ok()) failure = st;
-  }
 
   if (!failure.ok()) {
     // The disks that did flip keep their frozen generation (never retired), so

@@ -342,7 +342,18 @@ TEST_CASE("change tracker: generation files are fully allocated before they beco
     CHECK(static_cast<uint64_t>(st.st_size) == 4096 + 4 * SparseBitmap::kPageBytes);
     CHECK(static_cast<uint64_t>(st.st_blocks) * 512 >= 4096 + 4 * SparseBitmap::kPageBytes);
   }
-  CHECK(files == 2);  // the active generation and the next one
+  CHECK(files == 1);  // the active one; the next is made by the cut that needs it
+  // The cut's preparation (before its pause) allocates the next one fully too.
+  REQUIRE(disk.value()->tracker()->prepare_next().ok());
+  files = 0;
+  for (const auto& e : fs::directory_iterator(tmp.path / "track")) {
+    if (e.path().extension() != ".ctbm") continue;
+    ++files;
+    struct stat st {};
+    REQUIRE(stat(e.path().c_str(), &st) == 0);
+    CHECK(static_cast<uint64_t>(st.st_blocks) * 512 >= 4096 + 4 * SparseBitmap::kPageBytes);
+  }
+  CHECK(files == 2);
   // Growing the disk allocates the new pages at once too.
   REQUIRE(disk.value()->grow((nblocks + SparseBitmap::kBitsPerPage) * kGran).ok());
   for (const auto& e : fs::directory_iterator(tmp.path / "track")) {
