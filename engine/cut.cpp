@@ -64,8 +64,8 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
   Status failure;
   for (size_t i = 0; i < disks.size() && failure.ok(); ++i) {
     bool full = !force_full.empty() && force_full[i];
-    auto snap = disks[i]->freeze(std::move(staging[i]), full,
-                                 also_copy.empty() ? nullptr : also_copy[i]);
+    auto snap =
+        disks[i]->freeze(std::move(staging[i]), full, also_copy.empty() ? nullptr : also_copy[i]);
     if (!snap.ok()) {
       failure = snap.status();
     } else {
