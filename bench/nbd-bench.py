@@ -190,6 +190,8 @@ class Bench:
         cfg = os.path.join(self.tmp, f"{name}.yaml")
         with open(cfg, "w") as c:
             c.write(f"io:\n  direct: {'true' if direct else 'false'}\n")
+            # The backing file is adopted: allow its directory (adopt_paths, rpointd(8)).
+            c.write(f"adopt_paths: [{json.dumps(os.path.dirname(os.path.realpath(self.file)))}]\n")
         argv = [binary, "--state-dir", state, "--config", cfg, "--log-level", "warn"]
         self.notes[name] = (" ".join(argv).replace(self.tmp, "$TMP")
                             + f"  (config: io.direct={str(direct).lower()}; backing file "
