@@ -2,6 +2,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/json_parse.h"
+
 namespace rpoint {
 namespace {
 constexpr int kManifestFormat = 1;
@@ -40,8 +42,13 @@ std::string EncodeManifest(const CollectionRecord& c, const RestorePointRecord& 
 }
 
 Result<std::pair<CollectionRecord, RestorePointRecord>> DecodeManifest(const std::string& text) {
+  // A region can come from another host: its files get the same strict,
+  // depth-bounded parser as any input from outside (the manifest wraps the VM
+  // configuration a few levels down, hence the doubled bound, as restore_db's).
+  auto parsed = ParseJson(text, 2 * kJsonMaxDepth);
+  if (!parsed.ok()) return parsed.status();
   try {
-    nlohmann::json j = nlohmann::json::parse(text);
+    nlohmann::json j = std::move(parsed).value();
     if (j.value("format", 0) != kManifestFormat) {
       return Status::InvalidArgument("manifest format is not " + std::to_string(kManifestFormat));
     }
