@@ -71,9 +71,8 @@ Status Preallocate(int fd, const std::string& path, uint64_t nblocks) {
   static const char zeros[SparseBitmap::kPageBytes] = {};
   for (off_t off = std::max<off_t>(st.st_size, kHeaderBytes); off < len;
        off += static_cast<off_t>(sizeof zeros)) {
-    if (pwrite(fd, zeros, sizeof zeros, off) != static_cast<ssize_t>(sizeof zeros)) {
-      return Status::FromErrno(errno ? errno : EIO, "allocate " + path);
-    }
+    Status w = PwriteFull(fd, zeros, sizeof zeros, static_cast<uint64_t>(off), "allocate " + path);
+    if (!w.ok()) return w;
   }
   return Status::Ok();
 }
@@ -90,7 +89,8 @@ Result<std::unique_ptr<ChangeTracker>> ChangeTracker::Open(const ChangeTrackerOp
   if (options.granularity < 4096 || !std::has_single_bit(options.granularity)) {
     return Status::InvalidArgument("tracking granularity must be a power of two >= 4096");
   }
-  if ((options.disk_size + options.granularity - 1) / options.granularity > SparseBitmap::kMaxBits) {
+  if ((options.disk_size + options.granularity - 1) / options.granularity >
+      SparseBitmap::kMaxBits) {
     return Status::InvalidArgument("disk too large for change tracking at this granularity");
   }
   std::unique_ptr<ChangeTracker> t(new ChangeTracker(options));
@@ -116,7 +116,8 @@ ChangeTracker::~ChangeTracker() {
   if (flusher_.joinable()) flusher_.join();
 }
 
-Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generation(uint64_t number) {
+Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generation(
+    uint64_t number) {
   auto g = std::make_shared<Generation>();
   g->number = number;
   g->path = GenPath(dir_, number);
@@ -255,7 +256,8 @@ Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& b
       auto it = pages.find(pi);
       if (it == pages.end()) {
         std::vector<uint64_t> words(SparseBitmap::kWordsPerPage, 0);
-        if (const uint64_t* cur = gen.bits.page_words(pi)) std::copy_n(cur, words.size(), words.data());
+        if (const uint64_t* cur = gen.bits.page_words(pi))
+          std::copy_n(cur, words.size(), words.data());
         it = pages.emplace(pi, std::move(words)).first;
       }
       uint64_t in = b % SparseBitmap::kBitsPerPage;
