@@ -28,12 +28,7 @@
 namespace rpoint {
 
 Status ValidateResourceName(const std::string& what, const std::string& name) {
-  Status s = DiskService::ValidateName(name);
-  if (s.ok()) return s;
-  std::string m = s.message();
-  size_t at = m.find("disk name");
-  if (at != std::string::npos) m.replace(at, 9, what + " name");
-  return Status::InvalidArgument(m);
+  return DiskService::ValidateName(name, what + " name");
 }
 
 std::string NewOperationId() {
