@@ -248,6 +248,9 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
                   s.ToString());
     err = JobError{"MetadataCommitFailed",
                    "recording the restore point in the metadata database failed: " + s.message()};
+    // Its manifest first, as a delete does: the region never describes a
+    // point whose store points are gone.
+    if (st) (void)st->remove_manifest(ManifestName(rec.collection, rec.name));
     for (auto& d : rec.disk_restore_points) {
       if (d.store_point && st) (void)st->delete_point(d.store_point);
       d.store_point = 0;

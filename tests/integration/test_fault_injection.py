@@ -224,6 +224,10 @@ def test_fault_at_each_step(rig, tmp_path, before, after_cut, expect, words):
         print(f"rp1 Failed: {err.get('code')}: {msg}")
         for w in words:
             assert w in msg, f"error message {msg!r} does not name {w!r}"
+        # The region never describes a point that failed: a copy of it opened
+        # elsewhere must not import rp1.
+        manifest = os.path.join(d.region_dir(), "manifests", "c~rp1.json")
+        assert not os.path.exists(manifest), f"{manifest} outlived the failed point"
     else:
         assert op["status"] == "Succeeded", op
         assert_point_equals(d, tmp_path, "rp1", img1)
