@@ -64,6 +64,33 @@ int Show(Context& ctx, const po::variables_map& vm) {
   return kExitOk;
 }
 
+int List(Context& ctx, const po::variables_map&) {
+  HttpReply r;
+  int rc;
+  if (!Call(ctx, "GET", "/operations", std::nullopt, &r, &rc)) return rc;
+  if (!r.json) {
+    ctx.err << "rpoint: rpointd sent a reply that is not JSON\n";
+    return kExitServerError;
+  }
+  if (ctx.output == OutputFormat::kJson) {
+    PrintJson(ctx, *r.json);
+    return kExitOk;
+  }
+  const json& value = r.json->contains("value") ? (*r.json)["value"] : json::array();
+  if (value.empty()) {
+    ctx.err << "no operations\n";
+    return kExitOk;
+  }
+  Table t({"OPERATION", "KIND", "STATUS", "PROGRESS", "STARTED", "RESOURCE"});
+  for (const json& op : value) {
+    const json& p = op.contains("properties") ? op["properties"] : json::object();
+    t.add({Str(op, "name"), Str(p, "kind"), Str(op, "status"), std::to_string(Percent(op)) + "%",
+           Str(op, "startTime"), Str(p, "resourceId")});
+  }
+  t.print(ctx.out);
+  return kExitOk;
+}
+
 }  // namespace
 
 std::string OperationIdOf(const HttpReply& reply) {
@@ -127,6 +154,12 @@ void AddOperationCommands(std::vector<Command>& table) {
                      p.add("name", 1);
                    },
                    Show});
+  table.push_back({"operation", "list", "",
+                   "list recent operations, newest first (ended ones are kept for "
+                   "operations.retention_seconds)",
+                   [](po::options_description&, po::options_description&,
+                      po::positional_options_description&) {},
+                   List});
 }
 
 }  // namespace rpoint::cli

@@ -25,6 +25,8 @@ namespace {
 constexpr unsigned kMaxQueueDepth = 32768;  // IORING_MAX_ENTRIES
 constexpr unsigned kMaxThreads = 1024;
 constexpr unsigned kMaxHookTimeout = 3600;  // a freeze longer than an hour is a hung guest
+constexpr unsigned kMaxOperationRetention = 366u * 86400u;  // a year
+constexpr unsigned kMaxOperationCount = 1000000;
 
 // Thrown inside this file only (never across its interface): it lets the
 // recursive walk below stop at the first error without threading a Status
@@ -388,7 +390,15 @@ class Parser {
               }},
              {"regions", [&](const Item& it) { Regions(it); }},
              {"adopt_paths", [&](const Item& it) { AdoptPaths(it); }},
-             {"consistency", [&](const Item& it) { Consistency(it); }}});
+             {"consistency", [&](const Item& it) { Consistency(it); }},
+             {"operations",
+              [&](const Item& it) {
+                OperationsConfig& o = c.operations;
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"retention_seconds",
+                          [&](const Item& x) { o.retention_seconds = Unsigned(x, 1, kMaxOperationRetention); }},
+                         {"max_count", [&](const Item& x) { o.max_count = Unsigned(x, 1, kMaxOperationCount); }}});
+              }}});
   }
 
  private:
@@ -511,6 +521,14 @@ Status FinalizeConfig(Config& c) {
     return KeyError(c, "consistency.hook_timeout_seconds",
                     "must be a whole number from 1 to " + std::to_string(kMaxHookTimeout));
   }
+  if (c.operations.retention_seconds < 1 || c.operations.retention_seconds > kMaxOperationRetention) {
+    return KeyError(c, "operations.retention_seconds",
+                    "must be a whole number from 1 to " + std::to_string(kMaxOperationRetention));
+  }
+  if (c.operations.max_count < 1 || c.operations.max_count > kMaxOperationCount) {
+    return KeyError(c, "operations.max_count",
+                    "must be a whole number from 1 to " + std::to_string(kMaxOperationCount));
+  }
   if (c.control_socket_mode > 0777) return KeyError(c, "control.mode", "must be no larger than 0777");
   if (c.nbd_socket_mode > 0777) return KeyError(c, "nbd.mode", "must be no larger than 0777");
   if (c.nbd_tcp) {
@@ -630,6 +648,10 @@ std::string ConfigToYaml(const Config& c) {
     out << YAML::EndMap;
   }
   out << YAML::EndMap;
+  out << YAML::Key << "operations" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "retention_seconds" << YAML::Value << c.operations.retention_seconds;
+  out << YAML::Key << "max_count" << YAML::Value << c.operations.max_count;
+  out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }
@@ -641,7 +663,8 @@ const std::vector<std::string>& ConfigKeys() {
       "io.threads",    "io.direct",      "regions",      "regions[].name",  "regions[].path",
       "regions[].default", "tracking_dir", "staging_dir", "consistency.hook_timeout_seconds",
       "consistency.freeze", "consistency.thaw", "consistency.vms", "consistency.vms.{vm}",
-      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths"};
+      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths",
+      "operations.retention_seconds", "operations.max_count"};
   return kKeys;
 }
 

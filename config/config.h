@@ -54,6 +54,13 @@ struct ConsistencyConfig {
   std::map<std::string, VmHooks> vms;
 };
 
+// How long ended long-running operations stay queryable (GET /operations,
+// GET /operations/{id}). An operation still InProgress is never pruned.
+struct OperationsConfig {
+  unsigned retention_seconds = 86400;  // ended more than this long ago: pruned
+  unsigned max_count = 10000;          // beyond this many ended ones: the oldest pruned
+};
+
 struct Config {
   std::string state_dir = "/var/lib/rpointd";
   std::string control_socket;           // default: <state_dir>/control.sock
@@ -75,6 +82,7 @@ struct Config {
   std::string tracking_dir;             // default: <state_dir>/tracking (change bitmaps)
   std::string staging_dir;              // default: <state_dir>/staging (copy-before-write)
   ConsistencyConfig consistency;
+  OperationsConfig operations;
   // Where disks may be adopted from (PUT /disks/x {"path": ...}): a path is
   // accepted only when its real path lies inside one of these directories.
   // Adopting exposes the file or device read-write to NBD clients, so the

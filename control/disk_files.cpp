@@ -74,10 +74,13 @@ Status MakeDirectories(const std::string& dir, unsigned mode) {
 }
 
 std::string NowRfc3339() {
-  auto now = std::chrono::system_clock::now();
+  return FormatRfc3339(std::chrono::system_clock::now());
+}
+
+std::string FormatRfc3339(std::chrono::system_clock::time_point now) {
   auto us = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count();
   std::time_t secs = static_cast<std::time_t>(us / 1000000);
-  std::tm tm {};
+  std::tm tm{};
   gmtime_r(&secs, &tm);
   char buf[64];
   std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ", tm.tm_year + 1900,

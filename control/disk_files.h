@@ -5,6 +5,7 @@
 // Thread-safety: plain functions on paths; callers serialise per path.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -31,5 +32,7 @@ std::string DirName(const std::string& path);
 
 // Now, as RFC 3339 UTC with microseconds: 2026-11-01T12:34:56.123456Z.
 std::string NowRfc3339();
+// `t` in the same fixed-width form (so text order is time order).
+std::string FormatRfc3339(std::chrono::system_clock::time_point t);
 
 }  // namespace rpoint

@@ -29,6 +29,14 @@ HttpResponse GetOperation(RestoreService& svc, const RequestContext& ctx) {
   return r;
 }
 
+HttpResponse ListOperations(RestoreService& svc) {
+  auto ops = svc.list_operations();
+  if (!ops.ok()) return ErrorResponse(ops.status());
+  nlohmann::ordered_json items = nlohmann::ordered_json::array();
+  for (const OperationRecord& op : ops.value()) items.push_back(OperationToJson(op));
+  return ListResponse(std::move(items));
+}
+
 }  // namespace
 
 nlohmann::ordered_json OperationToJson(const OperationRecord& op) {
@@ -49,6 +57,7 @@ nlohmann::ordered_json OperationToJson(const OperationRecord& op) {
 
 void AddOperationRoutes(Router& router, RestoreService& restore) {
   RestoreService* svc = &restore;
+  router.add("GET", "/operations", [svc](const RequestContext&) { return ListOperations(*svc); });
   router.add("GET", "/operations/{id}",
              [svc](const RequestContext& c) { return GetOperation(*svc, c); });
 }

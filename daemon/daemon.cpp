@@ -110,6 +110,8 @@ RestoreServiceOptions RestoreOptions(const Config& config) {
     o.vm_hooks[vm] = {h.freeze, h.thaw};
   }
   o.hook_timeout_seconds = cc.hook_timeout_seconds;
+  o.operation_retention_seconds = config.operations.retention_seconds;
+  o.operation_max_count = config.operations.max_count;
   return o;
 }
 

@@ -467,27 +467,61 @@ Status RestoreDb::drop_retained_base(const std::string& disk, uint64_t store_poi
 
 // ---- operations ----
 
+namespace {
+
+constexpr const char* kOperationColumns =
+    "SELECT id, kind, resource_id, status, percent_complete, start_time, end_time, error_code, "
+    "error_message, result FROM operations ";
+
+OperationRecord OperationFromRow(const SqliteStmt& st) {
+  OperationRecord o;
+  o.id = st.column_text(0);
+  o.kind = st.column_text(1);
+  o.resource_id = st.column_text(2);
+  o.status = st.column_text(3);
+  o.percent_complete = static_cast<int>(st.column_int(4));
+  o.start_time = st.column_text(5);
+  o.end_time = st.column_text(6);
+  o.error_code = st.column_text(7);
+  o.error_message = st.column_text(8);
+  o.result = ParseStoredJson(st.column_text(9));
+  return o;
+}
+
+}  // namespace
+
 Result<std::optional<OperationRecord>> RestoreDb::get_operation(const std::string& id) {
-  auto st = db().prepare(
-      "SELECT id, kind, resource_id, status, percent_complete, start_time, end_time, error_code, "
-      "error_message, result FROM operations WHERE id = ?1");
+  auto st = db().prepare(std::string(kOperationColumns) + "WHERE id = ?1");
   if (!st.ok()) return st.status();
   st->bind(1, id);
   auto r = st->step();
   if (!r.ok()) return r.status();
   if (!r.value()) return std::optional<OperationRecord>();
-  OperationRecord o;
-  o.id = st->column_text(0);
-  o.kind = st->column_text(1);
-  o.resource_id = st->column_text(2);
-  o.status = st->column_text(3);
-  o.percent_complete = static_cast<int>(st->column_int(4));
-  o.start_time = st->column_text(5);
-  o.end_time = st->column_text(6);
-  o.error_code = st->column_text(7);
-  o.error_message = st->column_text(8);
-  o.result = ParseStoredJson(st->column_text(9));
-  return std::optional<OperationRecord>(std::move(o));
+  return std::optional<OperationRecord>(OperationFromRow(st.value()));
+}
+
+Result<std::vector<OperationRecord>> RestoreDb::list_operations() {
+  auto st = db().prepare(std::string(kOperationColumns) + "ORDER BY start_time DESC, id");
+  if (!st.ok()) return st.status();
+  std::vector<OperationRecord> out;
+  for (;;) {
+    auto r = st->step();
+    if (!r.ok()) return r.status();
+    if (!r.value()) break;
+    out.push_back(OperationFromRow(st.value()));
+  }
+  return out;
+}
+
+Result<int64_t> RestoreDb::prune_operations(const std::string& ended_before, unsigned keep_count) {
+  auto st = db().prepare(
+      "DELETE FROM operations WHERE status != 'InProgress' AND (end_time < ?1 OR id IN "
+      "(SELECT id FROM operations WHERE status != 'InProgress' ORDER BY end_time DESC, id "
+      "LIMIT -1 OFFSET ?2))");
+  if (!st.ok()) return st.status();
+  Status s = st->bind(1, ended_before).bind(2, int64_t{keep_count}).run();
+  if (!s.ok()) return s;
+  return int64_t{st->changes()};
 }
 
 Status RestoreDb::save_operation_locked(const OperationRecord& o) {

@@ -81,6 +81,13 @@ class RestoreDb {
   Status save_operation(const OperationRecord& op);
   // Marks every InProgress operation Failed (start-up after a crash).
   Status fail_in_progress_operations(const std::string& message, const std::string& end_time);
+  // Every operation, newest (by start time) first.
+  Result<std::vector<OperationRecord>> list_operations();
+  // Deletes ended operations that ended before `ended_before` (RFC 3339, the
+  // fixed-width form NowRfc3339 writes, so text order is time order) and,
+  // beyond the newest `keep_count` ended ones, the older ones. Returns how
+  // many went. InProgress operations are never deleted.
+  Result<int64_t> prune_operations(const std::string& ended_before, unsigned keep_count);
 
  private:
   explicit RestoreDb(std::unique_ptr<MetadataDb> db) : meta_(std::move(db)) {}

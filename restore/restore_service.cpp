@@ -195,6 +195,7 @@ Status RestoreServiceImpl::recover() {
   Status s =
       db_->fail_in_progress_operations("daemon restarted while the operation was running", now);
   if (!s.ok()) return s;
+  prune_operations_locked();
 
   // Retained bases whose disk left the VM (or was deleted) while the daemon
   // was down, or between a VM change and its sweep: their store points are
@@ -548,6 +549,7 @@ void RestoreServiceImpl::finish_operation(OperationRecord& op, const JobError* e
   Status s = db_->save_operation(op);
   if (!s.ok()) spdlog::error("operation {}: cannot record its end: {}", op.id, s.ToString());
   live_ops_.erase(op.id);
+  prune_operations_locked();
 }
 
 std::vector<RestoreServiceImpl::StoreRef> RestoreServiceImpl::sweep_retained_locked() {
@@ -925,30 +927,52 @@ Result<OperationRecord> RestoreServiceImpl::get_operation(const std::string& id)
   if (!o.ok()) return o.status();
   if (!o.value()) return Status::NotFound("operation '" + id + "' not found");
   OperationRecord op = *o.value();
+  overlay_live_locked(op);
+  return op;
+}
+
+Result<std::vector<OperationRecord>> RestoreServiceImpl::list_operations() {
+  std::lock_guard<std::mutex> lock(mu_);
+  prune_operations_locked();
+  auto ops = db_->list_operations();
+  if (!ops.ok()) return ops.status();
+  for (OperationRecord& op : ops.value()) overlay_live_locked(op);
+  return ops;
+}
+
+void RestoreServiceImpl::overlay_live_locked(OperationRecord& op) {
+  if (op.status != "InProgress") return;
   for (const auto& [key, u] : unrecorded_) {
-    if (u.second.id == id && op.status == "InProgress") return u.second;
-  }
-  if (op.status == "InProgress") {
-    auto it = live_ops_.find(id);
-    if (it != live_ops_.end()) op.percent_complete = it->second->load();
-    if (op.kind == "CreateRestorePoint") {
-      // resource_id = /restorePointCollections/c/restorePoints/rp
-      auto parts = Split(op.resource_id, '/');
-      if (parts.size() == 5) {
-        auto lp = live_points_.find(parts[2] + "/" + parts[4]);
-        if (lp != live_points_.end()) {
-          uint64_t total = 0, done = 0;
-          for (size_t i = 0; i < lp->second->copied.size(); ++i) {
-            total += lp->second->to_copy[i].load();
-            done += lp->second->copied[i].load();
-          }
-          op.percent_complete =
-              total ? static_cast<int>(std::min<uint64_t>(99, done * 100 / total)) : 0;
-        }
-      }
+    if (u.second.id == op.id) {
+      op = u.second;
+      return;
     }
   }
-  return op;
+  auto it = live_ops_.find(op.id);
+  if (it != live_ops_.end()) op.percent_complete = it->second->load();
+  if (op.kind != "CreateRestorePoint") return;
+  // resource_id = /restorePointCollections/c/restorePoints/rp
+  auto parts = Split(op.resource_id, '/');
+  if (parts.size() != 5) return;
+  auto lp = live_points_.find(parts[2] + "/" + parts[4]);
+  if (lp == live_points_.end()) return;
+  uint64_t total = 0, done = 0;
+  for (size_t i = 0; i < lp->second->copied.size(); ++i) {
+    total += lp->second->to_copy[i].load();
+    done += lp->second->copied[i].load();
+  }
+  op.percent_complete = total ? static_cast<int>(std::min<uint64_t>(99, done * 100 / total)) : 0;
+}
+
+void RestoreServiceImpl::prune_operations_locked() {
+  auto cutoff =
+      std::chrono::system_clock::now() - std::chrono::seconds(options_.operation_retention_seconds);
+  auto n = db_->prune_operations(FormatRfc3339(cutoff), options_.operation_max_count);
+  if (!n.ok()) {
+    spdlog::warn("operations: cannot prune ended ones: {}", n.status().ToString());
+  } else if (n.value() > 0) {
+    spdlog::debug("operations: pruned {} ended ones", n.value());
+  }
 }
 
 }  // namespace rpoint

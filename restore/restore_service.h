@@ -68,6 +68,10 @@ struct RestoreServiceOptions {
   FreezeHooks default_hooks;
   unsigned hook_timeout_seconds = 60;
   unsigned copy_threads = 2;  // readers+hashers per restore point job
+  // Ended operations are kept this long, and at most this many (the oldest
+  // ended ones go first); an InProgress operation is never pruned.
+  unsigned operation_retention_seconds = 86400;
+  unsigned operation_max_count = 10000;
 };
 
 // ---- records (what GET returns; handlers turn them into Azure-shaped JSON) ----
@@ -222,6 +226,8 @@ class RestoreService {
 
   // ---- operations ----
   virtual Result<OperationRecord> get_operation(const std::string& id) = 0;
+  // Every operation still retained (see RestoreServiceOptions), newest first.
+  virtual Result<std::vector<OperationRecord>> list_operations() = 0;
 
   // ---- region maintenance (operator actions) ----
   // Brings the region's index in line with its files (store::Store::repair:

@@ -110,6 +110,7 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
       const std::map<std::string, std::string>& disk_names) override;
 
   Result<OperationRecord> get_operation(const std::string& id) override;
+  Result<std::vector<OperationRecord>> list_operations() override;
 
   // ---- region maintenance ----
   Result<nlohmann::json> repair_region(const std::string& region) override;
@@ -128,6 +129,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   };
 
   void spawn(std::function<void()> fn);
+  // Fills an InProgress operation's live progress (mu_ held).
+  void overlay_live_locked(OperationRecord& op);
+  // Drops ended operations past the retention window or count (mu_ held).
+  void prune_operations_locked();
   std::shared_ptr<store::Store> store_of(const std::string& region);
   // collection name -> its region, from the metadata (mu_ held).
   Result<std::map<std::string, std::string>> collection_regions_locked();
