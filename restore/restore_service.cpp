@@ -17,8 +17,8 @@
 #include <set>
 #include <thread>
 
-#include "control/disk_files.h"
-#include "control/disk_service.h"
+#include "disks/disk_files.h"
+#include "disks/disk_service.h"
 #include "restore/manifest.h"
 #include "restore/restore_db.h"
 #include "restore/restore_service_impl.h"

@@ -1,10 +1,10 @@
-// MetadataDb and the SQLite wrapper (control/metadata_db.h, control/sqlite.h).
+// MetadataDb and the SQLite wrapper (disks/metadata_db.h, db/sqlite.h).
 #include <doctest/doctest.h>
 #include <stdlib.h>
 
 #include <filesystem>
 
-#include "control/metadata_db.h"
+#include "disks/metadata_db.h"
 
 using namespace rpoint;
 namespace fs = std::filesystem;

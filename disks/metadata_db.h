@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "common/status.h"
-#include "control/sqlite.h"
+#include "db/sqlite.h"
 
 namespace rpoint {
 

@@ -1,4 +1,4 @@
-#include "control/disk_files.h"
+#include "disks/disk_files.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

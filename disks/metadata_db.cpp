@@ -1,4 +1,4 @@
-#include "control/metadata_db.h"
+#include "disks/metadata_db.h"
 
 #include <spdlog/spdlog.h>
 

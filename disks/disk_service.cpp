@@ -1,4 +1,4 @@
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -17,8 +17,8 @@
 #include <set>
 
 #include "common/unique_fd.h"
-#include "control/disk_files.h"
-#include "control/metadata_db.h"
+#include "disks/disk_files.h"
+#include "disks/metadata_db.h"
 #include "engine/file_disk.h"
 
 namespace rpoint {

@@ -1,4 +1,4 @@
-#include "control/sqlite.h"
+#include "db/sqlite.h"
 
 #include <sqlite3.h>
 
