@@ -1,11 +1,14 @@
 #include "common/file_io.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 
 #include "common/fault_injection.h"
 #include "common/thread_role.h"
+#include "common/unique_fd.h"
 
 namespace rpoint {
 
@@ -41,6 +44,43 @@ Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::
     len -= size_t(n);
     off += uint64_t(n);
   }
+  return Status::Ok();
+}
+
+Status FsyncDir(int dir_fd, const std::string& dir, const char* fault_point) {
+  if (fault::Fsync(fault_point, dir_fd) != 0) return Status::FromErrno(errno, "fsync dir " + dir);
+  return Status::Ok();
+}
+
+Status FsyncDir(const std::string& dir, const char* fault_point) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) return Status::FromErrno(errno, "open dir " + dir);
+  return FsyncDir(fd.get(), dir, fault_point);
+}
+
+Status MakeDirs(const std::string& path, unsigned mode, bool* created) {
+  if (created != nullptr) *created = false;
+  if (path.empty()) return Status::InvalidArgument("empty directory path");
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    if (!S_ISDIR(st.st_mode)) return Status::AlreadyExists(path + " exists and is not a directory");
+    return Status::Ok();
+  }
+  if (errno != ENOENT) return Status::FromErrno(errno, "stat " + path);
+  size_t slash = path.find_last_of('/');
+  if (slash != std::string::npos && slash > 0) {
+    if (Status s = MakeDirs(path.substr(0, slash), mode); !s.ok()) return s;
+  }
+  if (::mkdir(path.c_str(), mode) != 0) {
+    // Lost a race with another creator: fine if what is there is a directory.
+    if (errno == EEXIST && ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+      return Status::Ok();
+    }
+    return Status::FromErrno(errno, "mkdir " + path);
+  }
+  // mkdir's mode is filtered by the umask; the requested mode is what we want.
+  if (::chmod(path.c_str(), mode) != 0) return Status::FromErrno(errno, "chmod " + path);
+  if (created != nullptr) *created = true;
   return Status::Ok();
 }
 

@@ -1,6 +1,7 @@
-// Whole-buffer pread/pwrite: the loops every file writer needs (a short
-// transfer is continued, EINTR retried), shared by the store and the engine.
-// Each write may name a fault point (common/fault_injection.h).
+// The file I/O every component shares: whole-buffer pread/pwrite (a short
+// transfer is continued, EINTR retried), directory fsync and mkdir -p. Each
+// write or fsync may name a fault point (common/fault_injection.h); the one
+// implementation of each keeps error messages and fault points alike everywhere.
 // Thread-safety: stateless functions.
 #pragma once
 
@@ -17,5 +18,16 @@ Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string&
 // Writes all len bytes at off, continuing short writes.
 Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::string& what,
                   const char* fault_point = nullptr);
+
+// fsync of a directory, so entries created, renamed or removed in it are durable.
+Status FsyncDir(const std::string& dir, const char* fault_point = nullptr);
+// The same on a directory the caller keeps open (`dir` names it in errors).
+Status FsyncDir(int dir_fd, const std::string& dir, const char* fault_point = nullptr);
+
+// mkdir -p. Each directory it creates gets exactly `mode` (chmod after mkdir,
+// so the umask cannot widen or narrow it); existing ones are left as they are.
+// An existing non-directory is an error. `created` (optional): whether `path`
+// itself was created, so a caller can fsync its parent.
+Status MakeDirs(const std::string& path, unsigned mode, bool* created = nullptr);
 
 }  // namespace rpoint

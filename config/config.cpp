@@ -656,15 +656,40 @@ std::string ConfigToYaml(const Config& c) {
   return std::string(out.c_str()) + "\n";
 }
 
+// Every key the parser (Parser::Document and the walkers it calls) accepts, in
+// the parser's order, one a line: a key added there is added here in the same
+// change (config_test reads the parser's own key lists back and fails otherwise).
 const std::vector<std::string>& ConfigKeys() {
   static const std::vector<std::string> kKeys = {
-      "state_dir",     "disks_dir",      "metadata_db",  "control.socket",  "control.mode",
-      "nbd.socket",    "nbd.mode",       "nbd.tcp",      "log.level",       "io.queue_depth",
-      "io.threads",    "io.direct",      "regions",      "regions[].name",  "regions[].path",
-      "regions[].default", "tracking_dir", "staging_dir", "consistency.hook_timeout_seconds",
-      "consistency.freeze", "consistency.thaw", "consistency.vms", "consistency.vms.{vm}",
-      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths",
-      "operations.retention_seconds", "operations.max_count"};
+      "state_dir",
+      "disks_dir",
+      "metadata_db",
+      "tracking_dir",
+      "staging_dir",
+      "control.socket",
+      "control.mode",
+      "nbd.socket",
+      "nbd.mode",
+      "nbd.tcp",
+      "log.level",
+      "io.queue_depth",
+      "io.threads",
+      "io.direct",
+      "regions",
+      "regions[].name",
+      "regions[].path",
+      "regions[].default",
+      "adopt_paths",
+      "consistency.hook_timeout_seconds",
+      "consistency.freeze",
+      "consistency.thaw",
+      "consistency.vms",
+      "consistency.vms.{vm}",
+      "consistency.vms.{vm}.freeze",
+      "consistency.vms.{vm}.thaw",
+      "operations.retention_seconds",
+      "operations.max_count",
+  };
   return kKeys;
 }
 

@@ -14,7 +14,7 @@
 
 #include "common/status.h"
 #include "common/unique_fd.h"
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 
 namespace rpoint {
 

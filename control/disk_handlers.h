@@ -8,7 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 #include "control/router.h"
 
 namespace rpoint {

@@ -4,7 +4,7 @@
 #include <string>
 #include <utility>
 
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 
 namespace rpoint {
 

@@ -4,7 +4,7 @@
 #include <cctype>
 #include <set>
 
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 #include "control/handler_common.h"
 #include "control/operation_handlers.h"
 

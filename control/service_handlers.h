@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 #include "control/router.h"
 
 namespace rpoint {

@@ -2,7 +2,7 @@
 
 #include <set>
 
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 #include "control/handler_common.h"
 
 namespace rpoint {

@@ -18,7 +18,7 @@
 #include "common/fault_injection.h"
 #include "common/logging.h"
 #include "control/control_server.h"
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 #include "daemon/composite_resolver.h"
 #include "daemon/listeners.h"
 #include "daemon/state_dir.h"

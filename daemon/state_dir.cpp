@@ -11,26 +11,6 @@
 
 namespace rpoint {
 
-Status MakeDirs(const std::string& path, unsigned mode) {
-  if (path.empty()) return Status::InvalidArgument("empty directory path");
-  struct stat st {};
-  if (stat(path.c_str(), &st) == 0) {
-    if (!S_ISDIR(st.st_mode)) return Status::AlreadyExists(path + " exists and is not a directory");
-    return Status::Ok();
-  }
-  if (errno != ENOENT) return Status::FromErrno(errno, "cannot stat " + path);
-  size_t slash = path.find_last_of('/');
-  if (slash != std::string::npos && slash > 0) {
-    if (Status st2 = MakeDirs(path.substr(0, slash), mode); !st2.ok()) return st2;
-  }
-  if (mkdir(path.c_str(), mode) != 0 && errno != EEXIST) {
-    return Status::FromErrno(errno, "cannot create directory " + path);
-  }
-  // mkdir's mode is filtered by the umask; the requested mode is what we want.
-  if (chmod(path.c_str(), mode) != 0) return Status::FromErrno(errno, "cannot chmod " + path);
-  return Status::Ok();
-}
-
 Status TightenDirectory(const std::string& path) {
   struct stat st {};
   if (stat(path.c_str(), &st) != 0) return Status::FromErrno(errno, "cannot stat " + path);
@@ -53,7 +33,8 @@ Result<StateLock> StateLock::Acquire(const std::string& state_dir) {
     ssize_t n = pread(fd.get(), buf, sizeof buf - 1, 0);
     std::string pid = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "?";
     while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
-    return Status::Conflict("another rpointd (pid " + pid + ") is running with state directory " + state_dir);
+    return Status::Conflict("another rpointd (pid " + pid + ") is running with state directory " +
+                            state_dir);
   }
   std::string pid = std::to_string(getpid()) + "\n";
   if (ftruncate(fd.get(), 0) != 0 || pwrite(fd.get(), pid.data(), pid.size(), 0) < 0) {

@@ -1,4 +1,4 @@
-// State directory helpers: creating directories and the lock that keeps two
+// State directory helpers: tightening its mode and the lock that keeps two
 // daemons off one state directory (they would corrupt each other's metadata).
 //
 // Thread-safety: plain functions; StateLock is a move-only owner.
@@ -6,13 +6,13 @@
 
 #include <string>
 
+#include "common/file_io.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
 
 namespace rpoint {
 
-// mkdir -p; directories it creates get `mode`. Existing ones are left as they are.
-Status MakeDirs(const std::string& path, unsigned mode);
+// mkdir -p is common/file_io.h's MakeDirs.
 
 // Clears the group and other bits of an existing directory (logging a warning
 // when it had any): the state directory holds every disk's data.

@@ -39,24 +39,6 @@ std::string GenPath(const std::string& dir, uint64_t gen) {
   return dir + "/" + name;
 }
 
-Status FsyncDir(int dir_fd, const std::string& dir) {
-  if (fsync(dir_fd) != 0) return Status::FromErrno(errno, "fsync " + dir);
-  return Status::Ok();
-}
-
-Status MakeDirs(const std::string& path) {
-  std::string cur;
-  for (size_t i = 0; i <= path.size(); ++i) {
-    if (i == path.size() || (path[i] == '/' && i > 0)) {
-      cur = path.substr(0, i);
-      if (mkdir(cur.c_str(), 0700) != 0 && errno != EEXIST) {
-        return Status::FromErrno(errno, "mkdir " + cur);
-      }
-    }
-  }
-  return Status::Ok();
-}
-
 // Allocates every block a generation file of nblocks bits can ever need, so a
 // mark written on the data path never needs a new block (a full state
 // filesystem fails the cut that prepares a generation, never a guest write).
@@ -94,7 +76,7 @@ Result<std::unique_ptr<ChangeTracker>> ChangeTracker::Open(const ChangeTrackerOp
     return Status::InvalidArgument("disk too large for change tracking at this granularity");
   }
   std::unique_ptr<ChangeTracker> t(new ChangeTracker(options));
-  Status st = MakeDirs(t->dir_);
+  Status st = MakeDirs(t->dir_, 0700);
   if (!st.ok()) return st;
   t->dir_fd_.reset(::open(t->dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!t->dir_fd_) return Status::FromErrno(errno, "open " + t->dir_);

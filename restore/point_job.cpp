@@ -7,8 +7,8 @@
 #include <chrono>
 #include <thread>
 
-#include "control/disk_files.h"
-#include "control/disk_service.h"
+#include "disks/disk_files.h"
+#include "disks/disk_service.h"
 #include "engine/cut.h"
 #include "engine/file_disk.h"
 #include "restore/hooks.h"

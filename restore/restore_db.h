@@ -2,7 +2,7 @@
 // disk restore points, operations, tracking bases) in the daemon's metadata
 // database, on RestoreService's own connection.
 //
-// The tables are created by MetadataDb's migrations (control/metadata_db.cpp),
+// The tables are created by the metadata.db migrations (db/migrations.cpp),
 // so one schema version covers the whole file. Each method is one statement
 // or one transaction: save_point() writes a point, its disk points, its
 // operation and (on success) the disks' new tracking bases atomically, which
@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "common/status.h"
-#include "control/metadata_db.h"
+#include "disks/metadata_db.h"
 #include "restore/restore_service.h"
 
 namespace rpoint {

@@ -8,8 +8,8 @@
 #include <cerrno>
 
 #include "common/unique_fd.h"
-#include "control/disk_files.h"
-#include "control/disk_service.h"
+#include "disks/disk_files.h"
+#include "disks/disk_service.h"
 #include "restore/restore_service_impl.h"
 #include "store/point_reader.h"
 

@@ -17,8 +17,8 @@
 #include <set>
 #include <thread>
 
-#include "control/disk_files.h"
-#include "control/disk_service.h"
+#include "disks/disk_files.h"
+#include "disks/disk_service.h"
 #include "restore/manifest.h"
 #include "restore/restore_db.h"
 #include "restore/restore_service_impl.h"
@@ -112,7 +112,7 @@ Status RestoreServiceImpl::init() {
   regions_ = options_.regions;
   for (auto& r : regions_) r.is_default = r.name == default_region_;
   for (const auto& r : options_.regions) {
-    Status made = MakeDirectories(r.path, 0750);
+    Status made = MakeDirs(r.path, 0750);
     if (!made.ok()) return made;
     store::StoreOptions so;
     so.dir = r.path;
@@ -123,7 +123,7 @@ Status RestoreServiceImpl::init() {
     }
     stores_[r.name] = std::move(st).value();
   }
-  Status s = MakeDirectories(options_.staging_dir, 0750);
+  Status s = MakeDirs(options_.staging_dir, 0750);
   if (s.ok()) s = recover();
   if (!s.ok()) return s;
   for (const auto& region : gc_at_start_) request_gc(region);

@@ -1,5 +1,7 @@
 // Catalog: the region's SQLite database (store.db): the chunk index
 // (digest -> pack, offset, length), the pack list and the disk point records.
+// Its connections are db/sqlite.h's, its schema is db/migrations.cpp's
+// StoreSchema (applied on Open).
 //
 // Durability: WAL with synchronous=FULL, so a committed transaction survives a
 // power cut. The store only ever adds index rows for objects whose pack is
@@ -24,8 +26,9 @@
 #include "store/digest.h"
 #include "store/format.h"
 
-struct sqlite3;
-struct sqlite3_stmt;
+namespace rpoint {
+class SqliteDb;
+}
 
 namespace rpoint::store {
 
@@ -117,11 +120,10 @@ class Catalog {
   Result<std::vector<Digest>> unhealed_bad_objects();
 
  private:
-  class Conn;
   Catalog() = default;
-  std::unique_ptr<Conn> wr_;
-  std::unique_ptr<Conn> rd_;
-  std::unique_ptr<Conn> scan_;
+  std::unique_ptr<SqliteDb> wr_;
+  std::unique_ptr<SqliteDb> rd_;
+  std::unique_ptr<SqliteDb> scan_;
   std::mutex wr_mu_;
   std::mutex rd_mu_;
   std::mutex scan_mu_;

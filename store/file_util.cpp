@@ -9,28 +9,11 @@
 #include <cstdio>
 #include <memory>
 
-#include "common/thread_role.h"
 #include "common/fault_injection.h"
+#include "common/thread_role.h"
 #include "common/unique_fd.h"
 
 namespace rpoint::store {
-
-Status FsyncDir(const std::string& dir, const char* fault_point) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd) return Status::FromErrno(errno, "open dir " + dir);
-  if (fault::Fsync(fault_point, fd.get()) != 0) return Status::FromErrno(errno, "fsync dir " + dir);
-  return Status::Ok();
-}
-
-Status MakeDir(const std::string& dir, bool* created) {
-  if (created) *created = false;
-  if (::mkdir(dir.c_str(), 0750) == 0) {
-    if (created) *created = true;
-    return Status::Ok();
-  }
-  if (errno == EEXIST) return Status::Ok();
-  return Status::FromErrno(errno, "mkdir " + dir);
-}
 
 Status WriteFileAtomic(const std::string& dir, const std::string& name, const std::string& data) {
   std::string path = dir + "/" + name, tmp = path + ".tmp";

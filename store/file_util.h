@@ -1,7 +1,5 @@
-// Small POSIX helpers the store's files share: whole-buffer pread/pwrite,
-// directory fsync, atomic small-file replacement, and the layout of pack
-// paths inside a region directory.
-// Thread-safety: stateless functions.
+// Small POSIX helpers the store's files share: atomic small-file replacement, and the layout of
+// pack paths inside a region directory. Thread-safety: stateless functions.
 #pragma once
 
 #include <cstddef>
@@ -15,14 +13,14 @@
 
 namespace rpoint::store {
 
-// Whole-buffer reads and writes (common/file_io.h, shared with the engine).
+// Whole-buffer reads and writes, directory fsync, mkdir (common/file_io.h,
+// shared with every component).
+using rpoint::FsyncDir;
+using rpoint::MakeDirs;
 using rpoint::PreadFull;
 using rpoint::PwriteFull;
-// fsync of a directory, so entries created or renamed in it are durable.
-// fault_point names it for fault injection (common/fault_injection.h).
-Status FsyncDir(const std::string& dir, const char* fault_point = nullptr);
-// mkdir that accepts an existing directory; *created tells which happened.
-Status MakeDir(const std::string& dir, bool* created);
+// Mode of the directories a region is made of.
+constexpr unsigned kRegionDirMode = 0750;
 // Makes `dir/name` hold exactly `data`, atomically and durably: written to
 // `name.tmp`, fsynced, renamed over `name`, directory fsynced. A crash leaves
 // either the old file (plus perhaps a stray .tmp) or the new one, never a mix.

@@ -22,7 +22,7 @@ Result<std::unique_ptr<PackWriter>> PackWriter::Create(const std::string& packs_
   w->id_ = id;
   std::string sub = PackSubdir(packs_dir, id);
   bool created = false;
-  STORE_RETURN_IF_ERROR(MakeDir(sub, &created));
+  STORE_RETURN_IF_ERROR(MakeDirs(sub, kRegionDirMode, &created));
   // A new subdirectory must itself be durable before a pack inside it is.
   if (created) STORE_RETURN_IF_ERROR(FsyncDir(packs_dir));
   w->final_path_ = PackPath(packs_dir, id);

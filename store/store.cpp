@@ -37,10 +37,10 @@ Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
   }
   std::shared_ptr<Store> s(new Store(opts));
   bool created = false, packs_created = false, points_created = false, man_created = false;
-  STORE_RETURN_IF_ERROR(MakeDir(opts.dir, &created));
-  STORE_RETURN_IF_ERROR(MakeDir(s->packs_dir_, &packs_created));
-  STORE_RETURN_IF_ERROR(MakeDir(s->points_dir_, &points_created));
-  STORE_RETURN_IF_ERROR(MakeDir(opts.dir + "/manifests", &man_created));
+  STORE_RETURN_IF_ERROR(MakeDirs(opts.dir, kRegionDirMode, &created));
+  STORE_RETURN_IF_ERROR(MakeDirs(s->packs_dir_, kRegionDirMode, &packs_created));
+  STORE_RETURN_IF_ERROR(MakeDirs(s->points_dir_, kRegionDirMode, &points_created));
+  STORE_RETURN_IF_ERROR(MakeDirs(opts.dir + "/manifests", kRegionDirMode, &man_created));
   if (packs_created || points_created || man_created) STORE_RETURN_IF_ERROR(FsyncDir(opts.dir));
   if (created) {
     std::string parent = std::filesystem::path(opts.dir).parent_path().string();

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "config/config.h"
 
@@ -164,6 +165,55 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
                    k == "operations";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
+  }
+}
+
+// The parser's own tables, read back from its "expected one of" message for an
+// unknown key in each mapping, must equal ConfigKeys()'s children of that
+// mapping: a key added to the parser but not to ConfigKeys() (or the reverse)
+// fails here even when no test config names it.
+TEST_CASE("ConfigKeys lists exactly the keys of every mapping the parser walks") {
+  struct Mapping {
+    std::string prefix;  // as in ConfigKeys(): "" top level, "io", "regions[]"
+    std::string yaml;    // a config with the unknown key "zzz" in that mapping
+  };
+  for (const Mapping& m : std::vector<Mapping>{
+           {"", "zzz: 1\n"},
+           {"control", "control: {zzz: 1}\n"},
+           {"nbd", "nbd: {zzz: 1}\n"},
+           {"log", "log: {zzz: 1}\n"},
+           {"io", "io: {zzz: 1}\n"},
+           {"regions[]", "regions: [{zzz: 1}]\n"},
+           {"consistency", "consistency: {zzz: 1}\n"},
+           {"consistency.vms.{vm}", "consistency: {vms: {web1: {zzz: 1}}}\n"},
+       }) {
+    INFO(m.yaml);
+    Result<Config> r = ParseConfig(m.yaml, "t.yaml");
+    REQUIRE(!r.ok());
+    std::string msg = r.status().message();
+    const std::string marker = "expected one of: ";
+    size_t at = msg.find(marker);
+    REQUIRE(at != std::string::npos);
+    std::vector<std::string> parser;
+    std::string rest = msg.substr(at + marker.size());
+    for (size_t pos = 0;;) {
+      size_t comma = rest.find(", ", pos);
+      parser.push_back(rest.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos));
+      if (comma == std::string::npos) break;
+      pos = comma + 2;
+    }
+    std::vector<std::string> listed;
+    std::string head = m.prefix.empty() ? "" : m.prefix + ".";
+    for (const std::string& key : ConfigKeys()) {
+      if (key.compare(0, head.size(), head) != 0) continue;
+      std::string child = key.substr(head.size());
+      std::string name = child.substr(0, child.find_first_of(".["));
+      if (name.empty() || name == "{vm}") continue;
+      if (std::find(listed.begin(), listed.end(), name) == listed.end()) listed.push_back(name);
+    }
+    std::sort(parser.begin(), parser.end());
+    std::sort(listed.begin(), listed.end());
+    CHECK(parser == listed);
   }
 }
 

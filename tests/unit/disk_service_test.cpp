@@ -1,4 +1,4 @@
-// DiskService (control/disk_service.h): validation, files, metadata, restarts.
+// DiskService (disks/disk_service.h): validation, files, metadata, restarts.
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -8,8 +8,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "control/disk_service.h"
-#include "control/metadata_db.h"
+#include "disks/disk_service.h"
+#include "disks/metadata_db.h"
 #include "engine/file_disk.h"
 
 using namespace rpoint;

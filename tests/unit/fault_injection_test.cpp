@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "common/fault_sqlite_vfs.h"
+#include "common/file_io.h"
 #include "common/unique_fd.h"
 
 namespace rpoint::fault {
@@ -222,6 +224,41 @@ TEST_CASE("the SQLite shim: an armed sync or write fails the commit, which rolls
   CHECK(Count(db) == 2);
   CHECK(Exec(db, "PRAGMA integrity_check") == SQLITE_OK);
   sqlite3_close(db);
+}
+
+// The one mkdir -p and directory fsync every component uses (common/file_io.h):
+// created directories get exactly the caller's mode whatever the umask, an
+// existing one is left alone, and the fsync's fault point fails it.
+TEST_CASE("file_io: MakeDirs modes and created flag; FsyncDir honours its fault point") {
+  TempDir tmp;
+  mode_t old_umask = ::umask(077);
+  bool created = false;
+  std::string deep = tmp.path + "/a/b/c";
+  Status s = MakeDirs(deep, 0750, &created);
+  ::umask(old_umask);
+  REQUIRE_MESSAGE(s.ok(), s.ToString());
+  CHECK(created);
+  for (const std::string& d : {tmp.path + "/a", tmp.path + "/a/b", deep}) {
+    struct stat st {};
+    REQUIRE(::stat(d.c_str(), &st) == 0);
+    CHECK((st.st_mode & 07777) == 0750);
+  }
+  REQUIRE(::chmod(deep.c_str(), 0700) == 0);
+  REQUIRE(MakeDirs(deep, 0755, &created).ok());
+  CHECK(!created);
+  struct stat st {};
+  REQUIRE(::stat(deep.c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0700);  // existing: left as it is
+  UniqueFd f(::open((tmp.path + "/file").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600));
+  REQUIRE(f);
+  CHECK(MakeDirs(tmp.path + "/file", 0700).code() == Code::kAlreadyExists);
+  CHECK(MakeDirs(tmp.path + "/file/x", 0700).code() == Code::kIoError);
+
+  CHECK(FsyncDir(deep, "pack.dirsync").ok());
+  ArmText("pack.dirsync=EIO*1");
+  CHECK(FsyncDir(deep, "pack.dirsync").code() == Code::kIoError);
+  CHECK(FsyncDir(deep, "pack.dirsync").ok());  // *1: only the first hit
+  CHECK(FsyncDir(tmp.path + "/missing").code() == Code::kNotFound);
 }
 
 }  // namespace

@@ -1,10 +1,13 @@
-// MetadataDb and the SQLite wrapper (control/metadata_db.h, control/sqlite.h).
+// MetadataDb, the SQLite wrapper and the schema migrations (disks/metadata_db.h,
+// db/sqlite.h, db/migrations.h), store.db included.
 #include <doctest/doctest.h>
 #include <stdlib.h>
 
 #include <filesystem>
 
-#include "control/metadata_db.h"
+#include "db/migrations.h"
+#include "disks/metadata_db.h"
+#include "store/catalog.h"
 
 using namespace rpoint;
 namespace fs = std::filesystem;
@@ -111,4 +114,45 @@ TEST_CASE("a database file that is not SQLite is an error, not a crash") {
   }
   auto m = MetadataDb::Open(t.path + "/m.db");
   CHECK_FALSE(m.ok());
+}
+
+// store.db goes through the same wrapper and migration runner as metadata.db
+// (db/migrations.h): a region written before store.db was versioned (no
+// schema_version table) opens and is stamped version 1 with its rows intact,
+// and a store.db from a newer rpointd is refused instead of misread.
+TEST_CASE("store.db: an unversioned region is adopted at version 1, a newer one refused") {
+  TempDir t;
+  const std::string path = t.path + "/store.db";
+  {
+    auto db = SqliteDb::Open(path);
+    REQUIRE(db.ok());
+    // The layout store/catalog.cpp created before db/migrations.cpp existed.
+    REQUIRE(db.value()
+                ->exec("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                       "INSERT INTO meta VALUES('format_version', '1');"
+                       "CREATE TABLE packs(id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL, "
+                       "objects INTEGER NOT NULL, created_ns INTEGER NOT NULL);"
+                       "INSERT INTO packs VALUES(7, 4096, 1, 1);")
+                .ok());
+  }
+  {
+    auto c = store::Catalog::Open(path);
+    REQUIRE_MESSAGE(c.ok(), c.status().ToString());
+    auto packs = c.value()->packs();
+    REQUIRE(packs.ok());
+    REQUIRE(packs->size() == 1);
+    CHECK(packs->front().id == 7);
+  }
+  {
+    auto db = SqliteDb::Open(path);
+    REQUIRE(db.ok());
+    auto v = db::SchemaVersion(*db.value(), db::StoreSchema());
+    REQUIRE(v.ok());
+    CHECK(v.value() == db::StoreSchema().latest());
+    REQUIRE(db.value()->exec("UPDATE schema_version SET version = 999").ok());
+  }
+  auto c = store::Catalog::Open(path);
+  REQUIRE(!c.ok());
+  CHECK(c.status().code() == Code::kUnsupported);
+  CHECK(c.status().message().find("store database") != std::string::npos);
 }

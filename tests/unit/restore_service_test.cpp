@@ -22,7 +22,7 @@
 #include <random>
 #include <thread>
 
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 #include "engine/change_tracker.h"
 #include "engine/file_disk.h"
 #include "engine/reactor.h"

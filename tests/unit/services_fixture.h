@@ -10,7 +10,7 @@
 #include <memory>
 #include <string>
 
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 #include "restore/restore_service.h"
 
 namespace rpoint {

@@ -1,4 +1,4 @@
-#include "control/disk_files.h"
+#include "disks/disk_files.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <ctime>
 
+#include "common/file_io.h"
 #include "common/unique_fd.h"
 
 namespace rpoint {
@@ -18,13 +19,6 @@ std::string DirName(const std::string& path) {
   if (slash == std::string::npos) return ".";
   if (slash == 0) return "/";
   return path.substr(0, slash);
-}
-
-Status SyncDirectory(const std::string& dir) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd) return Status::FromErrno(errno, "open directory " + dir);
-  if (fsync(fd.get()) != 0) return Status::FromErrno(errno, "fsync directory " + dir);
-  return Status::Ok();
 }
 
 Status CreateSparseFile(const std::string& path, uint64_t size_bytes) {
@@ -41,12 +35,12 @@ Status CreateSparseFile(const std::string& path, uint64_t size_bytes) {
   } else if (fsync(fd.get()) != 0) {
     s = Status::FromErrno(errno, "fsync " + path);
   } else {
-    s = SyncDirectory(DirName(path));
+    s = FsyncDir(DirName(path));
   }
   if (!s.ok()) {
     fd.reset();
     ::unlink(path.c_str());
-    (void)SyncDirectory(DirName(path));
+    (void)FsyncDir(DirName(path));
   }
   return s;
 }
@@ -55,22 +49,7 @@ Status RemoveFile(const std::string& path) {
   if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
     return Status::FromErrno(errno, "unlink " + path);
   }
-  return SyncDirectory(DirName(path));
-}
-
-Status MakeDirectories(const std::string& dir, unsigned mode) {
-  if (dir.empty()) return Status::InvalidArgument("empty directory path");
-  for (size_t pos = 1; pos <= dir.size(); ++pos) {
-    if (pos != dir.size() && dir[pos] != '/') continue;
-    std::string prefix = dir.substr(0, pos);
-    if (::mkdir(prefix.c_str(), mode) != 0 && errno != EEXIST) {
-      return Status::FromErrno(errno, "mkdir " + prefix);
-    }
-  }
-  struct stat st {};
-  if (::stat(dir.c_str(), &st) != 0) return Status::FromErrno(errno, "stat " + dir);
-  if (!S_ISDIR(st.st_mode)) return Status::InvalidArgument(dir + " is not a directory");
-  return Status::Ok();
+  return FsyncDir(DirName(path));
 }
 
 std::string NowRfc3339() {

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/file_io.h"  // FsyncDir, MakeDirs
 #include "common/status.h"
 
 namespace rpoint {
@@ -20,12 +21,6 @@ Status CreateSparseFile(const std::string& path, uint64_t size_bytes);
 
 // Removes `path` (a missing file is fine) and fsyncs its directory.
 Status RemoveFile(const std::string& path);
-
-// fsync of a directory, so entries created or removed in it are durable.
-Status SyncDirectory(const std::string& dir);
-
-// mkdir -p with `mode` for the directories it creates.
-Status MakeDirectories(const std::string& dir, unsigned mode);
 
 // Directory part of a path ("." when it has none).
 std::string DirName(const std::string& path);

@@ -1,10 +1,10 @@
-// MetadataDb: the daemon's durable metadata (SQLite) and its schema migrations.
+// MetadataDb: the daemon's durable metadata (SQLite): the disks table, and the
+// connection restore/restore_db shares for its tables.
 //
-// Opening applies, in order and each in its own transaction, every migration
-// newer than the database's recorded schema version (table schema_version), so
-// later features (restore points, collections, jobs) add tables by appending a
-// migration. A database written by a newer rpointd is refused rather than
-// misread. The connection runs in WAL mode with synchronous=FULL: a committed
+// Opening applies the schema migrations of metadata.db (db/migrations.cpp,
+// every table of the file, restore/'s included), so later features add tables
+// by appending a migration there. A database written by a newer rpointd is
+// refused rather than misread. The connection runs in WAL mode with synchronous=FULL: a committed
 // row survives power loss, which is what "the disk exists" promises.
 //
 // Thread-safety: none; the owner serialises calls (DiskService holds its mutex).
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "common/status.h"
-#include "control/sqlite.h"
+#include "db/sqlite.h"
 
 namespace rpoint {
 
@@ -54,7 +54,6 @@ class MetadataDb {
 
  private:
   explicit MetadataDb(std::unique_ptr<SqliteDb> db) : db_(std::move(db)) {}
-  Status migrate();
 
   std::unique_ptr<SqliteDb> db_;
 };

@@ -1,4 +1,4 @@
-#include "control/disk_service.h"
+#include "disks/disk_service.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -17,8 +17,8 @@
 #include <set>
 
 #include "common/unique_fd.h"
-#include "control/disk_files.h"
-#include "control/metadata_db.h"
+#include "disks/disk_files.h"
+#include "disks/metadata_db.h"
 #include "engine/file_disk.h"
 
 namespace rpoint {
@@ -646,12 +646,12 @@ Status DiskService::ValidateTrackingGranularity(uint64_t bytes) {
 Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions& options) {
   if (options.disks_dir.empty()) return Status::InvalidArgument("disks_dir is not set");
   if (options.metadata_db.empty()) return Status::InvalidArgument("metadata_db is not set");
-  Status s = MakeDirectories(options.disks_dir, 0700);
+  Status s = MakeDirs(options.disks_dir, 0700);
   if (!s.ok()) return s;
-  s = MakeDirectories(DirName(options.metadata_db), 0700);
+  s = MakeDirs(DirName(options.metadata_db), 0700);
   if (!s.ok()) return s;
   if (!options.tracking_dir.empty()) {
-    s = MakeDirectories(options.tracking_dir, 0700);
+    s = MakeDirs(options.tracking_dir, 0700);
     if (!s.ok()) return s;
   }
   // Rows store absolute paths, so they stay right whatever the daemon's cwd.

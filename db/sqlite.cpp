@@ -1,10 +1,11 @@
-#include "control/sqlite.h"
+#include "db/sqlite.h"
 
 #include <sqlite3.h>
 
 #include <utility>
 
 #include "common/fault_sqlite_vfs.h"
+#include "common/thread_role.h"
 
 namespace rpoint {
 
@@ -14,46 +15,68 @@ namespace {
 // not that the caller asked for something wrong.
 Code CodeFor(int rc) {
   switch (rc & 0xff) {
-    case SQLITE_FULL: return Code::kNoSpace;
-    case SQLITE_CONSTRAINT: return Code::kAlreadyExists;
+    case SQLITE_FULL:
+      return Code::kNoSpace;
+    case SQLITE_CONSTRAINT:
+      return Code::kAlreadyExists;
     case SQLITE_BUSY:
-    case SQLITE_LOCKED: return Code::kConflict;
+    case SQLITE_LOCKED:
+      return Code::kConflict;
     case SQLITE_READONLY:
     case SQLITE_PERM:
-    case SQLITE_AUTH: return Code::kPermissionDenied;
+    case SQLITE_AUTH:
+      return Code::kPermissionDenied;
     case SQLITE_IOERR:
     case SQLITE_CANTOPEN:
     case SQLITE_CORRUPT:
-    case SQLITE_NOTADB: return Code::kIoError;
-    default: return Code::kInternal;
+    case SQLITE_NOTADB:
+      return Code::kIoError;
+    default:
+      return Code::kInternal;
   }
 }
 
 }  // namespace
 
-Result<std::unique_ptr<SqliteDb>> SqliteDb::Open(const std::string& path) {
+Result<std::unique_ptr<SqliteDb>> SqliteDb::Open(const std::string& path,
+                                                 const SqliteOptions& options) {
+  RPOINT_ASSERT_MAY_BLOCK("SQLite");
   sqlite3* raw = nullptr;
-  int rc = sqlite3_open_v2(path.c_str(), &raw,
-                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
-                           fault::SqliteVfs("metadata"));
+  int flags =
+      SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (options.create ? SQLITE_OPEN_CREATE : 0);
+  int rc = sqlite3_open_v2(path.c_str(), &raw, flags, fault::SqliteVfs(options.fault_kind));
   if (rc != SQLITE_OK) {
     std::string msg = raw ? sqlite3_errmsg(raw) : sqlite3_errstr(rc);
     sqlite3_close(raw);  // a handle is returned even on failure; NULL is a no-op
-    return Status(CodeFor(rc), "open metadata database " + path + ": " + msg);
+    return Status(CodeFor(rc),
+                  "open " + std::string(options.fault_kind) + " database " + path + ": " + msg);
   }
   sqlite3_extended_result_codes(raw, 1);
-  // Another process (an admin's sqlite3 shell) holding a lock briefly must not fail requests.
-  sqlite3_busy_timeout(raw, 5000);
+  // Another connection or process (an admin's sqlite3 shell) holding a lock
+  // briefly must not fail requests.
+  sqlite3_busy_timeout(raw, options.busy_timeout_ms);
   return std::unique_ptr<SqliteDb>(new SqliteDb(raw, path));
 }
 
-SqliteDb::~SqliteDb() { sqlite3_close_v2(db_); }
+SqliteDb::~SqliteDb() {
+  for (auto& [sql, st] : cache_) sqlite3_finalize(st);
+  sqlite3_close_v2(db_);
+}
+
+int SqliteDb::changes() const {
+  return sqlite3_changes(db_);
+}
+
+int64_t SqliteDb::last_insert_rowid() const {
+  return sqlite3_last_insert_rowid(db_);
+}
 
 Status SqliteDb::error(int rc, const std::string& context) const {
   return Status(CodeFor(rc), context + ": " + sqlite3_errmsg(db_) + " (" + path_ + ")");
 }
 
 Status SqliteDb::exec(const std::string& sql) {
+  RPOINT_ASSERT_MAY_BLOCK("SQLite");
   char* err = nullptr;
   int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err);
   if (rc != SQLITE_OK) {
@@ -64,27 +87,72 @@ Status SqliteDb::exec(const std::string& sql) {
   return Status::Ok();
 }
 
+// Every statement starts here: SQLite may read, lock and fsync.
 Result<SqliteStmt> SqliteDb::prepare(const std::string& sql) {
+  RPOINT_ASSERT_MAY_BLOCK("SQLite");
   sqlite3_stmt* stmt = nullptr;
   int rc = sqlite3_prepare_v2(db_, sql.c_str(), static_cast<int>(sql.size()), &stmt, nullptr);
   if (rc != SQLITE_OK) return error(rc, "prepare '" + sql + "'");
-  return SqliteStmt(this, stmt);
+  return SqliteStmt(this, stmt, false);
+}
+
+Result<SqliteStmt> SqliteDb::prepare_cached(const std::string& sql) {
+  RPOINT_ASSERT_MAY_BLOCK("SQLite");
+  auto it = cache_.find(sql);
+  if (it == cache_.end()) {
+    sqlite3_stmt* stmt = nullptr;
+    int rc = sqlite3_prepare_v3(db_, sql.c_str(), static_cast<int>(sql.size()),
+                                SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+    if (rc != SQLITE_OK) return error(rc, "prepare '" + sql + "'");
+    it = cache_.emplace(sql, stmt).first;
+  }
+  return SqliteStmt(this, it->second, true);
 }
 
 SqliteStmt::SqliteStmt(SqliteStmt&& o) noexcept
-    : db_(o.db_), stmt_(std::exchange(o.stmt_, nullptr)), bind_rc_(o.bind_rc_) {}
+    : db_(o.db_),
+      stmt_(std::exchange(o.stmt_, nullptr)),
+      cached_(o.cached_),
+      bind_rc_(o.bind_rc_) {}
 
 SqliteStmt& SqliteStmt::operator=(SqliteStmt&& o) noexcept {
   if (this != &o) {
-    sqlite3_finalize(stmt_);
+    release();
     db_ = o.db_;
     stmt_ = std::exchange(o.stmt_, nullptr);
+    cached_ = o.cached_;
     bind_rc_ = o.bind_rc_;
   }
   return *this;
 }
 
-SqliteStmt::~SqliteStmt() { sqlite3_finalize(stmt_); }
+SqliteStmt::~SqliteStmt() {
+  release();
+}
+
+void SqliteStmt::release() {
+  if (stmt_ == nullptr) return;
+  if (cached_) {
+    // Back to the cache, ready for its next user (and no read transaction left open).
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  } else {
+    sqlite3_finalize(stmt_);
+  }
+  stmt_ = nullptr;
+}
+
+void SqliteStmt::reset() {
+  sqlite3_reset(stmt_);
+  sqlite3_clear_bindings(stmt_);
+  bind_rc_ = SQLITE_OK;
+}
+
+SqliteStmt& SqliteStmt::bind_blob(int index, const void* data, size_t size) {
+  int rc = sqlite3_bind_blob(stmt_, index, data, static_cast<int>(size), SQLITE_TRANSIENT);
+  if (rc != SQLITE_OK && bind_rc_ == SQLITE_OK) bind_rc_ = rc;
+  return *this;
+}
 
 SqliteStmt& SqliteStmt::bind(int index, const std::string& value) {
   int rc = sqlite3_bind_text(stmt_, index, value.data(), static_cast<int>(value.size()),
@@ -113,7 +181,9 @@ Status SqliteStmt::run() {
   return Status::Ok();
 }
 
-int64_t SqliteStmt::column_int(int index) const { return sqlite3_column_int64(stmt_, index); }
+int64_t SqliteStmt::column_int(int index) const {
+  return sqlite3_column_int64(stmt_, index);
+}
 
 std::string SqliteStmt::column_text(int index) const {
   const unsigned char* t = sqlite3_column_text(stmt_, index);
@@ -121,7 +191,17 @@ std::string SqliteStmt::column_text(int index) const {
   return t ? std::string(reinterpret_cast<const char*>(t), static_cast<size_t>(n)) : std::string();
 }
 
-int SqliteStmt::changes() const { return sqlite3_changes(sqlite3_db_handle(stmt_)); }
+const void* SqliteStmt::column_blob(int index) const {
+  return sqlite3_column_blob(stmt_, index);
+}
+
+size_t SqliteStmt::column_bytes(int index) const {
+  return static_cast<size_t>(sqlite3_column_bytes(stmt_, index));
+}
+
+int SqliteStmt::changes() const {
+  return sqlite3_changes(sqlite3_db_handle(stmt_));
+}
 
 Result<SqliteTxn> SqliteTxn::Begin(SqliteDb& db) {
   // IMMEDIATE takes the write lock now, so a busy database fails here, not at COMMIT.
