@@ -280,6 +280,44 @@ int PointCreate(Context& ctx, const po::variables_map& vm) {
   return ShowPoint(ctx, pt[0], pt[1]);
 }
 
+// restore-point copy SRC_COLL/RP DST_COLL[/NAME]: the copy keeps the
+// source's name unless one is given.
+int PointCopy(Context& ctx, const po::variables_map& vm) {
+  std::vector<std::string> src;
+  int rc;
+  if (!PointArg(ctx, vm, &src, &rc)) return rc;
+  std::string to = Arg(vm, "to");
+  std::vector<std::string> dst;
+  if (!SplitNames(to, 2, &dst)) {
+    if (to.empty() || to.find('/') != std::string::npos) {
+      return UsageError(ctx, "expected COLLECTION or COLLECTION/RESTORE_POINT, got '" + to + "'");
+    }
+    dst = {to, src[1]};
+  }
+  json body = {{"properties",
+                {{"sourceRestorePoint",
+                  {{"id", "/restorePointCollections/" + src[0] + "/restorePoints/" + src[1]}}}}}};
+  HttpReply r;
+  if (!Call(ctx, "PUT", RestorePointPath(dst[0], dst[1]), body, &r, &rc)) return rc;
+  std::string op = OperationIdOf(r);
+  if (op.empty() || !vm.count("wait")) {
+    if (r.json) PrintRestorePoint(ctx, *r.json, json::array());
+    if (!op.empty()) PrintOperationHint(ctx, op);
+    return kExitOk;
+  }
+  json done;
+  rc = WaitForOperation(ctx, op,
+                        "copying " + src[0] + "/" + src[1] + " to " + dst[0] + "/" + dst[1], &done);
+  if (rc != kExitOk) return rc;
+  json output = Props(done).value("output", json::object());
+  if (ctx.output == OutputFormat::kTable) {
+    ctx.out << "moved " << FormatSize(output.value("bytesMoved", uint64_t{0})) << " ("
+            << Str(output, "chunksMoved") << " chunks; " << Str(output, "chunksReused")
+            << " already in the target region)\n\n";
+  }
+  return ShowPoint(ctx, dst[0], dst[1]);
+}
+
 int PointList(Context& ctx, const po::variables_map& vm) {
   HttpReply r;
   int rc;
@@ -380,7 +418,7 @@ void DeclareName(po::options_description&, po::options_description& h,
 
 void AddRestorePointCommands(std::vector<Command>& table) {
   table.push_back({"collection", "create", "NAME --vm VM [--region REGION]",
-                   "create the restore point collection of a VM (one per VM)",
+                   "create a restore point collection of a VM (a VM may have one per region)",
                    [](po::options_description& o, po::options_description& h,
                       po::positional_options_description& p) {
                      DeclareName(o, h, p);
@@ -412,6 +450,16 @@ void AddRestorePointCommands(std::vector<Command>& table) {
                          "wait", "wait until the restore point is complete");
                    },
                    PointCreate});
+  table.push_back({"restore-point", "copy", "SRC_COLLECTION/NAME DST_COLLECTION[/NAME] [--wait]",
+                   "copy a restore point to a collection of the same VM in another region "
+                   "(moves only the chunks that region lacks)",
+                   [](po::options_description& o, po::options_description& h,
+                      po::positional_options_description& p) {
+                     DeclareName(o, h, p);
+                     DeclareArg(h, p, "to");
+                     o.add_options()("wait", "wait until the copy is complete, showing progress");
+                   },
+                   PointCopy});
   table.push_back({"restore-point", "list", "COLLECTION", "list the restore points of a collection",
                    DeclareName, PointList});
   table.push_back({"restore-point", "show", "COLLECTION/NAME",

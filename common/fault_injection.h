@@ -52,6 +52,7 @@ inline constexpr const char* kFaultPoints[] = {
     "catalog.sync",     // SQLite fsync of the store catalog: its commit
     "metadata.write",   // SQLite write to the control metadata (restore points, operations)
     "metadata.sync",    // SQLite fsync of the control metadata: its commit
+    "copy.chunk",       // a chunk moved by a restore point copy between regions
 };
 
 // What one hit of a point must do.

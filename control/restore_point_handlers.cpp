@@ -190,11 +190,51 @@ HttpResponse PutRestorePoint(RestoreService& svc, const RequestContext& ctx) {
   rules.name = name;
   rules.type = kRestorePointType;
   rules.properties_required = false;  // {} or no body at all: every default
-  rules.settable = {"excludeDisks", "consistencyMode"};
+  rules.settable = {"excludeDisks", "consistencyMode", "sourceRestorePoint"};
   rules.read_only = {"timeCreated", "provisioningState", "sourceMetadata", "instanceView", "error"};
   ResourceBody body;
   if (!ReadResourceBody(ctx, rules, true, &body, &err)) return err;
   const json& props = body.properties;
+
+  // A copy of a point of another collection (of the same VM, in another
+  // region): its disks and mode are the source's.
+  if (auto it = props.find("sourceRestorePoint"); it != props.end() && !it->is_null()) {
+    for (const char* f : {"excludeDisks", "consistencyMode"}) {
+      if (props.contains(f) && !props[f].is_null()) {
+        return ErrorResponse(Status::InvalidArgument(
+            std::string("properties.") + f +
+            " cannot be set on a copy (properties.sourceRestorePoint): it is the source's"));
+      }
+    }
+    const std::string where = "properties.sourceRestorePoint";
+    json ref = *it;
+    if (ref.is_object() && ref.contains("id") && ref["id"].is_string()) {
+      // /restorePointCollections/{c}/restorePoints/{rp}
+      std::string id = ref["id"].get<std::string>();
+      const std::string head = "/restorePointCollections/";
+      size_t mid = id.find("/restorePoints/", head.size());
+      if (id.rfind(head, 0) != 0 || mid == std::string::npos) {
+        return ErrorResponse(Status::InvalidArgument(
+            where + ".id must look like '/restorePointCollections/C/restorePoints/RP', got '" + id +
+            "'"));
+      }
+      std::string src_c = id.substr(head.size(), mid - head.size());
+      auto src_rp = ReferenceField(json{{"id", id.substr(mid)}}, "/restorePoints/", where);
+      if (!src_rp.ok()) return ErrorResponse(src_rp.status());
+      if (Status v = DiskService::ValidateName(src_c, "collection name"); !v.ok()) {
+        return ErrorResponse(v);
+      }
+      if (Status v = CheckFields(ref, {"id"}, where); !v.ok()) return ErrorResponse(v);
+      auto started = svc.copy_restore_point(collection, name, src_c, src_rp.value());
+      if (!started.ok()) return ErrorResponse(started.status());
+      ojson j = RestorePointToJson(started->record, false);
+      if (!started->created) return JsonResponse(200, j);
+      return OperationStarted(201, j, started->operation_id);
+    }
+    return ErrorResponse(Status::InvalidArgument(
+        where + " must be {\"id\": \"/restorePointCollections/C/restorePoints/RP\"}, got " +
+        ref.dump()));
+  }
 
   std::vector<std::string> exclude;
   if (auto it = props.find("excludeDisks"); it != props.end() && !it->is_null()) {
@@ -410,6 +450,9 @@ ojson RestorePointToJson(const RestorePointRecord& rp, bool instance_view) {
                  {"timeCreated", rp.time_created},
                  {"provisioningState", rp.provisioning_state},
                  {"sourceMetadata", std::move(source)}};
+  if (!rp.source_restore_point.empty()) {
+    props["sourceRestorePoint"] = {{"id", rp.source_restore_point}};
+  }
   if (rp.provisioning_state == "Failed" || !rp.error_code.empty()) {
     props["error"] = {{"code", rp.error_code}, {"message", rp.error_message}};
   }

@@ -107,6 +107,44 @@ const char* const kMetadataMigrations[] = {
     R"sql(
     ALTER TABLE tracking_bases ADD COLUMN retained INTEGER NOT NULL DEFAULT 0;
     )sql",
+    // 5: several collections per VM (source_vm no longer UNIQUE), so one
+    // tracking base per (disk, collection), with the tracker generation that
+    // collection captured through and the tracker's identity. Tables are
+    // rebuilt (SQLite cannot drop a constraint); Migrate runs with foreign
+    // keys off (disks/metadata_db.cpp turns them on after), as SQLite's
+    // table rebuild procedure asks.
+    R"sql(
+    CREATE TABLE collections_v5 (
+      name         TEXT PRIMARY KEY NOT NULL,
+      source_vm    TEXT NOT NULL,
+      region       TEXT NOT NULL,
+      time_created TEXT NOT NULL
+    );
+    INSERT INTO collections_v5 (name, source_vm, region, time_created)
+      SELECT name, source_vm, region, time_created FROM collections;
+    DROP TABLE collections;
+    ALTER TABLE collections_v5 RENAME TO collections;
+    CREATE INDEX collections_by_vm ON collections(source_vm);
+    CREATE TABLE tracking_bases_v5 (
+      disk          TEXT NOT NULL,
+      collection    TEXT NOT NULL,
+      restore_point TEXT NOT NULL,
+      store_point   INTEGER NOT NULL,
+      granularity   INTEGER NOT NULL,
+      retained      INTEGER NOT NULL DEFAULT 0,
+      generation    INTEGER NOT NULL DEFAULT 0,
+      tracker_id    INTEGER NOT NULL DEFAULT 0,
+      PRIMARY KEY (disk, collection)
+    );
+    INSERT INTO tracking_bases_v5 (disk, collection, restore_point, store_point, granularity,
+                                   retained)
+      SELECT disk, collection, restore_point, store_point, granularity, retained
+      FROM tracking_bases;
+    DROP TABLE tracking_bases;
+    ALTER TABLE tracking_bases_v5 RENAME TO tracking_bases;
+    -- A copy of a point of another collection (another region) names it.
+    ALTER TABLE restore_points ADD COLUMN source_restore_point TEXT NOT NULL DEFAULT '';
+    )sql",
 };
 
 // store.db. Version 1 is the layout regions had before store.db was

@@ -16,8 +16,10 @@ Result<std::unique_ptr<MetadataDb>> MetadataDb::Open(const std::string& path) {
   // commit, so an acknowledged change survives a power cut (NORMAL would not).
   Status s = m->db_->exec("PRAGMA journal_mode=WAL");
   if (s.ok()) s = m->db_->exec("PRAGMA synchronous=FULL");
-  if (s.ok()) s = m->db_->exec("PRAGMA foreign_keys=ON");
+  // Foreign keys on only after migrating: rebuilding a referenced table
+  // (migration 5) must not cascade or check half-way.
   if (s.ok()) s = db::Migrate(*m->db_, db::MetadataSchema());
+  if (s.ok()) s = m->db_->exec("PRAGMA foreign_keys=ON");
   if (!s.ok()) return s;
   return m;
 }

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -23,6 +24,7 @@ namespace {
 constexpr char kMagic[8] = {'R', 'P', 'C', 'T', 'B', 'M', '0', '1'};
 constexpr uint64_t kHeaderBytes = 4096;
 constexpr char kRetiredFile[] = "retired";
+constexpr char kIdFile[] = "id";
 // Tries of one batch of marks before its writes fail with EIO.
 constexpr int kMarkAttempts = 3;
 
@@ -80,6 +82,8 @@ Result<std::unique_ptr<ChangeTracker>> ChangeTracker::Open(const ChangeTrackerOp
   if (!st.ok()) return st;
   t->dir_fd_.reset(::open(t->dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!t->dir_fd_) return Status::FromErrno(errno, "open " + t->dir_);
+  st = t->load_or_make_id();
+  if (!st.ok()) return st;
   st = t->load_existing();
   if (!st.ok()) return st;
   t->flusher_ = std::thread([p = t.get()] {
@@ -134,6 +138,36 @@ Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generat
   return g;
 }
 
+Status ChangeTracker::load_or_make_id() {
+  std::string path = dir_ + "/" + kIdFile;
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd) {
+    char text[32] = {};
+    ssize_t n = pread(fd.get(), text, sizeof text - 1, 0);
+    if (n > 0) id_ = std::strtoull(text, nullptr, 16);
+    if (id_ != 0) return Status::Ok();
+    // An empty or torn id (a crash while making it): no consumer can have
+    // recorded it yet (it is made before the first generation), so make it anew.
+  } else if (errno != ENOENT) {
+    return Status::FromErrno(errno, "open " + path);
+  }
+  while (id_ == 0) {
+    if (getrandom(&id_, sizeof id_, 0) != static_cast<ssize_t>(sizeof id_)) {
+      return Status::FromErrno(errno, "getrandom");
+    }
+  }
+  char text[32];
+  int len = std::snprintf(text, sizeof text, "%016" PRIx64 "\n", id_);
+  std::string tmp = path + ".tmp";
+  UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!out) return Status::FromErrno(errno, "create " + tmp);
+  Status w = PwriteFull(out.get(), text, static_cast<size_t>(len), 0, tmp);
+  if (!w.ok()) return w;
+  if (fdatasync(out.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
+  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
+  return FsyncDir(dir_fd_.get(), dir_);
+}
+
 Status ChangeTracker::load_existing() {
   std::map<uint64_t, std::string> found;
   std::unique_ptr<DIR, int (*)(DIR*)> d(opendir(dir_.c_str()), closedir);
@@ -147,7 +181,15 @@ Status ChangeTracker::load_existing() {
       unlinkat(dir_fd_.get(), name.c_str(), 0);  // a generation that never became durable
     }
   }
+  // Generation numbers never go back (consumers record them): the next one
+  // is above every file and above the last retired generation.
   uint64_t last = 0;
+  if (ever_retired_) {
+    char text[32] = {};
+    UniqueFd m(::open((dir_ + "/" + kRetiredFile).c_str(), O_RDONLY | O_CLOEXEC));
+    if (m && pread(m.get(), text, sizeof text - 1, 0) > 0) last = std::strtoull(text, nullptr, 10);
+  }
+  std::vector<std::string> unmarked;
   for (auto& [number, path] : found) {
     auto g = std::make_shared<Generation>();
     g->number = number;
@@ -173,8 +215,9 @@ Status ChangeTracker::load_existing() {
     }
     last = std::max(last, number);
     if (g->bits.find_next(0) == g->bits.size()) {
-      // Never marked (e.g. the pre-made next generation): nothing to keep.
-      unlink(path.c_str());
+      // Never marked (e.g. the pre-made next generation): nothing to keep,
+      // once the new active generation (numbered above it) is durable.
+      unmarked.push_back(path);
       continue;
     }
     // Crashed generations (the one active at the crash included) all count as
@@ -190,6 +233,7 @@ Status ChangeTracker::load_existing() {
   active_ = std::move(active).value();
   active_raw_.store(active_.get());
   epoch_.store(active_->number);
+  for (const auto& path : unmarked) unlink(path.c_str());
   // The next generation is made (fully allocated) by the cut that needs it,
   // before its pause: only one fully allocated file exists between points.
   return Status::Ok();
@@ -330,17 +374,30 @@ Status ChangeTracker::prepare_next() {
   return Status::Ok();
 }
 
-SparseBitmap ChangeTracker::changed() const {
+SparseBitmap ChangeTracker::changed(uint64_t after) const {
   std::lock_guard<std::mutex> lock(mu_);
   SparseBitmap out(nblocks_.load());
-  for (const auto& g : frozen_) out.merge(g->bits);
+  for (const auto& g : frozen_) {
+    if (g->number > after) out.merge(g->bits);
+  }
   return out;
 }
 
-std::vector<std::shared_ptr<const SparseBitmap>> ChangeTracker::frozen_bitmaps() const {
+std::vector<std::shared_ptr<const SparseBitmap>> ChangeTracker::frozen_bitmaps(
+    uint64_t after) const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<std::shared_ptr<const SparseBitmap>> out;
-  for (const auto& g : frozen_) out.emplace_back(g, &g->bits);
+  for (const auto& g : frozen_) {
+    if (g->number > after) out.emplace_back(g, &g->bits);
+  }
+  return out;
+}
+
+std::vector<uint64_t> ChangeTracker::frozen_generations() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<uint64_t> out;
+  for (const auto& g : frozen_) out.push_back(g->number);
+  std::sort(out.begin(), out.end());
   return out;
 }
 

@@ -16,6 +16,14 @@
 // them, so the next point still sees every change. changed() is the union of all
 // frozen generations: the copier's work list.
 //
+// Several consumers (restore point collections of one VM) may each have
+// captured the disk up to a different generation: changed(after) is the union
+// of the frozen generations newer than `after`, the changes one consumer has
+// not captured yet. The caller retires only through the oldest generation any
+// consumer still needs. id() tells a consumer's recorded generation number
+// apart from one of a later tracker of a disk recreated under the same name:
+// a random number made with the directory, kept in <dir>/id.
+//
 // Writes in flight across a flip hold an epoch ticket (enter/leave). A mutation
 // that completes in a later epoch than it entered re-marks its blocks in the new
 // generation before it is acknowledged (a failed one too: part of it may have
@@ -57,8 +65,8 @@
 namespace rpoint {
 
 struct ChangeTrackerOptions {
-  std::string dir;                     // this disk's own directory of generation files
-  uint32_t granularity = 64 * 1024;    // bytes per bit: a power of two >= 4096
+  std::string dir;                   // this disk's own directory of generation files
+  uint32_t granularity = 64 * 1024;  // bytes per bit: a power of two >= 4096
   uint64_t disk_size = 0;
 };
 
@@ -96,11 +104,19 @@ class ChangeTracker {
   // Union of every frozen generation still kept: blocks changed since the last
   // retired restore point (up to the last flip). all_since_creation() is true
   // when no restore point was ever retired (the caller copies everything).
-  SparseBitmap changed() const;
+  // after > 0: only the frozen generations numbered above `after` (what a
+  // consumer that captured through generation `after` still lacks).
+  SparseBitmap changed(uint64_t after = 0) const;
   // The frozen generations' bitmaps themselves (cheap: no merge), for testing
-  // membership block by block on the data path.
-  std::vector<std::shared_ptr<const SparseBitmap>> frozen_bitmaps() const;
+  // membership block by block on the data path; `after` as for changed().
+  std::vector<std::shared_ptr<const SparseBitmap>> frozen_bitmaps(uint64_t after = 0) const;
+  // Numbers of the frozen generations still kept, oldest first (tests, logs).
+  std::vector<uint64_t> frozen_generations() const;
   bool all_since_creation() const;
+  // This tracker's identity (never 0): differs between the trackers of two
+  // disks ever made under one name, so a generation number recorded against
+  // one is never taken for one of the other.
+  uint64_t id() const { return id_; }
   // A restore point covering generations <= gen succeeded: waits for mutations
   // of those epochs to leave, then deletes their files.
   Status retire_through(uint64_t gen);
@@ -137,6 +153,7 @@ class ChangeTracker {
   explicit ChangeTracker(const ChangeTrackerOptions& options);
   Result<std::shared_ptr<Generation>> create_generation(uint64_t number);
   Status load_existing();
+  Status load_or_make_id();
   Status write_marks(Generation& gen, const std::vector<Pending>& batch);
   void flusher_loop();
 
@@ -147,14 +164,15 @@ class ChangeTracker {
   UniqueFd dir_fd_;
 
   mutable std::mutex mu_;
-  std::shared_ptr<Generation> active_;          // guarded by mu_
+  std::shared_ptr<Generation> active_;  // guarded by mu_
   // The active generation for the lock-free fast path. A reader holds an epoch
   // ticket while it uses it, and generations are only freed by retire_through()
   // after every ticket of their epoch has left. Generation number == epoch.
   std::atomic<Generation*> active_raw_{nullptr};
-  std::shared_ptr<Generation> next_;            // pre-created, empty
+  std::shared_ptr<Generation> next_;  // pre-created, empty
   std::vector<std::shared_ptr<Generation>> frozen_;
   bool ever_retired_ = false;
+  uint64_t id_ = 0;
   std::atomic<uint64_t> epoch_{0};
   // In-flight mutations per epoch, indexed by epoch % 4. Cuts are seconds apart
   // and mutations finish in milliseconds, so four slots never alias in practice;

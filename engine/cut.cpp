@@ -33,12 +33,16 @@ Result<UniqueFd> OpenStagingFile(const std::string& staging_dir, const std::stri
 Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
                            const std::string& staging_dir, const std::string& tag,
                            const std::vector<bool>& force_full,
-                           const std::vector<std::shared_ptr<const SparseBitmap>>& also_copy) {
+                           const std::vector<std::shared_ptr<const SparseBitmap>>& also_copy,
+                           const std::vector<uint64_t>& since) {
   if (!force_full.empty() && force_full.size() != disks.size()) {
     return Status::InvalidArgument("CutDisks: force_full needs one flag per disk");
   }
   if (!also_copy.empty() && also_copy.size() != disks.size()) {
     return Status::InvalidArgument("CutDisks: also_copy needs one entry per disk");
+  }
+  if (!since.empty() && since.size() != disks.size()) {
+    return Status::InvalidArgument("CutDisks: since needs one entry per disk");
   }
   // Before the pause: everything that may touch the filesystem.
   std::vector<UniqueFd> staging;
@@ -65,7 +69,8 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
   for (size_t i = 0; i < disks.size() && failure.ok(); ++i) {
     bool full = !force_full.empty() && force_full[i];
     auto snap =
-        disks[i]->freeze(std::move(staging[i]), full, also_copy.empty() ? nullptr : also_copy[i]);
+        disks[i]->freeze(std::move(staging[i]), full, also_copy.empty() ? nullptr : also_copy[i],
+                         since.empty() ? 0 : since[i]);
     if (!snap.ok()) {
       failure = snap.status();
     } else {

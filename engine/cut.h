@@ -32,9 +32,12 @@ struct CutResult {
 // force_full: empty, or one flag per disk (see FileDisk::freeze).
 // also_copy: empty, or one bitmap (or nullptr) per disk: blocks an
 // incremental point copies as if changed (FileDisk::freeze).
+// since: empty, or per disk the tracker generation the point's base captured
+// through (FileDisk::freeze); an incremental point copies what changed after it.
 Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
                            const std::string& staging_dir, const std::string& tag,
                            const std::vector<bool>& force_full = {},
-                           const std::vector<std::shared_ptr<const SparseBitmap>>& also_copy = {});
+                           const std::vector<std::shared_ptr<const SparseBitmap>>& also_copy = {},
+                           const std::vector<uint64_t>& since = {});
 
 }  // namespace rpoint

@@ -182,7 +182,8 @@ void FileDisk::open_gate() {
 }
 
 Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, bool force_full,
-                                                       std::shared_ptr<const SparseBitmap> also_copy) {
+                                                       std::shared_ptr<const SparseBitmap> also_copy,
+                                                       uint64_t since) {
   if (!tracker_) return Status::Unsupported("disk " + name() + " is not change-tracked");
   if (snapshot_.load()) return Status::Conflict("disk " + name() + " already has a restore point in progress");
   bool full = force_full || tracker_->all_since_creation();
@@ -195,7 +196,7 @@ Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, bool
       size(),
       tracker_->granularity(),
       full,
-      full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : tracker_->frozen_bitmaps()};
+      full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : tracker_->frozen_bitmaps(since)};
   // The snapshot treats every frozen bitmap alike (to_copy, copy-before-write).
   if (!full && also_copy) p.frozen.push_back(std::move(also_copy));
   auto snap = DiskSnapshot::Create(std::move(p), std::move(staging_fd));

@@ -77,9 +77,11 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   // only): blocks to copy as if changed, e.g. those whose copy in the base
   // point was found damaged; known before the cut, so copy-before-write
   // protects them from the cut on like any changed block.
+  // since: the generation the point's base captured through (its collection's
+  // previous point); an incremental point copies the generations after it.
   Result<std::shared_ptr<DiskSnapshot>> freeze(
       UniqueFd staging_fd, bool force_full = false,
-      std::shared_ptr<const SparseBitmap> also_copy = nullptr);
+      std::shared_ptr<const SparseBitmap> also_copy = nullptr, uint64_t since = 0);
   // The restore point is done with the snapshot (succeeded or failed).
   void end_snapshot();
   std::shared_ptr<DiskSnapshot> snapshot() const { return snapshot_.load(); }

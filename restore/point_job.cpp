@@ -226,8 +226,23 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   std::vector<StoreRef> freed;  // retained bases this point replaces
   if (!err) {
     for (const auto& d : rec.disk_restore_points) {
-      bases.push_back({d.disk, rec.collection, rec.name, d.store_point, d.granularity});
-      auto old = db_->tracking_base(d.disk);
+      auto old = db_->tracking_base(d.disk, rec.collection);
+      TrackingBase b{d.disk, rec.collection, rec.name, d.store_point, d.granularity};
+      auto cut = std::find_if(to_retire.begin(), to_retire.end(),
+                              [&](const auto& r) { return r.first->name() == d.disk; });
+      auto fd = disks_.file_disk(d.disk);
+      b.tracker_id = fd && fd->tracker() ? fd->tracker()->id() : 0;
+      if (cut != to_retire.end()) {
+        b.generation = cut->second;
+      } else if (old.ok() && old.value() && !d.full) {
+        // Writes from before the cut were still in flight when the copy
+        // ended: one could still land after the copy read its block, marked
+        // only in the generation just cut. The next point copies from the
+        // previous base's generation on (a superset, never less).
+        b.generation = old.value()->generation;
+        b.tracker_id = old.value()->tracker_id;
+      }
+      bases.push_back(b);
       if (old.ok() && old.value() && old.value()->retained &&
           old.value()->store_point != d.store_point) {
         auto c = db_->get_collection(old.value()->collection);
@@ -270,13 +285,8 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   } else if (!err) {
     // Only now may the trackers forget: a crash before this leaves their
     // generations in place and the next point copies a superset (harmless).
-    for (auto& [disk, gen] : to_retire) {
-      Status r = disk->tracker()->retire_through(gen);
-      if (!r.ok()) {
-        spdlog::warn("restore point {}/{}: disk {}: retiring tracked changes: {}", rec.collection,
-                     rec.name, disk->name(), r.ToString());
-      }
-    }
+    // Through the oldest generation another collection of the VM still needs.
+    for (auto& [disk, gen] : to_retire) retire_needed_locked(*disk, gen);
     uint64_t stored = 0;
     for (const auto& d : rec.disk_restore_points) stored += d.bytes_stored;
     spdlog::info("restore point {}/{}: succeeded, {} new bytes stored", rec.collection, rec.name,
@@ -331,6 +341,10 @@ std::optional<JobError> RestoreServiceImpl::create_point(
   std::vector<std::shared_ptr<FileDisk>> fdisks;
   std::vector<bool> force_full(n, true);
   std::vector<uint64_t> parent(n, 0);
+  // Per disk: the generation this collection's previous point captured
+  // through; the point copies what changed after it (other collections of
+  // the VM may have captured more, or less).
+  std::vector<uint64_t> since(n, 0);
   for (size_t i = 0; i < n; ++i) {
     auto& d = rec.disk_restore_points[i];
     auto fd = disks_.file_disk(d.disk);
@@ -342,14 +356,17 @@ std::optional<JobError> RestoreServiceImpl::create_point(
     std::optional<RestorePointRecord> base_point;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto b = db_->tracking_base(d.disk);
-      if (b.ok() && b.value() && b.value()->collection == rec.collection) {
+      auto b = db_->tracking_base(d.disk, rec.collection);
+      if (b.ok() && b.value()) {
         base = b.value();
         auto bp = db_->get_point(base->collection, base->restore_point);
         if (bp.ok() && bp.value()) base_point = bp.value();
       }
     }
     if (!base || base->granularity != fd->tracker()->granularity()) continue;
+    // Recorded against another tracker (a disk recreated under this name):
+    // its generation numbers mean nothing to this one.
+    if (base->tracker_id != 0 && base->tracker_id != fd->tracker()->id()) continue;
     bool named = base->retained;
     if (!named && base_point && base_point->provisioning_state == "Succeeded") {
       for (const auto& bd : base_point->disk_restore_points) {
@@ -363,6 +380,7 @@ std::optional<JobError> RestoreServiceImpl::create_point(
     }
     force_full[i] = false;
     parent[i] = base->store_point;
+    since[i] = base->generation;
   }
 
   // Blocks whose chunk in the parent was found damaged (quarantined) are
@@ -428,7 +446,7 @@ std::optional<JobError> RestoreServiceImpl::create_point(
       }
     }
     auto c = CutDisks(fdisks, options_.staging_dir, PointId(rec.collection, rec.name), force_full,
-                      also_copy);
+                      also_copy, since);
     if (fs) thaw();
     if (!c.ok()) return JobError{"CutFailed", c.status().message()};
     cut = std::move(c).value();

@@ -153,16 +153,6 @@ Result<std::optional<CollectionRecord>> RestoreDb::get_collection(const std::str
   return std::optional<CollectionRecord>(CollectionFrom(*st));
 }
 
-Result<std::optional<CollectionRecord>> RestoreDb::collection_of_vm(const std::string& vm) {
-  auto st = db().prepare(std::string(kCollectionCols) + "WHERE source_vm = ?1");
-  if (!st.ok()) return st.status();
-  st->bind(1, vm);
-  auto r = st->step();
-  if (!r.ok()) return r.status();
-  if (!r.value()) return std::optional<CollectionRecord>();
-  return std::optional<CollectionRecord>(CollectionFrom(*st));
-}
-
 Result<std::vector<CollectionRecord>> RestoreDb::list_collections() {
   auto st = db().prepare(std::string(kCollectionCols) + "ORDER BY name");
   if (!st.ok()) return st.status();
@@ -203,7 +193,8 @@ Status RestoreDb::delete_collection(const std::string& name) {
 namespace {
 constexpr const char* kPointCols =
     "SELECT collection, name, consistency_mode, exclude_disks, provisioning_state, time_created, "
-    "source_metadata, operation_id, cut_pause_ns, error_code, error_message FROM restore_points ";
+    "source_metadata, operation_id, cut_pause_ns, error_code, error_message, "
+    "source_restore_point FROM restore_points ";
 
 RestorePointRecord PointFrom(const SqliteStmt& st) {
   RestorePointRecord p;
@@ -223,6 +214,7 @@ RestorePointRecord PointFrom(const SqliteStmt& st) {
   p.cut_pause_ns = st.column_int(8);
   p.error_code = st.column_text(9);
   p.error_message = st.column_text(10);
+  p.source_restore_point = st.column_text(11);
   return p;
 }
 }  // namespace
@@ -305,14 +297,15 @@ Status RestoreDb::save_point(const RestorePointRecord& p, const OperationRecord*
     auto up = db().prepare(
         "INSERT INTO restore_points (collection, name, seq, consistency_mode, exclude_disks, "
         "provisioning_state, time_created, source_metadata, operation_id, cut_pause_ns, "
-        "error_code, error_message) VALUES (?1, ?2, "
+        "error_code, error_message, source_restore_point) VALUES (?1, ?2, "
         "(SELECT COALESCE(MAX(seq), 0) + 1 FROM restore_points), ?3, ?4, ?5, ?6, ?7, ?8, ?9, "
-        "?10, ?11) "
+        "?10, ?11, ?12) "
         "ON CONFLICT(collection, name) DO UPDATE SET consistency_mode = excluded.consistency_mode, "
         "exclude_disks = excluded.exclude_disks, provisioning_state = excluded.provisioning_state, "
         "time_created = excluded.time_created, source_metadata = excluded.source_metadata, "
         "operation_id = excluded.operation_id, cut_pause_ns = excluded.cut_pause_ns, "
-        "error_code = excluded.error_code, error_message = excluded.error_message");
+        "error_code = excluded.error_code, error_message = excluded.error_message, "
+        "source_restore_point = excluded.source_restore_point");
     if (!up.ok()) return up.status();
     Status s = up->bind(1, p.collection)
                    .bind(2, p.name)
@@ -325,6 +318,7 @@ Status RestoreDb::save_point(const RestorePointRecord& p, const OperationRecord*
                    .bind(9, p.cut_pause_ns)
                    .bind(10, p.error_code)
                    .bind(11, p.error_message)
+                   .bind(12, p.source_restore_point)
                    .run();
     if (!s.ok()) return s;
     auto del = db().prepare(
@@ -363,16 +357,19 @@ Status RestoreDb::save_point(const RestorePointRecord& p, const OperationRecord*
       for (const auto& b : *bases) {
         auto ins = db().prepare(
             "INSERT INTO tracking_bases (disk, collection, restore_point, store_point, "
-            "granularity) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(disk) DO UPDATE SET "
-            "collection = excluded.collection, restore_point = excluded.restore_point, "
-            "store_point = excluded.store_point, granularity = excluded.granularity, "
-            "retained = 0");
+            "granularity, generation, tracker_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) "
+            "ON CONFLICT(disk, collection) DO UPDATE SET "
+            "restore_point = excluded.restore_point, store_point = excluded.store_point, "
+            "granularity = excluded.granularity, generation = excluded.generation, "
+            "tracker_id = excluded.tracker_id, retained = 0");
         if (!ins.ok()) return ins.status();
         s = ins->bind(1, b.disk)
                 .bind(2, b.collection)
                 .bind(3, b.restore_point)
                 .bind(4, static_cast<int64_t>(b.store_point))
                 .bind(5, int64_t{b.granularity})
+                .bind(6, static_cast<int64_t>(b.generation))
+                .bind(7, static_cast<int64_t>(b.tracker_id))
                 .run();
         if (!s.ok()) return s;
       }
@@ -420,8 +417,8 @@ Result<std::vector<TrackingBase>> RestoreDb::mark_point_deleting(const std::stri
 
 namespace {
 constexpr const char* kBaseCols =
-    "SELECT disk, collection, restore_point, store_point, granularity, retained "
-    "FROM tracking_bases ";
+    "SELECT disk, collection, restore_point, store_point, granularity, retained, generation, "
+    "tracker_id FROM tracking_bases ";
 
 TrackingBase BaseFrom(const SqliteStmt& st) {
   TrackingBase b;
@@ -431,18 +428,44 @@ TrackingBase BaseFrom(const SqliteStmt& st) {
   b.store_point = static_cast<uint64_t>(st.column_int(3));
   b.granularity = static_cast<uint32_t>(st.column_int(4));
   b.retained = st.column_int(5) != 0;
+  b.generation = static_cast<uint64_t>(st.column_int(6));
+  b.tracker_id = static_cast<uint64_t>(st.column_int(7));
   return b;
 }
 }  // namespace
 
-Result<std::optional<TrackingBase>> RestoreDb::tracking_base(const std::string& disk) {
-  auto st = db().prepare(std::string(kBaseCols) + "WHERE disk = ?1");
+Result<std::optional<TrackingBase>> RestoreDb::tracking_base(const std::string& disk,
+                                                             const std::string& collection) {
+  auto st = db().prepare(std::string(kBaseCols) + "WHERE disk = ?1 AND collection = ?2");
   if (!st.ok()) return st.status();
-  st->bind(1, disk);
+  st->bind(1, disk).bind(2, collection);
   auto r = st->step();
   if (!r.ok()) return r.status();
   if (!r.value()) return std::optional<TrackingBase>();
   return std::optional<TrackingBase>(BaseFrom(*st));
+}
+
+Result<std::vector<TrackingBase>> RestoreDb::bases_of_disk(const std::string& disk) {
+  auto st = db().prepare(std::string(kBaseCols) + "WHERE disk = ?1 ORDER BY collection");
+  if (!st.ok()) return st.status();
+  st->bind(1, disk);
+  std::vector<TrackingBase> out;
+  for (;;) {
+    auto r = st->step();
+    if (!r.ok()) return r.status();
+    if (!r.value()) break;
+    out.push_back(BaseFrom(*st));
+  }
+  return out;
+}
+
+Status RestoreDb::drop_stale_bases() {
+  auto st = db().prepare(
+      "DELETE FROM tracking_bases WHERE retained = 0 AND NOT EXISTS (SELECT 1 FROM vm_disks v "
+      "JOIN collections c ON c.source_vm = v.vm WHERE v.disk = tracking_bases.disk "
+      "AND c.name = tracking_bases.collection)");
+  if (!st.ok()) return st.status();
+  return st->run();
 }
 
 Result<std::vector<TrackingBase>> RestoreDb::retained_bases() {

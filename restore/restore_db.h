@@ -23,7 +23,8 @@
 
 namespace rpoint {
 
-// The point a disk's change tracker last retired through.
+// The restore point of one collection a disk's next point of that collection
+// is incremental against, and the tracker generation it captured through.
 struct TrackingBase {
   std::string disk;
   std::string collection;
@@ -33,6 +34,12 @@ struct TrackingBase {
   // The restore point was deleted while this was the disk's base: no record
   // names store_point any more, it is kept only as the next point's parent.
   bool retained = false;
+  // The tracker generation the point's cut froze: the collection's next point
+  // copies the generations after it. 0 with tracker_id 0: recorded before
+  // several collections per VM existed, when the tracker kept only what the
+  // one collection had not captured (every frozen generation).
+  uint64_t generation = 0;
+  uint64_t tracker_id = 0;  // ChangeTracker::id() of the disk at the cut
 };
 
 class RestoreDb {
@@ -49,7 +56,6 @@ class RestoreDb {
 
   // ---- collections ----
   Result<std::optional<CollectionRecord>> get_collection(const std::string& name);
-  Result<std::optional<CollectionRecord>> collection_of_vm(const std::string& vm);
   Result<std::vector<CollectionRecord>> list_collections();
   Status insert_collection(const CollectionRecord& c);
   // Also its tracking bases; its points must be gone already.
@@ -71,8 +77,15 @@ class RestoreDb {
   Result<std::vector<TrackingBase>> mark_point_deleting(const std::string& collection,
                                                         const std::string& name);
 
-  Result<std::optional<TrackingBase>> tracking_base(const std::string& disk);
+  Result<std::optional<TrackingBase>> tracking_base(const std::string& disk,
+                                                    const std::string& collection);
+  // Every collection's base of the disk.
+  Result<std::vector<TrackingBase>> bases_of_disk(const std::string& disk);
   Result<std::vector<TrackingBase>> retained_bases();
+  // Forgets the (not retained) bases of disks their collection's VM no longer
+  // has: that collection's next point of the disk is full anyway, and the
+  // base must not keep the disk's tracker from retiring.
+  Status drop_stale_bases();
   // Forgets a retained base (only if it is still that store point, retained).
   Status drop_retained_base(const std::string& disk, uint64_t store_point);
 

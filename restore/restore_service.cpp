@@ -19,6 +19,8 @@
 
 #include "disks/disk_files.h"
 #include "disks/disk_service.h"
+#include "engine/change_tracker.h"
+#include "engine/file_disk.h"
 #include "restore/manifest.h"
 #include "restore/restore_db.h"
 #include "restore/restore_service_impl.h"
@@ -367,14 +369,8 @@ Result<std::vector<std::string>> RestoreServiceImpl::import_manifests_locked(
     }
     if (!have.value()) {
       // Attached by name to its VM: the VM of that name here, if any (a
-      // collection may outlive its VM, so none is fine too).
-      auto other = db_->collection_of_vm(c.source_vm);
-      if (!other.ok()) return other.status();
-      if (other.value()) {
-        spdlog::error("region {}: {} not imported: VM {} already has collection {}", region, id,
-                      c.source_vm, other.value()->name);
-        continue;
-      }
+      // collection may outlive its VM, so none is fine too; a VM may have
+      // several collections).
       c.region = region;
       Status s = db_->insert_collection(c);
       if (!s.ok()) return s;
@@ -554,6 +550,8 @@ void RestoreServiceImpl::finish_operation(OperationRecord& op, const JobError* e
 
 std::vector<RestoreServiceImpl::StoreRef> RestoreServiceImpl::sweep_retained_locked() {
   std::vector<StoreRef> out;
+  Status stale = db_->drop_stale_bases();
+  if (!stale.ok()) spdlog::warn("tracking bases: {}", stale.ToString());
   auto bases = db_->retained_bases();
   if (!bases.ok()) {
     spdlog::warn("retained bases: {}", bases.status().ToString());
@@ -577,6 +575,32 @@ std::vector<RestoreServiceImpl::StoreRef> RestoreServiceImpl::sweep_retained_loc
     if (c.value()) out.push_back({c.value()->region, b.store_point});
   }
   return out;
+}
+
+void RestoreServiceImpl::retire_needed_locked(FileDisk& disk, uint64_t limit) {
+  ChangeTracker& t = *disk.tracker();
+  auto bases = db_->bases_of_disk(disk.name());
+  if (!bases.ok()) {
+    spdlog::warn("disk {}: tracking bases: {}", disk.name(), bases.status().ToString());
+    return;
+  }
+  // The oldest generation a collection still needs; none needed: every
+  // frozen one may go (a collection without a base starts with a full point).
+  uint64_t through = t.epoch() - 1;
+  for (const auto& b : bases.value()) {
+    if (b.tracker_id == 0 || b.tracker_id == t.id()) through = std::min(through, b.generation);
+  }
+  through = std::min(through, limit);
+  // Called even when nothing is old enough to drop: retiring also records
+  // that a point succeeded (the tracker is no longer "all since creation").
+  // Never waits here (the service lock is held): writes of a generation a
+  // point still needs to retire are waited for by its job first; if some are
+  // in flight still, the next point's end retires.
+  if (!t.wait_writes_left(through, std::chrono::milliseconds(0))) return;
+  Status r = t.retire_through(through);
+  if (!r.ok()) {
+    spdlog::warn("disk {}: retiring tracked changes: {}", disk.name(), r.ToString());
+  }
 }
 
 void RestoreServiceImpl::free_store_points(const std::vector<StoreRef>& refs) {
@@ -731,12 +755,8 @@ Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::put_collection(
   auto vm = db_->get_vm(source_vm);
   if (!vm.ok()) return vm.status();
   if (!vm.value()) return Status::NotFound("VM '" + source_vm + "' not found");
-  auto other = db_->collection_of_vm(source_vm);
-  if (!other.ok()) return other.status();
-  if (other.value()) {
-    return Status::Conflict("VM '" + source_vm + "' already has the collection '" +
-                            other.value()->name + "'");
-  }
+  // A VM may have several collections (one per region, as Azure's copy
+  // flow needs): each tracks its own base per disk (restore/restore_db.h).
   CollectionRecord c;
   c.name = name;
   c.source_vm = source_vm;
@@ -773,7 +793,7 @@ std::vector<CollectionRecord> RestoreServiceImpl::list_collections() {
 
 Status RestoreServiceImpl::delete_collection(const std::string& name) {
   std::vector<RestorePointRecord> points;
-  std::string region;
+  std::string region, source_vm;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto c = db_->get_collection(name);
@@ -783,6 +803,7 @@ Status RestoreServiceImpl::delete_collection(const std::string& name) {
       return Status::Conflict("collection '" + name + "' is being deleted");
     }
     region = c.value()->region;
+    source_vm = c.value()->source_vm;
     auto ps = db_->list_points(name);
     if (!ps.ok()) return ps.status();
     for (const auto& p : ps.value()) {
@@ -810,8 +831,15 @@ Status RestoreServiceImpl::delete_collection(const std::string& name) {
     for (const auto& b : retained.value()) {
       if (b.collection == name) freed.push_back({region, b.store_point});
     }
+    auto vm = db_->get_vm(source_vm);
     Status s = db_->delete_collection(name);
     if (!s.ok()) return s;
+    // Its bases are gone: the generations only it still needed retire now.
+    if (vm.ok() && vm.value()) {
+      for (const auto& d : vm.value()->disks) {
+        if (auto fd = disks_.file_disk(d); fd && fd->tracker()) retire_needed_locked(*fd);
+      }
+    }
   }
   spdlog::info("collection {}: deleted with {} restore point(s)", name, points.size());
   free_store_points(freed);
@@ -950,7 +978,7 @@ void RestoreServiceImpl::overlay_live_locked(OperationRecord& op) {
   }
   auto it = live_ops_.find(op.id);
   if (it != live_ops_.end()) op.percent_complete = it->second->load();
-  if (op.kind != "CreateRestorePoint") return;
+  if (op.kind != "CreateRestorePoint" && op.kind != "CopyRestorePoint") return;
   // resource_id = /restorePointCollections/c/restorePoints/rp
   auto parts = Split(op.resource_id, '/');
   if (parts.size() != 5) return;

@@ -120,6 +120,9 @@ struct RestorePointRecord {
   std::string operation_id;               // the creating operation
   int64_t cut_pause_ns = -1;              // guest I/O pause of the cut (-1 before the cut)
   std::string error_code, error_message;  // Failed only
+  // A copy: the point it copies, "/restorePointCollections/c/restorePoints/rp"
+  // (empty for a point cut from the VM).
+  std::string source_restore_point;
 };
 
 struct OperationRecord {
@@ -173,7 +176,7 @@ class RestoreService {
   virtual std::vector<RegionSpec> regions() = 0;
 
   // ---- collections ----
-  // region empty = the default region. Conflict: the VM already has a collection.
+  // region empty = the default region. A VM may have several collections.
   virtual Result<std::pair<CollectionRecord, bool>> put_collection(const std::string& name,
                                                                    const std::string& source_vm,
                                                                    const std::string& region) = 0;
@@ -194,6 +197,15 @@ class RestoreService {
                                                        const std::string& name) = 0;
   virtual Result<std::vector<RestorePointRecord>> list_restore_points(
       const std::string& collection) = 0;
+  // Copies point `source_name` of `source_collection` (same VM, another
+  // region) into `collection` as `name`: the point is Creating while its
+  // chunks move (only those the target region lacks), Succeeded once all are
+  // there. InvalidArgument: same region; Conflict: another VM's collection,
+  // the source not Succeeded, the name taken; NotFound: no such source.
+  // The operation's result: {"bytesMoved", "chunksMoved", "chunksReused"}.
+  virtual Result<Started<RestorePointRecord>> copy_restore_point(
+      const std::string& collection, const std::string& name,
+      const std::string& source_collection, const std::string& source_name) = 0;
   // Any point, in any order; Conflict while Creating. Space returns at the
   // store's next GC (started in the background). Open NBD devices of the
   // point are retired (clients are disconnected at their next request).

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <list>
 #include <map>
@@ -99,6 +100,9 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
                                                const std::string& name) override;
   Result<std::vector<RestorePointRecord>> list_restore_points(
       const std::string& collection) override;
+  Result<Started<RestorePointRecord>> copy_restore_point(
+      const std::string& collection, const std::string& name,
+      const std::string& source_collection, const std::string& source_name) override;
   Status delete_restore_point(const std::string& collection, const std::string& name) override;
   Result<std::string> start_verify(const std::string& collection, const std::string& name) override;
 
@@ -181,6 +185,9 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   Result<FoundPoint> find_point_locked(const std::string& collection, const std::string& name);
   // Deletes the store points, then a GC pass of each region. A crash before
   // the delete leaves them unnamed: Open deletes them.
+  // Retires `disk`'s tracker through the oldest generation any collection's
+  // base of it still needs (at most `limit`). Callers hold mu_.
+  void retire_needed_locked(FileDisk& disk, uint64_t limit = UINT64_MAX);
   void free_store_points(const std::vector<StoreRef>& refs);
 
   // Jobs.
@@ -197,6 +204,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   Status fill_disk(const std::string& disk, store::Store& st, uint64_t store_point,
                    const std::function<void(uint64_t, uint64_t)>& progress);
   void run_verify(RestorePointRecord rec, OperationRecord op, std::string region);
+  // The copy job (restore/copy_job.cpp): `src` in `src_region` into `rec`.
+  void run_copy_point(RestorePointRecord rec, OperationRecord op, RestorePointRecord src,
+                      std::string src_region, std::string region,
+                      std::shared_ptr<PointProgress> prog);
 
   const RestoreServiceOptions options_;
   DiskService& disks_;

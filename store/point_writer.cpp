@@ -71,6 +71,14 @@ Status PointWriter::put_hole(uint64_t slot) {
   return put_digest(slot, Digest{}, nullptr, 0);
 }
 
+Status PointWriter::put_known(uint64_t slot, const Digest& d) {
+  if (slot >= slots_) {
+    return Status::OutOfRange("slot " + std::to_string(slot) + " is beyond the disk's " +
+                              std::to_string(slots_) + " slots");
+  }
+  return put_digest(slot, d, nullptr, 0);  // a zero digest: a hole
+}
+
 Result<std::shared_ptr<const Page>> PointWriter::base_page(uint32_t level, uint64_t index) {
   if (!parent_ || level > parent_->depth) return ZeroPage();
   return base_.page(level, index);
@@ -108,6 +116,8 @@ Status PointWriter::put_digest(uint64_t slot, const Digest& d, const void* data,
     if (!d.is_zero()) {
       Status s = store_object_locked(ObjectKind::kChunk, d, data, len, params_.chunk_size, &to_seal,
                                      &sealing_it);
+      // put_known of a chunk the store lacks: the caller sends the data.
+      if (s.code() == Code::kNotFound && data == nullptr) return s;
       if (!s.ok()) {
         failed_ = s;
         return s;
@@ -153,6 +163,9 @@ Status PointWriter::store_object_locked(ObjectKind kind, const Digest& d, const 
   if (!known) {
     STORE_ASSIGN_OR_RETURN(auto loc, store_->catalog_->lookup(d));
     known = loc.has_value();
+  }
+  if (!known && data == nullptr) {
+    return Status::NotFound("chunk " + d.hex() + " is not in this store");
   }
   if (!known) {
     if (!pack_) {

@@ -59,6 +59,11 @@ class PointWriter {
   Status put(uint64_t slot, const void* data, size_t len);
   // The slot reads as zeroes and is stored as a hole (trimmed or zeroed).
   Status put_hole(uint64_t slot);
+  // Names chunk `d` at `slot` without its data, if this store holds it (a
+  // copy of a point from another region: only chunks the target lacks are
+  // moved). NotFound when the store lacks it (then put() the data); the
+  // writer stays usable. The reference is recorded for the GC as put()'s is.
+  Status put_known(uint64_t slot, const Digest& d);
 
   // Makes the point durable and returns its record. The writer is spent.
   Result<PointInfo> commit();

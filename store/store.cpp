@@ -246,6 +246,18 @@ Status Store::delete_point(PointId id) {
   return Status::Ok();
 }
 
+Result<std::vector<bool>> Store::has_objects(const std::vector<Digest>& objects) {
+  std::vector<bool> out;
+  out.reserve(objects.size());
+  std::shared_lock<std::shared_mutex> g(gc_mu_);
+  for (const Digest& d : objects) {
+    auto loc = catalog_->lookup(d);
+    if (!loc.ok()) return loc.status();
+    out.push_back(loc.value().has_value());
+  }
+  return out;
+}
+
 Result<std::shared_ptr<PointReader>> Store::open_point(PointId id) {
   std::shared_lock<std::shared_mutex> g(gc_mu_);
   STORE_ASSIGN_OR_RETURN(auto rec, catalog_->get_point(id));

@@ -228,6 +228,10 @@ class Store : public std::enable_shared_from_this<Store> {
 
   Result<std::shared_ptr<PointReader>> open_point(PointId id);
 
+  // Which of `objects` the index holds, one flag each. Advisory (a GC may
+  // delete one right after): PointWriter::put_known decides for good.
+  Result<std::vector<bool>> has_objects(const std::vector<Digest>& objects);
+
   // One pass of mark and sweep; safe while writers and readers run.
   Result<GcStats> collect_garbage(const GcOptions& o = {});
 

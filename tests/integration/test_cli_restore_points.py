@@ -74,7 +74,8 @@ def test_vm_and_collection_verbs(vm):
     assert "local" in ok(rpoint(d, "region", "list")).stdout
 
     # Server errors: exit 1 with the server's message.
-    r = rpoint(d, "collection", "create", "col2", "--vm", "web")
+    # (a second collection of a VM is fine; an existing one cannot change VM)
+    r = rpoint(d, "collection", "create", "col", "--vm", "v2")
     assert r.returncode == 1 and "409" in r.stderr, r
     r = rpoint(d, "collection", "create", "col3", "--vm", "web", "--region", "mars")
     assert r.returncode == 1 and "400" in r.stderr, r
