@@ -24,6 +24,7 @@ namespace {
 
 constexpr unsigned kMaxQueueDepth = 32768;  // IORING_MAX_ENTRIES
 constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaxOpenPacks = 65536;
 constexpr unsigned kMaxHookTimeout = 3600;  // a freeze longer than an hour is a hung guest
 
 // Thrown inside this file only (never across its interface): it lets the
@@ -386,6 +387,11 @@ class Parser {
                          {"threads", [&](const Item& x) { c.io_threads = Unsigned(x, 0, kMaxThreads); }},
                          {"direct", [&](const Item& x) { c.direct_io = Bool(x); }}});
               }},
+             {"store",
+              [&](const Item& it) {
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"open_packs", [&](const Item& x) { c.store_open_packs = Unsigned(x, 1, kMaxOpenPacks); }}});
+              }},
              {"regions", [&](const Item& it) { Regions(it); }},
              {"adopt_paths", [&](const Item& it) { AdoptPaths(it); }},
              {"consistency", [&](const Item& it) { Consistency(it); }}});
@@ -594,6 +600,9 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "threads" << YAML::Value << c.io_threads;
   out << YAML::Key << "direct" << YAML::Value << c.direct_io;
   out << YAML::EndMap;
+  out << YAML::Key << "store" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "open_packs" << YAML::Value << c.store_open_packs;
+  out << YAML::EndMap;
   out << YAML::Key << "regions" << YAML::Value;
   if (c.regions.empty()) {
     out << YAML::Flow << YAML::BeginSeq << YAML::EndSeq;
@@ -641,7 +650,8 @@ const std::vector<std::string>& ConfigKeys() {
       "io.threads",    "io.direct",      "regions",      "regions[].name",  "regions[].path",
       "regions[].default", "tracking_dir", "staging_dir", "consistency.hook_timeout_seconds",
       "consistency.freeze", "consistency.thaw", "consistency.vms", "consistency.vms.{vm}",
-      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths"};
+      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths",
+      "store.open_packs"};
   return kKeys;
 }
 

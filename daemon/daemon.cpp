@@ -110,6 +110,7 @@ RestoreServiceOptions RestoreOptions(const Config& config) {
     o.vm_hooks[vm] = {h.freeze, h.thaw};
   }
   o.hook_timeout_seconds = cc.hook_timeout_seconds;
+  o.open_packs = config.store_open_packs;
   return o;
 }
 

@@ -68,6 +68,8 @@ struct RestoreServiceOptions {
   FreezeHooks default_hooks;
   unsigned hook_timeout_seconds = 60;
   unsigned copy_threads = 2;  // readers+hashers per restore point job
+  // Pack files kept open, all regions together (store.open_packs).
+  size_t open_packs = 128;
 };
 
 // ---- records (what GET returns; handlers turn them into Azure-shaped JSON) ----

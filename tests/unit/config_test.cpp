@@ -143,7 +143,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "nbd: {socket: n, mode: '0600', tcp: 'localhost:1'}\nlog: {level: warn}\n"
       "io: {queue_depth: 1, threads: 1, direct: false}\n"
       "regions: [{name: r, path: /r, default: true}]\n"
-      "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\n"
+      "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\nstore: {open_packs: 16}\n"
       "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: "
       "b}}}\n";
   Config c = Parse(text);
@@ -159,7 +159,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     std::string k = key;
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
-    bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency";
+    bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
+                   k == "store";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
