@@ -322,13 +322,15 @@ def region_packs(d):
 
 
 @pytest.mark.parametrize("before,after_cut", [
-    (SLOW_COPY, "metadata.sync=EIO"),      # at the very end: every store point committed
-    (SLOW_COPY, "catalog.sync=EIO"),       # at a store commit, packs already sealed
-], ids=["metadata-end", "catalog-commit"])
+    # At the very end: every store point committed, then the point fails.
+    (SLOW_COPY, "metadata.sync=EIO"),
+], ids=["metadata-end"])
 def test_failed_point_packs_are_collected_at_failure(rig, tmp_path, before, after_cut):
     """Packs written by a Failed point go when it fails (issue #8, defect 6),
     not at some later GC: the region's packs are what they were before it, and
-    the earlier point (whose data the failed one shared) still verifies."""
+    the earlier point (whose data the failed one shared) still verifies.
+    (A pack whose own index commit failed is not removed then: whether that
+    SQLite commit reached the disk is unknown, docs/store.md.)"""
     require("nbdcopy", "qemu-img")
     d, faults = rig
     rng = random.Random(5)
