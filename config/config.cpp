@@ -24,6 +24,7 @@ namespace {
 
 constexpr unsigned kMaxQueueDepth = 32768;  // IORING_MAX_ENTRIES
 constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaxOpenPacks = 65536;
 constexpr unsigned kMaxHookTimeout = 3600;  // a freeze longer than an hour is a hung guest
 constexpr unsigned kMaxOperationRetention = 366u * 86400u;  // a year
 constexpr unsigned kMaxOperationCount = 1000000;
@@ -388,6 +389,11 @@ class Parser {
                          {"threads", [&](const Item& x) { c.io_threads = Unsigned(x, 0, kMaxThreads); }},
                          {"direct", [&](const Item& x) { c.direct_io = Bool(x); }}});
               }},
+             {"store",
+              [&](const Item& it) {
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"open_packs", [&](const Item& x) { c.store_open_packs = Unsigned(x, 1, kMaxOpenPacks); }}});
+              }},
              {"regions", [&](const Item& it) { Regions(it); }},
              {"adopt_paths", [&](const Item& it) { AdoptPaths(it); }},
              {"consistency", [&](const Item& it) { Consistency(it); }},
@@ -612,6 +618,9 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "threads" << YAML::Value << c.io_threads;
   out << YAML::Key << "direct" << YAML::Value << c.direct_io;
   out << YAML::EndMap;
+  out << YAML::Key << "store" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "open_packs" << YAML::Value << c.store_open_packs;
+  out << YAML::EndMap;
   out << YAML::Key << "regions" << YAML::Value;
   if (c.regions.empty()) {
     out << YAML::Flow << YAML::BeginSeq << YAML::EndSeq;
@@ -680,6 +689,7 @@ const std::vector<std::string>& ConfigKeys() {
       "regions[].path",
       "regions[].default",
       "adopt_paths",
+      "store.open_packs",
       "consistency.hook_timeout_seconds",
       "consistency.freeze",
       "consistency.thaw",

@@ -90,6 +90,9 @@ struct Config {
   // allows everything; [] refuses adoption. rpointd's own directories are
   // refused whatever this says.
   std::vector<std::string> adopt_paths = {"/dev", "/srv/vm-images", "/var/lib/libvirt/images"};
+  // Pack files the daemon keeps open, all regions together (store/pack_cache.h):
+  // packs nobody reads beyond this are closed, least recently used first.
+  unsigned store_open_packs = 128;
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").

@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/accept_guard.h"
 #include "control/disk_handlers.h"
 #include "control/http_connection.h"
 #include "control/operation_handlers.h"
@@ -114,16 +115,23 @@ class ControlServerImpl final : public ControlServer, public HttpConnectionOwner
           accept(a);
           return;
         }
-        // Out of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM) or worse: back
-        // off instead of spinning on a ready listener.
-        spdlog::error("control: accept: {}", ec.message());
-        auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::milliseconds(100));
+        // Out of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM) or worse: shed
+        // a waiting client, back off instead of spinning on a ready listener,
+        // and accept again (common/accept_guard.h).
+        std::chrono::milliseconds wait(100);
+        if (AcceptGuard::IsExhaustion(ec.value())) {
+          wait = accept_guard_.on_exhausted(a.native_handle(), ec.value());
+        } else {
+          spdlog::error("control: accept: {}", ec.message());
+        }
+        auto t = std::make_shared<asio::steady_timer>(io_, wait);
         backoff_ = t;
         t->async_wait([this, &a, t](const error_code& e) {
           if (!e && !stopping_) accept(a);
         });
         return;
       }
+      accept_guard_.on_accepted();
       admit(std::move(s));
       accept(a);
     });
@@ -195,6 +203,7 @@ class ControlServerImpl final : public ControlServer, public HttpConnectionOwner
   std::thread io_thread_;
   std::vector<std::unique_ptr<Acceptor>> listeners_;
   std::weak_ptr<asio::steady_timer> backoff_;
+  AcceptGuard accept_guard_{"control"};  // I/O thread
   bool started_ = false;
   std::atomic<bool> stopped_{false};
   bool stopping_ = false;  // I/O thread only

@@ -112,6 +112,7 @@ RestoreServiceOptions RestoreOptions(const Config& config) {
   o.hook_timeout_seconds = cc.hook_timeout_seconds;
   o.operation_retention_seconds = config.operations.retention_seconds;
   o.operation_max_count = config.operations.max_count;
+  o.open_packs = config.store_open_packs;
   return o;
 }
 

@@ -22,6 +22,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "common/accept_guard.h"
 #include "nbd/connection.h"
 #include "nbd/handshake.h"
 
@@ -73,6 +74,7 @@ class NbdServerImpl final : public NbdServer {
   UniqueFd stop_fd_;  // eventfd, readable once shutdown begins (wakes every poll)
   std::vector<UniqueFd> listeners_;
   std::thread acceptor_;
+  AcceptGuard accept_guard_{"nbd"};        // acceptor thread
   std::list<HandshakeThread> handshakes_;  // acceptor thread, then shutdown after joining it
 
   mutable std::mutex mu_;
@@ -143,15 +145,16 @@ void NbdServerImpl::accept_one(int listen_fd) {
   for (int i = 0; i < 64; ++i) {
     UniqueFd fd(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
     if (!fd) {
-      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-        spdlog::warn("nbd: accept: {}", std::strerror(errno));
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (AcceptGuard::IsExhaustion(errno)) {
+        // Out of descriptors: refuse one waiting client, back off, retry.
+        std::this_thread::sleep_for(accept_guard_.on_exhausted(listen_fd, errno));
       } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
                  errno != ECONNABORTED) {
         spdlog::error("nbd: accept: {}", std::strerror(errno));
       }
       return;
     }
+    accept_guard_.on_accepted();
     int domain = 0;
     socklen_t len = sizeof(domain);
     if (getsockopt(fd.get(), SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 &&

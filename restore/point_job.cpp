@@ -295,6 +295,12 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
   live_points_.erase(rec.collection + "/" + rec.name);
   creating_vms_.erase(vm);
   lock.unlock();
+  // A Failed point's packs (sealed by its writers, or by the commits of disk
+  // points since deleted) hold nothing a point names, except what other
+  // points share with them, which GC's marking keeps: collect them now, not
+  // at some later GC. A crash first leaves them to the next GC, as any
+  // garbage (staging files are unnamed and went with the point's job).
+  if (err && st) request_gc(region);
   // The replaced retained bases are unnamed now (a crash here: Open deletes them).
   free_store_points(freed);
 }

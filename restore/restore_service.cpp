@@ -113,11 +113,14 @@ Status RestoreServiceImpl::init() {
   }
   regions_ = options_.regions;
   for (auto& r : regions_) r.is_default = r.name == default_region_;
+  // One bound on open pack files for every region together.
+  auto packs = store::PackCache::Create(options_.open_packs);
   for (const auto& r : options_.regions) {
     Status made = MakeDirs(r.path, 0750);
     if (!made.ok()) return made;
     store::StoreOptions so;
     so.dir = r.path;
+    so.pack_cache = packs;
     auto st = store::Store::Open(so);
     if (!st.ok()) {
       return Status(st.status().code(),

@@ -72,6 +72,8 @@ struct RestoreServiceOptions {
   // ended ones go first); an InProgress operation is never pruned.
   unsigned operation_retention_seconds = 86400;
   unsigned operation_max_count = 10000;
+  // Pack files kept open, all regions together (store.open_packs).
+  size_t open_packs = 128;
 };
 
 // ---- records (what GET returns; handlers turn them into Azure-shaped JSON) ----

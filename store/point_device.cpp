@@ -111,9 +111,11 @@ void PointDevice::submit(Reactor& reactor, IoRequest& req) {
     return;
   }
   std::vector<LeafRef> leaves;
+  Pins pins;
   // Block status reads tree pages (and maybe SQLite): always the resolver's job.
-  if (req.kind == IoKind::kRead && cached_leaves(req, &leaves)) {
-    issue(reactor, req, leaves);
+  if (req.kind == IoKind::kRead && cached_leaves(req, &leaves) &&
+      pin_packs(req, leaves, false, &pins)) {
+    issue(reactor, req, leaves, std::move(pins));
     return;
   }
   slow_.fetch_add(1, std::memory_order_relaxed);
@@ -140,7 +142,7 @@ bool PointDevice::cached_leaves(const IoRequest& req, std::vector<LeafRef>* out)
   return true;
 }
 
-Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf) {
+Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf, Pins* pins) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = cache_.find(leaf);
@@ -150,24 +152,25 @@ Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf) {
   uint32_t count = uint32_t(std::min<uint64_t>(kFanout, reader_->slots() - first));
   STORE_ASSIGN_OR_RETURN(auto locs, reader_->resolve(first, count));
   auto l = std::make_shared<Leaf>();
-  std::lock_guard<std::mutex> lock(mu_);
   for (uint32_t i = 0; i < count; ++i) {
     const auto& loc = locs[i];
     if (loc.state == PointReader::Location::kHole) continue;
     l->s[i].digest = loc.digest;
     if (loc.state == PointReader::Location::kMissing) {
-      l->s[i].fd = -2;
+      l->s[i].state = Slot::kMissing;
       continue;
     }
-    // Keep every pack fd for the device's life: a raw fd in a queued SQE must
-    // never be closed (and reused) before the kernel has taken its reference.
-    auto [pit, inserted] = packs_.emplace(loc.pack->id, loc.pack);
-    (void)inserted;
-    l->s[i].fd = pit->second->fd.get();
+    // The leaf keeps the pack's id only; the handle resolve() took (atomic
+    // with the index lookup, against GC) serves this request.
+    l->s[i].state = Slot::kData;
     l->s[i].offset = loc.offset;
     l->s[i].pack = loc.pack->id;
+    bool have = false;
+    for (const auto& p : *pins) have = have || p->id == loc.pack->id;
+    if (!have) pins->push_back(loc.pack);
   }
   LeafRef ref = l;
+  std::lock_guard<std::mutex> lock(mu_);
   auto it = cache_.find(leaf);
   if (it != cache_.end()) return it->second.first;  // resolved meanwhile
   lru_.push_front(leaf);
@@ -177,6 +180,32 @@ Result<PointDevice::LeafRef> PointDevice::resolve_leaf(uint64_t leaf) {
     lru_.pop_back();
   }
   return ref;
+}
+
+bool PointDevice::pin_packs(const IoRequest& req, const std::vector<LeafRef>& leaves, bool open,
+                            Pins* pins) {
+  const uint64_t cs = reader_->chunk_size();
+  const uint64_t s0 = req.offset / cs, s1 = (req.offset + req.length - 1) / cs;
+  const uint64_t l0 = s0 >> kFanoutShift;
+  uint64_t last = 0;  // runs of slots in one pack are the common case
+  for (uint64_t slot = s0; slot <= s1; ++slot) {
+    const Slot& s = leaves[(slot >> kFanoutShift) - l0]->s[slot & (kFanout - 1)];
+    if (s.state != Slot::kData || s.pack == last) continue;
+    last = s.pack;
+    bool have = false;
+    for (const auto& p : *pins) have = have || p->id == s.pack;
+    if (have) continue;
+    std::shared_ptr<PackFd> h;
+    if (open) {
+      auto r = reader_->pack(s.pack);
+      if (r.ok()) h = std::move(r).value();
+    } else {
+      h = reader_->open_pack(s.pack);
+    }
+    if (!h) return false;
+    pins->push_back(std::move(h));
+  }
+  return true;
 }
 
 void PointDevice::resolver_loop() {
@@ -212,14 +241,25 @@ void PointDevice::resolver_loop() {
     uint64_t l0 = (req->offset / cs) >> kFanoutShift;
     uint64_t l1 = ((req->offset + req->length - 1) / cs) >> kFanoutShift;
     std::vector<LeafRef> leaves;
+    Pins pins;
     Status st;
-    for (uint64_t l = l0; l <= l1 && st.ok(); ++l) {
-      auto r = resolve_leaf(l);
-      if (r.ok()) {
-        leaves.push_back(std::move(r).value());
-      } else {
-        st = r.status();
+    // A cached leaf may name a pack GC has since rewritten and removed: then
+    // drop the request's leaves and resolve them afresh (once is enough: a
+    // fresh resolve takes its handles atomically with the index lookup).
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      leaves.clear();
+      pins.clear();
+      for (uint64_t l = l0; l <= l1 && st.ok(); ++l) {
+        auto r = resolve_leaf(l, &pins);
+        if (r.ok()) {
+          leaves.push_back(std::move(r).value());
+        } else {
+          st = r.status();
+        }
       }
+      if (!st.ok() || pin_packs(*req, leaves, true, &pins)) break;
+      for (uint64_t l = l0; l <= l1; ++l) drop_leaf(l);
+      if (attempt == 1) st = Status::IoError("a pack the point names cannot be opened");
     }
     if (!st.ok()) {
       spdlog::error("export {}: resolving [{}, +{}): {}", name_, req->offset, req->length,
@@ -227,9 +267,8 @@ void PointDevice::resolver_loop() {
       job.reactor->post([this, reactor = job.reactor, req] { finish_async(*reactor, *req, EIO); });
       continue;
     }
-    job.reactor->post([this, reactor = job.reactor, req, leaves = std::move(leaves)] {
-      issue(*reactor, *req, leaves);
-    });
+    job.reactor->post([this, reactor = job.reactor, req, leaves = std::move(leaves),
+                       pins = std::move(pins)] { issue(*reactor, *req, leaves, pins); });
   }
 }
 
@@ -256,11 +295,19 @@ void PointDevice::answer_block_status(const Job& job) {
   job.reactor->post([this, reactor = job.reactor, req, err] { finish_async(*reactor, *req, err); });
 }
 
-void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves) {
+void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves,
+                        Pins pins) {
   const uint64_t cs = reader_->chunk_size();
   const uint64_t l0 = (req.offset / cs) >> kFanoutShift;
   auto st = std::make_unique<ReadState>();
   st->leaves = leaves;
+  st->pins = std::move(pins);
+  auto fd_of = [&](uint64_t pack) {
+    for (const auto& p : st->pins) {
+      if (p->id == pack) return p->fd.get();
+    }
+    return -1;  // pin_packs pinned every pack of the request
+  };
   req.stage_ = 0;
   int run_fd = -1;
   uint64_t run_off = 0, run_len = 0;
@@ -281,11 +328,12 @@ void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<Leaf
     uint64_t leaf = slot >> kFanoutShift;
     const Slot& s = st->leaves[leaf - l0]->s[slot & (kFanout - 1)];
     char* dst = req.buf + (pos - req.offset);
-    if (s.fd == -1) {
+    const int fd = s.state == Slot::kData ? fd_of(s.pack) : -1;
+    if (s.state == Slot::kHole) {
       std::memset(dst, 0, next - pos);
       req.done_ += next - pos;
       expect += next - pos;
-    } else if (s.fd < 0) {
+    } else if (fd < 0) {
       // Missing: not cached, so a fresh copy stored later is found.
       NoteError(req, EIO);
       drop_leaf(leaf);
@@ -295,16 +343,16 @@ void PointDevice::issue(Reactor& reactor, IoRequest& req, const std::vector<Leaf
       st->bounce.push_back(std::make_unique<char[]>(cs));
       char* b = st->bounce.back().get();
       ++req.stage_;
-      io_uring_prep_read(reactor.sqe(&req), s.fd, b, unsigned(cs), s.offset);
+      io_uring_prep_read(reactor.sqe(&req), fd, b, unsigned(cs), s.offset);
       expect += cs;
       st->checks.push_back(Check{slot, &s, b, dst, pos - slot * cs, next - pos});
     } else {
-      if (run_len > 0 && s.fd == run_fd && s.offset == run_off + run_len &&
+      if (run_len > 0 && fd == run_fd && s.offset == run_off + run_len &&
           dst == run_buf + run_len && run_len + cs <= kMaxRun) {
         run_len += cs;
       } else {
         flush_run();
-        run_fd = s.fd;
+        run_fd = fd;
         run_off = s.offset;
         run_len = cs;
         run_buf = dst;

@@ -26,8 +26,14 @@
 //
 // Lifetime: transports hold a BlockDevice::Use while requests are in flight,
 // which keeps the device (and its resolver thread) alive until they complete.
-// Pack fds the device reads from stay open for the device's life, so no fd is
-// closed under a queued SQE; GC unlinking a pack does not disturb them.
+// Pack files: a cached leaf names packs by id only, so an idle export holds
+// no descriptor. Each read pins handles on the packs it reads from (the
+// store's PackCache, pack_cache.h) from before its SQEs are queued until its
+// completion is checked, so no fd is closed (and reused) under a queued SQE;
+// GC unlinking a pack does not disturb a pinned one. The reactor only takes
+// packs that are open already (PackCache::try_get, no syscall); otherwise the
+// request goes to the resolver thread, which opens them. A cached leaf whose
+// pack GC has removed is dropped and resolved afresh.
 //
 // Thread-safety: as BlockDevice (submit from any reactor, concurrently).
 #pragma once
@@ -69,7 +75,8 @@ class PointDevice final : public BlockDevice {
 
  private:
   struct Slot {
-    int fd = -1;  // -1: hole, -2: missing from the store
+    enum State : uint8_t { kHole, kData, kMissing };  // kMissing: not in the store
+    State state = kHole;
     uint64_t offset = 0;
     uint64_t pack = 0;
     Digest digest;
@@ -78,6 +85,8 @@ class PointDevice final : public BlockDevice {
     std::array<Slot, kFanout> s;
   };
   using LeafRef = std::shared_ptr<const Leaf>;
+  // Handles on the packs one request reads (a few: a linear scan finds them).
+  using Pins = std::vector<std::shared_ptr<PackFd>>;
   struct Job {
     Reactor* reactor = nullptr;
     IoRequest* req = nullptr;
@@ -92,6 +101,7 @@ class PointDevice final : public BlockDevice {
   };
   struct ReadState {
     std::vector<LeafRef> leaves;
+    Pins pins;  // released when the reads are checked
     std::vector<Check> checks;
     std::vector<std::unique_ptr<char[]>> bounce;
     uint64_t expect = 0;  // bytes zero-filled or read (bounce buffers included)
@@ -105,10 +115,15 @@ class PointDevice final : public BlockDevice {
   PointDevice(std::shared_ptr<PointReader> reader, std::string name, size_t cache_leaves);
   // Leaves covering req, all from the cache, or false.
   bool cached_leaves(const IoRequest& req, std::vector<LeafRef>* out);
-  Result<LeafRef> resolve_leaf(uint64_t leaf);
+  // A leaf from the cache or resolved now; a fresh one adds its packs' handles to pins.
+  Result<LeafRef> resolve_leaf(uint64_t leaf, Pins* pins);
+  // Adds to pins a handle on every pack the request's data slots name.
+  // open=false (reactor): only packs open now. Returns false when one could
+  // not be had (not open; or, with open, removed by GC: the leaves are stale).
+  bool pin_packs(const IoRequest& req, const std::vector<LeafRef>& leaves, bool open, Pins* pins);
   void resolver_loop();
   void answer_block_status(const Job& job);
-  void issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves);
+  void issue(Reactor& reactor, IoRequest& req, const std::vector<LeafRef>& leaves, Pins pins);
   void finish_async(Reactor& reactor, IoRequest& req, int err);
   void finish(IoRequest& req);
   // Checks the chunks of a completed read; false on damage (queued for the resolver).
@@ -119,10 +134,9 @@ class PointDevice final : public BlockDevice {
   std::string name_;
   size_t cache_cap_;
 
-  std::mutex mu_;  // cache + pack table
+  std::mutex mu_;  // leaf cache
   std::list<uint64_t> lru_;
   std::unordered_map<uint64_t, std::pair<LeafRef, std::list<uint64_t>::iterator>> cache_;
-  std::unordered_map<uint64_t, std::shared_ptr<PackFd>> packs_;
 
   std::mutex jobs_mu_;
   std::condition_variable jobs_cv_;

@@ -56,6 +56,15 @@ Result<std::vector<PointReader::Location>> PointReader::resolve(uint64_t first, 
   return out;
 }
 
+Result<std::shared_ptr<PackFd>> PointReader::pack(uint64_t id) {
+  std::shared_lock<std::shared_mutex> g(store_->gc_mu_);
+  return store_->pack_fd_locked(id);
+}
+
+std::shared_ptr<PackFd> PointReader::open_pack(uint64_t id) {
+  return store_->open_pack_fd(id);
+}
+
 Status PointReader::chunk_error(uint64_t slot, const std::string& what) const {
   const uint64_t cs = info_.chunk_size;
   uint64_t a = slot * cs, b = std::min(info_.size, a + cs);

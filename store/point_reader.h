@@ -66,6 +66,13 @@ class PointReader {
   // (128 slots). A chunk missing from the index (or its pack) is kMissing.
   Result<std::vector<Location>> resolve(uint64_t first, uint32_t count);
 
+  // A handle on pack `id` (opened through the store's PackCache if need be:
+  // not on a reactor thread); the file stays open while the handle lives.
+  // NotFound when GC removed the pack (resolve again).
+  Result<std::shared_ptr<PackFd>> pack(uint64_t id);
+  // The same if the pack is open right now, else nullptr: never a syscall.
+  std::shared_ptr<PackFd> open_pack(uint64_t id);
+
   // Checks one whole chunk read from `l` (chunk_size() bytes) against its
   // digest; on a mismatch quarantines it and returns IoError naming `slot`'s
   // disk range. May touch SQLite: never call it on a reactor thread.

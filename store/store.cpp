@@ -25,9 +25,14 @@ Store::Store(StoreOptions opts)
     : opts_(std::move(opts)),
       packs_dir_(opts_.dir + "/packs"),
       points_dir_(PointsDir(opts_.dir)),
-      pages_(std::max<size_t>(opts_.page_cache_bytes / kPageBytes, 16)) {}
+      pages_(std::max<size_t>(opts_.page_cache_bytes / kPageBytes, 16)),
+      pack_cache_(opts_.pack_cache ? opts_.pack_cache : PackCache::Create(opts_.open_packs)),
+      pack_owner_(pack_cache_->new_owner()) {}
 
-Store::~Store() = default;
+// Handles still held elsewhere keep their files open; the cache forgets ours.
+Store::~Store() {
+  pack_cache_->drop_owner(pack_owner_);
+}
 
 Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
   static_assert(std::endian::native == std::endian::little, "on-disk format is little-endian");
@@ -64,23 +69,11 @@ Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
 }
 
 Result<std::shared_ptr<PackFd>> Store::pack_fd_locked(uint64_t pack) {
-  std::lock_guard<std::mutex> lock(fds_mu_);
-  auto it = fds_.find(pack);
-  if (it != fds_.end()) return it->second;
-  auto p = std::make_shared<PackFd>();
-  p->id = pack;
-  std::string path = PackPath(packs_dir_, pack);
-  p->fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!p->fd) return Status::FromErrno(errno, "open pack " + path);
-  // Bound the number of descriptors the cache holds; holders keep theirs.
-  if (fds_.size() >= 1024) fds_.erase(fds_.begin());
-  fds_.emplace(pack, p);
-  return p;
+  return pack_cache_->get(pack_owner_, pack, PackPath(packs_dir_, pack));
 }
 
 void Store::drop_pack_fd_locked(uint64_t pack) {
-  std::lock_guard<std::mutex> lock(fds_mu_);
-  fds_.erase(pack);
+  pack_cache_->drop(pack_owner_, pack);
 }
 
 Result<std::optional<std::pair<ObjectLoc, std::shared_ptr<PackFd>>>> Store::locate(

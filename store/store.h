@@ -88,6 +88,7 @@
 #include "store/catalog.h"
 #include "store/digest.h"
 #include "store/format.h"
+#include "store/pack_cache.h"
 #include "store/page_cache.h"
 
 namespace rpoint::store {
@@ -103,6 +104,11 @@ struct StoreOptions {
   size_t page_cache_bytes = 64u << 20;         // verified tree pages kept in memory
   size_t writer_leaf_cache_bytes = 32u << 20;  // per writer: changed leaf pages in memory
   double repack_below_live = 0.5;              // GC rewrites packs less live than this
+  // Open pack files (pack_cache.h). Share one cache among all the process's
+  // stores to bound them together (the daemon does: store.open_packs); when
+  // null, the store makes its own of `open_packs` entries.
+  std::shared_ptr<PackCache> pack_cache = nullptr;
+  size_t open_packs = PackCache::kDefaultCapacity;
 };
 
 // A committed disk point. `id` names it in this region; `root` + `size` +
@@ -200,13 +206,6 @@ struct StoreStats {
   uint64_t packs = 0;
   uint64_t pack_bytes = 0;  // sum of sealed pack sizes
   uint64_t objects = 0;
-};
-
-// An open, read-only pack file; shared by everyone reading from it, closed
-// when the last holder lets go (GC may have unlinked the file by then).
-struct PackFd {
-  uint64_t id = 0;
-  UniqueFd fd;
 };
 
 class Store : public std::enable_shared_from_this<Store> {
@@ -307,6 +306,10 @@ class Store : public std::enable_shared_from_this<Store> {
   Result<std::optional<std::pair<ObjectLoc, std::shared_ptr<PackFd>>>> locate(const Digest& d);
   // Same, for callers already holding gc_mu_ (shared or exclusive).
   Result<std::shared_ptr<PackFd>> pack_fd_locked(uint64_t pack);
+  // The pack if it is open now, else nullptr; no syscall (reactor threads).
+  std::shared_ptr<PackFd> open_pack_fd(uint64_t pack) {
+    return pack_cache_->try_get(pack_owner_, pack);
+  }
   void drop_pack_fd_locked(uint64_t pack);
   uint64_t new_pack_id() { return next_pack_id_.fetch_add(1); }
   const std::string& packs_dir() const { return packs_dir_; }
@@ -330,7 +333,7 @@ class Store : public std::enable_shared_from_this<Store> {
   std::atomic<PointId> next_point_id_{1};  // ids are chosen before the point file is written
   PageCache pages_;
 
-  // Lock order: gc_run_mu_ -> gc_mu_ -> (PointWriter::mu_) -> reg_mu_ -> fds_mu_.
+  // Lock order: gc_run_mu_ -> gc_mu_ -> (PointWriter::mu_) -> reg_mu_ -> PackCache.
   std::mutex gc_run_mu_;     // one GC / quarantine at a time
   std::shared_mutex gc_mu_;  // see the header comment
   std::mutex reg_mu_;
@@ -347,8 +350,8 @@ class Store : public std::enable_shared_from_this<Store> {
   bool gc_active_ = false;
   std::unordered_set<uint64_t> late_refs_;
 
-  std::mutex fds_mu_;
-  std::unordered_map<uint64_t, std::shared_ptr<PackFd>> fds_;
+  std::shared_ptr<PackCache> pack_cache_;
+  uint64_t pack_owner_ = 0;  // this store's key in pack_cache_
 };
 
 }  // namespace rpoint::store

@@ -144,7 +144,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "nbd: {socket: n, mode: '0600', tcp: 'localhost:1'}\nlog: {level: warn}\n"
       "io: {queue_depth: 1, threads: 1, direct: false}\n"
       "regions: [{name: r, path: /r, default: true}]\n"
-      "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\n"
+      "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\nstore: {open_packs: 16}\n"
       "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: "
       "b}}}\n"
       "operations: {retention_seconds: 60, max_count: 5}\n";
@@ -162,7 +162,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
     bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
-                   k == "operations";
+                   k == "operations" || k == "store";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
