@@ -140,7 +140,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
   // A config naming every key in ConfigKeys() parses: no key is listed that the parser rejects.
   std::string text =
       "state_dir: /a\ndisks_dir: d\nmetadata_db: m\ncontrol: {socket: c, mode: '0600'}\n"
-      "nbd: {socket: n, mode: '0600', tcp: 'localhost:1'}\nlog: {level: warn}\n"
+      "nbd: {socket: n, mode: '0600', tcp: 'localhost:1', tls: allow, unix_tls: off}\n"
+      "tls: {dir: pki, psk_file: k.psk, verify_peer: false}\nlog: {level: warn}\n"
       "io: {queue_depth: 1, threads: 1, direct: false}\n"
       "regions: [{name: r, path: /r, default: true}]\n"
       "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\n"
@@ -159,7 +160,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     std::string k = key;
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
-    bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency";
+    bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
+                   k == "tls";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
