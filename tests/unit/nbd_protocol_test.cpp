@@ -42,9 +42,13 @@ void Append64(std::vector<uint8_t>& v, uint64_t x) {
   Put64(b, x);
   v.insert(v.end(), b, b + 8);
 }
-void AppendStr(std::vector<uint8_t>& v, const std::string& s) { v.insert(v.end(), s.begin(), s.end()); }
+void AppendStr(std::vector<uint8_t>& v, const std::string& s) {
+  v.insert(v.end(), s.begin(), s.end());
+}
 
-bool Has(uint16_t flags, uint16_t bit) { return (flags & bit) != 0; }
+bool Has(uint16_t flags, uint16_t bit) {
+  return (flags & bit) != 0;
+}
 
 TransmissionContext RwContext(uint64_t size = 1 << 20) {
   TransmissionContext c;
@@ -239,7 +243,7 @@ TEST_CASE("command flag validation") {
 
 TEST_CASE("unknown commands and read-only exports") {
   TransmissionContext c = RwContext();
-  CHECK(ValidateRequest(Req(8, 0, 512), c).error == kEinval);      // NBD_CMD_RESIZE: unsupported
+  CHECK(ValidateRequest(Req(8, 0, 512), c).error == kEinval);  // NBD_CMD_RESIZE: unsupported
   CHECK(ValidateRequest(Req(0xffff, 0, 512), c).error == kEinval);
   DeviceCaps ro;
   ro.read_only = true;
@@ -433,9 +437,7 @@ class FakeResolver : public ExportResolver {
     }
     return nullptr;
   }
-  std::vector<ExportInfo> list_exports() override {
-    return {{"disk", "a disk"}, {"ro", ""}};
-  }
+  std::vector<ExportInfo> list_exports() override { return {{"disk", "a disk"}, {"ro", ""}}; }
   std::vector<std::shared_ptr<FakeDevice>> devs_;
 };
 
@@ -456,7 +458,8 @@ class HandshakeHarness {
   void send(const std::vector<uint8_t>& b) {
     REQUIRE(::write(client_.get(), b.data(), b.size()) == static_cast<ssize_t>(b.size()));
   }
-  Result<NegotiatedExport> run(uint32_t client_flags = kClientFlagFixedNewstyle | kClientFlagNoZeroes,
+  Result<NegotiatedExport> run(uint32_t client_flags = kClientFlagFixedNewstyle |
+                                                       kClientFlagNoZeroes,
                                bool send_flags = true) {
     if (send_flags) {
       std::vector<uint8_t> f;
@@ -468,7 +471,7 @@ class HandshakeHarness {
     ::shutdown(client_.get(), SHUT_WR);  // the server sees EOF after the script
     HandshakeChannel ch(server_.get(), server_.get(), -1,
                         std::chrono::steady_clock::now() + std::chrono::seconds(5));
-    auto r = Negotiate(ch, resolver_, 32u << 20);
+    auto r = Negotiate(ch, resolver_, 32u << 20, tls_);
     server_.reset();  // the client reads everything, then EOF
     std::vector<uint8_t> all;
     uint8_t buf[65536];
@@ -484,7 +487,9 @@ class HandshakeHarness {
     Append32(pending_, static_cast<uint32_t>(data.size()));
     pending_.insert(pending_.end(), data.begin(), data.end());
   }
-  void queue_raw(const std::vector<uint8_t>& b) { pending_.insert(pending_.end(), b.begin(), b.end()); }
+  void queue_raw(const std::vector<uint8_t>& b) {
+    pending_.insert(pending_.end(), b.begin(), b.end());
+  }
 
   // Parses server output after the 18-byte greeting into option replies.
   std::vector<OptReply> replies(size_t trailing = 0) const {
@@ -507,6 +512,7 @@ class HandshakeHarness {
   }
   const std::vector<uint8_t>& out() const { return out_; }
   FakeResolver resolver_;
+  TlsPolicy tls_;
 
  private:
   UniqueFd server_, client_;
@@ -591,15 +597,15 @@ TEST_CASE("handshake: greeting and GO") {
 
 TEST_CASE("handshake: errors keep haggling going") {
   HandshakeHarness h;
-  h.queue(kOptGo, InfoData("nope"));                                  // unknown export
-  h.queue(kOptGo, InfoData(""));                                      // no default export
-  h.queue(kOptSetMetaContext, MetaData("disk", {"base:allocation"})); // before STRUCTURED_REPLY
-  h.queue(kOptStartTls);                                              // no TLS
-  h.queue(kOptExtendedHeaders);                                       // not supported
-  h.queue(0x12345);                                                   // unknown option
-  h.queue(kOptList, {1, 2, 3});                                       // LIST takes no data
-  h.queue(kOptGo, {0, 0});                                            // malformed
-  h.queue(kOptStructuredReply, {1});                                  // takes no data
+  h.queue(kOptGo, InfoData("nope"));                                   // unknown export
+  h.queue(kOptGo, InfoData(""));                                       // no default export
+  h.queue(kOptSetMetaContext, MetaData("disk", {"base:allocation"}));  // before STRUCTURED_REPLY
+  h.queue(kOptStartTls);                                               // no TLS
+  h.queue(kOptExtendedHeaders);                                        // not supported
+  h.queue(0x12345);                                                    // unknown option
+  h.queue(kOptList, {1, 2, 3});                                        // LIST takes no data
+  h.queue(kOptGo, {0, 0});                                             // malformed
+  h.queue(kOptStructuredReply, {1});                                   // takes no data
   h.queue(kOptList);
   h.queue(kOptAbort);
   auto r = h.run();
@@ -625,6 +631,52 @@ TEST_CASE("handshake: errors keep haggling going") {
   CHECK(reps[11].type == kRepAck);
   CHECK(reps[12].option == kOptAbort);
   CHECK(reps[12].type == kRepAck);
+}
+
+TEST_CASE("handshake: a TLS-only listener answers plaintext options with TLS_REQD") {
+  HandshakeHarness h;
+  h.tls_.mode = TlsMode::kRequire;  // no credentials needed to refuse
+  h.queue(kOptGo, InfoData("disk"));
+  h.queue(kOptInfo, InfoData("disk"));
+  h.queue(kOptList);
+  h.queue(kOptStructuredReply);
+  h.queue(kOptListMetaContext, MetaData("disk", {}));
+  h.queue(0x12345);
+  h.queue(kOptAbort);
+  CHECK_FALSE(h.run().ok());
+  auto reps = h.replies();
+  REQUIRE(reps.size() == 7);
+  for (size_t i = 0; i < 6; ++i) {
+    INFO(i);
+    CHECK(reps[i].type == kRepErrTlsReqd);
+  }
+  CHECK(reps[6].type == kRepAck);
+  // EXPORT_NAME cannot be refused with an error: the connection is closed.
+  HandshakeHarness e;
+  e.tls_.mode = TlsMode::kRequire;
+  e.queue(kOptExportName, {'d', 'i', 's', 'k'});
+  auto r = e.run();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == Code::kPermissionDenied);
+  CHECK(e.out().size() == kGreetingSize);  // nothing but the greeting
+}
+
+TEST_CASE("handshake: clients that never asked for block sizes may send 64 MiB") {
+  HandshakeHarness a;
+  a.queue(kOptGo, InfoData("disk", {kInfoBlockSize}));
+  auto ra = a.run();
+  REQUIRE(ra.ok());
+  CHECK(ra.value().max_request == 32u << 20);
+  HandshakeHarness b;
+  b.queue(kOptGo, InfoData("disk"));
+  auto rb = b.run();
+  REQUIRE(rb.ok());
+  CHECK(rb.value().max_request == kUnnegotiatedMaxRequest);
+  HandshakeHarness c;
+  c.queue(kOptExportName, {'d', 'i', 's', 'k'});
+  auto rc = c.run();
+  REQUIRE(rc.ok());
+  CHECK(rc.value().max_request == kUnnegotiatedMaxRequest);
 }
 
 TEST_CASE("handshake: list meta contexts") {
