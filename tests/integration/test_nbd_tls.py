@@ -360,3 +360,75 @@ def test_starttls_refused_without_tls(daemon):
     c.option(OPT_ABORT)
     assert c.opt_reply()[1] == REP_ACK
     c.close()
+
+
+def test_starttls_ignores_plaintext_sent_after_it(tls_daemon):
+    """Bytes a client (or a man in the middle) sends in plaintext right after
+    STARTTLS are TLS input, never options: the handshake fails, nothing is
+    answered in plaintext."""
+    c = tcp_raw(tls_daemon.port)
+    c.greeting()
+    c.send(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0) + struct.pack(">QII", IHAVEOPT, OPT_LIST, 0))
+    assert c.opt_reply()[1] == REP_ACK
+    rest = b""
+    c.s.settimeout(10)
+    try:
+        while True:
+            chunk = c.s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    assert struct.pack(">Q", 0x3E889045565A9) not in rest  # no option reply in the clear
+    c.close()
+
+
+def test_tls_syscalls_stay_inside_the_units_filter(tmp_path, pki):
+    """The TLS paths (GnuTLS start-up, handshake, encrypted transfer) make no
+    system call outside rpointd.service's SystemCallFilter= (see
+    test_daemon.test_syscalls_stay_inside_the_units_filter)."""
+    import re
+    import signal
+    from test_daemon import UNITS, _expand_syscall_group, get_root, wait_for
+    from rpointd_harness import RPOINTD, UnixHTTPConnection
+    require("strace", "systemd-analyze", "nbdcopy")
+    allowed = set()
+    for line in open(UNITS[0]).read().splitlines():
+        if line.startswith("SystemCallFilter="):
+            for word in line.split("=", 1)[1].split():
+                allowed |= _expand_syscall_group(word, set()) if word.startswith("@") else {word}
+    trace, state, cfg = tmp_path / "trace", tmp_path / "state", tmp_path / "r.yaml"
+    port = free_tcp_port()
+    cfg.write_text(f'nbd:\n  tcp: "127.0.0.1:{port}"\ntls:\n  dir: {pki["dir"]}\n'
+                   f'  psk_file: {pki["psk"]}\n')
+    with open(tmp_path / "strace.log", "wb") as log:
+        proc = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), RPOINTD, "--state-dir",
+                                 str(state), "--config", str(cfg)], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: get_root(str(state / "control.sock")) == 200, what="rpointd under strace")
+        conn = UnixHTTPConnection(str(state / "control.sock"))
+        conn.request("PUT", "/disks/sc", body='{"properties": {"sizeBytes": 4194304}}',
+                     headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status in (200, 201)
+        conn.close()
+        data = tmp_path / "data"
+        data.write_bytes(os.urandom(4 << 20))
+        uri = f"nbds://127.0.0.1:{port}/sc?tls-certificates={pki['dir']}"
+        subprocess.run(["nbdcopy", str(data), uri], check=True, timeout=60)
+        subprocess.run(["nbdcopy", uri, str(tmp_path / "back")], check=True, timeout=60)
+        assert (tmp_path / "back").read_bytes() == data.read_bytes()
+        os.kill(int((state / "rpointd.lock").read_text()), signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    used = set()
+    for line in trace.read_text().splitlines():
+        m = re.match(r"^\d+\s+(?:<\.\.\. )?([a-z0-9_]+)(?:\(| resumed>)", line)
+        if m:
+            used.add(m.group(1))
+    assert "io_uring_enter" in used
+    outside = sorted(used - allowed - {"execve"})
+    assert not outside, f"system calls outside rpointd.service's SystemCallFilter=: {outside}"
