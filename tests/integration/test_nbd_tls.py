@@ -388,16 +388,10 @@ def test_tls_syscalls_stay_inside_the_units_filter(tmp_path, pki):
     """The TLS paths (GnuTLS start-up, handshake, encrypted transfer) make no
     system call outside rpointd.service's SystemCallFilter= (see
     test_daemon.test_syscalls_stay_inside_the_units_filter)."""
-    import re
     import signal
-    from test_daemon import UNITS, _expand_syscall_group, get_root, wait_for
+    from test_daemon import assert_trace_inside_unit_filter, get_root, wait_for
     from rpointd_harness import RPOINTD, UnixHTTPConnection
     require("strace", "systemd-analyze", "nbdcopy")
-    allowed = set()
-    for line in open(UNITS[0]).read().splitlines():
-        if line.startswith("SystemCallFilter="):
-            for word in line.split("=", 1)[1].split():
-                allowed |= _expand_syscall_group(word, set()) if word.startswith("@") else {word}
     trace, state, cfg = tmp_path / "trace", tmp_path / "state", tmp_path / "r.yaml"
     port = free_tcp_port()
     cfg.write_text(f'nbd:\n  tcp: "127.0.0.1:{port}"\ntls:\n  dir: {pki["dir"]}\n'
@@ -424,11 +418,4 @@ def test_tls_syscalls_stay_inside_the_units_filter(tmp_path, pki):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    used = set()
-    for line in trace.read_text().splitlines():
-        m = re.match(r"^\d+\s+(?:<\.\.\. )?([a-z0-9_]+)(?:\(| resumed>)", line)
-        if m:
-            used.add(m.group(1))
-    assert "io_uring_enter" in used
-    outside = sorted(used - allowed - {"execve"})
-    assert not outside, f"system calls outside rpointd.service's SystemCallFilter=: {outside}"
+    assert_trace_inside_unit_filter(trace)
