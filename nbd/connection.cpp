@@ -21,24 +21,15 @@ bool IsMutation(uint16_t type) {
 
 const char* NbdErrorName(uint32_t e) {
   switch (e) {
-    case kEperm:
-      return "operation not permitted";
-    case kEio:
-      return "input/output error";
-    case kEnomem:
-      return "out of memory";
-    case kEinval:
-      return "invalid argument";
-    case kEnospc:
-      return "no space left on device";
-    case kEoverflow:
-      return "value too large";
-    case kEnotsup:
-      return "operation not supported";
-    case kEshutdown:
-      return "server shutting down";
-    default:
-      return "error";
+    case kEperm: return "operation not permitted";
+    case kEio: return "input/output error";
+    case kEnomem: return "out of memory";
+    case kEinval: return "invalid argument";
+    case kEnospc: return "no space left on device";
+    case kEoverflow: return "value too large";
+    case kEnotsup: return "operation not supported";
+    case kEshutdown: return "server shutting down";
+    default: return "error";
   }
 }
 
@@ -67,7 +58,7 @@ constexpr uint64_t kMaxRecv = 1u << 30;
 struct Connection::Slot final : public IoRequest {
   Connection* conn = nullptr;
   Request req;
-  AlignedBuffer data_buf;   // READ/WRITE data (IoRequest::buf points into it)
+  AlignedBuffer data_buf;  // READ/WRITE data (IoRequest::buf points into it)
   uint64_t flush_mark = 0;  // FLUSH: mutations completed when it was submitted
   uint8_t hdr[kStructuredReplySize + 8] = {};
   uint32_t hdr_len = 0;
@@ -147,9 +138,7 @@ void Connection::start() {
   pump();
 }
 
-bool Connection::claim_shutdown() {
-  return !shutdown_claimed_.exchange(true);
-}
+bool Connection::claim_shutdown() { return !shutdown_claimed_.exchange(true); }
 
 void Connection::begin_shutdown() {
   if (closed_) return;
@@ -450,24 +439,12 @@ void Connection::submit(Slot* s) {
   const Request& r = s->req;
   uint32_t flags = 0;
   switch (r.type) {
-    case kCmdRead:
-      s->kind = IoKind::kRead;
-      break;
-    case kCmdWrite:
-      s->kind = IoKind::kWrite;
-      break;
-    case kCmdFlush:
-      s->kind = IoKind::kFlush;
-      break;
-    case kCmdTrim:
-      s->kind = IoKind::kTrim;
-      break;
-    case kCmdCache:
-      s->kind = IoKind::kCache;
-      break;
-    case kCmdWriteZeroes:
-      s->kind = IoKind::kWriteZeroes;
-      break;
+    case kCmdRead: s->kind = IoKind::kRead; break;
+    case kCmdWrite: s->kind = IoKind::kWrite; break;
+    case kCmdFlush: s->kind = IoKind::kFlush; break;
+    case kCmdTrim: s->kind = IoKind::kTrim; break;
+    case kCmdCache: s->kind = IoKind::kCache; break;
+    case kCmdWriteZeroes: s->kind = IoKind::kWriteZeroes; break;
     case kCmdBlockStatus:
       // The device answers off this thread when it must (SQLite, lseek).
       s->kind = IoKind::kBlockStatus;

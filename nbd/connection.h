@@ -50,11 +50,11 @@
 namespace rpoint::nbd {
 
 struct ConnectionLimits {
-  unsigned max_slots = 128;           // requests in flight per connection
-  size_t recv_buffer = 128u << 10;    // header/small-payload receive buffer
-  size_t buffer_budget = 128u << 20;  // data buffer bytes in use before reading pauses
-  size_t buffer_cache = 32u << 20;    // free data buffers kept for reuse
-  unsigned max_extents = 512;         // block status descriptors per reply
+  unsigned max_slots = 128;              // requests in flight per connection
+  size_t recv_buffer = 128u << 10;       // header/small-payload receive buffer
+  size_t buffer_budget = 128u << 20;     // data buffer bytes in use before reading pauses
+  size_t buffer_cache = 32u << 20;       // free data buffers kept for reuse
+  unsigned max_extents = 512;            // block status descriptors per reply
 };
 
 class Connection {
@@ -206,8 +206,8 @@ class Connection {
   bool tls_bye_ = false;                         // close_notify staged
 
   // Durability and shutdown.
-  uint64_t mutations_ = 0;          // completed writes/trims/zeroes
-  uint64_t flushed_mutations_ = 0;  // mutations known durable
+  uint64_t mutations_ = 0;         // completed writes/trims/zeroes
+  uint64_t flushed_mutations_ = 0; // mutations known durable
   FlushOp final_flush_{this};
   bool final_flush_started_ = false;
   bool final_flush_done_ = false;

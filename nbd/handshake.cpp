@@ -33,8 +33,7 @@ Status HandshakeChannel::wait(int fd, short events) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - Clock::now());
     if (left.count() <= 0) return Status::Unsupported("handshake timed out");
     pollfd p[2] = {{fd, events, 0}, {cancel_fd_, POLLIN, 0}};
-    int n = ::poll(p, cancel_fd_ >= 0 ? 2 : 1,
-                   static_cast<int>(std::min<int64_t>(left.count(), 1 << 30)));
+    int n = ::poll(p, cancel_fd_ >= 0 ? 2 : 1, static_cast<int>(std::min<int64_t>(left.count(), 1 << 30)));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Status::FromErrno(errno, "poll");
@@ -449,8 +448,7 @@ Status Negotiation::handle(uint32_t option, const std::vector<uint8_t>& data) {
     case kOptGo:
       return handle_info(option, data);
     case kOptStructuredReply:
-      if (!data.empty())
-        return reply_error(option, kRepErrInvalid, "STRUCTURED_REPLY takes no data");
+      if (!data.empty()) return reply_error(option, kRepErrInvalid, "STRUCTURED_REPLY takes no data");
       structured_ = true;
       return reply(option, kRepAck);
     case kOptListMetaContext:

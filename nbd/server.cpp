@@ -17,8 +17,8 @@
 #include <condition_variable>
 #include <cstring>
 #include <list>
-#include <mutex>
 #include <system_error>
+#include <mutex>
 #include <thread>
 #include <unordered_map>
 

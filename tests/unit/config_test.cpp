@@ -1,6 +1,4 @@
 // Tests of config/: every key, every error (naming key and line), the example file.
-#include "config/config.h"
-
 #include <doctest/doctest.h>
 #include <unistd.h>
 
@@ -8,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+
+#include "config/config.h"
 
 using namespace rpoint;
 namespace fs = std::filesystem;
@@ -28,9 +28,7 @@ std::string Error(const std::string& text) {
   return r.status().message();
 }
 
-bool Contains(const std::string& s, const std::string& part) {
-  return s.find(part) != std::string::npos;
-}
+bool Contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // Checks that an error names the place ("t.yaml:<line>:") and the key.
 void ExpectError(const std::string& text, const std::string& where, const std::string& key,
@@ -162,11 +160,10 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     std::string k = key;
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
-    bool section =
-        k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" || k == "tls";
+    bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
+                   k == "tls";
     INFO(key);
-    CHECK(
-        (section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
+    CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
 }
 
@@ -215,12 +212,10 @@ TEST_CASE("nbd.tcp addresses") {
   CHECK(FormatTcpAddress(tcp("0.0.0.0:5")) == "0.0.0.0:5");
 
   const char* bad[][2] = {
-      {"127.0.0.1:0", "port"},    {"127.0.0.1:65536", "port"},
-      {"127.0.0.1:http", "port"}, {"127.0.0.1:", "missing port"},
-      {"::1", "brackets"},        {"[::1", "']'"},
-      {"[::1]x", "':'"},          {"[1.2.3.4]:5", "IPv6"},
-      {":10809", "host"},         {"10809", "host:port"},
-      {"a b:1", "bad host"},      {"[::1]:", "missing port"},
+      {"127.0.0.1:0", "port"},      {"127.0.0.1:65536", "port"}, {"127.0.0.1:http", "port"},
+      {"127.0.0.1:", "missing port"}, {"::1", "brackets"},        {"[::1", "']'"},
+      {"[::1]x", "':'"},            {"[1.2.3.4]:5", "IPv6"},     {":10809", "host"},
+      {"10809", "host:port"},       {"a b:1", "bad host"},       {"[::1]:", "missing port"},
   };
   for (auto& b : bad) {
     ExpectError(std::string("nbd:\n  tcp: '") + b[0] + "'\n", "2:8:", "nbd.tcp", b[1]);
@@ -239,10 +234,8 @@ TEST_CASE("numbers and booleans") {
   ExpectError("io:\n  queue_depth: 99999999999999999999\n", "2:16:", "io.queue_depth");
   ExpectError("io:\n  queue_depth: lots\n", "2:16:", "io.queue_depth");
   ExpectError("io:\n  threads: 1025\n", "2:12:", "io.threads", "from 0 to 1024");
-  for (const char* t : {"true", "True", "yes", "on"})
-    CHECK(Parse(std::string("io: {direct: ") + t + "}").direct_io);
-  for (const char* f : {"false", "no", "off"})
-    CHECK(!Parse(std::string("io: {direct: ") + f + "}").direct_io);
+  for (const char* t : {"true", "True", "yes", "on"}) CHECK(Parse(std::string("io: {direct: ") + t + "}").direct_io);
+  for (const char* f : {"false", "no", "off"}) CHECK(!Parse(std::string("io: {direct: ") + f + "}").direct_io);
   ExpectError("io:\n  direct: maybe\n", "2:11:", "io.direct", "true or false");
   ExpectError("io:\n  direct: [true]\n", "2:11:", "io.direct", "got a list");
 }
@@ -272,8 +265,7 @@ TEST_CASE("unknown and duplicate keys") {
   CHECK(Contains(msg, "expected one of: queue_depth, threads, direct"));
   CHECK(!Contains(msg, "did you mean"));
   ExpectError("log:\n  level: info\n  level: debug\n", "3:3:", "log.level", "duplicate");
-  ExpectError("regions:\n  - name: a\n    path: /a\n    colour: red\n", "4:5:", "regions[0].colour",
-              "unknown key");
+  ExpectError("regions:\n  - name: a\n    path: /a\n    colour: red\n", "4:5:", "regions[0].colour", "unknown key");
   ExpectError("? [a]\n: 1\n", "1:3:", "", "keys must be plain words");
 }
 
@@ -303,19 +295,16 @@ TEST_CASE("regions") {
   REQUIRE(FinalizeConfig(twice).ok());
   CHECK(twice.regions.size() == 1);
 
-  ExpectError("regions:\n  - {name: a, path: /a}\n  - {name: a, path: /b}\n",
-              "3:12:", "regions[1].name", "duplicate region name 'a'");
+  ExpectError("regions:\n  - {name: a, path: /a}\n  - {name: a, path: /b}\n", "3:12:", "regions[1].name",
+              "duplicate region name 'a'");
   ExpectError("regions:\n  - name: a\n    path: rel/dir\n", "3:11:", "regions[0].path", "absolute");
-  ExpectError("regions:\n  - name: .hidden\n    path: /a\n", "2:11:", "regions[0].name",
-              "start with");
-  ExpectError("regions:\n  - name: 'a b'\n    path: /a\n", "2:11:", "regions[0].name",
-              "may only contain");
+  ExpectError("regions:\n  - name: .hidden\n    path: /a\n", "2:11:", "regions[0].name", "start with");
+  ExpectError("regions:\n  - name: 'a b'\n    path: /a\n", "2:11:", "regions[0].name", "may only contain");
   ExpectError("regions:\n  - name: ''\n    path: /a\n", "2:11:", "regions[0].name", "1-63");
   ExpectError("regions:\n  - path: /a\n", "2:5:", "regions[0].name", "missing");
   ExpectError("regions:\n  - name: a\n", "2:5:", "regions[0].path", "missing");
-  ExpectError(
-      "regions:\n  - {name: a, path: /a, default: true}\n  - {name: b, path: /b, default: true}\n",
-      "3:5:", "regions[1].default", "only one region");
+  ExpectError("regions:\n  - {name: a, path: /a, default: true}\n  - {name: b, path: /b, default: true}\n",
+              "3:5:", "regions[1].default", "only one region");
   ExpectError("regions:\n  - {name: a, path: /a}\n  - {name: b, path: /b}\n", "1:", "regions",
               "default: true");
   ExpectError("regions: /a\n", "1:10:", "regions", "expected a list");
@@ -340,7 +329,7 @@ consistency:
   REQUIRE(c.consistency.vms.size() == 3);
   HookConfig web = EffectiveHooks(c.consistency, "web1");
   CHECK(web.freeze == "/usr/local/bin/freeze-web");
-  CHECK(web.thaw == "virsh domfsthaw $RPOINT_VM");              // falls back to the top-level thaw
+  CHECK(web.thaw == "virsh domfsthaw $RPOINT_VM");  // falls back to the top-level thaw
   CHECK(EffectiveHooks(c.consistency, "db.1").freeze.empty());  // "" turns the hook off
   CHECK(EffectiveHooks(c.consistency, "db.1").thaw == "virsh domfsthaw $RPOINT_VM");
   CHECK(EffectiveHooks(c.consistency, "bare").freeze == "virsh domfsfreeze $RPOINT_VM");
@@ -349,15 +338,14 @@ consistency:
   CHECK(c.origins.at("consistency.vms.web1.freeze") == "t.yaml:7:20");
 
   ExpectError("consistency:\n  freez: x\n", "2:3:", "consistency.freez", "did you mean 'freeze'");
-  ExpectError("consistency:\n  hook_timeout_seconds: 0\n",
-              "2:25:", "consistency.hook_timeout_seconds", "from 1 to 3600");
-  ExpectError("consistency:\n  vms:\n    web1: {freeze: a, thw: b}\n",
-              "3:23:", "consistency.vms.web1.thw", "unknown key");
+  ExpectError("consistency:\n  hook_timeout_seconds: 0\n", "2:25:", "consistency.hook_timeout_seconds",
+              "from 1 to 3600");
+  ExpectError("consistency:\n  vms:\n    web1: {freeze: a, thw: b}\n", "3:23:", "consistency.vms.web1.thw",
+              "unknown key");
   ExpectError("consistency:\n  vms:\n    'a b': {freeze: a}\n", "3:5:", "consistency.vms.a b",
               "VM name may only contain");
   ExpectError("consistency:\n  vms: [a]\n", "2:8:", "consistency.vms", "expected a mapping");
-  ExpectError("consistency:\n  vms:\n    web1: x\n", "3:11:", "consistency.vms.web1",
-              "expected a mapping");
+  ExpectError("consistency:\n  vms:\n    web1: x\n", "3:11:", "consistency.vms.web1", "expected a mapping");
   ExpectError("consistency: x\n", "1:14:", "consistency", "expected a mapping");
 
   // Round trip through ConfigToYaml.
@@ -369,8 +357,7 @@ consistency:
   REQUIRE(back.consistency.vms.count("db.1") == 1);
   CHECK(back.consistency.vms["db.1"].freeze == std::optional<std::string>(""));
   CHECK(!back.consistency.vms["db.1"].thaw);
-  CHECK(back.consistency.vms["web1"].freeze ==
-        std::optional<std::string>("/usr/local/bin/freeze-web"));
+  CHECK(back.consistency.vms["web1"].freeze == std::optional<std::string>("/usr/local/bin/freeze-web"));
 }
 
 TEST_CASE("FinalizeConfig fills defaults from state_dir") {
@@ -385,9 +372,8 @@ TEST_CASE("FinalizeConfig fills defaults from state_dir") {
   CHECK(c.consistency.hook_timeout_seconds == 60);
 
   // Relative paths are under state_dir; absolute ones stay; idempotent.
-  Config d = Finalized(
-      "state_dir: /s\ncontrol: {socket: run/c.sock}\nnbd: {socket: /n.sock}\n"
-      "disks_dir: ../d\nmetadata_db: ./m.db\n");
+  Config d = Finalized("state_dir: /s\ncontrol: {socket: run/c.sock}\nnbd: {socket: /n.sock}\n"
+                       "disks_dir: ../d\nmetadata_db: ./m.db\n");
   CHECK(d.control_socket == "/s/run/c.sock");
   CHECK(d.nbd_socket == "/n.sock");
   CHECK(d.disks_dir == "/d");
@@ -519,8 +505,7 @@ TEST_CASE("the example config/rpointd.yaml parses and documents every key") {
   std::ifstream in(example);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   for (const std::string& key : ConfigKeys()) {
-    std::string leaf =
-        key.substr(key.find_last_of(".]") == std::string::npos ? 0 : key.find_last_of(".]") + 1);
+    std::string leaf = key.substr(key.find_last_of(".]") == std::string::npos ? 0 : key.find_last_of(".]") + 1);
     if (leaf == "{vm}") continue;  // a VM's name: the example shows one
     INFO(key);
     CHECK(Contains(text, leaf + ":"));

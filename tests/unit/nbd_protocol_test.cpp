@@ -42,13 +42,9 @@ void Append64(std::vector<uint8_t>& v, uint64_t x) {
   Put64(b, x);
   v.insert(v.end(), b, b + 8);
 }
-void AppendStr(std::vector<uint8_t>& v, const std::string& s) {
-  v.insert(v.end(), s.begin(), s.end());
-}
+void AppendStr(std::vector<uint8_t>& v, const std::string& s) { v.insert(v.end(), s.begin(), s.end()); }
 
-bool Has(uint16_t flags, uint16_t bit) {
-  return (flags & bit) != 0;
-}
+bool Has(uint16_t flags, uint16_t bit) { return (flags & bit) != 0; }
 
 TransmissionContext RwContext(uint64_t size = 1 << 20) {
   TransmissionContext c;
@@ -243,7 +239,7 @@ TEST_CASE("command flag validation") {
 
 TEST_CASE("unknown commands and read-only exports") {
   TransmissionContext c = RwContext();
-  CHECK(ValidateRequest(Req(8, 0, 512), c).error == kEinval);  // NBD_CMD_RESIZE: unsupported
+  CHECK(ValidateRequest(Req(8, 0, 512), c).error == kEinval);      // NBD_CMD_RESIZE: unsupported
   CHECK(ValidateRequest(Req(0xffff, 0, 512), c).error == kEinval);
   DeviceCaps ro;
   ro.read_only = true;
@@ -437,7 +433,9 @@ class FakeResolver : public ExportResolver {
     }
     return nullptr;
   }
-  std::vector<ExportInfo> list_exports() override { return {{"disk", "a disk"}, {"ro", ""}}; }
+  std::vector<ExportInfo> list_exports() override {
+    return {{"disk", "a disk"}, {"ro", ""}};
+  }
   std::vector<std::shared_ptr<FakeDevice>> devs_;
 };
 
@@ -458,8 +456,7 @@ class HandshakeHarness {
   void send(const std::vector<uint8_t>& b) {
     REQUIRE(::write(client_.get(), b.data(), b.size()) == static_cast<ssize_t>(b.size()));
   }
-  Result<NegotiatedExport> run(uint32_t client_flags = kClientFlagFixedNewstyle |
-                                                       kClientFlagNoZeroes,
+  Result<NegotiatedExport> run(uint32_t client_flags = kClientFlagFixedNewstyle | kClientFlagNoZeroes,
                                bool send_flags = true) {
     if (send_flags) {
       std::vector<uint8_t> f;
@@ -487,9 +484,7 @@ class HandshakeHarness {
     Append32(pending_, static_cast<uint32_t>(data.size()));
     pending_.insert(pending_.end(), data.begin(), data.end());
   }
-  void queue_raw(const std::vector<uint8_t>& b) {
-    pending_.insert(pending_.end(), b.begin(), b.end());
-  }
+  void queue_raw(const std::vector<uint8_t>& b) { pending_.insert(pending_.end(), b.begin(), b.end()); }
 
   // Parses server output after the 18-byte greeting into option replies.
   std::vector<OptReply> replies(size_t trailing = 0) const {
@@ -597,15 +592,15 @@ TEST_CASE("handshake: greeting and GO") {
 
 TEST_CASE("handshake: errors keep haggling going") {
   HandshakeHarness h;
-  h.queue(kOptGo, InfoData("nope"));                                   // unknown export
-  h.queue(kOptGo, InfoData(""));                                       // no default export
-  h.queue(kOptSetMetaContext, MetaData("disk", {"base:allocation"}));  // before STRUCTURED_REPLY
-  h.queue(kOptStartTls);                                               // no TLS
-  h.queue(kOptExtendedHeaders);                                        // not supported
-  h.queue(0x12345);                                                    // unknown option
-  h.queue(kOptList, {1, 2, 3});                                        // LIST takes no data
-  h.queue(kOptGo, {0, 0});                                             // malformed
-  h.queue(kOptStructuredReply, {1});                                   // takes no data
+  h.queue(kOptGo, InfoData("nope"));                                  // unknown export
+  h.queue(kOptGo, InfoData(""));                                      // no default export
+  h.queue(kOptSetMetaContext, MetaData("disk", {"base:allocation"})); // before STRUCTURED_REPLY
+  h.queue(kOptStartTls);                                              // no TLS
+  h.queue(kOptExtendedHeaders);                                       // not supported
+  h.queue(0x12345);                                                   // unknown option
+  h.queue(kOptList, {1, 2, 3});                                       // LIST takes no data
+  h.queue(kOptGo, {0, 0});                                            // malformed
+  h.queue(kOptStructuredReply, {1});                                  // takes no data
   h.queue(kOptList);
   h.queue(kOptAbort);
   auto r = h.run();
