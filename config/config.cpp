@@ -339,6 +339,14 @@ class Parser {
     }
   }
 
+  std::string TlsModeText(const Item& it) {
+    std::string v = String(it);
+    if (v != "off" && v != "allow" && v != "require") {
+      Fail(it, "expected off, allow or require, got '" + v + "'");
+    }
+    return v;
+  }
+
   static Status ValidateRegionName(const std::string& name) { return ValidateName(name, "region name"); }
 
   // Region and VM names: the API's resource name rule.
@@ -375,7 +383,16 @@ class Parser {
                 WalkMap(it.value, MarkOf(it), it.path,
                         {{"socket", [&](const Item& x) { c.nbd_socket = String(x); }},
                          {"mode", [&](const Item& x) { c.nbd_socket_mode = Mode(x); }},
-                         {"tcp", [&](const Item& x) { c.nbd_tcp = Tcp(x); }}});
+                         {"tcp", [&](const Item& x) { c.nbd_tcp = Tcp(x); }},
+                         {"tls", [&](const Item& x) { c.nbd_tls = TlsModeText(x); }},
+                         {"unix_tls", [&](const Item& x) { c.nbd_unix_tls = TlsModeText(x); }}});
+              }},
+             {"tls",
+              [&](const Item& it) {
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"dir", [&](const Item& x) { c.tls.dir = String(x); }},
+                         {"psk_file", [&](const Item& x) { c.tls.psk_file = String(x); }},
+                         {"verify_peer", [&](const Item& x) { c.tls.verify_peer = Bool(x); }}});
               }},
              {"log",
               [&](const Item& it) {
@@ -490,6 +507,19 @@ Status FinalizeConfig(Config& c) {
   ResolveUnder(c.state_dir, c.metadata_db, "metadata.db");
   ResolveUnder(c.state_dir, c.tracking_dir, "tracking");
   ResolveUnder(c.state_dir, c.staging_dir, "staging");
+  if (!c.tls.dir.empty()) ResolveUnder(c.state_dir, c.tls.dir, "");
+  if (!c.tls.psk_file.empty()) ResolveUnder(c.state_dir, c.tls.psk_file, "");
+  if (c.nbd_tls.empty()) c.nbd_tls = c.tls.configured() ? "require" : "off";
+  if (c.nbd_unix_tls.empty()) c.nbd_unix_tls = "off";
+  for (auto [key, mode] : {std::pair<const char*, const std::string*>{"nbd.tls", &c.nbd_tls},
+                           {"nbd.unix_tls", &c.nbd_unix_tls}}) {
+    if (*mode != "off" && *mode != "allow" && *mode != "require") {
+      return KeyError(c, key, "expected off, allow or require, got '" + *mode + "'");
+    }
+    if (*mode != "off" && !c.tls.configured()) {
+      return KeyError(c, key, "'" + *mode + "' needs tls.dir or tls.psk_file");
+    }
+  }
 
   constexpr size_t kMaxSun = sizeof(sockaddr_un{}.sun_path) - 1;
   for (auto [key, path] : {std::pair<const char*, std::string*>{"control.socket", &c.control_socket},
@@ -609,6 +639,13 @@ std::string ConfigToYaml(const Config& c) {
   } else {
     out << YAML::Null;
   }
+  out << YAML::Key << "tls" << YAML::Value << c.nbd_tls;
+  out << YAML::Key << "unix_tls" << YAML::Value << c.nbd_unix_tls;
+  out << YAML::EndMap;
+  out << YAML::Key << "tls" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "dir" << YAML::Value << YAML::DoubleQuoted << c.tls.dir;
+  out << YAML::Key << "psk_file" << YAML::Value << YAML::DoubleQuoted << c.tls.psk_file;
+  out << YAML::Key << "verify_peer" << YAML::Value << c.tls.verify_peer;
   out << YAML::EndMap;
   out << YAML::Key << "log" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "level" << YAML::Value << c.log_level;
@@ -680,6 +717,8 @@ const std::vector<std::string>& ConfigKeys() {
       "nbd.socket",
       "nbd.mode",
       "nbd.tcp",
+      "nbd.tls",
+      "nbd.unix_tls",
       "log.level",
       "io.queue_depth",
       "io.threads",
@@ -699,6 +738,9 @@ const std::vector<std::string>& ConfigKeys() {
       "consistency.vms.{vm}.thaw",
       "operations.retention_seconds",
       "operations.max_count",
+      "tls.dir",
+      "tls.psk_file",
+      "tls.verify_peer",
   };
   return kKeys;
 }

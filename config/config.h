@@ -61,6 +61,14 @@ struct OperationsConfig {
   unsigned max_count = 10000;          // beyond this many ended ones: the oldest pruned
 };
 
+// The `tls:` block: keys for NBD over TLS (and, later, peer connections).
+struct TlsFileConfig {
+  std::string dir;       // ca-cert.pem, server-cert.pem, server-key.pem (+ client-*); "" = none
+  std::string psk_file;  // psktool(1) file, "identity:hexkey" lines; "" = none
+  bool verify_peer = true;  // X.509 clients must present a certificate the CA signed
+  bool configured() const { return !dir.empty() || !psk_file.empty(); }
+};
+
 struct Config {
   std::string state_dir = "/var/lib/rpointd";
   std::string control_socket;           // default: <state_dir>/control.sock
@@ -79,6 +87,13 @@ struct Config {
   // Empty in the file: FinalizeConfig adds the default region "local" at
   // <state_dir>/regions/local.
   std::vector<RegionConfig> regions;
+  TlsFileConfig tls;
+  // "off" | "allow" | "require" (nbd/tls_config.h TlsMode). nbd_tls is for the
+  // TCP listeners: "" resolves to "require" when `tls` is configured, else
+  // "off". nbd_unix_tls is for the Unix socket (its file mode already limits
+  // who connects): "" resolves to "off".
+  std::string nbd_tls;
+  std::string nbd_unix_tls;
   std::string tracking_dir;             // default: <state_dir>/tracking (change bitmaps)
   std::string staging_dir;              // default: <state_dir>/staging (copy-before-write)
   ConsistencyConfig consistency;

@@ -248,10 +248,27 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   Result<std::unique_ptr<ControlServer>> control = ControlServer::Create(*disks.value(), *restore.value(), control_options);
   if (!control.ok()) return fail("control server", control.status());
 
+  // TLS credentials are loaded once, here: a bad key file stops the start.
+  nbd::TlsPolicy tcp_tls, unix_tls;
+  if (config.tls.configured()) {
+    nbd::TlsSettings settings{config.tls.dir, config.tls.psk_file, config.tls.verify_peer};
+    auto creds = nbd::TlsCredentials::LoadServer(settings);
+    if (!creds.ok()) return fail("TLS", creds.status());
+    tcp_tls.credentials = unix_tls.credentials = creds.value();
+  }
+  if (!nbd::ParseTlsMode(config.nbd_tls, &tcp_tls.mode) ||
+      !nbd::ParseTlsMode(config.nbd_unix_tls, &unix_tls.mode)) {
+    return fail("TLS", Status::InvalidArgument("bad nbd.tls or nbd.unix_tls"));
+  }
   std::vector<std::string> nbd_addresses;
   for (auto& l : nbd_listeners) {
-    nbd_addresses.push_back(l.address + (l.activated ? " (from systemd)" : ""));
-    if (Status st = nbd.value()->add_listener(std::move(l.fd)); !st.ok()) return fail("NBD listener", st);
+    const nbd::TlsPolicy& tls = IsUnixSocket(l.fd.get()) ? unix_tls : tcp_tls;
+    nbd_addresses.push_back(l.address + (l.activated ? " (from systemd)" : "") +
+                            (tls.mode == nbd::TlsMode::kOff ? "" : std::string(" (TLS ") +
+                                                                       nbd::TlsModeName(tls.mode) + ")"));
+    if (Status st = nbd.value()->add_listener(std::move(l.fd), tls); !st.ok()) {
+      return fail("NBD listener", st);
+    }
   }
   std::string control_address = control_listener->address + (control_listener->activated ? " (from systemd)" : "");
   if (Status st = control.value()->add_listener(std::move(control_listener->fd)); !st.ok()) {

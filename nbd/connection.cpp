@@ -104,18 +104,19 @@ Connection::Connection(Reactor& reactor, UniqueFd in, UniqueFd out, NegotiatedEx
       limits_(limits),
       on_closed_(std::move(on_closed)),
       pool_(limits.buffer_cache) {
+  tls_ = exp_.tls.get();
   recv_socket_ = IsSocket(rfd_);
   send_socket_ = wfd_ == rfd_ ? recv_socket_ : IsSocket(wfd_);
   if (send_socket_) TuneUnixSendBuffer(wfd_);
   // Appending replies to a queued sendmsg relies on the kernel copying the
   // msghdr and iovecs when it consumes the SQE, never later.
-  can_append_ = send_socket_ && (reactor_.ring()->features & IORING_FEAT_SUBMIT_STABLE);
+  can_append_ = send_socket_ && !tls_ && (reactor_.ring()->features & IORING_FEAT_SUBMIT_STABLE);
   ctx_.export_size = exp_.size;
   ctx_.tx_flags = exp_.tx_flags;
   ctx_.structured = exp_.structured;
   ctx_.base_allocation = exp_.base_allocation;
   ctx_.min_block = exp_.sizes.minimum;
-  ctx_.max_payload = exp_.sizes.maximum;
+  ctx_.max_payload = std::max(exp_.sizes.maximum, exp_.max_request);
   caps_ = use_->caps();
   rbuf_ = AlignedBuffer(limits_.recv_buffer);
   slots_.reserve(limits_.max_slots);
@@ -169,6 +170,19 @@ void Connection::stop_reading(const char* why) {
 void Connection::pump() {
   if (pumping_) return;
   pumping_ = true;
+  for (;;) {
+    parse();
+    // Over TLS, plaintext comes from the session's input, not from the ring.
+    if (!tls_ || !reading_ || paused_ || !tls_decrypt()) break;
+  }
+  pumping_ = false;
+  if (reading_ && !paused_) arm_recv();
+  // Decrypting may have staged records of its own (a TLS 1.3 KeyUpdate answer).
+  if (tls_ && tls_->has_staged()) kick_send();
+  maybe_finish();
+}
+
+void Connection::parse() {
   char* rb = rbuf_.data();
   while (reading_) {
     size_t avail = rend_ - rpos_;
@@ -205,24 +219,15 @@ void Connection::pump() {
     }
   }
   if (rpos_ == rend_) rpos_ = rend_ = 0;
-  pumping_ = false;
-  if (reading_ && !paused_) arm_recv();
-  maybe_finish();
 }
 
-void Connection::arm_recv() {
-  if (recv_in_flight_ || !reading_) return;
-  io_uring_sqe* sqe = reactor_.sqe(&recv_op_);
-  char* dest;
-  uint64_t len;
-  int flags = 0;
+void Connection::recv_target(char** dest, uint64_t* len, bool* direct) {
   if (rstate_ == RecvState::kPayload && rpos_ == rend_) {
     // The rest of a write payload goes straight into its aligned buffer.
     Slot* s = payload_slot_;
-    dest = s->data_buf.data() + (s->req.length - payload_left_);
-    len = payload_left_;
-    flags = MSG_WAITALL;
-    recv_direct_ = true;
+    *dest = s->data_buf.data() + (s->req.length - payload_left_);
+    *len = payload_left_;
+    *direct = true;
   } else {
     if (rpos_ > 0) {
       // Only a partial header (< 28 bytes) can be left here.
@@ -230,11 +235,61 @@ void Connection::arm_recv() {
       rend_ -= rpos_;
       rpos_ = 0;
     }
-    dest = rbuf_.data() + rend_;
-    len = rbuf_.capacity() - rend_;
-    recv_direct_ = false;
+    *dest = rbuf_.data() + rend_;
+    *len = rbuf_.capacity() - rend_;
+    *direct = false;
   }
-  len = std::min(len, kMaxRecv);
+  *len = std::min(*len, kMaxRecv);
+}
+
+void Connection::account_recv(uint64_t n, bool direct) {
+  if (direct) {
+    payload_left_ -= n;
+    if (payload_left_ == 0) payload_complete();
+  } else {
+    rend_ += static_cast<size_t>(n);
+  }
+}
+
+bool Connection::tls_decrypt() {
+  char* dest;
+  uint64_t len;
+  bool direct;
+  recv_target(&dest, &len, &direct);
+  if (len == 0) return false;
+  ssize_t n = tls_->recv(dest, len);
+  if (n > 0) {
+    account_recv(static_cast<uint64_t>(n), direct);
+    return true;
+  }
+  if (n == 0) {
+    stop_reading("client ended the TLS session");
+  } else if (n == TlsSession::kError) {
+    spdlog::debug("nbd: '{}': {}", exp_.name, tls_->error());
+    stop_reading("TLS error");
+  }
+  return false;  // kAgain: arm_recv() fetches more ciphertext
+}
+
+void Connection::arm_recv() {
+  if (recv_in_flight_ || !reading_) return;
+  char* dest;
+  uint64_t len;
+  int flags = 0;
+  if (tls_) {
+    size_t room = 0;
+    dest = tls_->input_space(&room);
+    len = std::min<uint64_t>(room, kMaxRecv);
+    recv_direct_ = false;
+    if (len == 0) {
+      stop_reading("TLS input buffer full");  // cannot happen: pump() drains it
+      return;
+    }
+  } else {
+    recv_target(&dest, &len, &recv_direct_);
+    if (recv_direct_) flags = MSG_WAITALL;
+  }
+  io_uring_sqe* sqe = reactor_.sqe(&recv_op_);
   if (recv_socket_) {
     io_uring_prep_recv(sqe, rfd_, dest, len, flags);
   } else {
@@ -264,11 +319,10 @@ void Connection::on_recv(int res) {
     maybe_finish();  // data that raced with a stop is dropped
     return;
   }
-  if (recv_direct_) {
-    payload_left_ -= static_cast<uint64_t>(res);
-    if (payload_left_ == 0) payload_complete();
+  if (tls_) {
+    tls_->commit_input(static_cast<size_t>(res));
   } else {
-    rend_ += static_cast<size_t>(res);
+    account_recv(static_cast<uint64_t>(res), recv_direct_);
   }
   pump();
 }
@@ -566,8 +620,7 @@ void Connection::enqueue(Slot* s) {
   kick_send();
 }
 
-void Connection::kick_send() {
-  if (send_in_flight_ || broken_ || !queue_head_) return;
+void Connection::gather_send() {
   send_niov_ = 0;
   send_nslots_ = 0;
   while (queue_head_ && send_niov_ + 3 <= kMaxIov && send_nslots_ < kMaxIov) {
@@ -578,6 +631,45 @@ void Connection::kick_send() {
     send_slots_[send_nslots_++] = s;
   }
   if (!queue_head_) queue_tail_ = nullptr;
+}
+
+void Connection::kick_send_tls() {
+  gather_send();
+  tls_plain_ = 0;
+  for (size_t i = 0; i < send_niov_ && tls_plain_ < kTlsBatch; ++i) {
+    size_t k = std::min<size_t>(iov_[i].iov_len, kTlsBatch - tls_plain_);
+    Status st = tls_->send(iov_[i].iov_base, k);
+    if (!st.ok()) {
+      spdlog::debug("nbd: '{}': {}", exp_.name, st.ToString());
+      for (size_t j = 0; j < send_nslots_; ++j) release_slot(send_slots_[j]);
+      send_nslots_ = send_niov_ = 0;
+      set_broken("TLS send error");
+      return;
+    }
+    tls_plain_ += k;
+  }
+  if (!tls_->start_flight()) return;  // nothing queued, nothing staged
+  submit_tls_flight();
+}
+
+void Connection::submit_tls_flight() {
+  io_uring_sqe* sqe = reactor_.sqe(&send_op_);
+  uint64_t len = std::min<uint64_t>(tls_->flight_left(), kMaxRecv);
+  char* p = const_cast<char*>(tls_->flight_data());
+  if (send_socket_) {
+    io_uring_prep_send(sqe, wfd_, p, len, MSG_NOSIGNAL | MSG_WAITALL);
+  } else {
+    io_uring_prep_write(sqe, wfd_, p, static_cast<unsigned>(len), static_cast<uint64_t>(-1));
+  }
+  io_uring_sqe_set_data(sqe, &send_op_);
+  send_in_flight_ = true;
+}
+
+void Connection::kick_send() {
+  if (send_in_flight_ || broken_) return;
+  if (tls_) return kick_send_tls();
+  if (!queue_head_) return;
+  gather_send();
   io_uring_sqe* sqe = reactor_.sqe(&send_op_);
   if (send_socket_) {
     msg_ = msghdr{};
@@ -596,6 +688,16 @@ void Connection::kick_send() {
 
 void Connection::on_send(int res) {
   send_in_flight_ = false;
+  if (tls_ && !broken_ && (res > 0 || res == -EAGAIN || res == -EINTR)) {
+    // The replies count as sent only once all their ciphertext is.
+    if (res > 0) tls_->flight_done(static_cast<size_t>(res));
+    if (tls_->flight_left() > 0) {
+      submit_tls_flight();
+      return;
+    }
+    res = static_cast<int>(tls_plain_);
+    tls_plain_ = 0;
+  }
   size_t n = send_nslots_;
   send_nslots_ = 0;
   send_niov_ = 0;
@@ -683,6 +785,13 @@ void Connection::maybe_finish() {
       use_->submit(reactor_, final_flush_);
     }
     return;
+  }
+  if (tls_ && !broken_ && !tls_bye_) {
+    // close_notify: the client sees a clean end of the session, not a cut.
+    tls_bye_ = true;
+    tls_->close_notify();
+    kick_send();
+    if (send_in_flight_) return;
   }
   close_now();
 }

@@ -13,6 +13,13 @@
 // Slots, buffers and the receive buffer are recycled: the steady state makes no
 // heap allocation and no syscall outside the ring.
 //
+// Over TLS (the client sent STARTTLS) the ring moves ciphertext: receives fill
+// the TlsSession's input buffer and pump() decrypts from it into the same
+// places plaintext would have gone (receive buffer or write payload); replies
+// are encrypted, up to kTlsBatch bytes at a time, into the session's flight
+// buffer, which one send carries. Encryption and decryption are memory work
+// on the reactor thread; GnuTLS never touches the socket.
+//
 // Closing: on NBD_CMD_DISC, end of stream, protocol error, begin_shutdown() or
 // a retired device, the connection stops reading, finishes the requests it has
 // read and sends their replies, flushes the device if it wrote anything, closes
@@ -106,6 +113,12 @@ class Connection {
 
   // Receive side.
   void pump();
+  void parse();
+  // Where received plaintext goes next: the receive buffer, or straight into
+  // a write payload (*direct).
+  void recv_target(char** dest, uint64_t* len, bool* direct);
+  void account_recv(uint64_t n, bool direct);
+  bool tls_decrypt();  // false: nothing more to decrypt now
   void arm_recv();
   void on_recv(int res);
   bool handle_request(const Request& r);  // false: cannot start now (no slot/budget)
@@ -126,6 +139,9 @@ class Connection {
   void reply_error(Slot* s, uint32_t error, const char* message);
   void enqueue(Slot* s);
   void kick_send();
+  void gather_send();
+  void kick_send_tls();
+  void submit_tls_flight();
   void append_to_send(Slot* s);
   void on_send(int res);
   void set_broken(const char* why);
@@ -143,6 +159,7 @@ class Connection {
   bool recv_socket_ = false;  // recv (socket) rather than read (pipe)
   bool send_socket_ = false;  // sendmsg (socket) rather than writev (pipe)
   NegotiatedExport exp_;
+  TlsSession* tls_ = nullptr;  // owned by exp_; null: plaintext
   BlockDevice::Use use_;
   TransmissionContext ctx_;
   ConnectionLimits limits_;
@@ -184,6 +201,9 @@ class Connection {
   msghdr msg_{};
   bool send_in_flight_ = false;
   bool broken_ = false;
+  static constexpr size_t kTlsBatch = 1u << 20;  // plaintext encrypted per send
+  uint64_t tls_plain_ = 0;                       // reply bytes the flight in progress carries
+  bool tls_bye_ = false;                         // close_notify staged
 
   // Durability and shutdown.
   uint64_t mutations_ = 0;         // completed writes/trims/zeroes

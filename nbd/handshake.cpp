@@ -45,6 +45,24 @@ Status HandshakeChannel::wait(int fd, short events) {
 }
 
 Status HandshakeChannel::read(void* buf, size_t n) {
+  if (!tls_) return raw_read(buf, n);
+  char* p = static_cast<char*>(buf);
+  while (n > 0) {
+    ssize_t r = tls_->recv(p, n);
+    if (r == TlsSession::kAgain) {
+      Status s = tls_fill();
+      if (!s.ok()) return s;
+      continue;
+    }
+    if (r == TlsSession::kError) return Status::IoError(tls_->error());
+    if (r == 0) return Status::IoError("client closed the TLS session during the handshake");
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return Status::Ok();
+}
+
+Status HandshakeChannel::raw_read(void* buf, size_t n) {
   char* p = static_cast<char*>(buf);
   while (n > 0) {
     Status s = wait(in_fd_, POLLIN);
@@ -72,7 +90,67 @@ Status HandshakeChannel::discard(size_t n) {
   return Status::Ok();
 }
 
-Status HandshakeChannel::write(const iovec* iov_in, int iovcnt) {
+Status HandshakeChannel::write(const iovec* iov, int iovcnt) {
+  if (!tls_) return raw_write(iov, iovcnt);
+  for (int i = 0; i < iovcnt; ++i) {
+    Status s = tls_->send(iov[i].iov_base, iov[i].iov_len);
+    if (!s.ok()) return s;
+  }
+  return tls_flush();
+}
+
+Status HandshakeChannel::tls_fill() {
+  // Whatever GnuTLS staged (a handshake flight, an alert) goes out before we
+  // wait for the answer to it.
+  Status s = tls_flush();
+  if (!s.ok()) return s;
+  for (;;) {
+    s = wait(in_fd_, POLLIN);
+    if (!s.ok()) return s;
+    size_t room = 0;
+    char* dst = tls_->input_space(&room);
+    if (room == 0) return Status::Internal("TLS input buffer full");
+    ssize_t r = in_socket_ ? ::recv(in_fd_, dst, room, MSG_DONTWAIT) : ::read(in_fd_, dst, room);
+    if (r < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
+      return Status::FromErrno(errno, "handshake read");
+    }
+    if (r == 0) return Status::IoError("client closed the connection during the handshake");
+    tls_->commit_input(static_cast<size_t>(r));
+    return Status::Ok();
+  }
+}
+
+Status HandshakeChannel::tls_flush() {
+  while (tls_->start_flight()) {
+    iovec v{const_cast<char*>(tls_->flight_data()), tls_->flight_left()};
+    Status s = raw_write(&v, 1);
+    tls_->flight_done(v.iov_len);
+    if (!s.ok()) return s;
+  }
+  return Status::Ok();
+}
+
+Status HandshakeChannel::start_tls(std::unique_ptr<TlsSession> session) {
+  tls_ = std::move(session);
+  for (;;) {
+    TlsSession::Progress p = tls_->handshake();
+    if (p == TlsSession::Progress::kDone) {
+      Status s = tls_flush();
+      if (!s.ok()) return s;
+      spdlog::debug("nbd: TLS established: {}", tls_->describe());
+      return Status::Ok();
+    }
+    if (p == TlsSession::Progress::kFailed) {
+      (void)tls_flush();  // the alert tells the client why
+      return Status::PermissionDenied(tls_->error());
+    }
+    Status s = tls_fill();
+    if (!s.ok()) return s;
+  }
+}
+
+Status HandshakeChannel::raw_write(const iovec* iov_in, int iovcnt) {
   iovec iov[8];
   if (iovcnt > 8) return Status::Internal("too many iovecs");
   std::memcpy(iov, iov_in, sizeof(iovec) * iovcnt);
@@ -119,8 +197,9 @@ namespace {
 // One negotiation: the state option haggling builds up.
 class Negotiation {
  public:
-  Negotiation(HandshakeChannel& ch, ExportResolver& resolver, uint32_t max_payload)
-      : ch_(ch), resolver_(resolver), max_payload_(max_payload) {}
+  Negotiation(HandshakeChannel& ch, ExportResolver& resolver, uint32_t max_payload,
+              const TlsPolicy& tls)
+      : ch_(ch), resolver_(resolver), max_payload_(max_payload), tls_(tls) {}
 
   Result<NegotiatedExport> run();
 
@@ -135,13 +214,16 @@ class Negotiation {
   Status handle_list(uint32_t option, const std::vector<uint8_t>& data);
   Status handle_meta(uint32_t option, const std::vector<uint8_t>& data);
   Status handle_export_name(const std::vector<uint8_t>& data);
+  Status handle_starttls(uint32_t option, const std::vector<uint8_t>& data);
   std::shared_ptr<BlockDevice> resolve(const std::string& name, std::string* why);
   void finish(std::shared_ptr<BlockDevice> dev, const std::string& name);
 
   HandshakeChannel& ch_;
   ExportResolver& resolver_;
   uint32_t max_payload_;
+  const TlsPolicy& tls_;
   bool no_zeroes_ = false;
+  bool asked_block_size_ = false;  // the GO listed NBD_INFO_BLOCK_SIZE
   bool structured_ = false;
   bool meta_selected_ = false;
   std::string meta_export_;
@@ -190,6 +272,9 @@ void Negotiation::finish(std::shared_ptr<BlockDevice> dev, const std::string& na
   result_.base_allocation_id = result_.base_allocation ? kBaseAllocationId : 0;
   result_.tx_flags = TransmissionFlags(caps, structured_);
   result_.sizes = ComputeBlockSizes(caps, max_payload_);
+  result_.max_request = asked_block_size_
+                            ? result_.sizes.maximum
+                            : std::max(result_.sizes.maximum, kUnnegotiatedMaxRequest);
   result_.device = std::move(dev);
   done_ = true;
 }
@@ -261,7 +346,11 @@ Status Negotiation::handle_info(uint32_t option, const std::vector<uint8_t>& dat
   }
   s = reply(option, kRepAck);
   if (!s.ok()) return s;
-  if (option == kOptGo) finish(dev, req.name);
+  if (option == kOptGo) {
+    asked_block_size_ = false;
+    for (uint16_t type : req.infos) asked_block_size_ |= type == kInfoBlockSize;
+    finish(dev, req.name);
+  }
   return Status::Ok();
 }
 
@@ -310,7 +399,39 @@ Status Negotiation::handle_meta(uint32_t option, const std::vector<uint8_t>& dat
   return reply(option, kRepAck);
 }
 
+Status Negotiation::handle_starttls(uint32_t option, const std::vector<uint8_t>& data) {
+  if (!data.empty()) return reply_error(option, kRepErrInvalid, "STARTTLS takes no data");
+  if (tls_.mode == TlsMode::kOff || !tls_.credentials) {
+    return reply_error(option, kRepErrUnsup, "TLS is not enabled on this listener");
+  }
+  if (ch_.tls()) return reply_error(option, kRepErrInvalid, "TLS is already negotiated");
+  auto session = TlsSession::CreateServer(*tls_.credentials);
+  if (!session.ok()) {
+    spdlog::warn("nbd: cannot start a TLS session: {}", session.status().ToString());
+    return reply_error(option, kRepErrPlatform, "TLS is unavailable");
+  }
+  Status s = reply(option, kRepAck);
+  if (!s.ok()) return s;
+  s = ch_.start_tls(std::move(session).value());
+  if (!s.ok()) return s;
+  // Nothing negotiated in plaintext survives the upgrade (CVE-2021-3716: a
+  // man in the middle could otherwise have chosen structured replies or
+  // metadata contexts the client never asked for).
+  structured_ = false;
+  meta_selected_ = false;
+  meta_export_.clear();
+  return Status::Ok();
+}
+
 Status Negotiation::handle(uint32_t option, const std::vector<uint8_t>& data) {
+  if (tls_.mode == TlsMode::kRequire && !ch_.tls() && option != kOptStartTls &&
+      option != kOptAbort) {
+    // EXPORT_NAME cannot carry an error: the spec says close.
+    if (option == kOptExportName) {
+      return Status::PermissionDenied("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only listener");
+    }
+    return reply_error(option, kRepErrTlsReqd, "TLS is required: upgrade with NBD_OPT_STARTTLS");
+  }
   switch (option) {
     case kOptExportName:
       return handle_export_name(data);
@@ -322,8 +443,7 @@ Status Negotiation::handle(uint32_t option, const std::vector<uint8_t>& data) {
     case kOptList:
       return handle_list(option, data);
     case kOptStartTls:
-      if (!data.empty()) return reply_error(option, kRepErrInvalid, "STARTTLS takes no data");
-      return reply_error(option, kRepErrUnsup, "TLS is not supported by this server");
+      return handle_starttls(option, data);
     case kOptInfo:
     case kOptGo:
       return handle_info(option, data);
@@ -387,14 +507,15 @@ Result<NegotiatedExport> Negotiation::run() {
     s = handle(option, data);
     if (!s.ok()) return s;
   }
+  result_.tls = ch_.take_tls();
   return std::move(result_);
 }
 
 }  // namespace
 
 Result<NegotiatedExport> Negotiate(HandshakeChannel& ch, ExportResolver& resolver,
-                                   uint32_t max_payload) {
-  Negotiation n(ch, resolver, max_payload);
+                                   uint32_t max_payload, const TlsPolicy& tls) {
+  Negotiation n(ch, resolver, max_payload, tls);
   return n.run();
 }
 

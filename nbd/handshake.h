@@ -5,9 +5,11 @@
 // silent or malicious client can never hold a thread beyond the timeout nor
 // delay server shutdown. Negotiate() implements the option haggling: GO, INFO,
 // EXPORT_NAME, LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT
-// (base:allocation); STARTTLS and unknown options are refused and haggling goes
-// on. It never reads past the end of the handshake, so the transmission phase
-// starts exactly at the client's first request.
+// (base:allocation), STARTTLS (as the listener's TlsPolicy says); unknown
+// options are refused and haggling goes on. It never reads past the end of the
+// handshake, so the transmission phase starts exactly at the client's first
+// request (after STARTTLS, whatever ciphertext and plaintext the channel's
+// TlsSession already holds goes with it to the transmission phase).
 //
 // Thread-safety: a channel belongs to one thread; Negotiate() only reaches the
 // resolver, which is thread-safe.
@@ -23,6 +25,8 @@
 #include "common/status.h"
 #include "engine/block_device.h"
 #include "nbd/options.h"
+#include "nbd/tls_config.h"
+#include "nbd/tls_session.h"
 
 namespace rpoint::nbd {
 
@@ -40,8 +44,20 @@ class HandshakeChannel {
   Status write(const iovec* iov, int iovcnt);
   Status write(const void* buf, size_t n);
 
+  // Runs the TLS handshake over the connection (after STARTTLS was
+  // acknowledged); from then on read() and write() go through the session.
+  Status start_tls(std::unique_ptr<TlsSession> session);
+  bool tls() const { return tls_ != nullptr; }
+  std::unique_ptr<TlsSession> take_tls() { return std::move(tls_); }
+
  private:
   Status wait(int fd, short events);
+  Status raw_read(void* buf, size_t n);
+  Status raw_write(const iovec* iov, int iovcnt);
+  // Receives whatever ciphertext is there (at least one byte) into the session.
+  Status tls_fill();
+  // Sends everything the session has staged.
+  Status tls_flush();
 
   int in_fd_;
   int out_fd_;
@@ -49,6 +65,7 @@ class HandshakeChannel {
   bool in_socket_;
   bool out_socket_;
   Clock::time_point deadline_;
+  std::unique_ptr<TlsSession> tls_;
 };
 
 // What the handshake agreed on; everything the transmission phase needs.
@@ -61,7 +78,18 @@ struct NegotiatedExport {
   uint32_t base_allocation_id = 0;
   uint16_t tx_flags = 0;
   BlockSizes sizes;
+  // Largest READ/WRITE/CACHE accepted: sizes.maximum for a client that asked
+  // for NBD_INFO_BLOCK_SIZE (it promised to honour it), else at least
+  // kUnnegotiatedMaxRequest.
+  uint32_t max_request = 0;
+  // Set when the client upgraded with STARTTLS: transmission runs over it.
+  std::unique_ptr<TlsSession> tls;
 };
+
+// Clients that never asked for block sizes (NBD_OPT_EXPORT_NAME, or GO without
+// NBD_INFO_BLOCK_SIZE) know nothing of our maximum; the kernel client and
+// nbd-tester-client send requests up to this size, which nbdkit accepts too.
+inline constexpr uint32_t kUnnegotiatedMaxRequest = 64u << 20;
 
 // Option data above this is refused with NBD_REP_ERR_TOO_BIG (after reading
 // it, up to kMaxSkippedOption; beyond that the connection is closed).
@@ -75,6 +103,6 @@ inline constexpr uint32_t kBaseAllocationId = 1;
 // vanished, protocol violation, unknown export with EXPORT_NAME, timeout,
 // cancellation).
 Result<NegotiatedExport> Negotiate(HandshakeChannel& ch, ExportResolver& resolver,
-                                   uint32_t max_payload);
+                                   uint32_t max_payload, const TlsPolicy& tls = {});
 
 }  // namespace rpoint::nbd

@@ -43,7 +43,7 @@ class NbdServerImpl final : public NbdServer {
       : resolver_(resolver), pool_(pool), opts_(options), stop_fd_(std::move(stop_fd)) {}
   ~NbdServerImpl() override { shutdown(); }
 
-  Status add_listener(UniqueFd fd) override;
+  Status add_listener(UniqueFd fd, nbd::TlsPolicy tls) override;
   void start() override;
   void shutdown() override;
   void serve_one(UniqueFd in_fd, UniqueFd out_fd) override;
@@ -59,11 +59,15 @@ class NbdServerImpl final : public NbdServer {
   };
 
   void accept_loop();
-  void accept_one(int listen_fd);
-  void run_handshake(UniqueFd fd, HandshakeThread* self);
+  struct ListenerEntry {
+    UniqueFd fd;
+    nbd::TlsPolicy tls;
+  };
+  void accept_one(const ListenerEntry& l);
+  void run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, HandshakeThread* self);
   // Negotiates on in/out; on success returns a registered connection on `reactor`.
   std::shared_ptr<Connection> negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
-                                        Connection::ClosedFn on_closed);
+                                        Connection::ClosedFn on_closed, const nbd::TlsPolicy& tls);
   void on_closed(Connection* c);
   void check_retired();
   bool wait_empty(std::chrono::milliseconds timeout);
@@ -72,7 +76,7 @@ class NbdServerImpl final : public NbdServer {
   ReactorPool& pool_;
   NbdServerOptions opts_;
   UniqueFd stop_fd_;  // eventfd, readable once shutdown begins (wakes every poll)
-  std::vector<UniqueFd> listeners_;
+  std::vector<ListenerEntry> listeners_;  // fixed once start() runs
   std::thread acceptor_;
   AcceptGuard accept_guard_{"nbd"};        // acceptor thread
   std::list<HandshakeThread> handshakes_;  // acceptor thread, then shutdown after joining it
@@ -85,15 +89,20 @@ class NbdServerImpl final : public NbdServer {
   std::unordered_map<Connection*, std::shared_ptr<Connection>> conns_;
 };
 
-Status NbdServerImpl::add_listener(UniqueFd fd) {
+Status NbdServerImpl::add_listener(UniqueFd fd, nbd::TlsPolicy tls) {
   if (!fd) return Status::InvalidArgument("invalid listening socket");
+  if (tls.mode != nbd::TlsMode::kOff && !tls.credentials) {
+    return Status::InvalidArgument("TLS mode '" + std::string(nbd::TlsModeName(tls.mode)) +
+                                   "' needs credentials");
+  }
+  if (acceptor_.joinable()) return Status::Internal("add_listener after start");
   // poll() says when to accept; a non-blocking listener never hangs on a
   // connection that vanished in between.
   int fl = fcntl(fd.get(), F_GETFL);
   if (fl < 0 || fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) < 0) {
     return Status::FromErrno(errno, "fcntl O_NONBLOCK on listener");
   }
-  listeners_.push_back(std::move(fd));
+  listeners_.push_back({std::move(fd), std::move(tls)});
   return Status::Ok();
 }
 
@@ -111,7 +120,7 @@ void NbdServerImpl::accept_loop() {
   for (;;) {
     pfds.clear();
     pfds.push_back({stop_fd_.get(), POLLIN, 0});
-    for (const UniqueFd& l : listeners_) pfds.push_back({l.get(), POLLIN, 0});
+    for (const ListenerEntry& l : listeners_) pfds.push_back({l.fd.get(), POLLIN, 0});
     int n = ::poll(pfds.data(), pfds.size(), kHousekeepingMs);
     if (n < 0 && errno != EINTR) {
       spdlog::error("nbd: poll on listeners: {}", std::strerror(errno));
@@ -120,7 +129,7 @@ void NbdServerImpl::accept_loop() {
     if (pfds[0].revents & POLLIN) break;
     if (n > 0) {
       for (size_t i = 1; i < pfds.size(); ++i) {
-        if (pfds[i].revents & POLLIN) accept_one(pfds[i].fd);
+        if (pfds[i].revents & POLLIN) accept_one(listeners_[i - 1]);
       }
     }
     // Reap finished handshake threads.
@@ -140,7 +149,9 @@ void NbdServerImpl::accept_loop() {
   }
 }
 
-void NbdServerImpl::accept_one(int listen_fd) {
+void NbdServerImpl::accept_one(const ListenerEntry& l) {
+  const int listen_fd = l.fd.get();
+  const nbd::TlsPolicy* tls = &l.tls;  // listeners_ outlives every handshake thread
   // Accept everything pending: a burst of clients (multi-conn) arrives together.
   for (int i = 0; i < 64; ++i) {
     UniqueFd fd(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
@@ -176,9 +187,9 @@ void NbdServerImpl::accept_one(int listen_fd) {
     HandshakeThread* h = &handshakes_.back();
     int raw = fd.release();
     try {
-      h->thread = std::thread([this, raw, h] {
+      h->thread = std::thread([this, raw, tls, h] {
         pthread_setname_np(pthread_self(), "nbd-handshake");
-        run_handshake(UniqueFd(raw), h);
+        run_handshake(UniqueFd(raw), tls, h);
       });
     } catch (const std::system_error& e) {
       // Out of threads: refuse this client rather than take the daemon down.
@@ -195,10 +206,10 @@ void NbdServerImpl::accept_one(int listen_fd) {
   }
 }
 
-void NbdServerImpl::run_handshake(UniqueFd fd, HandshakeThread* self) {
+void NbdServerImpl::run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, HandshakeThread* self) {
   Reactor& reactor = pool_.next();
-  std::shared_ptr<Connection> c =
-      negotiate(std::move(fd), UniqueFd(), reactor, [this](Connection* conn) { on_closed(conn); });
+  std::shared_ptr<Connection> c = negotiate(
+      std::move(fd), UniqueFd(), reactor, [this](Connection* conn) { on_closed(conn); }, *tls);
   if (c) reactor.post([c] { c->start(); });
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -209,19 +220,26 @@ void NbdServerImpl::run_handshake(UniqueFd fd, HandshakeThread* self) {
 }
 
 std::shared_ptr<Connection> NbdServerImpl::negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
-                                                     Connection::ClosedFn on_closed) {
-  auto deadline = std::chrono::steady_clock::now() +
-                  std::chrono::seconds(opts_.handshake_timeout_seconds);
+                                                     Connection::ClosedFn on_closed,
+                                                     const nbd::TlsPolicy& tls) {
+  auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(opts_.handshake_timeout_seconds);
   int in_fd = in.get();
   int out_fd = out.valid() ? out.get() : in_fd;
   nbd::HandshakeChannel ch(in_fd, out_fd, stop_fd_.get(), deadline);
-  auto r = nbd::Negotiate(ch, resolver_, opts_.max_payload);
+  auto r = nbd::Negotiate(ch, resolver_, opts_.max_payload, tls);
   if (!r.ok()) {
-    spdlog::debug("nbd: handshake ended: {}", r.status().ToString());
+    // A refused TLS client (wrong certificate or key) is worth an operator's eye.
+    if (r.status().code() == Code::kPermissionDenied) {
+      spdlog::info("nbd: client refused: {}", r.status().message());
+    } else {
+      spdlog::debug("nbd: handshake ended: {}", r.status().ToString());
+    }
     return nullptr;
   }
   nbd::ConnectionLimits limits;
-  limits.buffer_budget = std::max<size_t>(limits.buffer_budget, 2 * size_t{opts_.max_payload});
+  limits.buffer_budget = std::max<size_t>(
+      limits.buffer_budget, 2 * size_t{std::max(opts_.max_payload, nbd::kUnnegotiatedMaxRequest)});
   auto c = std::make_shared<Connection>(reactor, std::move(in), std::move(out),
                                         std::move(r).value(), limits, std::move(on_closed));
   std::lock_guard<std::mutex> lock(mu_);
@@ -316,10 +334,13 @@ void NbdServerImpl::serve_one(UniqueFd in_fd, UniqueFd out_fd) {
     spdlog::error("nbd: serve_one: {}", reactor.status().ToString());
   } else {
     Reactor* r = reactor->get();
-    c = negotiate(std::move(in_fd), std::move(out_fd), *r, [this, r](Connection* conn) {
-      on_closed(conn);
-      r->stop();
-    });
+    c = negotiate(
+        std::move(in_fd), std::move(out_fd), *r,
+        [this, r](Connection* conn) {
+          on_closed(conn);
+          r->stop();
+        },
+        nbd::TlsPolicy{});
   }
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -15,6 +15,7 @@
 #include "common/unique_fd.h"
 #include "engine/block_device.h"
 #include "engine/reactor.h"
+#include "nbd/tls_config.h"
 
 namespace rpoint {
 
@@ -33,8 +34,9 @@ class NbdServer {
   virtual ~NbdServer() = default;
 
   // Takes a socket that is already bound and listening (Unix or TCP; from
-  // socket activation or opened by the daemon).
-  virtual Status add_listener(UniqueFd listening_fd) = 0;
+  // socket activation or opened by the daemon). `tls` is what its clients may
+  // or must do (STARTTLS); its credentials are shared, loaded once.
+  virtual Status add_listener(UniqueFd listening_fd, nbd::TlsPolicy tls = {}) = 0;
   // Starts accepting on every listener.
   virtual void start() = 0;
   // Stops accepting, lets every connection finish the requests it has read,

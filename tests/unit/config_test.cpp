@@ -141,7 +141,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
   // A config naming every key in ConfigKeys() parses: no key is listed that the parser rejects.
   std::string text =
       "state_dir: /a\ndisks_dir: d\nmetadata_db: m\ncontrol: {socket: c, mode: '0600'}\n"
-      "nbd: {socket: n, mode: '0600', tcp: 'localhost:1'}\nlog: {level: warn}\n"
+      "nbd: {socket: n, mode: '0600', tcp: 'localhost:1', tls: allow, unix_tls: off}\n"
+      "tls: {dir: pki, psk_file: k.psk, verify_peer: false}\nlog: {level: warn}\n"
       "io: {queue_depth: 1, threads: 1, direct: false}\n"
       "regions: [{name: r, path: /r, default: true}]\n"
       "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\nstore: {open_packs: 16}\n"
@@ -162,7 +163,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
     bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
-                   k == "operations" || k == "store";
+                   k == "operations" || k == "store" || k == "tls";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
@@ -560,4 +561,36 @@ TEST_CASE("the example config/rpointd.yaml parses and documents every key") {
     INFO(key);
     CHECK(Contains(text, leaf + ":"));
   }
+}
+
+TEST_CASE("tls: nbd.tls defaults to require once tls is configured; Unix stays off") {
+  Config plain = Finalized("state_dir: /s\n");
+  CHECK(plain.nbd_tls == "off");
+  CHECK(plain.nbd_unix_tls == "off");
+  CHECK_FALSE(plain.tls.configured());
+  Config x = Finalized("state_dir: /s\ntls: {dir: pki}\n");
+  CHECK(x.tls.dir == "/s/pki");  // relative to state_dir
+  CHECK(x.tls.verify_peer);
+  CHECK(x.nbd_tls == "require");
+  CHECK(x.nbd_unix_tls == "off");
+  Config p =
+      Finalized("state_dir: /s\ntls: {psk_file: /k.psk}\nnbd: {tls: allow, unix_tls: require}\n");
+  CHECK(p.tls.psk_file == "/k.psk");
+  CHECK(p.nbd_tls == "allow");
+  CHECK(p.nbd_unix_tls == "require");
+  // The printed config parses back to the same thing.
+  Config again = Finalized(ConfigToYaml(p));
+  CHECK(again.nbd_tls == "allow");
+  CHECK(again.tls.psk_file == "/k.psk");
+}
+
+TEST_CASE("tls: bad modes and TLS without keys are errors naming the key") {
+  ExpectError("nbd:\n  tls: maybe\n", "2:8:", "nbd.tls", "off, allow or require");
+  ExpectError("tls: {verify_peer: perhaps}\n", "1:20:", "tls.verify_peer");
+  ExpectError("tls: {colour: red}\n", "1:7:", "tls.colour", "unknown key");
+  Config c = Parse("nbd:\n  unix_tls: require\n");
+  Status st = FinalizeConfig(c);
+  CHECK_FALSE(st.ok());
+  CHECK(
+      Contains(st.message(), "t.yaml:2:13: nbd.unix_tls: 'require' needs tls.dir or tls.psk_file"));
 }

@@ -468,7 +468,7 @@ class HandshakeHarness {
     ::shutdown(client_.get(), SHUT_WR);  // the server sees EOF after the script
     HandshakeChannel ch(server_.get(), server_.get(), -1,
                         std::chrono::steady_clock::now() + std::chrono::seconds(5));
-    auto r = Negotiate(ch, resolver_, 32u << 20);
+    auto r = Negotiate(ch, resolver_, 32u << 20, tls_);
     server_.reset();  // the client reads everything, then EOF
     std::vector<uint8_t> all;
     uint8_t buf[65536];
@@ -507,6 +507,7 @@ class HandshakeHarness {
   }
   const std::vector<uint8_t>& out() const { return out_; }
   FakeResolver resolver_;
+  TlsPolicy tls_;
 
  private:
   UniqueFd server_, client_;
@@ -625,6 +626,52 @@ TEST_CASE("handshake: errors keep haggling going") {
   CHECK(reps[11].type == kRepAck);
   CHECK(reps[12].option == kOptAbort);
   CHECK(reps[12].type == kRepAck);
+}
+
+TEST_CASE("handshake: a TLS-only listener answers plaintext options with TLS_REQD") {
+  HandshakeHarness h;
+  h.tls_.mode = TlsMode::kRequire;  // no credentials needed to refuse
+  h.queue(kOptGo, InfoData("disk"));
+  h.queue(kOptInfo, InfoData("disk"));
+  h.queue(kOptList);
+  h.queue(kOptStructuredReply);
+  h.queue(kOptListMetaContext, MetaData("disk", {}));
+  h.queue(0x12345);
+  h.queue(kOptAbort);
+  CHECK_FALSE(h.run().ok());
+  auto reps = h.replies();
+  REQUIRE(reps.size() == 7);
+  for (size_t i = 0; i < 6; ++i) {
+    INFO(i);
+    CHECK(reps[i].type == kRepErrTlsReqd);
+  }
+  CHECK(reps[6].type == kRepAck);
+  // EXPORT_NAME cannot be refused with an error: the connection is closed.
+  HandshakeHarness e;
+  e.tls_.mode = TlsMode::kRequire;
+  e.queue(kOptExportName, {'d', 'i', 's', 'k'});
+  auto r = e.run();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == Code::kPermissionDenied);
+  CHECK(e.out().size() == kGreetingSize);  // nothing but the greeting
+}
+
+TEST_CASE("handshake: clients that never asked for block sizes may send 64 MiB") {
+  HandshakeHarness a;
+  a.queue(kOptGo, InfoData("disk", {kInfoBlockSize}));
+  auto ra = a.run();
+  REQUIRE(ra.ok());
+  CHECK(ra.value().max_request == 32u << 20);
+  HandshakeHarness b;
+  b.queue(kOptGo, InfoData("disk"));
+  auto rb = b.run();
+  REQUIRE(rb.ok());
+  CHECK(rb.value().max_request == kUnnegotiatedMaxRequest);
+  HandshakeHarness c;
+  c.queue(kOptExportName, {'d', 'i', 's', 'k'});
+  auto rc = c.run();
+  REQUIRE(rc.ok());
+  CHECK(rc.value().max_request == kUnnegotiatedMaxRequest);
 }
 
 TEST_CASE("handshake: list meta contexts") {
