@@ -25,6 +25,7 @@ namespace {
 constexpr unsigned kMaxQueueDepth = 32768;  // IORING_MAX_ENTRIES
 constexpr unsigned kMaxThreads = 1024;
 constexpr unsigned kMaxHookTimeout = 3600;  // a freeze longer than an hour is a hung guest
+constexpr unsigned kMaxGrantSeconds = 365u * 86400;  // an access grant of a year at most
 
 // Thrown inside this file only (never across its interface): it lets the
 // recursive walk below stop at the first error without threading a Status
@@ -388,7 +389,16 @@ class Parser {
               }},
              {"regions", [&](const Item& it) { Regions(it); }},
              {"adopt_paths", [&](const Item& it) { AdoptPaths(it); }},
-             {"consistency", [&](const Item& it) { Consistency(it); }}});
+             {"consistency", [&](const Item& it) { Consistency(it); }},
+             {"access",
+              [&](const Item& it) {
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"listener", [&](const Item& x) { c.access.listener = String(x); }},
+                         {"host", [&](const Item& x) { c.access.host = String(x); }},
+                         {"max_duration_seconds", [&](const Item& x) {
+                            c.access.max_duration_seconds = Unsigned(x, 1, kMaxGrantSeconds);
+                          }}});
+              }}});
   }
 
  private:
@@ -517,6 +527,19 @@ Status FinalizeConfig(Config& c) {
     if (c.nbd_tcp->host.empty()) return KeyError(c, "nbd.tcp", "needs a host");
     if (c.nbd_tcp->port == 0) return KeyError(c, "nbd.tcp", "port must be from 1 to 65535");
   }
+  if (c.access.listener.empty()) c.access.listener = c.nbd_tcp ? "tcp" : "unix";
+  if (c.access.listener != "tcp" && c.access.listener != "unix") {
+    return KeyError(c, "access.listener",
+                    "must be 'tcp' or 'unix', got '" + c.access.listener + "'");
+  }
+  if (c.access.listener == "tcp" && !c.nbd_tcp) {
+    return KeyError(c, "access.listener", "is 'tcp' but there is no TCP listener (nbd.tcp)");
+  }
+  if (c.access.host.empty() && c.nbd_tcp) c.access.host = c.nbd_tcp->host;
+  if (c.access.max_duration_seconds < 1 || c.access.max_duration_seconds > kMaxGrantSeconds) {
+    return KeyError(c, "access.max_duration_seconds",
+                    "must be a whole number from 1 to " + std::to_string(kMaxGrantSeconds));
+  }
   spdlog::level::level_enum level;
   if (Status st = ParseLogLevel(c.log_level, &level); !st.ok()) return KeyError(c, "log.level", st.message());
   if (c.io_queue_depth < 1 || c.io_queue_depth > kMaxQueueDepth) {
@@ -630,6 +653,11 @@ std::string ConfigToYaml(const Config& c) {
     out << YAML::EndMap;
   }
   out << YAML::EndMap;
+  out << YAML::Key << "access" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "listener" << YAML::Value << c.access.listener;
+  out << YAML::Key << "host" << YAML::Value << YAML::DoubleQuoted << c.access.host;
+  out << YAML::Key << "max_duration_seconds" << YAML::Value << c.access.max_duration_seconds;
+  out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }
@@ -641,7 +669,8 @@ const std::vector<std::string>& ConfigKeys() {
       "io.threads",    "io.direct",      "regions",      "regions[].name",  "regions[].path",
       "regions[].default", "tracking_dir", "staging_dir", "consistency.hook_timeout_seconds",
       "consistency.freeze", "consistency.thaw", "consistency.vms", "consistency.vms.{vm}",
-      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths"};
+      "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths",
+      "access.listener", "access.host", "access.max_duration_seconds"};
   return kKeys;
 }
 

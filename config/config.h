@@ -54,6 +54,18 @@ struct ConsistencyConfig {
   std::map<std::string, VmHooks> vms;
 };
 
+// The `access:` block: the URIs access grants (beginGetAccess) hand out.
+struct AccessConfig {
+  // Which NBD listener grant URIs name when a request does not say: "tcp"
+  // (nbd[s]://host:port/TOKEN) or "unix" (nbd+unix:///TOKEN?socket=PATH).
+  // FinalizeConfig: "tcp" when nbd.tcp is set, else "unix".
+  std::string listener;
+  // The host in TCP grant URIs, as clients reach it. FinalizeConfig: nbd.tcp's
+  // host (set it when that is a wildcard such as 0.0.0.0).
+  std::string host;
+  uint64_t max_duration_seconds = 7 * 86400;  // the longest durationInSeconds granted
+};
+
 struct Config {
   std::string state_dir = "/var/lib/rpointd";
   std::string control_socket;           // default: <state_dir>/control.sock
@@ -82,6 +94,7 @@ struct Config {
   // allows everything; [] refuses adoption. rpointd's own directories are
   // refused whatever this says.
   std::vector<std::string> adopt_paths = {"/dev", "/srv/vm-images", "/var/lib/libvirt/images"};
+  AccessConfig access;
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").

@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "control/access_handlers.h"
 #include "control/disk_handlers.h"
 #include "control/http_connection.h"
 #include "control/operation_handlers.h"
@@ -45,7 +46,8 @@ class ControlServerImpl final : public ControlServer, public HttpConnectionOwner
     AddDiskRoutes(router_, disks, restore);
     AddVmRoutes(router_, restore);
     AddRestorePointRoutes(router_, restore);
-    AddOperationRoutes(router_, restore);
+    AddOperationRoutes(router_, restore, options_.access_grants);
+    if (options_.access_grants) AddAccessRoutes(router_, *options_.access_grants);
   }
 
   ~ControlServerImpl() override { stop(); }

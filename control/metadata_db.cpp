@@ -108,6 +108,19 @@ const char* const kMigrations[] = {
     R"sql(
     ALTER TABLE tracking_bases ADD COLUMN retained INTEGER NOT NULL DEFAULT 0;
     )sql",
+    // 5: access grants (restore/access_grants.h): the SHA-256 of each token,
+    // never the token; point_time binds a grant to the point it was made for.
+    R"sql(
+    CREATE TABLE access_grants (
+      token_sha256  TEXT PRIMARY KEY NOT NULL,
+      collection    TEXT NOT NULL,
+      restore_point TEXT NOT NULL,
+      disk          TEXT NOT NULL,
+      point_time    TEXT NOT NULL,
+      expiry_ms     INTEGER NOT NULL,
+      UNIQUE (collection, restore_point, disk)
+    );
+    )sql",
 };
 
 constexpr int kLatest = static_cast<int>(std::size(kMigrations));

@@ -145,7 +145,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "regions: [{name: r, path: /r, default: true}]\n"
       "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\n"
       "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: "
-      "b}}}\n";
+      "b}}}\n"
+      "access: {listener: tcp, host: h, max_duration_seconds: 60}\n";
   Config c = Parse(text);
   for (const std::string& key : ConfigKeys()) {
     std::string k = key;
@@ -159,7 +160,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     std::string k = key;
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
-    bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency";
+    bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
+                   k == "access";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
