@@ -395,6 +395,7 @@ class Parser {
                 WalkMap(it.value, MarkOf(it), it.path,
                         {{"listener", [&](const Item& x) { c.access.listener = String(x); }},
                          {"host", [&](const Item& x) { c.access.host = String(x); }},
+                         {"tcp_grants_only", [&](const Item& x) { c.access.tcp_grants_only = Bool(x); }},
                          {"max_duration_seconds", [&](const Item& x) {
                             c.access.max_duration_seconds = Unsigned(x, 1, kMaxGrantSeconds);
                           }}});
@@ -657,6 +658,7 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "listener" << YAML::Value << c.access.listener;
   out << YAML::Key << "host" << YAML::Value << YAML::DoubleQuoted << c.access.host;
   out << YAML::Key << "max_duration_seconds" << YAML::Value << c.access.max_duration_seconds;
+  out << YAML::Key << "tcp_grants_only" << YAML::Value << c.access.tcp_grants_only;
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
@@ -670,7 +672,7 @@ const std::vector<std::string>& ConfigKeys() {
       "regions[].default", "tracking_dir", "staging_dir", "consistency.hook_timeout_seconds",
       "consistency.freeze", "consistency.thaw", "consistency.vms", "consistency.vms.{vm}",
       "consistency.vms.{vm}.freeze", "consistency.vms.{vm}.thaw", "adopt_paths",
-      "access.listener", "access.host", "access.max_duration_seconds"};
+      "access.listener", "access.host", "access.max_duration_seconds", "access.tcp_grants_only"};
   return kKeys;
 }
 

@@ -64,6 +64,9 @@ struct AccessConfig {
   // host (set it when that is a wildcard such as 0.0.0.0).
   std::string host;
   uint64_t max_duration_seconds = 7 * 86400;  // the longest durationInSeconds granted
+  // The TCP listener serves access grant tokens only: no disk, no point by
+  // its name, nothing listed (the Unix socket still serves everything).
+  bool tcp_grants_only = false;
 };
 
 struct Config {

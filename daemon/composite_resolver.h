@@ -48,4 +48,23 @@ class CompositeResolver final : public ExportResolver {
   ExportResolver& grants_;
 };
 
+// What a listener serving only access grants resolves (access.tcp_grants_only):
+// tokens, nothing listed, every other name refused as such.
+class GrantsOnlyResolver final : public ExportResolver {
+ public:
+  explicit GrantsOnlyResolver(ExportResolver& grants) : grants_(grants) {}
+
+  std::shared_ptr<BlockDevice> find_export(const std::string& name) override {
+    return AccessGrants::IsTokenName(name) ? grants_.find_export(name) : nullptr;
+  }
+  Refusal refuse(const std::string& name) override {
+    if (AccessGrants::IsTokenName(name)) return grants_.refuse(name);
+    return {"this listener serves only access grant tokens (beginGetAccess)", {}};
+  }
+  std::vector<ExportInfo> list_exports() override { return {}; }
+
+ private:
+  ExportResolver& grants_;
+};
+
 }  // namespace rpoint

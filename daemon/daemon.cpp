@@ -264,6 +264,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
       AccessGrants::Open(AccessOptions(config, nbd_listeners), *restore.value());
   if (!grants.ok()) return fail("access grants", grants.status());
   CompositeResolver exports(*disks.value(), restore.value()->exports(), grants.value()->exports());
+  GrantsOnlyResolver grants_only(grants.value()->exports());
   unsigned threads = config.io_threads ? config.io_threads : UsableCpus();
   Result<std::unique_ptr<ReactorPool>> pool = ReactorPool::Create(threads, config.io_queue_depth);
   if (!pool.ok()) return fail("reactor pool", pool.status());
@@ -278,7 +279,12 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   std::vector<std::string> nbd_addresses;
   for (auto& l : nbd_listeners) {
     nbd_addresses.push_back(l.address + (l.activated ? " (from systemd)" : ""));
-    if (Status st = nbd.value()->add_listener(std::move(l.fd)); !st.ok()) return fail("NBD listener", st);
+    ExportResolver* only =
+        config.access.tcp_grants_only && !IsUnixSocket(l.fd.get()) ? &grants_only : nullptr;
+    if (only) nbd_addresses.back() += " (access grants only)";
+    if (Status st = nbd.value()->add_listener(std::move(l.fd), only); !st.ok()) {
+      return fail("NBD listener", st);
+    }
   }
   std::string control_address = control_listener->address + (control_listener->activated ? " (from systemd)" : "");
   if (Status st = control.value()->add_listener(std::move(control_listener->fd)); !st.ok()) {

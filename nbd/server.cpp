@@ -42,7 +42,7 @@ class NbdServerImpl final : public NbdServer {
       : resolver_(resolver), pool_(pool), opts_(options), stop_fd_(std::move(stop_fd)) {}
   ~NbdServerImpl() override { shutdown(); }
 
-  Status add_listener(UniqueFd fd) override;
+  Status add_listener(UniqueFd fd, ExportResolver* resolver) override;
   void start() override;
   void shutdown() override;
   void serve_one(UniqueFd in_fd, UniqueFd out_fd) override;
@@ -58,11 +58,11 @@ class NbdServerImpl final : public NbdServer {
   };
 
   void accept_loop();
-  void accept_one(int listen_fd);
-  void run_handshake(UniqueFd fd, HandshakeThread* self);
+  void accept_one(int listen_fd, ExportResolver& resolver);
+  void run_handshake(UniqueFd fd, ExportResolver& resolver, HandshakeThread* self);
   // Negotiates on in/out; on success returns a registered connection on `reactor`.
   std::shared_ptr<Connection> negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
-                                        Connection::ClosedFn on_closed);
+                                        ExportResolver& resolver, Connection::ClosedFn on_closed);
   void on_closed(Connection* c);
   void check_retired();
   bool wait_empty(std::chrono::milliseconds timeout);
@@ -72,6 +72,7 @@ class NbdServerImpl final : public NbdServer {
   NbdServerOptions opts_;
   UniqueFd stop_fd_;  // eventfd, readable once shutdown begins (wakes every poll)
   std::vector<UniqueFd> listeners_;
+  std::vector<ExportResolver*> listener_resolvers_;  // per listener, same order
   std::thread acceptor_;
   std::list<HandshakeThread> handshakes_;  // acceptor thread, then shutdown after joining it
 
@@ -83,7 +84,7 @@ class NbdServerImpl final : public NbdServer {
   std::unordered_map<Connection*, std::shared_ptr<Connection>> conns_;
 };
 
-Status NbdServerImpl::add_listener(UniqueFd fd) {
+Status NbdServerImpl::add_listener(UniqueFd fd, ExportResolver* resolver) {
   if (!fd) return Status::InvalidArgument("invalid listening socket");
   // poll() says when to accept; a non-blocking listener never hangs on a
   // connection that vanished in between.
@@ -92,6 +93,7 @@ Status NbdServerImpl::add_listener(UniqueFd fd) {
     return Status::FromErrno(errno, "fcntl O_NONBLOCK on listener");
   }
   listeners_.push_back(std::move(fd));
+  listener_resolvers_.push_back(resolver ? resolver : &resolver_);
   return Status::Ok();
 }
 
@@ -118,7 +120,7 @@ void NbdServerImpl::accept_loop() {
     if (pfds[0].revents & POLLIN) break;
     if (n > 0) {
       for (size_t i = 1; i < pfds.size(); ++i) {
-        if (pfds[i].revents & POLLIN) accept_one(pfds[i].fd);
+        if (pfds[i].revents & POLLIN) accept_one(pfds[i].fd, *listener_resolvers_[i - 1]);
       }
     }
     // Reap finished handshake threads.
@@ -138,7 +140,7 @@ void NbdServerImpl::accept_loop() {
   }
 }
 
-void NbdServerImpl::accept_one(int listen_fd) {
+void NbdServerImpl::accept_one(int listen_fd, ExportResolver& resolver) {
   // Accept everything pending: a burst of clients (multi-conn) arrives together.
   for (int i = 0; i < 64; ++i) {
     UniqueFd fd(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
@@ -173,9 +175,9 @@ void NbdServerImpl::accept_one(int listen_fd) {
     HandshakeThread* h = &handshakes_.back();
     int raw = fd.release();
     try {
-      h->thread = std::thread([this, raw, h] {
+      h->thread = std::thread([this, raw, h, &resolver] {
         pthread_setname_np(pthread_self(), "nbd-handshake");
-        run_handshake(UniqueFd(raw), h);
+        run_handshake(UniqueFd(raw), resolver, h);
       });
     } catch (const std::system_error& e) {
       // Out of threads: refuse this client rather than take the daemon down.
@@ -192,10 +194,10 @@ void NbdServerImpl::accept_one(int listen_fd) {
   }
 }
 
-void NbdServerImpl::run_handshake(UniqueFd fd, HandshakeThread* self) {
+void NbdServerImpl::run_handshake(UniqueFd fd, ExportResolver& resolver, HandshakeThread* self) {
   Reactor& reactor = pool_.next();
-  std::shared_ptr<Connection> c =
-      negotiate(std::move(fd), UniqueFd(), reactor, [this](Connection* conn) { on_closed(conn); });
+  std::shared_ptr<Connection> c = negotiate(std::move(fd), UniqueFd(), reactor, resolver,
+                                            [this](Connection* conn) { on_closed(conn); });
   if (c) reactor.post([c] { c->start(); });
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -206,13 +208,14 @@ void NbdServerImpl::run_handshake(UniqueFd fd, HandshakeThread* self) {
 }
 
 std::shared_ptr<Connection> NbdServerImpl::negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
+                                                     ExportResolver& resolver,
                                                      Connection::ClosedFn on_closed) {
   auto deadline = std::chrono::steady_clock::now() +
                   std::chrono::seconds(opts_.handshake_timeout_seconds);
   int in_fd = in.get();
   int out_fd = out.valid() ? out.get() : in_fd;
   nbd::HandshakeChannel ch(in_fd, out_fd, stop_fd_.get(), deadline);
-  auto r = nbd::Negotiate(ch, resolver_, opts_.max_payload);
+  auto r = nbd::Negotiate(ch, resolver, opts_.max_payload);
   if (!r.ok()) {
     spdlog::debug("nbd: handshake ended: {}", r.status().ToString());
     return nullptr;
@@ -313,7 +316,7 @@ void NbdServerImpl::serve_one(UniqueFd in_fd, UniqueFd out_fd) {
     spdlog::error("nbd: serve_one: {}", reactor.status().ToString());
   } else {
     Reactor* r = reactor->get();
-    c = negotiate(std::move(in_fd), std::move(out_fd), *r, [this, r](Connection* conn) {
+    c = negotiate(std::move(in_fd), std::move(out_fd), *r, resolver_, [this, r](Connection* conn) {
       on_closed(conn);
       r->stop();
     });

@@ -33,8 +33,10 @@ class NbdServer {
   virtual ~NbdServer() = default;
 
   // Takes a socket that is already bound and listening (Unix or TCP; from
-  // socket activation or opened by the daemon).
-  virtual Status add_listener(UniqueFd listening_fd) = 0;
+  // socket activation or opened by the daemon). Its clients resolve names
+  // through `resolver` when given (it must outlive the server), else the
+  // server's own: a listener can serve a subset of the exports.
+  virtual Status add_listener(UniqueFd listening_fd, ExportResolver* resolver = nullptr) = 0;
   // Starts accepting on every listener.
   virtual void start() = 0;
   // Stops accepting, lets every connection finish the requests it has read,

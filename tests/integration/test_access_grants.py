@@ -413,3 +413,31 @@ def test_grants_survive_a_restart(point):
     d.start()
     assert REFUSED in refused(uri3)
     grant(d, 60)  # a fresh grant, not a 409: the expired one is gone
+
+
+def test_tcp_listener_serving_only_grants(make_daemon):
+    require("nbdinfo")
+    port = free_port()
+    d = make_daemon(config_text=f"nbd: {{tcp: '127.0.0.1:{port}'}}\n"
+                                "access: {tcp_grants_only: true}\n").start()
+    d.create_disk("a", MiB)
+    d.create_vm("web", ["a"])
+    d.create_collection("c", "web")
+    d.create_restore_point("c", "rp1")
+    tcp = f"nbd://127.0.0.1:{port}"
+    # Nothing listed, no disk and no point by its name on TCP...
+    r = subprocess.run(["nbdinfo", "--list", tcp + "/"], capture_output=True, text=True,
+                       timeout=60)
+    assert "c/rp1/a" not in r.stdout and '"a"' not in r.stdout, r.stdout
+    for name in ["a", "c/rp1/a"]:
+        assert "serves only access grant tokens" in refused(f"{tcp}/{name}")
+    # ...but a grant's URI works there, and the Unix socket serves everything.
+    uri, _, _ = grant(d, 60)
+    assert uri.startswith(tcp + "/")
+    h = connect(uri)
+    assert h.get_size() == MiB
+    h.shutdown()
+    for name in ["a", "c/rp1/a"]:
+        h = connect(d.nbd_uri(name))
+        h.shutdown()
+    assert d.stop() == 0

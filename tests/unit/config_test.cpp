@@ -146,7 +146,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\n"
       "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: "
       "b}}}\n"
-      "access: {listener: tcp, host: h, max_duration_seconds: 60}\n";
+      "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n";
   Config c = Parse(text);
   for (const std::string& key : ConfigKeys()) {
     std::string k = key;
