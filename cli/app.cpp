@@ -22,6 +22,7 @@ const std::vector<Command>& Commands() {
     AddDiskCommands(t);
     AddVmCommands(t);
     AddRestorePointCommands(t);
+    AddAccessCommands(t);
     AddOperationCommands(t);
     AddDaemonCommands(t);
     return t;

@@ -58,6 +58,7 @@ const std::vector<Command>& Commands();
 void AddDiskCommands(std::vector<Command>& table);
 void AddVmCommands(std::vector<Command>& table);
 void AddRestorePointCommands(std::vector<Command>& table);  // collection, restore-point, region
+void AddAccessCommands(std::vector<Command>& table);        // access grant|revoke
 void AddOperationCommands(std::vector<Command>& table);
 void AddDaemonCommands(std::vector<Command>& table);
 

@@ -28,6 +28,7 @@ constexpr unsigned kMaxOpenPacks = 65536;
 constexpr unsigned kMaxHookTimeout = 3600;  // a freeze longer than an hour is a hung guest
 constexpr unsigned kMaxOperationRetention = 366u * 86400u;  // a year
 constexpr unsigned kMaxOperationCount = 1000000;
+constexpr unsigned kMaxGrantSeconds = 365u * 86400;  // an access grant of a year at most
 
 // Thrown inside this file only (never across its interface): it lets the
 // recursive walk below stop at the first error without threading a Status
@@ -421,6 +422,16 @@ class Parser {
                         {{"retention_seconds",
                           [&](const Item& x) { o.retention_seconds = Unsigned(x, 1, kMaxOperationRetention); }},
                          {"max_count", [&](const Item& x) { o.max_count = Unsigned(x, 1, kMaxOperationCount); }}});
+              }},
+             {"access",
+              [&](const Item& it) {
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"listener", [&](const Item& x) { c.access.listener = String(x); }},
+                         {"host", [&](const Item& x) { c.access.host = String(x); }},
+                         {"tcp_grants_only", [&](const Item& x) { c.access.tcp_grants_only = Bool(x); }},
+                         {"max_duration_seconds", [&](const Item& x) {
+                            c.access.max_duration_seconds = Unsigned(x, 1, kMaxGrantSeconds);
+                          }}});
               }}});
   }
 
@@ -571,6 +582,19 @@ Status FinalizeConfig(Config& c) {
     if (c.nbd_tcp->host.empty()) return KeyError(c, "nbd.tcp", "needs a host");
     if (c.nbd_tcp->port == 0) return KeyError(c, "nbd.tcp", "port must be from 1 to 65535");
   }
+  if (c.access.listener.empty()) c.access.listener = c.nbd_tcp ? "tcp" : "unix";
+  if (c.access.listener != "tcp" && c.access.listener != "unix") {
+    return KeyError(c, "access.listener",
+                    "must be 'tcp' or 'unix', got '" + c.access.listener + "'");
+  }
+  if (c.access.listener == "tcp" && !c.nbd_tcp) {
+    return KeyError(c, "access.listener", "is 'tcp' but there is no TCP listener (nbd.tcp)");
+  }
+  if (c.access.host.empty() && c.nbd_tcp) c.access.host = c.nbd_tcp->host;
+  if (c.access.max_duration_seconds < 1 || c.access.max_duration_seconds > kMaxGrantSeconds) {
+    return KeyError(c, "access.max_duration_seconds",
+                    "must be a whole number from 1 to " + std::to_string(kMaxGrantSeconds));
+  }
   spdlog::level::level_enum level;
   if (Status st = ParseLogLevel(c.log_level, &level); !st.ok()) return KeyError(c, "log.level", st.message());
   if (c.io_queue_depth < 1 || c.io_queue_depth > kMaxQueueDepth) {
@@ -698,6 +722,12 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "retention_seconds" << YAML::Value << c.operations.retention_seconds;
   out << YAML::Key << "max_count" << YAML::Value << c.operations.max_count;
   out << YAML::EndMap;
+  out << YAML::Key << "access" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "listener" << YAML::Value << c.access.listener;
+  out << YAML::Key << "host" << YAML::Value << YAML::DoubleQuoted << c.access.host;
+  out << YAML::Key << "max_duration_seconds" << YAML::Value << c.access.max_duration_seconds;
+  out << YAML::Key << "tcp_grants_only" << YAML::Value << c.access.tcp_grants_only;
+  out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }
@@ -741,6 +771,10 @@ const std::vector<std::string>& ConfigKeys() {
       "tls.dir",
       "tls.psk_file",
       "tls.verify_peer",
+      "access.listener",
+      "access.host",
+      "access.max_duration_seconds",
+      "access.tcp_grants_only",
   };
   return kKeys;
 }

@@ -69,6 +69,21 @@ struct TlsFileConfig {
   bool configured() const { return !dir.empty() || !psk_file.empty(); }
 };
 
+// The `access:` block: the URIs access grants (beginGetAccess) hand out.
+struct AccessConfig {
+  // Which NBD listener grant URIs name when a request does not say: "tcp"
+  // (nbd[s]://host:port/TOKEN) or "unix" (nbd+unix:///TOKEN?socket=PATH).
+  // FinalizeConfig: "tcp" when nbd.tcp is set, else "unix".
+  std::string listener;
+  // The host in TCP grant URIs, as clients reach it. FinalizeConfig: nbd.tcp's
+  // host (set it when that is a wildcard such as 0.0.0.0).
+  std::string host;
+  uint64_t max_duration_seconds = 7 * 86400;  // the longest durationInSeconds granted
+  // The TCP listener serves access grant tokens only: no disk, no point by
+  // its name, nothing listed (the Unix socket still serves everything).
+  bool tcp_grants_only = false;
+};
+
 struct Config {
   std::string state_dir = "/var/lib/rpointd";
   std::string control_socket;           // default: <state_dir>/control.sock
@@ -108,6 +123,7 @@ struct Config {
   // Pack files the daemon keeps open, all regions together (store/pack_cache.h):
   // packs nobody reads beyond this are closed, least recently used first.
   unsigned store_open_packs = 128;
+  AccessConfig access;
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/accept_guard.h"
+#include "control/access_handlers.h"
 #include "control/disk_handlers.h"
 #include "control/http_connection.h"
 #include "control/operation_handlers.h"
@@ -46,7 +47,8 @@ class ControlServerImpl final : public ControlServer, public HttpConnectionOwner
     AddDiskRoutes(router_, disks, restore);
     AddVmRoutes(router_, restore);
     AddRestorePointRoutes(router_, restore);
-    AddOperationRoutes(router_, restore);
+    AddOperationRoutes(router_, restore, options_.access_grants);
+    if (options_.access_grants) AddAccessRoutes(router_, *options_.access_grants);
   }
 
   ~ControlServerImpl() override { stop(); }

@@ -19,6 +19,7 @@
 namespace rpoint {
 
 class RestoreService;
+class AccessGrants;
 
 struct ControlServerOptions {
   std::string version;  // daemon version, reported by GET /
@@ -34,6 +35,8 @@ struct ControlServerOptions {
   unsigned idle_timeout_seconds = 60;
   // A request must arrive completely, and its response drain, within this long.
   unsigned request_timeout_seconds = 30;
+  // beginGetAccess/endGetAccess routes when set (outlives the server).
+  AccessGrants* access_grants = nullptr;
 };
 
 class ControlServer {

@@ -1,6 +1,7 @@
 #include "control/operation_handlers.h"
 
 #include "control/handler_common.h"
+#include "restore/access_grants.h"
 
 namespace rpoint {
 
@@ -16,10 +17,13 @@ bool PlausibleId(const std::string& id) {
   return true;
 }
 
-HttpResponse GetOperation(RestoreService& svc, const RequestContext& ctx) {
+HttpResponse GetOperation(RestoreService& svc, AccessGrants* grants, const RequestContext& ctx) {
   const std::string& id = ctx.params[0];
   if (!PlausibleId(id)) {
     return ErrorResponse(Status::NotFound("operation '" + id + "' not found"));
+  }
+  if (grants) {
+    if (auto g = grants->get_operation(id)) return JsonResponse(200, OperationToJson(*g));
   }
   auto op = svc.get_operation(id);
   if (!op.ok()) return ErrorResponse(op.status());
@@ -55,11 +59,11 @@ nlohmann::ordered_json OperationToJson(const OperationRecord& op) {
   return j;
 }
 
-void AddOperationRoutes(Router& router, RestoreService& restore) {
+void AddOperationRoutes(Router& router, RestoreService& restore, AccessGrants* grants) {
   RestoreService* svc = &restore;
   router.add("GET", "/operations", [svc](const RequestContext&) { return ListOperations(*svc); });
   router.add("GET", "/operations/{id}",
-             [svc](const RequestContext& c) { return GetOperation(*svc, c); });
+             [svc, grants](const RequestContext& c) { return GetOperation(*svc, grants, c); });
 }
 
 }  // namespace rpoint

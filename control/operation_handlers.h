@@ -12,7 +12,11 @@
 
 namespace rpoint {
 
-void AddOperationRoutes(Router& router, RestoreService& restore);
+class AccessGrants;
+
+// `grants` (may be null) answers its BeginGetAccess operations, which it keeps
+// in memory only (their output holds a token).
+void AddOperationRoutes(Router& router, RestoreService& restore, AccessGrants* grants = nullptr);
 
 // {"id": "/operations/ID", "name", "status", "startTime", ["endTime"],
 //  "percentComplete", ["error"], "properties": {"kind", "resourceId", ["output"]}}

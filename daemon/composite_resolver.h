@@ -1,10 +1,12 @@
 // CompositeResolver: the one ExportResolver the NBD server sees, over the
-// managed disks (export name = disk name) and the restore points' read-only
-// exports ("{collection}/{restorePoint}/{disk}"). Disk names cannot contain
-// '/', so a name with one goes to the restore points and any other to the
-// disks: neither side can shadow the other.
+// managed disks (export name = disk name), the restore points' read-only
+// exports ("{collection}/{restorePoint}/{disk}") and access grants (a 64-hex
+// token, restore/access_grants.h). Disk names cannot contain '/' and are at
+// most 63 characters, so a name with a '/' goes to the restore points, a
+// token-shaped one to the grants and any other to the disks: none can shadow
+// another.
 //
-// Thread-safety: as safe as the two resolvers (both are safe from any thread).
+// Thread-safety: as safe as the resolvers (all are safe from any thread).
 #pragma once
 
 #include <memory>
@@ -12,19 +14,22 @@
 #include <vector>
 
 #include "engine/block_device.h"
+#include "restore/access_grants.h"
 
 namespace rpoint {
 
 class CompositeResolver final : public ExportResolver {
  public:
-  CompositeResolver(ExportResolver& disks, ExportResolver& restore_points)
-      : disks_(disks), restore_points_(restore_points) {}
+  CompositeResolver(ExportResolver& disks, ExportResolver& restore_points, ExportResolver& grants)
+      : disks_(disks), restore_points_(restore_points), grants_(grants) {}
 
   std::shared_ptr<BlockDevice> find_export(const std::string& name) override {
-    return name.find('/') == std::string::npos ? disks_.find_export(name)
-                                               : restore_points_.find_export(name);
+    return of(name).find_export(name);
   }
 
+  Refusal refuse(const std::string& name) override { return of(name).refuse(name); }
+
+  // Grants are never listed: their names are secrets.
   std::vector<ExportInfo> list_exports() override {
     std::vector<ExportInfo> all = disks_.list_exports();
     for (auto& e : restore_points_.list_exports()) all.push_back(std::move(e));
@@ -32,8 +37,34 @@ class CompositeResolver final : public ExportResolver {
   }
 
  private:
+  ExportResolver& of(const std::string& name) {
+    if (name.find('/') != std::string::npos) return restore_points_;
+    if (AccessGrants::IsTokenName(name)) return grants_;
+    return disks_;
+  }
+
   ExportResolver& disks_;
   ExportResolver& restore_points_;
+  ExportResolver& grants_;
+};
+
+// What a listener serving only access grants resolves (access.tcp_grants_only):
+// tokens, nothing listed, every other name refused as such.
+class GrantsOnlyResolver final : public ExportResolver {
+ public:
+  explicit GrantsOnlyResolver(ExportResolver& grants) : grants_(grants) {}
+
+  std::shared_ptr<BlockDevice> find_export(const std::string& name) override {
+    return AccessGrants::IsTokenName(name) ? grants_.find_export(name) : nullptr;
+  }
+  Refusal refuse(const std::string& name) override {
+    if (AccessGrants::IsTokenName(name)) return grants_.refuse(name);
+    return {"this listener serves only access grant tokens (beginGetAccess)", {}};
+  }
+  std::vector<ExportInfo> list_exports() override { return {}; }
+
+ private:
+  ExportResolver& grants_;
 };
 
 }  // namespace rpoint

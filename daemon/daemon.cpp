@@ -24,6 +24,7 @@
 #include "daemon/state_dir.h"
 #include "engine/reactor.h"
 #include "nbd/server.h"
+#include "restore/access_grants.h"
 #include "restore/restore_service.h"
 
 namespace rpoint {
@@ -127,6 +128,32 @@ DiskServiceOptions DiskOptions(const Config& config) {
                      config.tracking_dir, config.staging_dir};
   for (const RegionConfig& r : config.regions) o.reserved_dirs.push_back(r.path);
   o.adopt_paths = config.adopt_paths;
+  return o;
+}
+
+// Where access grant URIs point: the configured TCP address (host from
+// access.host) or the first TCP socket systemd passed, and the Unix socket.
+AccessGrantOptions AccessOptions(const Config& config, const std::vector<Listener>& listeners) {
+  AccessGrantOptions o;
+  o.metadata_db = config.metadata_db;
+  o.default_listener = config.access.listener;
+  o.max_duration_seconds = config.access.max_duration_seconds;
+  // A listener that speaks TLS (nbd.tls, nbd.unix_tls: allow or require)
+  // gets nbds:// URIs, so a client never sends the token in the clear there.
+  o.tcp_tls = !config.nbd_tls.empty() && config.nbd_tls != "off";
+  o.unix_tls = !config.nbd_unix_tls.empty() && config.nbd_unix_tls != "off";
+  if (config.nbd_tcp) {
+    TcpAddress a = *config.nbd_tcp;
+    if (!config.access.host.empty()) a.host = config.access.host;
+    o.tcp_address = FormatTcpAddress(a);
+  }
+  for (const Listener& l : listeners) {
+    const bool is_unix = l.address.rfind("unix:", 0) == 0;
+    if (is_unix && o.unix_socket.empty()) o.unix_socket = l.address.substr(5);
+    if (!is_unix && o.tcp_address.empty() && l.address.rfind("tcp:", 0) == 0) {
+      o.tcp_address = l.address.substr(4);
+    }
+  }
   return o;
 }
 
@@ -237,7 +264,11 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   if (!disks.ok()) return fail("disk service", disks.status());
   Result<std::unique_ptr<RestoreService>> restore = RestoreService::Open(RestoreOptions(config), *disks.value());
   if (!restore.ok()) return fail("restore point service", restore.status());
-  CompositeResolver exports(*disks.value(), restore.value()->exports());
+  Result<std::unique_ptr<AccessGrants>> grants =
+      AccessGrants::Open(AccessOptions(config, nbd_listeners), *restore.value());
+  if (!grants.ok()) return fail("access grants", grants.status());
+  CompositeResolver exports(*disks.value(), restore.value()->exports(), grants.value()->exports());
+  GrantsOnlyResolver grants_only(grants.value()->exports());
   unsigned threads = config.io_threads ? config.io_threads : UsableCpus();
   Result<std::unique_ptr<ReactorPool>> pool = ReactorPool::Create(threads, config.io_queue_depth);
   if (!pool.ok()) return fail("reactor pool", pool.status());
@@ -245,6 +276,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   if (!nbd.ok()) return fail("NBD server", nbd.status());
   ControlServerOptions control_options;
   control_options.version = options.version;
+  control_options.access_grants = grants.value().get();
   Result<std::unique_ptr<ControlServer>> control = ControlServer::Create(*disks.value(), *restore.value(), control_options);
   if (!control.ok()) return fail("control server", control.status());
 
@@ -266,7 +298,10 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
     nbd_addresses.push_back(l.address + (l.activated ? " (from systemd)" : "") +
                             (tls.mode == nbd::TlsMode::kOff ? "" : std::string(" (TLS ") +
                                                                        nbd::TlsModeName(tls.mode) + ")"));
-    if (Status st = nbd.value()->add_listener(std::move(l.fd), tls); !st.ok()) {
+    ExportResolver* only =
+        config.access.tcp_grants_only && !IsUnixSocket(l.fd.get()) ? &grants_only : nullptr;
+    if (only) nbd_addresses.back() += " (access grants only)";
+    if (Status st = nbd.value()->add_listener(std::move(l.fd), tls, only); !st.ok()) {
       return fail("NBD listener", st);
     }
   }
@@ -310,6 +345,8 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   disks.value()->sync_all();
   control.value().reset();
   nbd.value().reset();  // its connections hold restore point exports
+  grants.value()->shutdown();
+  grants.value().reset();   // its sweeper asks the restore service about points
   restore.value().reset();  // its point devices post to the reactors
   pool.value().reset();
   disks.value().reset();

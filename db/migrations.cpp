@@ -145,6 +145,19 @@ const char* const kMetadataMigrations[] = {
     -- A copy of a point of another collection (another region) names it.
     ALTER TABLE restore_points ADD COLUMN source_restore_point TEXT NOT NULL DEFAULT '';
     )sql",
+    // 6: access grants (restore/access_grants.h): the SHA-256 of each token,
+    // never the token; point_time binds a grant to the point it was made for.
+    R"sql(
+    CREATE TABLE access_grants (
+      token_sha256  TEXT PRIMARY KEY NOT NULL,
+      collection    TEXT NOT NULL,
+      restore_point TEXT NOT NULL,
+      disk          TEXT NOT NULL,
+      point_time    TEXT NOT NULL,
+      expiry_ms     INTEGER NOT NULL,
+      UNIQUE (collection, restore_point, disk)
+    );
+    )sql",
 };
 
 // store.db. Version 1 is the layout regions had before store.db was

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -154,6 +155,15 @@ class ExportResolver {
     std::string description;
   };
   virtual std::vector<ExportInfo> list_exports() = 0;
+
+  // What a transport tells a client whose name find_export() did not know,
+  // and how long it waits first (repeated wrong access tokens are slowed).
+  // The message must not echo a secret name back (nor into the logs).
+  struct Refusal {
+    std::string message;
+    std::chrono::milliseconds delay{0};
+  };
+  virtual Refusal refuse(const std::string& name) { return {"unknown export '" + name + "'", {}}; }
 };
 
 }  // namespace rpoint

@@ -469,6 +469,10 @@ void Connection::submit(Slot* s) {
 void Connection::on_io_done(Slot* s, int result) {
   --io_in_flight_;
   const Request& r = s->req;
+  // A device retired while the read ran (a revoked or expired access grant, a
+  // deleted point or disk) sends no more data: its bytes are no longer the
+  // client's to have.
+  if (result == 0 && r.type == kCmdRead && use_->retired()) result = -EACCES;
   if (result == 0) {
     if (IsMutation(r.type)) ++mutations_;
     if (r.type == kCmdFlush) flushed_mutations_ = std::max(flushed_mutations_, s->flush_mark);

@@ -79,6 +79,18 @@ Status HandshakeChannel::raw_read(void* buf, size_t n) {
   return Status::Ok();
 }
 
+Status HandshakeChannel::pause(std::chrono::milliseconds how_long) {
+  const Clock::time_point until = std::min(deadline_, Clock::now() + how_long);
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now());
+    if (left.count() <= 0) return Status::Ok();
+    pollfd p{cancel_fd_, POLLIN, 0};
+    int n = ::poll(&p, cancel_fd_ >= 0 ? 1 : 0, static_cast<int>(left.count()));
+    if (n < 0 && errno != EINTR) return Status::FromErrno(errno, "poll");
+    if (n > 0) return Status::Shutdown("server shutting down");
+  }
+}
+
 Status HandshakeChannel::discard(size_t n) {
   char scratch[4096];
   while (n > 0) {
@@ -255,7 +267,11 @@ std::shared_ptr<BlockDevice> Negotiation::resolve(const std::string& name, std::
   }
   std::shared_ptr<BlockDevice> dev = resolver_.find_export(name);
   if (!dev || dev->retired()) {
-    *why = "unknown export '" + name + "'";
+    // The resolver words the refusal (an access token is never echoed) and
+    // may slow it down; the wait ends early on shutdown or the deadline.
+    ExportResolver::Refusal r = resolver_.refuse(name);
+    *why = std::move(r.message);
+    if (r.delay.count() > 0) (void)ch_.pause(r.delay);
     return nullptr;
   }
   return dev;
@@ -263,7 +279,9 @@ std::shared_ptr<BlockDevice> Negotiation::resolve(const std::string& name, std::
 
 void Negotiation::finish(std::shared_ptr<BlockDevice> dev, const std::string& name) {
   DeviceCaps caps = dev->caps();
-  result_.name = name;
+  // The device's name, not the one asked for: the transmission phase logs it,
+  // and an access grant's export is asked for by its secret token.
+  result_.name = dev->name();
   result_.size = dev->size();
   result_.structured = structured_;
   // Contexts selected for another export do not carry over (the spec requires

@@ -38,6 +38,9 @@ class HandshakeChannel {
 
   // Reads exactly n bytes. Errors: peer closed, timeout, cancelled, I/O error.
   Status read(void* buf, size_t n);
+  // Waits (the thread, never a reactor) until how_long passed, the deadline
+  // or cancellation, whichever comes first.
+  Status pause(std::chrono::milliseconds how_long);
   // Reads and drops n bytes.
   Status discard(size_t n);
   // Writes every byte of the iovecs.

@@ -43,7 +43,7 @@ class NbdServerImpl final : public NbdServer {
       : resolver_(resolver), pool_(pool), opts_(options), stop_fd_(std::move(stop_fd)) {}
   ~NbdServerImpl() override { shutdown(); }
 
-  Status add_listener(UniqueFd fd, nbd::TlsPolicy tls) override;
+  Status add_listener(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver* resolver) override;
   void start() override;
   void shutdown() override;
   void serve_one(UniqueFd in_fd, UniqueFd out_fd) override;
@@ -62,12 +62,15 @@ class NbdServerImpl final : public NbdServer {
   struct ListenerEntry {
     UniqueFd fd;
     nbd::TlsPolicy tls;
+    ExportResolver* resolver;  // never null: the listener's or the server's own
   };
   void accept_one(const ListenerEntry& l);
-  void run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, HandshakeThread* self);
+  void run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, ExportResolver& resolver,
+                     HandshakeThread* self);
   // Negotiates on in/out; on success returns a registered connection on `reactor`.
   std::shared_ptr<Connection> negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
-                                        Connection::ClosedFn on_closed, const nbd::TlsPolicy& tls);
+                                        ExportResolver& resolver, Connection::ClosedFn on_closed,
+                                        const nbd::TlsPolicy& tls);
   void on_closed(Connection* c);
   void check_retired();
   bool wait_empty(std::chrono::milliseconds timeout);
@@ -89,7 +92,7 @@ class NbdServerImpl final : public NbdServer {
   std::unordered_map<Connection*, std::shared_ptr<Connection>> conns_;
 };
 
-Status NbdServerImpl::add_listener(UniqueFd fd, nbd::TlsPolicy tls) {
+Status NbdServerImpl::add_listener(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver* resolver) {
   if (!fd) return Status::InvalidArgument("invalid listening socket");
   if (tls.mode != nbd::TlsMode::kOff && !tls.credentials) {
     return Status::InvalidArgument("TLS mode '" + std::string(nbd::TlsModeName(tls.mode)) +
@@ -102,7 +105,7 @@ Status NbdServerImpl::add_listener(UniqueFd fd, nbd::TlsPolicy tls) {
   if (fl < 0 || fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) < 0) {
     return Status::FromErrno(errno, "fcntl O_NONBLOCK on listener");
   }
-  listeners_.push_back({std::move(fd), std::move(tls)});
+  listeners_.push_back({std::move(fd), std::move(tls), resolver ? resolver : &resolver_});
   return Status::Ok();
 }
 
@@ -152,6 +155,7 @@ void NbdServerImpl::accept_loop() {
 void NbdServerImpl::accept_one(const ListenerEntry& l) {
   const int listen_fd = l.fd.get();
   const nbd::TlsPolicy* tls = &l.tls;  // listeners_ outlives every handshake thread
+  ExportResolver& resolver = *l.resolver;
   // Accept everything pending: a burst of clients (multi-conn) arrives together.
   for (int i = 0; i < 64; ++i) {
     UniqueFd fd(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
@@ -187,9 +191,9 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
     HandshakeThread* h = &handshakes_.back();
     int raw = fd.release();
     try {
-      h->thread = std::thread([this, raw, tls, h] {
+      h->thread = std::thread([this, raw, tls, h, &resolver] {
         pthread_setname_np(pthread_self(), "nbd-handshake");
-        run_handshake(UniqueFd(raw), tls, h);
+        run_handshake(UniqueFd(raw), tls, resolver, h);
       });
     } catch (const std::system_error& e) {
       // Out of threads: refuse this client rather than take the daemon down.
@@ -206,10 +210,12 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
   }
 }
 
-void NbdServerImpl::run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, HandshakeThread* self) {
+void NbdServerImpl::run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, ExportResolver& resolver,
+                                  HandshakeThread* self) {
   Reactor& reactor = pool_.next();
   std::shared_ptr<Connection> c = negotiate(
-      std::move(fd), UniqueFd(), reactor, [this](Connection* conn) { on_closed(conn); }, *tls);
+      std::move(fd), UniqueFd(), reactor, resolver, [this](Connection* conn) { on_closed(conn); },
+      *tls);
   if (c) reactor.post([c] { c->start(); });
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -220,6 +226,7 @@ void NbdServerImpl::run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, Handsh
 }
 
 std::shared_ptr<Connection> NbdServerImpl::negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
+                                                     ExportResolver& resolver,
                                                      Connection::ClosedFn on_closed,
                                                      const nbd::TlsPolicy& tls) {
   auto deadline =
@@ -227,7 +234,7 @@ std::shared_ptr<Connection> NbdServerImpl::negotiate(UniqueFd in, UniqueFd out, 
   int in_fd = in.get();
   int out_fd = out.valid() ? out.get() : in_fd;
   nbd::HandshakeChannel ch(in_fd, out_fd, stop_fd_.get(), deadline);
-  auto r = nbd::Negotiate(ch, resolver_, opts_.max_payload, tls);
+  auto r = nbd::Negotiate(ch, resolver, opts_.max_payload, tls);
   if (!r.ok()) {
     // A refused TLS client (wrong certificate or key) is worth an operator's eye.
     if (r.status().code() == Code::kPermissionDenied) {
@@ -335,7 +342,7 @@ void NbdServerImpl::serve_one(UniqueFd in_fd, UniqueFd out_fd) {
   } else {
     Reactor* r = reactor->get();
     c = negotiate(
-        std::move(in_fd), std::move(out_fd), *r,
+        std::move(in_fd), std::move(out_fd), *r, resolver_,
         [this, r](Connection* conn) {
           on_closed(conn);
           r->stop();

@@ -35,8 +35,12 @@ class NbdServer {
 
   // Takes a socket that is already bound and listening (Unix or TCP; from
   // socket activation or opened by the daemon). `tls` is what its clients may
-  // or must do (STARTTLS); its credentials are shared, loaded once.
-  virtual Status add_listener(UniqueFd listening_fd, nbd::TlsPolicy tls = {}) = 0;
+  // or must do (STARTTLS); its credentials are shared, loaded once. Its
+  // clients resolve names through `resolver` when given (it must outlive the
+  // server), else the server's own: a listener can serve a subset of the
+  // exports.
+  virtual Status add_listener(UniqueFd listening_fd, nbd::TlsPolicy tls = {},
+                              ExportResolver* resolver = nullptr) = 0;
   // Starts accepting on every listener.
   virtual void start() = 0;
   // Stops accepting, lets every connection finish the requests it has read,

@@ -148,7 +148,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "tracking_dir: t\nstaging_dir: s\nadopt_paths: [/img]\nstore: {open_packs: 16}\n"
       "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: "
       "b}}}\n"
-      "operations: {retention_seconds: 60, max_count: 5}\n";
+      "operations: {retention_seconds: 60, max_count: 5}\n"
+      "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n";
   Config c = Parse(text);
   for (const std::string& key : ConfigKeys()) {
     std::string k = key;
@@ -163,7 +164,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
     bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
-                   k == "operations" || k == "store" || k == "tls";
+                   k == "operations" || k == "store" || k == "tls" || k == "access";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
