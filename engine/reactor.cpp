@@ -83,6 +83,23 @@ void Reactor::run_posted() {
   for (auto& fn : batch) fn();
 }
 
+void Reactor::at_idle(IdleHook* hook) {
+  // Rarely more than one or two hooks an iteration: a scan beats a set.
+  for (IdleHook* h : idle_hooks_) {
+    if (h == hook) return;
+  }
+  idle_hooks_.push_back(hook);
+}
+
+void Reactor::run_idle_hooks() {
+  if (idle_hooks_.empty()) return;
+  // Hooks armed while these run belong to the next iteration. Swapping two
+  // vectors keeps their capacity: no allocation in the steady state.
+  running_hooks_.swap(idle_hooks_);
+  for (IdleHook* h : running_hooks_) h->before_wait();
+  running_hooks_.clear();
+}
+
 void Reactor::run() {
   loop_thread_.store(std::this_thread::get_id());
   SetReactorThread(true);  // debug builds check that nothing here blocks
@@ -95,6 +112,7 @@ void Reactor::run() {
   } done[kBatch];
   run_posted();
   while (!stopping_.load(std::memory_order_relaxed)) {
+    run_idle_hooks();
     int rc = io_uring_submit_and_wait(&ring_, 1);
     if (rc < 0 && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN) {
       spdlog::critical("reactor {}: io_uring_submit_and_wait: {}", name_, std::strerror(-rc));
@@ -118,6 +136,7 @@ void Reactor::run() {
   }
   // Give posted work (e.g. shutdown messages) a last chance to run.
   run_posted();
+  run_idle_hooks();
   SetReactorThread(false);
 }
 

@@ -49,6 +49,21 @@ class Reactor {
   // Loop thread only. The SQE is submitted on the next loop iteration.
   io_uring_sqe* sqe(Op* op);
 
+  // Something to run once at the end of the current loop iteration, just
+  // before the thread submits its SQEs and sleeps (e.g. waking a helper thread
+  // once for everything the iteration queued to it, instead of once per
+  // request). Loop thread only; the same hook armed twice in one iteration
+  // runs once; one armed while hooks run, in the next iteration. The hook
+  // must outlive the iteration.
+  class IdleHook {
+   public:
+    virtual void before_wait() = 0;
+
+   protected:
+    ~IdleHook() = default;
+  };
+  void at_idle(IdleHook* hook);
+
   // Runs the loop on the calling thread until stop(); that thread becomes the loop thread.
   void run();
   // Runs fn on the loop thread soon. Any thread; safe before run() starts.
@@ -64,6 +79,7 @@ class Reactor {
   Reactor(std::string name);
   void arm_wakeup();
   void run_posted();
+  void run_idle_hooks();
 
   std::string name_;
   io_uring ring_{};
@@ -71,6 +87,8 @@ class Reactor {
   UniqueFd wake_fd_;
   uint64_t wake_buf_ = 0;
   std::unique_ptr<WakeOp> wake_op_;
+  std::vector<IdleHook*> idle_hooks_;     // loop thread only
+  std::vector<IdleHook*> running_hooks_;  // loop thread only
   std::atomic<bool> stopping_{false};
   std::atomic<std::thread::id> loop_thread_{};
   std::mutex posted_mu_;
