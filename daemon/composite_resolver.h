@@ -21,8 +21,15 @@ class CompositeResolver final : public ExportResolver {
       : disks_(disks), restore_points_(restore_points) {}
 
   std::shared_ptr<BlockDevice> find_export(const std::string& name) override {
-    return name.find('/') == std::string::npos ? disks_.find_export(name)
-                                               : restore_points_.find_export(name);
+    return side(name).find_export(name);
+  }
+
+  std::vector<std::string> meta_contexts(const std::string& export_name) override {
+    return side(export_name).meta_contexts(export_name);
+  }
+  std::shared_ptr<MetaContext> open_meta_context(const std::string& export_name,
+                                                 const std::string& name) override {
+    return side(export_name).open_meta_context(export_name, name);
   }
 
   std::vector<ExportInfo> list_exports() override {
@@ -32,6 +39,10 @@ class CompositeResolver final : public ExportResolver {
   }
 
  private:
+  ExportResolver& side(const std::string& name) {
+    return name.find('/') == std::string::npos ? disks_ : restore_points_;
+  }
+
   ExportResolver& disks_;
   ExportResolver& restore_points_;
 };

@@ -5,8 +5,8 @@
 // silent or malicious client can never hold a thread beyond the timeout nor
 // delay server shutdown. Negotiate() implements the option haggling: GO, INFO,
 // EXPORT_NAME, LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT
-// (base:allocation); STARTTLS and unknown options are refused and haggling goes
-// on. It never reads past the end of the handshake, so the transmission phase
+// (base:allocation and the resolver's rpoint: contexts); STARTTLS and unknown options are refused
+// and haggling goes on. It never reads past the end of the handshake, so the transmission phase
 // starts exactly at the client's first request.
 //
 // Thread-safety: a channel belongs to one thread; Negotiate() only reaches the
@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "engine/block_device.h"
@@ -59,6 +60,8 @@ struct NegotiatedExport {
   bool structured = false;
   bool base_allocation = false;  // base:allocation selected for this export
   uint32_t base_allocation_id = 0;
+  // Further contexts selected (rpoint:changed:...), context id kFirstContextId + i.
+  std::vector<std::shared_ptr<MetaContext>> contexts;
   uint16_t tx_flags = 0;
   BlockSizes sizes;
 };
@@ -69,6 +72,8 @@ inline constexpr uint32_t kMaxOptionData = 64u << 10;
 inline constexpr uint32_t kMaxSkippedOption = 1u << 20;
 // Metadata context ID handed out for base:allocation.
 inline constexpr uint32_t kBaseAllocationId = 1;
+// IDs of the resolver's contexts (NegotiatedExport::contexts) start here.
+inline constexpr uint32_t kFirstContextId = 2;
 
 // Runs the whole negotiation. On success the connection is in transmission
 // phase. On any error the caller closes the connection (client aborted or
