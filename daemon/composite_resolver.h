@@ -27,6 +27,14 @@ class CompositeResolver final : public ExportResolver {
     return of(name).find_export(name);
   }
 
+  std::vector<std::string> meta_contexts(const std::string& export_name) override {
+    return of(export_name).meta_contexts(export_name);
+  }
+  std::shared_ptr<MetaContext> open_meta_context(const std::string& export_name,
+                                                 const std::string& name) override {
+    return of(export_name).open_meta_context(export_name, name);
+  }
+
   Refusal refuse(const std::string& name) override { return of(name).refuse(name); }
 
   // Grants are never listed: their names are secrets.

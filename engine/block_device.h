@@ -35,6 +35,22 @@ struct Extent {
   uint32_t flags = 0;
 };
 
+// A metadata context beyond base:allocation (NBD "Metadata querying"), e.g.
+// rpoint:changed:{collection}/{point}: maps a range of its export to extents
+// whose flags are the context's own (kDirty for rpoint:changed).
+// Thread-safety: extents() is safe from any thread but synchronous (tree
+// walks, SQLite): never call it on a reactor thread.
+class MetaContext {
+ public:
+  static constexpr uint32_t kDirty = 1;  // rpoint:changed: the block differs
+  virtual ~MetaContext() = default;
+  virtual const std::string& name() const = 0;
+  // Map of [offset, offset+length): at most max_extents entries, adjacent ones
+  // of equal flags merged, covering at least one byte.
+  virtual Result<std::vector<Extent>> extents(uint64_t offset, uint64_t length,
+                                              size_t max_extents) = 0;
+};
+
 // Request flags (a bit set).
 enum IoFlags : uint32_t {
   kIoFua = 1u << 0,       // write/zero/trim durable before completion
@@ -59,6 +75,11 @@ class IoRequest : public Reactor::Op {
   // one byte on success; the device clears it first).
   size_t max_extents = 0;
   std::vector<Extent> extents;
+  // kBlockStatus: further contexts to map (owned by the caller, who keeps them
+  // alive until on_done); the device answers each into context_extents[i], or
+  // fails the request. Only devices that answer contexts are ever given any.
+  const std::vector<std::shared_ptr<MetaContext>>* contexts = nullptr;
+  std::vector<std::vector<Extent>> context_extents;
 
   virtual void on_done(int result) = 0;
 
@@ -164,6 +185,22 @@ class ExportResolver {
     std::chrono::milliseconds delay{0};
   };
   virtual Refusal refuse(const std::string& name) { return {"unknown export '" + name + "'", {}}; }
+
+  // Metadata contexts beyond base:allocation. Called on handshake threads
+  // (blocking allowed). meta_contexts: every context name `export_name`
+  // offers (for LIST_META_CONTEXT). open_meta_context: the context `name` of
+  // the export ready to answer, or nullptr when it does not offer it (SET
+  // then omits it, as the spec asks).
+  virtual std::vector<std::string> meta_contexts(const std::string& export_name) {
+    (void)export_name;
+    return {};
+  }
+  virtual std::shared_ptr<MetaContext> open_meta_context(const std::string& export_name,
+                                                         const std::string& name) {
+    (void)export_name;
+    (void)name;
+    return nullptr;
+  }
 };
 
 }  // namespace rpoint

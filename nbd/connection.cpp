@@ -115,6 +115,7 @@ Connection::Connection(Reactor& reactor, UniqueFd in, UniqueFd out, NegotiatedEx
   ctx_.tx_flags = exp_.tx_flags;
   ctx_.structured = exp_.structured;
   ctx_.base_allocation = exp_.base_allocation;
+  ctx_.other_contexts = !exp_.contexts.empty();
   ctx_.min_block = exp_.sizes.minimum;
   ctx_.max_payload = std::max(exp_.sizes.maximum, exp_.max_request);
   caps_ = use_->caps();
@@ -449,6 +450,8 @@ void Connection::submit(Slot* s) {
       // The device answers off this thread when it must (SQLite, lseek).
       s->kind = IoKind::kBlockStatus;
       s->max_extents = (r.flags & kCmdFlagReqOne) ? 1 : limits_.max_extents;
+      s->contexts = exp_.contexts.empty() ? nullptr : &exp_.contexts;
+      s->context_extents.clear();  // a device that cannot answer them leaves it so
       break;
     default:
       reply_error(s, kEinval, "unknown command");
@@ -495,42 +498,83 @@ void Connection::on_io_done(Slot* s, int result) {
   }
 }
 
-void Connection::reply_block_status(Slot* s, int result) {
-  const Request& r = s->req;
-  const bool one = r.flags & kCmdFlagReqOne;
-  std::string& p = s->extra;
-  p.resize(4);
-  Put32(p.data(), exp_.base_allocation_id);
+namespace {
+
+// Appends one BLOCK_STATUS payload (context id, then descriptors) for a
+// request of `length` bytes to p. Descriptors never reach past the request:
+// REQ_ONE forbids it and the 32-bit length field could not hold more anyway.
+// An empty map (base:allocation only) becomes one "allocated" descriptor,
+// always a safe answer there.
+void AppendBlockStatus(std::string& p, uint32_t id, const std::vector<Extent>& extents,
+                       uint32_t flag_mask, uint32_t length, bool one) {
+  char d[8];
+  Put32(d, id);
+  p.append(d, 4);
   uint64_t covered = 0;
-  if (result == 0) {
-    for (const Extent& e : s->extents) {
-      // Descriptors never reach past the request: REQ_ONE forbids it and the
-      // 32-bit length field could not hold more anyway.
-      uint64_t len = std::min<uint64_t>(e.length, r.length - covered);
-      if (len == 0) continue;
-      char d[8];
-      Put32(d, static_cast<uint32_t>(len));
-      Put32(d + 4, e.flags & (kStateHole | kStateZero));
-      p.append(d, sizeof(d));
-      covered += len;
-      if (covered == r.length || one) break;
-    }
-  } else {
-    spdlog::debug("nbd: '{}': block status failed: {}", exp_.name, std::strerror(-result));
+  for (const Extent& e : extents) {
+    uint64_t len = std::min<uint64_t>(e.length, length - covered);
+    if (len == 0) continue;
+    Put32(d, static_cast<uint32_t>(len));
+    Put32(d + 4, e.flags & flag_mask);
+    p.append(d, sizeof(d));
+    covered += len;
+    if (covered == length || one) break;
   }
   if (covered == 0) {
-    // Status 0 ("allocated, contents unknown") is always a safe answer.
-    char d[8];
-    Put32(d, r.length);
+    Put32(d, length);
     Put32(d + 4, 0);
     p.append(d, sizeof(d));
   }
-  uint8_t* h = s->hdr;
+}
+
+void PutChunkHeader(uint8_t* h, bool done, uint64_t cookie, size_t len) {
   Put32(h, kStructuredReplyMagic);
-  Put16(h + 4, kReplyFlagDone);
+  Put16(h + 4, done ? kReplyFlagDone : 0);
   Put16(h + 6, kReplyTypeBlockStatus);
-  Put64(h + 8, r.cookie);
-  Put32(h + 16, static_cast<uint32_t>(p.size()));
+  Put64(h + 8, cookie);
+  Put32(h + 16, static_cast<uint32_t>(len));
+}
+
+}  // namespace
+
+void Connection::reply_block_status(Slot* s, int result) {
+  const Request& r = s->req;
+  const bool one = r.flags & kCmdFlagReqOne;
+  const size_t nctx = exp_.contexts.size();
+  if (result == 0 && s->context_extents.size() != nctx) result = -EIO;  // unanswered context
+  if (result < 0) {
+    spdlog::debug("nbd: '{}': block status failed: {}", exp_.name, std::strerror(-result));
+    // "Unknown" is not expressible for a changed-block context (0 there
+    // means unchanged), so only a base:allocation-only answer survives a
+    // failure; otherwise the client gets the error.
+    if (nctx > 0) return reply_error(s, ErrnoToNbd(-result), NbdErrorName(ErrnoToNbd(-result)));
+    s->extents.clear();
+  }
+  // One chunk per selected context, the last one flagged DONE: the first
+  // chunk's header goes in hdr, each further chunk (header + payload) follows
+  // the first payload in extra.
+  std::string& p = s->extra;
+  p.clear();
+  bool first = true;
+  auto chunk = [&](uint32_t id, const std::vector<Extent>& ext, uint32_t mask, bool last) {
+    size_t at = p.size();
+    if (!first) p.append(kStructuredReplySize, '\0');
+    AppendBlockStatus(p, id, ext, mask, r.length, one);
+    if (first) {
+      PutChunkHeader(s->hdr, last, r.cookie, p.size());
+      first = false;
+    } else {
+      PutChunkHeader(reinterpret_cast<uint8_t*>(p.data() + at), last, r.cookie,
+                     p.size() - at - kStructuredReplySize);
+    }
+  };
+  if (exp_.base_allocation) {
+    chunk(exp_.base_allocation_id, s->extents, kStateHole | kStateZero, nctx == 0);
+  }
+  for (size_t i = 0; i < nctx; ++i) {
+    chunk(kFirstContextId + uint32_t(i), s->context_extents[i], MetaContext::kDirty,
+          i + 1 == nctx);
+  }
   s->hdr_len = kStructuredReplySize;
   enqueue(s);
 }

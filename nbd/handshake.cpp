@@ -237,8 +237,9 @@ class Negotiation {
   bool no_zeroes_ = false;
   bool asked_block_size_ = false;  // the GO listed NBD_INFO_BLOCK_SIZE
   bool structured_ = false;
-  bool meta_selected_ = false;
-  std::string meta_export_;
+  bool meta_selected_ = false;                               // base:allocation
+  std::vector<std::shared_ptr<MetaContext>> meta_contexts_;  // ids kFirstContextId + i
+  std::string meta_export_;                                  // what the last successful SET named
   bool done_ = false;
   NegotiatedExport result_;
 };
@@ -286,8 +287,10 @@ void Negotiation::finish(std::shared_ptr<BlockDevice> dev, const std::string& na
   result_.structured = structured_;
   // Contexts selected for another export do not carry over (the spec requires
   // the SET_META_CONTEXT and the GO to name the same export).
-  result_.base_allocation = structured_ && meta_selected_ && meta_export_ == name;
+  const bool meta = structured_ && meta_export_ == name;
+  result_.base_allocation = meta && meta_selected_;
   result_.base_allocation_id = result_.base_allocation ? kBaseAllocationId : 0;
+  if (meta) result_.contexts = std::move(meta_contexts_);
   result_.tx_flags = TransmissionFlags(caps, structured_);
   result_.sizes = ComputeBlockSizes(caps, max_payload_);
   result_.max_request = asked_block_size_
@@ -391,6 +394,7 @@ Status Negotiation::handle_meta(uint32_t option, const std::vector<uint8_t>& dat
   if (set) {
     // SET replaces the previous selection even when it fails.
     meta_selected_ = false;
+    meta_contexts_.clear();
     meta_export_.clear();
     if (!structured_) {
       return reply_error(option, kRepErrInvalid,
@@ -403,15 +407,40 @@ Status Negotiation::handle_meta(uint32_t option, const std::vector<uint8_t>& dat
   }
   std::string why;
   if (!resolve(req.export_name, &why)) return reply_error(option, kRepErrUnknown, why);
-  if (SelectsBaseAllocation(req, set ? MetaMode::kSet : MetaMode::kList)) {
+  auto send = [&](uint32_t id, const std::string& name) {
     std::string payload(4, '\0');
-    Put32(payload.data(), set ? kBaseAllocationId : 0);
-    payload += kBaseAllocation;
-    Status s = reply(option, kRepMetaContext, payload.data(), payload.size());
+    Put32(payload.data(), id);
+    payload.append(name, 0, kMaxStringSize);
+    return reply(option, kRepMetaContext, payload.data(), payload.size());
+  };
+  const bool base = SelectsBaseAllocation(req, set ? MetaMode::kSet : MetaMode::kList);
+  if (base) {
+    Status s = send(set ? kBaseAllocationId : 0, kBaseAllocation);
     if (!s.ok()) return s;
-    if (set) {
-      meta_selected_ = true;
-      meta_export_ = req.export_name;
+  }
+  if (set) {
+    // Only exact names select; the resolver omits what the export lacks.
+    for (const std::string& q : req.queries) {
+      if (!IsResolverContextQuery(q) || q.back() == ':') continue;
+      bool dup = false;
+      for (const auto& c : meta_contexts_) dup = dup || c->name() == q;
+      if (dup) continue;
+      auto ctx = resolver_.open_meta_context(req.export_name, q);
+      if (!ctx) {
+        spdlog::debug("nbd: '{}': metadata context '{}' not offered", req.export_name, q);
+        continue;
+      }
+      meta_contexts_.push_back(std::move(ctx));
+      Status s = send(kFirstContextId + uint32_t(meta_contexts_.size() - 1), q);
+      if (!s.ok()) return s;
+    }
+    meta_selected_ = base;
+    meta_export_ = req.export_name;
+  } else if (WantsResolverContexts(req)) {
+    for (const std::string& name : resolver_.meta_contexts(req.export_name)) {
+      if (!ListQueryMatches(req, name)) continue;
+      Status s = send(0, name);
+      if (!s.ok()) return s;
     }
   }
   return reply(option, kRepAck);
@@ -437,6 +466,7 @@ Status Negotiation::handle_starttls(uint32_t option, const std::vector<uint8_t>&
   // metadata contexts the client never asked for).
   structured_ = false;
   meta_selected_ = false;
+  meta_contexts_.clear();
   meta_export_.clear();
   return Status::Ok();
 }

@@ -5,7 +5,7 @@
 // silent or malicious client can never hold a thread beyond the timeout nor
 // delay server shutdown. Negotiate() implements the option haggling: GO, INFO,
 // EXPORT_NAME, LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT
-// (base:allocation), STARTTLS (as the listener's TlsPolicy says); unknown
+// (base:allocation and the resolver's rpoint: contexts), STARTTLS (as the listener's TlsPolicy says); unknown
 // options are refused and haggling goes on. It never reads past the end of the
 // handshake, so the transmission phase starts exactly at the client's first
 // request (after STARTTLS, whatever ciphertext and plaintext the channel's
@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "engine/block_device.h"
@@ -79,6 +80,8 @@ struct NegotiatedExport {
   bool structured = false;
   bool base_allocation = false;  // base:allocation selected for this export
   uint32_t base_allocation_id = 0;
+  // Further contexts selected (rpoint:changed:...), context id kFirstContextId + i.
+  std::vector<std::shared_ptr<MetaContext>> contexts;
   uint16_t tx_flags = 0;
   BlockSizes sizes;
   // Largest READ/WRITE/CACHE accepted: sizes.maximum for a client that asked
@@ -100,6 +103,8 @@ inline constexpr uint32_t kMaxOptionData = 64u << 10;
 inline constexpr uint32_t kMaxSkippedOption = 1u << 20;
 // Metadata context ID handed out for base:allocation.
 inline constexpr uint32_t kBaseAllocationId = 1;
+// IDs of the resolver's contexts (NegotiatedExport::contexts) start here.
+inline constexpr uint32_t kFirstContextId = 2;
 
 // Runs the whole negotiation. On success the connection is in transmission
 // phase. On any error the caller closes the connection (client aborted or

@@ -64,6 +64,24 @@ bool SelectsBaseAllocation(const MetaContextRequest& req, MetaMode mode) {
   return false;
 }
 
+bool IsResolverContextQuery(const std::string& query) {
+  return query.rfind(kRpointNamespace, 0) == 0;
+}
+
+bool WantsResolverContexts(const MetaContextRequest& req) {
+  if (req.queries.empty()) return true;
+  return std::any_of(req.queries.begin(), req.queries.end(), IsResolverContextQuery);
+}
+
+bool ListQueryMatches(const MetaContextRequest& req, const std::string& name) {
+  if (req.queries.empty()) return true;
+  for (const std::string& q : req.queries) {
+    if (q == name) return true;
+    if (IsResolverContextQuery(q) && q.back() == ':' && name.rfind(q, 0) == 0) return true;
+  }
+  return false;
+}
+
 uint16_t TransmissionFlags(const DeviceCaps& caps, bool structured) {
   uint16_t f = kTxHasFlags | kTxSendCache;
   if (caps.read_only) f |= kTxReadOnly;

@@ -38,6 +38,17 @@ enum class MetaMode { kList, kSet };
 // for listing only; unknown leaf names and unknown namespaces are ignored.
 bool SelectsBaseAllocation(const MetaContextRequest& req, MetaMode mode);
 
+// Contexts of the "rpoint:" namespace come from the ExportResolver
+// (rpoint:changed:{collection}/{point} on restore point exports).
+inline constexpr const char* kRpointNamespace = "rpoint:";
+bool IsResolverContextQuery(const std::string& query);
+// LIST: whether the resolver's contexts are wanted at all (no queries, or one
+// in the rpoint: namespace), and whether `name` answers one of the queries:
+// an exact name, or a query ending in ':' that prefixes it ("rpoint:" lists
+// the namespace, "rpoint:changed:" every changed-block context).
+bool WantsResolverContexts(const MetaContextRequest& req);
+bool ListQueryMatches(const MetaContextRequest& req, const std::string& name);
+
 // Transmission flags for a device, given whether structured replies were
 // negotiated (NBD_FLAG_SEND_DF is only allowed with them).
 uint16_t TransmissionFlags(const DeviceCaps& caps, bool structured);

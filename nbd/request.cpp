@@ -123,7 +123,7 @@ Verdict ValidateRequest(const Request& r, const TransmissionContext& ctx) {
       if (!InRange(r.offset, r.length, ctx.export_size)) return Fail(kEnospc, "write zeroes beyond the end of the export");
       return {};
     case kCmdBlockStatus:
-      if (!ctx.structured || !ctx.base_allocation) {
+      if (!ctx.structured || (!ctx.base_allocation && !ctx.other_contexts)) {
         return Fail(kEinval, "BLOCK_STATUS without a negotiated metadata context");
       }
       if (r.length == 0) return Fail(kEinval, "zero-length block status");

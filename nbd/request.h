@@ -36,6 +36,7 @@ struct TransmissionContext {
   uint16_t tx_flags = 0;        // transmission flags sent to the client
   bool structured = false;      // NBD_OPT_STRUCTURED_REPLY acknowledged
   bool base_allocation = false; // base:allocation selected for this export
+  bool other_contexts = false;  // some rpoint: context selected for this export
   uint32_t min_block = 1;       // advertised minimum block size (power of 2)
   uint32_t max_payload = 32u << 20;  // advertised maximum block size
 };

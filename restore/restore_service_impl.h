@@ -125,8 +125,21 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // ---- ExportResolver ----
   std::shared_ptr<BlockDevice> find_export(const std::string& name) override;
   std::vector<ExportInfo> list_exports() override;
+  std::vector<std::string> meta_contexts(const std::string& export_name) override;
+  std::shared_ptr<MetaContext> open_meta_context(const std::string& export_name,
+                                                 const std::string& name) override;
 
  private:
+  struct DiskPointRef {
+    std::string region;
+    uint64_t store_point = 0;
+    uint32_t granularity = 0;
+  };
+  // The committed store point of disk `disk` in Succeeded point
+  // collection/point (mu_ held), or nothing.
+  std::optional<DiskPointRef> disk_point_locked(const std::string& collection,
+                                                const std::string& point, const std::string& disk);
+
   struct Job {
     std::thread thread;
     std::shared_ptr<std::atomic<bool>> done;

@@ -283,6 +283,7 @@ void PointDevice::drop_leaf(uint64_t leaf) {
 void PointDevice::answer_block_status(const Job& job) {
   IoRequest* req = job.req;
   req->extents.clear();
+  req->context_extents.clear();
   auto ext = reader_->extents(req->offset, req->length, req->max_extents);
   int err = 0;
   if (ext.ok()) {
@@ -291,6 +292,20 @@ void PointDevice::answer_block_status(const Job& job) {
     spdlog::error("export {}: block status [{}, +{}): {}", name_, req->offset, req->length,
                   ext.status().ToString());
     err = EIO;
+  }
+  // Further contexts (rpoint:changed:...) walk trees too: here, not on the reactor.
+  if (req->contexts) {
+    for (const auto& ctx : *req->contexts) {
+      if (err != 0) break;
+      auto m = ctx->extents(req->offset, req->length, req->max_extents);
+      if (!m.ok()) {
+        spdlog::error("export {}: {} [{}, +{}): {}", name_, ctx->name(), req->offset, req->length,
+                      m.status().ToString());
+        err = EIO;
+        break;
+      }
+      req->context_extents.push_back(std::move(m).value());
+    }
   }
   job.reactor->post([this, reactor = job.reactor, req, err] { finish_async(*reactor, *req, err); });
 }

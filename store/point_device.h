@@ -9,8 +9,9 @@
 // resolver thread, which walks the tree and the chunk index, fills the cache
 // and posts the request back to its reactor to issue the reads there.
 // block_status() answers from the tree (whole hole subtrees at once); a
-// kBlockStatus request runs it on the resolver thread and posts the answer
-// back. Debug builds abort if SQLite or a pack/page read ever runs on a
+// kBlockStatus request runs it, and any further metadata contexts the
+// request carries (rpoint:changed:..., tree diffs), on the resolver thread
+// and posts the answer back. Debug builds abort if SQLite or a pack/page read ever runs on a
 // reactor thread (common/thread_role.h).
 //
 // Every chunk is read whole and its SHA-256 checked when the reads complete

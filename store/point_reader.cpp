@@ -151,31 +151,39 @@ Status PointReader::read(uint64_t offset, uint64_t len, void* buf) {
   return Status::Ok();
 }
 
-Result<std::vector<Extent>> PointReader::extents(uint64_t offset, uint64_t len,
-                                                 size_t max_extents) {
-  if (offset > info_.size || len > info_.size - offset) {
-    return Status::OutOfRange("extents beyond the end of the disk point");
-  }
+namespace {
+
+// Builds a merged extent map of the bytes [offset, end) from runs of slots.
+struct ExtentSink {
+  uint64_t offset, end, cs;
+  size_t max_extents;
   std::vector<Extent> out;
-  if (len == 0 || max_extents == 0) return out;
-  const uint64_t cs = info_.chunk_size;
-  const uint64_t end = offset + len;
-  const uint64_t s0 = offset / cs, s1 = (end + cs - 1) / cs;
   bool full = false;
 
-  auto emit = [&](uint64_t slot_a, uint64_t slot_b, bool hole) {
+  void emit(uint64_t slot_a, uint64_t slot_b, uint32_t flags) {
     uint64_t a = std::max(offset, slot_a * cs), b = std::min(end, slot_b * cs);
     if (a >= b) return;
-    uint32_t flags = hole ? (Extent::kHole | Extent::kZero) : 0;
     if (!out.empty() && out.back().flags == flags) {
       out.back().length += b - a;
     } else if (out.size() < max_extents) {
       out.push_back(Extent{b - a, flags});
     } else {
       full = true;
-      return;
     }
-  };
+  }
+};
+
+}  // namespace
+
+Result<std::vector<Extent>> PointReader::extents(uint64_t offset, uint64_t len,
+                                                 size_t max_extents) {
+  if (offset > info_.size || len > info_.size - offset) {
+    return Status::OutOfRange("extents beyond the end of the disk point");
+  }
+  if (len == 0 || max_extents == 0) return std::vector<Extent>();
+  const uint64_t cs = info_.chunk_size;
+  ExtentSink sink{offset, offset + len, cs, max_extents, {}};
+  const uint64_t s0 = offset / cs, s1 = (sink.end + cs - 1) / cs;
 
   // Depth-first over the tree, visiting only subtrees that overlap [s0, s1);
   // a zero digest at any level is one hole run for its whole span.
@@ -183,15 +191,16 @@ Result<std::vector<Extent>> PointReader::extents(uint64_t offset, uint64_t len,
       [&](uint32_t level, uint64_t index, const Digest& d) -> Status {
     uint64_t span = uint64_t(1) << (kFanoutShift * level);
     uint64_t first = index * span, last = first + span;
-    if (last <= s0 || first >= s1 || full) return Status::Ok();
+    if (last <= s0 || first >= s1 || sink.full) return Status::Ok();
     if (d.is_zero() || level == 0) {
-      emit(std::max(first, s0), std::min(last, s1), d.is_zero());
+      sink.emit(std::max(first, s0), std::min(last, s1),
+                d.is_zero() ? (Extent::kHole | Extent::kZero) : 0);
       return Status::Ok();
     }
     STORE_ASSIGN_OR_RETURN(auto page, store_->load_page(d));
     uint64_t child_span = span >> kFanoutShift;
     uint32_t i0 = first >= s0 ? 0 : uint32_t((s0 - first) / child_span);
-    for (uint32_t i = i0; i < kFanout && !full; ++i) {
+    for (uint32_t i = i0; i < kFanout && !sink.full; ++i) {
       uint64_t child = index * kFanout + i;
       if (child * child_span >= s1) break;
       STORE_RETURN_IF_ERROR(walk(level - 1, child, page->e[i]));
@@ -200,8 +209,75 @@ Result<std::vector<Extent>> PointReader::extents(uint64_t offset, uint64_t len,
   };
   STORE_RETURN_IF_ERROR(walk(tree_.depth(), 0, tree_.root()));
   // The tree covers every slot, so at least one extent was emitted.
-  if (out.empty()) return Status::Internal("extents: empty map");
-  return out;
+  if (sink.out.empty()) return Status::Internal("extents: empty map");
+  return std::move(sink.out);
+}
+
+Result<std::vector<Extent>> PointReader::changed_extents(PointReader& other, uint64_t offset,
+                                                         uint64_t len, size_t max_extents) {
+  if (offset > info_.size || len > info_.size - offset) {
+    return Status::OutOfRange("changed extents beyond the end of the disk point");
+  }
+  if (other.chunk_size() != chunk_size()) {
+    return Status::InvalidArgument("changed extents: the points have different chunk sizes");
+  }
+  if (len == 0 || max_extents == 0) return std::vector<Extent>();
+  const uint64_t cs = info_.chunk_size;
+  ExtentSink sink{offset, offset + len, cs, max_extents, {}};
+  const uint64_t s0 = offset / cs, s1 = (sink.end + cs - 1) / cs;
+
+  // One tree's node at (level, index) while walking both in step. Above a
+  // tree's own root its nodes are "virtual": index 0 contains the root, any
+  // other index lies past its end (a hole). The trees may differ in depth
+  // (the disk was resized), but a node covers the same slots in both.
+  struct Side {
+    PointReader* r;
+    bool virt;
+    Digest d;
+  };
+  auto top = [](PointReader* r, uint32_t level) {
+    return Side{r, level > r->depth(), level > r->depth() ? Digest() : r->tree_.root()};
+  };
+  using PageRef = std::shared_ptr<const Page>;
+  auto page_of = [](const Side& s) -> Result<PageRef> {
+    if (s.virt || s.d.is_zero()) return PageRef();
+    return s.r->store_->load_page(s.d);
+  };
+  auto child = [](const Side& s, const PageRef& page, uint32_t level, uint32_t i) {
+    if (s.virt) {
+      if (i != 0) return Side{s.r, false, Digest()};
+      return Side{s.r, level - 1 > s.r->depth(),
+                  level - 1 > s.r->depth() ? Digest() : s.r->tree_.root()};
+    }
+    return Side{s.r, false, page ? page->e[i] : Digest()};
+  };
+
+  // Equal digests mean equal content below, so only differing subtrees are
+  // opened: the cost is the size of the difference, never of the disk.
+  std::function<Status(uint32_t, uint64_t, const Side&, const Side&)> walk =
+      [&](uint32_t level, uint64_t index, const Side& a, const Side& b) -> Status {
+    uint64_t span = uint64_t(1) << (kFanoutShift * level);
+    uint64_t first = index * span, last = first + span;
+    if (last <= s0 || first >= s1 || sink.full) return Status::Ok();
+    if (!a.virt && !b.virt && (a.d == b.d || level == 0)) {
+      sink.emit(std::max(first, s0), std::min(last, s1), a.d == b.d ? 0 : MetaContext::kDirty);
+      return Status::Ok();
+    }
+    STORE_ASSIGN_OR_RETURN(PageRef pa, page_of(a));
+    STORE_ASSIGN_OR_RETURN(PageRef pb, page_of(b));
+    uint64_t child_span = span >> kFanoutShift;
+    uint32_t i0 = first >= s0 ? 0 : uint32_t((s0 - first) / child_span);
+    for (uint32_t i = i0; i < kFanout && !sink.full; ++i) {
+      uint64_t c = index * kFanout + i;
+      if (c * child_span >= s1) break;
+      STORE_RETURN_IF_ERROR(walk(level - 1, c, child(a, pa, level, i), child(b, pb, level, i)));
+    }
+    return Status::Ok();
+  };
+  uint32_t level = std::max(depth(), other.depth());
+  STORE_RETURN_IF_ERROR(walk(level, 0, top(this, level), top(&other, level)));
+  if (sink.out.empty()) return Status::Internal("changed extents: empty map");
+  return std::move(sink.out);
 }
 
 }  // namespace rpoint::store

@@ -48,6 +48,16 @@ class PointReader {
   // at most max_extents entries (the last may end before offset+len).
   Result<std::vector<Extent>> extents(uint64_t offset, uint64_t len, size_t max_extents = SIZE_MAX);
 
+  // Which blocks of [offset, offset+len) differ from `other` (an earlier or
+  // later point of the same disk), by chunk digest: no data is read. Flags
+  // MetaContext::kDirty (differs: content changed, or stored in one and a
+  // hole in the other) or 0 (same digest, so same bytes; rewriting
+  // identical bytes is "unchanged"). Merged runs, at most max_extents. The
+  // cost is the tree pages of the differing subtrees only.
+  // InvalidArgument when the chunk sizes differ.
+  Result<std::vector<Extent>> changed_extents(PointReader& other, uint64_t offset, uint64_t len,
+                                              size_t max_extents = SIZE_MAX);
+
   // The chunk digest of one slot (zero: a hole), and any tree node
   // (level 0 = slots; level depth() = the root). For tests and diffing.
   Result<Digest> slot_digest(uint64_t slot);

@@ -372,6 +372,27 @@ TEST_CASE("metadata context requests") {
   CHECK_FALSE(SelectsBaseAllocation(q, MetaMode::kSet));
 }
 
+TEST_CASE("rpoint: context queries: namespace and leaf-prefix wildcards, exact names") {
+  MetaContextRequest q;
+  q.export_name = "c/rp2/a";
+  const std::string name = "rpoint:changed:c/rp1";
+  // No queries: LIST wants every context.
+  CHECK(WantsResolverContexts(q));
+  CHECK(ListQueryMatches(q, name));
+  for (const char* wild : {"rpoint:", "rpoint:changed:", "rpoint:changed:c/rp1"}) {
+    q.queries = {wild};
+    CHECK(WantsResolverContexts(q));
+    CHECK(ListQueryMatches(q, name));
+  }
+  q.queries = {"base:allocation", "rpoint:changed:c/rp", "rpoint:other:", "x:rpoint:"};
+  CHECK(WantsResolverContexts(q));  // rpoint: queries present, none of them matching
+  CHECK_FALSE(ListQueryMatches(q, name));
+  q.queries = {"base:", "qemu:dirty-bitmap:x"};
+  CHECK_FALSE(WantsResolverContexts(q));
+  CHECK(IsResolverContextQuery("rpoint:changed:c/rp1"));
+  CHECK_FALSE(IsResolverContextQuery("base:allocation"));
+}
+
 TEST_CASE("buffer pool") {
   CHECK(BufferPool::ClassSize(1) == 4096);
   CHECK(BufferPool::ClassSize(4096) == 4096);

@@ -398,6 +398,78 @@ TEST_CASE("store: holes stay holes (zero data, trims, partial tail)") {
   CheckRead(*st, pe.id, empty);
 }
 
+// The changed map a digest diff must give: slot s differs when its bytes
+// (zero-padded to the chunk, zeroes past an image's end) differ.
+std::vector<Extent> ModelChanged(const Image& self, const Image& other) {
+  std::vector<Extent> v;
+  std::vector<char> a(self.cs), b(self.cs);
+  for (uint64_t s = 0; s < self.slots(); ++s) {
+    std::fill(a.begin(), a.end(), 0);
+    std::fill(b.begin(), b.end(), 0);
+    std::memcpy(a.data(), self.bytes.data() + s * self.cs, self.slot_len(s));
+    if (s < other.slots())
+      std::memcpy(b.data(), other.bytes.data() + s * other.cs, other.slot_len(s));
+    uint32_t f = a == b ? 0 : MetaContext::kDirty;
+    if (!v.empty() && v.back().flags == f) {
+      v.back().length += self.slot_len(s);
+    } else {
+      v.push_back(Extent{self.slot_len(s), f});
+    }
+  }
+  return v;
+}
+
+TEST_CASE("store: changed_extents marks exactly the slots that differ, across tree depths") {
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  constexpr uint32_t cs = 4096;
+  Image a(200 * cs + 1000, cs);  // depth 2, partial tail
+  for (uint64_t s = 0; s < a.slots(); ++s) {
+    if (s % 5 != 2) a.random_slot(s, s + 7);
+  }
+  auto p1 = Commit(*st, 0, a, AllSlots(a));
+  Image b = a;
+  b.grow(uint64_t(20000) * cs);   // depth 3
+  b.random_slot(5, 1);            // overwritten
+  b.random_slot(150, 2);          // another leaf
+  std::memset(b.slot(9), 0, cs);  // zeroed: stored as a hole now
+  b.random_slot(12, 3);           // data in a former hole
+  b.random_slot(19990, 4);        // past the old end
+  // Slot 8 is put again with identical bytes: same digest, unchanged.
+  auto p2 = Commit(*st, p1.id, b, {5, 150, 9, 12, 19990, 8});
+  CHECK(p1.depth == 2);
+  CHECK(p2.depth == 3);
+  auto r1 = Take(st->open_point(p1.id));
+  auto r2 = Take(st->open_point(p2.id));
+
+  auto ch = Take(r2->changed_extents(*r1, 0, b.size()));
+  CHECK(SameExtents(ch, ModelChanged(b, a)));
+  auto back = Take(r1->changed_extents(*r2, 0, a.size()));
+  CHECK(SameExtents(back, ModelChanged(a, b)));
+  CHECK(back.size() == 9);  // 5, 9, 12, 150 dirty, merged clean runs between
+  auto same = Take(r2->changed_extents(*r2, 0, b.size()));
+  REQUIRE(same.size() == 1);
+  CHECK(same[0].flags == 0);
+
+  // A sub-range starts and ends mid-chunk; max_extents caps the answer.
+  auto part = Take(r2->changed_extents(*r1, 4 * cs + 100, 2 * cs));
+  REQUIRE(part.size() == 3);
+  CHECK(part[0].length == cs - 100);
+  CHECK(part[0].flags == 0);
+  CHECK(part[1].length == cs);
+  CHECK(part[1].flags == MetaContext::kDirty);
+  CHECK(part[2].length == 100);
+  CHECK(part[2].flags == 0);
+  CHECK(Take(r2->changed_extents(*r1, 0, b.size(), 1)).size() == 1);
+  CHECK(!r2->changed_extents(*r1, 0, b.size() + 1).ok());
+
+  // Different chunk sizes cannot be compared by digest.
+  Image c(64 * 8192, 8192);
+  auto p3 = Commit(*st, 0, c, AllSlots(c));
+  auto r3 = Take(st->open_point(p3.id));
+  CHECK(r3->changed_extents(*r1, 0, c.size()).status().code() == Code::kInvalidArgument);
+}
+
 TEST_CASE("store: a disk grown between points keeps its data and reads zeroes beyond") {
   TmpDir tmp;
   auto st = Open(tmp.region());
