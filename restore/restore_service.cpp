@@ -116,7 +116,7 @@ Status RestoreServiceImpl::init() {
   // One bound on open pack files for every region together.
   auto packs = store::PackCache::Create(options_.open_packs);
   for (const auto& r : options_.regions) {
-    Status made = MakeDirs(r.path, 0750);
+    Status made = MakeDirs(r.path, 0700);
     if (!made.ok()) return made;
     store::StoreOptions so;
     so.dir = r.path;
@@ -128,7 +128,7 @@ Status RestoreServiceImpl::init() {
     }
     stores_[r.name] = std::move(st).value();
   }
-  Status s = MakeDirs(options_.staging_dir, 0750);
+  Status s = MakeDirs(options_.staging_dir, 0700);
   if (s.ok()) s = recover();
   if (!s.ok()) return s;
   for (const auto& region : gc_at_start_) request_gc(region);

@@ -20,7 +20,7 @@ using rpoint::MakeDirs;
 using rpoint::PreadFull;
 using rpoint::PwriteFull;
 // Mode of the directories a region is made of.
-constexpr unsigned kRegionDirMode = 0750;
+constexpr unsigned kRegionDirMode = 0700;  // region data is the daemon's alone (issue #8)
 // Makes `dir/name` hold exactly `data`, atomically and durably: written to
 // `name.tmp`, fsynced, renamed over `name`, directory fsynced. A crash leaves
 // either the old file (plus perhaps a stray .tmp) or the new one, never a mix.
