@@ -9,12 +9,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include "common/unique_fd.h"
 #include "disks/disk_files.h"
@@ -34,6 +36,12 @@ bool IsNameChar(char c) {
 
 // What the service knows of one disk. `disk` is null while the disk is in the
 // error state (its backing store could not be opened).
+// A client that has just closed its socket stays attached until its reactor
+// sees the hang-up (microseconds, more under load): a DELETE sent the moment
+// `qemu-img` or `nbdcopy` exits must not get 409 for it. remove() waits up to
+// this long, without the service lock, for the count to reach 0.
+constexpr std::chrono::milliseconds kDetachGrace{500};
+
 struct Entry {
   DiskRow row;
   std::shared_ptr<FileDisk> disk;
@@ -92,8 +100,7 @@ Identity IdentityOf(const struct stat& st) {
 
 class DiskServiceImpl final : public DiskService {
  public:
-  DiskServiceImpl(DiskServiceOptions options, std::string disks_dir,
-                  std::unique_ptr<MetadataDb> db)
+  DiskServiceImpl(DiskServiceOptions options, std::string disks_dir, std::unique_ptr<MetadataDb> db)
       : options_(std::move(options)), disks_dir_(std::move(disks_dir)), db_(std::move(db)) {}
 
   ~DiskServiceImpl() override {
@@ -320,9 +327,8 @@ class DiskServiceImpl final : public DiskService {
                                    "; resize the device itself");
       }
       if (new_size_bytes < cur) {
-        return Status::OutOfRange("disks can only grow: '" + name + "' is " +
-                                  std::to_string(cur) + " bytes, asked for " +
-                                  std::to_string(new_size_bytes));
+        return Status::OutOfRange("disks can only grow: '" + name + "' is " + std::to_string(cur) +
+                                  " bytes, asked for " + std::to_string(new_size_bytes));
       }
       disk = e.disk;
     }
@@ -346,7 +352,21 @@ class DiskServiceImpl final : public DiskService {
     return record(e);
   }
 
+  void wait_for_clients_to_leave(const std::string& name) {
+    std::shared_ptr<FileDisk> disk;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = disks_.find(name);
+      if (it != disks_.end()) disk = it->second.disk;
+    }
+    auto deadline = std::chrono::steady_clock::now() + kDetachGrace;
+    while (disk && disk->users() > 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
   Status remove(const std::string& name, bool force) override {
+    if (!force) wait_for_clients_to_leave(name);
     std::lock_guard<std::mutex> lock(mu_);
     auto it = disks_.find(name);
     if (it == disks_.end()) return not_found(name);
@@ -370,7 +390,8 @@ class DiskServiceImpl final : public DiskService {
       if (!s.ok()) spdlog::warn("disk {}: deleted, but its file stays: {}", name, s.ToString());
     }
     remove_tracking(name);
-    spdlog::info("disk {}: deleted{}{}", name, force && users > 0 ? " (forced, clients cut off)" : "",
+    spdlog::info("disk {}: deleted{}{}", name,
+                 force && users > 0 ? " (forced, clients cut off)" : "",
                  gone.row.adopted ? " (adopted storage left in place)" : "");
     return Status::Ok();
   }
@@ -582,9 +603,10 @@ class DiskServiceImpl final : public DiskService {
       }
     }
     for (const auto& path : orphans) {
-      spdlog::warn("disk service: removing {}: no disk record names it (an interrupted "
-                   "create or delete)",
-                   path);
+      spdlog::warn(
+          "disk service: removing {}: no disk record names it (an interrupted "
+          "create or delete)",
+          path);
       Status s = RemoveFile(path);
       if (!s.ok()) spdlog::warn("disk service: {}", s.ToString());
     }

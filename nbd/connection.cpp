@@ -100,7 +100,7 @@ Connection::Connection(Reactor& reactor, UniqueFd in, UniqueFd out, NegotiatedEx
       rfd_(in_.get()),
       wfd_(out_.valid() ? out_.get() : in_.get()),
       exp_(std::move(exp)),
-      use_(exp_.device),
+      use_(exp_.use ? std::move(*exp_.use) : BlockDevice::Use(exp_.device)),
       limits_(limits),
       on_closed_(std::move(on_closed)),
       pool_(limits.buffer_cache) {

@@ -296,6 +296,7 @@ void Negotiation::finish(std::shared_ptr<BlockDevice> dev, const std::string& na
   result_.max_request = asked_block_size_
                             ? result_.sizes.maximum
                             : std::max(result_.sizes.maximum, kUnnegotiatedMaxRequest);
+  if (!result_.use) result_.use.emplace(dev);
   result_.device = std::move(dev);
   done_ = true;
 }
@@ -365,11 +366,14 @@ Status Negotiation::handle_info(uint32_t option, const std::vector<uint8_t>& dat
     }
     if (!s.ok()) return s;
   }
+  std::optional<BlockDevice::Use> use;
+  if (option == kOptGo) use.emplace(dev);  // before the ACK: see NegotiatedExport::use
   s = reply(option, kRepAck);
   if (!s.ok()) return s;
   if (option == kOptGo) {
     asked_block_size_ = false;
     for (uint16_t type : req.infos) asked_block_size_ |= type == kInfoBlockSize;
+    result_.use = std::move(use);
     finish(dev, req.name);
   }
   return Status::Ok();

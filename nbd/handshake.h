@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -75,6 +76,10 @@ class HandshakeChannel {
 // What the handshake agreed on; everything the transmission phase needs.
 struct NegotiatedExport {
   std::shared_ptr<BlockDevice> device;
+  // The client counted as attached (BlockDevice::users) from before the
+  // reply that tells it so: a control call made the moment the client sees
+  // the export open (GET attachedClients, DELETE without force) sees it.
+  std::optional<BlockDevice::Use> use;
   std::string name;
   uint64_t size = 0;
   bool structured = false;
