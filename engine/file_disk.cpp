@@ -27,8 +27,11 @@ enum Stage : uint32_t {
 };
 
 constexpr size_t kZeroBufSize = 1 << 20;
-// Threads of a regular file's BlockingWorker (buffered writes, lseek).
-constexpr unsigned kWorkerThreads = 4;
+// Threads of a regular file's BlockingWorker (buffered writes, lseek). Two:
+// with the batched hand-off, 2 beat 1 and 4 (ext4 takes the inode lock for
+// every buffered write, so more threads only contend; one leaves no thread
+// for lseek while a write sleeps). bench/RESULTS.md, 2026-12-01 14:25-14:35.
+constexpr unsigned kWorkerThreads = 2;
 alignas(4096) const char kZeros[kZeroBufSize] = {};
 
 bool IsMutation(IoKind k) {
