@@ -107,7 +107,11 @@ bool ReadResourceBody(const RequestContext& ctx, const ResourceRules& rules, boo
   }
   if (allow_empty && ctx.request.body.find_first_not_of(" \t\r\n") == std::string::npos) {
     out->body = json::object();
-  } else if (!ParseJsonObjectBody(ctx.request, &out->body, error)) {
+  } else if (!ParseJsonObjectBody(
+                 ctx.request, &out->body, error,
+                 rules.raw_property.empty()
+                     ? std::vector<std::string_view>{}
+                     : std::vector<std::string_view>{"properties", rules.raw_property})) {
     return false;
   }
   Status s = CheckEnvelope(out->body, rules);

@@ -35,6 +35,9 @@ struct ResourceRules {
   std::vector<std::string> create_only;
   std::vector<std::string> read_only;
   std::string method = "PUT";
+  // A property kept as the exact JSON text sent (common/json_raw.h), e.g.
+  // "configuration"; empty: none.
+  std::string raw_property;
 };
 
 // A parsed, checked resource body.

@@ -2,6 +2,8 @@
 
 #include <strings.h>
 
+#include "common/json_raw.h"
+
 namespace rpoint {
 
 const std::string* HttpResponse::header(const std::string& name) const {
@@ -42,12 +44,12 @@ HttpResponse JsonResponse(int status, const nlohmann::ordered_json& body) {
   HttpResponse r;
   r.status = status;
   // Invalid UTF-8 (from a file name, say) is replaced rather than throwing.
-  constexpr auto kReplace = nlohmann::ordered_json::error_handler_t::replace;
-  r.body = body.dump(-1, ' ', false, kReplace);
+  // DumpJson: raw values (a VM configuration) are printed as they were sent.
+  r.body = DumpJson(body);
   // Indentation costs up to 2 bytes per nesting level on every line, so a
   // pretty-printed answer can be many times its compact size: only small
   // answers are indented, large ones stay about as large as what was stored.
-  if (r.body.size() <= kMaxPrettyResponseBytes) r.body = body.dump(2, ' ', false, kReplace);
+  if (r.body.size() <= kMaxPrettyResponseBytes) r.body = DumpJson(body, 2);
   r.body += "\n";
   return r;
 }

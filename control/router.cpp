@@ -7,6 +7,7 @@
 #include <exception>
 
 #include "common/json_parse.h"
+#include "common/json_raw.h"
 #include "control/api_version.h"
 
 namespace rpoint {
@@ -113,7 +114,8 @@ HttpResponse Router::dispatch(const HttpRequest& request) const {
   }
 }
 
-bool ParseJsonObjectBody(const HttpRequest& request, nlohmann::json* out, HttpResponse* error) {
+bool ParseJsonObjectBody(const HttpRequest& request, nlohmann::json* out, HttpResponse* error,
+                         const std::vector<std::string_view>& raw_path) {
   // `curl -d` labels its body application/x-www-form-urlencoded unless told
   // otherwise; a body of that type that is JSON is taken as JSON (a form
   // body never parses as a JSON object, so nothing is misread).
@@ -133,8 +135,8 @@ bool ParseJsonObjectBody(const HttpRequest& request, nlohmann::json* out, HttpRe
     return false;
   }
   // One strict parser (common/json_parse.h): bounded depth, no duplicate keys,
-  // no numbers that do not fit.
-  auto j = ParseJson(request.body);
+  // no numbers that do not fit (except inside an opaque member kept raw).
+  auto j = raw_path.empty() ? ParseJson(request.body) : ParseJsonKeepingRaw(request.body, raw_path);
   if (form && (!j.ok() || !j->is_object())) {
     *error = ErrorResponse(415, "UnsupportedMediaType",
                            "request body must be a JSON object (Content-Type: application/json); "

@@ -53,7 +53,9 @@ class Router {
 // 415 UnsupportedMediaType for a Content-Type other than application/json
 // (absent is accepted, and so is application/x-www-form-urlencoded when the
 // body is a JSON object: plain `curl -d`), 400 InvalidJson for a missing body,
-// bad JSON or a non-object.
-bool ParseJsonObjectBody(const HttpRequest& request, nlohmann::json* out, HttpResponse* error);
+// bad JSON or a non-object. With `raw_path`, the member there is kept as the
+// exact text sent (common/json_raw.h: ParseJsonKeepingRaw).
+bool ParseJsonObjectBody(const HttpRequest& request, nlohmann::json* out, HttpResponse* error,
+                         const std::vector<std::string_view>& raw_path = {});
 
 }  // namespace rpoint

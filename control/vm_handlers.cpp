@@ -19,6 +19,7 @@ ResourceRules VmRules(const std::string& name) {
   r.name = name;
   r.type = kVmType;
   r.settable = {"disks", "configuration"};
+  r.raw_property = "configuration";  // opaque: kept byte for byte
   r.read_only = {"timeCreated", "provisioningState"};
   return r;
 }

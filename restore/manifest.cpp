@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/json_parse.h"
+#include "common/json_raw.h"
 
 namespace rpoint {
 namespace {
@@ -38,14 +39,16 @@ std::string EncodeManifest(const CollectionRecord& c, const RestorePointRecord& 
         {"cutPauseNs", p.cut_pause_ns},
         {"sourceMetadata", p.source_metadata},
         {"diskRestorePoints", disks}}}};
-  return j.dump(2) + "\n";
+  return DumpJson(j, 2) + "\n";
 }
 
 Result<std::pair<CollectionRecord, RestorePointRecord>> DecodeManifest(const std::string& text) {
   // A region can come from another host: its files get the same strict,
   // depth-bounded parser as any input from outside (the manifest wraps the VM
   // configuration a few levels down, hence the doubled bound, as restore_db's).
-  auto parsed = ParseJson(text, 2 * kJsonMaxDepth);
+  // The VM configuration is kept as the exact text it was given in.
+  auto parsed = ParseJsonKeepingRaw(text, {"restorePoint", "sourceMetadata", "configuration"},
+                                    2 * kJsonMaxDepth);
   if (!parsed.ok()) return parsed.status();
   try {
     nlohmann::json j = std::move(parsed).value();

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/json_parse.h"
+#include "common/json_raw.h"
 
 namespace rpoint {
 
@@ -13,8 +14,12 @@ namespace {
 // crash every later read. Stored documents wrap what clients sent (a point's
 // source metadata holds the VM configuration), hence the extra room. What
 // does not parse reads as null.
-nlohmann::json ParseStoredJson(const std::string& text) {
-  auto j = ParseJson(text, 2 * kJsonMaxDepth);
+// With `raw_path`, the member there is kept as its stored text (a VM
+// configuration, common/json_raw.h); an empty path keeps the whole value.
+nlohmann::json ParseStoredJson(const std::string& text,
+                               const std::vector<std::string_view>* raw_path = nullptr) {
+  auto j = raw_path ? ParseJsonKeepingRaw(text, *raw_path, 2 * kJsonMaxDepth)
+                    : ParseJson(text, 2 * kJsonMaxDepth);
   if (!j.ok()) {
     spdlog::warn("restore db: stored JSON ignored: {}", j.status().message());
     return nlohmann::json();
@@ -51,7 +56,8 @@ Result<std::optional<VmRecord>> RestoreDb::get_vm(const std::string& name) {
   if (!row.value()) return std::optional<VmRecord>();
   VmRecord vm;
   vm.name = st->column_text(0);
-  vm.configuration = ParseStoredJson(st->column_text(1));
+  const std::vector<std::string_view> whole;
+  vm.configuration = ParseStoredJson(st->column_text(1), &whole);
   vm.time_created = st->column_text(2);
   auto ds = db().prepare("SELECT disk FROM vm_disks WHERE vm = ?1 ORDER BY position");
   if (!ds.ok()) return ds.status();
@@ -92,7 +98,8 @@ Status RestoreDb::put_vm(const VmRecord& vm) {
         "INSERT INTO vms (name, configuration, time_created) VALUES (?1, ?2, ?3) "
         "ON CONFLICT(name) DO UPDATE SET configuration = excluded.configuration");
     if (!up.ok()) return up.status();
-    Status s = up->bind(1, vm.name).bind(2, vm.configuration.dump()).bind(3, vm.time_created).run();
+    Status s =
+        up->bind(1, vm.name).bind(2, DumpJson(vm.configuration)).bind(3, vm.time_created).run();
     if (!s.ok()) return s;
     auto del = db().prepare("DELETE FROM vm_disks WHERE vm = ?1");
     if (!del.ok()) return del.status();
@@ -209,7 +216,8 @@ RestorePointRecord PointFrom(const SqliteStmt& st) {
   }
   p.provisioning_state = st.column_text(4);
   p.time_created = st.column_text(5);
-  p.source_metadata = ParseStoredJson(st.column_text(6));
+  const std::vector<std::string_view> configuration = {"configuration"};
+  p.source_metadata = ParseStoredJson(st.column_text(6), &configuration);
   p.operation_id = st.column_text(7);
   p.cut_pause_ns = st.column_int(8);
   p.error_code = st.column_text(9);
@@ -313,7 +321,7 @@ Status RestoreDb::save_point(const RestorePointRecord& p, const OperationRecord*
                    .bind(4, ex.dump())
                    .bind(5, p.provisioning_state)
                    .bind(6, p.time_created)
-                   .bind(7, p.source_metadata.dump())
+                   .bind(7, DumpJson(p.source_metadata))
                    .bind(8, p.operation_id)
                    .bind(9, p.cut_pause_ns)
                    .bind(10, p.error_code)

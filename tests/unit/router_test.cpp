@@ -1,6 +1,7 @@
 // Router, request-target parsing and API versions (control/router.h, url.h, api_version.h).
 #include <doctest/doctest.h>
 
+#include "common/json_raw.h"
 #include "control/api_version.h"
 #include "control/router.h"
 #include "control/url.h"
@@ -215,4 +216,35 @@ TEST_CASE("JSON answers are indented only while small") {
   auto r = JsonResponse(200, big);
   CHECK(r.body.size() < 100000);
   CHECK(nlohmann::ordered_json::parse(r.body) == big);
+}
+
+TEST_CASE("ParseJsonKeepingRaw keeps one member's exact text and DumpJson splices it back") {
+  const std::string cfg =
+      R"({"z": 18446744073709551617, "a": [1e400, 0.10000000000000000555, "\u00e9"]})";
+  const std::string body = R"({"properties": {"disks": [], "configuration": )" + cfg + "}}";
+  auto j = ParseJsonKeepingRaw(body, {"properties", "configuration"});
+  REQUIRE(j.ok());
+  const nlohmann::json& c = (*j)["properties"]["configuration"];
+  CHECK(c.is_binary());
+  CHECK(RawJsonText(c) == cfg);
+  CHECK(DumpJson(*j) == R"({"properties":{"configuration":)" + cfg + R"(,"disks":[]}})");
+  nlohmann::ordered_json o = {{"configuration", nlohmann::ordered_json(c)}, {"n", 1}};
+  CHECK(DumpJson(o, 2) == "{\n  \"configuration\": " + cfg + ",\n  \"n\": 1\n}");
+  // Even text a dump would print the same stays raw (no indenting inside it).
+  auto plain = ParseJsonKeepingRaw(R"({"configuration":{"cpus":2}})", {"configuration"});
+  REQUIRE(plain.ok());
+  CHECK(DumpJson(*plain, 2) == "{\n  \"configuration\": {\"cpus\":2}\n}");
+  CHECK(RawJsonText(nlohmann::json{{"cpus", 2}}) == R"({"cpus":2})");
+  // The whole document (an empty path), as stored in SQLite.
+  auto whole = ParseJsonKeepingRaw(" [1e400] ", {});
+  REQUIRE(whole.ok());
+  CHECK(RawJsonText(*whole) == "[1e400]");
+  // Outside the member, and for anything but a number's range, it is as strict as ParseJson.
+  CHECK(!ParseJsonKeepingRaw(R"({"a": 1e400, "c": 1})", {"c"}).ok());
+  for (const char* bad : {"[1,]", "01", "1.", "[1e400x]", R"({"a":1,"a":2})", "-", "--1",
+                          "1e5.3", "1-2", "+1", ".5"}) {
+    CHECK_MESSAGE(!ParseJsonKeepingRaw(std::string(R"({"c": )") + bad + "}", {"c"}).ok(), bad);
+  }
+  CHECK(!ParseJsonKeepingRaw(R"({"c": )" + std::string(70, '[') + std::string(70, ']') + "}", {"c"})
+             .ok());
 }
