@@ -52,6 +52,16 @@ def test_configuration_is_kept_byte_for_byte(daemon):
     assert_echoed(d.api("GET", "/vms/new"))
     assert_echoed(d.api("GET", "/vms"))
     assert_echoed(d.api("GET", "/restorePointCollections/c/restorePoints/rp"))
+    # A fresh metadata.db: the point is imported from its manifest, bytes kept.
+    assert d.stop() == 0
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(os.path.join(d.state_dir, "metadata.db" + suffix)):
+            os.unlink(os.path.join(d.state_dir, "metadata.db" + suffix))
+    d.start()
+    assert_echoed(d.api("GET", "/restorePointCollections/c/restorePoints/rp"))
+    d.restore_vm("c", "rp", "again")
+    assert_echoed(d.api("GET", "/vms/again"))
+    d.create_disk("a", 4 * MiB)
     # Replacing the VM replaces the text, as sent again.
     plain = '{"cpus":2}'
     assert_echoed(d.api("PUT", "/vms/x", vm_body(plain)), plain)
