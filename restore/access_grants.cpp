@@ -74,14 +74,7 @@ int64_t ToMs(Clock::time_point t) {
 }
 
 std::string Rfc3339(int64_t ms) {
-  std::time_t secs = static_cast<std::time_t>(ms / 1000);
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03lldZ", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                static_cast<long long>(ms % 1000));
-  return buf;
+  return FormatRfc3339(std::chrono::system_clock::time_point(std::chrono::milliseconds(ms)));
 }
 
 // Socket paths in a URI query: everything but unreserved characters and '/'
@@ -266,7 +259,8 @@ Status AccessGrantsImpl::check_point(const std::string& c, const std::string& rp
 
 std::string AccessGrantsImpl::uri(const Grant& g, const std::string& listener) const {
   if (listener == "unix") {
-    return std::string(options_.unix_tls ? "nbds+unix" : "nbd+unix") + ":///" + g.token + "?socket=" + QueryEncode(options_.unix_socket);
+    return std::string(options_.unix_tls ? "nbds+unix" : "nbd+unix") + ":///" + g.token +
+           "?socket=" + QueryEncode(options_.unix_socket);
   }
   return std::string(options_.tcp_tls ? "nbds" : "nbd") + "://" + options_.tcp_address + "/" +
          g.token;

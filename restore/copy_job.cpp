@@ -169,16 +169,7 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
   if (!err) {
     // The target region's own record, before the transaction (as for a cut
     // point: a crash in between leaves it Creating, and Open removes it).
-    std::optional<CollectionRecord> coll;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto c = db_->get_collection(rec.collection);
-      if (c.ok()) coll = c.value();
-    }
-    Status m =
-        coll ? st->put_manifest(ManifestName(rec.collection, rec.name), EncodeManifest(*coll, rec))
-             : Status::NotFound("collection '" + rec.collection + "' is gone");
-    if (!m.ok()) err = JobError{"InternalError", "writing the point's manifest: " + m.message()};
+    err = write_manifest(*st, rec);
   }
   auto fail_locally = [&] {
     for (auto& d : rec.disk_restore_points) {

@@ -190,16 +190,7 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
     // The region's own record of the point (restore/manifest.h), after every
     // store commit and before the transaction that makes it Succeeded: a
     // crash in between leaves it Creating here, and Open removes it.
-    std::optional<CollectionRecord> coll;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto c = db_->get_collection(rec.collection);
-      if (c.ok()) coll = c.value();
-    }
-    Status m =
-        coll ? st->put_manifest(ManifestName(rec.collection, rec.name), EncodeManifest(*coll, rec))
-             : Status::NotFound("collection '" + rec.collection + "' is gone");
-    if (!m.ok()) err = JobError{"InternalError", "writing the point's manifest: " + m.message()};
+    err = write_manifest(*st, rec);
   }
   if (err) {
     spdlog::error("restore point {}/{}: failed: {}: {}", rec.collection, rec.name, err->code,
@@ -614,6 +605,21 @@ Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::PointWriter& w, Di
     return failure;
   }
   return w.commit();
+}
+
+std::optional<JobError> RestoreServiceImpl::write_manifest(store::Store& st,
+                                                           const RestorePointRecord& rec) {
+  std::optional<CollectionRecord> coll;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto c = db_->get_collection(rec.collection);
+    if (c.ok()) coll = c.value();
+  }
+  Status m =
+      coll ? st.put_manifest(ManifestName(rec.collection, rec.name), EncodeManifest(*coll, rec))
+           : Status::NotFound("collection '" + rec.collection + "' is gone");
+  if (m.ok()) return std::nullopt;
+  return JobError{"InternalError", "writing the point's manifest: " + m.message()};
 }
 
 }  // namespace rpoint

@@ -151,6 +151,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // Drops ended operations past the retention window or count (mu_ held).
   void prune_operations_locked();
   std::shared_ptr<store::Store> store_of(const std::string& region);
+  // Writes the region's own record of a point (restore/manifest.h) after
+  // every store commit and before the transaction that makes it Succeeded;
+  // the error to fail the job with, if any. Takes mu_.
+  std::optional<JobError> write_manifest(store::Store& st, const RestorePointRecord& rec);
   // collection name -> its region, from the metadata (mu_ held).
   Result<std::map<std::string, std::string>> collection_regions_locked();
   FreezeHooks hooks_for(const std::string& vm) const;
