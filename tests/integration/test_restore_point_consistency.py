@@ -60,8 +60,11 @@ class CutWatcher(threading.Thread):
             path = (f"/restorePointCollections/{self.c}/restorePoints/{self.name}"
                     "?$expand=instanceView")
             while True:
-                now = time.monotonic()
                 p = self.d.api("GET", path).json["properties"]
+                # Read the clock after the answer: the cut happened at or before it
+                # arrived. The time before the GET is no bound (the cut may happen
+                # while the GET is in flight; that raced under load 21).
+                now = time.monotonic()
                 iv = p.get("instanceView") or {}
                 pause = iv.get("cutPauseMicroseconds")
                 if "cut" not in self.t and pause is not None and pause >= 0:
