@@ -6,7 +6,6 @@
 #pragma once
 
 #include <boost/program_options.hpp>
-
 #include <functional>
 #include <iosfwd>
 #include <optional>
@@ -73,6 +72,14 @@ bool Call(Context& ctx, const std::string& method, const std::string& path,
 int UsageError(Context& ctx, const std::string& message);
 // Prints the JSON as the -o json output.
 void PrintJson(Context& ctx, const nlohmann::ordered_json& j);
+
+// `rpoint NOUN list` (cli/list_command.cpp): GET path; -o json prints the
+// reply; else `none` on stderr when "value" is empty (nullptr: the bare
+// header), or a table of row(item) for each item of "value".
+int ListResources(
+    Context& ctx, const std::string& path, const char* none,
+    const std::vector<std::string>& headers,
+    const std::function<std::vector<std::string>(const nlohmann::ordered_json&)>& row);
 
 // ---- JSON and names (cli/resource_text.cpp) ----
 // A member as text: strings as they are, other values as JSON, absent as "".

@@ -114,30 +114,17 @@ int Create(Context& ctx, const po::variables_map& vm) {
 }
 
 int List(Context& ctx, const po::variables_map&) {
-  HttpReply r;
-  int rc;
-  if (!Call(ctx, "GET", "/disks", std::nullopt, &r, &rc)) return rc;
-  if (!r.json) {
-    ctx.err << "rpoint: rpointd sent a reply that is not JSON\n";
-    return kExitServerError;
-  }
-  if (ctx.output == OutputFormat::kJson) {
-    PrintJson(ctx, *r.json);
-    return kExitOk;
-  }
-  const json& value = r.json->contains("value") ? (*r.json)["value"] : json::array();
-  if (value.empty()) {
-    ctx.err << "no disks\n";
-    return kExitOk;
-  }
-  Table t({"NAME", "SIZE", "KIND", "STATE", "CLIENTS", "PATH"});
-  for (const json& d : value) {
-    const json& p = Props(d);
-    t.add({Str(d, "name"), SizeText(p), Str(p, "kind"), Str(p, "diskState"),
-           Str(p, "attachedClients"), Str(p, "path")});
-  }
-  t.print(ctx.out);
-  return kExitOk;
+  return ListResources(ctx, "/disks", "no disks",
+                       {"NAME", "SIZE", "KIND", "STATE", "CLIENTS", "PATH"},
+                       [](const json& d) -> std::vector<std::string> {
+                         const json& p = Props(d);
+                         return {Str(d, "name"),
+                                 SizeText(p),
+                                 Str(p, "kind"),
+                                 Str(p, "diskState"),
+                                 Str(p, "attachedClients"),
+                                 Str(p, "path")};
+                       });
 }
 
 int Show(Context& ctx, const po::variables_map& vm) {

@@ -65,30 +65,14 @@ int Show(Context& ctx, const po::variables_map& vm) {
 }
 
 int List(Context& ctx, const po::variables_map&) {
-  HttpReply r;
-  int rc;
-  if (!Call(ctx, "GET", "/operations", std::nullopt, &r, &rc)) return rc;
-  if (!r.json) {
-    ctx.err << "rpoint: rpointd sent a reply that is not JSON\n";
-    return kExitServerError;
-  }
-  if (ctx.output == OutputFormat::kJson) {
-    PrintJson(ctx, *r.json);
-    return kExitOk;
-  }
-  const json& value = r.json->contains("value") ? (*r.json)["value"] : json::array();
-  if (value.empty()) {
-    ctx.err << "no operations\n";
-    return kExitOk;
-  }
-  Table t({"OPERATION", "KIND", "STATUS", "PROGRESS", "STARTED", "RESOURCE"});
-  for (const json& op : value) {
-    const json& p = op.contains("properties") ? op["properties"] : json::object();
-    t.add({Str(op, "name"), Str(p, "kind"), Str(op, "status"), std::to_string(Percent(op)) + "%",
-           Str(op, "startTime"), Str(p, "resourceId")});
-  }
-  t.print(ctx.out);
-  return kExitOk;
+  return ListResources(ctx, "/operations", "no operations",
+                       {"OPERATION", "KIND", "STATUS", "PROGRESS", "STARTED", "RESOURCE"},
+                       [](const json& op) -> std::vector<std::string> {
+                         const json& p = Props(op);
+                         return {Str(op, "name"),      Str(p, "kind"),
+                                 Str(op, "status"),    std::to_string(Percent(op)) + "%",
+                                 Str(op, "startTime"), Str(p, "resourceId")};
+                       });
 }
 
 }  // namespace

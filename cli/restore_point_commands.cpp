@@ -46,20 +46,12 @@ std::string Bytes(const json& props, const char* key) {
 // ---- regions ----
 
 int RegionList(Context& ctx, const po::variables_map&) {
-  HttpReply r;
-  int rc;
-  if (!Call(ctx, "GET", "/regions", std::nullopt, &r, &rc)) return rc;
-  if (ctx.output == OutputFormat::kJson) {
-    PrintJson(ctx, r.json.value_or(json::object()));
-    return kExitOk;
-  }
-  Table t({"NAME", "DEFAULT", "PATH"});
-  for (const json& g : Value(r)) {
-    const json& p = Props(g);
-    t.add({Str(g, "name"), Str(p, "default") == "true" ? "yes" : "", Str(p, "path")});
-  }
-  t.print(ctx.out);
-  return kExitOk;
+  return ListResources(
+      ctx, "/regions", nullptr, {"NAME", "DEFAULT", "PATH"},
+      [](const json& g) -> std::vector<std::string> {
+        const json& p = Props(g);
+        return {Str(g, "name"), Str(p, "default") == "true" ? "yes" : "", Str(p, "path")};
+      });
 }
 
 // region repair NAME / region gc NAME [--orphans]: synchronous, a JSON result.
@@ -132,26 +124,14 @@ int CollectionCreate(Context& ctx, const po::variables_map& vm) {
 }
 
 int CollectionList(Context& ctx, const po::variables_map&) {
-  HttpReply r;
-  int rc;
-  if (!Call(ctx, "GET", "/restorePointCollections", std::nullopt, &r, &rc)) return rc;
-  if (ctx.output == OutputFormat::kJson) {
-    PrintJson(ctx, r.json.value_or(json::object()));
-    return kExitOk;
-  }
-  if (Value(r).empty()) {
-    ctx.err << "no restore point collections\n";
-    return kExitOk;
-  }
-  Table t({"NAME", "VM", "REGION", "CREATED"});
-  for (const json& c : Value(r)) {
-    const json& p = Props(c);
-    std::string vm = p.contains("source") ? Str(p["source"], "id") : "";
-    if (vm.rfind("/vms/", 0) == 0) vm = vm.substr(5);
-    t.add({Str(c, "name"), vm, Str(c, "location"), Str(p, "timeCreated")});
-  }
-  t.print(ctx.out);
-  return kExitOk;
+  return ListResources(ctx, "/restorePointCollections", "no restore point collections",
+                       {"NAME", "VM", "REGION", "CREATED"},
+                       [](const json& c) -> std::vector<std::string> {
+                         const json& p = Props(c);
+                         std::string vm = p.contains("source") ? Str(p["source"], "id") : "";
+                         if (vm.rfind("/vms/", 0) == 0) vm = vm.substr(5);
+                         return {Str(c, "name"), vm, Str(c, "location"), Str(p, "timeCreated")};
+                       });
 }
 
 int CollectionShow(Context& ctx, const po::variables_map& vm) {
@@ -319,32 +299,21 @@ int PointCopy(Context& ctx, const po::variables_map& vm) {
 }
 
 int PointList(Context& ctx, const po::variables_map& vm) {
-  HttpReply r;
-  int rc;
   std::string path = "/restorePointCollections/" + Escape(Arg(vm, "name")) + "/restorePoints";
-  if (!Call(ctx, "GET", path, std::nullopt, &r, &rc)) return rc;
-  if (ctx.output == OutputFormat::kJson) {
-    PrintJson(ctx, r.json.value_or(json::object()));
-    return kExitOk;
-  }
-  if (Value(r).empty()) {
-    ctx.err << "no restore points\n";
-    return kExitOk;
-  }
-  Table t({"NAME", "STATE", "CONSISTENCY", "DISKS", "CREATED"});
-  for (const json& rp : Value(r)) {
-    const json& p = Props(rp);
-    std::string disks;
-    if (p.contains("sourceMetadata") && p["sourceMetadata"].contains("storageProfile")) {
-      for (const json& d : p["sourceMetadata"]["storageProfile"].value("disks", json::array())) {
-        disks += (disks.empty() ? "" : ", ") + Str(d, "name");
-      }
-    }
-    t.add({Str(rp, "name"), Str(p, "provisioningState"), Str(p, "consistencyMode"), disks,
-           Str(p, "timeCreated")});
-  }
-  t.print(ctx.out);
-  return kExitOk;
+  return ListResources(
+      ctx, path, "no restore points", {"NAME", "STATE", "CONSISTENCY", "DISKS", "CREATED"},
+      [](const json& rp) -> std::vector<std::string> {
+        const json& p = Props(rp);
+        std::string disks;
+        if (p.contains("sourceMetadata") && p["sourceMetadata"].contains("storageProfile")) {
+          for (const json& d :
+               p["sourceMetadata"]["storageProfile"].value("disks", json::array())) {
+            disks += (disks.empty() ? "" : ", ") + Str(d, "name");
+          }
+        }
+        return {Str(rp, "name"), Str(p, "provisioningState"), Str(p, "consistencyMode"), disks,
+                Str(p, "timeCreated")};
+      });
 }
 
 int PointShow(Context& ctx, const po::variables_map& vm) {

@@ -91,26 +91,11 @@ int Create(Context& ctx, const po::variables_map& vm) {
 }
 
 int List(Context& ctx, const po::variables_map&) {
-  HttpReply r;
-  int rc;
-  if (!Call(ctx, "GET", "/vms", std::nullopt, &r, &rc)) return rc;
-  json all = r.json.value_or(json::object());
-  if (ctx.output == OutputFormat::kJson) {
-    PrintJson(ctx, all);
-    return kExitOk;
-  }
-  const json value = all.contains("value") ? all["value"] : json::array();
-  if (value.empty()) {
-    ctx.err << "no VMs\n";
-    return kExitOk;
-  }
-  Table t({"NAME", "DISKS", "CREATED"});
-  for (const json& v : value) {
-    const json& p = Props(v);
-    t.add({Str(v, "name"), DiskList(p), Str(p, "timeCreated")});
-  }
-  t.print(ctx.out);
-  return kExitOk;
+  return ListResources(ctx, "/vms", "no VMs", {"NAME", "DISKS", "CREATED"},
+                       [](const json& v) -> std::vector<std::string> {
+                         const json& p = Props(v);
+                         return {Str(v, "name"), DiskList(p), Str(p, "timeCreated")};
+                       });
 }
 
 int Show(Context& ctx, const po::variables_map& vm) {
