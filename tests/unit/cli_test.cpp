@@ -228,11 +228,11 @@ TEST_CASE("NbdClientArgs: an access grant's URI as nbd-client arguments") {
         "-N " + t + " -unix /var/lib/rpointd/nbd.sock");
   CHECK(NbdClientArgs("nbds+unix:///" + t + "?socket=/run/r%3Ad/nbd.sock").value() ==
         "-N " + t + " -unix /run/r:d/nbd.sock -enable-tls");
-  for (const std::string bad :
-       {std::string("http://h/x"), "nbd://h:port/x", "nbd://h:1", "nbd://h:1/", "nbd://:1/x",
-        "nbd://[::1/x", "nbd://[::1]x/x", "nbds://alice@h:1/x", "nbd://h:1/x?tls-certificates=d",
-        "nbd+unix:///x", "nbd+unix:///x?socket=", "nbd+unix:///x?socket=/a%2",
-        "nbd+unix:///?socket=/s", "nbd+unix:///x?socket=/a%20b", "nbd+unix:///x?socket=-s",
+  for (const char* bad :
+       {"http://h/x", "nbd://h:port/x", "nbd://h:1", "nbd://h:1/", "nbd://:1/x", "nbd://[::1/x",
+        "nbd://[::1]x/x", "nbds://alice@h:1/x", "nbd://h:1/x?tls-certificates=d", "nbd+unix:///x",
+        "nbd+unix:///x?socket=", "nbd+unix:///x?socket=/a%2", "nbd+unix:///?socket=/s",
+        "nbd+unix:///x?socket=/a%20b", "nbd+unix:///x?socket=-s",
         "nbd+unix:///x?socket=/s&tls=1"}) {
     auto r = NbdClientArgs(bad);
     CHECK_MESSAGE(!r.ok(), bad);
