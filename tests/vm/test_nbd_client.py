@@ -108,3 +108,20 @@ def test_nbd_client_attaches_restored_disks_points_and_grants(tmp_path):
     assert m, "the guest printed no kernel log"
     bad = [x for x in m.group(1).splitlines() if KERNEL_READ_ERRORS.search(x)]
     assert not bad, "the guest kernel logged read errors:\n" + "\n".join(bad[:20])
+
+
+def test_kernel_read_error_lines_are_caught():
+    """The dmesg check is not vacuous: lines the 6.12 kernel prints when an NBD
+    read or write fails, or ext4 finds damage, match; the lane's normal
+    attach/detach lines do not."""
+    bad = ["[   51.2] I/O error, dev nbd0, sector 2048 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 2",
+           "[   51.3] Buffer I/O error on dev nbd0, logical block 0, async page read",
+           "[   52.0] EXT4-fs error (device nbd0): ext4_find_entry:1455: inode #2: comm ls: "
+           "reading directory lblock 0"]
+    good = ["[   23.8] nbd0: detected capacity change from 0 to 131072",
+            "[   30.0] EXT4-fs (nbd0): mounted filesystem 339f7c5c r/w with ordered data mode.",
+            "[   35.4] block nbd0: NBD_DISCONNECT",
+            "[   35.4] block nbd0: Disconnected due to user request.",
+            "[   35.4] block nbd0: shutting down sockets"]
+    assert all(KERNEL_READ_ERRORS.search(x) for x in bad)
+    assert not any(KERNEL_READ_ERRORS.search(x) for x in good)
