@@ -109,15 +109,24 @@ down_nbdkit() { $T/nbd-client -d /dev/nbd1 && kill "$(cat /tmp/nbdkit.pid)"; }
 # The ublk transport's API (issue #11): a disk created with export "ublk"
 # shows its block device in GET /disks/{d} properties.export.ublk.devicePath.
 up_ublk() {
-  $T/curl -sf --unix-socket $S/control.sock -X PUT -H 'Content-Type: application/json' \
-    -d "{\"properties\": {\"path\": \"$F\", \"export\": \"ublk\"}}" \
-    http://localhost/disks/bublk >/tmp/ublk.out || { cat /tmp/ublk.out >&2; return 1; }
+  code=$($T/curl -s -o /tmp/ublk.out -w '%{http_code}' --unix-socket $S/control.sock -X PUT \
+    -H 'Content-Type: application/json' \
+    -d "{\"properties\": {\"path\": \"$F\", \"export\": \"ublk\"}}" http://localhost/disks/bublk)
+  case "$code" in
+    2??) ;;
+    *) echo "ublk: PUT /disks/bublk answered $code: $(cat /tmp/ublk.out)" >&2; return 1 ;;
+  esac
   i=0
   while :; do
     dev=$($T/rpoint -o json disk show bublk | tr -d ' \n' |
           sed -n 's/.*"ublk":{[^}]*"devicePath":"\([^"]*\)".*/\1/p')
     [ -n "$dev" ] && [ -b "$dev" ] && break
-    i=$((i+1)); [ $i -gt 100 ] && { $T/rpoint -o json disk show bublk >&2; return 1; }
+    i=$((i+1))
+    if [ $i -gt 100 ]; then
+      echo "ublk: no properties.export.ublk.devicePath 10 s after the PUT:" >&2
+      $T/rpoint -o json disk show bublk >&2
+      return 1
+    fi
     sleep 0.1
   done
   echo "$dev"
@@ -125,7 +134,7 @@ up_ublk() {
 down_ublk() { $T/rpoint disk delete bublk >/dev/null; }
 
 for row in $ROWS; do
-  dev=$(up_$row) || die "$row: could not set up the device"
+  dev=$(up_$row 2>/tmp/up.err) || die "$row: could not set up the device: $(tr '\n' ' ' </tmp/up.err | cut -c1-600)"
   q=/sys/block/${dev#/dev/}/queue
   echo "@@QUEUE $row $dev max_sectors_kb=$(cat $q/max_sectors_kb) logical_block_size=$(cat $q/logical_block_size)@@"
   for job in $JOBNAMES; do
