@@ -4,6 +4,7 @@
 #include <ostream>
 
 #include "cli/command.h"
+#include "cli/nbd_client_args.h"
 
 namespace rpoint::cli {
 
@@ -81,8 +82,22 @@ int AccessGrant(Context& ctx, const po::variables_map& vm) {
     return kExitServerError;
   }
   // The URI alone on stdout (scripts: URI=$(rpoint access grant ...)); when
-  // it ends on stderr.
-  ctx.out << uri << "\n";
+  // it ends on stderr. --nbd-client: what nbd-client takes instead (it takes
+  // no URI): nbd-client $(rpoint access grant ... --nbd-client) /dev/nbd0.
+  if (vm.count("nbd-client")) {
+    auto args = NbdClientArgs(uri);
+    if (!args.ok()) {
+      ctx.err << "rpoint: " << args.status().message() << "\n";
+      return kExitServerError;
+    }
+    ctx.out << *args << "\n";
+    if (args->find("-enable-tls") != std::string::npos) {
+      ctx.err << "add -cacertfile CA (and -certfile CERT -keyfile KEY when the server asks for a "
+                 "client certificate)\n";
+    }
+  } else {
+    ctx.out << uri << "\n";
+  }
   ctx.err << "valid until " << Str(output, "expiryTime") << "\n";
   return kExitOk;
 }
@@ -112,7 +127,8 @@ void DeclareName(po::options_description&, po::options_description& h,
 
 void AddAccessCommands(std::vector<Command>& table) {
   table.push_back(
-      {"access", "grant", "COLLECTION/RESTORE_POINT/DISK --duration DURATION [--listener tcp|unix]",
+      {"access", "grant",
+       "COLLECTION/RESTORE_POINT/DISK --duration DURATION [--listener tcp|unix] [--nbd-client]",
        "grant time-limited read access to a disk restore point; prints its NBD URI",
        [](po::options_description& o, po::options_description& h,
           po::positional_options_description& p) {
@@ -120,7 +136,10 @@ void AddAccessCommands(std::vector<Command>& table) {
          o.add_options()("duration", po::value<std::string>()->value_name("DURATION")->required(),
                          "how long: seconds, or 90s, 15m, 1h, 7d")(
              "listener", po::value<std::string>()->value_name("tcp|unix"),
-             "which NBD listener the URI names (default: the daemon's access.listener)");
+             "which NBD listener the URI names (default: the daemon's access.listener)")(
+             "nbd-client",
+             "print nbd-client's arguments instead of the URI (-N TOKEN HOST PORT, or -N TOKEN "
+             "-unix PATH; -enable-tls for a TLS listener)");
        },
        AccessGrant});
   table.push_back({"access", "revoke", "COLLECTION/RESTORE_POINT/DISK",

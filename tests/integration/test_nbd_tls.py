@@ -24,33 +24,11 @@ from nbd_targets import (CMD_READ, CMD_WRITE, IHAVEOPT, OPT_ABORT, OPT_EXPORT_NA
                          OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_UNSUP,
                          SIMPLE_REPLY_MAGIC, RawClient, free_tcp_port)
 from rpointd_harness import Daemon
+from tls_pki import make_ca, make_cert
 
 REP_ERR_TLS_REQD = 2**31 + 5
 INFO_BLOCK_SIZE = 3
 MiB = 1 << 20
-
-
-def certtool(*args):
-    subprocess.run(["certtool", *args], check=True, capture_output=True)
-
-
-def make_ca(d, name):
-    d.mkdir(parents=True, exist_ok=True)
-    certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(d / "ca-key.pem"))
-    (d / "ca.info").write_text(f'cn = "{name}"\nca\ncert_signing_key\nexpiration_days = 30\n')
-    certtool("--generate-self-signed", "--load-privkey", str(d / "ca-key.pem"), "--template",
-             str(d / "ca.info"), "--outfile", str(d / "ca-cert.pem"))
-
-
-def make_cert(ca, d, role, cn, extra=""):
-    """role: server or client; writes <role>-cert.pem and <role>-key.pem into d."""
-    key, cert, info = d / f"{role}-key.pem", d / f"{role}-cert.pem", d / f"{role}.info"
-    certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(key))
-    usage = "tls_www_server" if role == "server" else "tls_www_client"
-    info.write_text(f'cn = "{cn}"\n{extra}{usage}\nsigning_key\nexpiration_days = 30\n')
-    certtool("--generate-certificate", "--load-privkey", str(key), "--load-ca-certificate",
-             str(ca / "ca-cert.pem"), "--load-ca-privkey", str(ca / "ca-key.pem"), "--template",
-             str(info), "--outfile", str(cert))
 
 
 @pytest.fixture(scope="module")

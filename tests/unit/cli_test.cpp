@@ -7,6 +7,7 @@
 
 #include "cli/app.h"
 #include "cli/command.h"
+#include "cli/nbd_client_args.h"
 #include "cli/size.h"
 #include "cli/table.h"
 
@@ -126,7 +127,8 @@ TEST_CASE("restore point verbs: argument parsing") {
            {"vm", "show", "web1"},
            {"vm", "delete", "web1"},
            {"vm", "restore", "c/rp1", "web2"},
-           {"vm", "restore", "c/rp1", "web2", "--disk-name", "a=new-a", "--disk-name", "b=x", "--wait"},
+           {"vm", "restore", "c/rp1", "web2", "--disk-name", "a=new-a", "--disk-name", "b=x",
+            "--wait"},
            {"collection", "create", "c", "--vm", "web1"},
            {"collection", "create", "c", "--vm", "web1", "--region", "nas"},
            {"collection", "list"},
@@ -157,12 +159,12 @@ TEST_CASE("restore point verbs: argument parsing") {
   for (std::vector<std::string> args : std::vector<std::vector<std::string>>{
            {"vm", "create"},
            {"vm", "restore", "c/rp1"},
-           {"vm", "restore", "c", "web2"},                 // not C/RP
-           {"vm", "restore", "c/rp1/x", "web2"},           // too many parts
+           {"vm", "restore", "c", "web2"},        // not C/RP
+           {"vm", "restore", "c/rp1/x", "web2"},  // too many parts
            {"vm", "restore", "c/rp1", "web2", "--disk-name", "a"},
            {"vm", "restore", "c/rp1", "web2", "--disk-name", "=b"},
            {"vm", "create", "web1", "--config", "/nonexistent/config.json"},
-           {"collection", "create", "c"},                  // --vm required
+           {"collection", "create", "c"},  // --vm required
            {"restore-point", "create", "c"},
            {"restore-point", "create", "c/"},
            {"restore-point", "create", "/rp"},
@@ -182,8 +184,8 @@ TEST_CASE("restore point verbs: argument parsing") {
     for (const auto& a : args) line += a + " ";
     CHECK_MESSAGE(Run(args, nullptr, &err) == 2, line << "-> " << err);
   }
-  CHECK(Run({kNoDaemon, "restore-point", "create", "c/rp1", "--consistency", "app"}, nullptr, &err) ==
-        2);
+  CHECK(Run({kNoDaemon, "restore-point", "create", "c/rp1", "--consistency", "app"}, nullptr,
+            &err) == 2);
   CHECK(err.find("fs or crash") != std::string::npos);
 }
 
@@ -212,4 +214,28 @@ TEST_CASE("default socket: /var/lib/rpointd if it is there, else /run/rpointd") 
   struct stat st;
   bool var_lib = ::stat(kDefaultSocket, &st) == 0 && S_ISSOCK(st.st_mode);
   CHECK(s == (var_lib ? kDefaultSocket : kSystemdSocket));
+}
+
+TEST_CASE("NbdClientArgs: an access grant's URI as nbd-client arguments") {
+  const std::string t(64, 'a');
+  CHECK(NbdClientArgs("nbd://10.0.0.1:10809/" + t).value() == "-N " + t + " 10.0.0.1 10809");
+  CHECK(NbdClientArgs("nbds://host.example:4000/" + t).value() ==
+        "-N " + t + " host.example 4000 -enable-tls");
+  CHECK(NbdClientArgs("nbd://[::1]:10809/" + t).value() == "-N " + t + " ::1 10809");
+  CHECK(NbdClientArgs("nbd://[::1]/" + t).value() == "-N " + t + " ::1 10809");
+  CHECK(NbdClientArgs("nbd://h/" + t).value() == "-N " + t + " h 10809");
+  CHECK(NbdClientArgs("nbd+unix:///" + t + "?socket=/var/lib/rpointd/nbd.sock").value() ==
+        "-N " + t + " -unix /var/lib/rpointd/nbd.sock");
+  CHECK(NbdClientArgs("nbds+unix:///" + t + "?socket=/run/r%3Ad/nbd.sock").value() ==
+        "-N " + t + " -unix /run/r:d/nbd.sock -enable-tls");
+  for (const char* bad :
+       {"http://h/x", "nbd://h:port/x", "nbd://h:1", "nbd://h:1/", "nbd://:1/x", "nbd://[::1/x",
+        "nbd://[::1]x/x", "nbds://alice@h:1/x", "nbd://h:1/x?tls-certificates=d", "nbd+unix:///x",
+        "nbd+unix:///x?socket=", "nbd+unix:///x?socket=/a%2", "nbd+unix:///?socket=/s",
+        "nbd+unix:///x?socket=/a%20b", "nbd+unix:///x?socket=-s",
+        "nbd+unix:///x?socket=/s&tls=1"}) {
+    auto r = NbdClientArgs(bad);
+    CHECK_MESSAGE(!r.ok(), bad);
+    if (!r.ok()) CHECK(r.status().message().find("nbd-client") != std::string::npos);
+  }
 }

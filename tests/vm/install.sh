@@ -2,7 +2,8 @@
 # tests/vm/install.sh: makes this machine able to run the VM lane.
 #   - the bookworm-backports apt source (the 6.12 cloud kernel lives there), on the
 #     same Debian mirror as the machine's other sources; idempotent;
-#   - qemu-system-x86, busybox-static, cpio, xz-utils, kmod (modinfo) (only those missing).
+#   - qemu-system-x86, busybox-static, cpio, xz-utils, kmod (modinfo), and what the lane's
+#     tests run inside the guest: nbd-client, fio (only those missing).
 # Run as root (CI is); prints nothing when everything is there already.
 set -euo pipefail
 SUDO=""
@@ -30,7 +31,7 @@ if ! ls /var/lib/apt/lists/ 2>/dev/null | grep -q 'bookworm-backports_main_binar
 fi
 
 missing=()
-for p in qemu-system-x86 busybox-static cpio xz-utils kmod; do
+for p in qemu-system-x86 busybox-static cpio xz-utils kmod nbd-client fio; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if ((need_update || ${#missing[@]})); then

@@ -206,6 +206,15 @@ class Initramfs:
                 if not os.path.exists(self._dest(lib)):
                     self.add_file(os.path.realpath(lib), lib)
 
+    def add_build_binaries(self, build, rels):
+        """rpointd's own binaries (paths relative to the meson build dir, e.g.
+        "daemon/rpointd") at /tools/<name>; a missing one is a LaneError."""
+        for rel in rels:
+            p = os.path.join(build, rel)
+            if not os.path.exists(p):
+                raise LaneError(f"{p} is missing: build first (ninja -C {build})")
+            self.add_binary(p)
+
     def add_modules(self, kernel, names):
         for n, ko in kernel.modules_with_deps(names):
             if n not in self.modules:
