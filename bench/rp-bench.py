@@ -10,6 +10,16 @@ copy-out, and the cut pause, each against an anchor measured in the same run.
   restore    PUT /disks/r {creationData: the incremental point's disk}: MiB/s
              of allocated data until the operation succeeds, against
              `cp --sparse=always` + fsync of the source disk's raw file.
+  anchors    the same full point and restore also against `qemu-img convert -O raw`
+             + sync, and against restic (a content-addressed backup tool): `restic
+             backup` of the raw image (first full, then after the same change:
+             restic rereads the image, rpointd reads only the change) and
+             `restic restore`. Bytes read by rpointd (/proc/PID/io rchar) and by
+             restic (total_bytes_processed) for each.
+  scale      a 1 TiB sparse disk, --scale-changed (1 GiB) changed in 1 MiB runs:
+             the incremental point's time, bytes read and stored, against cp
+             --sparse=always + sync of a 1 TiB sparse file holding the same runs
+             (restic would reread 1 TiB: its time is estimated from its rate).
   guest IOPS fio (nbd engine) 4k randwrite QD32 on a disk of a VM, first with no
              point in progress, then while a full point of that VM is being
              copied out (copy-before-write on every first write to a block
@@ -24,6 +34,7 @@ run it by hand on a quiet machine and paste the report into bench/RESULTS.md.
   bench/rp-bench.sh                 # full: 2 GiB disk, 1 GiB changed, 200 cuts (~5 min)
   bench/rp-bench.sh --quick         # smoke: 256 MiB disk, 128 MiB changed, 20 cuts (~1 min)
   bench/rp-bench.sh --only cut --cuts 500
+  bench/rp-bench.sh --only create,scale --no-restic
 """
 import argparse
 import atexit
@@ -48,7 +59,7 @@ import nbd  # noqa: E402  (python3-libnbd: run with /usr/bin/python3)
 from rpointd_harness import Daemon, operation_path  # noqa: E402
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
-PARTS = ["create", "restore", "iops", "cut"]
+PARTS = ["create", "restore", "iops", "cut", "scale"]
 LOAD_IOPS = 2000  # guest writes during the loaded cut series
 
 
@@ -75,6 +86,7 @@ class Bench:
         self.d = None
         self.fio_procs = []
         self.full_rate = None   # MiB/s of the full point, sizes the fio run of part iops
+        self.restic_rate = None  # MiB/s restic read the image at (part create)
 
     # ------------------------------------------------------------ plumbing
 
@@ -139,6 +151,66 @@ class Bench:
         os.unlink(dst)
         return dt
 
+    def qemu_convert(self, src, dst):
+        """Seconds for qemu-img convert -O raw + sync of the copy."""
+        if os.path.exists(dst):
+            os.unlink(dst)
+        self.drop_caches()
+        t0 = time.monotonic()
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", src, dst], check=True)
+        subprocess.run(["sync", dst], check=True)
+        dt = time.monotonic() - t0
+        os.unlink(dst)
+        return dt
+
+    def restic_env(self):
+        return dict(os.environ, RESTIC_REPOSITORY=os.path.join(self.tmp, "restic-repo"),
+                    RESTIC_PASSWORD="rp-bench",
+                    RESTIC_CACHE_DIR=os.path.join(self.tmp, "restic-cache"))
+
+    def restic_backup(self, path):
+        """(seconds, bytes restic read, bytes it added) for `restic backup` of path."""
+        env = self.restic_env()
+        if not os.path.exists(env["RESTIC_REPOSITORY"]):
+            subprocess.run(["restic", "init", "--quiet"], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+        self.drop_caches()
+        t0 = time.monotonic()
+        p = subprocess.run(["restic", "backup", "--json", "--host", "bench", path], env=env,
+                           check=True, capture_output=True, text=True)
+        dt = time.monotonic() - t0
+        summary = {}
+        for line in p.stdout.splitlines():
+            try:
+                j = json.loads(line)
+            except ValueError:
+                continue
+            if j.get("message_type") == "summary":
+                summary = j
+        return dt, summary.get("total_bytes_processed", 0), summary.get("data_added", 0)
+
+    def restic_restore(self, name):
+        """Seconds for `restic restore latest` of the image + sync of the file."""
+        env = self.restic_env()
+        target = os.path.join(self.tmp, "restic-target")
+        shutil.rmtree(target, ignore_errors=True)
+        self.drop_caches()
+        t0 = time.monotonic()
+        subprocess.run(["restic", "restore", "latest", "--target", target], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["sync", "-f", target], check=True)
+        dt = time.monotonic() - t0
+        shutil.rmtree(target, ignore_errors=True)
+        return dt
+
+    def rchar(self):
+        """Bytes rpointd has read by any syscall so far (/proc/PID/io rchar)."""
+        with open(f"/proc/{self.d.proc.pid}/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+        return 0
+
     def write_runs(self, uri, runs, seed):
         """1 MiB runs of seeded random data at the given offsets, over NBD."""
         rng = random.Random(seed)
@@ -197,6 +269,16 @@ class Bench:
         self.full_rate = base_mib / dt
         self.row("full point (first point of a disk)", base_mib / dt, "MiB/s",
                  "cp --sparse=always of the raw file", base_mib / cp)
+        qc = self.qemu_convert(raw, os.path.join(self.tmp, "a.qemu"))
+        self.row("full point (first point of a disk)", base_mib / dt, "MiB/s",
+                 "qemu-img convert -O raw of the raw file", base_mib / qc)
+        if self.a.restic:
+            rt, rread, _ = self.restic_backup(raw)
+            self.restic_rate = (a.size / MiB) / rt  # what restic reads per second
+            self.row("full point (first point of a disk)", base_mib / dt, "MiB/s",
+                     "restic backup of the raw file (first)", base_mib / rt)
+            self.notes.append(f"restic's first backup read {rread / MiB:.0f} MiB "
+                              f"(the whole {a.size >> 20} MiB image) in {rt:.1f} s")
 
         # Incremental: `changed` MiB in 1 MiB runs anywhere on the disk.
         changed = sorted(rng.sample(range(nruns), a.changed // MiB))
@@ -209,7 +291,9 @@ class Bench:
                 f.seek(r * MiB)
                 f.write(g.randbytes(MiB))
         self.drop_caches()
+        r0 = self.rchar()
         dt, rp = self.point("c", "inc")
+        inc_read = self.rchar() - r0
         drp = self.api_ok("GET", "/restorePointCollections/c/restorePoints/inc/"
                                  "diskRestorePoints/a").json["properties"]
         cp = self.cp_sparse(ref, os.path.join(self.tmp, "changed.copy"))
@@ -218,7 +302,16 @@ class Bench:
         self.row(f"incremental point ({mib} MiB changed)", mib / dt, "MiB/s",
                  "cp --sparse=always of the same bytes", mib / cp)
         self.notes.append(f"incremental point stored {drp['bytesStored'] / MiB:.1f} MiB for "
-                          f"{mib} MiB changed ({drp['blocksChanged']} blocks)")
+                          f"{mib} MiB changed ({drp['blocksChanged']} blocks); rpointd read "
+                          f"{inc_read / MiB:.0f} MiB for it (rchar)")
+        if self.a.restic:
+            rt, rread, radded = self.restic_backup(raw)
+            self.row(f"incremental point ({mib} MiB changed)", mib / dt, "MiB/s",
+                     "restic backup after the same change", mib / rt)
+            self.notes.append(f"restic's backup after the change read {rread / MiB:.0f} MiB "
+                              f"(the whole image again: no change tracking) and added "
+                              f"{radded / MiB:.0f} MiB in {rt:.1f} s; rpointd read "
+                              f"{inc_read / MiB:.0f} MiB in {dt:.1f} s")
         self.row(f"cut pause of that incremental point ({mib} MiB changed)",
                  rp["properties"]["instanceView"]["cutPauseMicroseconds"], "us")
 
@@ -236,6 +329,57 @@ class Bench:
         cp = self.cp_sparse(raw, os.path.join(self.tmp, "a.copy"))
         self.row(f"restore (create disk from a point, {allocated} MiB allocated)",
                  allocated / dt, "MiB/s", "cp --sparse=always of the raw file", allocated / cp)
+        qc = self.qemu_convert(raw, os.path.join(self.tmp, "a.qemu"))
+        self.row(f"restore (create disk from a point, {allocated} MiB allocated)",
+                 allocated / dt, "MiB/s", "qemu-img convert -O raw of the raw file",
+                 allocated / qc)
+        if self.a.restic:
+            rt = self.restic_restore(raw)
+            self.row(f"restore (create disk from a point, {allocated} MiB allocated)",
+                     allocated / dt, "MiB/s", "restic restore of the latest backup",
+                     allocated / rt)
+
+    def part_scale(self):
+        """1 TiB sparse disk, --scale-changed MiB changed: cost follows the change."""
+        a = self.a
+        d = self.d
+        d.create_disk("t", TiB)
+        d.create_vm("tvm", ["t"])
+        d.create_collection("ct", "tvm")
+        rng = random.Random(5)
+        nruns = TiB // MiB
+        base = rng.sample(range(nruns), 64)
+        self.write_runs(d.nbd_uri("t"), [r * MiB for r in base], seed=6)
+        self.point("ct", "base")
+        changed = sorted(rng.sample(range(nruns), a.scale_changed // MiB))
+        self.write_runs(d.nbd_uri("t"), [r * MiB for r in changed], seed=7)
+        ref = os.path.join(self.tmp, "scale.raw")
+        with open(ref, "wb") as f:
+            f.truncate(TiB)
+            g = random.Random(7)
+            for r in changed:
+                f.seek(r * MiB)
+                f.write(g.randbytes(MiB))
+        self.drop_caches()
+        r0 = self.rchar()
+        dt, _ = self.point("ct", "inc")
+        read = self.rchar() - r0
+        drp = self.api_ok("GET", "/restorePointCollections/ct/restorePoints/inc/"
+                                 "diskRestorePoints/t").json["properties"]
+        cp = self.cp_sparse(ref, os.path.join(self.tmp, "scale.copy"))
+        os.unlink(ref)
+        mib = len(changed)
+        self.row(f"scale: incremental point, 1 TiB disk, {mib} MiB changed", mib / dt, "MiB/s",
+                 "cp --sparse=always of a 1 TiB sparse file of the same runs", mib / cp)
+        note = (f"scale: the incremental point of {mib} MiB changed on the 1 TiB disk took "
+                f"{dt:.1f} s, read {read / MiB:.0f} MiB (rchar) and stored "
+                f"{drp['bytesStored'] / MiB:.0f} MiB")
+        if getattr(self, "restic_rate", None):
+            est = (TiB / MiB) / self.restic_rate
+            note += (f"; restic would reread the whole 1 TiB: about {est / 3600:.1f} h at the "
+                     f"{self.restic_rate:.0f} MiB/s it read the image in part create "
+                     "(an estimate, not run)")
+        self.notes.append(note)
 
     def part_iops(self):
         a = self.a
@@ -331,7 +475,7 @@ class Bench:
     def run(self):
         self.setup()
         parts = {"create": self.part_create_restore, "restore": None,
-                 "iops": self.part_iops, "cut": self.part_cut}
+                 "iops": self.part_iops, "cut": self.part_cut, "scale": self.part_scale}
         for p in self.a.only:
             if parts.get(p) is None:
                 continue
@@ -387,6 +531,10 @@ def main():
     ap.add_argument("--size", help="disk size (default 2G; --quick 256M)")
     ap.add_argument("--changed", help="changed data for the incremental point "
                                       "(default 1G; --quick 128M)")
+    ap.add_argument("--scale-changed", help="changed data on the 1 TiB disk of part scale "
+                                            "(default 1G; --quick 128M)")
+    ap.add_argument("--no-restic", dest="restic", action="store_false",
+                    help="skip the restic anchors")
     ap.add_argument("--runtime", type=int, help="seconds of fio per measurement "
                                                  "(default 8; --quick 3)")
     ap.add_argument("--cuts", type=int, help="points per cut-pause series (default 200; "
@@ -401,6 +549,7 @@ def main():
     a = ap.parse_args()
     a.size = parse_size(a.size or ("256M" if a.quick else "2G"))
     a.changed = parse_size(a.changed or ("128M" if a.quick else "1G"))
+    a.scale_changed = parse_size(a.scale_changed or ("128M" if a.quick else "1G"))
     a.runtime = a.runtime or (3 if a.quick else 8)
     a.cuts = a.cuts or (20 if a.quick else 200)
     a.only = [p.strip() for p in a.only.split(",") if p.strip()]
@@ -413,7 +562,7 @@ def main():
         ap.error("--size and --changed: whole MiB, changed <= size")
     if os.geteuid() != 0:
         log("warning: not root, the page cache is not dropped between copies")
-    for tool in ("fio", "nbdcopy", "cp", "dd"):
+    for tool in ("fio", "nbdcopy", "cp", "dd", "qemu-img") + (("restic",) if a.restic else ()):
         if shutil.which(tool) is None:
             ap.error(f"{tool} missing: bash scripts/install-deps.sh")
 

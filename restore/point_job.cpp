@@ -1,12 +1,14 @@
 // Creating a restore point: validation, then the job (hooks, cut, copy,
 // commit, the one transaction that makes it Succeeded, tracker retirement).
 // docs/restore-points.md explains the parent choice and crash behaviour.
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <chrono>
 #include <thread>
 
+#include "common/unique_fd.h"
 #include "disks/disk_files.h"
 #include "disks/disk_service.h"
 #include "engine/cut.h"
@@ -564,13 +566,29 @@ Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::PointWriter& w, Di
   }
   to_copy.store(bits->count());
 
+  // Each worker takes the next batch of up to kBatch changed blocks (set
+  // bits in disk order: the walk costs the changed blocks, never the disk),
+  // reads them and hands the batch to the writer in one put_many: one index
+  // lookup and one critical section per batch. Blocks of a batch are mostly
+  // adjacent, so the reads are sequential and the kernel reads ahead.
+  constexpr size_t kBatch = 16;
+  // Readahead hints on a descriptor of our own: the kernel reads each
+  // batch's runs in large requests at once (two workers: two batches in
+  // flight), instead of discovering them 64 KiB at a time. Only the blocks
+  // about to be copied, so an incremental point still reads only its change.
+  UniqueFd hint;
+  if (auto rec = disks_.get(snap.disk_name()); rec.ok()) {
+    hint.reset(::open(rec->path.c_str(), O_RDONLY | O_CLOEXEC));
+  }
   std::mutex mu;
   uint64_t cursor = 0;
   Status failure;
   auto work = [&] {
-    std::vector<char> buf(snap.granularity());
+    const size_t g = snap.granularity();
+    std::vector<char> buf(g * kBatch);
+    uint64_t slots[kBatch];
     for (;;) {
-      uint64_t b;
+      size_t n = 0;
       {
         std::lock_guard<std::mutex> lock(mu);
         if (!failure.ok()) return;
@@ -578,18 +596,31 @@ Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::PointWriter& w, Di
           failure = Status::Shutdown("daemon stopping");
           return;
         }
-        b = bits->find_next(cursor);
-        if (b >= bits->size()) return;
-        cursor = b + 1;
+        while (n < kBatch) {
+          uint64_t b = bits->find_next(cursor);
+          if (b >= bits->size()) break;
+          slots[n++] = b;
+          cursor = b + 1;
+        }
+        if (n == 0) return;
       }
-      Status s = snap.read_block(b, buf.data());
-      if (s.ok()) s = w.put(b, buf.data(), w.slot_bytes(b));
+      if (hint) {
+        for (size_t i = 0, j; i < n; i = j) {
+          for (j = i + 1; j < n && slots[j] == slots[j - 1] + 1; ++j) {
+          }
+          (void)::posix_fadvise(hint.get(), static_cast<off_t>(slots[i] * g),
+                                static_cast<off_t>((j - i) * g), POSIX_FADV_WILLNEED);
+        }
+      }
+      Status s;
+      for (size_t i = 0; i < n && s.ok(); ++i) s = snap.read_block(slots[i], buf.data() + i * g);
+      if (s.ok()) s = w.put_many(slots, n, buf.data());
       if (!s.ok()) {
         std::lock_guard<std::mutex> lock(mu);
         if (failure.ok()) failure = s;
         return;
       }
-      copied.fetch_add(1);
+      copied.fetch_add(n);
     }
   };
   unsigned nthreads = std::max(1u, options_.copy_threads);

@@ -94,6 +94,30 @@ Result<std::optional<ObjectLoc>> Catalog::lookup(const Digest& d) {
                                             uint32_t(st.column_int(2))});
 }
 
+Result<std::vector<std::optional<ObjectLoc>>> Catalog::lookup_many(const Digest* d, size_t n) {
+  std::vector<std::optional<ObjectLoc>> out(n);
+  if (n == 0) return out;
+  std::lock_guard<std::mutex> lock(rd_mu_);
+  // One read transaction for the batch, not one per statement.
+  STORE_RETURN_IF_ERROR(rd_->exec("BEGIN"));
+  struct End {
+    SqliteDb& db;
+    ~End() { (void)db.exec("COMMIT"); }
+  } end{*rd_};
+  STORE_ASSIGN_OR_RETURN(
+      auto st, rd_->prepare_cached("SELECT pack, offset, length FROM objects WHERE digest=?"));
+  for (size_t i = 0; i < n; ++i) {
+    if (i > 0) st.reset();
+    BindDigest(st, 1, d[i]);
+    STORE_ASSIGN_OR_RETURN(auto row, st.step());
+    if (row) {
+      out[i] = ObjectLoc{uint64_t(st.column_int(0)), uint64_t(st.column_int(1)),
+                         uint32_t(st.column_int(2))};
+    }
+  }
+  return out;
+}
+
 Result<PointId> Catalog::add_pack(const SealedPack& pack, const PointRecord* point) {
   std::lock_guard<std::mutex> lock(wr_mu_);
   STORE_ASSIGN_OR_RETURN(auto txn, SqliteTxn::Begin(*wr_));

@@ -84,6 +84,10 @@ class Catalog {
 
   // --- chunk index -----------------------------------------------------------
   Result<std::optional<ObjectLoc>> lookup(const Digest& d);
+  // The same for n digests in one go (one lock, one cached statement): what a
+  // writer's batch of chunks or a reader's leaf of slots asks, without a
+  // round trip per chunk. out[i] answers d[i].
+  Result<std::vector<std::optional<ObjectLoc>>> lookup_many(const Digest* d, size_t n);
   // Adds a sealed pack and its objects (an object already indexed elsewhere
   // keeps its first location; a pack already listed is not an error, so a
   // rebuild and a writer may both add it), and, when `point` is given, the

@@ -31,27 +31,45 @@ Result<std::vector<PointReader::Location>> PointReader::resolve(uint64_t first, 
   }
   STORE_ASSIGN_OR_RETURN(auto leaf, tree_.page(1, first >> kFanoutShift));
   std::vector<Location> out(count);
+  std::vector<Digest> want;
+  std::vector<uint32_t> at;  // want[j] is slot first + at[j]
+  want.reserve(count);
+  at.reserve(count);
   for (uint32_t i = 0; i < count; ++i) {
     const Digest& d = leaf->e[(first + i) & (kFanout - 1)];
     if (d.is_zero()) continue;
     out[i].digest = d;
-    auto where = store_->locate(d);
-    if (!where.ok()) {
-      // A pack file gone missing is damage to report per slot, not a reason
-      // to fail the slots around it.
-      if (where.status().code() == Code::kNotFound) {
-        out[i].state = Location::kMissing;
-        continue;
-      }
-      return where.status();
-    }
-    if (!where.value()) {
-      out[i].state = Location::kMissing;
+    want.push_back(d);
+    at.push_back(i);
+  }
+  if (want.empty()) return out;
+  // The whole leaf's chunks in one index lookup, not a round trip per chunk.
+  std::shared_lock<std::shared_mutex> g(store_->gc_mu_);
+  STORE_ASSIGN_OR_RETURN(auto locs, store_->catalog_->lookup_many(want.data(), want.size()));
+  std::shared_ptr<PackFd> fd;
+  for (size_t j = 0; j < want.size(); ++j) {
+    Location& l = out[at[j]];
+    if (!locs[j]) {
+      l.state = Location::kMissing;
       continue;
     }
-    out[i].state = Location::kData;
-    out[i].offset = where.value()->first.offset;
-    out[i].pack = std::move(where.value()->second);
+    if (!fd || fd->id != locs[j]->pack) {
+      auto f = store_->pack_fd_locked(locs[j]->pack);
+      if (!f.ok()) {
+        // A pack file gone missing is damage to report per slot, not a reason
+        // to fail the slots around it.
+        if (f.status().code() == Code::kNotFound) {
+          l.state = Location::kMissing;
+          fd.reset();
+          continue;
+        }
+        return f.status();
+      }
+      fd = std::move(f).value();
+    }
+    l.state = Location::kData;
+    l.offset = locs[j]->offset;
+    l.pack = fd;
   }
   return out;
 }

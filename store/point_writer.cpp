@@ -58,9 +58,27 @@ Status PointWriter::put(uint64_t slot, const void* data, size_t len) {
   // The expensive part, outside every lock. Bytes past the disk's end are not
   // part of the disk: the partial last chunk is named and stored zero-padded,
   // so a later grown disk reads zeroes there.
-  if (IsAllZero(data, want)) return put_digest(slot, Digest{}, nullptr, 0);
-  Digest d = Sha256Padded(data, want, params_.chunk_size);
-  return put_digest(slot, d, data, want);
+  Item it{slot, Digest{}, nullptr, 0};
+  if (!IsAllZero(data, want))
+    it = Item{slot, Sha256Padded(data, want, params_.chunk_size), data, want};
+  return put_items(&it, 1);
+}
+
+Status PointWriter::put_many(const uint64_t* slots, size_t n, const char* data) {
+  if (data == nullptr) return Status::InvalidArgument("put without data (use put_hole)");
+  std::vector<Item> items(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (slots[i] >= slots_) {
+      return Status::OutOfRange("slot " + std::to_string(slots[i]) + " is beyond the disk's " +
+                                std::to_string(slots_) + " slots");
+    }
+    const char* p = data + i * params_.chunk_size;
+    uint32_t want = slot_bytes(slots[i]);
+    items[i] = IsAllZero(p, want)
+                   ? Item{slots[i], Digest{}, nullptr, 0}
+                   : Item{slots[i], Sha256Padded(p, want, params_.chunk_size), p, want};
+  }
+  return put_items(items.data(), n);
 }
 
 Status PointWriter::put_hole(uint64_t slot) {
@@ -68,7 +86,8 @@ Status PointWriter::put_hole(uint64_t slot) {
     return Status::OutOfRange("slot " + std::to_string(slot) + " is beyond the disk's " +
                               std::to_string(slots_) + " slots");
   }
-  return put_digest(slot, Digest{}, nullptr, 0);
+  Item it{slot, Digest{}, nullptr, 0};
+  return put_items(&it, 1);
 }
 
 Status PointWriter::put_known(uint64_t slot, const Digest& d) {
@@ -76,7 +95,8 @@ Status PointWriter::put_known(uint64_t slot, const Digest& d) {
     return Status::OutOfRange("slot " + std::to_string(slot) + " is beyond the disk's " +
                               std::to_string(slots_) + " slots");
   }
-  return put_digest(slot, d, nullptr, 0);  // a zero digest: a hole
+  Item it{slot, d, nullptr, 0};  // a zero digest: a hole
+  return put_items(&it, 1);
 }
 
 Result<std::shared_ptr<const Page>> PointWriter::base_page(uint32_t level, uint64_t index) {
@@ -84,85 +104,129 @@ Result<std::shared_ptr<const Page>> PointWriter::base_page(uint32_t level, uint6
   return base_.page(level, index);
 }
 
-Status PointWriter::put_digest(uint64_t slot, const Digest& d, const void* data, size_t len) {
-  const uint64_t leaf = slot >> kFanoutShift;
-  bool need_base;
+Status PointWriter::put_items(const Item* items, size_t n) {
+  if (n == 0) return Status::Ok();
+  // Leaves touched for the first time start as the parent's leaf page.
+  // Loading one may read a pack: no lock held (the parent is pinned). A leaf
+  // known here stays known until commit, so `bases` has every leaf the locked
+  // section below needs.
+  std::vector<uint64_t> need;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!failed_.ok()) return failed_;
     if (done_) return Status::InvalidArgument("point writer is already committed or abandoned");
-    need_base = !resident_.count(leaf) && !spilled_.count(leaf);
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t leaf = items[i].slot >> kFanoutShift;
+      if (!resident_.count(leaf) && !spilled_.count(leaf) &&
+          std::find(need.begin(), need.end(), leaf) == need.end()) {
+        need.push_back(leaf);
+      }
+    }
   }
-  // The parent's leaf page is the starting point of a leaf touched for the
-  // first time. Loading it may read a pack: no lock held (the parent is
-  // pinned). A leaf known above stays known until commit, so `base` is set
-  // whenever the locked section below needs it.
-  std::shared_ptr<const Page> base;
-  if (need_base) {
+  std::vector<std::pair<uint64_t, std::shared_ptr<const Page>>> bases;
+  for (uint64_t leaf : need) {
     auto b = base_page(1, leaf);
     if (!b.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_.ok()) failed_ = b.status();
       return b.status();
     }
-    base = std::move(b).value();
+    bases.emplace_back(leaf, std::move(b).value());
   }
-  std::unique_ptr<PackWriter> to_seal;
-  std::list<DigestSet>::iterator sealing_it;
   {
+    // The index lookups under the same gc_mu_ hold as the references they
+    // lead to, so a GC pass cannot drop an object between the two.
     std::shared_lock<std::shared_mutex> g(store_->gc_mu_);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!failed_.ok()) return failed_;
-    if (!d.is_zero()) {
-      Status s = store_object_locked(ObjectKind::kChunk, d, data, len, params_.chunk_size, &to_seal,
-                                     &sealing_it);
-      // put_known of a chunk the store lacks: the caller sends the data.
-      if (s.code() == Code::kNotFound && data == nullptr) return s;
-      if (!s.ok()) {
-        failed_ = s;
-        return s;
+    std::vector<Digest> want;
+    std::vector<size_t> at;
+    for (size_t i = 0; i < n; ++i) {
+      if (!items[i].d.is_zero()) {
+        want.push_back(items[i].d);
+        at.push_back(i);
       }
     }
-    Page* page;
-    auto rit = resident_.find(leaf);
-    if (rit != resident_.end()) {
-      page = rit->second.get();
-    } else {
-      auto np = std::make_unique<Page>();
-      if (spilled_.count(leaf)) {
-        Status s = load_spilled_locked(leaf, np.get());
+    uint64_t epoch;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      epoch = seal_epoch_;
+    }
+    std::vector<std::optional<bool>> indexed(n);
+    if (!want.empty()) {
+      auto locs = store_->catalog_->lookup_many(want.data(), want.size());
+      if (!locs.ok()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (failed_.ok()) failed_ = locs.status();
+        return locs.status();
+      }
+      for (size_t j = 0; j < want.size(); ++j) indexed[at[j]] = locs.value()[j].has_value();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!failed_.ok()) return failed_;
+    for (size_t i = 0; i < n; ++i) {
+      const Item& it = items[i];
+      const uint64_t leaf = it.slot >> kFanoutShift;
+      if (!it.d.is_zero()) {
+        Status s = store_object_locked(ObjectKind::kChunk, it.d, it.data, it.len,
+                                       params_.chunk_size, indexed[i], epoch);
+        // put_known of a chunk the store lacks: the caller sends the data.
+        if (s.code() == Code::kNotFound && it.data == nullptr && n == 1) return s;
         if (!s.ok()) {
           failed_ = s;
           return s;
         }
-        spilled_.erase(leaf);
+      }
+      Page* page;
+      auto rit = resident_.find(leaf);
+      if (rit != resident_.end()) {
+        page = rit->second.get();
       } else {
-        *np = *base;
+        auto np = std::make_unique<Page>();
+        if (spilled_.count(leaf)) {
+          Status s = load_spilled_locked(leaf, np.get());
+          if (!s.ok()) {
+            failed_ = s;
+            return s;
+          }
+          spilled_.erase(leaf);
+        } else {
+          auto bit = std::find_if(bases.begin(), bases.end(),
+                                  [&](const auto& b) { return b.first == leaf; });
+          if (bit == bases.end()) {
+            failed_ = Status::Internal("point writer: leaf " + std::to_string(leaf) +
+                                       " has no base page");
+            return failed_;
+          }
+          *np = *bit->second;
+        }
+        page = np.get();
+        resident_.emplace(leaf, std::move(np));
+        Status s = evict_locked(leaf);
+        if (!s.ok()) {
+          failed_ = s;
+          return s;
+        }
       }
-      page = np.get();
-      resident_.emplace(leaf, std::move(np));
-      Status s = evict_locked(leaf);
-      if (!s.ok()) {
-        failed_ = s;
-        return s;
-      }
+      page->e[it.slot & (kFanout - 1)] = it.d;
+      ++put_slots_;
     }
-    page->e[slot & (kFanout - 1)] = d;
-    ++put_slots_;
   }
-  if (to_seal) return seal_and_index(std::move(to_seal), sealing_it);
+  wait_seal_room();
   return Status::Ok();
 }
 
 Status PointWriter::store_object_locked(ObjectKind kind, const Digest& d, const void* data,
                                         size_t len, size_t stored_len,
-                                        std::unique_ptr<PackWriter>* to_seal,
-                                        std::list<DigestSet>::iterator* sealing_it) {
+                                        const std::optional<bool>& indexed, uint64_t epoch) {
   bool known = pack_digests_.count(d) > 0;
   for (auto it = sealing_.begin(); !known && it != sealing_.end(); ++it) known = it->count(d) > 0;
   if (!known) {
-    STORE_ASSIGN_OR_RETURN(auto loc, store_->catalog_->lookup(d));
-    known = loc.has_value();
+    if (indexed && (*indexed || epoch == seal_epoch_)) {
+      // No pack of this writer entered the index since the lookup: it still holds.
+      known = *indexed;
+    } else {
+      STORE_ASSIGN_OR_RETURN(auto loc, store_->catalog_->lookup(d));
+      known = loc.has_value();
+    }
   }
   if (!known && data == nullptr) {
     return Status::NotFound("chunk " + d.hex() + " is not in this store");
@@ -181,11 +245,13 @@ Status PointWriter::store_object_locked(ObjectKind kind, const Digest& d, const 
     } else {
       ++new_pages_;
     }
-    if (pack_->bytes() >= store_->options().pack_target_bytes && !*to_seal) {
-      *to_seal = std::move(pack_);
+    if (pack_->bytes() >= store_->options().pack_target_bytes) {
       sealing_.push_back(std::move(pack_digests_));
       pack_digests_ = DigestSet();
-      *sealing_it = std::prev(sealing_.end());
+      seal_queue_.push_back(ToSeal{std::move(pack_), std::prev(sealing_.end())});
+      ++sealing_busy_;
+      if (!sealer_.joinable()) sealer_ = std::thread([this] { sealer_loop(); });
+      seal_cv_.notify_all();
     }
   }
   // Reused or new, this writer now depends on the object: tell the GC.
@@ -193,9 +259,48 @@ Status PointWriter::store_object_locked(ObjectKind kind, const Digest& d, const 
   return Status::Ok();
 }
 
+void PointWriter::sealer_loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    seal_cv_.wait(lock, [&] { return sealer_stop_ || !seal_queue_.empty(); });
+    if (seal_queue_.empty()) return;  // stopping, nothing left
+    ToSeal job = std::move(seal_queue_.front());
+    seal_queue_.pop_front();
+    lock.unlock();
+    (void)seal_and_index(std::move(job.pack), job.it);  // records a failure in failed_
+    lock.lock();
+    --sealing_busy_;
+    seal_cv_.notify_all();
+  }
+}
+
+void PointWriter::wait_seal_room() {
+  // Two full packs waiting is enough to keep the sealer busy; more would only
+  // hold their memory and let the copier run ahead of the disk.
+  constexpr size_t kMaxQueued = 2;
+  std::unique_lock<std::mutex> lock(mu_);
+  seal_cv_.wait(lock, [&] { return seal_queue_.size() < kMaxQueued || !failed_.ok(); });
+}
+
+void PointWriter::stop_sealer(bool drop) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (drop) {
+    // Unsealed packs unlink their temp files; nothing names their objects.
+    for (auto& job : seal_queue_) sealing_.erase(job.it);
+    sealing_busy_ -= seal_queue_.size();
+    seal_queue_.clear();
+  }
+  seal_cv_.wait(lock, [&] { return sealing_busy_ == 0; });
+  sealer_stop_ = true;
+  seal_cv_.notify_all();
+  std::thread t = std::move(sealer_);
+  lock.unlock();
+  if (t.joinable()) t.join();
+}
+
 Status PointWriter::seal_and_index(std::unique_ptr<PackWriter> pack,
                                    std::list<DigestSet>::iterator it) {
-  // Seal (fdatasync + rename) and index outside the writer's lock: other put()
+  // Seal (fdatasync + rename) and index outside the writer's lock: put()
   // threads keep hashing and appending to the next pack meanwhile. The pack's
   // digests stay in sealing_ until the index has them, so dedup never misses.
   Status s;
@@ -208,7 +313,9 @@ Status PointWriter::seal_and_index(std::unique_ptr<PackWriter> pack,
   }
   std::lock_guard<std::mutex> lock(mu_);
   sealing_.erase(it);
+  ++seal_epoch_;
   if (!s.ok() && failed_.ok()) failed_ = s;
+  seal_cv_.notify_all();
   return s;
 }
 
@@ -241,15 +348,12 @@ Status PointWriter::load_spilled_locked(uint64_t leaf, Page* out) {
 Result<Digest> PointWriter::write_page(const Page& p) {
   if (p.is_zero()) return Digest{};
   Digest d = Sha256(&p, kPageBytes);
-  std::unique_ptr<PackWriter> to_seal;
-  std::list<DigestSet>::iterator sealing_it;
   {
     std::shared_lock<std::shared_mutex> g(store_->gc_mu_);
     std::lock_guard<std::mutex> lock(mu_);
-    STORE_RETURN_IF_ERROR(store_object_locked(ObjectKind::kPage, d, &p, kPageBytes, kPageBytes,
-                                              &to_seal, &sealing_it));
+    STORE_RETURN_IF_ERROR(store_object_locked(ObjectKind::kPage, d, &p, kPageBytes, kPageBytes));
   }
-  if (to_seal) STORE_RETURN_IF_ERROR(seal_and_index(std::move(to_seal), sealing_it));
+  wait_seal_room();
   return d;
 }
 
@@ -267,6 +371,7 @@ Result<PointInfo> PointWriter::commit() {
   std::sort(leaves.begin(), leaves.end());
 
   auto fail = [this](const Status& s) -> Status {
+    stop_sealer(true);
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_.ok()) failed_ = s;
@@ -333,13 +438,19 @@ Result<PointInfo> PointWriter::commit() {
     root = parent_->root;  // nothing changed, same size class: same tree
   }
 
+  // Every earlier pack is durable and indexed before the last one goes in
+  // with the record: the record may only name indexed objects.
+  stop_sealer(false);
   // The last pack holds the top pages; sealing it and indexing its objects in
   // the same transaction as the point record is what makes the point exist.
   std::unique_ptr<PackWriter> last;
+  Status sealed_ok;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    sealed_ok = failed_;  // a pack the sealer could not make durable or index
     last = std::move(pack_);
   }
+  if (!sealed_ok.ok()) return fail(sealed_ok);
   SealedPack sealed;
   if (last) {
     auto r = last->seal();
@@ -378,6 +489,7 @@ Result<PointInfo> PointWriter::commit() {
 }
 
 void PointWriter::abandon() {
+  stop_sealer(true);
   {
     std::lock_guard<std::mutex> lock(mu_);
     done_ = true;

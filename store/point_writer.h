@@ -19,17 +19,24 @@
 // exist; destroying the writer (or abandon()) leaves at most unreferenced,
 // indexed objects that the next GC frees.
 //
-// Thread-safety: put() and put_hole() may be called from several threads at
-// once (different slots; a slot put twice keeps one of the two). commit() and
+// Full packs are sealed (fdatasync, rename, indexed in one transaction) by
+// the writer's own sealer thread, in the background, at most a few queued;
+// commit() waits for them before it indexes the last pack with the record.
+//
+// Thread-safety: put(), put_many() and put_hole() may be called from several
+// threads at once (different slots; a slot put twice keeps one of the two). commit() and
 // abandon() must not overlap any put().
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <list>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <unordered_set>
 #include <vector>
 
@@ -57,6 +64,11 @@ class PointWriter {
   // the last slot anything up to chunk_size: bytes past the disk end are
   // ignored). Data is copied; the buffer may be reused once put() returns.
   Status put(uint64_t slot, const void* data, size_t len);
+  // put() for n slots at once: slot slots[i] takes slot_bytes(slots[i]) bytes
+  // at data + i * chunk_size(). Hashing runs outside every lock as put()'s;
+  // the dedup lookups of the whole batch are one index query and the appends
+  // one critical section, so the copier pays per batch, not per chunk.
+  Status put_many(const uint64_t* slots, size_t n, const char* data);
   // The slot reads as zeroes and is stored as a hole (trimmed or zeroed).
   Status put_hole(uint64_t slot);
   // Names chunk `d` at `slot` without its data, if this store holds it (a
@@ -76,13 +88,30 @@ class PointWriter {
 
   PointWriter(std::shared_ptr<Store> store, PointParams params, std::optional<PointRecord> parent);
 
-  Status put_digest(uint64_t slot, const Digest& d, const void* data, size_t len);
+  // One slot's new content: a digest (zero: a hole) and, for put(), its data.
+  struct Item {
+    uint64_t slot;
+    Digest d;
+    const void* data;
+    size_t len;
+  };
+  Status put_items(const Item* items, size_t n);
   // Dedups and, when new, appends `d` to the open pack; records the reference.
-  // Caller holds store_->gc_mu_ (shared) and mu_. A pack that became full is
-  // handed back in *to_seal for the caller to seal after unlocking.
+  // Caller holds store_->gc_mu_ (shared) and mu_. `indexed`: what an index
+  // lookup made under the same gc_mu_ hold said, when the caller made one
+  // (trusted unless a pack left sealing_ since: seal_epoch_ != `epoch`). A
+  // pack that became full goes to the sealer thread.
   Status store_object_locked(ObjectKind kind, const Digest& d, const void* data, size_t len,
-                             size_t stored_len, std::unique_ptr<PackWriter>* to_seal,
-                             std::list<DigestSet>::iterator* sealing_it);
+                             size_t stored_len, const std::optional<bool>& indexed = std::nullopt,
+                             uint64_t epoch = 0);
+  // The sealer thread: seals queued packs in order, then indexes each one.
+  void sealer_loop();
+  // Waits (mu_ not held) while too many full packs wait for the sealer, so
+  // memory stays bounded when the disk is slower than the hashing.
+  void wait_seal_room();
+  // Waits until every queued pack is sealed and indexed; stops the sealer.
+  // With `drop`, queued packs not yet started are discarded instead.
+  void stop_sealer(bool drop);
   Status seal_and_index(std::unique_ptr<PackWriter> pack, std::list<DigestSet>::iterator it);
   // Page of the parent tree at (level, index) as seen at this writer's depth.
   Result<std::shared_ptr<const Page>> base_page(uint32_t level, uint64_t index);
@@ -105,7 +134,20 @@ class PointWriter {
   bool done_ = false;  // committed or abandoned
   std::unique_ptr<PackWriter> pack_;
   DigestSet pack_digests_;        // objects in pack_ (not yet indexed)
-  std::list<DigestSet> sealing_;  // objects in packs being sealed by some thread
+  std::list<DigestSet> sealing_;  // objects in packs queued for or being sealed
+  // Full packs the sealer thread makes durable and indexes (fdatasync, rename,
+  // the index transaction) while put() threads go on hashing and appending:
+  // no copier ever waits for a sync unless the queue is full.
+  struct ToSeal {
+    std::unique_ptr<PackWriter> pack;
+    std::list<DigestSet>::iterator it;
+  };
+  std::deque<ToSeal> seal_queue_;
+  size_t sealing_busy_ = 0;  // queued + being sealed
+  uint64_t seal_epoch_ = 0;  // bumped whenever a pack leaves sealing_
+  bool sealer_stop_ = false;
+  std::condition_variable seal_cv_;
+  std::thread sealer_;
   std::map<uint64_t, std::unique_ptr<Page>> resident_;  // changed leaves in memory
   std::unordered_set<uint64_t> spilled_;                // changed leaves in scratch_
   UniqueFd scratch_;
