@@ -14,10 +14,11 @@
 // three steps (engine/cut.h): arm() makes the next generation's file and arms
 // the flip on the cut's CutSwitch; the switch's publish() is the flip (one
 // store shared by all of a VM's disks, no lock, no I/O, no gate); settle()
-// then files the frozen generation away. flip() does all three for one disk. Frozen generations
-// stay on disk until the restore point that copied them has succeeded (retire_through()); a failed
-// point keeps them, so the next point still sees every change. changed() is the union of all frozen
-// generations: the copier's work list.
+// then files the frozen generation away. flip() does all three for one disk.
+// Frozen generations stay on disk until the restore point that copied them has
+// succeeded (retire_through()); a failed point keeps them, so the next point
+// still sees every change. changed() is the union of all frozen generations:
+// the copier's work list.
 //
 // Several consumers (restore point collections of one VM) may each have
 // captured the disk up to a different generation: changed(after) is the union
@@ -27,9 +28,9 @@
 // apart from one of a later tracker of a disk recreated under the same name:
 // a random number made with the directory, kept in <dir>/id.
 //
-// The epoch (== the number of the generation that takes new marks) is read
-// lock-free: one atomic word (epoch, armed); only while armed does a reader
-// also look at the switch. Marks always go into the generation of the epoch
+// The epoch (== the number of the generation that takes new marks) is one
+// atomic word (epoch, armed bit); only while a cut is armed does a reader also
+// load the Arm (an atomic shared_ptr) and its switch. Never a mutex. Marks always go into the generation of the epoch
 // current when they are written (the flusher picks it per batch), and one
 // flusher writes batches in order, so a frozen generation gains no bit once any
 // bit of the next one is visible: a write of the new epoch that finds its

@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstdlib>
 
+#include "common/fault_injection.h"
+
 namespace rpoint {
 namespace {
 
@@ -81,7 +83,11 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
   // The cut: one store moves every disk to the new epoch.
   auto t0 = std::chrono::steady_clock::now();
   sw->publish();
-  for (const auto& d : disks) d->settle_cut();
+  for (const auto& d : disks) {
+    // Tests: a cutting thread preempted here (delay<MS>) must hold no write.
+    fault::Hit("cut.settle");
+    d->settle_cut();
+  }
   out.pause = std::chrono::steady_clock::now() - t0;
   return out;
 }
