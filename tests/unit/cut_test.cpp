@@ -568,3 +568,78 @@ TEST_CASE("cut: the epoch switch never lets a point hold a write without one it 
   CHECK(bad == 0);
   CHECK(raced > cuts);  // the writers really raced the cuts
 }
+
+TEST_CASE("cut: a cutting thread stopped in the middle of a cut holds no write") {
+  // On 2 vCPUs the cutting thread can lose its CPU at any moment. Stop it
+  // after the cut took effect (the tracker's epoch moved) until every chain of
+  // dependent writes across the two disks had 3 more writes acknowledged (at
+  // most 8 s; the rule's delay ends when the test disarms it). With a gate,
+  // a chain could finish only the one write it had in flight.
+  TempDir tmp;
+  OneLoop loop0, loop1;
+  const uint64_t bytes = 64 * kGran;
+  std::vector<std::shared_ptr<FileDisk>> disks = {MakeDisk(tmp.path, "d0", bytes, {}, 0),
+                                                  MakeDisk(tmp.path, "d1", bytes, {}, 0)};
+  Reactor* reactors[2] = {loop0.reactor.get(), loop1.reactor.get()};
+  std::atomic<bool> stop{false};
+  std::vector<std::unique_ptr<Chain>> chains;
+  for (int c = 0; c < 4; ++c) {
+    auto ch = std::make_unique<Chain>();
+    int a = c % 2;
+    ch->disk[0] = disks[a].get();
+    ch->disk[1] = disks[1 - a].get();
+    ch->reactor[0] = reactors[a];
+    ch->reactor[1] = reactors[1 - a];
+    ch->base_sector = c * Chain::kSectors;
+    ch->stop = &stop;
+    chains.push_back(std::move(ch));
+  }
+  for (auto& ch : chains) ch->start();
+  // Writes a chain has had acknowledged (each ack raises one of the two by 1).
+  auto acked = [&] {
+    std::vector<uint64_t> n;
+    for (auto& ch : chains) n.push_back(ch->acked[0].load() + ch->acked[1].load());
+    return n;
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const uint64_t before = disks[0]->tracker()->epoch();
+  fault::Arm(fault::ParseRules("cut.settle=delay8000").value());
+  std::atomic<bool> cut_done{false};
+  Result<CutResult> cut = Status::Internal("not run");
+  std::thread cutter([&] {
+    cut = CutDisks(disks, tmp.path.string(), "stopped");
+    cut_done = true;
+  });
+  while (disks[0]->tracker()->epoch() == before && !cut_done.load()) {
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  std::vector<uint64_t> at_cut = acked();
+  auto t0 = Clock::now();
+  std::vector<uint64_t> later = at_cut;
+  auto progressed = [&] {
+    for (size_t c = 0; c < chains.size(); ++c) {
+      if (later[c] - at_cut[c] < 3) return false;
+    }
+    return true;
+  };
+  while (!progressed() && Clock::now() - t0 < std::chrono::seconds(6)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    later = acked();
+  }
+  double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  bool still_cutting = !cut_done.load();
+  fault::DisarmAll();  // lets the cutting thread go on
+  cutter.join();
+  stop = true;
+  for (auto& ch : chains) {
+    while (!ch->idle.load() && ch->errors.load() == 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    CHECK(ch->errors.load() == 0);
+  }
+  REQUIRE(cut.ok());
+  for (auto& d : disks) d->end_snapshot();
+  CHECK(still_cutting);  // the sample was taken while the cutting thread was stopped
+  MESSAGE("every chain had 3 writes acknowledged " << ms << " ms into the stopped cut");
+  CHECK(progressed());
+}
