@@ -341,13 +341,19 @@ class Bench:
             self.row(f"cut pause p99 ({mode})", pct(pauses, 99), "us")
             self.row(f"cut pause max ({mode})", max(pauses), "us")
             if mode == unthrottled:
+                # fio stopped by SIGINT may print a line before its JSON.
                 with open(bg[1]) as f:
-                    j = json.load(f)["jobs"][0]["write"]
-                lat99 = j["clat_ns"].get("percentile", {}).get("99.000000", float("nan")) / 1000
-                self.row("guest write IOPS during the unthrottled cut series", j["iops"], "IOPS",
-                         "the same load, no point in progress", anchor)
-                self.notes.append(f"guest 4k write latency during the unthrottled cut series: "
-                                  f"p99 {lat99:.0f} us, max {j['clat_ns']['max'] / 1000:.0f} us")
+                    text = f.read()
+                if "{" not in text:
+                    self.notes.append(f"fio wrote no JSON after SIGINT: {text[:200]!r}")
+                else:
+                    j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+                    clat = j["clat_ns"]
+                    lat99 = clat.get("percentile", {}).get("99.000000", float("nan")) / 1000
+                    self.row("guest write IOPS during the unthrottled cut series", j["iops"],
+                             "IOPS", "the same load, no point in progress", anchor)
+                    self.notes.append("guest 4k write latency during the unthrottled cut "
+                                      f"series: p99 {lat99:.0f} us, max {clat['max'] / 1000:.0f} us")
         h1.shutdown()
         h2.shutdown()
         self.notes.append("cut VM: a 1 TiB sparse disk and a 1 GiB disk; one 4 KiB block "
