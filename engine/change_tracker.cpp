@@ -235,7 +235,7 @@ Status ChangeTracker::load_existing() {
   state_.store(active_->number << 1);
   for (const auto& path : unmarked) unlink(path.c_str());
   // The next generation is made (fully allocated) by the cut that needs it,
-  // before its pause: only one fully allocated file exists between points.
+  // before it publishes: only one fully allocated file exists between points.
   return Status::Ok();
 }
 

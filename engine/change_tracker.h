@@ -49,7 +49,7 @@
 //
 // Files: <dir>/<generation:016x>.ctbm, a 4 KiB header (magic, granularity,
 // generation) followed by the bitmap pages at their page offsets. Each file is
-// fully allocated when its generation is prepared (before a cut's pause) or the
+// fully allocated when its generation is prepared (before a cut is published) or the
 // disk grows, so marking on the data path never needs a new block: a full state
 // filesystem fails a cut or a resize, never a guest write.
 //
