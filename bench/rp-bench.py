@@ -26,7 +26,11 @@ copy-out, and the cut pause, each against an anchor measured in the same run.
              not yet copied). Ratio during / idle.
   cut pause  cutPauseMicroseconds of N points of a VM with a 1 TiB sparse disk
              and a 1 GiB disk (one block changed on each per point): p50, p99,
-             max; idle, and with fio randwrite running on the VM's disk.
+             max; idle, with fio randwrite at LOAD_IOPS on the VM's disk, and
+             with fio randwrite unthrottled (QD32) on a 16 MiB region of it
+             (so each point copies at most 16 MiB); for the unthrottled series
+             also fio's write latency p99/max during the cuts against a run of
+             the same load with no point in progress.
 
 The page cache is dropped before each timed copy (root needed). Not a test:
 run it by hand on a quiet machine and paste the report into bench/RESULTS.md.
@@ -61,6 +65,7 @@ from rpointd_harness import Daemon, operation_path  # noqa: E402
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 PARTS = ["create", "restore", "iops", "cut", "scale"]
 LOAD_IOPS = 2000  # guest writes during the loaded cut series
+UNTHROTTLED_SPAN = 16 * MiB  # the region the unthrottled cut load writes to
 
 
 def log(*a):
@@ -221,13 +226,15 @@ class Bench:
         h.flush()
         h.shutdown()
 
-    def fio(self, uri, runtime, rw="randwrite", background=False, rate_iops=None):
+    def fio(self, uri, runtime, rw="randwrite", background=False, rate_iops=None, span=None):
         out = os.path.join(self.tmp, f"fio-{time.monotonic_ns()}.json")
         argv = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
                 "--bs=4k", "--iodepth=32", "--time_based", f"--runtime={runtime}",
                 "--output-format=json", f"--output={out}"]
         if rate_iops:
             argv.append(f"--rate_iops={rate_iops}")
+        if span:
+            argv.append(f"--size={span}")
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.fio_procs.append(p)
         if background:
@@ -432,26 +439,41 @@ class Bench:
         rng = random.Random(4)
         results = {}
         loaded = f"fio randwrite {LOAD_IOPS} IOPS running"
-        for mode in ("idle", loaded):
+        unthrottled = "fio randwrite unthrottled QD32 running"
+        anchor = None
+        for mode in ("idle", loaded, unthrottled):
             bg = None
             cuts = a.cuts
-            if mode != "idle":
+            prefix = {"idle": "i", loaded: "l", unthrottled: "u"}[mode]
+            if mode == loaded:
                 # Rate-limited: every point copies what fio dirtied since the last one,
-                # so an unlimited fio would turn each point into a large copy-out.
+                # so an unlimited fio over the whole disk would turn each point into a
+                # large copy-out.
                 bg = self.fio(d.nbd_uri("small"), runtime=3600, background=True,
                               rate_iops=LOAD_IOPS)
                 time.sleep(1)
                 cuts = max(10, a.cuts // 4)
+            elif mode == unthrottled:
+                # Unthrottled on a small region: the cut races a full-speed writer,
+                # each point copies at most UNTHROTTLED_SPAN. The anchor: the same
+                # load for a few seconds with no point in progress.
+                anchor = self.fio(d.nbd_uri("small"), runtime=a.runtime,
+                                  span=UNTHROTTLED_SPAN)
+                p, out = self.fio(d.nbd_uri("small"), runtime=3600, background=True,
+                                  span=UNTHROTTLED_SPAN)
+                bg = (p, out)
+                time.sleep(1)
+                cuts = max(40, a.cuts // 4)
             pauses = []
             for i in range(cuts):
                 h1.pwrite(rng.randbytes(4096), rng.randrange(TiB // 4096) * 4096)
                 h2.pwrite(rng.randbytes(4096), rng.randrange(GiB // 4096) * 4096)
-                name = f"{'l' if bg else 'i'}{i}"
+                name = f"{prefix}{i}"
                 _, rp = self.point("ccut", name)
                 pauses.append(rp["properties"]["instanceView"]["cutPauseMicroseconds"])
                 if i > 0:  # keep the store small; deleting is part of the steady state
                     self.api_ok("DELETE", f"/restorePointCollections/ccut/restorePoints/"
-                                          f"{'l' if bg else 'i'}{i - 1}")
+                                          f"{prefix}{i - 1}")
             if bg:
                 bg[0].send_signal(signal.SIGINT)
                 try:
@@ -462,12 +484,28 @@ class Bench:
             self.row(f"cut pause p50 ({mode}, {cuts} cuts)", pct(pauses, 50), "us")
             self.row(f"cut pause p99 ({mode})", pct(pauses, 99), "us")
             self.row(f"cut pause max ({mode})", max(pauses), "us")
+            if mode == unthrottled:
+                # fio stopped by SIGINT may print a line before its JSON.
+                with open(bg[1]) as f:
+                    text = f.read()
+                if "{" not in text:
+                    self.notes.append(f"fio wrote no JSON after SIGINT: {text[:200]!r}")
+                else:
+                    j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+                    clat = j["clat_ns"]
+                    lat99 = clat.get("percentile", {}).get("99.000000", float("nan")) / 1000
+                    self.row("guest write IOPS during the unthrottled cut series", j["iops"],
+                             "IOPS", "the same load, no point in progress", anchor)
+                    self.notes.append("guest 4k write latency during the unthrottled cut "
+                                      f"series: p99 {lat99:.0f} us, max {clat['max'] / 1000:.0f} us")
         h1.shutdown()
         h2.shutdown()
         self.notes.append("cut VM: a 1 TiB sparse disk and a 1 GiB disk; one 4 KiB block "
                           "changed on each before every point; the previous point deleted; "
                           f"the loaded series runs a quarter of the cuts with fio at {LOAD_IOPS} "
-                          "IOPS on the 1 GiB disk")
+                          "IOPS on the 1 GiB disk; the unthrottled series max(40, a quarter) "
+                          f"with fio QD32 unthrottled on the first {UNTHROTTLED_SPAN >> 20} MiB "
+                          "of the 1 GiB disk")
         return results
 
     # ------------------------------------------------------------ run/report

@@ -232,19 +232,41 @@ Status ChangeTracker::load_existing() {
   if (!active.ok()) return active.status();
   active_ = std::move(active).value();
   active_raw_.store(active_.get());
-  epoch_.store(active_->number);
+  state_.store(active_->number << 1);
   for (const auto& path : unmarked) unlink(path.c_str());
   // The next generation is made (fully allocated) by the cut that needs it,
-  // before its pause: only one fully allocated file exists between points.
+  // before it publishes: only one fully allocated file exists between points.
   return Status::Ok();
+}
+
+ChangeTracker::View ChangeTracker::view() const {
+  for (;;) {
+    uint64_t s = state_.load(std::memory_order_seq_cst);
+    if (!(s & 1)) {
+      // Unarmed. active_raw_ may already be the next generation (settle stores
+      // it first): a newer generation than the epoch is safe to mark in.
+      return {s >> 1, active_raw_.load(std::memory_order_acquire)};
+    }
+    std::shared_ptr<const Arm> a = arm_.load();
+    if (!a) continue;  // settled or disarmed since: state_ has moved on
+    // An Arm is self-consistent even if it is a later cut's than the state
+    // word read above: it tells the epoch at the time of this load.
+    if (a->sw->published()) return {a->next->number, a->next.get()};
+    return {a->active->number, a->active.get()};
+  }
+}
+
+std::shared_ptr<ChangeTracker::Generation> ChangeTracker::current_locked() const {
+  if (armed_ && armed_->sw->published()) return armed_->next;
+  return active_;
 }
 
 uint64_t ChangeTracker::enter() {
   for (;;) {
-    uint64_t e = epoch_.load(std::memory_order_acquire);
-    inflight_[e % 4].fetch_add(1, std::memory_order_acq_rel);
-    if (epoch_.load(std::memory_order_acquire) == e) return e;
-    inflight_[e % 4].fetch_sub(1, std::memory_order_acq_rel);
+    uint64_t e = view().epoch;
+    inflight_[e % 4].fetch_add(1);
+    if (view().epoch == e) return e;
+    leave(e);  // wakes a retirement waiter that saw the transient ticket
   }
 }
 
@@ -262,7 +284,9 @@ bool ChangeTracker::ensure_marked(uint64_t offset, uint64_t length, Reactor& rea
   if (length == 0) return true;
   uint64_t first = offset >> shift_;
   uint64_t last = (offset + length - 1) >> shift_;
-  Generation* g = active_raw_.load(std::memory_order_acquire);
+  // The caller holds an epoch ticket, so the current generation (numbered at
+  // least the ticket's epoch) cannot be retired under us.
+  Generation* g = view().gen;
   if (g->bits.all_set(first, last)) return true;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -315,7 +339,12 @@ void ChangeTracker::flusher_loop() {
     std::vector<Pending> batch(std::make_move_iterator(queue_.begin()),
                                std::make_move_iterator(queue_.end()));
     queue_.clear();
-    std::shared_ptr<Generation> gen = active_;
+    // The generation of the epoch current now, published switch included:
+    // a batch holding a mark of a new-epoch write was queued after that write
+    // saw the switch published, so it goes to the new generation. Batches run
+    // one after the other, so every bit of a frozen generation is visible
+    // before any bit of the next one is (see the header).
+    std::shared_ptr<Generation> gen = current_locked();
     ++batches_started_;
     lock.unlock();
     Status st = write_marks(*gen, batch);
@@ -344,20 +373,61 @@ Status ChangeTracker::sync() {
   return Status::Ok();
 }
 
-Result<uint64_t> ChangeTracker::flip() {
-  Status st = prepare_next();  // no-op unless the previous flip's preparation failed
+Result<ChangeTracker::Armed> ChangeTracker::arm(std::shared_ptr<const CutSwitch> sw,
+                                                uint64_t after) {
+  Status st = prepare_next();  // no-op when the cut prepared it already
   if (!st.ok()) return st;
   std::lock_guard<std::mutex> lock(mu_);
-  uint64_t e = epoch_.load();
+  if (armed_) return Status::Conflict("change tracking " + dir_ + ": a cut is already armed");
+  if (!next_) return Status::Conflict("change tracking " + dir_ + ": retry the cut");
+  uint64_t e = active_->number;
+  // The new epoch's ticket slot must be free of writes four epochs back.
   if (inflight_[(e + 1) % 4].load() != 0) {
     return Status::Conflict("writes from an old epoch are still in flight; retry the cut");
   }
+  next_->bits.resize(nblocks_.load());
+  Armed out;
+  out.frozen = e;
+  for (const auto& g : frozen_) {
+    if (g->number > after) out.bitmaps.emplace_back(g, &g->bits);
+  }
+  if (e > after) out.bitmaps.emplace_back(active_, &active_->bits);
+  armed_ = std::make_shared<const Arm>(Arm{std::move(sw), active_, next_});
+  // The Arm before the bit: a reader that sees the bit finds the Arm.
+  arm_.store(armed_);
+  state_.store((e << 1) | 1, std::memory_order_seq_cst);
+  return out;
+}
+
+uint64_t ChangeTracker::settle() {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t e = active_->number;
+  if (!armed_) return e;  // nothing armed (defensive)
   frozen_.push_back(active_);
   active_ = std::move(next_);
-  active_->bits.resize(nblocks_.load());
+  // Published already: readers see the next generation through the Arm; the
+  // plain word takes over before the Arm goes.
   active_raw_.store(active_.get(), std::memory_order_release);
-  epoch_.store(active_->number, std::memory_order_release);
+  state_.store(active_->number << 1, std::memory_order_seq_cst);
+  arm_.store(nullptr);
+  armed_.reset();
   return e;
+}
+
+void ChangeTracker::disarm() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!armed_) return;
+  state_.store(active_->number << 1, std::memory_order_seq_cst);
+  arm_.store(nullptr);
+  armed_.reset();
+}
+
+Result<uint64_t> ChangeTracker::flip() {
+  auto sw = std::make_shared<CutSwitch>();
+  auto armed = arm(sw);
+  if (!armed.ok()) return armed.status();
+  sw->publish();
+  return settle();
 }
 
 Status ChangeTracker::prepare_next() {
@@ -407,7 +477,7 @@ bool ChangeTracker::all_since_creation() const {
 }
 
 bool ChangeTracker::writes_left(uint64_t gen) const {
-  uint64_t e = epoch_.load();
+  uint64_t e = view().epoch;
   for (uint64_t k = (e >= 3 ? e - 3 : 0); k <= gen && k < e; ++k) {
     if (inflight_[k % 4].load() != 0) return false;
   }

@@ -10,11 +10,15 @@
 // only over-report, never miss a change.
 //
 // Generations: the active generation collects new changes in its own file. A
-// restore point cut freezes it (flip(): a pointer swap, no I/O) and a fresh
-// generation becomes active. Frozen generations stay on disk until the restore
-// point that copied them has succeeded (retire_through()); a failed point keeps
-// them, so the next point still sees every change. changed() is the union of all
-// frozen generations: the copier's work list.
+// restore point cut freezes it and a fresh generation becomes active, in
+// three steps (engine/cut.h): arm() makes the next generation's file and arms
+// the flip on the cut's CutSwitch; the switch's publish() is the flip (one
+// store shared by all of a VM's disks, no lock, no I/O, no gate); settle()
+// then files the frozen generation away. flip() does all three for one disk.
+// Frozen generations stay on disk until the restore point that copied them has
+// succeeded (retire_through()); a failed point keeps them, so the next point
+// still sees every change. changed() is the union of all frozen generations:
+// the copier's work list.
 //
 // Several consumers (restore point collections of one VM) may each have
 // captured the disk up to a different generation: changed(after) is the union
@@ -23,6 +27,16 @@
 // consumer still needs. id() tells a consumer's recorded generation number
 // apart from one of a later tracker of a disk recreated under the same name:
 // a random number made with the directory, kept in <dir>/id.
+//
+// The epoch (== the number of the generation that takes new marks) is one
+// atomic word (epoch, armed bit); only while a cut is armed does a reader also
+// load the Arm (an atomic shared_ptr) and its switch. Never a mutex. Marks always go into the generation of the epoch
+// current when they are written (the flusher picks it per batch), and one
+// flusher writes batches in order, so a frozen generation gains no bit once any
+// bit of the next one is visible: a write of the new epoch that finds its
+// blocks marked (or waited for their marks) sees the frozen generations, i.e.
+// the point's copy set, in their final state before it decides whether to
+// preserve a block (docs/restore-points.md, *The cut*).
 //
 // Writes in flight across a flip hold an epoch ticket (enter/leave). A mutation
 // that completes in a later epoch than it entered re-marks its blocks in the new
@@ -35,7 +49,7 @@
 //
 // Files: <dir>/<generation:016x>.ctbm, a 4 KiB header (magic, granularity,
 // generation) followed by the bitmap pages at their page offsets. Each file is
-// fully allocated when its generation is prepared (before a cut's pause) or the
+// fully allocated when its generation is prepared (before a cut is published) or the
 // disk grows, so marking on the data path never needs a new block: a full state
 // filesystem fails a cut or a resize, never a guest write.
 //
@@ -59,6 +73,7 @@
 
 #include "common/status.h"
 #include "common/unique_fd.h"
+#include "engine/cut_switch.h"
 #include "engine/reactor.h"
 #include "engine/sparse_bitmap.h"
 
@@ -85,7 +100,7 @@ class ChangeTracker {
   // leave() once it completed and (if the epoch moved) was re-marked.
   uint64_t enter();
   void leave(uint64_t epoch);
-  uint64_t epoch() const { return epoch_.load(std::memory_order_acquire); }
+  uint64_t epoch() const { return view().epoch; }
 
   // True when [offset, offset+length) is already durably marked in the active
   // generation: the write may be issued at once. Otherwise `done` is posted to
@@ -95,10 +110,24 @@ class ChangeTracker {
                      std::function<void(Status)> done);
 
   // ---- control path ----
-  // Freezes the active generation and activates the next one. Returns the
-  // frozen generation number. No I/O when the next generation's file was made
-  // ahead of time with prepare_next() (cuts call it just before their pause,
-  // so between points only the active generation's file takes space).
+  // A cut in three steps (engine/cut.h). arm(): makes the next generation's
+  // file if prepare_next() did not, and arms the flip on `sw`; until sw is
+  // published nothing changes for writes. Returns the generation the flip
+  // freezes and the bitmaps a snapshot of it tests (frozen_bitmaps(after) plus
+  // the active one, which publishing freezes). Conflict when already armed or
+  // writes of the epoch four back are still in flight.
+  struct Armed {
+    uint64_t frozen = 0;
+    std::vector<std::shared_ptr<const SparseBitmap>> bitmaps;
+  };
+  Result<Armed> arm(std::shared_ptr<const CutSwitch> sw, uint64_t after = 0);
+  // After sw was published: the frozen generation joins the frozen ones, the
+  // next one becomes active. No I/O, cannot fail. Returns the frozen number.
+  uint64_t settle();
+  // A cut that failed before publishing: back to unarmed (the prepared next
+  // generation is kept for the next try).
+  void disarm();
+  // arm + publish + settle on a switch of its own (one disk; tests).
   Result<uint64_t> flip();
   Status prepare_next();
   // Union of every frozen generation still kept: blocks changed since the last
@@ -144,6 +173,18 @@ class ChangeTracker {
     SparseBitmap bits;
     std::string path;
   };
+  struct Arm {  // immutable; the generations the armed flip is between
+    std::shared_ptr<const CutSwitch> sw;
+    std::shared_ptr<Generation> active, next;
+  };
+  // The generation marks go to now, with no lock: the active one, or the
+  // armed next one once its switch is published. `epoch` is its number.
+  struct View {
+    uint64_t epoch;
+    Generation* gen;
+  };
+  View view() const;
+  std::shared_ptr<Generation> current_locked() const;  // mu_ held: as view().gen
   struct Pending {
     uint64_t first, last;
     Reactor* reactor;
@@ -170,10 +211,14 @@ class ChangeTracker {
   // after every ticket of their epoch has left. Generation number == epoch.
   std::atomic<Generation*> active_raw_{nullptr};
   std::shared_ptr<Generation> next_;  // pre-created, empty
+  // (settled epoch << 1) | armed. Changes only under mu_: arm sets the bit,
+  // settle moves to the next epoch unarmed, disarm clears the bit.
+  std::atomic<uint64_t> state_{0};
+  std::atomic<std::shared_ptr<const Arm>> arm_;  // while armed
+  std::shared_ptr<const Arm> armed_;             // guarded by mu_
   std::vector<std::shared_ptr<Generation>> frozen_;
   bool ever_retired_ = false;
   uint64_t id_ = 0;
-  std::atomic<uint64_t> epoch_{0};
   // In-flight mutations per epoch, indexed by epoch % 4. Cuts are seconds apart
   // and mutations finish in milliseconds, so four slots never alias in practice;
   // flip() refuses if the slot it is about to reuse is still busy.

@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstdlib>
 
+#include "common/fault_injection.h"
+
 namespace rpoint {
 namespace {
 
@@ -44,7 +46,7 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
   if (!since.empty() && since.size() != disks.size()) {
     return Status::InvalidArgument("CutDisks: since needs one entry per disk");
   }
-  // Before the pause: everything that may touch the filesystem.
+  // First: everything that may touch the filesystem or fail.
   std::vector<UniqueFd> staging;
   for (const auto& d : disks) {
     if (!d->tracker()) return Status::Unsupported("disk " + d->name() + " is not change-tracked");
@@ -62,30 +64,31 @@ Result<CutResult> CutDisks(const std::vector<std::shared_ptr<FileDisk>>& disks,
     staging.push_back(std::move(fd).value());
   }
 
+  // Arm every disk on one switch, snapshot installed. Writes meanwhile stay in
+  // the old epoch: a cutting thread preempted here delays the cut, not a write.
   CutResult out;
-  auto t0 = std::chrono::steady_clock::now();
-  for (const auto& d : disks) d->close_gate();
-  Status failure;
-  for (size_t i = 0; i < disks.size() && failure.ok(); ++i) {
+  auto sw = std::make_shared<CutSwitch>();
+  for (size_t i = 0; i < disks.size(); ++i) {
     bool full = !force_full.empty() && force_full[i];
     auto snap =
-        disks[i]->freeze(std::move(staging[i]), full, also_copy.empty() ? nullptr : also_copy[i],
-                         since.empty() ? 0 : since[i]);
+        disks[i]->arm_cut(sw, std::move(staging[i]), full,
+                          also_copy.empty() ? nullptr : also_copy[i], since.empty() ? 0 : since[i]);
     if (!snap.ok()) {
-      failure = snap.status();
-    } else {
-      out.snapshots.push_back(std::move(snap).value());
+      // Nothing was published: the armed disks go back as they were.
+      for (size_t j = 0; j < out.snapshots.size(); ++j) disks[j]->abort_cut();
+      return snap.status();
     }
+    out.snapshots.push_back(std::move(snap).value());
   }
-  for (const auto& d : disks) d->open_gate();
+  // The cut: one store moves every disk to the new epoch.
+  auto t0 = std::chrono::steady_clock::now();
+  sw->publish();
+  for (const auto& d : disks) {
+    // Tests: a cutting thread preempted here (delay<MS>) must hold no write.
+    fault::Hit("cut.settle");
+    d->settle_cut();
+  }
   out.pause = std::chrono::steady_clock::now() - t0;
-
-  if (!failure.ok()) {
-    // The disks that did flip keep their frozen generation (never retired), so
-    // the next point still covers their changes.
-    for (size_t i = 0; i < out.snapshots.size(); ++i) disks[i]->end_snapshot();
-    return failure;
-  }
   return out;
 }
 

@@ -136,14 +136,11 @@ void FileDisk::submit(Reactor& reactor, IoRequest& req) {
 void FileDisk::start_mutation(Reactor& reactor, IoRequest& req) {
   // The one place every write, trim and zero passes: the blocks' dirty bits are
   // durable before the data write is issued.
+  // The epoch ticket is the write's side of a cut: a cut publishes the next
+  // epoch of all its disks with one store (engine/cut.h), and the snapshot is
+  // installed before, so a write that reads the new epoch also finds the
+  // snapshot it must preserve blocks for (after_marked).
   if (!tracker_ || req.length == 0) return after_marked(reactor, req);
-  if (gate_closed_.load(std::memory_order_acquire)) {
-    std::lock_guard<std::mutex> lock(gate_mu_);
-    if (gate_closed_.load(std::memory_order_relaxed)) {
-      parked_.emplace_back(&reactor, &req);  // a cut is in progress: resume after it
-      return;
-    }
-  }
   req.epoch_ = tracker_->enter();
   req.entered_ = true;
   bool ready = tracker_->ensure_marked(req.offset, req.length, reactor, [this, &reactor, &req](Status st) {
@@ -167,45 +164,43 @@ void FileDisk::after_marked(Reactor& reactor, IoRequest& req) {
   issue(reactor, req);
 }
 
-void FileDisk::close_gate() {
-  std::lock_guard<std::mutex> lock(gate_mu_);
-  gate_closed_.store(true, std::memory_order_release);
-}
-
-void FileDisk::open_gate() {
-  std::vector<std::pair<Reactor*, IoRequest*>> parked;
-  {
-    std::lock_guard<std::mutex> lock(gate_mu_);
-    gate_closed_.store(false, std::memory_order_release);
-    parked.swap(parked_);
-  }
-  for (auto [reactor, req] : parked) {
-    reactor->post([this, reactor, req] { start_mutation(*reactor, *req); });
-  }
-}
-
-Result<std::shared_ptr<DiskSnapshot>> FileDisk::freeze(UniqueFd staging_fd, bool force_full,
-                                                       std::shared_ptr<const SparseBitmap> also_copy,
-                                                       uint64_t since) {
+Result<std::shared_ptr<DiskSnapshot>> FileDisk::arm_cut(
+    std::shared_ptr<const CutSwitch> sw, UniqueFd staging_fd, bool force_full,
+    std::shared_ptr<const SparseBitmap> also_copy, uint64_t since) {
   if (!tracker_) return Status::Unsupported("disk " + name() + " is not change-tracked");
   if (snapshot_.load()) return Status::Conflict("disk " + name() + " already has a restore point in progress");
   bool full = force_full || tracker_->all_since_creation();
-  auto gen = tracker_->flip();
-  if (!gen.ok()) return gen.status();
+  auto armed = tracker_->arm(std::move(sw), since);
+  if (!armed.ok()) return armed.status();
   DiskSnapshot::Params p{
       name(),
       fd_.get(),
-      gen.value(),
+      armed.value().frozen,
       size(),
       tracker_->granularity(),
       full,
-      full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : tracker_->frozen_bitmaps(since)};
+      full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : std::move(armed.value().bitmaps)};
   // The snapshot treats every frozen bitmap alike (to_copy, copy-before-write).
   if (!full && also_copy) p.frozen.push_back(std::move(also_copy));
   auto snap = DiskSnapshot::Create(std::move(p), std::move(staging_fd));
-  if (!snap.ok()) return snap.status();
-  snapshot_.store(snap.value(), std::memory_order_release);
+  if (!snap.ok()) {
+    tracker_->disarm();
+    return snap.status();
+  }
+  // Installed before the switch is published: no write preserves for it yet
+  // (every write still has an epoch <= its generation), and every write that
+  // sees the new epoch finds it.
+  snapshot_.store(snap.value(), std::memory_order_seq_cst);
   return snap;
+}
+
+void FileDisk::settle_cut() {
+  if (tracker_) tracker_->settle();
+}
+
+void FileDisk::abort_cut() {
+  if (tracker_) tracker_->disarm();
+  end_snapshot();
 }
 
 void FileDisk::end_snapshot() {

@@ -11,7 +11,9 @@
 // BlockingWorker, never on a reactor thread (see FileDisk::issue).
 //
 // Every mutating request passes through one point (start_mutation) so change
-// tracking can make its dirty bits durable before the data write is issued.
+// tracking can make its dirty bits durable before the data write is issued;
+// there it takes its epoch ticket, which says on which side of a restore
+// point's cut it is (no gate: a cut never holds a write, engine/cut.h).
 //
 // Thread-safety: as BlockDevice. grow() is safe from any thread.
 #pragma once
@@ -64,12 +66,11 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   ChangeTracker* tracker() const { return tracker_.get(); }
 
   // ---- restore point cuts (see engine/cut.h; control-plane threads) ----
-  // While the gate is closed, new writes, trims and zeroes park (on no thread)
-  // and resume when it opens: the cut's pause. Reads never stop.
-  void close_gate();
-  void open_gate();
-  // With the gate closed: flips the tracker and installs copy-before-write.
-  // One snapshot at a time per disk. force_full: the point stores every
+  // Step 1 of a cut: arms the tracker's flip on `sw` and installs the snapshot
+  // of the generation it freezes. Writes go on in the old epoch (no
+  // copy-before-write) until sw is published; from then on every write
+  // submitted preserves what the point still needs first. One snapshot at a
+  // time per disk. force_full: the point stores every
   // allocated block even when the tracker has retired generations (the
   // caller has no usable base point: a new collection, a disk new to the VM,
   // the base point deleted). The frozen generations are kept either way and
@@ -79,9 +80,13 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   // protects them from the cut on like any changed block.
   // since: the generation the point's base captured through (its collection's
   // previous point); an incremental point copies the generations after it.
-  Result<std::shared_ptr<DiskSnapshot>> freeze(
-      UniqueFd staging_fd, bool force_full = false,
+  Result<std::shared_ptr<DiskSnapshot>> arm_cut(
+      std::shared_ptr<const CutSwitch> sw, UniqueFd staging_fd, bool force_full = false,
       std::shared_ptr<const SparseBitmap> also_copy = nullptr, uint64_t since = 0);
+  // Step 3, after sw was published: the flip becomes permanent (no I/O, no failure).
+  void settle_cut();
+  // A cut that failed before its switch was published: disarms and drops the snapshot.
+  void abort_cut();
   // The restore point is done with the snapshot (succeeded or failed).
   void end_snapshot();
   std::shared_ptr<DiskSnapshot> snapshot() const { return snapshot_.load(); }
@@ -114,9 +119,6 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   std::atomic<uint64_t> size_{0};
   std::unique_ptr<ChangeTracker> tracker_;
 
-  std::atomic<bool> gate_closed_{false};
-  std::mutex gate_mu_;
-  std::vector<std::pair<Reactor*, IoRequest*>> parked_;  // guarded by gate_mu_
   std::atomic<std::shared_ptr<DiskSnapshot>> snapshot_;
 };
 
