@@ -27,12 +27,16 @@ class CompositeResolver final : public ExportResolver {
     return of(name).find_export(name);
   }
 
+  // A live disk's rpoint:changed: contexts come from the restore service,
+  // which knows each collection's tracking base of the disk.
   std::vector<std::string> meta_contexts(const std::string& export_name) override {
-    return of(export_name).meta_contexts(export_name);
+    ExportResolver& r = of(export_name);
+    return (&r == &disks_ ? restore_points_ : r).meta_contexts(export_name);
   }
   std::shared_ptr<MetaContext> open_meta_context(const std::string& export_name,
                                                  const std::string& name) override {
-    return of(export_name).open_meta_context(export_name, name);
+    ExportResolver& r = of(export_name);
+    return (&r == &disks_ ? restore_points_ : r).open_meta_context(export_name, name);
   }
 
   Refusal refuse(const std::string& name) override { return of(name).refuse(name); }

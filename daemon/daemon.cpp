@@ -85,6 +85,23 @@ void Reload(const DaemonOptions& options, Config& current) {
                others_changed ? "; other configuration changes take effect on restart" : "");
 }
 
+// SIGHUP: reads the TLS certificate, key, CA, CRL and PSK files again from the
+// running tls.dir / tls.psk_file. New NBD handshakes use them; connections
+// already made keep theirs. Anything wrong keeps the credentials in use.
+void ReloadTls(const Config& config, NbdServer& nbd) {
+  if (!config.tls.configured()) return;
+  nbd::TlsSettings settings{config.tls.dir, config.tls.psk_file, config.tls.verify_peer};
+  auto creds = nbd::TlsCredentials::LoadServer(settings);
+  if (!creds.ok()) {
+    spdlog::error("SIGHUP: keeping the TLS credentials in use: {}", creds.status().message());
+    return;
+  }
+  nbd.set_tls_credentials(std::move(creds).value());
+  spdlog::info("SIGHUP: TLS credentials reloaded{}{}",
+               config.tls.dir.empty() ? "" : " from " + config.tls.dir,
+               config.tls.psk_file.empty() ? "" : " (PSK " + config.tls.psk_file + ")");
+}
+
 // Testing aid (docs/testing.md): RPOINTD_FAULTS arms fault points at start,
 // RPOINTD_FAULTS_FILE at start (when RPOINTD_FAULTS is unset) and on SIGHUP.
 Status ArmFaults(bool at_start) {
@@ -280,7 +297,8 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   Result<std::unique_ptr<ControlServer>> control = ControlServer::Create(*disks.value(), *restore.value(), control_options);
   if (!control.ok()) return fail("control server", control.status());
 
-  // TLS credentials are loaded once, here: a bad key file stops the start.
+  // TLS credentials are loaded here (a bad key file stops the start) and
+  // again on SIGHUP (ReloadTls: a bad one then keeps the old).
   nbd::TlsPolicy tcp_tls, unix_tls;
   if (config.tls.configured()) {
     nbd::TlsSettings settings{config.tls.dir, config.tls.psk_file, config.tls.verify_peer};
@@ -327,6 +345,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
     if (sigwait(&signals, &sig) != 0) continue;
     if (sig == SIGHUP) {
       Reload(options, config);
+      ReloadTls(config, *nbd.value());
       if (Status st = ArmFaults(false); !st.ok()) spdlog::error("SIGHUP: {}", st.message());
       continue;
     }

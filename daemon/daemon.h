@@ -4,7 +4,7 @@
 // systemd or made here), DiskService, reactor pool, NBD and control servers,
 // then READY=1 to systemd. Then it waits for signals on the calling thread
 // (which must have SIGTERM, SIGINT and SIGHUP blocked, as every thread it
-// starts inherits): SIGHUP re-reads log.level, SIGTERM/SIGINT shut down in
+// starts inherits): SIGHUP re-reads log.level and the TLS files, SIGTERM/SIGINT shut down in
 // order (STOPPING=1, control server, NBD drain, sync every disk).
 //
 // Thread-safety: call once, from the main thread.

@@ -39,7 +39,7 @@ std::string FlagsHelp() {
       << "\n"
          "Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the daemon\n"
          "cannot start or fails, 2 for a bad flag or configuration.\n"
-         "Signals: SIGTERM/SIGINT stop (draining in-flight I/O), SIGHUP re-reads log.level.\n"
+         "Signals: SIGTERM/SIGINT stop (draining in-flight I/O), SIGHUP re-reads log.level and the TLS files.\n"
          "See rpointd(8) (docs/rpointd.8.md) and docs/config.md.\n";
   return out.str();
 }

@@ -188,6 +188,7 @@ Status ChangeTracker::load_existing() {
     char text[32] = {};
     UniqueFd m(::open((dir_ + "/" + kRetiredFile).c_str(), O_RDONLY | O_CLOEXEC));
     if (m && pread(m.get(), text, sizeof text - 1, 0) > 0) last = std::strtoull(text, nullptr, 10);
+    retired_through_ = last;
   }
   std::vector<std::string> unmarked;
   for (auto& [number, path] : found) {
@@ -453,6 +454,22 @@ SparseBitmap ChangeTracker::changed(uint64_t after) const {
   return out;
 }
 
+bool ChangeTracker::changed_since(uint64_t after, SparseBitmap* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  // Retirement deletes every generation through its number: the history
+  // after `after` is whole unless a retirement went past it. (Never-marked
+  // generations are dropped at Open without retiring: they held nothing.)
+  if (after >= active_->number || (ever_retired_ && retired_through_ > after)) return false;
+  if (!out) return true;
+  SparseBitmap bits(nblocks_.load());
+  for (const auto& g : frozen_) {
+    if (g->number > after) bits.merge(g->bits);
+  }
+  bits.merge(active_->bits);
+  *out = std::move(bits);
+  return true;
+}
+
 std::vector<std::shared_ptr<const SparseBitmap>> ChangeTracker::frozen_bitmaps(
     uint64_t after) const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -508,6 +525,7 @@ Status ChangeTracker::retire_through(uint64_t gen) {
     dropped.assign(keep, frozen_.end());
     frozen_.erase(keep, frozen_.end());
     ever_retired_ = true;
+    retired_through_ = std::max(retired_through_, gen);
   }
   // The marker first: once a generation is gone, "never retired" must not come back.
   std::string marker = dir_ + "/" + kRetiredFile;

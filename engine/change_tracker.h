@@ -139,6 +139,13 @@ class ChangeTracker {
   // The frozen generations' bitmaps themselves (cheap: no merge), for testing
   // membership block by block on the data path; `after` as for changed().
   std::vector<std::shared_ptr<const SparseBitmap>> frozen_bitmaps(uint64_t after = 0) const;
+  // Blocks changed after generation `after` (what a point that captured
+  // through it lacks), live: the frozen generations numbered above it and the
+  // active one (a mark is durable before its write is issued, so every write
+  // issued so far is in). False, with *out untouched, when some generation
+  // after `after` was retired already (that history is gone) or `after` is
+  // not a generation this tracker froze. out null: only whether it could.
+  bool changed_since(uint64_t after, SparseBitmap* out) const;
   // Numbers of the frozen generations still kept, oldest first (tests, logs).
   std::vector<uint64_t> frozen_generations() const;
   bool all_since_creation() const;
@@ -218,6 +225,7 @@ class ChangeTracker {
   std::shared_ptr<const Arm> armed_;             // guarded by mu_
   std::vector<std::shared_ptr<Generation>> frozen_;
   bool ever_retired_ = false;
+  uint64_t retired_through_ = 0;  // highest generation retire_through() was given
   uint64_t id_ = 0;
   // In-flight mutations per epoch, indexed by epoch % 4. Cuts are seconds apart
   // and mutations finish in milliseconds, so four slots never alias in practice;

@@ -304,6 +304,19 @@ int FileDisk::fill_extents(IoRequest& req) {
     return -EIO;
   }
   req.extents = std::move(ext).value();
+  // Further contexts (rpoint:changed: from the change tracker), here on the
+  // disk's worker thread like the lseek above, never on the reactor.
+  req.context_extents.clear();
+  if (req.contexts) {
+    for (const auto& ctx : *req.contexts) {
+      auto m = ctx->extents(req.offset, req.length, req.max_extents);
+      if (!m.ok()) {
+        spdlog::warn("disk {}: {}: {}", name(), ctx->name(), m.status().ToString());
+        return -EIO;
+      }
+      req.context_extents.push_back(std::move(m).value());
+    }
+  }
   return 0;
 }
 

@@ -456,7 +456,7 @@ Status Negotiation::handle_starttls(uint32_t option, const std::vector<uint8_t>&
     return reply_error(option, kRepErrUnsup, "TLS is not enabled on this listener");
   }
   if (ch_.tls()) return reply_error(option, kRepErrInvalid, "TLS is already negotiated");
-  auto session = TlsSession::CreateServer(*tls_.credentials);
+  auto session = TlsSession::CreateServer(tls_.credentials);
   if (!session.ok()) {
     spdlog::warn("nbd: cannot start a TLS session: {}", session.status().ToString());
     return reply_error(option, kRepErrPlatform, "TLS is unavailable");

@@ -17,8 +17,8 @@
 #include <condition_variable>
 #include <cstring>
 #include <list>
-#include <system_error>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -44,6 +44,7 @@ class NbdServerImpl final : public NbdServer {
   ~NbdServerImpl() override { shutdown(); }
 
   Status add_listener(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver* resolver) override;
+  void set_tls_credentials(std::shared_ptr<const nbd::TlsCredentials> creds) override;
   void start() override;
   void shutdown() override;
   void serve_one(UniqueFd in_fd, UniqueFd out_fd) override;
@@ -61,11 +62,11 @@ class NbdServerImpl final : public NbdServer {
   void accept_loop();
   struct ListenerEntry {
     UniqueFd fd;
-    nbd::TlsPolicy tls;
+    nbd::TlsPolicy tls;        // credentials guarded by tls_mu_ (set_tls_credentials)
     ExportResolver* resolver;  // never null: the listener's or the server's own
   };
   void accept_one(const ListenerEntry& l);
-  void run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, ExportResolver& resolver,
+  void run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver& resolver,
                      HandshakeThread* self);
   // Negotiates on in/out; on success returns a registered connection on `reactor`.
   std::shared_ptr<Connection> negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
@@ -84,6 +85,7 @@ class NbdServerImpl final : public NbdServer {
   AcceptGuard accept_guard_{"nbd"};        // acceptor thread
   std::list<HandshakeThread> handshakes_;  // acceptor thread, then shutdown after joining it
 
+  std::mutex tls_mu_;  // listeners_[i].tls.credentials
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;
@@ -91,6 +93,13 @@ class NbdServerImpl final : public NbdServer {
   size_t handshaking_ = 0;
   std::unordered_map<Connection*, std::shared_ptr<Connection>> conns_;
 };
+
+void NbdServerImpl::set_tls_credentials(std::shared_ptr<const nbd::TlsCredentials> creds) {
+  std::lock_guard<std::mutex> lock(tls_mu_);
+  for (auto& l : listeners_) {
+    if (l.tls.credentials) l.tls.credentials = creds;
+  }
+}
 
 Status NbdServerImpl::add_listener(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver* resolver) {
   if (!fd) return Status::InvalidArgument("invalid listening socket");
@@ -154,7 +163,6 @@ void NbdServerImpl::accept_loop() {
 
 void NbdServerImpl::accept_one(const ListenerEntry& l) {
   const int listen_fd = l.fd.get();
-  const nbd::TlsPolicy* tls = &l.tls;  // listeners_ outlives every handshake thread
   ExportResolver& resolver = *l.resolver;
   // Accept everything pending: a burst of clients (multi-conn) arrives together.
   for (int i = 0; i < 64; ++i) {
@@ -187,11 +195,16 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
       }
       ++handshaking_;
     }
+    nbd::TlsPolicy tls;  // a copy: the handshake keeps the credentials it began with
+    {
+      std::lock_guard<std::mutex> lock(tls_mu_);
+      tls = l.tls;
+    }
     handshakes_.emplace_back();
     HandshakeThread* h = &handshakes_.back();
     int raw = fd.release();
     try {
-      h->thread = std::thread([this, raw, tls, h, &resolver] {
+      h->thread = std::thread([this, raw, tls = std::move(tls), h, &resolver] {
         pthread_setname_np(pthread_self(), "nbd-handshake");
         run_handshake(UniqueFd(raw), tls, resolver, h);
       });
@@ -210,12 +223,12 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
   }
 }
 
-void NbdServerImpl::run_handshake(UniqueFd fd, const nbd::TlsPolicy* tls, ExportResolver& resolver,
+void NbdServerImpl::run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver& resolver,
                                   HandshakeThread* self) {
   Reactor& reactor = pool_.next();
   std::shared_ptr<Connection> c = negotiate(
       std::move(fd), UniqueFd(), reactor, resolver, [this](Connection* conn) { on_closed(conn); },
-      *tls);
+      tls);
   if (c) reactor.post([c] { c->start(); });
   {
     std::lock_guard<std::mutex> lock(mu_);

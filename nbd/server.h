@@ -41,6 +41,10 @@ class NbdServer {
   // exports.
   virtual Status add_listener(UniqueFd listening_fd, nbd::TlsPolicy tls = {},
                               ExportResolver* resolver = nullptr) = 0;
+  // Replaces the credentials of every listener that has some (a TLS
+  // certificate or PSK file reloaded on SIGHUP): handshakes that start from
+  // now on use `creds`; sessions already made keep theirs.
+  virtual void set_tls_credentials(std::shared_ptr<const nbd::TlsCredentials> creds) = 0;
   // Starts accepting on every listener.
   virtual void start() = 0;
   // Stops accepting, lets every connection finish the requests it has read,

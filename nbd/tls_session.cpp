@@ -17,12 +17,15 @@ struct CrtFree {
 
 }  // namespace
 
-Result<std::unique_ptr<TlsSession>> TlsSession::CreateServer(const TlsCredentials& creds) {
+Result<std::unique_ptr<TlsSession>> TlsSession::CreateServer(
+    std::shared_ptr<const TlsCredentials> creds) {
+  if (!creds) return Status::Internal("TLS: no credentials");
   gnutls_session_t raw = nullptr;
   int rc = gnutls_init(&raw, GNUTLS_SERVER | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
   if (rc < 0) return Status::Internal(std::string("TLS: gnutls_init: ") + gnutls_strerror(rc));
   std::unique_ptr<TlsSession> t(new TlsSession(raw));
-  Status s = creds.Apply(raw);
+  Status s = creds->Apply(raw);
+  t->creds_ = std::move(creds);
   if (!s.ok()) return s;
   gnutls_transport_set_ptr(raw, t.get());
   gnutls_transport_set_push_function(raw, &TlsSession::Push);

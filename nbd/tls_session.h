@@ -31,7 +31,10 @@ namespace rpoint::nbd {
 
 class TlsSession {
  public:
-  static Result<std::unique_ptr<TlsSession>> CreateServer(const TlsCredentials& creds);
+  // The session keeps `creds` alive: credentials reloaded meanwhile
+  // (NbdServer::set_tls_credentials) serve new sessions only.
+  static Result<std::unique_ptr<TlsSession>> CreateServer(
+      std::shared_ptr<const TlsCredentials> creds);
   ~TlsSession();
   TlsSession(const TlsSession&) = delete;
   TlsSession& operator=(const TlsSession&) = delete;
@@ -79,6 +82,7 @@ class TlsSession {
   struct SessionFree {
     void operator()(gnutls_session_t s) const { gnutls_deinit(s); }
   };
+  std::shared_ptr<const TlsCredentials> creds_;  // outlives session_, which points into it
   std::unique_ptr<std::remove_pointer_t<gnutls_session_t>, SessionFree> session_;
   std::vector<char> in_;
   size_t in_pos_ = 0;

@@ -2,9 +2,11 @@
 // validation, the job (restore/point_copy.h moves the chunks the target region
 // lacks), the manifest and the final transaction. A copy is a point like any
 // other once Succeeded (exported, restorable, independent of its source);
-// while it is Creating nothing can use it, and a crash leaves it Creating,
-// which Open turns into Failed (its committed store points deleted), exactly
-// as for a point being cut. docs/restore-points.md, *Copies between regions*.
+// while it is Creating nothing can use it. A crash leaves it Creating: Open
+// resumes it when its source is still there (chunks already in the target,
+// checkpointed every 16 MiB, and disks already committed are not moved
+// again), else turns it Failed (its committed store points deleted).
+// docs/restore-points.md, *Copies between regions*.
 #include <spdlog/spdlog.h>
 
 #include "disks/disk_files.h"
@@ -22,17 +24,9 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::copy_restore_point(
   Status s = ValidateResourceName("restore point", name);
   if (!s.ok()) return s;
   std::unique_lock<std::mutex> lock(mu_);
-  auto coll = db_->get_collection(collection);
+  auto coll = collection_for_new_point_locked(collection);
   if (!coll.ok()) return coll.status();
-  if (!coll.value()) return Status::NotFound("collection '" + collection + "' not found");
-  if (deleting_collections_.count(collection)) {
-    return Status::Conflict("collection '" + collection + "' is being deleted");
-  }
-  const std::string region = coll.value()->region;
-  if (!store_of(region)) {
-    return Status::Conflict("collection '" + collection + "' is in region '" + region +
-                            "', which is no longer configured");
-  }
+  const std::string region = coll.value().region;
   auto found = find_point_locked(source_collection, source_name);
   if (!found.ok()) return found.status();
   RestorePointRecord src = std::move(found.value().point);
@@ -49,10 +43,9 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::copy_restore_point(
                                    "', as is the source " + src_id +
                                    "; a copy goes to another region");
   }
-  if (src_coll.value()->source_vm != coll.value()->source_vm) {
-    return Status::Conflict("collection '" + collection + "' is for VM '" +
-                            coll.value()->source_vm + "', the source " + src_id + " for VM '" +
-                            src_coll.value()->source_vm +
+  if (src_coll.value()->source_vm != coll.value().source_vm) {
+    return Status::Conflict("collection '" + collection + "' is for VM '" + coll.value().source_vm +
+                            "', the source " + src_id + " for VM '" + src_coll.value()->source_vm +
                             "'; a copy goes to a collection of the same VM");
   }
   if (src.provisioning_state != "Succeeded" || !store_of(src_region)) {
@@ -87,7 +80,7 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::copy_restore_point(
     d.completion_percent = 0;
     d.blocks_to_copy = d.blocks_copied = d.bytes_stored = 0;
     d.store_point = d.parent_store_point = 0;
-    d.full = true;  // a tree of its own in the target region
+    d.full = true;  // until the job finds a base in the target collection
   }
   if (rec.source_metadata.contains("storageProfile")) {
     for (auto& j : rec.source_metadata["storageProfile"]["disks"]) {
@@ -113,18 +106,99 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::copy_restore_point(
   return Started<RestorePointRecord>{rec, op.id, true};
 }
 
+std::optional<std::string> RestoreServiceImpl::copy_resume_blocker_locked(
+    const RestorePointRecord& p) {
+  auto parts = Split(p.source_restore_point, '/');  // /restorePointCollections/c/restorePoints/rp
+  if (parts.size() != 5) return "its source id " + p.source_restore_point + " is malformed";
+  auto coll = db_->get_collection(p.collection);
+  if (!coll.ok() || !coll.value()) return std::string("its collection is gone");
+  if (!store_of(coll.value()->region)) {
+    return "its region '" + coll.value()->region + "' is no longer configured";
+  }
+  auto found = find_point_locked(parts[2], parts[4]);
+  if (!found.ok()) {
+    return "its source restore point " + p.source_restore_point + " no longer exists (" +
+           found.status().message() + ")";
+  }
+  const RestorePointRecord& src = found.value().point;
+  if (src.provisioning_state != "Succeeded") {
+    return "its source restore point " + p.source_restore_point + " is " + src.provisioning_state;
+  }
+  if (!store_of(found.value().region)) {
+    return "the region '" + found.value().region + "' of its source restore point " +
+           p.source_restore_point + " is no longer configured";
+  }
+  if (src.disk_restore_points.size() != p.disk_restore_points.size()) {
+    return "its source restore point " + p.source_restore_point + " has other disks";
+  }
+  return std::nullopt;
+}
+
+void RestoreServiceImpl::resume_copies() {
+  std::vector<RestorePointRecord> copies;
+  copies.swap(copies_to_resume_);
+  for (auto& rec : copies) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto parts = Split(rec.source_restore_point, '/');
+    auto found = find_point_locked(parts[2], parts[4]);
+    auto coll = db_->get_collection(rec.collection);
+    auto op = db_->get_operation(rec.operation_id);
+    if (!found.ok() || !coll.ok() || !coll.value() || !op.ok() || !op.value()) {
+      // Checked by recover() under this same lock a moment ago.
+      spdlog::error("restore point {}/{}: cannot resume its copy", rec.collection, rec.name);
+      continue;
+    }
+    auto prog = std::make_shared<PointProgress>(rec.disk_restore_points.size());
+    for (size_t i = 0; i < rec.disk_restore_points.size(); ++i) {
+      // The progress the interrupted run recorded, from the first GET on.
+      prog->to_copy[i].store(rec.disk_restore_points[i].blocks_to_copy);
+      prog->copied[i].store(rec.disk_restore_points[i].blocks_copied);
+      prog->started[i].store(rec.disk_restore_points[i].blocks_to_copy > 0);
+    }
+    live_points_[rec.collection + "/" + rec.name] = prog;
+    RestorePointRecord src = found.value().point;
+    std::string src_region = found.value().region, region = coll.value()->region;
+    OperationRecord o = *op.value();
+    lock.unlock();
+    spawn([this, rec, o, src, src_region, region, prog] {
+      run_copy_point(rec, o, src, src_region, region, prog);
+    });
+  }
+}
+
+// The newest Succeeded point of `collection` holding `disk` in a tree the
+// copy can start from (same chunk size, not larger): the target's previous
+// copy, whose tree the new one is compared with. Caller holds mu_.
+static std::optional<DiskRestorePointRecord> CopyBase(RestoreDb& db, const std::string& collection,
+                                                      const std::string& disk,
+                                                      const store::PointReader& src) {
+  auto points = db.list_points(collection);
+  if (!points.ok()) return std::nullopt;
+  for (auto it = points.value().rbegin(); it != points.value().rend(); ++it) {
+    if (it->provisioning_state != "Succeeded") continue;
+    for (const auto& d : it->disk_restore_points) {
+      if (d.disk == disk && d.store_point && d.size_bytes <= src.size() &&
+          d.granularity == src.chunk_size()) {
+        return d;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
 void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord op,
                                         RestorePointRecord src, std::string src_region,
                                         std::string region, std::shared_ptr<PointProgress> prog) {
   auto src_st = store_of(src_region);
   auto st = store_of(region);
   std::optional<JobError> err;
-  uint64_t moved = 0, chunks_moved = 0, chunks_reused = 0;
+  uint64_t moved = 0, chunks_moved = 0, chunks_reused = 0, looked_up = 0, compared_from = 0;
   if (!src_st || !st) err = JobError{"RegionUnavailable", "a region of the copy is not configured"};
   for (size_t i = 0; !err && i < rec.disk_restore_points.size(); ++i) {
     auto& d = rec.disk_restore_points[i];
     const auto& sd = src.disk_restore_points[i];
     prog->started[i].store(true);
+    if (d.status == "Succeeded" && d.store_point) continue;  // committed before a restart
     auto reader = src_st->open_point(sd.store_point);
     if (!reader.ok()) {
       d.status = "Failed";
@@ -136,6 +210,25 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     pp.size = reader.value()->size();
     pp.chunk_size = reader.value()->chunk_size();
     pp.tag = DiskPointId(rec.collection, rec.name, d.disk);
+    // Start from the target's previous copy of the disk: only what differs
+    // from its tree is visited (an unreadable base just means a full walk).
+    std::optional<DiskRestorePointRecord> base_rec;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      base_rec = CopyBase(*db_, rec.collection, d.disk, *reader.value());
+    }
+    std::shared_ptr<store::PointReader> base;
+    if (base_rec) {
+      auto b = st->open_point(base_rec->store_point);
+      if (b.ok()) {
+        base = std::move(b).value();
+        pp.parent = base_rec->store_point;
+      } else {
+        spdlog::warn("restore point {}/{}: disk {}: base store point {} unreadable ({}): full walk",
+                     rec.collection, rec.name, d.disk, base_rec->store_point,
+                     b.status().ToString());
+      }
+    }
     auto target = StoreChunkTarget::Begin(st, pp);
     if (!target.ok()) {
       d.status = "Failed";
@@ -143,13 +236,31 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
       break;
     }
     CopyProgress cp;
+    // What a run before a restart recorded as durable: progress never shows
+    // less (this run reuses those chunks at once).
+    const uint64_t floor = d.blocks_copied;
+    auto publish = [&] {
+      prog->to_copy[i].store(cp.slots_total.load());
+      prog->copied[i].store(std::max(floor, cp.slots_done.load()));
+    };
     // Asked between chunks: publishes the progress for GETs too.
     auto stop = [&] {
-      prog->to_copy[i].store(cp.slots_total.load());
-      prog->copied[i].store(cp.slots_done.load());
+      publish();
       return stopping_.load();
     };
-    auto info = CopyDiskPoint(*reader.value(), *target.value(), cp, stop);
+    CopyOptions co;
+    co.base = base.get();
+    co.on_checkpoint = [&] {
+      // The chunks moved so far are durable in the target: record the
+      // progress, so a resumed copy shows it from the start.
+      d.status = "InProgress";
+      d.blocks_to_copy = cp.slots_total.load();
+      d.blocks_copied = std::max(floor, cp.slots_done.load());
+      std::lock_guard<std::mutex> lock(mu_);
+      Status s = db_->save_point(rec);
+      if (!s.ok()) spdlog::warn("restore point {}/{}: {}", rec.collection, rec.name, s.ToString());
+    };
+    auto info = CopyDiskPoint(*reader.value(), *target.value(), cp, stop, co);
     if (!info.ok()) {
       d.status = "Failed";
       err = JobError{info.status().code() == Code::kShutdown ? "Interrupted" : "CopyFailed",
@@ -157,6 +268,8 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
       break;
     }
     d.store_point = info->id;
+    d.full = !base;
+    d.parent_store_point = base ? base_rec->store_point : 0;
     d.bytes_stored = cp.bytes_moved.load();
     d.blocks_to_copy = cp.slots_total.load();
     d.blocks_copied = cp.slots_done.load();
@@ -165,6 +278,15 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     moved += cp.bytes_moved.load();
     chunks_moved += cp.chunks_moved.load();
     chunks_reused += cp.chunks_reused.load();
+    looked_up += cp.chunks_looked_up.load();
+    if (base) ++compared_from;
+    {
+      // Named by the record at once: a restart resumes after this disk, and
+      // a copy that then fails deletes it.
+      std::lock_guard<std::mutex> lock(mu_);
+      Status s = db_->save_point(rec);
+      if (!s.ok()) spdlog::warn("restore point {}/{}: {}", rec.collection, rec.name, s.ToString());
+    }
   }
   if (!err) {
     // The target region's own record, before the transaction (as for a cut
@@ -190,8 +312,11 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
   }
   std::unique_lock<std::mutex> lock(mu_);
   EndOperation(op, err ? &*err : nullptr, NowRfc3339());
-  op.result = {
-      {"bytesMoved", moved}, {"chunksMoved", chunks_moved}, {"chunksReused", chunks_reused}};
+  op.result = {{"bytesMoved", moved},
+               {"chunksMoved", chunks_moved},
+               {"chunksReused", chunks_reused},
+               {"chunksLookedUp", looked_up},
+               {"disksComparedWithBase", compared_from}};
   Status s = save_point_retrying_locked(rec, &op, nullptr);
   if (!s.ok() && !err) {
     err = JobError{"MetadataCommitFailed",

@@ -39,6 +39,11 @@ std::string EncodeManifest(const CollectionRecord& c, const RestorePointRecord& 
         {"cutPauseNs", p.cut_pause_ns},
         {"sourceMetadata", p.source_metadata},
         {"diskRestorePoints", disks}}}};
+  // A copy names the point it came from (absent for a cut point, so the
+  // manifests of cut points read as before).
+  if (!p.source_restore_point.empty()) {
+    j["restorePoint"]["sourceRestorePoint"] = p.source_restore_point;
+  }
   return DumpJson(j, 2) + "\n";
 }
 
@@ -69,6 +74,7 @@ Result<std::pair<CollectionRecord, RestorePointRecord>> DecodeManifest(const std
     p.exclude_disks = jp.at("excludeDisks").get<std::vector<std::string>>();
     p.cut_pause_ns = jp.value("cutPauseNs", int64_t{-1});
     p.source_metadata = jp.at("sourceMetadata");
+    p.source_restore_point = jp.value("sourceRestorePoint", std::string());
     p.provisioning_state = "Succeeded";
     for (const auto& jd : jp.at("diskRestorePoints")) {
       DiskRestorePointRecord d;

@@ -8,7 +8,8 @@
 // the metadata transaction that marks the point Succeeded; removed before a
 // deleted point's store points go. Holds the collection (name, source VM name,
 // creation time), the point (name, time, consistency mode, excluded disks,
-// source metadata with the VM configuration, cut pause) and per disk restore
+// source metadata with the VM configuration, cut pause, and for a copy the id
+// of the point it was copied from) and per disk restore
 // point its disk name, size, granularity, full flag, store point id and bytes
 // stored.
 //

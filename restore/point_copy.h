@@ -2,7 +2,12 @@
 // already hold part of its content (a collection of the same VM in another
 // region; later, another host). Incremental by content: for each data slot
 // of the source tree the target is asked whether it holds that chunk (by
-// SHA-256 digest); only chunks it lacks are read and moved. Every chunk moved
+// SHA-256 digest); only chunks it lacks are read and moved. With a base (the
+// target's own earlier point of the disk, the previous copy) the target
+// starts from the base's tree and the two trees are compared digest by
+// digest first (PointReader::changed_extents, as the rpoint:changed context
+// does): only the slots that differ are looked up and moved, so the cost of
+// a copy follows the size of the change, not of the disk. Every chunk moved
 // is read through PointReader, which re-hashes it against the digest the tree
 // names (a damaged chunk fails the copy loudly, never reaches the target), and
 // the target checks the hash again as it takes it.
@@ -11,7 +16,9 @@
 // here) or a peer over the network, which needs only "do you have these
 // digests?" and "take this chunk". The copy exists in the target only once
 // commit() returns; abandon() (or a crash) leaves at most unreferenced
-// objects there, for its next GC.
+// objects there, for its next GC. checkpoint() (every CopyOptions::
+// checkpoint_bytes moved) makes the chunks moved so far durable in the
+// target, so a copy killed mid-way and run again moves only the rest.
 //
 // Thread-safety: one copy per ChunkTarget; CopyProgress is read from any thread.
 #pragma once
@@ -40,6 +47,13 @@ class ChunkTarget {
   virtual Status reuse(uint64_t slot, const store::Digest& d) = 0;
   // `slot` gets `len` bytes of data that must hash to `d` (IoError if not).
   virtual Status put(uint64_t slot, const store::Digest& d, const void* data, size_t len) = 0;
+  // `slot` reads as zeroes (only with a base: a slot the base holds that the
+  // source does not).
+  virtual Status put_hole(uint64_t slot) {
+    return Status::Unsupported("this copy target cannot punch slot " + std::to_string(slot));
+  }
+  // Makes the chunks put so far durable in the target (not yet a point).
+  virtual Status checkpoint() { return Status::Ok(); }
   virtual Result<store::PointInfo> commit() = 0;
   virtual void abandon() = 0;
 };
@@ -52,6 +66,8 @@ class StoreChunkTarget final : public ChunkTarget {
   Result<std::vector<bool>> has(const std::vector<store::Digest>& chunks) override;
   Status reuse(uint64_t slot, const store::Digest& d) override;
   Status put(uint64_t slot, const store::Digest& d, const void* data, size_t len) override;
+  Status put_hole(uint64_t slot) override;
+  Status checkpoint() override;
   Result<store::PointInfo> commit() override;
   void abandon() override;
 
@@ -68,11 +84,26 @@ struct CopyProgress {
   std::atomic<uint64_t> chunks_moved{0};
   std::atomic<uint64_t> bytes_moved{0};  // chunk bytes sent to the target
   std::atomic<uint64_t> chunks_reused{0};
+  std::atomic<uint64_t> chunks_looked_up{0};  // digests asked of ChunkTarget::has()
+  std::atomic<uint64_t> checkpoints{0};
 };
 
-// Copies every data slot of `src` into `dst` and commits. `stop` is asked
-// between chunks; true abandons the copy (Shutdown).
+struct CopyOptions {
+  // The target's earlier point of the same disk (chunk size equal, size not
+  // larger), whose tree `dst` was begun from (PointParams::parent): only
+  // slots whose digest differs from it are visited. Null: every data slot.
+  store::PointReader* base = nullptr;
+  // checkpoint() after this many bytes moved since the last one (0: never);
+  // then on_checkpoint (the caller records its progress).
+  uint64_t checkpoint_bytes = 16ull << 20;
+  std::function<void()> on_checkpoint;
+};
+
+// Copies every data slot of `src` (with a base: every slot that differs from
+// it) into `dst` and commits. `stop` is asked between chunks; true abandons
+// the copy (Shutdown).
 Result<store::PointInfo> CopyDiskPoint(store::PointReader& src, ChunkTarget& dst,
-                                       CopyProgress& progress, const std::function<bool()>& stop);
+                                       CopyProgress& progress, const std::function<bool()>& stop,
+                                       const CopyOptions& opts = {});
 
 }  // namespace rpoint

@@ -5,6 +5,10 @@
 // region (any collection; earlier or later), by chunk digest.
 #include <spdlog/spdlog.h>
 
+#include "disks/disk_service.h"
+#include "engine/change_tracker.h"
+#include "engine/file_disk.h"
+#include "engine/sparse_bitmap.h"
 #include "restore/restore_service_impl.h"
 
 namespace rpoint {
@@ -105,11 +109,106 @@ class ChangedContext final : public MetaContext {
   std::shared_ptr<store::PointReader> other_;
 };
 
+// rpoint:changed:{collection}/{point} on a live disk export: the blocks its
+// change tracker marked after the generation the point captured through (the
+// collection's tracking base of the disk). Marks are durable before the
+// writes they cover, so this survives a crash and never misses a written
+// block (it may over-report: whole tracking blocks, and writes rewriting the
+// same bytes). Asked on the disk's worker thread, per request: once the
+// tracker has retired part of that history (the collection's later points
+// retired it and no other collection needs it), requests fail (EIO, logged)
+// rather than answer short.
+class LiveChangedContext final : public MetaContext {
+ public:
+  LiveChangedContext(std::string name, std::shared_ptr<FileDisk> disk, uint64_t tracker_id,
+                     uint64_t generation)
+      : name_(std::move(name)),
+        disk_(std::move(disk)),
+        tracker_id_(tracker_id),
+        generation_(generation) {}
+  const std::string& name() const override { return name_; }
+  Result<std::vector<Extent>> extents(uint64_t offset, uint64_t length,
+                                      size_t max_extents) override {
+    ChangeTracker* t = disk_->tracker();
+    SparseBitmap bits;
+    if (!t || t->id() != tracker_id_ || !t->changed_since(generation_, &bits)) {
+      return Status::Conflict(name_ + ": the change tracker no longer holds the changes since " +
+                              "that restore point (a later point retired them)");
+    }
+    std::vector<Extent> out;
+    const uint64_t end = std::min(offset + length, disk_->size());
+    const uint64_t g = t->granularity();
+    uint64_t at = offset;
+    while (at < end && out.size() < max_extents) {
+      uint64_t b = at / g;
+      bool dirty = b < bits.size() && bits.test(b);
+      uint64_t next;
+      if (dirty) {
+        uint64_t e = b;
+        while (e < bits.size() && bits.test(e) && e * g < end) ++e;
+        next = e * g;
+      } else {
+        uint64_t e = b < bits.size() ? bits.find_next(b) : bits.size();
+        next = e >= bits.size() ? end : e * g;
+      }
+      next = std::min(std::max(next, at + 1), end);
+      uint32_t flags = dirty ? MetaContext::kDirty : 0;
+      if (!out.empty() && out.back().flags == flags) {
+        out.back().length += next - at;
+      } else {
+        out.push_back({next - at, flags});
+      }
+      at = next;
+    }
+    if (out.empty()) out.push_back({std::max<uint64_t>(1, end - offset), 0});
+    return out;
+  }
+
+ private:
+  std::string name_;
+  std::shared_ptr<FileDisk> disk_;
+  uint64_t tracker_id_;
+  uint64_t generation_;
+};
+
 }  // namespace
+
+std::optional<TrackingBase> RestoreServiceImpl::live_changed_base_locked(
+    const std::string& disk, const std::string& collection, const std::string& point,
+    const FileDisk& fd) {
+  auto b = db_->tracking_base(disk, collection);
+  if (!b.ok() || !b.value()) return std::nullopt;
+  const TrackingBase& base = *b.value();
+  ChangeTracker* t = fd.tracker();
+  // Only the collection's latest point of the disk has its generation on
+  // record; a base recorded before generations were (0) or of an earlier
+  // disk of that name, or whose history was retired, cannot answer.
+  if (base.retained || base.restore_point != point || base.generation == 0 || !t ||
+      base.tracker_id != t->id() || !t->changed_since(base.generation, nullptr)) {
+    return std::nullopt;
+  }
+  return base;
+}
+
+std::vector<std::string> RestoreServiceImpl::live_meta_contexts(const std::string& disk) {
+  std::vector<std::string> out;
+  auto fd = disks_.file_disk(disk);
+  if (!fd) return out;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto bases = db_->bases_of_disk(disk);
+  if (!bases.ok()) return out;
+  for (const auto& b : bases.value()) {
+    if (live_changed_base_locked(disk, b.collection, b.restore_point, *fd)) {
+      out.push_back(kChangedPrefix + b.collection + "/" + b.restore_point);
+    }
+  }
+  return out;
+}
 
 std::vector<std::string> RestoreServiceImpl::meta_contexts(const std::string& export_name) {
   std::vector<std::string> out;
   auto parts = Split(export_name, '/');
+  if (parts.size() == 1) return live_meta_contexts(export_name);
   if (parts.size() != 3) return out;
   std::lock_guard<std::mutex> lock(mu_);
   auto self = disk_point_locked(parts[0], parts[1], parts[2]);
@@ -133,9 +232,25 @@ std::vector<std::string> RestoreServiceImpl::meta_contexts(const std::string& ex
 std::shared_ptr<MetaContext> RestoreServiceImpl::open_meta_context(const std::string& export_name,
                                                                    const std::string& name) {
   auto parts = Split(export_name, '/');
-  if (parts.size() != 3 || name.rfind(kChangedPrefix, 0) != 0) return nullptr;
+  if ((parts.size() != 3 && parts.size() != 1) || name.rfind(kChangedPrefix, 0) != 0) {
+    return nullptr;
+  }
   auto ref = Split(name.substr(std::string(kChangedPrefix).size()), '/');
   if (ref.size() != 2) return nullptr;
+  if (parts.size() == 1) {
+    auto fd = disks_.file_disk(export_name);
+    if (!fd) return nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto base = live_changed_base_locked(export_name, ref[0], ref[1], *fd);
+    if (!base) {
+      spdlog::info(
+          "export {}: {} not offered: not the collection's latest point of the disk, "
+          "or the change tracker no longer holds the changes since it",
+          export_name, name);
+      return nullptr;
+    }
+    return std::make_shared<LiveChangedContext>(name, fd, base->tracker_id, base->generation);
+  }
   std::optional<DiskPointRef> self, other;
   {
     std::lock_guard<std::mutex> lock(mu_);

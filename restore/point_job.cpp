@@ -48,18 +48,10 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
   exclude.erase(std::unique(exclude.begin(), exclude.end()), exclude.end());
 
   std::unique_lock<std::mutex> lock(mu_);
-  auto coll = db_->get_collection(collection);
+  auto coll = collection_for_new_point_locked(collection);
   if (!coll.ok()) return coll.status();
-  if (!coll.value()) return Status::NotFound("collection '" + collection + "' not found");
-  if (deleting_collections_.count(collection)) {
-    return Status::Conflict("collection '" + collection + "' is being deleted");
-  }
-  const std::string vm_name = coll.value()->source_vm;
-  const std::string region = coll.value()->region;
-  if (!store_of(region)) {
-    return Status::Conflict("collection '" + collection + "' is in region '" + region +
-                            "', which is no longer configured");
-  }
+  const std::string vm_name = coll.value().source_vm;
+  const std::string region = coll.value().region;
 
   auto existing = db_->get_point(collection, name);
   if (!existing.ok()) return existing.status();

@@ -582,12 +582,16 @@ Status RestoreDb::save_operation(const OperationRecord& op) {
 }
 
 Status RestoreDb::fail_in_progress_operations(const std::string& message,
-                                              const std::string& end_time) {
+                                              const std::string& end_time,
+                                              const std::set<std::string>& keep) {
+  nlohmann::json ids = nlohmann::json::array();
+  for (const auto& id : keep) ids.push_back(id);
   auto st = db().prepare(
       "UPDATE operations SET status = 'Failed', end_time = ?2, error_code = 'Interrupted', "
-      "error_message = ?1 WHERE status = 'InProgress'");
+      "error_message = ?1 WHERE status = 'InProgress' AND id NOT IN (SELECT value FROM "
+      "json_each(?3))");
   if (!st.ok()) return st.status();
-  return st->bind(1, message).bind(2, end_time).run();
+  return st->bind(1, message).bind(2, end_time).bind(3, ids.dump()).run();
 }
 
 }  // namespace rpoint

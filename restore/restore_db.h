@@ -14,6 +14,7 @@
 
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -92,8 +93,10 @@ class RestoreDb {
   // ---- operations ----
   Result<std::optional<OperationRecord>> get_operation(const std::string& id);
   Status save_operation(const OperationRecord& op);
-  // Marks every InProgress operation Failed (start-up after a crash).
-  Status fail_in_progress_operations(const std::string& message, const std::string& end_time);
+  // Marks every InProgress operation Failed (start-up after a crash), except
+  // those in `keep` (jobs that resume).
+  Status fail_in_progress_operations(const std::string& message, const std::string& end_time,
+                                     const std::set<std::string>& keep = {});
   // Every operation, newest (by start time) first.
   Result<std::vector<OperationRecord>> list_operations();
   // Deletes ended operations that ended before `ended_before` (RFC 3339, the

@@ -131,6 +131,7 @@ Status RestoreServiceImpl::init() {
   Status s = MakeDirs(options_.staging_dir, 0700);
   if (s.ok()) s = recover();
   if (!s.ok()) return s;
+  resume_copies();
   for (const auto& region : gc_at_start_) request_gc(region);
   return Status::Ok();
 }
@@ -160,8 +161,11 @@ Status RestoreServiceImpl::recover() {
   auto regions = collection_regions_locked();
   if (!regions.ok()) return regions.status();
   std::map<std::string, std::string>& region_of = regions.value();
+  std::vector<RestorePointRecord> copies;  // interrupted copies: decided below
   for (auto& p : points.value()) {
-    if (p.provisioning_state == "Creating") {
+    if (p.provisioning_state == "Creating" && !p.source_restore_point.empty()) {
+      copies.push_back(p);
+    } else if (p.provisioning_state == "Creating") {
       spdlog::warn("restore point {}/{}: daemon restarted during creation; marked Failed",
                    p.collection, p.name);
       // Disk points a writer committed before the crash are not part of any
@@ -197,8 +201,42 @@ Status RestoreServiceImpl::recover() {
       if (!s.ok()) return s;
     }
   }
-  Status s =
-      db_->fail_in_progress_operations("daemon restarted while the operation was running", now);
+  // After the loop: a source that was being deleted is gone by now.
+  std::set<std::string> resumed_ops;
+  for (auto& p : copies) {
+    std::optional<std::string> blocker = copy_resume_blocker_locked(p);
+    if (!blocker) {
+      spdlog::warn("restore point {}/{}: daemon restarted during its copy from {}; resuming",
+                   p.collection, p.name, p.source_restore_point);
+      resumed_ops.insert(p.operation_id);
+      copies_to_resume_.push_back(p);
+      continue;
+    }
+    spdlog::warn("restore point {}/{}: daemon restarted during its copy, which cannot resume: {}",
+                 p.collection, p.name, *blocker);
+    auto st = store_of(region_of[p.collection]);
+    if (st) (void)st->remove_manifest(ManifestName(p.collection, p.name));
+    for (auto& d : p.disk_restore_points) {
+      if (d.store_point && st) (void)st->delete_point(d.store_point);
+      d.store_point = 0;
+      if (d.status != "Succeeded") d.status = "Failed";
+    }
+    p.provisioning_state = "Failed";
+    p.error_code = "Interrupted";
+    p.error_message = "daemon restarted during the copy, which cannot resume: " + *blocker;
+    auto op = db_->get_operation(p.operation_id);
+    if (op.ok() && op.value() && op.value()->status == "InProgress") {
+      JobError err{p.error_code, p.error_message};
+      EndOperation(*op.value(), &err, now);
+      Status s = db_->save_point(p, &*op.value());
+      if (!s.ok()) return s;
+    } else {
+      Status s = db_->save_point(p);
+      if (!s.ok()) return s;
+    }
+  }
+  Status s = db_->fail_in_progress_operations("daemon restarted while the operation was running",
+                                              now, resumed_ops);
   if (!s.ok()) return s;
   prune_operations_locked();
 
@@ -872,6 +910,21 @@ Result<RestoreServiceImpl::FoundPoint> RestoreServiceImpl::find_point_locked(
                             "'");
   }
   return FoundPoint{c.value()->region, *p.value()};
+}
+
+Result<CollectionRecord> RestoreServiceImpl::collection_for_new_point_locked(
+    const std::string& collection) {
+  auto c = db_->get_collection(collection);
+  if (!c.ok()) return c.status();
+  if (!c.value()) return Status::NotFound("collection '" + collection + "' not found");
+  if (deleting_collections_.count(collection)) {
+    return Status::Conflict("collection '" + collection + "' is being deleted");
+  }
+  if (!store_of(c.value()->region)) {
+    return Status::Conflict("collection '" + collection + "' is in region '" + c.value()->region +
+                            "', which is no longer configured");
+  }
+  return *c.value();
 }
 
 Result<std::vector<RestorePointRecord>> RestoreServiceImpl::list_restore_points(

@@ -30,6 +30,8 @@
 namespace rpoint {
 
 class FileDisk;
+
+class FileDisk;
 class DiskSnapshot;
 
 Status ValidateResourceName(const std::string& what, const std::string& name);
@@ -100,9 +102,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
                                                const std::string& name) override;
   Result<std::vector<RestorePointRecord>> list_restore_points(
       const std::string& collection) override;
-  Result<Started<RestorePointRecord>> copy_restore_point(
-      const std::string& collection, const std::string& name,
-      const std::string& source_collection, const std::string& source_name) override;
+  Result<Started<RestorePointRecord>> copy_restore_point(const std::string& collection,
+                                                         const std::string& name,
+                                                         const std::string& source_collection,
+                                                         const std::string& source_name) override;
   Status delete_restore_point(const std::string& collection, const std::string& name) override;
   Result<std::string> start_verify(const std::string& collection, const std::string& name) override;
 
@@ -200,6 +203,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
     RestorePointRecord point;
   };
   Result<FoundPoint> find_point_locked(const std::string& collection, const std::string& name);
+  // The collection a new point (cut or copy) goes into: NotFound, or Conflict
+  // when it is being deleted or its region is no longer configured. Caller
+  // holds mu_.
+  Result<CollectionRecord> collection_for_new_point_locked(const std::string& collection);
   // Deletes the store points, then a GC pass of each region. A crash before
   // the delete leaves them unnamed: Open deletes them.
   // Retires `disk`'s tracker through the oldest generation any collection's
@@ -225,6 +232,19 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   void run_copy_point(RestorePointRecord rec, OperationRecord op, RestorePointRecord src,
                       std::string src_region, std::string region,
                       std::shared_ptr<PointProgress> prog);
+  // recover(): whether the interrupted copy `p` can go on, else why not.
+  // Caller holds mu_.
+  std::optional<std::string> copy_resume_blocker_locked(const RestorePointRecord& p);
+  // Open: starts the copies recover() kept Creating.
+  void resume_copies();
+  // rpoint:changed: on live disk exports (restore/point_exports.cpp): the
+  // tracking base of (disk, collection) when it is `point` and the tracker
+  // still holds every change since it. Caller holds mu_.
+  std::optional<TrackingBase> live_changed_base_locked(const std::string& disk,
+                                                       const std::string& collection,
+                                                       const std::string& point,
+                                                       const FileDisk& fd);
+  std::vector<std::string> live_meta_contexts(const std::string& disk);
 
   const RestoreServiceOptions options_;
   DiskService& disks_;
@@ -252,6 +272,9 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::mutex gc_mu_;
   std::set<std::string> gc_running_, gc_again_;
   std::vector<std::string> gc_at_start_;  // regions recover() freed store points in
+  // Copies recover() found interrupted with their source still there: Open
+  // starts them again (restore/copy_job.cpp).
+  std::vector<RestorePointRecord> copies_to_resume_;
 };
 
 }  // namespace rpoint

@@ -319,6 +319,21 @@ Status PointWriter::seal_and_index(std::unique_ptr<PackWriter> pack,
   return s;
 }
 
+Status PointWriter::seal_pack() {
+  std::unique_ptr<PackWriter> to_seal;
+  std::list<DigestSet>::iterator it;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!failed_.ok()) return failed_;
+    if (!pack_) return Status::Ok();  // made lazily: null means nothing new since the last seal
+    to_seal = std::move(pack_);
+    sealing_.push_back(std::move(pack_digests_));
+    pack_digests_ = DigestSet();
+    it = std::prev(sealing_.end());
+  }
+  return seal_and_index(std::move(to_seal), it);
+}
+
 Status PointWriter::evict_locked(uint64_t keep_leaf) {
   while (resident_.size() > max_resident_) {
     auto victim = resident_.begin();

@@ -76,6 +76,11 @@ class PointWriter {
   // moved). NotFound when the store lacks it (then put() the data); the
   // writer stays usable. The reference is recorded for the GC as put()'s is.
   Status put_known(uint64_t slot, const Digest& d);
+  // Seals and indexes the pack being filled now (if any), as a full pack is:
+  // the chunks put so far become durable objects of the store even if this
+  // writer never commits. A long copy calls it now and then so that, after a
+  // crash, its next attempt finds them (until a GC collects them).
+  Status seal_pack();
 
   // Makes the point durable and returns its record. The writer is spent.
   Result<PointInfo> commit();

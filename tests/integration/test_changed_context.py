@@ -222,8 +222,10 @@ def test_contexts_listed_and_unknown_ones_omitted(points):
     assert h.can_meta_context(CTX)
     h.shutdown()
 
-    # A live disk offers no rpoint: context (yet): only base:allocation.
-    assert contexts_of(d.nbd_uri("a")) == {"base:allocation"}
+    # A live disk offers the context of its collections' latest points only
+    # (test_live_changed_context.py): c/rp2, not c/rp1.
+    live = contexts_of(d.nbd_uri("a"))
+    assert "rpoint:changed:c/rp2" in live and "rpoint:changed:c/rp1" not in live, live
 
 
 def test_map_exact_after_restart(points):

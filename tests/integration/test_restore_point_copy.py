@@ -7,10 +7,16 @@ and it cannot be exported or restored. Only chunks the target region lacks
 move: the second copy after a 1 MiB change moves about 1 MiB (the operation's
 output.bytesMoved). A byte flipped in a source pack fails the copy loudly.
 kill -9 mid-copy (slowed by the copy.chunk fault delay) ends Failed after the
-restart, never Succeeded short. With the source collection deleted, the copy
-restores byte-identical to the disk at the cut. Copies to the same region, into
+restart, never Succeeded short. A copy killed with kill -9 resumes on restart
+(its source still there): the chunks it had checkpointed (every 16 MiB) are not
+moved again and its completionPercent goes on from what it had recorded; with
+its source deleted meanwhile it ends Failed, saying so. A copy compares the
+source tree with the previous copy's tree: a 1 MiB change of a 64 GiB sparse disk
+looks up 16 chunks, not every data slot. With the source collection deleted, the
+copy restores byte-identical to the disk at the cut. Copies to the same region, into
 the source's own collection or to another VM's collection are refused.
 """
+import json
 import os
 import random
 import signal
@@ -151,7 +157,10 @@ def test_copy_full_then_incremental_progress_and_restore_after_source_deleted(ri
     d.create_restore_point("ce", "p2")
     out = copy(d, "ce", "p2", "cw", "p2")
     assert 1 * MiB <= out["bytesMoved"] < 2 * MiB, out
-    assert out["chunksReused"] == 392, out
+    # Compared with the tree of the copy p1: only the 16 changed slots are
+    # looked up (not all 408 data slots), and none of them is in the target.
+    assert out["chunksLookedUp"] == 16 and out["disksComparedWithBase"] == 1, out
+    assert out["chunksMoved"] == 16 and out["chunksReused"] == 0, out
 
     # Idempotent repeat: 200, no new job.
     r = start_copy(d, "ce", "p2", "cw", "p2", expect=200)
@@ -197,36 +206,153 @@ def test_damaged_source_chunk_fails_the_copy_loudly(rig, tmp_path):
     assert e.returncode != 0
 
 
-def test_kill9_mid_copy_never_succeeds_short(rig, tmp_path):
-    d = rig
-    rng = random.Random(5)
-    write_random(d, rng, rng.sample(range(DISK_SIZE // G), 300))
-    img = nbd_save(d.nbd_uri("a"), tmp_path / "p1.img")
-    d.create_restore_point("ce", "p1")
-    d.arm("copy.chunk=delay10")
-    start_copy(d, "ce", "p1", "cw", "p1")
+def replication(d, c, rp):
+    p = d.get_restore_point(c, rp, expand="instanceView")["properties"]
+    return p["provisioningState"], p["instanceView"]["diskRestorePoints"][0]["replicationStatus"]
+
+
+def wait_percent(d, c, rp, pct):
     deadline = time.monotonic() + 60
     while True:
-        st = d.get_restore_point("cw", "p1", expand="instanceView")["properties"][
-            "instanceView"]["diskRestorePoints"][0]["replicationStatus"]
-        if st["completionPercent"] >= 20:
-            break
+        state, st = replication(d, c, rp)
+        assert state == "Creating", (state, st)
+        if st["completionPercent"] >= pct:
+            return
         assert time.monotonic() < deadline, st
         time.sleep(0.05)
+
+
+def test_kill9_mid_copy_resumes_without_moving_checkpointed_chunks(rig, tmp_path):
+    d = rig
+    rng = random.Random(5)
+    write_random(d, rng, rng.sample(range(DISK_SIZE // G), 600))  # 37.5 MiB
+    img = nbd_save(d.nbd_uri("a"), tmp_path / "p1.img")
+    d.create_restore_point("ce", "p1")
+    # 400 chunks move at once (a checkpoint at 16 MiB = 256 chunks), then the
+    # copy holds at the 401st until it is killed.
+    d.arm("copy.chunk=delay600000@401")
+    r = start_copy(d, "ce", "p1", "cw", "p1")
+    op_path = operation_path(r)
+    wait_percent(d, "cw", "p1", 400 * 100 // 600)
+    d.kill9()
+    os.unlink(d.env["RPOINTD_FAULTS_FILE"])
+    # Resumed slowly (20 ms a chunk), so its progress can be watched.
+    d.env["RPOINTD_FAULTS"] = "copy.chunk=delay20"
+    d.start()
+    del d.env["RPOINTD_FAULTS"]
+    assert "resuming" in d.log(), d.log()
+    seen = []
+    while True:
+        state, st = replication(d, "cw", "p1")
+        if state != "Creating":
+            break
+        seen.append(st["completionPercent"])
+        time.sleep(0.05)
+    # Never back below what the first run had made durable (256 of 600).
+    assert seen and min(seen) >= 256 * 100 // 600, seen
+    assert seen == sorted(seen), seen
+    assert state == "Succeeded" and st == {"status": "Succeeded", "completionPercent": 100}, st
+    op = d.wait_operation(op_path)
+    assert op["status"] == "Succeeded", op
+    out = op["properties"]["output"]
+    # The checkpointed chunks stayed in the target: at most the other 344 move.
+    assert out["chunksReused"] >= 256 and out["bytesMoved"] <= (600 - 256) * G, out
+    assert out["bytesMoved"] < 600 * G, out
+    got = nbd_save(d.rp_uri("cw", "p1", "a"), tmp_path / "got.img")
+    eq, msg = images_equal(img, got)
+    assert eq, msg
+    assert d.verify_restore_point("cw", "p1")["properties"]["output"]["ok"] is True
+    # After another restart (and in a region rebuilt from its files) the copy
+    # still names its source.
+    d.restart()
+    rp = d.get_restore_point("cw", "p1")["properties"]
+    assert rp["sourceRestorePoint"] == {"id": "/restorePointCollections/ce/restorePoints/p1"}, rp
+
+
+def test_kill9_mid_copy_with_source_deleted_ends_failed(rig, tmp_path):
+    d = rig
+    rng = random.Random(7)
+    write_random(d, rng, rng.sample(range(DISK_SIZE // G), 300))
+    d.create_restore_point("ce", "p1")
+    d.arm("copy.chunk=delay600000@101")
+    r = start_copy(d, "ce", "p1", "cw", "p1")
+    op_path = operation_path(r)
+    wait_percent(d, "cw", "p1", 100 * 100 // 300)
+    assert d.api("DELETE", "/restorePointCollections/ce/restorePoints/p1").status in (200, 204)
     d.kill9()
     os.unlink(d.env["RPOINTD_FAULTS_FILE"])
     d.start()
     rp = d.get_restore_point("cw", "p1", expand="instanceView")["properties"]
     assert rp["provisioningState"] == "Failed", rp
+    op = d.wait_operation(op_path)
+    assert op["status"] == "Failed", op
+    msg = op["error"]["message"]
+    assert "cannot resume" in msg and "/restorePointCollections/ce/restorePoints/p1" in msg \
+        and "no longer exists" in msg, op
     e = subprocess.run(["nbdinfo", d.rp_uri("cw", "p1", "a")], capture_output=True, text=True,
                        timeout=30)
     assert e.returncode != 0
-    # Copied again (under another name), it is complete and exact; the
-    # chunks the killed copy had already stored may be reused.
-    copy(d, "ce", "p1", "cw", "p1b")
-    got = nbd_save(d.rp_uri("cw", "p1b", "a"), tmp_path / "got.img")
-    eq, msg = images_equal(img, got)
-    assert eq, msg
+
+
+def test_copy_of_a_small_change_to_a_huge_sparse_disk_looks_up_only_the_change(rig, tmp_path):
+    d = rig
+    big = 64 << 30
+    d.create_disk("h", big)
+    d.create_vm("hv", ["h"])
+    d.create_collection("he", "hv", location="east")
+    d.create_collection("hw", "hv", location="west")
+    rng = random.Random(8)
+    slots = rng.sample(range(big // G), 256)  # 16 MiB spread over 64 GiB
+    nbd_write(d.nbd_uri("h"), [(s * G, rng.randbytes(G)) for s in slots])
+    d.create_restore_point("he", "p1")
+    out = copy(d, "he", "p1", "hw", "p1")
+    assert out["chunksLookedUp"] == 256 and out["disksComparedWithBase"] == 0, out
+    changed = rng.sample(slots, 8) + rng.sample(range(big // G), 8)  # 1 MiB
+    nbd_write(d.nbd_uri("h"), [(s * G, rng.randbytes(G)) for s in changed])
+    d.create_restore_point("he", "p2")
+    t = time.monotonic()
+    out = copy(d, "he", "p2", "hw", "p2")
+    took = time.monotonic() - t
+    assert out["chunksLookedUp"] == len(set(changed)), out
+    assert out["bytesMoved"] == len(set(changed)) * G and out["disksComparedWithBase"] == 1, out
+    print(f"copy of 1 MiB changed on a 64 GiB disk: {took:.3f} s, {out}")
+    # The copy reads as its source: same allocation, same bytes where written.
+    maps = [subprocess.run(["nbdinfo", "--map", "--json", u], capture_output=True, text=True,
+                           check=True, timeout=120).stdout
+            for u in (d.rp_uri("he", "p2", "h"), d.rp_uri("hw", "p2", "h"))]
+    assert maps[0] == maps[1]
+    handles = []
+    for u in (d.rp_uri("he", "p2", "h"), d.rp_uri("hw", "p2", "h")):
+        h = nbd.NBD()
+        h.connect_uri(u)
+        handles.append(h)
+    for s in set(slots) | set(changed):
+        assert handles[0].pread(G, s * G) == handles[1].pread(G, s * G), s
+    for h in handles:
+        h.shutdown()
+
+
+def test_copy_names_its_source_after_metadata_rebuilt_from_the_region(rig, tmp_path):
+    d = rig
+    nbd_write(d.nbd_uri("a"), [(0, b"y" * G)])
+    d.create_restore_point("ce", "p1")
+    copy(d, "ce", "p1", "cw", "p1")
+    src = "/restorePointCollections/ce/restorePoints/p1"
+    with open(tmp_path / "west" / "manifests" / "cw~p1.json") as f:
+        assert json.load(f)["restorePoint"]["sourceRestorePoint"] == src
+    with open(tmp_path / "east" / "manifests" / "ce~p1.json") as f:
+        assert "sourceRestorePoint" not in json.load(f)["restorePoint"]
+    # metadata.db lost: the points come back from the regions' manifests.
+    assert d.stop() == 0, d.log()
+    for suffix in ("", "-wal", "-shm"):
+        path = os.path.join(d.state_dir, "metadata.db" + suffix)
+        if os.path.exists(path):
+            os.unlink(path)
+    d.start()
+    rp = d.get_restore_point("cw", "p1")["properties"]
+    assert rp["provisioningState"] == "Succeeded", rp
+    assert rp["sourceRestorePoint"] == {"id": src}, rp
+    assert "sourceRestorePoint" not in d.get_restore_point("ce", "p1")["properties"]
 
 
 def test_copy_refusals(rig, tmp_path):
