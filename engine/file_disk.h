@@ -118,6 +118,7 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   std::mutex gate_mu_;
   std::vector<std::pair<Reactor*, IoRequest*>> parked_;  // guarded by gate_mu_
   std::atomic<std::shared_ptr<DiskSnapshot>> snapshot_;
+  std::atomic<uint64_t> guest_ops_{0};  // requests submitted: the copier yields while it moves
 };
 
 }  // namespace rpoint
