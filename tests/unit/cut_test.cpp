@@ -54,6 +54,7 @@ struct Writer final : IoRequest {
   alignas(4096) char data[kSector];
   std::vector<WriteLog> log;
   std::atomic<bool> idle{false};
+  std::atomic<uint64_t> issued{0};  // writes so far (log is the reactor's alone)
 
   void go() {
     if (stop->load()) {
@@ -61,6 +62,7 @@ struct Writer final : IoRequest {
       return;
     }
     uint64_t s = seq->fetch_add(1) + 1;
+    issued.fetch_add(1);
     uint64_t sector = stripe * kStripeBlocks * (kGran / kSector) + rng() % (kStripeBlocks * kGran / kSector);
     for (size_t i = 0; i < kSector / 8; ++i) std::memcpy(data + i * 8, &s, 8);
     kind = IoKind::kWrite;
@@ -182,6 +184,16 @@ struct Rig {
       for (auto& w : writers) w->go();
     });
   }
+  // Until every writer has issued n writes (enough distinct sectors for
+  // CheckImage however loaded the machine is), at most 60 s.
+  void wait_writes(uint64_t n) {
+    auto until = Clock::now() + std::chrono::seconds(60);
+    for (auto& w : writers) {
+      while (w->issued.load() < n && Clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    }
+  }
   void stop_writers() {
     stop = true;
     for (auto& w : writers) {
@@ -249,6 +261,7 @@ TEST_CASE("cut: full then incremental points are exact across two disks under lo
     CHECK(images2.back()[2 * kDiskBytes - 1] == 'z');
     rig.disks[d]->end_snapshot();
   }
+  rig.wait_writes(400);
   rig.stop_writers();  // the logs are read only once every writer is idle
   for (size_t d = 0; d < rig.disks.size(); ++d) {
     CheckImage(images[d], {}, rig.by_disk[d], a0, a1);
