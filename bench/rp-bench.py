@@ -20,8 +20,8 @@ copy-out, and the cut pause, each against an anchor measured in the same run.
              the incremental point's time, bytes read and stored, against cp
              --sparse=always + sync of a 1 TiB sparse file holding the same runs
              (restic would reread 1 TiB: its time is estimated from its rate).
-  guest IOPS fio (nbd engine) 4k randwrite QD32 on a disk of a VM, first with no
-             point in progress, then while a full point of that VM is being
+  guest IOPS fio (nbd engine) 4k randwrite, then 4k randread, QD32 on a disk
+             of a VM, first with no point in progress, then while a full point of that VM is being
              copied out (copy-before-write on every first write to a block
              not yet copied). Ratio during / idle.
   cut pause  cutPauseMicroseconds of N points of a VM with a 1 TiB sparse disk
@@ -239,15 +239,15 @@ class Bench:
         self.fio_procs.append(p)
         if background:
             return p, out
-        return self.fio_result(p, out)
+        return self.fio_result(p, out, "read" if "read" in rw else "write")
 
-    def fio_result(self, p, out):
+    def fio_result(self, p, out, side="write"):
         _, err = p.communicate(timeout=3600)
         with open(out) as f:
             j = json.load(f)["jobs"][0]
         if p.returncode != 0 or j.get("error"):
             raise RuntimeError(f"fio failed ({p.returncode}): {err[-1000:]}")
-        return j["write"]["iops"]
+        return j[side]["iops"]
 
     def row(self, what, value, unit, anchor=None, anchor_value=None):
         ratio = value / anchor_value if anchor_value else None
@@ -402,28 +402,32 @@ class Bench:
         os.unlink(fill)
         runtime = a.runtime
         if self.full_rate:
-            # The copy-out must outlast fio: at most 60% of the expected copy time.
-            runtime = max(1, min(runtime, int(0.6 * (a.size / MiB) / self.full_rate)))
-        idle = self.fio(uri, runtime)
+            # The copy-out must outlast both fio runs: 30% of the expected copy time each.
+            runtime = max(1, min(runtime, int(0.3 * (a.size / MiB) / self.full_rate)))
+        idle = {rw: self.fio(uri, runtime, rw=rw) for rw in ("randwrite", "randread")}
         d.create_collection("cio", "io")
         r = d.start_restore_point("cio", "p")
         if r.status != 201:
             raise RuntimeError(f"restore point: {r}")
         op_path = operation_path(r)
         t0 = time.monotonic()
-        busy = self.fio(uri, runtime)
-        op_mid = d.api("GET", op_path).json
+        busy = {}
+        still = True
+        for rw in ("randwrite", "randread"):
+            busy[rw] = self.fio(uri, runtime, rw=rw)
+            still = still and d.api("GET", op_path).json["status"] == "InProgress"
         op = d.wait_operation(op_path, timeout=3600)
         total = time.monotonic() - t0
         if op["status"] != "Succeeded":
             raise RuntimeError(f"point under fio failed: {op}")
-        still = op_mid["status"] == "InProgress"
-        self.row("guest 4k randwrite QD32 during a copy-out", busy, "IOPS",
-                 "no point in progress", idle)
+        for rw in ("randwrite", "randread"):
+            self.row(f"guest 4k {rw} QD32 during a copy-out", busy[rw], "IOPS",
+                     "no point in progress", idle[rw])
         self.notes.append(
-            f"copy-out of {a.size >> 20} MiB took {total:.1f} s with fio running for {runtime} s; "
-            + ("the point was still copying when fio ended (the whole fio run overlapped it)"
-               if still else f"WARNING: the copy-out ended before fio's {runtime} s: "
+            f"copy-out of {a.size >> 20} MiB took {total:.1f} s with fio randwrite then randread "
+            f"running for {runtime} s each; "
+            + ("the point was still copying when each fio run ended (both overlapped it)"
+               if still else f"WARNING: the copy-out ended before the fio runs did: "
                              "use --runtime shorter or --size larger"))
 
     def part_cut(self):

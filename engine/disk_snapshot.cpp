@@ -3,11 +3,16 @@
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
+#include <thread>
 
 #include "common/fault_injection.h"
 
@@ -15,7 +20,7 @@ namespace rpoint {
 namespace {
 
 bool AllZero(const char* p, size_t n) {
-  // n is a multiple of 8 except for a disk's partial last block.
+  // n is a multiple of 8 except for a disk's partial last sub-block.
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     uint64_t w;
@@ -28,68 +33,115 @@ bool AllZero(const char* p, size_t n) {
   return true;
 }
 
+using AlignedBuf = std::unique_ptr<char, decltype(&std::free)>;
+
+AlignedBuf AllocAligned(size_t n) {
+  return AlignedBuf(static_cast<char*>(std::aligned_alloc(4096, (n + 4095) & ~size_t{4095})),
+                    &std::free);
+}
+
 }  // namespace
 
-// Preserves one block: read the old content from the disk, write it to the
-// staging file, then continue the write that asked for it. Owns itself while
-// its ring operations are in flight.
+// Writes one run of the log (inside one chunk) to the staging file. One is in
+// flight per snapshot at a time; whatever the log gained meanwhile goes in the
+// next, so under load each staging write carries many sub-blocks.
+class DiskSnapshot::StageWrite final : public Reactor::Op {
+ public:
+  StageWrite(std::shared_ptr<DiskSnapshot> snap, Reactor& reactor, std::shared_ptr<char[]> chunk,
+             const char* data, uint64_t off, uint32_t len)
+      : snap_(std::move(snap)),
+        reactor_(reactor),
+        chunk_(std::move(chunk)),
+        data_(data),
+        off_(off),
+        len_(len) {}
+
+  static void Start(std::unique_ptr<StageWrite> op) { op.release()->issue(); }
+
+  void complete(int res, uint32_t) override {
+    std::unique_ptr<StageWrite> self(this);
+    if (injected_) res = -std::exchange(injected_, 0);
+    if (res == -EAGAIN || res == -EINTR) return self.release()->issue();
+    if (res == 0) res = -EIO;
+    if (res < 0) return end(std::move(self), -res);
+    done_ += static_cast<uint32_t>(res);
+    if (done_ < len_) return self.release()->issue();
+    end(std::move(self), 0);
+  }
+
+ private:
+  void issue() {
+    io_uring_sqe* s = reactor_.sqe(this);
+    // An injected fault completes a no-op with the error (or writes fewer bytes).
+    ssize_t n = fault::WriteLength("staging.write", len_ - done_);
+    if (n < 0) {
+      injected_ = static_cast<int>(-n);
+      io_uring_prep_nop(s);
+    } else {
+      io_uring_prep_write(s, snap_->staging_fd_.get(), data_ + done_, unsigned(n), off_ + done_);
+    }
+  }
+  static void end(std::unique_ptr<StageWrite> self, int error) {
+    auto next = self->snap_->staged(self->reactor_, self->len_, error);
+    self.reset();
+    if (next) Start(std::move(next));
+  }
+
+  std::shared_ptr<DiskSnapshot> snap_;
+  Reactor& reactor_;
+  std::shared_ptr<char[]> chunk_;  // keeps data_ alive
+  const char* data_;
+  uint64_t off_;
+  uint32_t len_;
+  uint32_t done_ = 0;
+  int injected_ = 0;  // errno of an injected staging write fault
+};
+
+// Reads a run of sub-blocks' old content from the disk through the ring (when
+// the inline RWF_NOWAIT read could not: not in the page cache), records it,
+// then continues the write that asked for it. Owns itself while its ring
+// operation is in flight.
 class DiskSnapshot::CowOp final : public Reactor::Op {
  public:
-  CowOp(std::shared_ptr<DiskSnapshot> snap, Reactor& reactor, uint64_t block,
-        std::function<void()> then)
+  CowOp(std::shared_ptr<DiskSnapshot> snap, Reactor& reactor, uint64_t block, uint32_t s0,
+        uint32_t n, std::function<void()> then)
       : snap_(std::move(snap)),
         reactor_(reactor),
         block_(block),
+        s0_(s0),
+        n_(n),
         then_(std::move(then)),
-        buf_(static_cast<char*>(std::aligned_alloc(4096, snap_->granularity())), &std::free) {
-    uint64_t off = block * snap_->granularity();
-    len_ = static_cast<uint32_t>(std::min<uint64_t>(snap_->granularity(), snap_->size() - off));
+        buf_(AllocAligned(size_t{n} * snap_->sub_)) {
+    off_ = block * snap_->granularity() + uint64_t{s0} * snap_->sub_;
+    len_ =
+        static_cast<uint32_t>(std::min<uint64_t>(uint64_t{n} * snap_->sub_, snap_->size() - off_));
+    std::memset(buf_.get() + len_, 0, size_t{n} * snap_->sub_ - len_);
   }
 
   static void Start(std::unique_ptr<CowOp> op) { op.release()->issue(); }
 
   void complete(int res, uint32_t) override {
     std::unique_ptr<CowOp> self(this);  // freed unless handed back to the ring
-    if (injected_) res = -std::exchange(injected_, 0);
     if (res == -EAGAIN || res == -EINTR) return self.release()->issue();
-    if (res < 0) return done(std::move(self), -res, false);
-    if (res == 0 && !writing_) {
+    if (res < 0) return done(std::move(self), -res);
+    if (res == 0) {
       std::memset(buf_.get() + done_, 0, len_ - done_);  // past EOF reads as zeroes
       res = static_cast<int>(len_ - done_);
     }
-    if (res == 0) return done(std::move(self), EIO, false);
     done_ += static_cast<uint32_t>(res);
     if (done_ < len_) return self.release()->issue();
-    if (!writing_) {
-      // Zeroes at the cut (a hole, an unallocated or zeroed block): a bit in a
-      // bitmap says it all; staging bytes are for real data only.
-      if (AllZero(buf_.get(), len_)) return done(std::move(self), 0, true);
-      writing_ = true;
-      done_ = 0;
-      return self.release()->issue();
-    }
-    done(std::move(self), 0, false);
+    done(std::move(self), 0);
   }
 
  private:
   void issue() {
-    uint64_t off = block_ * snap_->granularity() + done_;
-    io_uring_sqe* s = reactor_.sqe(this);
-    if (writing_) {
-      // An injected fault completes a no-op with the error (or writes fewer bytes).
-      ssize_t n = fault::WriteLength("staging.write", len_ - done_);
-      if (n < 0) {
-        injected_ = static_cast<int>(-n);
-        io_uring_prep_nop(s);
-      } else {
-        io_uring_prep_write(s, snap_->staging_fd_.get(), buf_.get() + done_, unsigned(n), off);
-      }
-    } else {
-      io_uring_prep_read(s, snap_->p_.data_fd, buf_.get() + done_, len_ - done_, off);
-    }
+    io_uring_prep_read(reactor_.sqe(this), snap_->p_.data_fd, buf_.get() + done_, len_ - done_,
+                       off_ + done_);
   }
-  static void done(std::unique_ptr<CowOp> self, int error, bool zero) {
-    self->snap_->preserved(self->block_, error, zero);
+  static void done(std::unique_ptr<CowOp> self, int error) {
+    auto w = self->snap_->preserved(self->reactor_, self->block_, self->s0_, self->n_,
+                                    self->buf_.get(), error);
+    if (w) StageWrite::Start(std::move(w));
     auto then = std::move(self->then_);
     self.reset();
     then();
@@ -98,29 +150,35 @@ class DiskSnapshot::CowOp final : public Reactor::Op {
   std::shared_ptr<DiskSnapshot> snap_;
   Reactor& reactor_;
   uint64_t block_;
+  uint32_t s0_;
+  uint32_t n_;
   std::function<void()> then_;
-  std::unique_ptr<char, decltype(&std::free)> buf_;
+  AlignedBuf buf_;
+  uint64_t off_ = 0;
   uint32_t len_ = 0;
   uint32_t done_ = 0;
-  bool writing_ = false;
-  int injected_ = 0;  // errno of an injected staging write fault
 };
 
 DiskSnapshot::DiskSnapshot(Params p)
     : p_(std::move(p)),
       nblocks_((p_.size + p_.granularity - 1) / p_.granularity),
+      sub_(std::gcd(p_.granularity, kSubBlock)),
+      nsub_(p_.granularity / sub_),
       copied_(nblocks_),
-      preserved_(nblocks_),
-      zero_(nblocks_) {}
+      read_(nblocks_),
+      preserved_(nblocks_) {}
 
 Result<std::shared_ptr<DiskSnapshot>> DiskSnapshot::Create(Params params, UniqueFd staging_fd) {
   if (!staging_fd) return Status::InvalidArgument("no staging file");
+  if (params.granularity == 0) return Status::InvalidArgument("zero granularity");
   std::shared_ptr<DiskSnapshot> s(new DiskSnapshot(std::move(params)));
   s->staging_fd_ = std::move(staging_fd);
   return s;
 }
 
-DiskSnapshot::~DiskSnapshot() { finish(); }
+DiskSnapshot::~DiskSnapshot() {
+  finished_.store(true);
+}
 
 bool DiskSnapshot::needs_preserve(uint64_t block) const {
   if (finished_.load(std::memory_order_acquire) || block >= nblocks_) return false;
@@ -134,27 +192,85 @@ bool DiskSnapshot::needs_preserve(uint64_t block) const {
   return false;
 }
 
-void DiskSnapshot::preserve_then(Reactor& reactor, uint64_t first, uint64_t last,
+void DiskSnapshot::preserve_then(Reactor& reactor, uint64_t offset, uint64_t length,
                                  std::function<void()> cont) {
-  for (uint64_t b = first; b <= last; ++b) {
-    if (!needs_preserve(b)) continue;
+  if (length == 0 || offset >= p_.size) return cont();
+  preserve_from(reactor, offset, length, offset / p_.granularity, std::move(cont));
+}
+
+void DiskSnapshot::preserve_from(Reactor& reactor, uint64_t offset, uint64_t length, uint64_t block,
+                                 std::function<void()> cont) {
+  const uint64_t end = std::min(offset + length, p_.size);
+  const uint64_t last = (end - 1) / p_.granularity;
+  // The inline read's buffer: one block at most (a run never leaves its block).
+  thread_local std::vector<char> inline_buf;
+  for (uint64_t b = block; b <= last;) {
+    if (!needs_preserve(b)) {
+      ++b;
+      continue;
+    }
+    const uint64_t bstart = b * p_.granularity;
+    const uint64_t bend = std::min(bstart + p_.granularity, p_.size);
+    // Sub-blocks of b this request touches.
+    const uint32_t lo = static_cast<uint32_t>((std::max(offset, bstart) - bstart) / sub_);
+    const uint32_t hi = static_cast<uint32_t>((std::min(end, bend) - 1 - bstart) / sub_);
     std::unique_lock<std::mutex> lock(mu_);
-    if (copied_.test(b)) continue;
-    auto again = [self = shared_from_this(), &reactor, b, last, cont]() mutable {
-      self->preserve_then(reactor, b, last, std::move(cont));
+    if (copied_.test(b)) {
+      ++b;
+      continue;
+    }
+    auto again = [&] {
+      return [self = shared_from_this(), &reactor, offset, length, b, cont]() mutable {
+        self->preserve_from(reactor, offset, length, b, std::move(cont));
+      };
     };
     auto it = busy_.find(b);
     if (it != busy_.end()) {
       // The copier (or another write) is on this block: retry when it is done.
-      it->second.push_back({&reactor, std::move(again)});
+      it->second.push_back({&reactor, again()});
+      return;
+    }
+    // The first run of sub-blocks not preserved yet.
+    auto sit = subs_.find(b);
+    uint32_t s0 = lo;
+    if (sit != subs_.end()) {
+      while (s0 <= hi && sit->second[s0] != kNotPreserved) ++s0;
+    }
+    if (s0 > hi) {
+      ++b;  // all of them preserved already: the write may change them
+      continue;
+    }
+    uint32_t s1 = s0;
+    if (sit != subs_.end()) {
+      while (s1 < hi && sit->second[s1 + 1] == kNotPreserved) ++s1;
+    } else {
+      s1 = hi;
+    }
+    if (slots_filled_ * sub_ - flushed_bytes_ >= kMaxUnflushed) {
+      space_waiters_.push_back({&reactor, again()});  // resumed as the staging file catches up
       return;
     }
     busy_.emplace(b, std::vector<Waiter>{});
     lock.unlock();
-    auto next = [self = shared_from_this(), &reactor, b, last, cont]() mutable {
-      self->preserve_then(reactor, b + 1, last, std::move(cont));
+    const uint32_t n = s1 - s0 + 1;
+    const uint64_t off = bstart + uint64_t{s0} * sub_;
+    const uint64_t len = std::min<uint64_t>(uint64_t{n} * sub_, p_.size - off);
+    // Mostly the old data is in the page cache: read it here, without a ring round trip.
+    if (inline_buf.size() < p_.granularity) inline_buf.resize(p_.granularity);
+    ssize_t got = -1;
+    if (len == uint64_t{n} * sub_) {
+      iovec iov{inline_buf.data(), static_cast<size_t>(len)};
+      got = ::preadv2(p_.data_fd, &iov, 1, static_cast<off_t>(off), RWF_NOWAIT);
+    }
+    if (got == static_cast<ssize_t>(len)) {
+      auto w = preserved(reactor, b, s0, n, inline_buf.data(), 0);
+      if (w) StageWrite::Start(std::move(w));
+      continue;  // the rest of b, then the next blocks
+    }
+    auto next = [self = shared_from_this(), &reactor, offset, length, b, cont]() mutable {
+      self->preserve_from(reactor, offset, length, b, std::move(cont));
     };
-    CowOp::Start(std::make_unique<CowOp>(shared_from_this(), reactor, b, std::move(next)));
+    CowOp::Start(std::make_unique<CowOp>(shared_from_this(), reactor, b, s0, n, std::move(next)));
     return;
   }
   cont();
@@ -168,75 +284,188 @@ void DiskSnapshot::release_busy(uint64_t block) {
   cv_.notify_all();
 }
 
-void DiskSnapshot::preserved(uint64_t block, int error, bool zero) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (error != 0) {
-    if (!broken_.exchange(true)) {
-      broken_reason_ = "copy-before-write of block " + std::to_string(block) +
-                       " to staging_dir failed: " + std::strerror(error) +
-                       (error == ENOSPC ? " (staging_dir is full)" : "");
-      spdlog::error("disk {}: {}; the restore point fails, guest writes go on", p_.disk_name,
-                    broken_reason_);
-    }
-  } else if (zero) {
-    zero_.set(block);
-    zero_count_.fetch_add(1);
-  } else {
-    preserved_.set(block);
-    preserved_count_.fetch_add(1);
-  }
-  copied_.set(block);  // either way, later writes to it go straight through
-  release_busy(block);
+void DiskSnapshot::wake_space_waiters() {
+  for (Waiter& w : space_waiters_) w.reactor->post(std::move(w.resume));
+  space_waiters_.clear();
 }
 
-Status DiskSnapshot::read_block(uint64_t block, char* buf) {
-  if (block >= nblocks_) return Status::OutOfRange("block beyond the snapshot");
-  uint64_t off = block * p_.granularity;
-  uint64_t len = std::min<uint64_t>(p_.granularity, p_.size - off);
-  int fd = -1;
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    for (;;) {
-      if (broken_.load()) return Status::IoError(broken_reason_);
-      if (zero_.test(block)) {
-        std::memset(buf, 0, p_.granularity);
-        return Status::Ok();
-      }
-      if (preserved_.test(block)) {
-        fd = staging_fd_.get();
-        break;
-      }
-      if (busy_.count(block)) {
-        cv_.wait(lock);
+void DiskSnapshot::break_locked(const std::string& why, int error) {
+  if (broken_.exchange(true)) return;
+  broken_reason_ =
+      why + ": " + std::strerror(error) + (error == ENOSPC ? " (staging_dir is full)" : "");
+  spdlog::error("disk {}: {}; the restore point fails, guest writes go on", p_.disk_name,
+                broken_reason_);
+  wake_space_waiters();  // they pass straight through now
+  cv_.notify_all();
+}
+
+std::unique_ptr<DiskSnapshot::StageWrite> DiskSnapshot::preserved(Reactor& reactor, uint64_t block,
+                                                                  uint32_t s0, uint32_t n,
+                                                                  const char* buf, int error) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error != 0) {
+    break_locked("copy-before-write of block " + std::to_string(block) + " failed reading the disk",
+                 error);
+  } else {
+    auto& v = subs_[block];
+    if (v.empty()) v.assign(nsub_, kNotPreserved);
+    const uint64_t chunk_bytes = uint64_t{kChunkSlots} * sub_;
+    bool staged = false;
+    for (uint32_t i = 0; i < n; ++i) {
+      const char* p = buf + size_t{i} * sub_;
+      if (AllZero(p, sub_)) {
+        // Zeroes at the cut (a hole, an unallocated or zeroed range): the
+        // entry says it all; staging bytes are for real data only.
+        v[s0 + i] = kZeroAtCut;
+        zero_count_.fetch_add(1, std::memory_order_relaxed);
         continue;
       }
-      if (copied_.test(block)) {
-        return Status::Internal("block " + std::to_string(block) + " of the snapshot read twice");
-      }
-      busy_.emplace(block, std::vector<Waiter>{});
-      fd = p_.data_fd;
-      break;
+      const uint64_t slot = slots_filled_++;
+      auto& chunk = chunks_[slot / kChunkSlots];
+      if (!chunk) chunk = std::shared_ptr<char[]>(new char[chunk_bytes]);
+      std::memcpy(chunk.get() + (slot % kChunkSlots) * sub_, p, sub_);
+      v[s0 + i] = static_cast<uint32_t>(slot);
+      staged_count_.fetch_add(1, std::memory_order_relaxed);
+      staged = true;
+    }
+    if (staged) preserved_.set(block);
+    const uint64_t bytes = std::min<uint64_t>(p_.granularity, p_.size - block * p_.granularity);
+    const uint32_t in_range = static_cast<uint32_t>((bytes + sub_ - 1) / sub_);
+    if (std::all_of(v.begin(), v.begin() + in_range,
+                    [](uint32_t e) { return e != kNotPreserved; })) {
+      copied_.set(block);  // all of it is preserved: later writes go straight through
     }
   }
-  Status st;
+  if (error != 0) copied_.set(block);
+  release_busy(block);
+  return next_stage_write(reactor);
+}
+
+std::unique_ptr<DiskSnapshot::StageWrite> DiskSnapshot::next_stage_write(Reactor& reactor) {
+  if (stage_write_in_flight_ || broken_.load() || finished_.load()) return nullptr;
+  const uint64_t filled = slots_filled_ * sub_;
+  if (flushed_bytes_ >= filled) return nullptr;
+  const uint64_t chunk_bytes = uint64_t{kChunkSlots} * sub_;
+  const uint64_t c = flushed_bytes_ / chunk_bytes;
+  const uint64_t end = std::min(filled, (c + 1) * chunk_bytes);
+  auto it = chunks_.find(c);
+  if (it == chunks_.end()) return nullptr;  // cannot happen: unflushed chunks stay
+  stage_write_in_flight_ = true;
+  const char* data = it->second.get() + (flushed_bytes_ - c * chunk_bytes);
+  return std::make_unique<StageWrite>(shared_from_this(), reactor, it->second, data, flushed_bytes_,
+                                      static_cast<uint32_t>(end - flushed_bytes_));
+}
+
+std::unique_ptr<DiskSnapshot::StageWrite> DiskSnapshot::staged(Reactor& reactor, uint64_t bytes,
+                                                               int error) {
+  std::lock_guard<std::mutex> lock(mu_);
+  stage_write_in_flight_ = false;
+  if (error != 0) {
+    break_locked("copy-before-write to staging_dir failed", error);
+    return nullptr;
+  }
+  const uint64_t chunk_bytes = uint64_t{kChunkSlots} * sub_;
+  flushed_bytes_ += bytes;
+  if (flushed_bytes_ % chunk_bytes == 0) {
+    // That chunk is all on the staging file now (a copier reading it holds its own reference).
+    chunks_.erase(flushed_bytes_ / chunk_bytes - 1);
+  }
+  wake_space_waiters();
+  return next_stage_write(reactor);
+}
+
+void DiskSnapshot::pace() {
+  if (!p_.guest_ops) return;
+  // Per copy thread: when it last came back for a block, and the guest's
+  // request count then. The time in between is its work on the last block.
+  thread_local struct {
+    const DiskSnapshot* owner = nullptr;
+    std::chrono::steady_clock::time_point since;
+    uint64_t ops = 0;
+  } t;
+  auto now = std::chrono::steady_clock::now();
+  uint64_t ops = p_.guest_ops->load(std::memory_order_relaxed);
+  if (t.owner == this && ops != t.ops) {
+    // The guest is busy: work at most kGuestBusyDuty of the time, but never
+    // sleep long per block, so the copy ends however busy the guest stays.
+    auto work = now - t.since;
+    auto pause = std::chrono::duration_cast<std::chrono::microseconds>(
+        work * ((1.0 - kGuestBusyDuty) / kGuestBusyDuty));
+    std::this_thread::sleep_for(
+        std::min<std::chrono::microseconds>(pause, std::chrono::milliseconds(50)));
+  }
+  t.owner = this;
+  t.ops = p_.guest_ops->load(std::memory_order_relaxed);
+  t.since = std::chrono::steady_clock::now();
+}
+
+Status DiskSnapshot::pread_all(int fd, char* buf, uint64_t len, uint64_t off) const {
   uint64_t done = 0;
   while (done < len) {
     ssize_t n = pread(fd, buf + done, len - done, static_cast<off_t>(off + done));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      st = Status::FromErrno(errno, "read snapshot block");
-      break;
-    }
+    if (n < 0) return Status::FromErrno(errno, "read snapshot block");
     if (n == 0) {
-      std::memset(buf + done, 0, len - done);
+      std::memset(buf + done, 0, len - done);  // past EOF reads as zeroes
       break;
     }
     done += static_cast<uint64_t>(n);
   }
+  return Status::Ok();
+}
+
+Status DiskSnapshot::read_block(uint64_t block, char* buf) {
+  if (block >= nblocks_) return Status::OutOfRange("block beyond the snapshot");
+  pace();
+  const uint64_t off = block * p_.granularity;
+  const uint64_t len = std::min<uint64_t>(p_.granularity, p_.size - off);
+  const uint32_t in_range = static_cast<uint32_t>((len + sub_ - 1) / sub_);
+  std::vector<uint32_t> subs;
+  std::vector<std::shared_ptr<char[]>> mem;  // the log chunk in memory, per staged sub-block
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (broken_.load()) return Status::IoError(broken_reason_);
+      if (!busy_.count(block)) break;
+      cv_.wait(lock);
+    }
+    if (read_.test(block)) {
+      return Status::Internal("block " + std::to_string(block) + " of the snapshot read twice");
+    }
+    busy_.emplace(block, std::vector<Waiter>{});
+    auto it = subs_.find(block);
+    if (it != subs_.end()) {
+      subs = it->second;
+      mem.resize(subs.size());
+      for (uint32_t i = 0; i < in_range; ++i) {
+        if (subs[i] >= kZeroAtCut) continue;
+        auto c = chunks_.find(subs[i] / kChunkSlots);
+        if (c != chunks_.end()) mem[i] = c->second;
+      }
+    }
+  }
+  bool from_disk = subs.empty() || std::any_of(subs.begin(), subs.begin() + in_range,
+                                               [](uint32_t e) { return e == kNotPreserved; });
+  Status st;
+  if (from_disk) st = pread_all(p_.data_fd, buf, len, off);
+  for (uint32_t i = 0; st.ok() && i < subs.size() && i < in_range; ++i) {
+    const uint64_t at = uint64_t{i} * sub_;
+    const uint64_t n = std::min<uint64_t>(sub_, len - at);
+    if (subs[i] == kNotPreserved) continue;
+    if (subs[i] == kZeroAtCut) {
+      std::memset(buf + at, 0, n);
+    } else if (mem[i]) {
+      std::memcpy(buf + at, mem[i].get() + (subs[i] % kChunkSlots) * sub_, n);
+    } else {
+      st = pread_all(staging_fd_.get(), buf + at, n, uint64_t{subs[i]} * sub_);
+    }
+  }
   if (len < p_.granularity) std::memset(buf + len, 0, p_.granularity - len);
-  if (fd == p_.data_fd) {
+  {
     std::lock_guard<std::mutex> lock(mu_);
+    read_.set(block);
     copied_.set(block);
+    subs_.erase(block);
     release_busy(block);
   }
   return st;
@@ -249,8 +478,8 @@ Result<SparseBitmap> DiskSnapshot::to_copy() {
     return out;
   }
   // Every block allocated at the cut. A block allocated then and written since
-  // was preserved first (into staging, or as zero), so allocation now plus the
-  // preserved blocks covers the cut's allocation. A block that was zero at the
+  // was preserved first (into the log, or as zero), so allocation now plus the
+  // blocks with staged sub-blocks covers the cut's allocation. A block that was zero at the
   // cut reads as zeroes (read_block) and the store keeps it as a hole.
   uint64_t pos = 0;
   while (pos < p_.size) {
@@ -277,6 +506,8 @@ Result<SparseBitmap> DiskSnapshot::to_copy() {
 
 void DiskSnapshot::finish() {
   finished_.store(true, std::memory_order_release);
+  std::lock_guard<std::mutex> lock(mu_);
+  wake_space_waiters();  // they pass straight through now
 }
 
 Result<uint64_t> DiskSnapshot::staging_bytes() const {

@@ -3,22 +3,33 @@
 //
 // A cut flips the disk's change tracker (no I/O) and installs a snapshot. From
 // then on, the first write to a block the restore point still has to copy
-// first preserves the old block in a local staging file (copy-before-write into
-// fast local storage, Proxmox's "fleecing"), so guest writes never wait on the
-// restore point store. The copier reads each block exactly once: from the
-// staging file if a write preserved it, else from the disk, while writes to
-// that block wait for the read (block by block, never the whole disk).
+// first preserves the old content of the 4 KiB sub-blocks it touches (never
+// the whole tracking block: a 4 KiB write into a 64 KiB block costs one 4 KiB
+// read, not a 64 KiB read and write). The old sub-blocks are appended to an
+// in-memory log that is written behind, in runs of up to 1 MiB, to a local
+// staging file (copy-before-write into fast local storage, Proxmox's
+// "fleecing"), so guest writes never wait on the restore point store nor on
+// the staging write. The copier reads each block exactly once: the disk for
+// the sub-blocks nobody preserved, the log (memory or staging file) for the
+// rest, while writes that must preserve in that block wait for the read.
 //
 // Only blocks the point will copy are preserved (full: every block; incremental:
-// the changed ones), and a block that reads as zeroes at the cut (a hole, an
-// unallocated or zeroed block) is recorded in a bitmap instead of the staging
-// file, so staging never holds more than the point's non-zero data at the cut.
-// The staging file is anonymous (O_TMPFILE, see engine/cut.cpp): no name to
-// collide with another point's, nothing left behind by a crash.
+// the changed ones), and a sub-block that reads as zeroes at the cut (a hole,
+// an unallocated or zeroed range) is recorded as such instead of staged, so
+// staging never holds more than the point's non-zero data at the cut. The
+// staging file is anonymous (O_TMPFILE, see engine/cut.cpp): no name to
+// collide with another point's, nothing left behind by a crash. At most
+// kMaxUnflushed bytes of the log wait in memory; past that, preserving writes
+// wait for the staging file to catch up.
 //
-// A failure to preserve a block (e.g. ENOSPC on staging_dir) breaks the
-// snapshot, not the guest: the guest write goes on and the restore point fails
-// (qemu's on-cbw-error=break-snapshot).
+// A failure to stage (e.g. ENOSPC on staging_dir) breaks the snapshot, not the
+// guest: the guest write goes on and the restore point fails (qemu's
+// on-cbw-error=break-snapshot).
+//
+// The copier yields to the guest: while guest requests keep arriving on the
+// disk (Params::guest_ops moves), each read_block first sleeps so that a copy
+// thread works at most kGuestBusyDuty of its time (bounded per block, so the
+// copy always ends); with the guest quiet it runs flat out.
 //
 // Thread-safety: read_block/to_copy/finish from job threads;
 // preserve_then/needs_preserve from reactor threads.
@@ -45,13 +56,20 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
  public:
   struct Params {
     std::string disk_name;
-    int data_fd;                  // the disk's buffered descriptor
-    uint64_t generation;          // the frozen tracker generation
-    uint64_t size;                // disk size at the cut
+    int data_fd;          // the disk's buffered descriptor
+    uint64_t generation;  // the frozen tracker generation
+    uint64_t size;        // disk size at the cut
     uint32_t granularity;
-    bool full;                    // no retired base: the point stores every allocated block
+    bool full;  // no retired base: the point stores every allocated block
     std::vector<std::shared_ptr<const SparseBitmap>> frozen;  // incremental: what changed
+    // Counts the guest's requests on the disk (the copier yields while it
+    // moves); nullptr: never yield.
+    const std::atomic<uint64_t>* guest_ops = nullptr;
   };
+  // Unflushed staging log bytes held in memory before preserving writes wait.
+  static constexpr uint64_t kMaxUnflushed = 64ull << 20;
+  // The share of its time a copy thread may work while the guest is busy.
+  static constexpr double kGuestBusyDuty = 0.1;
   // staging_fd: an empty, unnamed file opened read-write (made before the cut's pause).
   static Result<std::shared_ptr<DiskSnapshot>> Create(Params params, UniqueFd staging_fd);
   ~DiskSnapshot();
@@ -69,7 +87,8 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   Result<SparseBitmap> to_copy();
 
   // Copies block b as it was at the cut into buf (granularity bytes; the tail
-  // past size() is zero). Blocking; each block is read at most once. Job threads.
+  // past size() is zero). Blocking; each block is read at most once; yields
+  // to guest I/O first (see above). Job threads.
   Status read_block(uint64_t block, char* buf);
 
   // Stops copy-before-write. Idempotent. The staging file is freed with the
@@ -80,41 +99,73 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
 
   // ---- data path (reactor threads) ----
   bool needs_preserve(uint64_t block) const;
-  // Preserves blocks [first, last] that need it, then runs `cont` on `reactor`'s thread.
-  void preserve_then(Reactor& reactor, uint64_t first, uint64_t last, std::function<void()> cont);
+  // Preserves the sub-blocks of [offset, offset + length) that need it, then
+  // runs `cont` (on `reactor`'s thread, maybe before returning).
+  void preserve_then(Reactor& reactor, uint64_t offset, uint64_t length,
+                     std::function<void()> cont);
 
-  // Blocks whose cut content is in the staging file, and blocks recorded as
-  // zero at the cut (no staging bytes).
-  uint64_t blocks_preserved() const { return preserved_count_.load(); }
-  uint64_t blocks_zero() const { return zero_count_.load(); }
+  // Sub-blocks (kSubBlock bytes, or the granularity if smaller) whose cut
+  // content was staged, and those recorded as zero at the cut (no staging bytes).
+  uint32_t sub_block() const { return sub_; }
+  uint64_t subs_staged() const { return staged_count_.load(); }
+  uint64_t subs_zero() const { return zero_count_.load(); }
   // Bytes the staging file occupies on its filesystem (st_blocks).
   Result<uint64_t> staging_bytes() const;
 
+  static constexpr uint32_t kSubBlock = 4096;
+
  private:
   class CowOp;
+  class StageWrite;
   struct Waiter {
     Reactor* reactor;
     std::function<void()> resume;
   };
+  // A sub-block's entry in subs_: not preserved, zero at the cut, or its log slot.
+  static constexpr uint32_t kNotPreserved = UINT32_MAX;
+  static constexpr uint32_t kZeroAtCut = UINT32_MAX - 1;
+  static constexpr uint32_t kChunkSlots = 256;  // log slots per in-memory chunk
+
   explicit DiskSnapshot(Params p);
-  // error: 0 or an errno; zero: the block read as zeroes (nothing was staged).
-  void preserved(uint64_t block, int error, bool zero);
+  void preserve_from(Reactor& reactor, uint64_t offset, uint64_t length, uint64_t block,
+                     std::function<void()> cont);
+  // Records sub-blocks [s0, s0 + n) of block b as read into buf (error: 0 or
+  // an errno). Takes mu_; returns a staging write to start, if one is due.
+  std::unique_ptr<StageWrite> preserved(Reactor& reactor, uint64_t block, uint32_t s0, uint32_t n,
+                                        const char* buf, int error);
+  std::unique_ptr<StageWrite> next_stage_write(Reactor& reactor);                   // mu_ held
+  std::unique_ptr<StageWrite> staged(Reactor& reactor, uint64_t bytes, int error);  // one ended
+  void break_locked(const std::string& why, int error);                             // mu_ held
   void release_busy(uint64_t block);  // mu_ held by caller: wakes waiters
+  void wake_space_waiters();          // mu_ held
+  void pace();                        // read_block: yield to the guest
+  Status pread_all(int fd, char* buf, uint64_t len, uint64_t off) const;
 
   Params p_;
   uint64_t nblocks_;
+  uint32_t sub_;   // sub-block bytes
+  uint32_t nsub_;  // sub-blocks per block
   UniqueFd staging_fd_;
   std::atomic<bool> finished_{false};
   std::atomic<bool> broken_{false};
-  SparseBitmap copied_;     // read by the copier or preserved: writes may proceed
-  SparseBitmap preserved_;  // the old content is in the staging file
-  SparseBitmap zero_;       // the old content was all zeroes (not staged)
-  std::atomic<uint64_t> preserved_count_{0};
+  SparseBitmap copied_;     // read by the copier or fully preserved: writes may proceed
+  SparseBitmap read_;       // read by the copier
+  SparseBitmap preserved_;  // some of its cut content is in the log
+  std::atomic<uint64_t> staged_count_{0};
   std::atomic<uint64_t> zero_count_{0};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::unordered_map<uint64_t, std::vector<Waiter>> busy_;  // block -> writes waiting on it
+  // block -> per sub-block kNotPreserved / kZeroAtCut / log slot; dropped once read.
+  std::unordered_map<uint64_t, std::vector<uint32_t>> subs_;
+  // The log: slot s at byte s * sub_ of the staging file; chunks not yet
+  // fully written there stay in memory.
+  std::unordered_map<uint64_t, std::shared_ptr<char[]>> chunks_;
+  uint64_t slots_filled_ = 0;
+  uint64_t flushed_bytes_ = 0;  // the log's prefix on the staging file
+  bool stage_write_in_flight_ = false;
+  std::vector<Waiter> space_waiters_;  // preserving writes waiting for the log to drain
   std::string broken_reason_;
 };
 

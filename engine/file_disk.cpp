@@ -111,6 +111,7 @@ void FileDisk::submit(Reactor& reactor, IoRequest& req) {
   req.reactor_ = &reactor;
   req.done_ = 0;
   req.stage_ = kStageIo;
+  guest_ops_.fetch_add(1, std::memory_order_relaxed);  // a copy-out yields while this moves
   int err = 0;
   if (req.kind != IoKind::kFlush && !check_range(req.offset, req.length).ok()) {
     err = EINVAL;
@@ -156,9 +157,8 @@ void FileDisk::after_marked(Reactor& reactor, IoRequest& req) {
   if (req.entered_) {
     std::shared_ptr<DiskSnapshot> snap = snapshot_.load(std::memory_order_acquire);
     if (snap && req.epoch_ > snap->generation()) {
-      uint64_t first = req.offset / snap->granularity();
-      uint64_t last = (req.offset + req.length - 1) / snap->granularity();
-      return snap->preserve_then(reactor, first, last, [this, &reactor, &req] { issue(reactor, req); });
+      return snap->preserve_then(reactor, req.offset, req.length,
+                                 [this, &reactor, &req] { issue(reactor, req); });
     }
   }
   issue(reactor, req);
@@ -180,6 +180,7 @@ Result<std::shared_ptr<DiskSnapshot>> FileDisk::arm_cut(
       tracker_->granularity(),
       full,
       full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : std::move(armed.value().bitmaps)};
+  p.guest_ops = &guest_ops_;
   // The snapshot treats every frozen bitmap alike (to_copy, copy-before-write).
   if (!full && also_copy) p.frozen.push_back(std::move(also_copy));
   auto snap = DiskSnapshot::Create(std::move(p), std::move(staging_fd));

@@ -120,6 +120,7 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   std::unique_ptr<ChangeTracker> tracker_;
 
   std::atomic<std::shared_ptr<DiskSnapshot>> snapshot_;
+  std::atomic<uint64_t> guest_ops_{0};  // requests submitted: the copier yields while it moves
 };
 
 }  // namespace rpoint

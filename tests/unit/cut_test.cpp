@@ -58,6 +58,7 @@ struct Writer final : IoRequest {
   alignas(4096) char data[kSector];
   std::vector<WriteLog> log;
   std::atomic<bool> idle{false};
+  std::atomic<uint64_t> issued{0};  // writes so far (log is the reactor's alone)
 
   void go() {
     if (stop->load()) {
@@ -65,6 +66,7 @@ struct Writer final : IoRequest {
       return;
     }
     uint64_t s = seq->fetch_add(1) + 1;
+    issued.fetch_add(1);
     uint64_t sector = stripe * kStripeBlocks * (kGran / kSector) + rng() % (kStripeBlocks * kGran / kSector);
     for (size_t i = 0; i < kSector / 8; ++i) std::memcpy(data + i * 8, &s, 8);
     kind = IoKind::kWrite;
@@ -186,6 +188,16 @@ struct Rig {
       for (auto& w : writers) w->go();
     });
   }
+  // Until every writer has issued n writes (enough distinct sectors for
+  // CheckImage however loaded the machine is), at most 60 s.
+  void wait_writes(uint64_t n) {
+    auto until = Clock::now() + std::chrono::seconds(60);
+    for (auto& w : writers) {
+      while (w->issued.load() < n && Clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    }
+  }
   void stop_writers() {
     stop = true;
     for (auto& w : writers) {
@@ -230,8 +242,8 @@ TEST_CASE("cut: full then incremental points are exact across two disks under lo
     CHECK(images.back()[kDiskBytes + 12345] == 'z');
     CHECK(cut.value().snapshots[d]->full());
     CHECK_FALSE(cut.value().snapshots[d]->broken());
-    MESSAGE("disk " << d << ": " << cut.value().snapshots[d]->blocks_preserved()
-                    << " blocks preserved by copy-before-write");
+    MESSAGE("disk " << d << ": " << cut.value().snapshots[d]->subs_staged()
+                    << " sub-blocks staged by copy-before-write");
     rig.disks[d]->end_snapshot();
     REQUIRE(rig.disks[d]->tracker()->retire_through(cut.value().snapshots[d]->generation()).ok());
   }
@@ -253,6 +265,7 @@ TEST_CASE("cut: full then incremental points are exact across two disks under lo
     CHECK(images2.back()[2 * kDiskBytes - 1] == 'z');
     rig.disks[d]->end_snapshot();
   }
+  rig.wait_writes(400);
   rig.stop_writers();  // the logs are read only once every writer is idle
   for (size_t d = 0; d < rig.disks.size(); ++d) {
     CheckImage(images[d], {}, rig.by_disk[d], a0, a1);
@@ -348,8 +361,8 @@ TEST_CASE("cut: staging of points whose dotted names once collided stays apart")
     REQUIRE(WriteSync(*loop.reactor, *d1, b * kGran, std::vector<char>(kGran, 'A')) == 0);
     REQUIRE(WriteSync(*loop.reactor, *d2, b * kGran, std::vector<char>(kGran, 'B')) == 0);
   }
-  CHECK(c1.value().snapshots[0]->blocks_preserved() == 16);
-  CHECK(c2.value().snapshots[0]->blocks_preserved() == 16);
+  CHECK(c1.value().snapshots[0]->subs_staged() == 16 * kGran / 4096);
+  CHECK(c2.value().snapshots[0]->subs_staged() == 16 * kGran / 4096);
   std::vector<char> buf(kGran);
   uint64_t wrong = 0;
   for (uint64_t b = 0; b < 16; ++b) {
@@ -380,10 +393,11 @@ TEST_CASE("cut: a full point stages only the non-zero blocks it had, however muc
   for (uint64_t b = nblocks; b-- > 0;) {
     REQUIRE(WriteSync(*loop.reactor, *d, b * kGran + 4096, std::vector<char>(8192, 'n')) == 0);
   }
-  MESSAGE("preserved " << snap.blocks_preserved() << ", zero " << snap.blocks_zero()
-                       << ", staging bytes " << snap.staging_bytes().value());
-  CHECK(snap.blocks_preserved() == data.size());
-  CHECK(snap.blocks_zero() == nblocks - data.size());
+  MESSAGE("staged " << snap.subs_staged() << ", zero " << snap.subs_zero()
+                     << ", staging bytes " << snap.staging_bytes().value());
+  // Each write touches two 4 KiB sub-blocks: only those are preserved.
+  CHECK(snap.subs_staged() == 2 * data.size());
+  CHECK(snap.subs_zero() == 2 * (nblocks - data.size()));
   auto staged = snap.staging_bytes();
   REQUIRE(staged.ok());
   CHECK(staged.value() <= (data.size() + 8) * kGran);
@@ -646,4 +660,52 @@ TEST_CASE("cut: a cutting thread stopped in the middle of a cut holds no write")
     return t;
   }());
   CHECK(progressed());
+
+TEST_CASE("cut: copy-before-write preserves the sub-blocks a write touches, read back from staging") {
+  // Every block holds its own byte at the cut. After it, writes straddle
+  // sub-blocks and blocks, some twice; more than one log chunk (1 MiB) is
+  // staged, so the copier reads some sub-blocks from the staging file.
+  TempDir tmp;
+  OneLoop loop;
+  const uint64_t nblocks = 96;
+  auto d = MakeDisk(tmp.path, "d", nblocks * kGran, {}, 0);
+  std::vector<char> cut_image(nblocks * kGran);
+  for (uint64_t b = 0; b < nblocks; ++b) {
+    std::vector<char> v(kGran, static_cast<char>('A' + b % 50));
+    std::memcpy(cut_image.data() + b * kGran, v.data(), kGran);
+    REQUIRE(WriteSync(*loop.reactor, *d, b * kGran, v) == 0);
+  }
+  auto c = CutDisks({d}, tmp.path.string(), "p");
+  REQUIRE(c.ok());
+  DiskSnapshot& snap = *c.value().snapshots[0];
+  const uint64_t s = DiskSnapshot::kSubBlock;
+  for (uint64_t b = 0; b < nblocks; ++b) {
+    const uint64_t at = b * kGran;
+    REQUIRE(WriteSync(*loop.reactor, *d, at + s - 50, std::vector<char>(100, 'x')) == 0);  // subs 0, 1
+    REQUIRE(WriteSync(*loop.reactor, *d, at + 5 * s, std::vector<char>(s, 'y')) == 0);     // sub 5
+    REQUIRE(WriteSync(*loop.reactor, *d, at + 5 * s + 7, std::vector<char>(9, 'z')) == 0);  // again
+    if (b + 1 < nblocks) {  // across the blocks: sub 15 of b and sub 0 of b + 1
+      REQUIRE(WriteSync(*loop.reactor, *d, at + kGran - 10, std::vector<char>(20, 'w')) == 0);
+    }
+  }
+  // Per block subs 0, 1, 5 and 15 (sub 0 of the next block is already there).
+  CHECK(snap.subs_staged() == 4 * nblocks - 1);
+  CHECK(snap.subs_zero() == 0);
+  // The log is written behind: wait until its first chunk is on the staging file.
+  for (int i = 0; i < 2000 && snap.staging_bytes().value() < (1u << 20); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(snap.staging_bytes().value() >= (1u << 20));
+  auto blocks = snap.to_copy();
+  REQUIRE(blocks.ok());
+  CHECK(blocks.value().count() == nblocks);
+  std::vector<char> buf(kGran);
+  uint64_t wrong = 0;
+  for (uint64_t b = 0; b < nblocks; ++b) {
+    REQUIRE(snap.read_block(b, buf.data()).ok());
+    wrong += std::memcmp(buf.data(), cut_image.data() + b * kGran, kGran) != 0;
+  }
+  CHECK(wrong == 0);
+  CHECK_FALSE(snap.broken());
+  d->end_snapshot();
 }
