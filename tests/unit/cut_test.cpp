@@ -660,6 +660,7 @@ TEST_CASE("cut: a cutting thread stopped in the middle of a cut holds no write")
     return t;
   }());
   CHECK(progressed());
+}
 
 TEST_CASE("cut: copy-before-write preserves the sub-blocks a write touches, read back from staging") {
   // Every block holds its own byte at the cut. After it, writes straddle
