@@ -25,8 +25,8 @@ std::string UblkControl::UnavailableReason(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0) return "";
   return path + " is missing: the kernel module ublk_drv is not loaded (or this kernel has no " +
-         "ublk driver, CONFIG_BLK_DEV_UBLK); load it with `modprobe ublk_drv` and restart " +
-         "rpointd, or serve the disk over NBD";
+         "ublk driver, CONFIG_BLK_DEV_UBLK); load it with `modprobe ublk_drv` (ublk disks " +
+         "recorded earlier come back at rpointd's next start), or serve the disk over NBD";
 }
 
 Result<std::unique_ptr<UblkControl>> UblkControl::Open(const std::string& path,

@@ -74,16 +74,16 @@ mkdir /mnt/a/sub && $T/dd if=/dev/urandom of=/mnt/a/sub/f4 bs=4k count=300 statu
 $T/rpoint vm create vm --disk d0 >/dev/null || fail "vm create"
 $T/rpoint collection create c --vm vm >/dev/null || fail "collection create"
 # Frozen: the journal is checkpointed, so the point holds a clean filesystem.
-fsfreeze -f /mnt/a || fail "fsfreeze"
-$T/rpoint restore-point create c/p1 --wait >/tmp/out 2>&1 || { fsfreeze -u /mnt/a; cat /tmp/out; fail "point p1"; }
-fsfreeze -u /mnt/a
+fsfreeze --freeze /mnt/a || fail "fsfreeze"
+$T/rpoint restore-point create c/p1 --wait >/tmp/out 2>&1 || { fsfreeze --unfreeze /mnt/a; cat /tmp/out; fail "point p1"; }
+fsfreeze --unfreeze /mnt/a
 $T/dd if=/dev/urandom of=/mnt/a/f1 bs=64k count=5 conv=notrunc status=none
 rm /mnt/a/f2
 $T/dd if=/dev/urandom of=/mnt/a/f5 bs=64k count=20 status=none
 (cd /mnt/a && sha256sum f1 f3 f5 sub/f4 >/tmp/sums2)
-fsfreeze -f /mnt/a
-$T/rpoint restore-point create c/p2 --wait >/tmp/out 2>&1 || { fsfreeze -u /mnt/a; cat /tmp/out; fail "point p2"; }
-fsfreeze -u /mnt/a
+fsfreeze --freeze /mnt/a
+$T/rpoint restore-point create c/p2 --wait >/tmp/out 2>&1 || { fsfreeze --unfreeze /mnt/a; cat /tmp/out; fail "point p2"; }
+fsfreeze --unfreeze /mnt/a
 for n in 1 2; do
   $T/rpoint disk create r$n --from c/p$n/d0 --wait --export ublk >/tmp/out 2>&1 || { cat /tmp/out; fail "restore r$n"; }
   dev=$(field r$n devicePath)
