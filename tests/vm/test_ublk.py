@@ -11,9 +11,11 @@ inside Debian's 6.12 kernel under qemu (lane.py), one boot for both parts.
    e2fsck -fn is clean, and the next restore point, restored, equals the
    disk byte for byte (cmp).
 
-Part 1 also checks that an NBD client of a ublk disk gets it read-only
-(python-free: the point's disk export answered READ_ONLY through rpoint
-disk show's "(read-only)" mark).
+3. SIGTERM (a service restart) keeps /dev/ublkb0, mounted: the next
+   rpointd takes it over, files read back through the device.
+
+Part 1 also checks the API: devicePath and state Live in GET, and the NBD
+export of a ublk disk marked read-only.
 
 Outside CI, a machine without qemu and without root (tests/vm/install.sh)
 skips; under CI=true that fails (conftest.py's rule, repeated here).
@@ -120,6 +122,22 @@ $T/rpoint disk create r3 --from c/p3/d0 --wait >/tmp/out 2>&1 || { cat /tmp/out;
 cmp /dev/ublkb0 $S/disks/r3.raw || fail "point p3 differs from the disk"
 echo "@@UBLK-2 ok@@"
 $T/rpoint disk show d0
+
+# ---- 3: SIGTERM keeps the device (a service restart); the next start takes it over ----
+mount -t ext4 /dev/ublkb0 /mnt/a || fail "remount d0"
+pid=$(cat /tmp/rpointd.pid)
+kill $pid
+wait $pid || fail "rpointd exited $? on SIGTERM"
+[ -b /dev/ublkb0 ] || fail "SIGTERM removed /dev/ublkb0"
+start_rpointd
+[ "$(field d0 devicePath)" = /dev/ublkb0 ] || fail "after SIGTERM and start: $(field d0 devicePath)"
+[ "$(field d0 state)" = Live ] || fail "after SIGTERM and start: $(field d0 state)"
+sync; echo 3 >/proc/sys/vm/drop_caches
+(cd /mnt/a && sha256sum -c /tmp/sums2 >/dev/null) || fail "files after the SIGTERM restart"
+cmp /tmp/pattern /mnt/a/load || fail "load file after the SIGTERM restart"
+umount /mnt/a || fail "umount after the SIGTERM restart"
+dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O' && fail "the kernel logged I/O errors"
+echo "@@UBLK-3 ok@@"
 kill $(cat /tmp/rpointd.pid)
 exit 0
 """
@@ -157,6 +175,11 @@ def test_ublk_points_restored_over_ublk(boot):
 def test_ublk_kill9_under_load_recovers(boot):
     assert "@@UBLK-1 ok@@" in boot.console, "part 1 failed first"
     assert "@@UBLK-2 ok@@" in boot.console and boot.rc == 0, _failure(boot)
+
+
+def test_ublk_sigterm_keeps_device_for_the_next_start(boot):
+    assert "@@UBLK-2 ok@@" in boot.console, "part 2 failed first"
+    assert "@@UBLK-3 ok@@" in boot.console and boot.rc == 0, _failure(boot)
 
 
 def _failure(r):
