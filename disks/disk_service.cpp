@@ -407,6 +407,12 @@ class DiskServiceImpl final : public DiskService {
         return Status::Unsupported("disk '" + name + "' is the block device " + e.row.path +
                                    "; resize the device itself");
       }
+      if (e.row.export_mode == "ublk") {
+        // The driver interface we build against (6.1) cannot change a live
+        // device's size: /dev/ublkbN would keep the old one.
+        return Status::Unsupported("disk '" + name + "' is served over ublk, whose devices " +
+                                   "cannot grow while served; serve it over NBD to resize it");
+      }
       if (new_size_bytes < cur) {
         return Status::OutOfRange("disks can only grow: '" + name + "' is " + std::to_string(cur) +
                                   " bytes, asked for " + std::to_string(new_size_bytes));
