@@ -31,6 +31,12 @@ void PrintDisk(Context& ctx, const json& disk) {
                                  : origin;
   std::string nbd;
   if (p.contains("export") && p["export"].contains("nbd")) nbd = Str(p["export"]["nbd"], "name");
+  std::string ublk;
+  if (p.contains("export") && p["export"].contains("ublk")) {
+    const json& u = p["export"]["ublk"];
+    ublk = (u.contains("devicePath") ? Str(u, "devicePath") + " " : "") + "(" + Str(u, "state") + ")";
+    if (nbd.size()) nbd += " (read-only)";
+  }
   std::vector<std::pair<std::string, std::string>> f = {
       {"Name", Str(disk, "name")},
       {"Size", size},
@@ -43,6 +49,7 @@ void PrintDisk(Context& ctx, const json& disk) {
       {"Tracking block",
        p.contains("trackingGranularityBytes") ? SizeText(p, "trackingGranularityBytes") : ""},
       {"NBD export", nbd},
+      {"ublk device", ublk},
       {"Created", Str(p, "timeCreated")},
       {"Provisioning", Str(p, "provisioningState")},
   };
@@ -91,6 +98,7 @@ int Create(Context& ctx, const po::variables_map& vm) {
     props["path"] = path;
   }
   if (vm.count("kind")) props["kind"] = vm["kind"].as<std::string>();
+  if (vm.count("export")) props["export"] = vm["export"].as<std::string>();
   if (vm.count("granularity")) {
     auto g = ParseSize(vm["granularity"].as<std::string>());
     if (!g.ok()) return UsageError(ctx, "--granularity: " + g.status().message());
@@ -161,7 +169,7 @@ int Delete(Context& ctx, const po::variables_map& vm) {
 void AddDiskCommands(std::vector<Command>& table) {
   table.push_back({"disk", "create",
                    "NAME (--size SIZE | --path PATH | --from C/RP/DISK [--wait]) [--kind KIND] "
-                   "[--granularity BYTES]",
+                   "[--granularity BYTES] [--export nbd|ublk]",
                    "create a sparse disk of SIZE, adopt an existing file or block device, or "
                    "restore a disk from a restore point",
                    [](po::options_description& o, po::options_description& h,
@@ -180,7 +188,10 @@ void AddDiskCommands(std::vector<Command>& table) {
                          "managed (default), shared or ephemeral")(
                          "granularity", po::value<std::string>()->value_name("BYTES"),
                          "change tracking block size for restore points: a power of two "
-                         "from 4K to 4M (default 64K)");
+                         "from 4K to 4M (default 64K)")(
+                         "export", po::value<std::string>()->value_name("nbd|ublk"),
+                         "how the disk is served: nbd (default) or ublk, a local "
+                         "/dev/ublkbN (NBD clients then read it only)");
                    },
                    Create});
   table.push_back({"disk", "list", "", "list disks",

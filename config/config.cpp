@@ -432,6 +432,14 @@ class Parser {
                          {"max_duration_seconds", [&](const Item& x) {
                             c.access.max_duration_seconds = Unsigned(x, 1, kMaxGrantSeconds);
                           }}});
+              }},
+             {"ublk",
+              [&](const Item& it) {
+                // Depth: the driver's UBLK_MAX_QUEUE_DEPTH is 4096, but old
+                // drivers overflowed above ~2700 (SPDK caps 1024): 1024 here.
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"queues", [&](const Item& x) { c.ublk_queues = Unsigned(x, 0, 64); }},
+                         {"depth", [&](const Item& x) { c.ublk_depth = Unsigned(x, 1, 1024); }}});
               }}});
   }
 
@@ -728,6 +736,10 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "max_duration_seconds" << YAML::Value << c.access.max_duration_seconds;
   out << YAML::Key << "tcp_grants_only" << YAML::Value << c.access.tcp_grants_only;
   out << YAML::EndMap;
+  out << YAML::Key << "ublk" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "queues" << YAML::Value << c.ublk_queues;
+  out << YAML::Key << "depth" << YAML::Value << c.ublk_depth;
+  out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }
@@ -775,6 +787,8 @@ const std::vector<std::string>& ConfigKeys() {
       "access.host",
       "access.max_duration_seconds",
       "access.tcp_grants_only",
+      "ublk.queues",
+      "ublk.depth",
   };
   return kKeys;
 }

@@ -124,6 +124,10 @@ struct Config {
   // packs nobody reads beyond this are closed, least recently used first.
   unsigned store_open_packs = 128;
   AccessConfig access;
+  // ublk (disks with export "ublk"): hardware queues of each /dev/ublkbN (one
+  // thread each; 0 = one per CPU) and requests in flight per queue.
+  unsigned ublk_queues = 0;
+  unsigned ublk_depth = 128;
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").

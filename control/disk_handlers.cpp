@@ -19,12 +19,11 @@ constexpr const char* kRestoreSourcePrefix = "/restorePointCollections/";
 
 // Properties a client may send, and those it may only read (sending one is a
 // 400 that says so, rather than silently ignoring it).
-const std::vector<std::string> kPutProperties = {"sizeBytes", "path", "kind",
-                                                 "trackingGranularityBytes", "creationData"};
+const std::vector<std::string> kPutProperties = {
+    "sizeBytes", "path", "kind", "trackingGranularityBytes", "creationData", "export"};
 const std::vector<std::string> kPatchProperties = {"sizeBytes"};
 const std::vector<std::string> kReadOnlyProperties = {
-    "deviceType", "diskState", "attachedClients", "timeCreated", "provisioningState",
-    "export",     "error"};
+    "deviceType", "diskState", "attachedClients", "timeCreated", "provisioningState", "error"};
 
 ResourceRules DiskRules(const std::string& name, const std::string& method) {
   ResourceRules r;
@@ -50,7 +49,23 @@ struct DiskRequest {
   std::string kind = "managed";
   std::optional<uint32_t> granularity;
   std::string source;  // creationData.sourceResourceId: a restore
+  std::string export_mode = "nbd";
 };
+
+// properties.export: "nbd" | "ublk", or a GET's object sent back
+// ({"nbd": {...}} or {"ublk": {...}, "nbd": {...}}: ublk when it names ublk).
+Result<std::string> ReadExport(const json& v) {
+  if (v.is_string()) {
+    std::string m = v.get<std::string>();
+    if (Status s = DiskService::ValidateExport(m); !s.ok()) {
+      return Status::InvalidArgument("properties.export must be \"nbd\" or \"ublk\", got '" + m +
+                                     "'");
+    }
+    return m;
+  }
+  if (v.is_object()) return std::string(v.contains("ublk") ? "ublk" : "nbd");
+  return Status::InvalidArgument("properties.export must be \"nbd\" or \"ublk\"");
+}
 
 // properties.creationData: {"createOption", "sourceResourceId"}. "Restore"
 // needs a source; "Empty"/"Attach" are accepted so a GET's body can be sent back.
@@ -124,6 +139,11 @@ Result<DiskRequest> ReadDiskRequest(const json& props) {
     if (Status s = DiskService::ValidateTrackingGranularity(v.value()); !s.ok()) return s;
     req.granularity = static_cast<uint32_t>(v.value());
   }
+  if (props.contains("export")) {
+    auto v = ReadExport(props["export"]);
+    if (!v.ok()) return v.status();
+    req.export_mode = v.value();
+  }
   if (props.contains("creationData")) {
     if (Status s = ReadCreationData(props["creationData"], req, &req.source); !s.ok()) return s;
   }
@@ -154,6 +174,7 @@ Result<DiskRequest> ReadDiskRequest(const json& props) {
 // exists (the PUT is a repeat, answered 200), otherwise why it conflicts.
 std::string Difference(const DiskRecord& d, const DiskRequest& req) {
   std::string why = "disk '" + d.name + "' already exists";
+  if (req.export_mode != d.export_mode) return why + " with export '" + d.export_mode + "'";
   if (!req.source.empty() || !d.source_resource_id.empty()) {
     if (req.source == d.source_resource_id) return "";
     return d.source_resource_id.empty() ? why + " (not restored from a restore point)"
@@ -190,8 +211,22 @@ HttpResponse PutDisk(DiskService& svc, RestoreService& restore, const RequestCon
   };
   if (auto d = svc.get(name); d.ok()) return existing_answer(d.value());
 
+  if (req->export_mode != "nbd") {
+    // Before anything is made: a host without the driver gets a clear 503.
+    Status s = svc.export_available(req->export_mode);
+    if (!s.ok()) {
+      if (s.code() == Code::kInvalidArgument) return ErrorResponse(s);
+      return ErrorResponse(503, "UblkUnavailable", s.message());
+    }
+  }
+
   if (!req->source.empty()) {
     auto op = restore.start_restore_disk(name, req->source);
+    if (op.ok() && req->export_mode != "nbd") {
+      // Recorded now; served as /dev/ublkbN once the restore has filled it.
+      auto set = svc.set_export(name, req->export_mode);
+      if (!set.ok() && set.status().code() != Code::kNotFound) return ErrorResponse(set.status());
+    }
     if (!op.ok()) {
       if (op.status().code() == Code::kAlreadyExists) {
         if (auto d = svc.get(name); d.ok()) return existing_answer(d.value());
@@ -209,8 +244,9 @@ HttpResponse PutDisk(DiskService& svc, RestoreService& restore, const RequestCon
   }
 
   uint32_t granularity = req->granularity.value_or(DiskService::kDefaultTrackingGranularity);
-  auto created = req->size ? svc.create(name, *req->size, req->kind, granularity)
-                           : svc.adopt(name, *req->path, req->kind, granularity);
+  auto created = req->size
+                     ? svc.create(name, *req->size, req->kind, granularity, req->export_mode)
+                     : svc.adopt(name, *req->path, req->kind, granularity, req->export_mode);
   if (created.ok()) return JsonResponse(201, DiskToJson(created.value()));
   if (created.status().code() == Code::kAlreadyExists) {
     // Lost a race with a concurrent PUT of the same name.
@@ -302,9 +338,25 @@ nlohmann::ordered_json DiskToJson(const DiskRecord& d) {
       {"provisioningState", d.provisioning_state},
   };
   // A disk being restored is not served until its data is all there.
-  if (serving) props["export"] = {{"nbd", {{"name", d.name}}}};
+  if (serving) {
+    nlohmann::ordered_json exp = {{"nbd", {{"name", d.name}}}};
+    if (d.export_mode == "ublk") {
+      // NBD reads it; ublk writes it (one writer at a time).
+      exp["nbd"]["readOnly"] = true;
+      nlohmann::ordered_json u = {{"state", d.ublk.state}};
+      if (d.ublk.dev_id >= 0) {
+        u["devId"] = d.ublk.dev_id;
+        u["devicePath"] = d.ublk.device_path;
+      }
+      if (!d.ublk.error.empty()) u["error"] = d.ublk.error;
+      exp["ublk"] = std::move(u);
+    }
+    props["export"] = std::move(exp);
+  } else if (d.export_mode == "ublk") {
+    props["export"] = {{"ublk", {{"state", "Unavailable"}}}};
+  }
   if (!d.error.empty()) {
-    props["error"] = {{"code", "BackingStoreUnavailable"}, {"message", d.error}};
+    props["error"] = {{"code", d.error_code}, {"message", d.error}};
   }
   return ResourceJson("/disks/" + d.name, d.name, kDiskType, std::move(props));
 }

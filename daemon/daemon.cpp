@@ -26,6 +26,7 @@
 #include "nbd/server.h"
 #include "restore/access_grants.h"
 #include "restore/restore_service.h"
+#include "ublk/service.h"
 
 namespace rpoint {
 namespace {
@@ -277,7 +278,15 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   if (Status st = ArmFaults(true); !st.ok()) return fail("fault injection", st);
 
   // --- services ---
-  Result<std::unique_ptr<DiskService>> disks = DiskService::Open(DiskOptions(config));
+  // ublk devices: recovered (or made) as the disk service opens the disks.
+  // It outlives the disk service, which serves disks through it.
+  UblkServiceOptions ublk_options;
+  ublk_options.device.queues = config.ublk_queues ? config.ublk_queues : UsableCpus();
+  ublk_options.device.depth = config.ublk_depth;
+  UblkService ublk(ublk_options);
+  DiskServiceOptions disk_options = DiskOptions(config);
+  disk_options.local_export = &ublk;
+  Result<std::unique_ptr<DiskService>> disks = DiskService::Open(disk_options);
   if (!disks.ok()) return fail("disk service", disks.status());
   Result<std::unique_ptr<RestoreService>> restore = RestoreService::Open(RestoreOptions(config), *disks.value());
   if (!restore.ok()) return fail("restore point service", restore.status());
@@ -361,6 +370,9 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   control.value()->stop();
   restore.value()->shutdown();
   nbd.value()->shutdown();
+  // ublk devices stay in the kernel (quiesced: their I/O waits) for the next
+  // start to recover, as a kill would leave them; DELETE removes one for good.
+  disks.value()->detach_local_exports();
   disks.value()->sync_all();
   control.value().reset();
   nbd.value().reset();  // its connections hold restore point exports

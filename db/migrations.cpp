@@ -158,6 +158,12 @@ const char* const kMetadataMigrations[] = {
       UNIQUE (collection, restore_point, disk)
     );
     )sql",
+    // 7: how a disk is served (nbd | ublk) and its ublk device number, kept
+    // so a restarted daemon recovers the same /dev/ublkbN.
+    R"sql(
+    ALTER TABLE disks ADD COLUMN export_mode TEXT NOT NULL DEFAULT 'nbd';
+    ALTER TABLE disks ADD COLUMN ublk_dev_id INTEGER NOT NULL DEFAULT -1;
+    )sql",
 };
 
 // store.db. Version 1 is the layout regions had before store.db was

@@ -22,6 +22,7 @@
 #include "disks/disk_files.h"
 #include "disks/metadata_db.h"
 #include "engine/file_disk.h"
+#include "engine/read_only_device.h"
 
 namespace rpoint {
 
@@ -49,7 +50,19 @@ struct Entry {
   // (and we cannot adopt one that is mounted) while rpointd serves them.
   UniqueFd exclusive_fd;
   std::string error;
+  std::string error_code = "BackingStoreUnavailable";
+  // What NBD clients get of a disk another transport (ublk) writes.
+  std::shared_ptr<ReadOnlyDevice> ro_view;
 };
+
+int UsersOf(const Entry& e) {
+  return (e.disk ? e.disk->users() : 0) + (e.ro_view ? e.ro_view->users() : 0);
+}
+
+void RetireEntry(Entry& e) {
+  if (e.disk) e.disk->retire();
+  if (e.ro_view) e.ro_view->retire();
+}
 
 // Opens a block device with O_EXCL; Conflict when it is mounted or claimed.
 Result<UniqueFd> ClaimBlockDevice(const std::string& path) {
@@ -105,9 +118,7 @@ class DiskServiceImpl final : public DiskService {
 
   ~DiskServiceImpl() override {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& [name, e] : disks_) {
-      if (e.disk) e.disk->retire();
-    }
+    for (auto& [name, e] : disks_) RetireEntry(e);
   }
 
   Status load() {
@@ -122,6 +133,20 @@ class DiskServiceImpl final : public DiskService {
       disks_.emplace(name, std::move(e));
     }
     sweep_orphans();
+    // Startup: nothing else runs yet, so serving under the lock holds no one up.
+    for (auto& [name, e] : disks_) {
+      if (e.row.export_mode != "ublk" || !e.disk || e.row.provisioning_state != "Succeeded") {
+        continue;
+      }
+      auto id = serve_local(e);
+      if (!id.ok()) {
+        e.error = id.status().message();
+        e.error_code = "UblkUnavailable";
+        RetireEntry(e);
+        e.disk.reset();
+        e.exclusive_fd.reset();
+      }
+    }
     size_t bad = std::count_if(disks_.begin(), disks_.end(),
                                [](const auto& kv) { return !kv.second.error.empty(); });
     spdlog::info("disk service: {} disk(s) in {}, {} unavailable", disks_.size(),
@@ -130,8 +155,46 @@ class DiskServiceImpl final : public DiskService {
   }
 
   Result<DiskRecord> create(const std::string& name, uint64_t size_bytes, const std::string& kind,
-                            uint32_t tracking_granularity) override {
-    return create_disk(name, size_bytes, kind, tracking_granularity, "Succeeded", "");
+                            uint32_t tracking_granularity,
+                            const std::string& export_mode) override {
+    if (Status s = check_export(export_mode); !s.ok()) return s;
+    auto r = create_disk(name, size_bytes, kind, tracking_granularity, "Succeeded", "", export_mode);
+    if (!r.ok() || export_mode == "nbd") return r;
+    return start_local_or_undo(name);
+  }
+
+  Status export_available(const std::string& export_mode) override {
+    if (Status s = ValidateExport(export_mode); !s.ok()) return s;
+    if (export_mode == "nbd") return Status::Ok();
+    if (!options_.local_export) return Status::Unsupported("ublk is not enabled in this rpointd");
+    return options_.local_export->available();
+  }
+
+  Result<DiskRecord> set_export(const std::string& name, const std::string& export_mode) override {
+    if (Status s = check_export(export_mode); !s.ok()) return s;
+    std::string was;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = disks_.find(name);
+      if (it == disks_.end()) return not_found(name);
+      Entry& e = it->second;
+      was = e.row.export_mode;
+      if (was == export_mode) return record(e);
+      Status s = db_->update_disk_export(name, export_mode, e.row.ublk_dev_id);
+      if (!s.ok()) return s;
+      e.row.export_mode = export_mode;
+    }
+    spdlog::info("disk {}: export {} -> {}", name, was, export_mode);
+    if (export_mode == "ublk") return start_local(name);
+    if (options_.local_export) {
+      Status s = options_.local_export->remove(name);
+      if (!s.ok()) spdlog::warn("disk {}: {}", name, s.ToString());
+    }
+    return get(name);
+  }
+
+  void detach_local_exports() override {
+    if (options_.local_export) options_.local_export->detach_all();
   }
 
   Result<DiskRecord> create_provisioning(const std::string& name, uint64_t size_bytes,
@@ -142,15 +205,20 @@ class DiskServiceImpl final : public DiskService {
   }
 
   Status mark_provisioned(const std::string& name) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = disks_.find(name);
-    if (it == disks_.end()) return not_found(name);
-    if (it->second.row.provisioning_state == "Succeeded") return Status::Ok();
-    Status s = db_->update_disk_provisioning(name, "Succeeded");
-    if (!s.ok()) return s;
-    it->second.row.provisioning_state = "Succeeded";
-    spdlog::info("disk {}: provisioned", name);
-    return Status::Ok();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = disks_.find(name);
+      if (it == disks_.end()) return not_found(name);
+      if (it->second.row.provisioning_state == "Succeeded") return Status::Ok();
+      Status s = db_->update_disk_provisioning(name, "Succeeded");
+      if (!s.ok()) return s;
+      it->second.row.provisioning_state = "Succeeded";
+      spdlog::info("disk {}: provisioned", name);
+      if (it->second.row.export_mode != "ublk") return Status::Ok();
+    }
+    // Its data is all there: now it may appear as /dev/ublkbN.
+    auto r = start_local(name);
+    return r.ok() ? Status::Ok() : r.status();
   }
 
   std::shared_ptr<FileDisk> file_disk(const std::string& name) override {
@@ -163,7 +231,8 @@ class DiskServiceImpl final : public DiskService {
   Result<DiskRecord> create_disk(const std::string& name, uint64_t size_bytes,
                                  const std::string& kind, uint32_t tracking_granularity,
                                  const std::string& provisioning_state,
-                                 const std::string& source_resource_id) {
+                                 const std::string& source_resource_id,
+                                 const std::string& export_mode = "nbd") {
     Status s = ValidateName(name);
     if (s.ok()) s = ValidateSize(size_bytes);
     if (s.ok()) s = ValidateKind(kind);
@@ -183,6 +252,7 @@ class DiskServiceImpl final : public DiskService {
     row.tracking_granularity = tracking_granularity;
     row.provisioning_state = provisioning_state;
     row.source_resource_id = source_resource_id;
+    row.export_mode = export_mode;
 
     // A tracking directory left by an earlier disk of this name (a crash
     // between its row's deletion and the directory's) must not be taken over.
@@ -216,8 +286,18 @@ class DiskServiceImpl final : public DiskService {
   }
 
   Result<DiskRecord> adopt(const std::string& name, const std::string& path,
-                           const std::string& kind, uint32_t tracking_granularity) override {
-    Status s = ValidateName(name);
+                           const std::string& kind, uint32_t tracking_granularity,
+                           const std::string& export_mode) override {
+    auto r = adopt_disk(name, path, kind, tracking_granularity, export_mode);
+    if (!r.ok() || export_mode == "nbd") return r;
+    return start_local_or_undo(name);
+  }
+
+  Result<DiskRecord> adopt_disk(const std::string& name, const std::string& path,
+                                const std::string& kind, uint32_t tracking_granularity,
+                                const std::string& export_mode) {
+    Status s = check_export(export_mode);
+    if (s.ok()) s = ValidateName(name);
     if (s.ok()) s = ValidateKind(kind);
     if (s.ok()) s = ValidateTrackingGranularity(tracking_granularity);
     if (!s.ok()) return s;
@@ -280,6 +360,7 @@ class DiskServiceImpl final : public DiskService {
     e.row.block_device = id.block;
     e.row.kind = kind;
     e.row.time_created = NowRfc3339();
+    e.row.export_mode = export_mode;
     s = db_->insert_disk(e.row);
     if (!s.ok()) {
       disk.value()->retire();
@@ -326,6 +407,12 @@ class DiskServiceImpl final : public DiskService {
         return Status::Unsupported("disk '" + name + "' is the block device " + e.row.path +
                                    "; resize the device itself");
       }
+      if (e.row.export_mode == "ublk") {
+        // The driver interface we build against (6.1) cannot change a live
+        // device's size: /dev/ublkbN would keep the old one.
+        return Status::Unsupported("disk '" + name + "' is served over ublk, whose devices " +
+                                   "cannot grow while served; serve it over NBD to resize it");
+      }
       if (new_size_bytes < cur) {
         return Status::OutOfRange("disks can only grow: '" + name + "' is " + std::to_string(cur) +
                                   " bytes, asked for " + std::to_string(new_size_bytes));
@@ -354,35 +441,54 @@ class DiskServiceImpl final : public DiskService {
 
   void wait_for_clients_to_leave(const std::string& name) {
     std::shared_ptr<FileDisk> disk;
+    std::shared_ptr<ReadOnlyDevice> view;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = disks_.find(name);
-      if (it != disks_.end()) disk = it->second.disk;
+      if (it != disks_.end()) {
+        disk = it->second.disk;
+        view = it->second.ro_view;
+      }
     }
+    auto users = [&] { return (disk ? disk->users() : 0) + (view ? view->users() : 0); };
     auto deadline = std::chrono::steady_clock::now() + kDetachGrace;
-    while (disk && disk->users() > 0 && std::chrono::steady_clock::now() < deadline) {
+    while (users() > 0 && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
   }
 
   Status remove(const std::string& name, bool force) override {
     if (!force) wait_for_clients_to_leave(name);
+    bool local = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = disks_.find(name);
+      if (it == disks_.end()) return not_found(name);
+      int users = UsersOf(it->second);
+      if (users > 0 && !force) {
+        return Status::Conflict("disk '" + name + "' has " + std::to_string(users) +
+                                " attached client(s); disconnect them or delete with force");
+      }
+      local = it->second.row.export_mode == "ublk";
+    }
+    // The kernel device goes first (STOP_DEV flushes through the disk, which
+    // must still be open), outside the lock: it may take seconds.
+    if (local && options_.local_export) {
+      Status s = options_.local_export->remove(name);
+      if (!s.ok()) spdlog::warn("disk {}: {}", name, s.ToString());
+    }
     std::lock_guard<std::mutex> lock(mu_);
     auto it = disks_.find(name);
     if (it == disks_.end()) return not_found(name);
     Entry& e = it->second;
-    int users = e.disk ? e.disk->users() : 0;
-    if (users > 0 && !force) {
-      return Status::Conflict("disk '" + name + "' has " + std::to_string(users) +
-                              " attached client(s); disconnect them or delete with force");
-    }
+    int users = UsersOf(e);
     // Row first, then the file: a crash in between leaves an orphan file that
     // the next start removes, never a row whose file is gone.
     Status s = db_->delete_disk(name);
     if (!s.ok()) return s;
     // Retired even with no user: a client resolving the export right now gets
     // a device the transport closes at its first request.
-    if (e.disk) e.disk->retire();
+    RetireEntry(e);
     Entry gone = std::move(e);
     disks_.erase(it);
     if (!gone.row.adopted) {
@@ -415,7 +521,13 @@ class DiskServiceImpl final : public DiskService {
     auto it = disks_.find(name);
     if (it == disks_.end() || !it->second.disk || it->second.disk->retired()) return nullptr;
     if (it->second.row.provisioning_state != "Succeeded") return nullptr;  // being restored
-    return it->second.disk;
+    Entry& e = it->second;
+    if (e.row.export_mode == "ublk") {
+      // ublk writes it: NBD clients read.
+      if (!e.ro_view) e.ro_view = std::make_shared<ReadOnlyDevice>(e.disk);
+      return e.ro_view;
+    }
+    return e.disk;
   }
 
   std::vector<ExportInfo> list_exports() override {
@@ -423,7 +535,8 @@ class DiskServiceImpl final : public DiskService {
     std::vector<ExportInfo> out;
     for (const auto& [name, e] : disks_) {
       if (!e.disk || e.row.provisioning_state != "Succeeded") continue;
-      out.push_back({name, "rpointd " + e.row.kind + " disk " + name});
+      out.push_back({name, "rpointd " + e.row.kind + " disk " + name +
+                               (e.row.export_mode == "ublk" ? " (read-only: served over ublk)" : "")});
     }
     return out;
   }
@@ -482,11 +595,70 @@ class DiskServiceImpl final : public DiskService {
     if (ec) spdlog::warn("disk {}: cannot remove its change tracking: {}", name, ec.message());
   }
 
+  // A valid export this host can serve.
+  Status check_export(const std::string& export_mode) {
+    if (Status s = ValidateExport(export_mode); !s.ok()) return s;
+    if (export_mode == "nbd") return Status::Ok();
+    return export_available(export_mode);
+  }
+
+  // Serves e's disk over ublk (the recorded device number first) and records
+  // the number it got. Under mu_ only at startup.
+  Result<int> serve_local(Entry& e) {
+    if (!options_.local_export) return Status::Unsupported("ublk is not enabled in this rpointd");
+    auto id = options_.local_export->serve(e.row.name, e.disk, e.row.ublk_dev_id);
+    if (!id.ok()) return id.status();
+    if (id.value() != e.row.ublk_dev_id) {
+      Status s = db_->update_disk_export(e.row.name, "ublk", id.value());
+      if (!s.ok()) spdlog::error("disk {}: cannot record ublk {}: {}", e.row.name, id.value(), s.ToString());
+      e.row.ublk_dev_id = id.value();
+    }
+    return id;
+  }
+
+  // Serves a disk over ublk, outside mu_ (control commands take time).
+  Result<DiskRecord> start_local(const std::string& name) {
+    if (!options_.local_export) return Status::Unsupported("ublk is not enabled in this rpointd");
+    std::shared_ptr<FileDisk> disk;
+    int dev_id = -1;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = disks_.find(name);
+      if (it == disks_.end()) return not_found(name);
+      Entry& e = it->second;
+      if (!e.disk) return Status::Conflict("disk '" + name + "' is unavailable: " + e.error);
+      if (e.row.provisioning_state != "Succeeded") return record(e);  // at mark_provisioned
+      disk = e.disk;
+      dev_id = e.row.ublk_dev_id;
+    }
+    auto id = options_.local_export->serve(name, disk, dev_id);
+    if (!id.ok()) return id.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = disks_.find(name);
+    if (it == disks_.end()) return not_found(name);
+    Entry& e = it->second;
+    if (id.value() != e.row.ublk_dev_id) {
+      Status s = db_->update_disk_export(name, "ublk", id.value());
+      if (!s.ok()) return s;
+      e.row.ublk_dev_id = id.value();
+    }
+    return record(e);
+  }
+
+  // create/adopt with ublk: a disk that cannot be served is not kept.
+  Result<DiskRecord> start_local_or_undo(const std::string& name) {
+    auto r = start_local(name);
+    if (r.ok()) return r;
+    Status rm = remove(name, true);
+    if (!rm.ok()) spdlog::error("disk {}: cannot undo its creation: {}", name, rm.ToString());
+    return r.status();
+  }
+
   static Status not_found(const std::string& name) {
     return Status::NotFound("disk '" + name + "' not found");
   }
 
-  static DiskRecord record(const Entry& e) {
+  DiskRecord record(const Entry& e) {
     DiskRecord r;
     r.name = e.row.name;
     r.path = e.row.path;
@@ -495,11 +667,21 @@ class DiskServiceImpl final : public DiskService {
     r.block_device = e.row.block_device;
     r.kind = e.row.kind;
     r.time_created = e.row.time_created;
-    r.attached_clients = e.disk ? e.disk->users() : 0;
+    r.attached_clients = UsersOf(e);
     r.tracking_granularity = e.row.tracking_granularity;
     r.provisioning_state = e.row.provisioning_state;
     r.source_resource_id = e.row.source_resource_id;
     r.error = e.error;
+    r.error_code = e.error_code;
+    r.export_mode = e.row.export_mode;
+    if (r.export_mode == "ublk" && e.error.empty()) {
+      if (options_.local_export) {
+        r.ublk = options_.local_export->state(e.row.name);
+      } else {
+        r.ublk.state = "Unavailable";
+        r.ublk.error = "ublk is not enabled in this rpointd";
+      }
+    }
     return r;
   }
 
@@ -649,6 +831,11 @@ Status DiskService::ValidateSize(uint64_t size_bytes) {
                               " bytes)");
   }
   return Status::Ok();
+}
+
+Status DiskService::ValidateExport(const std::string& export_mode) {
+  if (export_mode == "nbd" || export_mode == "ublk") return Status::Ok();
+  return Status::InvalidArgument("export must be nbd or ublk, got '" + export_mode + "'");
 }
 
 Status DiskService::ValidateKind(const std::string& kind) {

@@ -17,6 +17,7 @@
 
 #include "common/status.h"
 #include "engine/block_device.h"
+#include "engine/local_export.h"
 
 namespace rpoint {
 
@@ -41,6 +42,9 @@ struct DiskServiceOptions {
   // for whoever can reach the control socket. "/" allows every path; the
   // daemon passes the config's adopt_paths. An empty list refuses adoption.
   std::vector<std::string> adopt_paths = {"/"};
+  // Serves disks whose export is "ublk" as kernel block devices (the
+  // daemon's UblkService; it outlives the DiskService). nullptr: only NBD.
+  LocalExport* local_export = nullptr;
 };
 
 struct DiskRecord {
@@ -63,6 +67,12 @@ struct DiskRecord {
   // backing file vanished or shrank while the daemon was down); the record
   // stays so an operator can see it, fix the file and restart, or delete it.
   std::string error;
+  // error.code of a GET when `error` is set.
+  std::string error_code = "BackingStoreUnavailable";
+  // nbd | ublk. A ublk disk is served writable as /dev/ublkbN (`ublk` tells
+  // its number and state) and read-only to NBD clients: one writer at a time.
+  std::string export_mode = "nbd";
+  LocalExport::State ublk;
 };
 
 class DiskService : public ExportResolver {
@@ -73,17 +83,31 @@ class DiskService : public ExportResolver {
   static constexpr uint32_t kDefaultTrackingGranularity = 64 * 1024;
 
   // tracking_granularity: see DiskRecord; ValidateTrackingGranularity.
+  // export_mode: nbd | ublk (ValidateExport); ublk where the host cannot
+  // serve it fails with the reason of export_available() and leaves nothing.
   virtual Result<DiskRecord> create(const std::string& name, uint64_t size_bytes,
                                     const std::string& kind,
-                                    uint32_t tracking_granularity = kDefaultTrackingGranularity) = 0;
+                                    uint32_t tracking_granularity = kDefaultTrackingGranularity,
+                                    const std::string& export_mode = "nbd") = 0;
   virtual Result<DiskRecord> adopt(const std::string& name, const std::string& path,
                                    const std::string& kind,
-                                   uint32_t tracking_granularity = kDefaultTrackingGranularity) = 0;
+                                   uint32_t tracking_granularity = kDefaultTrackingGranularity,
+                                   const std::string& export_mode = "nbd") = 0;
+  // Ok when disks can be served with export_mode on this host; else why not
+  // (ublk: /dev/ublk-control missing, module ublk_drv not loaded).
+  virtual Status export_available(const std::string& export_mode) = 0;
+  // Changes how a disk is served (and records it). A disk still being
+  // restored starts being served in its new way when the restore is done.
+  virtual Result<DiskRecord> set_export(const std::string& name,
+                                        const std::string& export_mode) = 0;
   virtual Result<DiskRecord> get(const std::string& name) = 0;
   virtual std::vector<DiskRecord> list() = 0;
   virtual Result<DiskRecord> resize(const std::string& name, uint64_t new_size_bytes) = 0;
   // Conflict when clients are attached and !force; with force they are cut off.
   virtual Status remove(const std::string& name, bool force) = 0;
+  // Daemon stop: ublk devices stop being served but stay in the kernel for
+  // the next start to recover (docs/api.md, "ublk").
+  virtual void detach_local_exports() = 0;
   // fdatasync every open disk (shutdown).
   virtual void sync_all() = 0;
 
@@ -118,6 +142,8 @@ class DiskService : public ExportResolver {
   static constexpr uint64_t kSizeAlignment = 512;
   // Positive, a multiple of kSizeAlignment, at most kMaxSizeBytes.
   static Status ValidateSize(uint64_t size_bytes);
+  // nbd | ublk.
+  static Status ValidateExport(const std::string& export_mode);
   // managed | shared | ephemeral.
   static Status ValidateKind(const std::string& kind);
   // A power of two from 4 KiB to 4 MiB.

@@ -31,7 +31,8 @@ Result<int> MetadataDb::schema_version() {
 Result<std::vector<DiskRow>> MetadataDb::list_disks() {
   auto st = db_->prepare(
       "SELECT name, path, size_bytes, adopted, block_device, kind, time_created, "
-      "tracking_granularity, provisioning_state, source_resource_id FROM disks ORDER BY name");
+      "tracking_granularity, provisioning_state, source_resource_id, export_mode, ublk_dev_id "
+      "FROM disks ORDER BY name");
   if (!st.ok()) return st.status();
   std::vector<DiskRow> out;
   for (;;) {
@@ -49,6 +50,8 @@ Result<std::vector<DiskRow>> MetadataDb::list_disks() {
     r.tracking_granularity = static_cast<uint32_t>(st->column_int(7));
     r.provisioning_state = st->column_text(8);
     r.source_resource_id = st->column_text(9);
+    r.export_mode = st->column_text(10);
+    r.ublk_dev_id = static_cast<int>(st->column_int(11));
     out.push_back(std::move(r));
   }
   return out;
@@ -57,8 +60,8 @@ Result<std::vector<DiskRow>> MetadataDb::list_disks() {
 Status MetadataDb::insert_disk(const DiskRow& r) {
   auto st = db_->prepare(
       "INSERT INTO disks (name, path, size_bytes, adopted, block_device, kind, time_created, "
-      "tracking_granularity, provisioning_state, source_resource_id) "
-      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
+      "tracking_granularity, provisioning_state, source_resource_id, export_mode, ublk_dev_id) "
+      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)");
   if (!st.ok()) return st.status();
   // One statement is its own transaction; with synchronous=FULL it is durable on return.
   return st->bind(1, r.name)
@@ -71,6 +74,8 @@ Status MetadataDb::insert_disk(const DiskRow& r) {
       .bind(8, int64_t{r.tracking_granularity})
       .bind(9, r.provisioning_state)
       .bind(10, r.source_resource_id)
+      .bind(11, r.export_mode)
+      .bind(12, int64_t{r.ublk_dev_id})
       .run();
 }
 
@@ -78,6 +83,16 @@ Status MetadataDb::update_disk_provisioning(const std::string& name, const std::
   auto st = db_->prepare("UPDATE disks SET provisioning_state = ?2 WHERE name = ?1");
   if (!st.ok()) return st.status();
   Status s = st->bind(1, name).bind(2, state).run();
+  if (!s.ok()) return s;
+  if (st->changes() == 0) return Status::NotFound("no disk named '" + name + "'");
+  return Status::Ok();
+}
+
+Status MetadataDb::update_disk_export(const std::string& name, const std::string& export_mode,
+                                      int ublk_dev_id) {
+  auto st = db_->prepare("UPDATE disks SET export_mode = ?2, ublk_dev_id = ?3 WHERE name = ?1");
+  if (!st.ok()) return st.status();
+  Status s = st->bind(1, name).bind(2, export_mode).bind(3, int64_t{ublk_dev_id}).run();
   if (!s.ok()) return s;
   if (st->changes() == 0) return Status::NotFound("no disk named '" + name + "'");
   return Status::Ok();

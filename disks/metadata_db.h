@@ -32,6 +32,8 @@ struct DiskRow {
   uint32_t tracking_granularity = 64 * 1024;
   std::string provisioning_state = "Succeeded";  // Creating while a restore fills it
   std::string source_resource_id;                // restored disks: the disk restore point
+  std::string export_mode = "nbd";               // nbd | ublk
+  int ublk_dev_id = -1;                          // ublk: the kernel device number, -1 none yet
 };
 
 class MetadataDb {
@@ -45,6 +47,8 @@ class MetadataDb {
   Result<std::vector<DiskRow>> list_disks();
   // AlreadyExists when the name (or the path) is taken.
   Status insert_disk(const DiskRow& row);
+  Status update_disk_export(const std::string& name, const std::string& export_mode,
+                            int ublk_dev_id);
   Status update_disk_size(const std::string& name, uint64_t size_bytes);
   Status update_disk_provisioning(const std::string& name, const std::string& state);
   // NotFound when there is no such row.

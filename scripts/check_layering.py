@@ -9,7 +9,7 @@ same order is in README.md, "Source tree"):
   1  config, db             YAML configuration; the SQLite wrapper and migrations
   2  engine                 reactors, BlockDevice, FileDisk, change tracking, cuts
   3  store                  restore point store (chunks, packs, catalog, GC)
-  4  nbd, disks             NBD server; disk domain (DiskService, metadata.db rows)
+  4  nbd, ublk, disks       NBD server; ublk devices; disk domain (DiskService, metadata.db rows)
   5  restore                VMs, collections, restore point jobs, restores, exports
   6  control                the HTTP edge: connections, router, handlers
   7  daemon                 rpointd: flags, sockets, signals, wiring
@@ -32,6 +32,7 @@ LEVELS = {
     "engine": 2,
     "store": 3,
     "nbd": 4,
+    "ublk": 4,
     "disks": 4,
     "restore": 5,
     "control": 6,

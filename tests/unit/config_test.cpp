@@ -149,7 +149,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "consistency: {hook_timeout_seconds: 5, freeze: f, thaw: t, vms: {web1: {freeze: a, thaw: "
       "b}}}\n"
       "operations: {retention_seconds: 60, max_count: 5}\n"
-      "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n";
+      "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
+      "ublk: {queues: 2, depth: 64}\n";
   Config c = Parse(text);
   for (const std::string& key : ConfigKeys()) {
     std::string k = key;
@@ -164,7 +165,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
     bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
-                   k == "operations" || k == "store" || k == "tls" || k == "access";
+                   k == "operations" || k == "store" || k == "tls" || k == "access" ||
+                   k == "ublk";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
@@ -286,6 +288,12 @@ TEST_CASE("numbers and booleans") {
   ExpectError("io:\n  queue_depth: 99999999999999999999\n", "2:16:", "io.queue_depth");
   ExpectError("io:\n  queue_depth: lots\n", "2:16:", "io.queue_depth");
   ExpectError("io:\n  threads: 1025\n", "2:12:", "io.threads", "from 0 to 1024");
+  CHECK(Parse("").ublk_queues == 0);  // one per CPU
+  CHECK(Parse("").ublk_depth == 128);
+  CHECK(Parse("ublk: {queues: 4, depth: 1024}").ublk_depth == 1024);
+  ExpectError("ublk:\n  depth: 0\n", "2:10:", "ublk.depth", "from 1 to 1024");
+  ExpectError("ublk:\n  depth: 1025\n", "2:10:", "ublk.depth", "from 1 to 1024");
+  ExpectError("ublk:\n  queues: 65\n", "2:11:", "ublk.queues", "from 0 to 64");
   for (const char* t : {"true", "True", "yes", "on"}) CHECK(Parse(std::string("io: {direct: ") + t + "}").direct_io);
   for (const char* f : {"false", "no", "off"}) CHECK(!Parse(std::string("io: {direct: ") + f + "}").direct_io);
   ExpectError("io:\n  direct: maybe\n", "2:11:", "io.direct", "true or false");

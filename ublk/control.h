@@ -1,0 +1,89 @@
+// UblkControl: the control path of ublk, the commands on /dev/ublk-control.
+//
+// A small io_uring created with IORING_SETUP_SQE128 (the driver refuses
+// control commands in 64-byte SQEs) on which each command is one URING_CMD
+// carrying a `struct ublksrv_ctrl_cmd`. Opcodes are the legacy numbers of
+// Debian 12's 6.1 UAPI header <linux/ublk_cmd.h>, which 6.12 still accepts
+// (checked below against the header, not copied from it). Every command has a
+// timeout: a driver that never answers gives TimedOut (IoError), never a hang.
+// The I/O path (per-queue FETCH/COMMIT_AND_FETCH) is ublk/queue.h, on threads
+// of its own, as ublksrv separates them.
+//
+// Thread-safety: all methods are safe from any thread; commands run one at a
+// time (a mutex), each blocking its caller up to the timeout. Never call from
+// a reactor thread. START_DEV and END_USER_RECOVERY wait in the kernel until
+// every queue has fetched every tag: the queues must already be running.
+#pragma once
+
+#include <liburing.h>
+#include <linux/ublk_cmd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/status.h"
+#include "common/unique_fd.h"
+
+namespace rpoint {
+
+// The numbers docs and other servers use; a mismatch with the header we
+// build against is a build error.
+static_assert(UBLK_CMD_GET_DEV_INFO == 0x02 && UBLK_CMD_ADD_DEV == 0x04 &&
+              UBLK_CMD_DEL_DEV == 0x05 && UBLK_CMD_START_DEV == 0x06 && UBLK_CMD_STOP_DEV == 0x07 &&
+              UBLK_CMD_SET_PARAMS == 0x08 && UBLK_CMD_START_USER_RECOVERY == 0x10 &&
+              UBLK_CMD_END_USER_RECOVERY == 0x11);
+static_assert(UBLK_F_USER_RECOVERY == (1u << 3) && UBLK_F_USER_RECOVERY_REISSUE == (1u << 4));
+static_assert(UBLK_S_DEV_DEAD == 0 && UBLK_S_DEV_LIVE == 1 && UBLK_S_DEV_QUIESCED == 2);
+static_assert(sizeof(ublksrv_ctrl_cmd) == 32, "fits the 80-byte cmd area of an SQE128");
+static_assert(sizeof(ublksrv_ctrl_dev_info) == 64);
+
+inline constexpr const char* kUblkControlPath = "/dev/ublk-control";
+
+class UblkControl {
+ public:
+  // Unavailable (with the kernel module's name and how to load it) when
+  // `path` does not exist.
+  static Result<std::unique_ptr<UblkControl>> Open(
+      const std::string& path = kUblkControlPath,
+      std::chrono::milliseconds timeout = std::chrono::seconds(30));
+  ~UblkControl();
+  UblkControl(const UblkControl&) = delete;
+  UblkControl& operator=(const UblkControl&) = delete;
+
+  // Why ublk cannot be used on this host ("" when /dev/ublk-control exists).
+  static std::string UnavailableReason(const std::string& path = kUblkControlPath);
+
+  // info.dev_id = -1u asks the kernel to pick a number; the answer is the
+  // device as the kernel made it.
+  Result<ublksrv_ctrl_dev_info> add_dev(const ublksrv_ctrl_dev_info& info);
+  Status set_params(uint32_t dev_id, const ublk_params& params);
+  Status start_dev(uint32_t dev_id, int pid);
+  Status stop_dev(uint32_t dev_id);
+  Status del_dev(uint32_t dev_id);
+  // NotFound when there is no such device.
+  Result<ublksrv_ctrl_dev_info> get_dev_info(uint32_t dev_id);
+  // Conflict (EBUSY) while the old server is still being torn down.
+  Status start_user_recovery(uint32_t dev_id);
+  Status end_user_recovery(uint32_t dev_id, int pid);
+
+ private:
+  UblkControl() = default;
+  // Runs one command; returns the CQE's res (>= 0) or an error naming `what`.
+  Result<int> run(uint32_t op, uint32_t dev_id, void* buf, uint16_t len, uint64_t data0,
+                  const char* what);
+
+  std::mutex mu_;
+  UniqueFd fd_;
+  io_uring ring_{};
+  bool ring_ready_ = false;
+  std::chrono::milliseconds timeout_{0};
+  uint64_t seq_ = 0;  // user_data of the last command; stale CQEs are skipped
+};
+
+// "Live", "Quiesced", "Dead" (UBLK_S_DEV_*), else "Unknown".
+const char* UblkStateName(int state);
+
+}  // namespace rpoint

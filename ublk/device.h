@@ -1,0 +1,76 @@
+// UblkDevice: one disk served as /dev/ublkbN, its control steps in order.
+//
+// New device: ADD_DEV (USER_RECOVERY | USER_RECOVERY_REISSUE, so the device
+// outlives this process), SET_PARAMS, open /dev/ublkcN, the queues (each on
+// its own thread, fetching every tag), START_DEV from this (control) thread.
+// Recovery of a device a previous rpointd left (killed, or a clean stop that
+// kept it): START_USER_RECOVERY, queues with the device's own queue count and
+// depth, END_USER_RECOVERY; the number and /dev/ublkbN stay, requests the old
+// server had not answered are sent again.
+// Remove: STOP_DEV, queues stopped, descriptors unmapped and the char device
+// closed (DEL_DEV waits while they are held), DEL_DEV. Detach (shutdown):
+// queues drained and stopped, the kernel device left quiesced for recovery.
+//
+// Thread-safety: a UblkDevice is driven by one control thread at a time
+// (UblkService's lock); its queues run on their own threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "common/unique_fd.h"
+#include "engine/block_device.h"
+#include "ublk/control.h"
+#include "ublk/queue.h"
+
+namespace rpoint {
+
+struct UblkDeviceOptions {
+  unsigned queues = 0;  // 0: one per CPU
+  unsigned depth = 128;
+  uint32_t max_io_bytes = 512 * 1024;
+};
+
+class UblkDevice {
+ public:
+  // A new kernel device for `dev` (dev_id < 0: the kernel picks the number).
+  static Result<std::unique_ptr<UblkDevice>> Add(UblkControl& ctl, std::shared_ptr<BlockDevice> dev,
+                                                 const UblkDeviceOptions& opts, int dev_id);
+  // Takes over the kernel device `dev_id` that a previous server left.
+  static Result<std::unique_ptr<UblkDevice>> Recover(UblkControl& ctl,
+                                                     std::shared_ptr<BlockDevice> dev,
+                                                     const ublksrv_ctrl_dev_info& info);
+  ~UblkDevice();  // detach() unless removed
+
+  // STOP_DEV, queues, munmap/close, DEL_DEV.
+  Status remove();
+  // Queues stop; the kernel device stays for the next server.
+  void detach();
+
+  int dev_id() const { return static_cast<int>(info_.dev_id); }
+  std::string block_path() const { return "/dev/ublkb" + std::to_string(info_.dev_id); }
+  std::string char_path() const { return "/dev/ublkc" + std::to_string(info_.dev_id); }
+  bool queues_failed() const;
+
+ private:
+  UblkDevice(UblkControl& ctl, std::shared_ptr<BlockDevice> dev)
+      : ctl_(ctl), dev_(std::move(dev)) {}
+  Status open_queues();
+  void stop_queues();
+
+  UblkControl& ctl_;
+  std::shared_ptr<BlockDevice> dev_;
+  ublksrv_ctrl_dev_info info_{};
+  UniqueFd char_fd_;
+  std::vector<std::unique_ptr<UblkQueue>> queues_;
+  bool gone_ = false;  // removed (or never fully made): nothing to detach
+};
+
+// The params a device of `dev` gets: sizes, block sizes, discard and
+// write-zeroes limits, flush and FUA.
+ublk_params UblkParamsFor(const BlockDevice& dev, uint32_t max_io_bytes);
+
+}  // namespace rpoint

@@ -1,0 +1,86 @@
+// UblkQueue: one I/O queue of a ublk device, served on a Reactor of its own.
+//
+// The queue's thread is the queue's Reactor loop (the kernel wants every
+// command of a queue from one task): it registers /dev/ublkcN as a fixed file,
+// sends FETCH_REQ for every tag, and for each request the kernel hands back
+// (a CQE of that tag's command) reads the tag's I/O descriptor from the
+// read-only mapping, turns it into an IoRequest on the disk's BlockDevice
+// (submitted on this same reactor, so change tracking, copy-before-write and
+// cuts are the engine's, exactly as under NBD), and when the engine completes
+// it sends COMMIT_AND_FETCH_REQ with the result. ublksrv_io_cmd is 16 bytes,
+// so these are ordinary 64-byte SQEs on the reactor's ring. Nothing on the
+// queue's thread blocks.
+//
+// Thread-safety: Create/start/drain_and_stop from a control thread, once
+// each, in that order; everything else runs on the queue's thread.
+#pragma once
+
+#include <linux/ublk_cmd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/block_device.h"
+#include "engine/reactor.h"
+
+namespace rpoint {
+
+struct UblkQueueOptions {
+  uint32_t dev_id = 0;
+  uint16_t q_id = 0;
+  uint16_t depth = 128;
+  uint32_t max_io_bytes = 512 * 1024;  // the device's max_io_buf_bytes
+  int char_fd = -1;                    // /dev/ublkcN, owned by the device
+};
+
+// Where queue q's descriptors are mapped in /dev/ublkcN: the driver spaces the
+// queues by the largest possible array (UBLK_MAX_QUEUE_DEPTH descriptors,
+// rounded up to pages), whatever the depth (ublk_ch_mmap in the kernel).
+uint64_t UblkDescOffset(uint16_t q_id);
+// Length of the mapping: depth descriptors rounded up to whole pages.
+size_t UblkDescBytes(uint16_t depth);
+
+class UblkQueue {
+ public:
+  static Result<std::unique_ptr<UblkQueue>> Create(const UblkQueueOptions& opts,
+                                                   std::shared_ptr<BlockDevice> dev);
+  ~UblkQueue();  // drain_and_stop() if still running; unmaps
+  UblkQueue(const UblkQueue&) = delete;
+  UblkQueue& operator=(const UblkQueue&) = delete;
+
+  // Starts the thread: fixed file, then FETCH_REQ for every tag.
+  void start();
+  // No new request is taken; the ones handed to the engine finish (and are
+  // committed); then the loop ends and the thread is joined. Requests the
+  // kernel still holds stay there (a device with USER_RECOVERY requeues them
+  // for the next server). Waits at most `timeout_ms` for the engine.
+  void drain_and_stop(int timeout_ms = 10000);
+  // A command failed in a way that stops the queue (logged once).
+  bool failed() const { return failed_.load(); }
+
+ private:
+  struct Tag;
+  UblkQueue(const UblkQueueOptions& opts, std::shared_ptr<BlockDevice> dev);
+  void issue_cmd(Tag& t, uint32_t op, int result);
+  void on_cmd(Tag& t, int res);
+  void on_io_done(Tag& t, int result);
+
+  UblkQueueOptions opts_;
+  std::shared_ptr<BlockDevice> dev_;
+  std::unique_ptr<Reactor> reactor_;
+  std::thread thread_;
+  const ublksrv_io_desc* descs_ = nullptr;  // read-only mapping
+  size_t descs_len_ = 0;
+  char* bufs_ = nullptr;  // depth * max_io_bytes, page aligned
+  std::vector<std::unique_ptr<Tag>> tags_;
+  bool draining_ = false;          // queue thread only
+  std::atomic<int> in_engine_{0};  // requests handed to the BlockDevice
+  std::atomic<bool> failed_{false};
+  bool started_ = false;
+};
+
+}  // namespace rpoint
