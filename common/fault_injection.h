@@ -53,6 +53,7 @@ inline constexpr const char* kFaultPoints[] = {
     "metadata.write",   // SQLite write to the control metadata (restore points, operations)
     "metadata.sync",    // SQLite fsync of the control metadata: its commit
     "copy.chunk",       // a chunk moved by a restore point copy between regions
+    "peer.chunk",       // a chunk a host receiving a point from a peer reads over NBD
 };
 
 // What one hit of a point must do.

@@ -54,6 +54,12 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
   }
   const std::string vm_name = coll.value()->source_vm;
   const std::string region = coll.value()->region;
+  if (const RegionSpec* peer = peer_region(region)) {
+    return Status::InvalidArgument("collection '" + collection + "' is in region '" + region +
+                                   "', kept by peer " + peer->peer +
+                                   ": its restore points are made by copy "
+                                   "(properties.sourceRestorePoint)");
+  }
   if (!store_of(region)) {
     return Status::Conflict("collection '" + collection + "' is in region '" + region +
                             "', which is no longer configured");

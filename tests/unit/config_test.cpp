@@ -595,3 +595,43 @@ TEST_CASE("tls: bad modes and TLS without keys are errors naming the key") {
   CHECK(
       Contains(st.message(), "t.yaml:2:13: nbd.unix_tls: 'require' needs tls.dir or tls.psk_file"));
 }
+
+TEST_CASE("regions on other hosts: regions[].peer, peer_region, peers.listen") {
+  Config c = Finalized(
+      "state_dir: /s\ntls: {dir: /pki}\npeers: {listen: \"10.0.0.1:10443\"}\nregions:\n"
+      "  - {name: east, path: /r/east, default: true}\n"
+      "  - {name: far, peer: \"10.0.0.2:10443\", peer_region: west}\n"
+      "  - {name: far2, peer: \"[fd00::2]:10443\"}\n");
+  REQUIRE(c.regions.size() == 3);
+  CHECK_FALSE(c.regions[0].remote());
+  CHECK(c.regions[1].remote());
+  CHECK(c.regions[1].peer == "10.0.0.2:10443");
+  CHECK(c.regions[1].peer_region == "west");
+  CHECK(c.regions[1].path.empty());
+  CHECK(c.regions[2].peer == "[fd00::2]:10443");
+  CHECK(c.regions[2].peer_region == "local");  // the default
+  REQUIRE(c.peers_listen);
+  CHECK(FormatTcpAddress(*c.peers_listen) == "10.0.0.1:10443");
+  // --check-config's YAML parses back to the same regions.
+  Config again = Finalized(ConfigToYaml(c));
+  REQUIRE(again.regions.size() == 3);
+  CHECK(again.regions[1].peer == "10.0.0.2:10443");
+  CHECK(again.regions[1].peer_region == "west");
+  CHECK(again.peers_listen);
+
+  ExpectError("tls: {dir: /p}\nregions:\n  - {name: a, path: /a, peer: \"h:1\"}\n",
+              "3:5:", "regions[0].peer", "path or a peer");
+  ExpectError("tls: {dir: /p}\nregions:\n  - {name: a, peer: \"h:1\", default: true}\n",
+              "3:5:", "regions[0].default", "cannot be the default");
+  ExpectError("tls: {dir: /p}\nregions:\n  - {name: a, peer: \"h:1\", peer_region: 'x y'}\n",
+              "3:", "regions[0].peer_region", "may only contain");
+  Config no_tls =
+      Parse("regions:\n  - {name: a, path: /a, default: true}\n  - {name: f, peer: \"h:1\"}\n");
+  Status st = FinalizeConfig(no_tls);
+  CHECK(Contains(st.message(), "regions[1].peer"));
+  CHECK(Contains(st.message(), "tls.dir"));
+  Config listen_no_tls = Parse("peers: {listen: \"0.0.0.0:10443\"}\n");
+  st = FinalizeConfig(listen_no_tls);
+  CHECK(Contains(st.message(), "peers.listen"));
+  CHECK(Contains(st.message(), "tls.dir"));
+}
