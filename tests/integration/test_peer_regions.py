@@ -331,6 +331,10 @@ def test_sender_killed_mid_copy(rig):
     # A new copy of the same point succeeds.
     done = a.wait_operation(start_copy(a, "cf", "k1b", ("c", "k1")), timeout=60)
     assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    # Deleting the far point here forgets this host's record only.
+    a.delete_restore_point("cf", "k1b")
+    assert a.api("GET", point_id("cf", "k1b")).status == 404
+    assert b.get_restore_point("cf", "k1b")["properties"]["provisioningState"] == "Succeeded"
 
 
 def test_peer_killed_mid_copy(rig):
