@@ -54,6 +54,8 @@ inline constexpr const char* kFaultPoints[] = {
     "metadata.sync",    // SQLite fsync of the control metadata: its commit
     "copy.chunk",       // a chunk moved by a restore point copy between regions
     "cut.settle",       // a cut, after its switch is published, before each disk settles
+
+    "peer.chunk",       // a chunk a host receiving a point from a peer reads over NBD
 };
 
 // What one hit of a point must do.

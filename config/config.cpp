@@ -256,18 +256,39 @@ class Parser {
                   r.name = String(x);
                   Status st = ValidateRegionName(r.name);
                   if (!st.ok()) Fail(x, st.message());
-                  if (!names.insert(r.name).second) Fail(x, "duplicate region name '" + r.name + "'");
+                  if (!names.insert(r.name).second)
+                    Fail(x, "duplicate region name '" + r.name + "'");
                   has_name = true;
                 }},
                {"path",
                 [&](const Item& x) {
                   r.path = String(x);
-                  if (r.path.empty() || r.path[0] != '/') Fail(x, "must be an absolute path, got '" + r.path + "'");
+                  if (r.path.empty() || r.path[0] != '/')
+                    Fail(x, "must be an absolute path, got '" + r.path + "'");
                   has_path = true;
                 }},
-               {"default", [&](const Item& x) { r.is_default = Bool(x); }}});
+               {"default", [&](const Item& x) { r.is_default = Bool(x); }},
+               {"peer",
+                [&](const Item& x) {
+                  auto t = Tcp(x);
+                  if (!t) Fail(x, "expected \"host:port\" of the peer's peers.listen");
+                  r.peer = FormatTcpAddress(*t);
+                }},
+               {"peer_region", [&](const Item& x) {
+                  r.peer_region = String(x);
+                  Status st = ValidateRegionName(r.peer_region);
+                  if (!st.ok()) Fail(x, st.message());
+                }}});
       if (!has_name) Fail(entry.Mark(), path + ".name", "missing (every region needs a name)");
-      if (!has_path) Fail(entry.Mark(), path + ".path", "missing (every region needs an absolute path)");
+      if (has_path && r.remote())
+        Fail(entry.Mark(), path + ".peer", "a region has a path or a peer, not both");
+      if (!has_path && !r.remote()) {
+        Fail(entry.Mark(), path + ".path",
+             "missing (every region needs an absolute path, or a peer)");
+      }
+      if (r.remote() && r.is_default)
+        Fail(entry.Mark(), path + ".default", "a peer region cannot be the default");
+      if (r.remote() && r.peer_region.empty()) r.peer_region = "local";
       config_->regions.push_back(r);
       if (r.is_default) {
         if (first_default) {
@@ -413,6 +434,11 @@ class Parser {
                         {{"open_packs", [&](const Item& x) { c.store_open_packs = Unsigned(x, 1, kMaxOpenPacks); }}});
               }},
              {"regions", [&](const Item& it) { Regions(it); }},
+             {"peers",
+              [&](const Item& it) {
+                WalkMap(it.value, MarkOf(it), it.path,
+                        {{"listen", [&](const Item& x) { c.peers_listen = Tcp(x); }}});
+              }},
              {"adopt_paths", [&](const Item& it) { AdoptPaths(it); }},
              {"consistency", [&](const Item& it) { Consistency(it); }},
              {"operations",
@@ -423,8 +449,7 @@ class Parser {
                           [&](const Item& x) { o.retention_seconds = Unsigned(x, 1, kMaxOperationRetention); }},
                          {"max_count", [&](const Item& x) { o.max_count = Unsigned(x, 1, kMaxOperationCount); }}});
               }},
-             {"access",
-              [&](const Item& it) {
+             {"access", [&](const Item& it) {
                 WalkMap(it.value, MarkOf(it), it.path,
                         {{"listener", [&](const Item& x) { c.access.listener = String(x); }},
                          {"host", [&](const Item& x) { c.access.host = String(x); }},
@@ -619,9 +644,24 @@ Status FinalizeConfig(Config& c) {
     std::string key = "regions[" + std::to_string(i) + "]";
     if (Status st = Parser::ValidateRegionName(r.name); !st.ok()) return KeyError(c, key + ".name", st.message());
     if (!names.insert(r.name).second) return KeyError(c, key + ".name", "duplicate region name '" + r.name + "'");
+    if (r.remote()) {
+      if (!r.path.empty())
+        return KeyError(c, key + ".peer", "a region has a path or a peer, not both");
+      if (r.is_default) return KeyError(c, key + ".default", "a peer region cannot be the default");
+      if (r.peer_region.empty()) r.peer_region = "local";
+      if (c.tls.dir.empty())
+        return KeyError(
+            c, key + ".peer",
+            "a peer region needs tls.dir (client-cert.pem, client-key.pem, ca-cert.pem)");
+      continue;
+    }
     if (r.path.empty() || r.path[0] != '/') return KeyError(c, key + ".path", "must be an absolute path");
     r.path = Normal(r.path);
     defaults += r.is_default ? 1 : 0;
+  }
+  if (c.peers_listen && c.tls.dir.empty()) {
+    return KeyError(c, "peers.listen",
+                    "needs tls.dir (ca-cert.pem, server-cert.pem, server-key.pem)");
   }
   if (defaults > 1) return KeyError(c, "regions", "only one region can be the default");
   if (c.regions.size() == 1) c.regions[0].is_default = true;  // the only one is the default
@@ -698,12 +738,24 @@ std::string ConfigToYaml(const Config& c) {
     for (const auto& r : c.regions) {
       out << YAML::BeginMap;
       out << YAML::Key << "name" << YAML::Value << r.name;
-      out << YAML::Key << "path" << YAML::Value << r.path;
+      if (!r.remote()) out << YAML::Key << "path" << YAML::Value << r.path;
       out << YAML::Key << "default" << YAML::Value << r.is_default;
+      if (r.remote()) {
+        out << YAML::Key << "peer" << YAML::Value << YAML::DoubleQuoted << r.peer;
+        out << YAML::Key << "peer_region" << YAML::Value << r.peer_region;
+      }
       out << YAML::EndMap;
     }
     out << YAML::EndSeq;
   }
+  out << YAML::Key << "peers" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "listen" << YAML::Value;
+  if (c.peers_listen) {
+    out << YAML::DoubleQuoted << FormatTcpAddress(*c.peers_listen);
+  } else {
+    out << YAML::Null;
+  }
+  out << YAML::EndMap;
   out << YAML::Key << "adopt_paths" << YAML::Value << YAML::Flow << YAML::BeginSeq;
   for (const auto& p : c.adopt_paths) out << p;
   out << YAML::EndSeq;
@@ -789,6 +841,10 @@ const std::vector<std::string>& ConfigKeys() {
       "access.tcp_grants_only",
       "ublk.queues",
       "ublk.depth",
+
+      "regions[].peer",
+      "regions[].peer_region",
+      "peers.listen",
   };
   return kKeys;
 }

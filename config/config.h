@@ -32,6 +32,11 @@ struct RegionConfig {
   std::string name;        // like a disk name: [A-Za-z0-9._-], 1-63 chars
   std::string path;        // absolute
   bool is_default = false; // exactly one region is the default
+  // A region on another rpointd host (then `path` is empty): that host's
+  // peers.listen address and the name of the region there.
+  std::string peer = {};         // "host:port"
+  std::string peer_region = {};  // default: "local"
+  bool remote() const { return !peer.empty(); }
 };
 
 // Commands run around a FileSystemConsistent restore point's cut (/bin/sh -c).
@@ -128,6 +133,10 @@ struct Config {
   // thread each; 0 = one per CPU) and requests in flight per queue.
   unsigned ublk_queues = 0;
   unsigned ublk_depth = 128;
+
+  // peers.listen: the HTTPS (mutual TLS, keys from tls.dir) address other
+  // rpointd hosts call to keep regions here; unset: none.
+  std::optional<TcpAddress> peers_listen;
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").

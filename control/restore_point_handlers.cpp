@@ -50,8 +50,12 @@ bool ValidNames(const RequestContext& ctx, HttpResponse* err) {
 HttpResponse ListRegions(RestoreService& svc, const RequestContext&) {
   ojson value = ojson::array();
   for (const RegionSpec& r : svc.regions()) {
-    value.push_back(ResourceJson("/regions/" + r.name, r.name, kRegionType,
-                                 {{"path", r.path}, {"default", r.is_default}}));
+    ojson props = {{"path", r.path}, {"default", r.is_default}};
+    if (!r.peer.empty()) {
+      props["peer"] = r.peer;
+      props["peerRegion"] = r.peer_region;
+    }
+    value.push_back(ResourceJson("/regions/" + r.name, r.name, kRegionType, std::move(props)));
   }
   return ListResponse(std::move(value));
 }

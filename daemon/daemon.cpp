@@ -18,10 +18,11 @@
 #include "common/fault_injection.h"
 #include "common/logging.h"
 #include "control/control_server.h"
-#include "disks/disk_service.h"
+#include "control/peer_server.h"
 #include "daemon/composite_resolver.h"
 #include "daemon/listeners.h"
 #include "daemon/state_dir.h"
+#include "disks/disk_service.h"
 #include "engine/reactor.h"
 #include "nbd/server.h"
 #include "restore/access_grants.h"
@@ -115,9 +116,41 @@ Status ArmFaults(bool at_start) {
   return Status::Ok();
 }
 
+// Copies to a peer region share their source points as access grants
+// (restore/peer_link.h): the peer reads them over NBD with TLS.
+class GrantSharer final : public PointSharer {
+ public:
+  explicit GrantSharer(AccessGrants& grants) : grants_(grants) {}
+  Result<std::string> share(const std::string& c, const std::string& rp, const std::string& d,
+                            uint64_t seconds) override {
+    auto g = grants_.begin_get_access(c, rp, d, "Read", seconds, "tcp");
+    if (!g.ok() && g.status().code() == Code::kConflict) {
+      // A grant from before a restart, whose token is gone: replace it.
+      (void)grants_.end_get_access(c, rp, d);
+      g = grants_.begin_get_access(c, rp, d, "Read", seconds, "tcp");
+    }
+    if (!g.ok()) return g.status();
+    if (g->record.access_sas.rfind("nbds://", 0) != 0) {
+      (void)grants_.end_get_access(c, rp, d);
+      return Status::Unsupported(
+          "a copy to a peer needs the NBD TCP listener with TLS (nbd.tcp, nbd.tls)");
+    }
+    return g->record.access_sas;
+  }
+  void unshare(const std::string& c, const std::string& rp, const std::string& d) override {
+    (void)grants_.end_get_access(c, rp, d);
+  }
+
+ private:
+  AccessGrants& grants_;
+};
+
 RestoreServiceOptions RestoreOptions(const Config& config) {
   RestoreServiceOptions o;
-  for (const RegionConfig& r : config.regions) o.regions.push_back({r.name, r.path, r.is_default});
+  for (const RegionConfig& r : config.regions) {
+    o.regions.push_back({r.name, r.path, r.is_default, r.peer, r.peer_region});
+  }
+  o.peer_tls_dir = config.tls.dir;
   o.metadata_db = config.metadata_db;
   o.tracking_dir = config.tracking_dir;
   o.staging_dir = config.staging_dir;
@@ -144,7 +177,9 @@ DiskServiceOptions DiskOptions(const Config& config) {
   o.reserved_dirs = {config.state_dir,
                      std::filesystem::path(config.metadata_db).parent_path().string(),
                      config.tracking_dir, config.staging_dir};
-  for (const RegionConfig& r : config.regions) o.reserved_dirs.push_back(r.path);
+  for (const RegionConfig& r : config.regions) {
+    if (!r.remote()) o.reserved_dirs.push_back(r.path);
+  }
   o.adopt_paths = config.adopt_paths;
   return o;
 }
@@ -235,6 +270,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   // A region's store makes its own directory; its parent must be there (the
   // default region lives in <state_dir>/regions/).
   for (const RegionConfig& r : config.regions) {
+    if (r.remote()) continue;  // kept by a peer: no directory here
     if (Status st = MakeDirs(fs::path(r.path).parent_path().string(), 0700); !st.ok()) {
       return fail("region " + r.name, st);
     }
@@ -293,6 +329,8 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   Result<std::unique_ptr<AccessGrants>> grants =
       AccessGrants::Open(AccessOptions(config, nbd_listeners), *restore.value());
   if (!grants.ok()) return fail("access grants", grants.status());
+  GrantSharer sharer(*grants.value());
+  restore.value()->set_point_sharer(&sharer);
   CompositeResolver exports(*disks.value(), restore.value()->exports(), grants.value()->exports());
   GrantsOnlyResolver grants_only(grants.value()->exports());
   unsigned threads = config.io_threads ? config.io_threads : UsableCpus();
@@ -305,6 +343,21 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   control_options.access_grants = grants.value().get();
   Result<std::unique_ptr<ControlServer>> control = ControlServer::Create(*disks.value(), *restore.value(), control_options);
   if (!control.ok()) return fail("control server", control.status());
+  std::unique_ptr<PeerServer> peers;
+  std::string peers_address;
+  if (config.peers_listen) {
+    Result<std::unique_ptr<PeerServer>> p =
+        PeerServer::Create(*restore.value(), PeerServerOptions{config.tls.dir});
+    if (!p.ok()) return fail("peer API", p.status());
+    Result<std::vector<Listener>> tcp = ListenTcp(*config.peers_listen);
+    if (!tcp.ok()) return fail("peer API listener", tcp.status());
+    for (auto& l : tcp.value()) {
+      if (Status st = p.value()->add_listener(std::move(l.fd)); !st.ok())
+        return fail("peer API", st);
+    }
+    peers = std::move(p).value();
+    peers_address = FormatTcpAddress(*config.peers_listen);
+  }
 
   // TLS credentials are loaded here (a bad key file stops the start) and
   // again on SIGHUP (ReloadTls: a bad one then keeps the old).
@@ -338,6 +391,10 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   }
   nbd.value()->start();
   control.value()->start();
+  if (peers) {
+    peers->start();
+    spdlog::info("peer API (HTTPS, mutual TLS) listening on {}", peers_address);
+  }
 
   size_t disk_count = disks.value()->list().size();
   spdlog::info("control API listening on {}", control_address);
@@ -368,6 +425,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   // restore point jobs stop (an unfinished point becomes Failed, its tracker
   // generations kept) before NBD clients are drained and the disks synced.
   control.value()->stop();
+  if (peers) peers->stop();
   restore.value()->shutdown();
   nbd.value()->shutdown();
   // ublk devices stay in the kernel (quiesced: their I/O waits) for the next

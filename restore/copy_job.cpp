@@ -29,6 +29,9 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::copy_restore_point(
   const std::string region = coll.value().region;
   auto found = find_point_locked(source_collection, source_name);
   if (!found.ok()) return found.status();
+  if (Status kept = kept_here(found.value().region, source_collection, source_name); !kept.ok()) {
+    return kept;
+  }
   RestorePointRecord src = std::move(found.value().point);
   const std::string src_region = found.value().region;
   auto src_coll = db_->get_collection(source_collection);
@@ -101,7 +104,11 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::copy_restore_point(
   spdlog::info("restore point {}/{}: copying {} from region {} to region {}, operation {}",
                collection, name, src_id, src_region, region, op.id);
   spawn([this, rec, op, src, src_region, region, prog] {
-    run_copy_point(rec, op, src, src_region, region, prog);
+    if (peer_region(region)) {
+      run_send_point(rec, op, src, src_region, region, prog);  // restore/peer_jobs.cpp
+    } else {
+      run_copy_point(rec, op, src, src_region, region, prog);
+    }
   });
   return Started<RestorePointRecord>{rec, op.id, true};
 }

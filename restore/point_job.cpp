@@ -52,6 +52,12 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::create_restore_point(
   if (!coll.ok()) return coll.status();
   const std::string vm_name = coll.value().source_vm;
   const std::string region = coll.value().region;
+  if (const RegionSpec* peer = peer_region(region)) {
+    return Status::InvalidArgument("collection '" + collection + "' is in region '" + region +
+                                   "', kept by peer " + peer->peer +
+                                   ": its restore points are made by copy "
+                                   "(properties.sourceRestorePoint)");
+  }
 
   auto existing = db_->get_point(collection, name);
   if (!existing.ok()) return existing.status();

@@ -31,6 +31,7 @@ Result<std::string> RestoreServiceImpl::start_verify(const std::string& collecti
     std::lock_guard<std::mutex> lock(mu_);
     auto found = find_point_locked(collection, name);
     if (!found.ok()) return found.status();
+    if (Status kept = kept_here(found.value().region, collection, name); !kept.ok()) return kept;
     region = std::move(found.value().region);
     rec = std::move(found.value().point);
     if (rec.provisioning_state != "Succeeded") {
@@ -209,6 +210,7 @@ Result<std::string> RestoreServiceImpl::start_restore_disk(const std::string& di
     std::lock_guard<std::mutex> lock(mu_);
     auto point = find_point_locked(c, rp);
     if (!point.ok()) return point.status();
+    if (Status kept = kept_here(point.value().region, c, rp); !kept.ok()) return kept;
     region = point.value().region;
     const RestorePointRecord& p = point.value().point;
     bool found = false;
@@ -274,6 +276,7 @@ Result<std::string> RestoreServiceImpl::start_restore_vm(
     std::lock_guard<std::mutex> lock(mu_);
     auto found = find_point_locked(collection, name);
     if (!found.ok()) return found.status();
+    if (Status kept = kept_here(found.value().region, collection, name); !kept.ok()) return kept;
     region = std::move(found.value().region);
     rec = std::move(found.value().point);
     if (rec.provisioning_state != "Succeeded") {

@@ -22,6 +22,7 @@
 #include "engine/change_tracker.h"
 #include "engine/file_disk.h"
 #include "restore/manifest.h"
+#include "restore/peer_client.h"
 #include "restore/restore_db.h"
 #include "restore/restore_service_impl.h"
 #include "store/point_device.h"
@@ -98,7 +99,13 @@ Status RestoreServiceImpl::init() {
     if (!names.insert(r.name).second) {
       return Status::InvalidArgument("region '" + r.name + "' is configured twice");
     }
-    if (r.path.empty()) return Status::InvalidArgument("region '" + r.name + "' has no path");
+    if (r.path.empty() && r.peer.empty()) {
+      return Status::InvalidArgument("region '" + r.name + "' has no path");
+    }
+    if (!r.peer.empty() && r.is_default) {
+      return Status::InvalidArgument("region '" + r.name +
+                                     "' is on a peer and cannot be the default");
+    }
     if (r.is_default) {
       ++defaults;
       default_region_ = r.name;
@@ -116,6 +123,18 @@ Status RestoreServiceImpl::init() {
   // One bound on open pack files for every region together.
   auto packs = store::PackCache::Create(options_.open_packs);
   for (const auto& r : options_.regions) {
+    if (!r.peer.empty()) {
+      // Kept by another host (restore/peer_jobs.cpp): no store here.
+      if (!peer_link_) {
+        auto link = MakePeerClient(options_.peer_tls_dir, 10000);
+        if (!link.ok()) {
+          return Status(link.status().code(), "region '" + r.name + "' on peer " + r.peer + ": " +
+                                                  link.status().message());
+        }
+        peer_link_ = std::move(link).value();
+      }
+      continue;
+    }
     Status made = MakeDirs(r.path, 0700);
     if (!made.ok()) return made;
     store::StoreOptions so;
@@ -249,6 +268,7 @@ Status RestoreServiceImpl::recover() {
   // a lost or fresh metadata.db, or a region copied from another host.
   std::set<std::string> imported_collections;
   for (const auto& r : regions_) {
+    if (!r.peer.empty()) continue;  // its manifests are on the peer
     auto imp = import_manifests_locked(r.name, &imported_collections);
     if (!imp.ok()) return imp.status();
   }
@@ -779,7 +799,28 @@ Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::put_collection(
   Status s = ValidateResourceName("collection", name);
   if (!s.ok()) return s;
   std::string region = region_in.empty() ? default_region_ : region_in;
-  if (!stores_.count(region)) {
+  if (const RegionSpec* peer = peer_region(region)) {
+    // The peer keeps it first, so a collection listed here always exists there.
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto vm = db_->get_vm(source_vm);
+      if (!vm.ok()) return vm.status();
+      if (!vm.value()) return Status::NotFound("VM '" + source_vm + "' not found");
+    }
+    auto r = peer_link_->call(peer->peer, "PUT", "/peer/v1/restorePointCollections/" + name,
+                              {{"sourceVm", source_vm}, {"region", peer->peer_region}});
+    if (!r.ok()) {
+      return Status(r.status().code(),
+                    "region '" + region + "' on peer " + peer->peer + ": " + r.status().message());
+    }
+  }
+  return insert_collection(name, source_vm, region, true);
+}
+
+Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::insert_collection(
+    const std::string& name, const std::string& source_vm, const std::string& region,
+    bool vm_here) {
+  if (!stores_.count(region) && !peer_region(region)) {
     std::string known;
     for (const auto& r : options_.regions) known += (known.empty() ? "" : ", ") + r.name;
     return Status::InvalidArgument("unknown region '" + region + "'; regions: " + known);
@@ -793,9 +834,11 @@ Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::put_collection(
     return Status::Conflict("collection '" + name + "' exists with source /vms/" + c.source_vm +
                             " in region " + c.region + "; a collection cannot be changed");
   }
-  auto vm = db_->get_vm(source_vm);
-  if (!vm.ok()) return vm.status();
-  if (!vm.value()) return Status::NotFound("VM '" + source_vm + "' not found");
+  if (vm_here) {
+    auto vm = db_->get_vm(source_vm);
+    if (!vm.ok()) return vm.status();
+    if (!vm.value()) return Status::NotFound("VM '" + source_vm + "' not found");
+  }
   // A VM may have several collections (one per region, as Azure's copy
   // flow needs): each tracks its own base per disk (restore/restore_db.h).
   CollectionRecord c;
@@ -803,7 +846,7 @@ Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::put_collection(
   c.source_vm = source_vm;
   c.region = region;
   c.time_created = NowRfc3339();
-  s = db_->insert_collection(c);
+  Status s = db_->insert_collection(c);
   if (!s.ok()) return s;
   spdlog::info("collection {}: created for VM {} in region {}", name, source_vm, region);
   return std::make_pair(c, true);
@@ -920,7 +963,8 @@ Result<CollectionRecord> RestoreServiceImpl::collection_for_new_point_locked(
   if (deleting_collections_.count(collection)) {
     return Status::Conflict("collection '" + collection + "' is being deleted");
   }
-  if (!store_of(c.value()->region)) {
+  // A peer region has no store here: its points live on the peer.
+  if (!store_of(c.value()->region) && !peer_region(c.value()->region)) {
     return Status::Conflict("collection '" + collection + "' is in region '" + c.value()->region +
                             "', which is no longer configured");
   }

@@ -37,6 +37,7 @@
 
 #include "common/status.h"
 #include "engine/block_device.h"
+#include "restore/peer_link.h"
 
 namespace rpoint {
 
@@ -44,8 +45,12 @@ class DiskService;
 
 struct RegionSpec {
   std::string name;  // [A-Za-z0-9._-]{1,63}
-  std::string path;  // the store directory (created if missing)
+  std::string path;  // the store directory (created if missing); empty for a peer region
   bool is_default = false;
+  // A region kept by another rpointd host (restore/peer_link.h): its peers
+  // API address ("host:port") and the region's name there.
+  std::string peer = {};
+  std::string peer_region = {};
 };
 
 // A shell command run around a FileSystemConsistent cut. Environment:
@@ -74,6 +79,12 @@ struct RestoreServiceOptions {
   unsigned operation_max_count = 10000;
   // Pack files kept open, all regions together (store.open_packs).
   size_t open_packs = 128;
+  // Peer regions: tls.dir (ca-cert.pem, client-cert.pem, client-key.pem) for
+  // the HTTPS calls and the NBD reads, and how long a copy to or from a peer
+  // keeps retrying without progress (a cut link, a peer restarting) before
+  // it ends Failed.
+  std::string peer_tls_dir;
+  unsigned peer_deadline_seconds = 120;
 };
 
 // ---- records (what GET returns; handlers turn them into Azure-shaped JSON) ----
@@ -261,6 +272,26 @@ class RestoreService {
   // "packBytesBefore", "packBytesAfter", "unindexedBytesFreed"}.
   // Conflict while a restore point of the region is being created.
   virtual Result<nlohmann::json> gc_region(const std::string& region, bool orphans) = 0;
+
+  // ---- regions on other hosts (restore/peer_link.h, docs/api.md "Peer API") ----
+  // How copies to a peer region share their source points (the daemon's
+  // AccessGrants). Set once before serving; copies to peer regions fail
+  // (Unsupported) without it.
+  virtual void set_point_sharer(PointSharer* sharer) = 0;
+  // The keeping host's side. A collection another host keeps in `region`
+  // here: as put_collection, but the VM lives on the other host.
+  virtual Result<std::pair<CollectionRecord, bool>> put_peer_collection(
+      const std::string& name, const std::string& source_vm, const std::string& region) = 0;
+  // Receives a point into a collection kept here: Creating at once (its
+  // operation ReceiveRestorePoint), then the chunks this region lacks are
+  // read from the sender's NBD exports, re-hashed, stored, and the point
+  // committed with its manifest. A repeat for the same source answers the
+  // same point (created = false).
+  virtual Result<Started<RestorePointRecord>> receive_restore_point(const std::string& collection,
+                                                                    const std::string& name,
+                                                                    const PeerPull& pull) = 0;
+  virtual Result<PeerPointState> peer_point_state(const std::string& collection,
+                                                  const std::string& name) = 0;
 
   // ---- NBD ----
   // Read-only exports of every Succeeded disk restore point.

@@ -122,6 +122,15 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // ---- region maintenance ----
   Result<nlohmann::json> repair_region(const std::string& region) override;
   Result<nlohmann::json> gc_region(const std::string& region, bool orphans) override;
+  void set_point_sharer(PointSharer* sharer) override { sharer_ = sharer; }
+  Result<std::pair<CollectionRecord, bool>> put_peer_collection(const std::string& name,
+                                                                const std::string& source_vm,
+                                                                const std::string& region) override;
+  Result<Started<RestorePointRecord>> receive_restore_point(const std::string& collection,
+                                                            const std::string& name,
+                                                            const PeerPull& pull) override;
+  Result<PeerPointState> peer_point_state(const std::string& collection,
+                                          const std::string& name) override;
   ExportResolver& exports() override { return *this; }
   void shutdown() override;
 
@@ -246,6 +255,26 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
                                                        const FileDisk& fd);
   std::vector<std::string> live_meta_contexts(const std::string& disk);
 
+  // restore/peer_jobs.cpp: regions on other hosts.
+  const RegionSpec* peer_region(const std::string& region) const;
+  // Conflict for a point of a region kept by a peer: its data is there.
+  Status kept_here(const std::string& region, const std::string& collection,
+                   const std::string& name) const;
+  Result<std::pair<CollectionRecord, bool>> insert_collection(const std::string& name,
+                                                              const std::string& source_vm,
+                                                              const std::string& region,
+                                                              bool vm_here);
+  void run_send_point(RestorePointRecord rec, OperationRecord op, RestorePointRecord src,
+                      std::string src_region, std::string region,
+                      std::shared_ptr<PointProgress> prog);
+  void run_receive_point(RestorePointRecord rec, OperationRecord op, PeerPull pull,
+                         std::string region, std::shared_ptr<PointProgress> prog,
+                         std::shared_ptr<std::vector<std::atomic<uint64_t>>> moved);
+  // Ends a copy job (local or received): on error deletes its store points in
+  // `st` and marks it Failed; records the point and its operation.
+  void finish_copy(RestorePointRecord& rec, OperationRecord& op, std::optional<JobError> err,
+                   store::Store* st, nlohmann::json result);
+
   const RestoreServiceOptions options_;
   DiskService& disks_;
   std::string default_region_;
@@ -264,6 +293,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::set<std::string> creating_vms_;  // VMs with a point job running
   std::set<std::string> deleting_collections_;
   std::map<std::string, std::weak_ptr<store::PointDevice>> devices_;
+  std::unique_ptr<PeerLink> peer_link_;  // set when a peer region is configured
+  std::atomic<PointSharer*> sharer_{nullptr};
+  // Points being received from another host: bytes moved per disk ("c/rp").
+  std::map<std::string, std::shared_ptr<std::vector<std::atomic<uint64_t>>>> receiving_;
 
   std::mutex jobs_mu_;
   std::list<Job> jobs_;

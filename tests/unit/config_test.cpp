@@ -150,11 +150,16 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "b}}}\n"
       "operations: {retention_seconds: 60, max_count: 5}\n"
       "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
-      "ublk: {queues: 2, depth: 64}\n";
+      "ublk: {queues: 2, depth: 64}\n"
+      "peers: {listen: 'localhost:2'}\n";
+  // A peer region has no path: its keys are checked on a second entry.
+  text.replace(text.find("default: true}]"), 15,
+               "default: true}, {name: f, peer: 'h:1', peer_region: x}]");
   Config c = Parse(text);
   for (const std::string& key : ConfigKeys()) {
     std::string k = key;
-    if (auto p = k.find("[]"); p != std::string::npos) k.replace(p, 2, "[0]");
+    const bool peer_key = k.rfind("regions[].peer", 0) == 0;
+    if (auto p = k.find("[]"); p != std::string::npos) k.replace(p, 2, peer_key ? "[1]" : "[0]");
     if (auto p = k.find("{vm}"); p != std::string::npos) k.replace(p, 4, "web1");
     INFO(key);
     CHECK(c.origins.count(k) == 1);
@@ -163,10 +168,12 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
   for (const auto& [key, where] : c.origins) {
     std::string k = key;
     if (auto p = k.find("[0]"); p != std::string::npos) k.replace(p, 3, "[]");
+    if (auto p = k.find("[1]"); p != std::string::npos) k.replace(p, 3, "[]");
     if (auto p = k.find("web1"); p != std::string::npos) k.replace(p, 4, "{vm}");
     bool section = k == "control" || k == "nbd" || k == "log" || k == "io" || k == "consistency" ||
                    k == "operations" || k == "store" || k == "tls" || k == "access" ||
-                   k == "ublk";
+                   k == "ublk" ||
+                   k == "peers";
     INFO(key);
     CHECK((section || std::find(ConfigKeys().begin(), ConfigKeys().end(), k) != ConfigKeys().end()));
   }
@@ -602,4 +609,44 @@ TEST_CASE("tls: bad modes and TLS without keys are errors naming the key") {
   CHECK_FALSE(st.ok());
   CHECK(
       Contains(st.message(), "t.yaml:2:13: nbd.unix_tls: 'require' needs tls.dir or tls.psk_file"));
+}
+
+TEST_CASE("regions on other hosts: regions[].peer, peer_region, peers.listen") {
+  Config c = Finalized(
+      "state_dir: /s\ntls: {dir: /pki}\npeers: {listen: \"10.0.0.1:10443\"}\nregions:\n"
+      "  - {name: east, path: /r/east, default: true}\n"
+      "  - {name: far, peer: \"10.0.0.2:10443\", peer_region: west}\n"
+      "  - {name: far2, peer: \"[fd00::2]:10443\"}\n");
+  REQUIRE(c.regions.size() == 3);
+  CHECK_FALSE(c.regions[0].remote());
+  CHECK(c.regions[1].remote());
+  CHECK(c.regions[1].peer == "10.0.0.2:10443");
+  CHECK(c.regions[1].peer_region == "west");
+  CHECK(c.regions[1].path.empty());
+  CHECK(c.regions[2].peer == "[fd00::2]:10443");
+  CHECK(c.regions[2].peer_region == "local");  // the default
+  REQUIRE(c.peers_listen);
+  CHECK(FormatTcpAddress(*c.peers_listen) == "10.0.0.1:10443");
+  // --check-config's YAML parses back to the same regions.
+  Config again = Finalized(ConfigToYaml(c));
+  REQUIRE(again.regions.size() == 3);
+  CHECK(again.regions[1].peer == "10.0.0.2:10443");
+  CHECK(again.regions[1].peer_region == "west");
+  CHECK(again.peers_listen);
+
+  ExpectError("tls: {dir: /p}\nregions:\n  - {name: a, path: /a, peer: \"h:1\"}\n",
+              "3:5:", "regions[0].peer", "path or a peer");
+  ExpectError("tls: {dir: /p}\nregions:\n  - {name: a, peer: \"h:1\", default: true}\n",
+              "3:5:", "regions[0].default", "cannot be the default");
+  ExpectError("tls: {dir: /p}\nregions:\n  - {name: a, peer: \"h:1\", peer_region: 'x y'}\n",
+              "3:", "regions[0].peer_region", "may only contain");
+  Config no_tls =
+      Parse("regions:\n  - {name: a, path: /a, default: true}\n  - {name: f, peer: \"h:1\"}\n");
+  Status st = FinalizeConfig(no_tls);
+  CHECK(Contains(st.message(), "regions[1].peer"));
+  CHECK(Contains(st.message(), "tls.dir"));
+  Config listen_no_tls = Parse("peers: {listen: \"0.0.0.0:10443\"}\n");
+  st = FinalizeConfig(listen_no_tls);
+  CHECK(Contains(st.message(), "peers.listen"));
+  CHECK(Contains(st.message(), "tls.dir"));
 }

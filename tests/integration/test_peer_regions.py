@@ -1,0 +1,406 @@
+"""Regions on other hosts: two daemons in two network namespaces joined by a veth pair.
+
+Host A (10.77.0.1) has its own region `local` and a region `far` kept by host B
+(10.77.0.2, peer_region local). Both have an NBD TCP listener with TLS and the
+peer API (peers.listen, HTTPS with mutual TLS) on their namespace address; the
+PKI (one CA, a server and a client certificate per host, and an intruder with
+another CA's) is made with certtool as test_nbd_tls.py does.
+
+A collection in `far` is created through A's API and appears in B's own API. A
+point copied there moves its chunks over NBD-TLS (libnbd on B reads A's
+short-lived export): the bytes on the veth are measured on the first (full)
+copy and on the next one after a 1 MiB change. B restores the copied points
+with A gone, byte-identical to the disk at each cut. The link is cut
+(`ip link set down`) mid-copy and restored; each side is killed (-9) mid-copy
+and restarted; a client or a peer without a certificate our CA signed is
+refused. Root is needed (ip netns); under CI=true its absence fails.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from conftest import require, strict
+from rpointd_harness import Daemon, nbd_write, operation_path
+
+MiB = 1 << 20
+DISK = 16 * MiB
+A_IP, B_IP = "10.77.0.1", "10.77.0.2"
+
+
+def sh(*args, check=True):
+    return subprocess.run(list(args), check=check, capture_output=True, text=True)
+
+
+def certtool(*args):
+    sh("certtool", *args)
+
+
+def make_ca(d, name):
+    d.mkdir(parents=True, exist_ok=True)
+    certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(d / "ca-key.pem"))
+    (d / "ca.info").write_text(f'cn = "{name}"\nca\ncert_signing_key\nexpiration_days = 30\n')
+    certtool("--generate-self-signed", "--load-privkey", str(d / "ca-key.pem"), "--template",
+             str(d / "ca.info"), "--outfile", str(d / "ca-cert.pem"))
+
+
+def make_cert(ca, d, role, cn, extra=""):
+    d.mkdir(parents=True, exist_ok=True)
+    key, cert, info = d / f"{role}-key.pem", d / f"{role}-cert.pem", d / f"{role}.info"
+    certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(key))
+    usage = "tls_www_server" if role == "server" else "tls_www_client"
+    info.write_text(f'cn = "{cn}"\n{extra}{usage}\nsigning_key\nexpiration_days = 30\n')
+    certtool("--generate-certificate", "--load-privkey", str(key), "--load-ca-certificate",
+             str(ca / "ca-cert.pem"), "--load-ca-privkey", str(ca / "ca-key.pem"), "--template",
+             str(info), "--outfile", str(cert))
+    shutil.copy(ca / "ca-cert.pem", d / "ca-cert.pem")
+
+
+class NsDaemon(Daemon):
+    """rpointd inside a network namespace (ip netns exec execs it: same pid)."""
+
+    def __init__(self, ns, *a, **kw):
+        super().__init__(*a, **kw)
+        self.ns = ns
+
+    def args(self):
+        return ["ip", "netns", "exec", self.ns] + super().args()
+
+    def arm(self, rules):
+        path = self.env["RPOINTD_FAULTS_FILE"]
+        with open(path + ".tmp", "w") as f:
+            f.write(rules + "\n")
+        os.rename(path + ".tmp", path)
+        if self.proc is None:
+            return
+        want = "fault injection: rules now " + (rules or "none")
+        before = self.log_all().count(want)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.log_all().count(want) <= before:
+            assert time.monotonic() < deadline, f"rules {rules!r} not armed:\n{self.log()}"
+            time.sleep(0.02)
+
+    def log_all(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    if os.geteuid() != 0:
+        if strict():
+            pytest.fail("test_peer_regions needs root (ip netns) and CI=true forbids a skip")
+        pytest.skip("needs root for ip netns")
+    require("ip", "certtool", "nbdcopy", "curl")
+    pytest.importorskip("nbd")
+    root = tmp_path_factory.mktemp("peers")
+    tag = str(os.getpid() % 100000)
+    ns_a, ns_b = f"rpA{tag}", f"rpB{tag}"
+    if_a, if_b = f"vpa{tag}", f"vpb{tag}"
+    made = []
+    daemons = []
+    try:
+        for ns in (ns_a, ns_b):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", if_a, "type", "veth", "peer", "name", if_b)
+        sh("ip", "link", "set", if_a, "netns", ns_a)
+        sh("ip", "link", "set", if_b, "netns", ns_b)
+        for ns, ifname, ip in ((ns_a, if_a, A_IP), (ns_b, if_b, B_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
+            sh("ip", "-n", ns, "link", "set", ifname, "up")
+
+        ca = root / "ca"
+        make_ca(ca, "rpointd peers test CA")
+        pki = {}
+        for host, ip in (("a", A_IP), ("b", B_IP)):
+            d = root / f"pki-{host}"
+            make_cert(ca, d, "server", f"host-{host}", f'ip_address = "{ip}"\n')
+            make_cert(ca, d, "client", f"host-{host}")
+            pki[host] = d
+        other = root / "other-ca"
+        make_ca(other, "some other CA")
+        intruder = root / "intruder"
+        make_cert(other, intruder, "client", "intruder")
+        make_cert(other, intruder, "server", "intruder", f'ip_address = "{B_IP}"\n')
+        shutil.copy(ca / "ca-cert.pem", intruder / "ca-cert.pem")  # trusts our CA
+
+        def cfg(ip, d, regions):
+            return (f'nbd:\n  tcp: "{ip}:10809"\ntls:\n  dir: {d}\n'
+                    f'peers:\n  listen: "{ip}:10443"\naccess:\n  host: {ip}\n'
+                    f"regions:\n{regions}")
+
+        a = NsDaemon(ns_a, root / "A", config_text=cfg(
+            A_IP, pki["a"],
+            f"  - {{name: local, path: {root}/A-local, default: true}}\n"
+            f'  - {{name: far, peer: "{B_IP}:10443", peer_region: local}}\n'
+            f'  - {{name: bogus, peer: "{B_IP}:10444"}}\n'),
+            env={"RPOINTD_FAULTS_FILE": str(root / "faults-a")})
+        b = NsDaemon(ns_b, root / "B", config_text=cfg(
+            B_IP, pki["b"], f"  - {{name: local, path: {root}/B-local, default: true}}\n"),
+            env={"RPOINTD_FAULTS_FILE": str(root / "faults-b")})
+        os.makedirs(root / "A", exist_ok=True)
+        os.makedirs(root / "B", exist_ok=True)
+        for f in ("faults-a", "faults-b"):
+            (root / f).write_text("\n")
+        b.start()
+        daemons.append(b)
+        a.start()
+        daemons.append(a)
+        a.create_disk("a", DISK)
+        rnd = random.Random(7)
+        data = bytearray(rnd.randbytes(DISK))
+        nbd_write(a.nbd_uri("a"), [(off, bytes(data[off:off + 4 * MiB]))
+                                   for off in range(0, DISK, 4 * MiB)])
+        a.create_vm("vm", ["a"])
+        a.create_collection("c", "vm", location="local")
+        yield {"a": a, "b": b, "data": data, "ns_a": ns_a, "ns_b": ns_b, "if_a": if_a,
+               "pki": pki, "intruder": intruder, "root": root, "rnd": rnd}
+    finally:
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
+        for ns in made:
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def wire_bytes(rig):
+    """Bytes A's end of the veth sent and received."""
+    total = 0
+    for what in ("tx_bytes", "rx_bytes"):
+        r = sh("ip", "netns", "exec", rig["ns_a"], "cat",
+               f"/sys/class/net/{rig['if_a']}/statistics/{what}")
+        total += int(r.stdout)
+    return total
+
+
+def point_id(c, rp):
+    return f"/restorePointCollections/{c}/restorePoints/{rp}"
+
+
+def start_copy(d, dst, name, src):
+    r = d.api("PUT", point_id(dst, name),
+              {"properties": {"sourceRestorePoint": {"id": point_id(*src)}}})
+    assert r.status == 201, r
+    return operation_path(r)
+
+
+def sha_of_restore(d, c, rp, disk_name):
+    """Restores c/rp's disk `a` on d as a new disk and hashes its bytes."""
+    d.restore_disk(disk_name, c, rp, "a")
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(d.nbd_uri(disk_name))
+    s = hashlib.sha256()
+    for off in range(0, DISK, 4 * MiB):
+        s.update(h.pread(4 * MiB, off))
+    h.shutdown()
+    return s.hexdigest()
+
+
+def cut_point(rig, name, change_at=None):
+    """A point of A's disk, after writing 1 MiB of new data at change_at; returns
+    the sha256 of what the disk held at its cut."""
+    a, data = rig["a"], rig["data"]
+    if change_at is not None:
+        new = rig["rnd"].randbytes(MiB)
+        data[change_at:change_at + MiB] = new
+        nbd_write(a.nbd_uri("a"), [(change_at, new)])
+    a.create_restore_point("c", name)
+    return hashlib.sha256(bytes(data)).hexdigest()
+
+
+def wait_progress(d, c, rp, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = d.get_restore_point(c, rp, expand="instanceView")
+        iv = p["properties"].get("instanceView", {})
+        pcts = [x.get("replicationStatus", {}).get("completionPercent", 0)
+                for x in iv.get("diskRestorePoints", [])]
+        if pcts and max(pcts) > 0:
+            return max(pcts)
+        time.sleep(0.05)
+    raise AssertionError(f"no progress on {c}/{rp}: {p}")
+
+
+def test_far_collection_copy_incremental_and_restore_on_peer(rig):
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    # The peer's own API lists it, in its region `local`.
+    r = b.api("GET", "/restorePointCollections/cf")
+    assert r.status == 200, r
+    assert r.json["location"] == "local", r.json
+    # Points in a far region are made by copy.
+    r = a.start_restore_point("cf", "direct")
+    assert r.status == 400, r
+    assert "made by copy" in r.json["error"]["message"], r.json
+
+    sha1 = cut_point(rig, "rp1")
+    before = wire_bytes(rig)
+    op = a.wait_operation(start_copy(a, "cf", "rp1", ("c", "rp1")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    full = wire_bytes(rig) - before
+    assert DISK <= full <= DISK * 1.10, f"full copy moved {full} bytes on the wire"
+
+    sha2 = cut_point(rig, "rp2", change_at=5 * MiB + 12345)
+    before = wire_bytes(rig)
+    op = a.wait_operation(start_copy(a, "cf", "rp2", ("c", "rp2")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    incr = wire_bytes(rig) - before
+    # 1 MiB unaligned touches 17 chunks of 64 KiB: ~1.06 MiB of data, plus the
+    # chunk list (256 digests), TLS and the polls.
+    print(f"wire bytes: full copy {full}, incremental {incr} (disk {DISK})")
+    assert MiB <= incr <= 1.5 * MiB, f"incremental copy moved {incr} bytes on the wire"
+    rp = a.get_restore_point("cf", "rp2", expand="instanceView")
+    assert rp["properties"]["provisioningState"] == "Succeeded"
+    assert rp["properties"]["sourceRestorePoint"]["id"] == point_id("c", "rp2")
+    # Its data is on B: A refuses to verify or restore it, naming the peer.
+    r = a.api("POST", point_id("cf", "rp2") + "/verify")
+    assert r.status == 409 and B_IP in r.json["error"]["message"], r
+
+    # B alone: its own API lists the points and restores them exactly.
+    a.stop()
+    try:
+        r = b.api("GET", "/restorePointCollections/cf/restorePoints")
+        assert r.status == 200, r
+        names = sorted(p["name"] for p in r.json["value"])
+        assert names == ["rp1", "rp2"], r.json
+        assert sha_of_restore(b, "cf", "rp1", "r1") == sha1
+        assert sha_of_restore(b, "cf", "rp2", "r2") == sha2
+    finally:
+        a.start()
+
+
+def test_link_cut_mid_copy_retries_and_completes(rig):
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    sha = cut_point(rig, "cut1", change_at=0)
+    # B holds all but the ~17 chunks the change touched: slow each one read.
+    b.arm("peer.chunk=delay300")
+    try:
+        op = start_copy(a, "cf", "cut1", ("c", "cut1"))
+        wait_progress(a, "cf", "cut1")
+        sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "down")
+        time.sleep(3)
+        sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "up")
+        b.arm("")
+        done = a.wait_operation(op, timeout=90)
+    finally:
+        sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "up")
+        b.arm("")
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    assert "retrying" in a.log_all() + b.log_all()
+    assert sha_of_restore(b, "cf", "cut1", "rcut1") == sha
+
+
+def test_sender_killed_mid_copy(rig):
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    sha = cut_point(rig, "k1", change_at=7 * MiB)
+    b.arm("peer.chunk=delay200")
+    op = start_copy(a, "cf", "k1", ("c", "k1"))
+    wait_progress(a, "cf", "k1")
+    a.kill9()
+    a.start()
+    b.arm("")
+    # The sender's record of an unfinished copy is Failed after its restart.
+    p = a.get_restore_point("cf", "k1")
+    assert p["properties"]["provisioningState"] == "Failed", p
+    assert a.wait_operation(op)["status"] == "Failed"
+    # The peer either finishes its copy (the share outlives the restart) or
+    # fails it; never Succeeded short.
+    deadline = time.monotonic() + 60
+    while True:
+        st = b.get_restore_point("cf", "k1")["properties"]["provisioningState"]
+        if st != "Creating":
+            break
+        assert time.monotonic() < deadline, b.log()
+        time.sleep(0.1)
+    assert st in ("Succeeded", "Failed"), st
+    if st == "Succeeded":
+        assert sha_of_restore(b, "cf", "k1", "rk1") == sha
+    # A new copy of the same point succeeds.
+    done = a.wait_operation(start_copy(a, "cf", "k1b", ("c", "k1")), timeout=60)
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    # Deleting the far point here forgets this host's record only.
+    a.delete_restore_point("cf", "k1b")
+    assert a.api("GET", point_id("cf", "k1b")).status == 404
+    assert b.get_restore_point("cf", "k1b")["properties"]["provisioningState"] == "Succeeded"
+
+
+def test_peer_killed_mid_copy(rig):
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    sha = cut_point(rig, "k2", change_at=9 * MiB)
+    b.arm("peer.chunk=delay200")
+    op = start_copy(a, "cf", "k2", ("c", "k2"))
+    wait_progress(a, "cf", "k2")
+    b.kill9()
+    b.arm("")
+    b.start()
+    done = a.wait_operation(op, timeout=60)
+    assert done["status"] == "Failed", done
+    assert b.get_restore_point("cf", "k2")["properties"]["provisioningState"] == "Failed"
+    p = a.get_restore_point("cf", "k2")
+    assert p["properties"]["provisioningState"] == "Failed", p
+    done = a.wait_operation(start_copy(a, "cf", "k2b", ("c", "k2")), timeout=60)
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    assert sha_of_restore(b, "cf", "k2b", "rk2b") == sha
+
+
+def curl_peer(rig, *cert_args):
+    return sh("ip", "netns", "exec", rig["ns_a"], "curl", "-sS", "--max-time", "10",
+              "--cacert", str(rig["pki"]["a"] / "ca-cert.pem"), *cert_args,
+              f"https://{B_IP}:10443/peer/v1", check=False)
+
+
+def test_peer_api_refuses_clients_without_our_certificate(rig):
+    good = rig["pki"]["a"]
+    r = curl_peer(rig, "--cert", str(good / "client-cert.pem"), "--key",
+                  str(good / "client-key.pem"))
+    assert r.returncode == 0 and json.loads(r.stdout)["service"] == "rpointd-peer", r
+    r = curl_peer(rig)
+    assert r.returncode != 0 and "rpointd-peer" not in r.stdout, r
+    bad = rig["intruder"]
+    r = curl_peer(rig, "--cert", str(bad / "client-cert.pem"), "--key",
+                  str(bad / "client-key.pem"))
+    assert r.returncode != 0 and "rpointd-peer" not in r.stdout, r
+    assert "refused" in rig["b"].log_all()
+
+
+def test_peer_with_a_certificate_we_did_not_sign_is_refused(rig):
+    """Region `bogus` names a TLS server on B whose certificate another CA signed."""
+    a, bad = rig["a"], rig["intruder"]
+    script = ("import socket,ssl\n"
+              "c=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
+              f"c.load_cert_chain('{bad}/server-cert.pem','{bad}/server-key.pem')\n"
+              f"s=socket.create_server(('{B_IP}',10444))\n"
+              "print('ready',flush=True)\n"
+              "while True:\n"
+              "  n,_=s.accept()\n"
+              "  try:\n"
+              "    t=c.wrap_socket(n,server_side=True); t.recv(10000)\n"
+              "    t.sendall(b'HTTP/1.1 201 Created\\r\\nContent-Length: 2\\r\\n\\r\\n{}')\n"
+              "  except Exception: pass\n"
+              "  n.close()\n")
+    srv = subprocess.Popen(["ip", "netns", "exec", rig["ns_b"], "/usr/bin/python3", "-c", script],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        r = a.api("PUT", "/restorePointCollections/cb",
+                  {"location": "bogus", "properties": {"source": {"id": "/vms/vm"}}})
+        assert r.status >= 400, r
+        assert "TLS handshake" in r.json["error"]["message"], r.json
+        assert a.api("GET", "/restorePointCollections/cb").status == 404
+    finally:
+        srv.kill()
+        srv.wait()
