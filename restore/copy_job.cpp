@@ -119,6 +119,11 @@ std::optional<std::string> RestoreServiceImpl::copy_resume_blocker_locked(
   if (parts.size() != 5) return "its source id " + p.source_restore_point + " is malformed";
   auto coll = db_->get_collection(p.collection);
   if (!coll.ok() || !coll.value()) return std::string("its collection is gone");
+  if (const RegionSpec* peer = peer_region(coll.value()->region)) {
+    return "it copied to region '" + coll.value()->region + "', kept by peer " + peer->peer +
+           ", and a copy to another host does not resume: copy it again (chunks that "
+           "already reached the peer are not sent again)";
+  }
   if (!store_of(coll.value()->region)) {
     return "its region '" + coll.value()->region + "' is no longer configured";
   }
