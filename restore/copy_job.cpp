@@ -305,51 +305,15 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     // point: a crash in between leaves it Creating, and Open removes it).
     err = write_manifest(*st, rec);
   }
-  auto fail_locally = [&] {
-    for (auto& d : rec.disk_restore_points) {
-      if (d.store_point && st) (void)st->delete_point(d.store_point);
-      d.store_point = 0;
-      if (d.status != "Succeeded") d.status = "Failed";
-    }
-    rec.provisioning_state = "Failed";
-    rec.error_code = err->code;
-    rec.error_message = err->message;
-  };
-  if (err) {
-    spdlog::error("restore point {}/{}: copy of {} failed: {}: {}", rec.collection, rec.name,
-                  rec.source_restore_point, err->code, err->message);
-    fail_locally();
-  } else {
-    rec.provisioning_state = "Succeeded";
-  }
-  std::unique_lock<std::mutex> lock(mu_);
-  EndOperation(op, err ? &*err : nullptr, NowRfc3339());
-  op.result = {{"bytesMoved", moved},
+  // The same ending as a copy received from a peer (restore/peer_jobs.cpp).
+  finish_copy(rec, op, err, st.get(),
+              {{"bytesMoved", moved},
                {"chunksMoved", chunks_moved},
                {"chunksReused", chunks_reused},
                {"chunksLookedUp", looked_up},
-               {"disksComparedWithBase", compared_from}};
-  Status s = save_point_retrying_locked(rec, &op, nullptr);
-  if (!s.ok() && !err) {
-    err = JobError{"MetadataCommitFailed",
-                   "recording the restore point in the metadata database failed: " + s.message()};
-    if (st) (void)st->remove_manifest(ManifestName(rec.collection, rec.name));
-    fail_locally();
-    EndOperation(op, &*err, NowRfc3339());
-    s = save_point_retrying_locked(rec, &op, nullptr);
-  }
-  if (!s.ok()) {
-    spdlog::error("restore point {}/{}: cannot record its end ({}): {}", rec.collection, rec.name,
-                  rec.provisioning_state, s.ToString());
-    unrecorded_[rec.collection + "/" + rec.name] = {rec, op};
-  } else if (!err) {
-    spdlog::info(
-        "restore point {}/{}: copied from {}: {} bytes moved ({} chunks), {} chunks already in "
-        "region {}",
-        rec.collection, rec.name, rec.source_restore_point, moved, chunks_moved, chunks_reused,
-        region);
-  }
-  live_points_.erase(rec.collection + "/" + rec.name);
+               {"disksComparedWithBase", compared_from}},
+              fmt::format("{} bytes moved ({} chunks), {} chunks already in region {}", moved,
+                          chunks_moved, chunks_reused, region));
 }
 
 }  // namespace rpoint

@@ -78,7 +78,7 @@ Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::put_peer_collectio
 
 void RestoreServiceImpl::finish_copy(RestorePointRecord& rec, OperationRecord& op,
                                      std::optional<JobError> err, store::Store* st,
-                                     nlohmann::json result) {
+                                     nlohmann::json result, const std::string& summary) {
   auto fail_locally = [&] {
     for (auto& d : rec.disk_restore_points) {
       if (d.store_point && st) (void)st->delete_point(d.store_point);
@@ -113,8 +113,8 @@ void RestoreServiceImpl::finish_copy(RestorePointRecord& rec, OperationRecord& o
                   rec.provisioning_state, s.ToString());
     unrecorded_[rec.collection + "/" + rec.name] = {rec, op};
   } else if (!err) {
-    spdlog::info("restore point {}/{}: copied from {} ({})", rec.collection, rec.name,
-                 rec.source_restore_point, op.result.dump());
+    spdlog::info("restore point {}/{}: copied from {}: {}", rec.collection, rec.name,
+                 rec.source_restore_point, summary.empty() ? op.result.dump() : summary);
   }
   live_points_.erase(rec.collection + "/" + rec.name);
   receiving_.erase(rec.collection + "/" + rec.name);

@@ -271,9 +271,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
                          std::string region, std::shared_ptr<PointProgress> prog,
                          std::shared_ptr<std::vector<std::atomic<uint64_t>>> moved);
   // Ends a copy job (local or received): on error deletes its store points in
-  // `st` and marks it Failed; records the point and its operation.
+  // `st` and marks it Failed; records the point and its operation. summary:
+  // what the success log line says was moved (empty: the result as JSON).
   void finish_copy(RestorePointRecord& rec, OperationRecord& op, std::optional<JobError> err,
-                   store::Store* st, nlohmann::json result);
+                   store::Store* st, nlohmann::json result, const std::string& summary = "");
 
   const RestoreServiceOptions options_;
   DiskService& disks_;
