@@ -181,24 +181,27 @@ Status RestoreServiceImpl::recover() {
   if (!regions.ok()) return regions.status();
   std::map<std::string, std::string>& region_of = regions.value();
   std::vector<RestorePointRecord> copies;  // interrupted copies: decided below
+  // A point the restart interrupted: Failed, and the disk points a writer
+  // committed before the crash (part of no Succeeded point) give their space back.
+  auto mark_interrupted = [&](RestorePointRecord& p, const std::string& message) {
+    auto st = store_of(region_of[p.collection]);
+    if (st) (void)st->remove_manifest(ManifestName(p.collection, p.name));
+    for (auto& d : p.disk_restore_points) {
+      if (d.store_point && st) (void)st->delete_point(d.store_point);
+      d.store_point = 0;
+      if (d.status != "Succeeded") d.status = "Failed";
+    }
+    p.provisioning_state = "Failed";
+    p.error_code = "Interrupted";
+    p.error_message = message;
+  };
   for (auto& p : points.value()) {
     if (p.provisioning_state == "Creating" && !p.source_restore_point.empty()) {
       copies.push_back(p);
     } else if (p.provisioning_state == "Creating") {
       spdlog::warn("restore point {}/{}: daemon restarted during creation; marked Failed",
                    p.collection, p.name);
-      // Disk points a writer committed before the crash are not part of any
-      // Succeeded point: give their space back.
-      auto st = store_of(region_of[p.collection]);
-      if (st) (void)st->remove_manifest(ManifestName(p.collection, p.name));
-      for (auto& d : p.disk_restore_points) {
-        if (d.store_point && st) (void)st->delete_point(d.store_point);
-        d.store_point = 0;
-        if (d.status != "Succeeded") d.status = "Failed";
-      }
-      p.provisioning_state = "Failed";
-      p.error_code = "Interrupted";
-      p.error_message = "daemon restarted during creation";
+      mark_interrupted(p, "daemon restarted during creation");
       Status s = db_->save_point(p);
       if (!s.ok()) return s;
     } else if (p.provisioning_state == "Deleting") {
@@ -233,16 +236,7 @@ Status RestoreServiceImpl::recover() {
     }
     spdlog::warn("restore point {}/{}: daemon restarted during its copy, which cannot resume: {}",
                  p.collection, p.name, *blocker);
-    auto st = store_of(region_of[p.collection]);
-    if (st) (void)st->remove_manifest(ManifestName(p.collection, p.name));
-    for (auto& d : p.disk_restore_points) {
-      if (d.store_point && st) (void)st->delete_point(d.store_point);
-      d.store_point = 0;
-      if (d.status != "Succeeded") d.status = "Failed";
-    }
-    p.provisioning_state = "Failed";
-    p.error_code = "Interrupted";
-    p.error_message = "daemon restarted during the copy, which cannot resume: " + *blocker;
+    mark_interrupted(p, "daemon restarted during the copy, which cannot resume: " + *blocker);
     auto op = db_->get_operation(p.operation_id);
     if (op.ok() && op.value() && op.value()->status == "InProgress") {
       JobError err{p.error_code, p.error_message};
