@@ -4,10 +4,13 @@
 // (NBD) at the same time, but written by only one: the second transport gets
 // this view. Reads, flushes, block status go to the device below; writes,
 // trims and zeroes fail with EPERM here (and NBD advertises READ_ONLY from
-// caps()), so no write bypasses the transport that owns the disk.
+// caps()), so no write bypasses the transport that owns the disk. Access
+// grants (restore/access_grants.cpp) serve a restore point through one too,
+// under their own name and retired flag, so revoking a grant cuts only its
+// clients.
 //
-// Thread-safety: as the device below; retire() is the view's own (a deleted
-// disk retires both).
+// Thread-safety: as the device below; retire() is the view's own, and a
+// device below that retires (a deleted disk or point) retires the view too.
 #pragma once
 
 #include <cerrno>
@@ -19,9 +22,11 @@ namespace rpoint {
 
 class ReadOnlyDevice final : public BlockDevice {
  public:
-  explicit ReadOnlyDevice(std::shared_ptr<BlockDevice> inner) : inner_(std::move(inner)) {}
+  // label: the name transports log (default: the device below's).
+  explicit ReadOnlyDevice(std::shared_ptr<BlockDevice> inner, std::string label = "")
+      : inner_(std::move(inner)), label_(std::move(label)) {}
 
-  const std::string& name() const override { return inner_->name(); }
+  const std::string& name() const override { return label_.empty() ? inner_->name() : label_; }
   uint64_t size() const override { return inner_->size(); }
   DeviceCaps caps() const override {
     DeviceCaps c = inner_->caps();
@@ -30,6 +35,7 @@ class ReadOnlyDevice final : public BlockDevice {
     return c;
   }
   void submit(Reactor& reactor, IoRequest& req) override {
+    if (inner_->retired()) retire();
     bool mutation =
         req.kind == IoKind::kWrite || req.kind == IoKind::kTrim || req.kind == IoKind::kWriteZeroes;
     if (!mutation && !retired()) return inner_->submit(reactor, req);
@@ -46,9 +52,11 @@ class ReadOnlyDevice final : public BlockDevice {
   void on_completion(Reactor&, IoRequest& req, int) override {
     req.on_done(-static_cast<int>(req.done_));
   }
+  bool inner_retired() const { return inner_->retired(); }
 
  private:
   std::shared_ptr<BlockDevice> inner_;
+  std::string label_;
 };
 
 }  // namespace rpoint

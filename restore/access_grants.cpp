@@ -21,6 +21,7 @@
 
 #include "disks/disk_files.h"
 #include "disks/metadata_db.h"
+#include "engine/read_only_device.h"
 #include "restore/restore_service_impl.h"
 
 namespace rpoint {
@@ -93,44 +94,11 @@ std::string QueryEncode(const std::string& s) {
   return out;
 }
 
-// The export behind a token: the point's device, read-only, with its own
-// retired flag so revoking the grant cuts only the grant's clients (others
-// reading the point by its name keep going). Named after what it serves,
-// never after the token, since transports log the device's name.
-class GrantDevice final : public BlockDevice {
- public:
-  GrantDevice(std::shared_ptr<BlockDevice> inner, std::string label)
-      : inner_(std::move(inner)), label_(std::move(label)) {}
-
-  const std::string& name() const override { return label_; }
-  uint64_t size() const override { return inner_->size(); }
-  DeviceCaps caps() const override {
-    DeviceCaps c = inner_->caps();
-    c.read_only = true;
-    c.can_trim = c.can_zero = c.can_fast_zero = false;
-    return c;
-  }
-  void submit(Reactor& reactor, IoRequest& req) override {
-    // The point deleted under the grant: this client is done too (the
-    // sweeper also ends the grant).
-    if (inner_->retired()) retire();
-    // The inner device (a store::PointDevice) refuses writes with EPERM and
-    // completes on its own: req.device_ is set to it, not to this wrapper.
-    inner_->submit(reactor, req);
-  }
-  Result<std::vector<Extent>> block_status(uint64_t offset, uint64_t length,
-                                           size_t max_extents) override {
-    return inner_->block_status(offset, length, max_extents);
-  }
-  void on_completion(Reactor& reactor, IoRequest& req, int res) override {
-    inner_->on_completion(reactor, req, res);
-  }
-  bool inner_retired() const { return inner_->retired(); }
-
- private:
-  std::shared_ptr<BlockDevice> inner_;
-  std::string label_;
-};
+// The export behind a token: the point's device through a ReadOnlyDevice,
+// with its own retired flag so revoking the grant cuts only the grant's
+// clients (others reading the point by its name keep going). Named after what
+// it serves, never after the token, since transports log the device's name.
+using GrantDevice = ReadOnlyDevice;
 
 struct Grant {
   std::string collection, restore_point, disk;
