@@ -360,6 +360,7 @@ std::unique_ptr<DiskSnapshot::StageWrite> DiskSnapshot::staged(Reactor& reactor,
                                                                int error) {
   std::lock_guard<std::mutex> lock(mu_);
   stage_write_in_flight_ = false;
+  stage_cv_.notify_all();
   if (error != 0) {
     break_locked("copy-before-write to staging_dir failed", error);
     return nullptr;
@@ -506,8 +507,12 @@ Result<SparseBitmap> DiskSnapshot::to_copy() {
 
 void DiskSnapshot::finish() {
   finished_.store(true, std::memory_order_release);
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   wake_space_waiters();  // they pass straight through now
+  // No new write-behind starts once finished_ is set; the one in flight ends
+  // in microseconds while its reactor runs. (Bounded: a stopped reactor never
+  // completes it.)
+  stage_cv_.wait_for(lock, std::chrono::seconds(2), [&] { return !stage_write_in_flight_; });
 }
 
 Result<uint64_t> DiskSnapshot::staging_bytes() const {

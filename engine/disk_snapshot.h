@@ -92,7 +92,9 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   Status read_block(uint64_t block, char* buf);
 
   // Stops copy-before-write. Idempotent. The staging file is freed with the
-  // last reference (CoW operations in flight hold one).
+  // last reference (CoW operations in flight hold one). Waits (at most 2 s)
+  // for a write-behind to staging in flight to end, so no ring operation
+  // outlives the point's use of the snapshot: never call it on a reactor.
   void finish();
   bool broken() const { return broken_.load(); }
   std::string broken_reason() const;
@@ -165,6 +167,7 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   uint64_t slots_filled_ = 0;
   uint64_t flushed_bytes_ = 0;  // the log's prefix on the staging file
   bool stage_write_in_flight_ = false;
+  std::condition_variable stage_cv_;   // stage_write_in_flight_ went false
   std::vector<Waiter> space_waiters_;  // preserving writes waiting for the log to drain
   std::string broken_reason_;
 };
