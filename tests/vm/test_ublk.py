@@ -101,9 +101,19 @@ echo "@@UBLK-1 ok@@"
 
 # ---- 2: kill -9 under a write load, recovery ----
 $T/dd if=/dev/urandom of=/tmp/pattern bs=1M count=24 status=none
-( $T/dd if=/tmp/pattern of=/mnt/a/load bs=64k oflag=direct conv=fsync status=none; echo $? >/tmp/dd.rc ) &
-sleep 2
-[ -e /tmp/dd.rc ] && fail "dd ended before the kill"
+# The load is 384 direct 64 KiB writes, one dd each, so it lasts far longer
+# than it takes to see it start, however fast the machine (a single 24 MiB dd
+# and a fixed sleep raced: on a quiet host it ended before the kill).
+( rc=0; i=0
+  while [ $i -lt 384 ]; do
+    $T/dd if=/tmp/pattern of=/mnt/a/load bs=64k skip=$i seek=$i count=1 oflag=direct conv=notrunc,fsync status=none || { rc=$?; break; }
+    i=$((i+1))
+  done
+  echo $rc >/tmp/dd.rc ) &
+i=0; while [ "$(stat -c %s /mnt/a/load 2>/dev/null || echo 0)" -lt 524288 ]; do
+  i=$((i+1)); [ $i -gt 1200 ] && fail "the write load did not start"; sleep 0.05
+done
+[ -e /tmp/dd.rc ] && fail "the write load ended before the kill"
 kill -9 $(cat /tmp/rpointd.pid)
 echo "killed rpointd"
 sleep 1
