@@ -27,6 +27,7 @@ import time
 
 import pytest
 
+import tls_pki
 from conftest import require, strict
 from rpointd_harness import Daemon, nbd_write, operation_path
 
@@ -39,27 +40,10 @@ def sh(*args, check=True):
     return subprocess.run(list(args), check=check, capture_output=True, text=True)
 
 
-def certtool(*args):
-    sh("certtool", *args)
-
-
-def make_ca(d, name):
-    d.mkdir(parents=True, exist_ok=True)
-    certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(d / "ca-key.pem"))
-    (d / "ca.info").write_text(f'cn = "{name}"\nca\ncert_signing_key\nexpiration_days = 30\n')
-    certtool("--generate-self-signed", "--load-privkey", str(d / "ca-key.pem"), "--template",
-             str(d / "ca.info"), "--outfile", str(d / "ca-cert.pem"))
-
-
 def make_cert(ca, d, role, cn, extra=""):
+    """tls_pki's certificate, in a tls.dir of its own that also holds the CA."""
     d.mkdir(parents=True, exist_ok=True)
-    key, cert, info = d / f"{role}-key.pem", d / f"{role}-cert.pem", d / f"{role}.info"
-    certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(key))
-    usage = "tls_www_server" if role == "server" else "tls_www_client"
-    info.write_text(f'cn = "{cn}"\n{extra}{usage}\nsigning_key\nexpiration_days = 30\n')
-    certtool("--generate-certificate", "--load-privkey", str(key), "--load-ca-certificate",
-             str(ca / "ca-cert.pem"), "--load-ca-privkey", str(ca / "ca-key.pem"), "--template",
-             str(info), "--outfile", str(cert))
+    tls_pki.make_cert(ca, d, role, cn, extra)
     shutil.copy(ca / "ca-cert.pem", d / "ca-cert.pem")
 
 
@@ -120,7 +104,7 @@ def rig(tmp_path_factory):
             sh("ip", "-n", ns, "link", "set", ifname, "up")
 
         ca = root / "ca"
-        make_ca(ca, "rpointd peers test CA")
+        tls_pki.make_ca(ca, "rpointd peers test CA")
         pki = {}
         for host, ip in (("a", A_IP), ("b", B_IP)):
             d = root / f"pki-{host}"
@@ -128,7 +112,7 @@ def rig(tmp_path_factory):
             make_cert(ca, d, "client", f"host-{host}")
             pki[host] = d
         other = root / "other-ca"
-        make_ca(other, "some other CA")
+        tls_pki.make_ca(other, "some other CA")
         intruder = root / "intruder"
         make_cert(other, intruder, "client", "intruder")
         make_cert(other, intruder, "server", "intruder", f'ip_address = "{B_IP}"\n')
