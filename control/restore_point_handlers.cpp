@@ -488,8 +488,10 @@ ojson DiskRestorePointToJson(const RestorePointRecord& rp, const DiskRestorePoin
       {"bytesStored", d.bytes_stored},
       {"blocksChanged", d.blocks_to_copy},
       {"replicationStatus", {{"status", d.status}, {"completionPercent", d.completion_percent}}}};
-  // Exported (read-only) only once its data is committed in the store.
-  if (d.status == "Succeeded") {
+  // Exported (read-only) only once its data is committed in the store and the
+  // point itself is (restore/point_exports.cpp serves nothing else): a disk of
+  // a failed copy may say Succeeded while its data went with the point.
+  if (d.status == "Succeeded" && rp.provisioning_state == "Succeeded") {
     props["export"] = {{"nbd", {{"name", rp.collection + "/" + rp.name + "/" + d.disk}}}};
   }
   return ResourceJson(DiskRestorePointId(rp.collection, rp.name, d.disk), d.disk,
