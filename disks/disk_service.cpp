@@ -471,6 +471,12 @@ class DiskServiceImpl final : public DiskService {
       }
       local = it->second.row.export_mode == "ublk";
     }
+    // A mounted /dev/ublkbN would lose its device under the filesystem: refused
+    // like attached NBD clients (outside the lock: the probe opens the device).
+    if (local && !force && options_.local_export) {
+      Status busy = options_.local_export->check_idle(name);
+      if (!busy.ok()) return Status::Conflict("disk '" + name + "': " + busy.message());
+    }
     // The kernel device goes first (STOP_DEV flushes through the disk, which
     // must still be open), outside the lock: it may take seconds.
     if (local && options_.local_export) {

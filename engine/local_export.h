@@ -40,6 +40,10 @@ class LocalExport {
                             int dev_id) = 0;
   // Stops and deletes the kernel device of `name` (its users see it vanish).
   virtual Status remove(const std::string& name) = 0;
+  // Ok unless the kernel device of `name` is in use on this host: Conflict when
+  // it is mounted or held open exclusively (what remove() would pull from
+  // under a filesystem). A probe: a mount right after it is not prevented.
+  virtual Status check_idle(const std::string& name) = 0;
   virtual State state(const std::string& name) = 0;
   // Daemon shutdown: stops serving every device, leaving the kernel devices
   // for the next start to recover (their I/O waits meanwhile).

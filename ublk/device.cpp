@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cstring>
 #include <thread>
 
 namespace rpoint {
@@ -180,6 +181,20 @@ Status UblkDevice::remove() {
   if (!del.ok()) return del;
   spdlog::info("ublk {}: {} deleted", info_.dev_id, block_path());
   return s;
+}
+
+Status UblkDevice::check_idle() const {
+  if (gone_) return Status::Ok();
+  UniqueFd fd(::open(block_path().c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK));
+  if (fd) return Status::Ok();  // nobody holds it; closed at once
+  if (errno == EBUSY) {
+    return Status::Conflict(block_path() +
+                            " is in use (mounted or opened exclusively on this host); "
+                            "unmount it first, or delete with force");
+  }
+  // Any other failure (the node not there yet) says nothing about users.
+  spdlog::debug("ublk {}: probing {}: {}", info_.dev_id, block_path(), std::strerror(errno));
+  return Status::Ok();
 }
 
 void UblkDevice::detach() {

@@ -49,6 +49,10 @@ class UblkDevice {
   Status remove();
   // Queues stop; the kernel device stays for the next server.
   void detach();
+  // Conflict when /dev/ublkbN is mounted or open with O_EXCL by anyone: an
+  // O_EXCL open of a block device fails with EBUSY exactly then. Runs while
+  // the queues serve (the open may read the device).
+  Status check_idle() const;
 
   int dev_id() const { return static_cast<int>(info_.dev_id); }
   std::string block_path() const { return "/dev/ublkb" + std::to_string(info_.dev_id); }

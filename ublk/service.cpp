@@ -91,6 +91,13 @@ Status UblkService::remove(const std::string& name) {
   return d->remove();
 }
 
+Status UblkService::check_idle(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = devices_.find(name);
+  if (it == devices_.end()) return Status::Ok();
+  return it->second->check_idle();
+}
+
 LocalExport::State UblkService::state(const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
   State st;

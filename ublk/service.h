@@ -36,6 +36,7 @@ class UblkService final : public LocalExport {
   Status available() override;
   Result<int> serve(const std::string& name, std::shared_ptr<BlockDevice> dev, int dev_id) override;
   Status remove(const std::string& name) override;
+  Status check_idle(const std::string& name) override;
   State state(const std::string& name) override;
   void detach_all() override;
 

@@ -13,6 +13,8 @@ inside Debian's 6.12 kernel under qemu (lane.py), one boot for both parts.
 
 3. SIGTERM (a service restart) keeps /dev/ublkb0, mounted: the next
    rpointd takes it over, files read back through the device.
+4. DELETE of a ublk disk whose device is mounted: 409 naming the device,
+   the device and its filesystem untouched; after umount the delete works.
 
 Part 1 also checks the API: devicePath and state Live in GET, and the NBD
 export of a ublk disk marked read-only.
@@ -148,6 +150,27 @@ cmp /tmp/pattern /mnt/a/load || fail "load file after the SIGTERM restart"
 umount /mnt/a || fail "umount after the SIGTERM restart"
 dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O' && fail "the kernel logged I/O errors"
 echo "@@UBLK-3 ok@@"
+
+# ---- 4: DELETE of a mounted ublk disk is refused (409), the device stays ----
+$T/rpoint disk create e0 --size 16M --export ublk >/tmp/out 2>&1 || { cat /tmp/out; fail "create e0"; }
+dev=$(field e0 devicePath)
+wait_dev $dev
+$T/mke2fs -q -F -t ext4 $dev || fail "mkfs.ext4 on e0"
+mount -t ext4 $dev /mnt/r || fail "mount e0"
+$T/dd if=/dev/urandom of=/mnt/r/g bs=64k count=8 status=none && (cd /mnt/r && sha256sum g >/tmp/sums4)
+$T/rpoint disk delete e0 >/tmp/out 2>&1 && fail "delete of mounted e0 succeeded"
+cat /tmp/out
+grep -q "409" /tmp/out || fail "delete of mounted e0: not a 409"
+grep -q "$dev is in use" /tmp/out || fail "delete of mounted e0: no clear reason"
+[ -b $dev ] || fail "$dev gone after a refused delete"
+[ "$(field e0 state)" = Live ] || fail "e0 state after the refused delete is $(field e0 state)"
+sync; echo 3 >/proc/sys/vm/drop_caches
+(cd /mnt/r && sha256sum -c /tmp/sums4 >/dev/null) || fail "e0 files after the refused delete"
+umount /mnt/r || fail "umount e0"
+$T/rpoint disk delete e0 >/dev/null || fail "delete of unmounted e0"
+i=0; while [ -b $dev ]; do i=$((i+1)); [ $i -gt 100 ] && fail "$dev still there after delete"; sleep 0.1; done
+dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O' && fail "the kernel logged I/O errors"
+echo "@@UBLK-4 ok@@"
 kill $(cat /tmp/rpointd.pid)
 exit 0
 """
@@ -190,6 +213,11 @@ def test_ublk_kill9_under_load_recovers(boot):
 def test_ublk_sigterm_keeps_device_for_the_next_start(boot):
     assert "@@UBLK-2 ok@@" in boot.console, "part 2 failed first"
     assert "@@UBLK-3 ok@@" in boot.console and boot.rc == 0, _failure(boot)
+
+
+def test_ublk_delete_of_a_mounted_disk_is_refused(boot):
+    assert "@@UBLK-3 ok@@" in boot.console, "part 3 failed first"
+    assert "@@UBLK-4 ok@@" in boot.console and boot.rc == 0, _failure(boot)
 
 
 def _failure(r):
