@@ -176,8 +176,10 @@ std::optional<RestoreServiceImpl::PeerSendBase> RestoreServiceImpl::peer_send_ba
     auto parts = Split(it->source_restore_point, '/');
     if (parts.size() != 5 || ChangedContextOf(it->source_restore_point).empty()) continue;
     auto found = find_point_locked(parts[2], parts[4]);
+    // The same point, not one made again under its name since the copy.
     if (!found.ok() || found.value().region != src_region ||
-        found.value().point.provisioning_state != "Succeeded") {
+        found.value().point.provisioning_state != "Succeeded" ||
+        found.value().point.time_created != it->time_created) {
       continue;
     }
     return PeerSendBase{it->name, std::move(found.value().point), *it};
@@ -271,6 +273,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   if (incremental) {
     pull.base_restore_point = base->far_point;
     pull.base_source_restore_point = base->far.source_restore_point;
+    pull.base_time_created = base->far.time_created;
   }
   // A peer without the base (deleted there, or older than bases) refuses the
   // changed lists: then every disk's full list.
@@ -286,6 +289,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
     }
     pull.base_restore_point.clear();
     pull.base_source_restore_point.clear();
+    pull.base_time_created.clear();
     return Status::Ok();
   };
 
@@ -398,7 +402,8 @@ Result<std::vector<store::PointId>> RestoreServiceImpl::peer_base_disks_locked(
   const std::string what = "copy base: restore point '" + pull.base_restore_point +
                            "' of collection '" + collection + "'";
   if (!b.value() || b.value()->provisioning_state != "Succeeded" ||
-      b.value()->source_restore_point != pull.base_source_restore_point) {
+      b.value()->source_restore_point != pull.base_source_restore_point ||
+      b.value()->time_created != pull.base_time_created) {
     return Status::NotFound(what + " is not here as a Succeeded copy of " +
                             pull.base_source_restore_point);
   }

@@ -64,8 +64,10 @@ struct PeerPull {
   nlohmann::json source_metadata;
   // The base (empty: none): the peer's point of the same collection, and the
   // sending host's point it is a copy of ("/restorePointCollections/c/
-  // restorePoints/rp"), whose rpoint:changed context the grants offer.
-  std::string base_restore_point, base_source_restore_point;
+  // restorePoints/rp"), whose rpoint:changed context the grants offer, and
+  // its timeCreated: a point deleted and made again under the same name is
+  // another point, never a base.
+  std::string base_restore_point, base_source_restore_point, base_time_created;
   std::vector<PeerPullDisk> disks;
 };
 

@@ -57,7 +57,8 @@ json EncodePeerPull(const PeerPull& p) {
             {"disks", std::move(disks)}};
   if (!p.base_restore_point.empty()) {
     j["base"] = {{"restorePoint", p.base_restore_point},
-                 {"sourceRestorePoint", p.base_source_restore_point}};
+                 {"sourceRestorePoint", p.base_source_restore_point},
+                 {"timeCreated", p.base_time_created}};
   }
   return j;
 }
@@ -75,7 +76,9 @@ Result<PeerPull> DecodePeerPull(const json& j) {
     if (j.contains("base")) {
       p.base_restore_point = j["base"].at("restorePoint").get<std::string>();
       p.base_source_restore_point = j["base"].at("sourceRestorePoint").get<std::string>();
-      if (p.base_restore_point.empty() || p.base_source_restore_point.empty()) {
+      p.base_time_created = j["base"].at("timeCreated").get<std::string>();
+      if (p.base_restore_point.empty() || p.base_source_restore_point.empty() ||
+          p.base_time_created.empty()) {
         return Bad("an empty base");
       }
     }

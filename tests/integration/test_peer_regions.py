@@ -515,6 +515,21 @@ def test_base_deleted_on_the_sender_mid_copy_fails_loudly(rig, big):
     assert restored_sha(b, "cbf", "bp4b", "rbp4b") == sha
 
 
+
+def test_a_point_made_again_under_a_base_name_is_not_a_base(rig, big):
+    """cbf/bp4b, the newest far point, is a copy of cb/bp4. cb/bp4 is deleted and
+    cut again after a change: the diff against the new cb/bp4 would miss that
+    change on B's copy of the old one."""
+    a, b = rig["a"], rig["b"]
+    a.delete_restore_point("cb", "bp4")
+    change_big(rig, big, "bp4", 50)
+    sha = change_big(rig, big, "bp6", 51)
+    op = a.wait_operation(start_copy(a, "cbf", "bp6", ("cb", "bp6")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    res = op["properties"].get("output", {})
+    assert res.get("base") != "bp4b", res
+    assert restored_sha(b, "cbf", "bp6", "rbp6") == sha
+
 # ---- the peer listener's TLS credentials reload on SIGHUP ----
 
 def peer_cert_seen(rig):
@@ -564,3 +579,30 @@ def test_sighup_reloads_the_peer_api_certificate(rig):
     op = a.wait_operation(start_copy(a, "cf", "renewed", ("c", "renewed")), timeout=60)
     assert op["status"] == "Succeeded", (op, a.log(), b.log())
     assert sha_of_restore(b, "cf", "renewed", "rrenewed") == sha
+
+
+def test_peers_deadline_seconds_bounds_a_copy_to_an_unreachable_peer(rig):
+    """peers.deadline_seconds: 2 on A, the link down: the copy ends Failed
+    (PeerUnreachable) after ~2 s of retries, not the default 120 s."""
+    a, b = rig["a"], rig["b"]
+    original = a.config_text
+    listen = f'peers:\n  listen: "{A_IP}:10443"\n'
+    assert listen in original
+    a.stop()
+    a.config_text = original.replace(listen, listen + "  deadline_seconds: 2\n")
+    a.start()
+    try:
+        a.create_collection("cf", "vm", location="far")
+        cut_point(rig, "dl1", change_at=11 * MiB)
+        sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "down")
+        t0 = time.monotonic()
+        done = a.wait_operation(start_copy(a, "cf", "dl1", ("c", "dl1")), timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "up")
+        a.stop()
+        a.config_text = original
+        a.start()
+    assert done["status"] == "Failed", done
+    assert "gave up after 2 s" in json.dumps(done), done
+    assert took < 20, took

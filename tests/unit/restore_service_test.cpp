@@ -872,6 +872,7 @@ TEST_CASE("peer wire: a changed list needs a base, keeps holes as null, and is n
   p.source_metadata = nlohmann::json::object();
   p.base_restore_point = "rp1";
   p.base_source_restore_point = "/restorePointCollections/c/restorePoints/rp1";
+  p.base_time_created = "2026-11-30T00:00:00.000001Z";
   PeerPullDisk d;
   d.disk = "a";
   d.size_bytes = 1 << 20;
@@ -890,6 +891,7 @@ TEST_CASE("peer wire: a changed list needs a base, keeps holes as null, and is n
   REQUIRE(back.ok());
   CHECK(back->base_restore_point == "rp1");
   CHECK(back->base_source_restore_point == p.base_source_restore_point);
+  CHECK(back->base_time_created == p.base_time_created);
   REQUIRE(back->disks.size() == 1);
   CHECK(back->disks[0].changed);
   REQUIRE(back->disks[0].chunks.size() == 2);
