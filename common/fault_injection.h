@@ -56,6 +56,7 @@ inline constexpr const char* kFaultPoints[] = {
     "cut.settle",       // a cut, after its switch is published, before each disk settles
 
     "peer.chunk",       // a chunk a host receiving a point from a peer reads over NBD
+    "peer.changed",     // a receiving host's rpoint:changed query of an incremental copy
 };
 
 // What one hit of a point must do.

@@ -437,7 +437,9 @@ class Parser {
              {"peers",
               [&](const Item& it) {
                 WalkMap(it.value, MarkOf(it), it.path,
-                        {{"listen", [&](const Item& x) { c.peers_listen = Tcp(x); }}});
+                        {{"listen", [&](const Item& x) { c.peers_listen = Tcp(x); }},
+                         {"deadline_seconds",
+                          [&](const Item& x) { c.peers_deadline_seconds = Unsigned(x, 1, 86400); }}});
               }},
              {"adopt_paths", [&](const Item& it) { AdoptPaths(it); }},
              {"consistency", [&](const Item& it) { Consistency(it); }},
@@ -755,6 +757,7 @@ std::string ConfigToYaml(const Config& c) {
   } else {
     out << YAML::Null;
   }
+  out << YAML::Key << "deadline_seconds" << YAML::Value << c.peers_deadline_seconds;
   out << YAML::EndMap;
   out << YAML::Key << "adopt_paths" << YAML::Value << YAML::Flow << YAML::BeginSeq;
   for (const auto& p : c.adopt_paths) out << p;
@@ -845,6 +848,7 @@ const std::vector<std::string>& ConfigKeys() {
       "regions[].peer",
       "regions[].peer_region",
       "peers.listen",
+      "peers.deadline_seconds",
   };
   return kKeys;
 }

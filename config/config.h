@@ -137,6 +137,9 @@ struct Config {
   // peers.listen: the HTTPS (mutual TLS, keys from tls.dir) address other
   // rpointd hosts call to keep regions here; unset: none.
   std::optional<TcpAddress> peers_listen;
+  // peers.deadline_seconds: how long a copy to or from a peer keeps retrying
+  // without progress (a cut link, a peer restarting) before it fails.
+  unsigned peers_deadline_seconds = 120;
 
   // Where each key's value came from, for error messages: dotted key
   // ("io.queue_depth") -> "<file>:<line>:<column>" or a flag name ("--state-dir").

@@ -59,23 +59,29 @@ class PeerServerImpl final : public PeerServer {
   }
   ~PeerServerImpl() override { stop(); }
 
-  Status init() {
+  Status init() { return reload_tls(); }
+
+  // A new context from tls.dir; the one in use stays on any error.
+  Status reload_tls() override {
+    auto ctx = std::make_shared<ssl::context>(ssl::context::tls_server);
     boost::system::error_code ec;
     const std::string& d = options_.tls_dir;
-    ctx_.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+    ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
                          ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1,
                      ec);
-    ctx_.set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert, ec);
-    if (!ec) ctx_.load_verify_file(d + "/ca-cert.pem", ec);
+    ctx->set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert, ec);
+    if (!ec) ctx->load_verify_file(d + "/ca-cert.pem", ec);
     if (ec)
       return Status::InvalidArgument("peers.listen: tls.dir " + d +
                                      ": ca-cert.pem: " + ec.message());
-    ctx_.use_certificate_chain_file(d + "/server-cert.pem", ec);
-    if (!ec) ctx_.use_private_key_file(d + "/server-key.pem", ssl::context::pem, ec);
+    ctx->use_certificate_chain_file(d + "/server-cert.pem", ec);
+    if (!ec) ctx->use_private_key_file(d + "/server-key.pem", ssl::context::pem, ec);
     if (ec) {
       return Status::InvalidArgument("peers.listen: tls.dir " + d +
                                      ": server-cert.pem/server-key.pem: " + ec.message());
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    ctx_ = std::move(ctx);
     return Status::Ok();
   }
 
@@ -161,7 +167,12 @@ class PeerServerImpl final : public PeerServer {
     const std::string who = PeerName(fd);
     asio::io_context io;
     beast::error_code ec;
-    ssl::stream<tcp::socket> stream(io, ctx_);
+    std::shared_ptr<ssl::context> ctx;  // this connection's, whatever a reload does meanwhile
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ctx = ctx_;
+    }
+    ssl::stream<tcp::socket> stream(io, *ctx);
     stream.lowest_layer().assign(fd >= 0 && PeerIsV6(fd) ? tcp::v6() : tcp::v4(), fd, ec);
     if (ec) {
       ::close(fd);
@@ -207,7 +218,7 @@ class PeerServerImpl final : public PeerServer {
 
   PeerServerOptions options_;
   Router router_;
-  ssl::context ctx_{ssl::context::tls_server};
+  std::shared_ptr<ssl::context> ctx_;  // guarded by mu_: new handshakes take the current one
   std::vector<UniqueFd> listeners_;
   std::thread accept_thread_;
   std::atomic<bool> stopping_{false};

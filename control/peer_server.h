@@ -13,7 +13,8 @@
 // connection whose link is gone, so a cut link frees its thread. Requests are
 // HTTP/1.1 with keep-alive.
 //
-// Thread-safety: add_listener/start/stop from the owning (main) thread.
+// Thread-safety: add_listener/start/stop from the owning (main) thread;
+// reload_tls from any.
 #pragma once
 
 #include <memory>
@@ -42,6 +43,10 @@ class PeerServer {
   virtual void start() = 0;
   // Stops accepting, drops connections and joins their threads. Idempotent.
   virtual void stop() = 0;
+  // SIGHUP: reads ca-cert.pem, server-cert.pem and server-key.pem again. New
+  // handshakes use them, connections made keep theirs; an error keeps the
+  // credentials in use. Safe from any thread.
+  virtual Status reload_tls() = 0;
 };
 
 }  // namespace rpoint

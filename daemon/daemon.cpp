@@ -151,6 +151,7 @@ RestoreServiceOptions RestoreOptions(const Config& config) {
     o.regions.push_back({r.name, r.path, r.is_default, r.peer, r.peer_region});
   }
   o.peer_tls_dir = config.tls.dir;
+  o.peer_deadline_seconds = config.peers_deadline_seconds;
   o.metadata_db = config.metadata_db;
   o.tracking_dir = config.tracking_dir;
   o.staging_dir = config.staging_dir;
@@ -412,6 +413,15 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
     if (sig == SIGHUP) {
       Reload(options, config);
       ReloadTls(config, *nbd.value());
+      if (peers) {
+        // The peer listener's certificate, key and CA too (new handshakes).
+        Status st = peers->reload_tls();
+        if (st.ok()) {
+          spdlog::info("SIGHUP: peer API TLS credentials reloaded from {}", config.tls.dir);
+        } else {
+          spdlog::error("SIGHUP: peer API keeps the TLS credentials in use: {}", st.message());
+        }
+      }
       if (Status st = ArmFaults(false); !st.ok()) spdlog::error("SIGHUP: {}", st.message());
       continue;
     }

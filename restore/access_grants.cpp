@@ -142,12 +142,20 @@ class AccessGrantsImpl final : public AccessGrants, public ExportResolver {
   std::shared_ptr<BlockDevice> find_export(const std::string& name) override;
   std::vector<ExportInfo> list_exports() override { return {}; }  // tokens are never listed
   Refusal refuse(const std::string& name) override;
+  // The granted point export's rpoint:changed contexts (a peer copy asks for
+  // its base's): which blocks differ from another point of the disk, never
+  // that point's data.
+  std::vector<std::string> meta_contexts(const std::string& name) override;
+  std::shared_ptr<MetaContext> open_meta_context(const std::string& name,
+                                                 const std::string& context) override;
 
  private:
   // The disk restore point, Succeeded; its point's timeCreated in *point_time.
   Status check_point(const std::string& c, const std::string& rp, const std::string& d,
                      std::string* point_time);
   std::string uri(const Grant& g, const std::string& listener) const;
+  // The key ("c/rp/d") of the active grant whose token is `name`; empty: none.
+  std::string active_key(const std::string& name, std::string* point_time);
   OperationRecord operation(const std::string& id, const Grant& g) const;
   // mu_ held: ends the grant (devices retired, operations forgotten, row deleted).
   void remove_locked(std::map<std::string, Grant>::iterator it, const char* why);
@@ -403,22 +411,38 @@ std::optional<OperationRecord> AccessGrantsImpl::get_operation(const std::string
   return operation(id, g->second);
 }
 
-std::shared_ptr<BlockDevice> AccessGrantsImpl::find_export(const std::string& name) {
-  if (!IsTokenName(name)) return nullptr;
+std::string AccessGrantsImpl::active_key(const std::string& name, std::string* point_time) {
+  if (!IsTokenName(name)) return {};
   const Hash h = Sha256(name);
-  std::string key, point_time;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    const int64_t now = ToMs(Clock::now());
-    // Every grant is compared, in constant time, whatever matched before.
-    for (const auto& [k, g] : grants_) {
-      if (CRYPTO_memcmp(h.data(), g.hash.data(), h.size()) == 0 && g.expiry_ms > now) {
-        key = k;
-        point_time = g.point_time;
-      }
+  std::string key;
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = ToMs(Clock::now());
+  // Every grant is compared, in constant time, whatever matched before.
+  for (const auto& [k, g] : grants_) {
+    if (CRYPTO_memcmp(h.data(), g.hash.data(), h.size()) == 0 && g.expiry_ms > now) {
+      key = k;
+      if (point_time) *point_time = g.point_time;
     }
   }
+  return key;
+}
+
+std::vector<std::string> AccessGrantsImpl::meta_contexts(const std::string& name) {
+  std::string key = active_key(name, nullptr);
+  return key.empty() ? std::vector<std::string>{} : restore_.exports().meta_contexts(key);
+}
+
+std::shared_ptr<MetaContext> AccessGrantsImpl::open_meta_context(const std::string& name,
+                                                                 const std::string& context) {
+  std::string key = active_key(name, nullptr);
+  return key.empty() ? nullptr : restore_.exports().open_meta_context(key, context);
+}
+
+std::shared_ptr<BlockDevice> AccessGrantsImpl::find_export(const std::string& name) {
+  std::string point_time;
+  std::string key = active_key(name, &point_time);
   if (key.empty()) return nullptr;
+  const Hash h = Sha256(name);
   std::string collection, rp, disk;
   {
     std::lock_guard<std::mutex> lock(mu_);

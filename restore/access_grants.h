@@ -16,6 +16,11 @@
 // in an error message or shown by a GET other than the operation that created
 // it (served from memory while the grant is active and its token known).
 //
+// A grant offers its point export's NBD meta contexts (rpoint:changed:
+// {collection}/{point}, restore/point_exports.cpp): a peer copy asks for its
+// base's. They show which blocks differ from another point of the same disk
+// in the region, never that point's data.
+//
 // One grant per disk restore point. beginGetAccess again while it is active
 // returns the same token with the later of the two expiries; after a restart
 // the daemon no longer knows the token, so a repeat is refused (Conflict) until

@@ -8,6 +8,13 @@
 // pass without a successful read; then the read fails with the last error.
 // What a read returns is checked by the caller against the chunk digest.
 //
+// With a meta context (an incremental peer copy: rpoint:changed:{c}/{rp} of
+// the sending host, naming the base point the keeping host already holds a
+// copy of), each connection asks for it, and dirty_extents() reads the
+// extents it marks by NBD block status. The server pins both points of the
+// context once a connection negotiated it; a server that no longer offers it
+// (the base was deleted there) answers NotFound, never a shorter list.
+//
 // Thread-safety: one thread per NbdSource.
 #pragma once
 
@@ -15,6 +22,8 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/status.h"
 
@@ -24,7 +33,8 @@ namespace rpoint {
 
 class NbdSource {
  public:
-  NbdSource(std::string uri, std::string tls_dir, unsigned deadline_seconds);
+  NbdSource(std::string uri, std::string tls_dir, unsigned deadline_seconds,
+            std::string meta_context = {});
   ~NbdSource();
   NbdSource(const NbdSource&) = delete;
   NbdSource& operator=(const NbdSource&) = delete;
@@ -32,13 +42,24 @@ class NbdSource {
   // Reads [offset, offset + len); `stop` is asked between retries (true:
   // Shutdown).
   Status read(uint64_t offset, size_t len, void* buf, const std::function<bool()>& stop);
+  // The runs [offset, offset + length) of [0, size) that the meta context
+  // marks dirty (bit 0), in order, adjacent runs merged. NotFound: the server
+  // does not offer the context (or none was given).
+  Result<std::vector<std::pair<uint64_t, uint64_t>>> dirty_extents(
+      uint64_t size, const std::function<bool()>& stop);
   uint64_t reconnects() const { return reconnects_; }
 
  private:
   Status connect();
+  // Runs `op` on a connected handle, reconnecting and retrying as read() says.
+  Status retrying(const std::function<Status()>& op, const std::function<bool()>& stop);
+  // Waits for command `cookie`, polled, failing after the deadline.
+  Status wait(int64_t cookie, const std::string& what, const std::function<bool()>& stop);
   Status pread(uint64_t offset, size_t len, void* buf, const std::function<bool()>& stop);
+  Status block_status(uint64_t size, std::vector<std::pair<uint64_t, uint64_t>>* out,
+                      const std::function<bool()>& stop);
   void close();
-  std::string uri_, tls_dir_;
+  std::string uri_, tls_dir_, meta_context_;
   std::chrono::seconds deadline_;
   nbd_handle* h_ = nullptr;
   uint64_t reconnects_ = 0;

@@ -31,20 +31,62 @@ std::string PeerPath(const std::string& collection, const std::string& name) {
   return "/peer/v1/restorePointCollections/" + collection + "/restorePoints/" + name;
 }
 
-// Data slots of a disk point with their digests, in slot order.
-Result<std::vector<std::pair<uint64_t, store::Digest>>> DataChunks(store::PointReader& r) {
-  std::vector<std::pair<uint64_t, store::Digest>> out;
-  const uint64_t slots = r.slots();
-  for (uint64_t first = 0; first < slots; first += store::kFanout) {
-    uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(store::kFanout, slots - first));
-    auto locs = r.resolve(first, count);
-    if (!locs.ok()) return locs.status();
-    for (uint32_t i = 0; i < count; ++i) {
-      const auto& l = locs.value()[i];
-      if (l.state != store::PointReader::Location::kHole) out.emplace_back(first + i, l.digest);
+using SlotDigests = std::vector<std::pair<uint64_t, store::Digest>>;
+using SlotRuns = std::vector<std::pair<uint64_t, uint64_t>>;  // [first slot, end slot)
+
+// The digests of the slots in `runs`, in slot order; holes left out, or
+// (keep_holes) listed with a zero digest.
+Result<SlotDigests> DigestsOf(store::PointReader& r, const SlotRuns& runs, bool keep_holes) {
+  SlotDigests out;
+  for (const auto& [run_first, run_end] : runs) {
+    for (uint64_t first = run_first; first < run_end;) {
+      // resolve() takes slots of one leaf page.
+      uint64_t leaf_end = (first / store::kFanout + 1) * store::kFanout;
+      uint32_t count = static_cast<uint32_t>(std::min(leaf_end, run_end) - first);
+      auto locs = r.resolve(first, count);
+      if (!locs.ok()) return locs.status();
+      for (uint32_t i = 0; i < count; ++i) {
+        const auto& l = locs.value()[i];
+        if (l.state != store::PointReader::Location::kHole) {
+          out.emplace_back(first + i, l.digest);
+        } else if (keep_holes) {
+          out.emplace_back(first + i, store::Digest{});
+        }
+      }
+      first += count;
     }
   }
   return out;
+}
+
+// Every data slot of a disk point with its digest.
+Result<SlotDigests> DataChunks(store::PointReader& r) {
+  return DigestsOf(r, {{0, r.slots()}}, false);
+}
+
+// The slots of `r` whose digest differs from `base` (the same tree diff the
+// rpoint:changed context answers), a zero digest for a slot that became a hole.
+Result<SlotDigests> ChangedChunks(store::PointReader& r, store::PointReader& base) {
+  auto ext = r.changed_extents(base, 0, r.size());
+  if (!ext.ok()) return ext.status();
+  SlotRuns runs;
+  uint64_t off = 0;
+  for (const Extent& e : ext.value()) {
+    if (e.flags & MetaContext::kDirty) AddSlotRun(&runs, off, e.length, r.chunk_size());
+    off += e.length;
+  }
+  return DigestsOf(r, runs, true);
+}
+
+// "rpoint:changed:c/rp" for "/restorePointCollections/c/restorePoints/rp";
+// empty for another shape.
+std::string ChangedContextOf(const std::string& point_id) {
+  auto parts = Split(point_id, '/');
+  if (parts.size() != 5 || parts[0].size() || parts[1] != "restorePointCollections" ||
+      parts[3] != "restorePoints" || parts[2].empty() || parts[4].empty()) {
+    return {};
+  }
+  return "rpoint:changed:" + parts[2] + "/" + parts[4];
 }
 
 }  // namespace
@@ -122,6 +164,29 @@ void RestoreServiceImpl::finish_copy(RestorePointRecord& rec, OperationRecord& o
 
 // ---- the sending host ----
 
+std::optional<RestoreServiceImpl::PeerSendBase> RestoreServiceImpl::peer_send_base_locked(
+    const std::string& collection, const RestorePointRecord& src, const std::string& src_region) {
+  auto points = db_->list_points(collection);
+  if (!points.ok()) return std::nullopt;
+  const std::string src_id = PointId(src.collection, src.name);
+  for (auto it = points.value().rbegin(); it != points.value().rend(); ++it) {
+    // The context is not offered against the point itself: a second copy of
+    // the same source takes an older base (or none).
+    if (it->provisioning_state != "Succeeded" || it->source_restore_point == src_id) continue;
+    auto parts = Split(it->source_restore_point, '/');
+    if (parts.size() != 5 || ChangedContextOf(it->source_restore_point).empty()) continue;
+    auto found = find_point_locked(parts[2], parts[4]);
+    // The same point, not one made again under its name since the copy.
+    if (!found.ok() || found.value().region != src_region ||
+        found.value().point.provisioning_state != "Succeeded" ||
+        found.value().point.time_created != it->time_created) {
+      continue;
+    }
+    return PeerSendBase{it->name, std::move(found.value().point), *it};
+  }
+  return std::nullopt;
+}
+
 void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord op,
                                         RestorePointRecord src, std::string src_region,
                                         std::string region, std::shared_ptr<PointProgress> prog) {
@@ -131,10 +196,12 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   std::optional<JobError> err;
   const auto deadline = std::chrono::seconds(options_.peer_deadline_seconds);
   PeerPull pull;
+  std::optional<PeerSendBase> base;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto c = db_->get_collection(rec.collection);
     if (c.ok() && c.value()) pull.source_vm = c.value()->source_vm;
+    base = peer_send_base_locked(rec.collection, src, src_region);
   }
   pull.source_restore_point = rec.source_restore_point;
   pull.consistency_mode = rec.consistency_mode;
@@ -142,17 +209,37 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   pull.exclude_disks = rec.exclude_disks;
   pull.source_metadata = rec.source_metadata;
   std::vector<std::string> shared;
+  std::vector<std::shared_ptr<store::PointReader>> readers;
   if (!peer || !src_st)
     err = JobError{"RegionUnavailable", "a region of the copy is not configured"};
   if (!err && !sharer) {
     err = JobError{"PeerCopyUnavailable", "this daemon cannot share points with peers"};
   }
+  // The base's reader of disk `disk` when both the base and its far copy hold
+  // that disk in a tree of the same size and chunk size (else: a full list).
+  auto base_reader = [&](const DiskRestorePointRecord& sd) -> std::shared_ptr<store::PointReader> {
+    if (!base) return nullptr;
+    bool far_has = false;
+    for (const auto& fd : base->far.disk_restore_points) far_has |= fd.disk == sd.disk;
+    for (const auto& bd : base->source.disk_restore_points) {
+      if (bd.disk != sd.disk || !far_has || !bd.store_point || bd.size_bytes != sd.size_bytes ||
+          bd.granularity != sd.granularity) {
+        continue;
+      }
+      auto r = src_st->open_point(bd.store_point);
+      if (r.ok()) return std::move(r).value();
+      spdlog::warn("restore point {}/{}: disk {}: base {} unreadable ({}): full list",
+                   rec.collection, rec.name, sd.disk, base->far_point, r.status().ToString());
+    }
+    return nullptr;
+  };
   for (size_t i = 0; !err && i < rec.disk_restore_points.size(); ++i) {
     const auto& sd = src.disk_restore_points[i];
     auto reader = src_st->open_point(sd.store_point);
-    Result<std::vector<std::pair<uint64_t, store::Digest>>> chunks =
-        reader.ok() ? DataChunks(*reader.value())
-                    : Result<std::vector<std::pair<uint64_t, store::Digest>>>(reader.status());
+    std::shared_ptr<store::PointReader> from = reader.ok() ? base_reader(sd) : nullptr;
+    Result<SlotDigests> chunks = !reader.ok() ? Result<SlotDigests>(reader.status())
+                                 : from       ? ChangedChunks(*reader.value(), *from)
+                                              : DataChunks(*reader.value());
     if (!chunks.ok()) {
       err = JobError{"CopyFailed",
                      "disk '" + sd.disk + "': reading the source: " + chunks.status().message()};
@@ -167,6 +254,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
       break;
     }
     shared.push_back(sd.disk);
+    readers.push_back(reader.value());
     PeerPullDisk pd;
     pd.disk = sd.disk;
     pd.size_bytes = reader.value()->size();
@@ -174,10 +262,36 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
     pd.chunk_size = reader.value()->chunk_size();
     pd.uri = uri.value();
     pd.chunks = std::move(chunks).value();
+    pd.changed = from != nullptr;
+    rec.disk_restore_points[i].full = !pd.changed;
     prog->started[i].store(true);
     prog->to_copy[i].store(pd.chunks.size());
     pull.disks.push_back(std::move(pd));
   }
+  bool incremental = false;
+  for (const auto& pd : pull.disks) incremental |= pd.changed;
+  if (incremental) {
+    pull.base_restore_point = base->far_point;
+    pull.base_source_restore_point = base->far.source_restore_point;
+    pull.base_time_created = base->far.time_created;
+  }
+  // A peer without the base (deleted there, or older than bases) refuses the
+  // changed lists: then every disk's full list.
+  auto go_full = [&]() -> Status {
+    for (size_t i = 0; i < pull.disks.size(); ++i) {
+      if (!pull.disks[i].changed) continue;
+      auto chunks = DataChunks(*readers[i]);
+      if (!chunks.ok()) return chunks.status();
+      pull.disks[i].chunks = std::move(chunks).value();
+      pull.disks[i].changed = false;
+      rec.disk_restore_points[i].full = true;
+      prog->to_copy[i].store(pull.disks[i].chunks.size());
+    }
+    pull.base_restore_point.clear();
+    pull.base_source_restore_point.clear();
+    pull.base_time_created.clear();
+    return Status::Ok();
+  };
 
   // Retried with backoff while the peer cannot be reached; an answer that
   // names an error ends the copy.
@@ -186,15 +300,42 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   auto last_answer = std::chrono::steady_clock::now();
   bool posted = false;
   nlohmann::json result = {{"peer", peer ? peer->peer : ""}};
+  auto note_pull = [&](const nlohmann::json& body) {
+    // The size of what the pull asked of the peer: with a base it follows the change.
+    uint64_t listed = 0;
+    for (const auto& pd : pull.disks) listed += pd.chunks.size();
+    result["pullBytes"] = body.dump().size();
+    result["chunksListed"] = listed;
+    if (pull.base_restore_point.empty()) {
+      result.erase("base");
+    } else {
+      result["base"] = pull.base_restore_point;
+    }
+  };
+  nlohmann::json body = EncodePeerPull(pull);
+  note_pull(body);
   while (!err) {
     if (stopping_.load()) {
       err = JobError{"Interrupted", "rpointd stopped during the copy to peer " + peer->peer};
       break;
     }
-    Result<nlohmann::json> r =
-        posted ? peer_link_->call(peer->peer, "GET", path, nullptr)
-               : peer_link_->call(peer->peer, "POST", path, EncodePeerPull(pull));
+    Result<nlohmann::json> r = posted ? peer_link_->call(peer->peer, "GET", path, nullptr)
+                                      : peer_link_->call(peer->peer, "POST", path, body);
     if (!r.ok()) {
+      if (!posted && !pull.base_restore_point.empty() &&
+          (r.status().code() == Code::kNotFound || r.status().code() == Code::kInvalidArgument)) {
+        spdlog::warn("restore point {}/{}: peer {} cannot start from {} ({}): sending full lists",
+                     rec.collection, rec.name, peer->peer, pull.base_restore_point,
+                     r.status().message());
+        if (Status s = go_full(); !s.ok()) {
+          err = JobError{"CopyFailed", "reading the source: " + s.message()};
+          break;
+        }
+        body = EncodePeerPull(pull);
+        note_pull(body);
+        result["baseRefused"] = r.status().message();
+        continue;
+      }
       if (r.status().code() != Code::kIoError) {
         err = JobError{"PeerCopyFailed", r.status().message()};
         break;
@@ -226,6 +367,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
       bytes += state->disks[i].bytes_moved;
     }
     result["bytesMoved"] = bytes;
+    result["chunksLookedUp"] = state->chunks_looked_up;
     if (state->provisioning_state == "Succeeded") {
       for (size_t i = 0; i < rec.disk_restore_points.size(); ++i) {
         auto& d = rec.disk_restore_points[i];
@@ -252,6 +394,36 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
 }
 
 // ---- the keeping host ----
+
+Result<std::vector<store::PointId>> RestoreServiceImpl::peer_base_disks_locked(
+    const std::string& collection, const PeerPull& pull) {
+  auto b = db_->get_point(collection, pull.base_restore_point);
+  if (!b.ok()) return b.status();
+  const std::string what = "copy base: restore point '" + pull.base_restore_point +
+                           "' of collection '" + collection + "'";
+  if (!b.value() || b.value()->provisioning_state != "Succeeded" ||
+      b.value()->source_restore_point != pull.base_source_restore_point ||
+      b.value()->time_created != pull.base_time_created) {
+    return Status::NotFound(what + " is not here as a Succeeded copy of " +
+                            pull.base_source_restore_point);
+  }
+  std::vector<store::PointId> out;
+  for (const auto& pd : pull.disks) {
+    store::PointId sp = 0;
+    for (const auto& d : b.value()->disk_restore_points) {
+      if (pd.changed && d.disk == pd.disk && d.size_bytes == pd.size_bytes &&
+          d.granularity == pd.granularity && d.status == "Succeeded") {
+        sp = d.store_point;
+      }
+    }
+    if (pd.changed && !sp) {
+      return Status::NotFound(what + " holds no disk '" + pd.disk + "' of " +
+                              std::to_string(pd.size_bytes) + " bytes to start from");
+    }
+    out.push_back(sp);
+  }
+  return out;
+}
 
 Result<Started<RestorePointRecord>> RestoreServiceImpl::receive_restore_point(
     const std::string& collection, const std::string& name, const PeerPull& pull) {
@@ -284,6 +456,16 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::receive_restore_point(
     return Status::Conflict("restore point '" + name + "' already exists in collection '" +
                             collection + "'");
   }
+  // NotFound for a base this host does not hold as the sender thinks: the
+  // sender then sends full lists. Re-checked by the job, which pins it.
+  if (!pull.base_restore_point.empty()) {
+    if (ChangedContextOf(pull.base_source_restore_point).empty()) {
+      return Status::InvalidArgument("peer request: the base's sourceRestorePoint " +
+                                     pull.base_source_restore_point + " is not a point id");
+    }
+    auto b = peer_base_disks_locked(collection, pull);
+    if (!b.ok()) return b.status();
+  }
   RestorePointRecord rec;
   rec.collection = collection;
   rec.name = name;
@@ -298,7 +480,7 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::receive_restore_point(
     d.disk = pd.disk;
     d.size_bytes = pd.size_bytes;
     d.granularity = pd.granularity;
-    d.full = true;
+    d.full = !pd.changed;
     d.status = "Pending";
     rec.disk_restore_points.push_back(d);
   }
@@ -325,47 +507,112 @@ void RestoreServiceImpl::run_receive_point(
     std::shared_ptr<std::vector<std::atomic<uint64_t>>> moved) {
   auto st = store_of(region);
   std::optional<JobError> err;
-  uint64_t chunks_moved = 0, chunks_reused = 0, bytes = 0;
+  uint64_t chunks_moved = 0, chunks_reused = 0, bytes = 0, looked_up = 0, compared = 0;
   auto stop = [&] { return stopping_.load(); };
   if (!st) err = JobError{"RegionUnavailable", "region '" + region + "' is not configured"};
+  std::vector<store::PointId> bases(pull.disks.size(), 0);
+  if (!err && !pull.base_restore_point.empty()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto b = peer_base_disks_locked(rec.collection, pull);
+    if (b.ok()) {
+      bases = std::move(b).value();
+    } else {
+      err = JobError{"CopyBaseUnavailable", b.status().message() + " (deleted meanwhile)"};
+    }
+  }
+  const std::string context = ChangedContextOf(pull.base_source_restore_point);
   for (size_t i = 0; !err && i < pull.disks.size(); ++i) {
     const PeerPullDisk& pd = pull.disks[i];
     auto& d = rec.disk_restore_points[i];
-    auto fail = [&](const std::string& what, const Status& s) {
+    auto fail = [&](const std::string& what, const Status& s, const char* code = "CopyFailed") {
       d.status = "Failed";
-      err = JobError{s.code() == Code::kShutdown ? "Interrupted" : "CopyFailed",
+      err = JobError{s.code() == Code::kShutdown ? "Interrupted" : code,
                      "disk '" + d.disk + "': " + what + s.message()};
     };
     store::PointParams pp;
     pp.size = pd.size_bytes;
     pp.chunk_size = pd.chunk_size;
     pp.tag = DiskPointId(rec.collection, rec.name, d.disk);
+    // A changed list starts from the base's tree (the writer pins it): the
+    // slots not listed keep the base's chunks.
+    pp.parent = pd.changed ? bases[i] : 0;
     auto target = StoreChunkTarget::Begin(st, pp);
     if (!target.ok()) {
-      fail("", target.status());
+      fail(pd.changed ? "starting from the copy base " + pull.base_restore_point + ": " : "",
+           target.status(), pd.changed ? "CopyBaseUnavailable" : "CopyFailed");
       break;
     }
     prog->started[i].store(true);
     prog->to_copy[i].store(pd.chunks.size());
+    NbdSource nbd(pd.uri, options_.peer_tls_dir, options_.peer_deadline_seconds,
+                  pd.changed ? context : std::string());
+    Status s;
+    if (pd.changed) {
+      // What changed since the base, as the sender's grant export answers it
+      // (rpoint:changed, a tree diff there): it must be exactly the listed
+      // slots, or the copy fails rather than keep a base chunk by mistake.
+      fault::Action a = fault::Hit("peer.changed");
+      if (a.error) s = Status::FromErrno(a.error, "asking " + context);
+      auto dirty = s.ok() ? nbd.dirty_extents(pd.size_bytes, stop)
+                          : Result<std::vector<std::pair<uint64_t, uint64_t>>>(s);
+      if (!dirty.ok()) {
+        target.value()->abandon();
+        if (dirty.status().code() == Code::kNotFound) {
+          fail("",
+               Status::NotFound(dirty.status().message() + ": its base " +
+                                pull.base_source_restore_point +
+                                " is gone there; copy the point again (it then sends "
+                                "full lists or starts from another base)"),
+               "CopyBaseUnavailable");
+        } else {
+          fail("asking " + context + ": ", dirty.status());
+        }
+        break;
+      }
+      SlotRuns runs;
+      for (const auto& [off, len] : dirty.value()) AddSlotRun(&runs, off, len, pd.chunk_size);
+      size_t k = 0;
+      std::optional<uint64_t> bad;
+      for (const auto& [first, end] : runs) {
+        for (uint64_t slot = first; slot < end && !bad; ++slot, ++k) {
+          if (k >= pd.chunks.size() || pd.chunks[k].first != slot) bad = slot;
+        }
+      }
+      if (!bad && k != pd.chunks.size()) bad = pd.chunks[k].first;
+      if (bad) {
+        target.value()->abandon();
+        fail("", Status::IoError("the changed list and " + context + " disagree at slot " +
+                                 std::to_string(*bad)));
+        break;
+      }
+      ++compared;
+    }
+    // Lookups only for the listed data slots: with a base, the change.
     std::vector<store::Digest> digests;
     digests.reserve(pd.chunks.size());
-    for (const auto& c : pd.chunks) digests.push_back(c.second);
+    for (const auto& c : pd.chunks) {
+      if (!c.second.is_zero()) digests.push_back(c.second);
+    }
+    looked_up += digests.size();
     auto held = target.value()->has(digests);
     if (!held.ok()) {
       target.value()->abandon();
       fail("", held.status());
       break;
     }
-    NbdSource nbd(pd.uri, options_.peer_tls_dir, options_.peer_deadline_seconds);
     std::vector<char> buf(pd.chunk_size);
-    Status s;
-    for (size_t k = 0; s.ok() && k < pd.chunks.size(); ++k) {
+    for (size_t k = 0, h = 0; s.ok() && k < pd.chunks.size(); ++k) {
       if (stop()) {
         s = Status::Shutdown("daemon stopping");
         break;
       }
       const auto& [slot, digest] = pd.chunks[k];
-      if (held.value()[k]) {
+      if (digest.is_zero()) {  // data in the base, a hole now
+        s = target.value()->put_hole(slot);
+        if (s.ok()) prog->copied[i].fetch_add(1);
+        continue;
+      }
+      if (held.value()[h++]) {
         s = target.value()->reuse(slot, digest);
         if (s.ok()) {
           ++chunks_reused;
@@ -401,6 +648,7 @@ void RestoreServiceImpl::run_receive_point(
       break;
     }
     d.store_point = info->id;
+    d.parent_store_point = pp.parent;
     d.bytes_stored = (*moved)[i].load();
     d.blocks_to_copy = pd.chunks.size();
     d.blocks_copied = pd.chunks.size();
@@ -408,9 +656,13 @@ void RestoreServiceImpl::run_receive_point(
     d.status = "Succeeded";
   }
   if (!err) err = write_manifest(*st, rec);
-  finish_copy(
-      rec, op, err, st.get(),
-      {{"bytesMoved", bytes}, {"chunksMoved", chunks_moved}, {"chunksReused", chunks_reused}});
+  nlohmann::json result = {{"bytesMoved", bytes},
+                           {"chunksMoved", chunks_moved},
+                           {"chunksReused", chunks_reused},
+                           {"chunksLookedUp", looked_up},
+                           {"disksComparedWithBase", compared}};
+  if (!pull.base_restore_point.empty()) result["base"] = pull.base_restore_point;
+  finish_copy(rec, op, err, st.get(), std::move(result));
 }
 
 Result<PeerPointState> RestoreServiceImpl::peer_point_state(const std::string& collection,
@@ -431,6 +683,14 @@ Result<PeerPointState> RestoreServiceImpl::peer_point_state(const std::string& c
     const auto& d = p->disk_restore_points[i];
     uint64_t b = moved && i < moved->size() ? (*moved)[i].load() : d.bytes_stored;
     s.disks.push_back({d.disk, d.blocks_to_copy, d.blocks_copied, b});
+  }
+  if (p->provisioning_state == "Succeeded") {
+    // What the copy looked up, as its operation recorded it.
+    std::lock_guard<std::mutex> lock(mu_);
+    auto o = db_->get_operation(p->operation_id);
+    if (o.ok() && o.value() && o.value()->result.is_object()) {
+      s.chunks_looked_up = o.value()->result.value("chunksLookedUp", uint64_t{0});
+    }
   }
   return s;
 }

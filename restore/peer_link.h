@@ -14,6 +14,17 @@
 // (content addressed) with libnbd, re-hashes each, writes and commits the
 // point, and answers progress polls.
 //
+// Incremental (a base): when the peer already holds a copy of an earlier
+// point of the same disk (the sender's newest Succeeded record in the far
+// collection whose source point it still has), the pull names that base and
+// lists only the slots whose digest differs from it (PeerPullDisk::changed).
+// The peer starts its tree from its copy of the base, asks the grant export
+// for the NBD meta context rpoint:changed:{base collection}/{base point} and
+// checks that its dirty extents are exactly the listed slots, then looks up
+// and reads only those: the message, the lookups and the data are all
+// proportional to the change. A peer without the base answers NotFound and
+// the sender posts the full list instead.
+//
 // Thread-safety: PeerPull and PeerPointState are plain values; PeerLink and
 // PointSharer implementations are safe from any thread.
 #pragma once
@@ -36,7 +47,11 @@ struct PeerPullDisk {
   uint32_t granularity = 0;
   uint32_t chunk_size = 0;
   std::string uri;  // nbds://host:port/TOKEN serving the source disk point read-only
-  std::vector<std::pair<uint64_t, store::Digest>> chunks;  // data slots; holes absent
+  // Full: every data slot, holes absent. Changed (the pull has a base): only
+  // the slots that differ from the base's copy of this disk, a zero digest
+  // for one that became a hole.
+  std::vector<std::pair<uint64_t, store::Digest>> chunks;
+  bool changed = false;
 };
 
 // A point to receive: the cut it describes and its disks.
@@ -47,6 +62,12 @@ struct PeerPull {
   std::string time_created;
   std::vector<std::string> exclude_disks;
   nlohmann::json source_metadata;
+  // The base (empty: none): the peer's point of the same collection, and the
+  // sending host's point it is a copy of ("/restorePointCollections/c/
+  // restorePoints/rp"), whose rpoint:changed context the grants offer, and
+  // its timeCreated: a point deleted and made again under the same name is
+  // another point, never a base.
+  std::string base_restore_point, base_source_restore_point, base_time_created;
   std::vector<PeerPullDisk> disks;
 };
 
@@ -59,6 +80,7 @@ struct PeerPointState {
     uint64_t to_copy = 0, copied = 0, bytes_moved = 0;
   };
   std::vector<Disk> disks;
+  uint64_t chunks_looked_up = 0;  // digests the peer looked up in its store (once done)
 };
 
 nlohmann::json EncodePeerPull(const PeerPull& p);

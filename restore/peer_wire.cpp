@@ -36,21 +36,31 @@ json EncodePeerPull(const PeerPull& p) {
   json disks = json::array();
   for (const auto& d : p.disks) {
     json chunks = json::array();
-    for (const auto& [slot, digest] : d.chunks) chunks.push_back(json::array({slot, digest.hex()}));
+    for (const auto& [slot, digest] : d.chunks) {
+      chunks.push_back(json::array({slot, digest.is_zero() ? json() : json(digest.hex())}));
+    }
+    // A changed list has its own key: a peer that predates bases refuses it
+    // (400, no "chunks") instead of taking it for a whole disk.
     disks.push_back({{"disk", d.disk},
                      {"sizeBytes", d.size_bytes},
                      {"granularity", d.granularity},
                      {"chunkSize", d.chunk_size},
                      {"uri", d.uri},
-                     {"chunks", std::move(chunks)}});
+                     {d.changed ? "changedChunks" : "chunks", std::move(chunks)}});
   }
-  return {{"sourceVm", p.source_vm},
-          {"sourceRestorePoint", p.source_restore_point},
-          {"consistencyMode", p.consistency_mode},
-          {"timeCreated", p.time_created},
-          {"excludeDisks", p.exclude_disks},
-          {"sourceMetadata", p.source_metadata},
-          {"disks", std::move(disks)}};
+  json j = {{"sourceVm", p.source_vm},
+            {"sourceRestorePoint", p.source_restore_point},
+            {"consistencyMode", p.consistency_mode},
+            {"timeCreated", p.time_created},
+            {"excludeDisks", p.exclude_disks},
+            {"sourceMetadata", p.source_metadata},
+            {"disks", std::move(disks)}};
+  if (!p.base_restore_point.empty()) {
+    j["base"] = {{"restorePoint", p.base_restore_point},
+                 {"sourceRestorePoint", p.base_source_restore_point},
+                 {"timeCreated", p.base_time_created}};
+  }
+  return j;
 }
 
 Result<PeerPull> DecodePeerPull(const json& j) {
@@ -63,6 +73,15 @@ Result<PeerPull> DecodePeerPull(const json& j) {
     p.time_created = j.at("timeCreated").get<std::string>();
     p.exclude_disks = j.at("excludeDisks").get<std::vector<std::string>>();
     p.source_metadata = j.at("sourceMetadata");
+    if (j.contains("base")) {
+      p.base_restore_point = j["base"].at("restorePoint").get<std::string>();
+      p.base_source_restore_point = j["base"].at("sourceRestorePoint").get<std::string>();
+      p.base_time_created = j["base"].at("timeCreated").get<std::string>();
+      if (p.base_restore_point.empty() || p.base_source_restore_point.empty() ||
+          p.base_time_created.empty()) {
+        return Bad("an empty base");
+      }
+    }
     for (const auto& d : j.at("disks")) {
       PeerPullDisk pd;
       pd.disk = d.at("disk").get<std::string>();
@@ -75,13 +94,22 @@ Result<PeerPull> DecodePeerPull(const json& j) {
       }
       if (pd.chunk_size == 0 || pd.size_bytes == 0) return Bad("disk '" + pd.disk + "': zero size");
       const uint64_t slots = (pd.size_bytes + pd.chunk_size - 1) / pd.chunk_size;
+      pd.changed = d.contains("changedChunks");
+      if (pd.changed == d.contains("chunks")) {
+        return Bad("disk '" + pd.disk + "': give either chunks or changedChunks");
+      }
+      if (pd.changed && p.base_restore_point.empty()) {
+        return Bad("disk '" + pd.disk + "': changedChunks needs a base");
+      }
       uint64_t last = 0;
-      for (const auto& c : d.at("chunks")) {
+      for (const auto& c : d.at(pd.changed ? "changedChunks" : "chunks")) {
         if (!c.is_array() || c.size() != 2) return Bad("chunks are [slot, \"sha256 hex\"] pairs");
         uint64_t slot = c[0].get<uint64_t>();
-        store::Digest dg;
-        if (!ParseHexDigest(c[1].get<std::string>(), &dg))
+        store::Digest dg;  // zero: a slot that became a hole (changed lists only)
+        if (!(pd.changed && c[1].is_null()) &&
+            (!ParseHexDigest(c[1].get<std::string>(), &dg) || dg.is_zero())) {
           return Bad("a chunk digest is not 64 hex digits");
+        }
         if (slot >= slots || (!pd.chunks.empty() && slot <= last)) {
           return Bad("disk '" + pd.disk + "': chunk slots must ascend within the disk");
         }
@@ -105,7 +133,9 @@ json EncodePeerPointState(const PeerPointState& s) {
                      {"blocksCopied", d.copied},
                      {"bytesMoved", d.bytes_moved}});
   }
-  json j = {{"provisioningState", s.provisioning_state}, {"disks", std::move(disks)}};
+  json j = {{"provisioningState", s.provisioning_state},
+            {"disks", std::move(disks)},
+            {"chunksLookedUp", s.chunks_looked_up}};
   if (!s.error_code.empty()) j["error"] = {{"code", s.error_code}, {"message", s.error_message}};
   return j;
 }
@@ -118,6 +148,7 @@ Result<PeerPointState> DecodePeerPointState(const json& j) {
       s.error_code = j["error"].at("code").get<std::string>();
       s.error_message = j["error"].at("message").get<std::string>();
     }
+    s.chunks_looked_up = j.value("chunksLookedUp", uint64_t{0});  // absent from older peers
     for (const auto& d : j.at("disks")) {
       s.disks.push_back({d.at("disk").get<std::string>(), d.at("blocksToCopy").get<uint64_t>(),
                          d.at("blocksCopied").get<uint64_t>(), d.at("bytesMoved").get<uint64_t>()});

@@ -53,6 +53,19 @@ void StoreChunkTarget::abandon() {
   writer_->abandon();
 }
 
+uint64_t AddSlotRun(std::vector<std::pair<uint64_t, uint64_t>>* runs, uint64_t offset,
+                    uint64_t length, uint32_t chunk_size) {
+  uint64_t a = offset / chunk_size, b = (offset + length + chunk_size - 1) / chunk_size;
+  if (!runs->empty() && runs->back().second > a) a = runs->back().second;  // a shared last slot
+  if (a >= b) return 0;
+  if (!runs->empty() && runs->back().second == a) {
+    runs->back().second = b;
+  } else {
+    runs->emplace_back(a, b);
+  }
+  return b - a;
+}
+
 Result<store::PointInfo> CopyDiskPoint(store::PointReader& src, ChunkTarget& dst,
                                        CopyProgress& progress, const std::function<bool()>& stop,
                                        const CopyOptions& opts) {
@@ -71,17 +84,8 @@ Result<store::PointInfo> CopyDiskPoint(store::PointReader& src, ChunkTarget& dst
   uint64_t total = 0, off = 0;
   for (const Extent& e : ext.value()) {
     bool visit = opts.base ? (e.flags & MetaContext::kDirty) != 0 : !(e.flags & Extent::kHole);
-    uint64_t a = off / cs, b = (off + e.length + cs - 1) / cs;
+    if (visit) total += AddSlotRun(&runs, off, e.length, cs);
     off += e.length;
-    if (!visit) continue;
-    if (!runs.empty() && runs.back().second > a) a = runs.back().second;  // a shared last slot
-    if (a >= b) continue;
-    if (!runs.empty() && runs.back().second == a) {
-      runs.back().second = b;
-    } else {
-      runs.emplace_back(a, b);
-    }
-    total += b - a;
   }
   progress.slots_total.store(total);
 

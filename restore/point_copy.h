@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/status.h"
@@ -98,6 +99,14 @@ struct CopyOptions {
   uint64_t checkpoint_bytes = 16ull << 20;
   std::function<void()> on_checkpoint;
 };
+
+// Appends the slots that bytes [offset, offset + length) touch to `runs`
+// ([first slot, end slot), ascending; a run sharing or adjoining the last one
+// merges into it). Ranges must come in ascending order. Returns the number of
+// slots added. The copies (here and restore/peer_jobs.cpp) turn extents into
+// slot runs with it.
+uint64_t AddSlotRun(std::vector<std::pair<uint64_t, uint64_t>>* runs, uint64_t offset,
+                    uint64_t length, uint32_t chunk_size);
 
 // Copies every data slot of `src` (with a base: every slot that differs from
 // it) into `dst` and commits. `stop` is asked between chunks; true abandons

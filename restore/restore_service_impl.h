@@ -264,9 +264,25 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
                                                               const std::string& source_vm,
                                                               const std::string& region,
                                                               bool vm_here);
+  // The base of a copy of `src` into far collection `collection`: the newest
+  // Succeeded far point there whose source (not `src` itself) is still a
+  // Succeeded point of `src_region` on this host. Caller holds mu_.
+  struct PeerSendBase {
+    std::string far_point;      // its name in the far collection (and on the peer)
+    RestorePointRecord source;  // the point of this host it is a copy of
+    RestorePointRecord far;     // this host's record of the far point
+  };
+  std::optional<PeerSendBase> peer_send_base_locked(const std::string& collection,
+                                                    const RestorePointRecord& src,
+                                                    const std::string& src_region);
   void run_send_point(RestorePointRecord rec, OperationRecord op, RestorePointRecord src,
                       std::string src_region, std::string region,
                       std::shared_ptr<PointProgress> prog);
+  // The store points of the pull's base that its changed disks start from
+  // (0 for a disk with a full list); NotFound when this host lacks them.
+  // Caller holds mu_.
+  Result<std::vector<store::PointId>> peer_base_disks_locked(const std::string& collection,
+                                                             const PeerPull& pull);
   void run_receive_point(RestorePointRecord rec, OperationRecord op, PeerPull pull,
                          std::string region, std::shared_ptr<PointProgress> prog,
                          std::shared_ptr<std::vector<std::atomic<uint64_t>>> moved);

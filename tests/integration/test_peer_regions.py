@@ -14,6 +14,14 @@ with A gone, byte-identical to the disk at each cut. The link is cut
 (`ip link set down`) mid-copy and restored; each side is killed (-9) mid-copy
 and restarted; a client or a peer without a certificate our CA signed is
 refused. Root is needed (ip netns); under CI=true its absence fails.
+
+Incremental copies from a base (VM `vmb`, disk `big`: 2048 data slots of one
+pattern): a copy after a one-chunk change posts a pull that names the base and
+lists that slot only (its size, the slots listed and the peer's lookups are in
+the operation's output), B checks the list against the grant's
+rpoint:changed context and restores byte-identical; B's base deleted: A sends
+full lists; A's base deleted before B asked for the context: the copy fails
+(CopyBaseUnavailable) and a new copy succeeds.
 """
 import hashlib
 import json
@@ -388,3 +396,213 @@ def test_peer_with_a_certificate_we_did_not_sign_is_refused(rig):
     finally:
         srv.kill()
         srv.wait()
+
+
+# ---- incremental copies from a base (the rpoint:changed context) ----
+
+BIG = 128 * MiB
+CHUNK = 64 * 1024
+SLOTS = BIG // CHUNK
+
+
+def sha_of_disk(d, disk_name, size):
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(d.nbd_uri(disk_name))
+    s = hashlib.sha256()
+    for off in range(0, size, 4 * MiB):
+        s.update(h.pread(min(4 * MiB, size - off), off))
+    h.shutdown()
+    return s.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def big(rig):
+    """Disk `big` (2048 slots of 64 KiB) of VM `vmb`, every slot data: one
+    pattern everywhere (the peer gets it once, so the full copies are cheap on
+    the wire, while a list of every slot's digest is ~150 KB)."""
+    a, b = rig["a"], rig["b"]
+    a.create_disk("big", BIG)
+    a.create_vm("vmb", ["big"])
+    a.create_collection("cb", "vmb", location="local")
+    a.create_collection("cbf", "vmb", location="far")
+    pattern = rig["rnd"].randbytes(CHUNK)
+    data = bytearray(BIG)
+    data[0:CHUNK] = pattern
+    nbd_write(a.nbd_uri("big"), [(0, pattern)])
+    a.create_restore_point("cb", "bp0")
+    op = a.wait_operation(start_copy(a, "cbf", "bp0", ("cb", "bp0")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    block = pattern * (4 * MiB // CHUNK)
+    nbd_write(a.nbd_uri("big"), [(off, block) for off in range(0, BIG, 4 * MiB)])
+    data[:] = block * (BIG // (4 * MiB))
+    a.create_restore_point("cb", "bp1")
+    op = a.wait_operation(start_copy(a, "cbf", "bp1", ("cb", "bp1")), timeout=120)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    return {"data": data, "n": 1}
+
+
+def change_big(rig, big, name, slot):
+    """One new 64 KiB chunk at `slot`, then point cb/name; sha256 at its cut."""
+    new = rig["rnd"].randbytes(CHUNK)
+    big["data"][slot * CHUNK:(slot + 1) * CHUNK] = new
+    nbd_write(rig["a"].nbd_uri("big"), [(slot * CHUNK, new)])
+    rig["a"].create_restore_point("cb", name)
+    return hashlib.sha256(bytes(big["data"])).hexdigest()
+
+
+def restored_sha(d, c, rp, disk_name):
+    d.restore_disk(disk_name, c, rp, "big")
+    return sha_of_disk(d, disk_name, BIG)
+
+
+def test_incremental_copy_sends_only_the_change(rig, big):
+    a, b = rig["a"], rig["b"]
+    sha = change_big(rig, big, "bp2", 1000)
+    before = wire_bytes(rig)
+    op = a.wait_operation(start_copy(a, "cbf", "bp2", ("cb", "bp2")), timeout=60)
+    wire = wire_bytes(rig) - before
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    res = op["properties"].get("output", {})
+    print(f"incremental copy of 1 chunk of {SLOTS}: {wire} bytes on the wire, result {res}")
+    # The pull message names the base and lists the one changed slot (a full
+    # list: 2048 digests, ~150 KB), and the peer looks that one up.
+    assert res.get("base") == "bp1", res
+    assert res.get("chunksListed") == 1, res
+    assert res.get("pullBytes", 1 << 30) < 4096, res
+    assert res.get("chunksLookedUp", 1 << 30) <= 1, res
+    assert res.get("bytesMoved") == CHUNK, res
+    # On the wire: the chunk, TLS handshakes and polls; not a list of the disk.
+    assert CHUNK <= wire <= CHUNK + 96 * 1024, f"{wire} bytes on the wire"
+    # B's copy starts from its bp1 (the slots the context did not mark) and
+    # restores exactly.
+    assert restored_sha(b, "cbf", "bp2", "rbp2") == sha
+
+
+def test_incremental_copy_falls_back_when_the_base_is_gone_on_the_peer(rig, big):
+    a, b = rig["a"], rig["b"]
+    # B's copy of bp2 goes; A still records it Succeeded, so A offers it as base.
+    b.delete_restore_point("cbf", "bp2")
+    sha = change_big(rig, big, "bp3", 7)
+    op = a.wait_operation(start_copy(a, "cbf", "bp3", ("cb", "bp3")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    res = op["properties"].get("output", {})
+    assert "baseRefused" in res and "bp2" in res["baseRefused"], res
+    assert "base" not in res and res["chunksListed"] == SLOTS, res
+    assert "sending full lists" in a.log_all()
+    assert restored_sha(b, "cbf", "bp3", "rbp3") == sha
+
+
+def test_base_deleted_on_the_sender_mid_copy_fails_loudly(rig, big):
+    a, b = rig["a"], rig["b"]
+    sha = change_big(rig, big, "bp4", 33)
+    # B waits before it asks for rpoint:changed:cb/bp3; A deletes bp3 meanwhile.
+    b.arm("peer.changed=delay3000")
+    try:
+        op = start_copy(a, "cbf", "bp4", ("cb", "bp4"))
+        time.sleep(0.5)
+        a.delete_restore_point("cb", "bp3")
+        done = a.wait_operation(op, timeout=60)
+    finally:
+        b.arm("")
+    assert done["status"] == "Failed", done
+    assert "CopyBaseUnavailable" in json.dumps(done), done
+    st = b.get_restore_point("cbf", "bp4")["properties"]["provisioningState"]
+    assert st == "Failed", st
+    # Copied again: bp3's source is gone, bp2 is gone on B: full lists.
+    done = a.wait_operation(start_copy(a, "cbf", "bp4b", ("cb", "bp4")), timeout=60)
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    assert restored_sha(b, "cbf", "bp4b", "rbp4b") == sha
+
+
+
+def test_a_point_made_again_under_a_base_name_is_not_a_base(rig, big):
+    """cbf/bp4b, the newest far point, is a copy of cb/bp4. cb/bp4 is deleted and
+    cut again after a change: the diff against the new cb/bp4 would miss that
+    change on B's copy of the old one."""
+    a, b = rig["a"], rig["b"]
+    a.delete_restore_point("cb", "bp4")
+    change_big(rig, big, "bp4", 50)
+    sha = change_big(rig, big, "bp6", 51)
+    op = a.wait_operation(start_copy(a, "cbf", "bp6", ("cb", "bp6")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    res = op["properties"].get("output", {})
+    assert res.get("base") != "bp4b", res
+    assert restored_sha(b, "cbf", "bp6", "rbp6") == sha
+
+# ---- the peer listener's TLS credentials reload on SIGHUP ----
+
+def peer_cert_seen(rig):
+    """DER (hex) of the certificate B's peer API presents to a fresh handshake from A."""
+    good = rig["pki"]["a"]
+    script = ("import socket,ssl\n"
+              f"c=ssl.create_default_context(cafile='{good}/ca-cert.pem')\n"
+              f"c.load_cert_chain('{good}/client-cert.pem','{good}/client-key.pem')\n"
+              f"s=c.wrap_socket(socket.create_connection(('{B_IP}',10443),timeout=10),"
+              f"server_hostname='{B_IP}')\n"
+              "print(s.getpeercert(binary_form=True).hex())\n")
+    r = sh("ip", "netns", "exec", rig["ns_a"], "/usr/bin/python3", "-c", script)
+    return bytes.fromhex(r.stdout.strip())
+
+
+def sighup_until(d, want):
+    before = d.log_all().count(want)
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.log_all().count(want) <= before:
+        assert time.monotonic() < deadline, f"no {want!r} after SIGHUP:\n{d.log()}"
+        time.sleep(0.02)
+
+
+def test_sighup_reloads_the_peer_api_certificate(rig):
+    a, b, pki_b = rig["a"], rig["b"], rig["pki"]["b"]
+    old = peer_cert_seen(rig)
+    assert old == ssl.PEM_cert_to_DER_cert((pki_b / "server-cert.pem").read_text())
+    # A new server certificate (same CA, new key) in B's tls.dir, then SIGHUP.
+    tls_pki.make_cert(rig["root"] / "ca", pki_b, "server", "host-b-renewed",
+                      f'ip_address = "{B_IP}"\n')
+    new = ssl.PEM_cert_to_DER_cert((pki_b / "server-cert.pem").read_text())
+    assert new != old
+    sighup_until(b, "SIGHUP: peer API TLS credentials reloaded")
+    assert peer_cert_seen(rig) == new
+    # A broken certificate: logged, and new handshakes still get the good one.
+    good_pem = (pki_b / "server-cert.pem").read_text()
+    (pki_b / "server-cert.pem").write_text("not a certificate\n")
+    try:
+        sighup_until(b, "SIGHUP: peer API keeps the TLS credentials in use")
+        assert peer_cert_seen(rig) == new
+    finally:
+        (pki_b / "server-cert.pem").write_text(good_pem)
+    # Copies go on working with the renewed certificate.
+    a.create_collection("cf", "vm", location="far")
+    sha = cut_point(rig, "renewed", change_at=3 * MiB)
+    op = a.wait_operation(start_copy(a, "cf", "renewed", ("c", "renewed")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    assert sha_of_restore(b, "cf", "renewed", "rrenewed") == sha
+
+
+def test_peers_deadline_seconds_bounds_a_copy_to_an_unreachable_peer(rig):
+    """peers.deadline_seconds: 2 on A, the link down: the copy ends Failed
+    (PeerUnreachable) after ~2 s of retries, not the default 120 s."""
+    a, b = rig["a"], rig["b"]
+    original = a.config_text
+    listen = f'peers:\n  listen: "{A_IP}:10443"\n'
+    assert listen in original
+    a.stop()
+    a.config_text = original.replace(listen, listen + "  deadline_seconds: 2\n")
+    a.start()
+    try:
+        a.create_collection("cf", "vm", location="far")
+        cut_point(rig, "dl1", change_at=11 * MiB)
+        sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "down")
+        t0 = time.monotonic()
+        done = a.wait_operation(start_copy(a, "cf", "dl1", ("c", "dl1")), timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "up")
+        a.stop()
+        a.config_text = original
+        a.start()
+    assert done["status"] == "Failed", done
+    assert "gave up after 2 s" in json.dumps(done), done
+    assert took < 20, took

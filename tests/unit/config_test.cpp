@@ -151,7 +151,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "operations: {retention_seconds: 60, max_count: 5}\n"
       "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
       "ublk: {queues: 2, depth: 64}\n"
-      "peers: {listen: 'localhost:2'}\n";
+      "peers: {listen: 'localhost:2', deadline_seconds: 30}\n";
   // A peer region has no path: its keys are checked on a second entry.
   text.replace(text.find("default: true}]"), 15,
                "default: true}, {name: f, peer: 'h:1', peer_region: x}]");
@@ -633,6 +633,13 @@ TEST_CASE("regions on other hosts: regions[].peer, peer_region, peers.listen") {
   CHECK(again.regions[1].peer == "10.0.0.2:10443");
   CHECK(again.regions[1].peer_region == "west");
   CHECK(again.peers_listen);
+  CHECK(c.peers_deadline_seconds == 120);  // the default
+  Config d = Finalized(
+      "state_dir: /s\ntls: {dir: /pki}\n"
+      "peers: {listen: \"10.0.0.1:10443\", deadline_seconds: 7}\n");
+  CHECK(d.peers_deadline_seconds == 7);
+  CHECK(Finalized(ConfigToYaml(d)).peers_deadline_seconds == 7);
+  ExpectError("peers: {deadline_seconds: 0}\n", "1:", "peers.deadline_seconds");
 
   ExpectError("tls: {dir: /p}\nregions:\n  - {name: a, path: /a, peer: \"h:1\"}\n",
               "3:5:", "regions[0].peer", "path or a peer");

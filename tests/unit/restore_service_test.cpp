@@ -862,3 +862,58 @@ TEST_CASE("hooks: environment, exit status, output tail, timeout kills the proce
   r = RunHook("true", {}, 5);
   CHECK(r.exit_status == 0);
 }
+
+TEST_CASE("peer wire: a changed list needs a base, keeps holes as null, and is not 'chunks'") {
+  PeerPull p;
+  p.source_vm = "vm";
+  p.source_restore_point = "/restorePointCollections/c/restorePoints/rp2";
+  p.consistency_mode = "CrashConsistent";
+  p.time_created = "2026-12-01T00:00:00Z";
+  p.source_metadata = nlohmann::json::object();
+  p.base_restore_point = "rp1";
+  p.base_source_restore_point = "/restorePointCollections/c/restorePoints/rp1";
+  p.base_time_created = "2026-11-30T00:00:00.000001Z";
+  PeerPullDisk d;
+  d.disk = "a";
+  d.size_bytes = 1 << 20;
+  d.granularity = d.chunk_size = 65536;
+  d.uri = "nbds://10.0.0.1:10809/tok";
+  store::Digest x;
+  x.b[0] = 7;
+  d.chunks = {{3, x}, {4, store::Digest{}}};
+  d.changed = true;
+  p.disks.push_back(d);
+  nlohmann::json j = EncodePeerPull(p);
+  CHECK(!j["disks"][0].contains("chunks"));  // an old peer refuses it (400)
+  CHECK(j["disks"][0]["changedChunks"][1][1].is_null());
+  CHECK(j["base"]["restorePoint"] == "rp1");
+  auto back = DecodePeerPull(j);
+  REQUIRE(back.ok());
+  CHECK(back->base_restore_point == "rp1");
+  CHECK(back->base_source_restore_point == p.base_source_restore_point);
+  CHECK(back->base_time_created == p.base_time_created);
+  REQUIRE(back->disks.size() == 1);
+  CHECK(back->disks[0].changed);
+  REQUIRE(back->disks[0].chunks.size() == 2);
+  CHECK(back->disks[0].chunks[0].second == x);
+  CHECK(back->disks[0].chunks[1].second.is_zero());
+
+  nlohmann::json no_base = j;
+  no_base.erase("base");
+  CHECK(DecodePeerPull(no_base).status().code() == Code::kInvalidArgument);
+  nlohmann::json both = j;
+  both["disks"][0]["chunks"] = nlohmann::json::array();
+  CHECK(DecodePeerPull(both).status().code() == Code::kInvalidArgument);
+  nlohmann::json null_in_full = j;  // a full list has no holes
+  null_in_full["disks"][0]["chunks"] = null_in_full["disks"][0]["changedChunks"];
+  null_in_full["disks"][0].erase("changedChunks");
+  CHECK(DecodePeerPull(null_in_full).status().code() == Code::kInvalidArgument);
+  p.base_restore_point.clear();
+  p.disks[0].changed = false;
+  p.disks[0].chunks = {{3, x}};
+  nlohmann::json full = EncodePeerPull(p);
+  CHECK(!full.contains("base"));
+  auto f = DecodePeerPull(full);
+  REQUIRE(f.ok());
+  CHECK(!f->disks[0].changed);
+}
