@@ -570,23 +570,33 @@ Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::PointWriter& w, Di
   // lookup and one critical section per batch. Blocks of a batch are mostly
   // adjacent, so the reads are sequential and the kernel reads ahead.
   constexpr size_t kBatch = 16;
-  // Readahead hints on a descriptor of our own: the kernel reads each
-  // batch's runs in large requests at once (two workers: two batches in
-  // flight), instead of discovering them 64 KiB at a time. Only the blocks
-  // about to be copied, so an incremental point still reads only its change.
+  // Readahead hints on a descriptor of our own: the kernel reads the runs
+  // about to be copied in large requests at once, instead of discovering them
+  // 64 KiB at a time. Only blocks to copy, so an incremental point still
+  // reads only its change.
   UniqueFd hint;
   if (auto rec = disks_.get(snap.disk_name()); rec.ok()) {
     hint.reset(::open(rec->path.c_str(), O_RDONLY | O_CLOEXEC));
   }
+  // The hints run ahead of the copy by a window of kAheadBytes of blocks to
+  // copy (read N+1 while hashing and writing N): a worker finds its batch in
+  // the page cache instead of waiting for the disk, also when the changed
+  // blocks are scattered runs the kernel's own readahead cannot guess.
+  constexpr uint64_t kAheadBytes = 16ull << 20;
+  const uint64_t ahead_blocks = std::max<uint64_t>(kBatch, kAheadBytes / snap.granularity());
   std::mutex mu;
   uint64_t cursor = 0;
+  uint64_t ahead_cursor = 0;  // blocks before it have been hinted
+  uint64_t taken = 0, hinted = 0;
   Status failure;
   auto work = [&] {
     const size_t g = snap.granularity();
     std::vector<char> buf(g * kBatch);
     uint64_t slots[kBatch];
+    std::vector<std::pair<uint64_t, uint64_t>> hints;  // [first block, end block)
     for (;;) {
       size_t n = 0;
+      hints.clear();
       {
         std::lock_guard<std::mutex> lock(mu);
         if (!failure.ok()) return;
@@ -601,14 +611,22 @@ Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::PointWriter& w, Di
           cursor = b + 1;
         }
         if (n == 0) return;
-      }
-      if (hint) {
-        for (size_t i = 0, j; i < n; i = j) {
-          for (j = i + 1; j < n && slots[j] == slots[j - 1] + 1; ++j) {
+        taken += n;
+        while (hint && hinted < taken + ahead_blocks) {
+          uint64_t b = bits->find_next(ahead_cursor);
+          if (b >= bits->size()) break;
+          if (!hints.empty() && hints.back().second == b) {
+            ++hints.back().second;
+          } else {
+            hints.emplace_back(b, b + 1);
           }
-          (void)::posix_fadvise(hint.get(), static_cast<off_t>(slots[i] * g),
-                                static_cast<off_t>((j - i) * g), POSIX_FADV_WILLNEED);
+          ahead_cursor = b + 1;
+          ++hinted;
         }
+      }
+      for (const auto& [first, end] : hints) {
+        (void)::posix_fadvise(hint.get(), static_cast<off_t>(first * g),
+                              static_cast<off_t>((end - first) * g), POSIX_FADV_WILLNEED);
       }
       Status s;
       for (size_t i = 0; i < n && s.ok(); ++i) s = snap.read_block(slots[i], buf.data() + i * g);

@@ -238,8 +238,9 @@ Status Store::repack(uint64_t pack, GcStats* stats) {
     std::shared_lock<std::shared_mutex> g(gc_mu_);
     STORE_ASSIGN_OR_RETURN(fd, pack_fd_locked(pack));
   }
-  STORE_ASSIGN_OR_RETURN(auto w,
-                         PackWriter::Create(packs_dir_, new_pack_id(), opts_.pack_buffer_bytes));
+  STORE_ASSIGN_OR_RETURN(
+      auto w, PackWriter::Create(packs_dir_, new_pack_id(), opts_.pack_buffer_bytes, nullptr,
+                                 opts_.pack_direct_io));
   std::vector<char> buf;
   for (const PackEntry& e : entries) {
     buf.resize(e.length);

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/fault_injection.h"
@@ -14,9 +15,52 @@
 #include "store/macros.h"
 
 namespace rpoint::store {
+namespace {
+
+// O_DIRECT wants buffer, offset and length aligned to the logical block size;
+// 4 KiB covers every block device in use (objects are 4 KiB multiples).
+constexpr size_t kDirectAlign = 4096;
+
+}  // namespace
+
+BufferPool::BufferPool(size_t buffer_bytes, size_t max)
+    : bytes_((buffer_bytes + kDirectAlign - 1) / kDirectAlign * kDirectAlign),
+      max_(std::max<size_t>(max, 1)) {}
+
+BufferPool::~BufferPool() {
+  for (char* b : free_) std::free(b);
+}
+
+char* BufferPool::get() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return !free_.empty() || out_ + free_.size() < max_; });
+  ++out_;
+  if (!free_.empty()) {
+    char* b = free_.back();
+    free_.pop_back();
+    return b;
+  }
+  lock.unlock();
+  // Aligned for O_DIRECT. Never released to the system before the pool goes,
+  // so a pack's buffers are faulted in once per writer, not once per pack.
+  char* b = static_cast<char*>(std::aligned_alloc(kDirectAlign, bytes_));
+  if (b == nullptr) std::abort();  // as operator new would: out of memory
+  return b;
+}
+
+void BufferPool::put(char* b) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(b);
+    --out_;
+  }
+  cv_.notify_one();
+}
 
 Result<std::unique_ptr<PackWriter>> PackWriter::Create(const std::string& packs_dir, uint64_t id,
-                                                       size_t buffer_bytes) {
+                                                       size_t buffer_bytes,
+                                                       std::shared_ptr<BufferPool> pool,
+                                                       bool direct) {
   std::unique_ptr<PackWriter> w(new PackWriter());
   w->packs_dir_ = packs_dir;
   w->id_ = id;
@@ -29,7 +73,13 @@ Result<std::unique_ptr<PackWriter>> PackWriter::Create(const std::string& packs_
   w->tmp_path_ = w->final_path_ + ".tmp";
   w->fd_.reset(::open(w->tmp_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640));
   if (!w->fd_) return Status::FromErrno(errno, "create " + w->tmp_path_);
-  w->buf_.resize(std::max<size_t>(buffer_bytes, 1 << 20));
+  // A second descriptor for the aligned buffer writes; a filesystem without
+  // O_DIRECT (EINVAL) gets every write through the page cache instead.
+  if (direct) w->dfd_.reset(::open(w->tmp_path_.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
+  w->pool_ = pool ? std::move(pool)
+                  : std::make_shared<BufferPool>(std::max<size_t>(buffer_bytes, 1 << 20), 2);
+  w->buf_bytes_ = w->pool_->buffer_bytes();
+  STORE_RETURN_IF_ERROR(w->take_buffer());
   PackHeader h{};
   std::memcpy(h.magic, kPackMagic, sizeof(h.magic));
   h.version = kPackVersion;
@@ -38,38 +88,124 @@ Result<std::unique_ptr<PackWriter>> PackWriter::Create(const std::string& packs_
   timespec ts{};
   clock_gettime(CLOCK_REALTIME, &ts);
   h.created_ns = int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-  std::memset(w->buf_.data(), 0, kPackHeaderBytes);
-  std::memcpy(w->buf_.data(), &h, sizeof(h));
+  std::memset(w->cur_, 0, kPackHeaderBytes);
+  std::memcpy(w->cur_, &h, sizeof(h));
   w->buf_used_ = kPackHeaderBytes;
   w->size_ = kPackHeaderBytes;
   return w;
 }
 
 PackWriter::~PackWriter() {
+  {
+    // Buffers not yet written are dropped (the file goes); the one being
+    // written ends first, so the flusher never outlives the descriptors.
+    std::lock_guard<std::mutex> lock(fmu_);
+    for (const Flush& f : queue_) pool_->put(f.buf);
+    in_flight_ -= queue_.size();
+    queue_.clear();
+    stop_ = true;
+  }
+  fcv_.notify_all();
+  if (flusher_.joinable()) flusher_.join();
+  if (cur_) pool_->put(cur_);
   if (!sealed_ && fd_) ::unlink(tmp_path_.c_str());
 }
 
-Status PackWriter::flush() {
-  if (buf_used_ == 0) return Status::Ok();
-  STORE_RETURN_IF_ERROR(
-      PwriteFull(fd_.get(), buf_.data(), buf_used_, buf_file_off_, tmp_path_, "pack.write"));
-  // Start writeback now, in the background: by seal() time most of the pack is
-  // already on disk and the fdatasync is short.
-  (void)::sync_file_range(fd_.get(), static_cast<off_t>(buf_file_off_),
-                          static_cast<off_t>(buf_used_), SYNC_FILE_RANGE_WRITE);
-  buf_file_off_ += buf_used_;
+Status PackWriter::take_buffer() {
+  {
+    std::lock_guard<std::mutex> lock(fmu_);
+    if (!write_error_.ok()) return write_error_;
+  }
+  cur_ = pool_->get();  // waits while every buffer is being written
   buf_used_ = 0;
   return Status::Ok();
 }
 
+void PackWriter::hand_off() {
+  if (cur_ == nullptr || buf_used_ == 0) return;
+  {
+    std::lock_guard<std::mutex> lock(fmu_);
+    queue_.push_back(Flush{cur_, buf_used_, buf_file_off_});
+    ++in_flight_;
+    if (!flusher_.joinable()) flusher_ = std::thread([this] { flusher_loop(); });
+  }
+  fcv_.notify_all();
+  buf_file_off_ += buf_used_;
+  buf_used_ = 0;
+  cur_ = nullptr;
+}
+
+void PackWriter::flusher_loop() {
+  std::unique_lock<std::mutex> lock(fmu_);
+  for (;;) {
+    fcv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping, nothing left
+    Flush f = queue_.front();
+    queue_.pop_front();
+    bool failed = !write_error_.ok();
+    lock.unlock();
+    // After a failure the pack is lost anyway: later buffers are not written.
+    Status s = failed ? Status::Ok() : write_out(f);
+    pool_->put(f.buf);
+    lock.lock();
+    if (!s.ok() && write_error_.ok()) write_error_ = s;
+    --in_flight_;
+    fcv_.notify_all();
+  }
+}
+
+Status PackWriter::write_out(const Flush& f) {
+  size_t done = 0;
+  const bool aligned = dfd_ && reinterpret_cast<uintptr_t>(f.buf) % kDirectAlign == 0 &&
+                       f.len % kDirectAlign == 0 && f.off % kDirectAlign == 0;
+  if (aligned) {
+    while (done < f.len) {
+      ssize_t n = fault::Pwrite("pack.write", dfd_.get(), f.buf + done, f.len - done,
+                                static_cast<off_t>(f.off + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EINVAL) break;  // refused as direct I/O: the page cache takes the rest
+      if (n < 0) return Status::FromErrno(errno, "write " + tmp_path_);
+      if (n == 0) return Status::IoError("write " + tmp_path_ + ": no progress");
+      done += size_t(n);
+      if (done % kDirectAlign != 0) break;  // a short write: the rest is unaligned
+    }
+    if (done == f.len) return Status::Ok();
+  }
+  STORE_RETURN_IF_ERROR(
+      PwriteFull(fd_.get(), f.buf + done, f.len - done, f.off + done, tmp_path_, "pack.write"));
+  // Start writeback now, in the background: by seal() time most of the pack is
+  // already on disk and the fdatasync is short.
+  (void)::sync_file_range(fd_.get(), static_cast<off_t>(f.off + done),
+                          static_cast<off_t>(f.len - done), SYNC_FILE_RANGE_WRITE);
+  return Status::Ok();
+}
+
+Status PackWriter::wait_flushed() {
+  std::unique_lock<std::mutex> lock(fmu_);
+  fcv_.wait(lock, [&] { return in_flight_ == 0; });
+  stop_ = true;
+  fcv_.notify_all();
+  std::thread t = std::move(flusher_);
+  Status s = write_error_;
+  lock.unlock();
+  if (t.joinable()) t.join();
+  return s;
+}
+
 Result<uint64_t> PackWriter::append(ObjectKind kind, const Digest& d, const void* data, size_t len,
                                     size_t stored_len) {
-  if (sealed_) return Status::Internal("append to a sealed pack");
+  if (sealed_ || closed_) return Status::Internal("append to a closed pack");
   if (len > stored_len) return Status::Internal("object longer than its stored length");
   uint64_t off = size_;
-  if (buf_used_ + stored_len > buf_.size()) STORE_RETURN_IF_ERROR(flush());
-  if (stored_len > buf_.size()) {
-    // Bigger than the whole buffer (huge chunk sizes): write it straight through.
+  if (cur_ != nullptr && buf_used_ > 0 && buf_used_ + stored_len > buf_bytes_) hand_off();
+  if (cur_ == nullptr) {
+    STORE_RETURN_IF_ERROR(take_buffer());
+  } else {
+    std::lock_guard<std::mutex> lock(fmu_);
+    if (!write_error_.ok()) return write_error_;
+  }
+  if (stored_len > buf_bytes_) {
+    // Bigger than a whole buffer (huge chunk sizes): written straight through.
     STORE_RETURN_IF_ERROR(PwriteFull(fd_.get(), data, len, buf_file_off_, tmp_path_, "pack.write"));
     if (stored_len > len) {
       std::vector<char> zeros(stored_len - len, 0);
@@ -78,8 +214,8 @@ Result<uint64_t> PackWriter::append(ObjectKind kind, const Digest& d, const void
     }
     buf_file_off_ += stored_len;
   } else {
-    std::memcpy(buf_.data() + buf_used_, data, len);
-    if (stored_len > len) std::memset(buf_.data() + buf_used_ + len, 0, stored_len - len);
+    std::memcpy(cur_ + buf_used_, data, len);
+    if (stored_len > len) std::memset(cur_ + buf_used_ + len, 0, stored_len - len);
     buf_used_ += stored_len;
   }
   size_ += stored_len;
@@ -92,9 +228,20 @@ Result<uint64_t> PackWriter::append(ObjectKind kind, const Digest& d, const void
   return off;
 }
 
+void PackWriter::close() {
+  if (closed_) return;
+  closed_ = true;
+  hand_off();
+  if (cur_) {
+    pool_->put(cur_);
+    cur_ = nullptr;
+  }
+}
+
 Result<SealedPack> PackWriter::seal() {
   if (sealed_) return Status::Internal("pack sealed twice");
-  STORE_RETURN_IF_ERROR(flush());
+  close();
+  STORE_RETURN_IF_ERROR(wait_flushed());
   // Trailer + footer: what the pack holds, so it can be checked (and the index
   // rebuilt) from the file alone.
   PackFooter f{};
@@ -111,6 +258,9 @@ Result<SealedPack> PackWriter::seal() {
   STORE_RETURN_IF_ERROR(
       PwriteFull(fd_.get(), tail.data(), tail.size(), size_, tmp_path_, "pack.write"));
   uint64_t file_size = size_ + tail.size();
+  // One fdatasync per pack: the page-cache writes (trailer, fallbacks) and
+  // the metadata of the O_DIRECT ones (size, extents), with the device's
+  // cache flush that makes the direct writes durable too.
   if (fault::Fdatasync("pack.sync", fd_.get()) != 0) {
     return Status::FromErrno(errno, "fdatasync " + tmp_path_);
   }
@@ -120,7 +270,7 @@ Result<SealedPack> PackWriter::seal() {
   sealed_ = true;
   STORE_RETURN_IF_ERROR(FsyncDir(PackSubdir(packs_dir_, id_), "pack.dirsync"));
   fd_.reset();
-  std::vector<char>().swap(buf_);
+  dfd_.reset();
   SealedPack sp;
   sp.id = id_;
   sp.bytes = file_size;

@@ -29,6 +29,11 @@ PointWriter::PointWriter(std::shared_ptr<Store> store, PointParams params,
   slots_ = (params_.size + params_.chunk_size - 1) / params_.chunk_size;
   depth_ = TreeDepth(slots_);
   if (parent_) base_ = TreeView(store_.get(), parent_->root, parent_->depth);
+  // The open pack's buffer plus up to three being written (its own or those
+  // of full packs waiting for the sealer): appends never wait for a pwrite
+  // unless the disk is behind.
+  buffers_ = std::make_shared<BufferPool>(
+      std::max<size_t>(store_->options().pack_buffer_bytes, 1 << 20), 4);
   max_resident_ = std::max<size_t>(store_->options().writer_leaf_cache_bytes / kPageBytes, 16);
   store_->register_writer(&refs_);
   registered_ = true;
@@ -234,7 +239,8 @@ Status PointWriter::store_object_locked(ObjectKind kind, const Digest& d, const 
   if (!known) {
     if (!pack_) {
       STORE_ASSIGN_OR_RETURN(pack_, PackWriter::Create(store_->packs_dir(), store_->new_pack_id(),
-                                                       store_->options().pack_buffer_bytes));
+                                                       store_->options().pack_buffer_bytes,
+                                                       buffers_, store_->options().pack_direct_io));
     }
     STORE_ASSIGN_OR_RETURN(uint64_t off, pack_->append(kind, d, data, len, stored_len));
     (void)off;
@@ -246,6 +252,7 @@ Status PointWriter::store_object_locked(ObjectKind kind, const Digest& d, const 
       ++new_pages_;
     }
     if (pack_->bytes() >= store_->options().pack_target_bytes) {
+      pack_->close();  // its last buffer is written while it waits for the sealer
       sealing_.push_back(std::move(pack_digests_));
       pack_digests_ = DigestSet();
       seal_queue_.push_back(ToSeal{std::move(pack_), std::prev(sealing_.end())});

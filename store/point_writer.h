@@ -137,6 +137,8 @@ class PointWriter {
   std::mutex mu_;
   Status failed_;      // first error; every later call returns it
   bool done_ = false;  // committed or abandoned
+
+  std::shared_ptr<BufferPool> buffers_;  // pack write buffers, shared by this writer's packs
   std::unique_ptr<PackWriter> pack_;
   DigestSet pack_digests_;        // objects in pack_ (not yet indexed)
   std::list<DigestSet> sealing_;  // objects in packs queued for or being sealed

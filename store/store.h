@@ -109,6 +109,9 @@ struct StoreOptions {
   // null, the store makes its own of `open_packs` entries.
   std::shared_ptr<PackCache> pack_cache = nullptr;
   size_t open_packs = PackCache::kDefaultCapacity;
+  // Write pack buffers with O_DIRECT where the filesystem allows it (pack.h):
+  // no page-cache copy of what a point stores. Off: every write is buffered.
+  bool pack_direct_io = true;
 };
 
 // A committed disk point. `id` names it in this region; `root` + `size` +

@@ -35,7 +35,9 @@ KiB, MiB = 1 << 10, 1 << 20
 G = 64 * KiB
 SUB = 4 * KiB
 SIZE = 48 * MiB
-HOLD = "pack.write=delay60000*1"  # the copier waits at its first pack write
+# The first pack write waits; the copier goes on until every pack buffer waits
+# behind it (16 MiB of the 48), then stops too.
+HOLD = "pack.write=delay60000*1"
 
 
 class Rig:
