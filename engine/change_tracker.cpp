@@ -421,7 +421,6 @@ Status ChangeTracker::write_header(Generation& gen,
     return Status::FromErrno(errno, "fdatasync " + gen.path);
   }
   marks_written_.fetch_add(1);
-  syncs_.fetch_add(1);
   return Status::Ok();
 }
 
@@ -444,6 +443,7 @@ Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& b
   if (fresh) {
     Status st = write_header(gen, coarse, true);
     if (!st.ok()) return st;
+    syncs_.fetch_add(1);  // intent syncs only (finalize's do not delay a write)
     gen.incomplete_on_disk = true;
     for (uint64_t w = 0; w < kCoarseWords; ++w) {
       gen.coarse[w].fetch_or(coarse[w], std::memory_order_acq_rel);
