@@ -23,7 +23,10 @@ copy-out, and the cut pause, each against an anchor measured in the same run.
   guest IOPS fio (nbd engine) 4k randwrite, then 4k randread, QD32 on a disk
              of a VM, first with no point in progress, then while a full point of that VM is being
              copied out (copy-before-write on every first write to a block
-             not yet copied). Ratio during / idle.
+             not yet copied). Ratio during / idle. Then randwrite once more
+             right after the point ended (no copy-out, a fresh change-tracking
+             generation: every block's first write is a first mark), against
+             the run after it (same generation, every block marked).
   cut pause  cutPauseMicroseconds of N points of a VM with a 1 TiB sparse disk
              and a 1 GiB disk (one block changed on each per point): p50, p99,
              max; idle, with fio randwrite at LOAD_IOPS on the VM's disk, and
@@ -420,9 +423,17 @@ class Bench:
         total = time.monotonic() - t0
         if op["status"] != "Succeeded":
             raise RuntimeError(f"point under fio failed: {op}")
+        # Right after the point ended: no copy-out, but a fresh change-tracking
+        # generation, so every block's first write in it is a first mark.
+        # Anchor: the same run again in that generation (every block marked by
+        # then), measured after the fill's writeback is long over.
+        fresh = self.fio(uri, runtime, rw="randwrite")
+        marked = self.fio(uri, runtime, rw="randwrite")
         for rw in ("randwrite", "randread"):
             self.row(f"guest 4k {rw} QD32 during a copy-out", busy[rw], "IOPS",
                      "no point in progress", idle[rw])
+        self.row("guest 4k randwrite QD32 right after a point (fresh generation, no copy-out)",
+                 fresh, "IOPS", "the next run (every block marked)", marked)
         self.notes.append(
             f"copy-out of {a.size >> 20} MiB took {total:.1f} s with fio randwrite then randread "
             f"running for {runtime} s each; "

@@ -21,8 +21,21 @@
 namespace rpoint {
 namespace {
 
-constexpr char kMagic[8] = {'R', 'P', 'C', 'T', 'B', 'M', '0', '1'};
+constexpr char kMagic[8] = {'R', 'P', 'C', 'T', 'B', 'M', '0', '2'};
+// Files of older daemons: no coarse map, every fine bit durable before its write.
+constexpr char kMagicV1[8] = {'R', 'P', 'C', 'T', 'B', 'M', '0', '1'};
 constexpr uint64_t kHeaderBytes = 4096;
+constexpr uint64_t kCoarseOffset = 64;
+// Header flag: fine bits may lag the coarse map (the generation was still
+// taking marks, or its fine pages were not made durable): open widens it.
+constexpr uint32_t kFineIncomplete = 1;
+// A coarse region is 1/256 of the disk when the generation is made (rounded
+// up to a power of two), and at least 1 MiB: at most 256 intent syncs per
+// generation, and a crash over-reports at most 1/256 of the disk per region
+// written. The map holds 32256 regions, so a disk may grow 126x before the
+// blocks past the map are covered only by widening everything past it.
+constexpr unsigned kMinCoarseLog2 = 20;
+constexpr uint64_t kCoarsePerDisk = 256;
 constexpr char kRetiredFile[] = "retired";
 constexpr char kIdFile[] = "id";
 // Tries of one batch of marks before its writes fail with EIO.
@@ -31,9 +44,18 @@ constexpr int kMarkAttempts = 3;
 struct Header {
   char magic[8];
   uint32_t granularity;
-  uint32_t reserved;
+  uint32_t flags;  // RPCTBM01: reserved, 0
   uint64_t generation;
+  uint32_t coarse_shift;  // RPCTBM02: log2 of fine blocks per coarse region
+  uint32_t reserved;
 };
+static_assert(sizeof(Header) <= kCoarseOffset);
+
+unsigned CoarseShiftFor(uint64_t nblocks, unsigned shift) {
+  unsigned cs = shift >= kMinCoarseLog2 ? 0 : kMinCoarseLog2 - shift;
+  while ((nblocks >> cs) > kCoarsePerDisk) ++cs;
+  return cs;
+}
 
 std::string GenPath(const std::string& dir, uint64_t gen) {
   char name[32];
@@ -61,13 +83,26 @@ Status Preallocate(int fd, const std::string& path, uint64_t nblocks) {
   return Status::Ok();
 }
 
+// A generation whose fine bits may lag its coarse map: every block of every
+// coarse region set (and of every region past the map) counts as changed.
+void Widen(SparseBitmap& bits, const uint64_t* coarse, unsigned cs) {
+  uint64_t n = bits.size();
+  for (uint64_t r = 0; r < ChangeTracker::kCoarseBits && (r << cs) < n; ++r) {
+    if ((coarse[r / 64] >> (r % 64)) & 1) bits.set_range(r << cs, ((r + 1) << cs) - 1);
+  }
+  uint64_t past = ChangeTracker::kCoarseBits << cs;
+  if (past < n) bits.set_range(past, n - 1);
+}
+
 }  // namespace
 
 ChangeTracker::ChangeTracker(const ChangeTrackerOptions& o)
     : dir_(o.dir),
       granularity_(o.granularity),
       shift_(static_cast<unsigned>(std::countr_zero(o.granularity))),
-      nblocks_((o.disk_size + o.granularity - 1) / o.granularity) {}
+      nblocks_((o.disk_size + o.granularity - 1) / o.granularity) {
+  coarse_shift_for_new_ = CoarseShiftFor(nblocks_.load(), shift_);
+}
 
 Result<std::unique_ptr<ChangeTracker>> ChangeTracker::Open(const ChangeTrackerOptions& options) {
   if (options.granularity < 4096 || !std::has_single_bit(options.granularity)) {
@@ -100,6 +135,24 @@ ChangeTracker::~ChangeTracker() {
   }
   cv_.notify_all();
   if (flusher_.joinable()) flusher_.join();
+  // A clean stop: no mark can come any more (the disk is closed), so the
+  // active generation's fine bits are complete once on disk. Frozen ones the
+  // flusher did not reach yet as well.
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<Generation>> gens(to_finalize_.begin(), to_finalize_.end());
+  if (active_) gens.push_back(active_);
+  for (auto& g : gens) {
+    Status st = finalize(*g);
+    if (!st.ok()) spdlog::warn("change tracking {}: {} (it will be widened)", dir_, st.ToString());
+  }
+}
+
+bool ChangeTracker::Generation::coarse_covers(uint64_t first, uint64_t last) const {
+  for (uint64_t r = first >> coarse_shift; r <= (last >> coarse_shift); ++r) {
+    if (r >= kCoarseBits) return true;  // past the map: always widened
+    if (!((coarse[r / 64].load(std::memory_order_acquire) >> (r % 64)) & 1)) return false;
+  }
+  return true;
 }
 
 Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generation(
@@ -108,6 +161,12 @@ Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generat
   g->number = number;
   g->path = GenPath(dir_, number);
   g->bits = SparseBitmap(nblocks_.load());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    coarse_shift_for_new_ =
+        std::max(coarse_shift_for_new_, CoarseShiftFor(nblocks_.load(), shift_));
+    g->coarse_shift = coarse_shift_for_new_;
+  }
   std::string tmp = g->path + ".tmp";
   UniqueFd fd(::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (!fd) return Status::FromErrno(errno, "create " + tmp);
@@ -116,6 +175,7 @@ Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generat
   std::memcpy(h.magic, kMagic, sizeof kMagic);
   h.granularity = granularity_;
   h.generation = number;
+  h.coarse_shift = g->coarse_shift;
   std::memcpy(header, &h, sizeof h);
   if (fault::Pwrite("tracking.create", fd.get(), header, sizeof header, 0) !=
       static_cast<ssize_t>(sizeof header)) {
@@ -198,9 +258,13 @@ Status ChangeTracker::load_existing() {
     g->bits = SparseBitmap(nblocks_.load());
     g->fd.reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
     if (!g->fd) return Status::FromErrno(errno, "open " + path);
+    char page0[kHeaderBytes] = {};
     Header h{};
-    if (pread(g->fd.get(), &h, sizeof h, 0) != static_cast<ssize_t>(sizeof h) ||
-        std::memcmp(h.magic, kMagic, sizeof kMagic) != 0 || h.granularity != granularity_) {
+    ssize_t hn = pread(g->fd.get(), page0, sizeof page0, 0);
+    if (hn >= static_cast<ssize_t>(sizeof h)) std::memcpy(&h, page0, sizeof h);
+    bool v1 = hn >= static_cast<ssize_t>(sizeof h) && std::memcmp(h.magic, kMagicV1, 8) == 0;
+    bool v2 = hn >= static_cast<ssize_t>(sizeof h) && std::memcmp(h.magic, kMagic, 8) == 0;
+    if ((!v1 && !v2) || h.granularity != granularity_ || (v2 && h.coarse_shift > 45)) {
       return Status::IoError(path + " is not a change-tracking bitmap of granularity " +
                              std::to_string(granularity_));
     }
@@ -214,6 +278,21 @@ Status ChangeTracker::load_existing() {
       }
       g->bits.or_page(p, page.data());
     }
+    if (v2) {
+      g->coarse_shift = h.coarse_shift;
+      uint64_t words[kCoarseWords];
+      std::memcpy(words, page0 + kCoarseOffset, sizeof words);
+      for (uint64_t w = 0; w < kCoarseWords; ++w) g->coarse[w].store(words[w]);
+      g->incomplete_on_disk = (h.flags & kFineIncomplete) != 0;
+      if (g->incomplete_on_disk) {
+        uint64_t before = g->bits.count();
+        Widen(g->bits, words, g->coarse_shift);
+        spdlog::info(
+            "change tracking {}: generation {} was not stopped cleanly: widened from {} to "
+            "{} blocks (every block of each region marked in its coarse map)",
+            dir_, number, before, g->bits.count());
+      }
+    }
     last = std::max(last, number);
     if (g->bits.find_next(0) == g->bits.size()) {
       // Never marked (e.g. the pre-made next generation): nothing to keep,
@@ -222,7 +301,10 @@ Status ChangeTracker::load_existing() {
       continue;
     }
     // Crashed generations (the one active at the crash included) all count as
-    // changes not yet in a successful restore point.
+    // changes not yet in a successful restore point. A widened one gets its
+    // widened bits written and its flag cleared behind (the same bits each
+    // time it is opened until then).
+    if (g->incomplete_on_disk) to_finalize_.push_back(g);
     frozen_.push_back(std::move(g));
   }
   if (!frozen_.empty()) {
@@ -289,6 +371,7 @@ bool ChangeTracker::ensure_marked(uint64_t offset, uint64_t length, Reactor& rea
   // least the ticket's epoch) cannot be retired under us.
   Generation* g = view().gen;
   if (g->bits.all_set(first, last)) return true;
+  if (mark_fast(first, last)) return true;
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back({first, last, &reactor, std::move(done)});
@@ -297,46 +380,124 @@ bool ChangeTracker::ensure_marked(uint64_t offset, uint64_t length, Reactor& rea
   return false;
 }
 
-Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& batch) {
-  // New content of every page the batch touches: what is durable | the batch's bits.
-  std::map<size_t, std::vector<uint64_t>> pages;
-  for (const Pending& p : batch) {
-    for (uint64_t b = p.first; b <= p.last && b < gen.bits.size(); ++b) {
-      if (gen.bits.test(b)) continue;
-      size_t pi = b / SparseBitmap::kBitsPerPage;
-      auto it = pages.find(pi);
-      if (it == pages.end()) {
-        std::vector<uint64_t> words(SparseBitmap::kWordsPerPage, 0);
-        if (const uint64_t* cur = gen.bits.page_words(pi))
-          std::copy_n(cur, words.size(), words.data());
-        it = pages.emplace(pi, std::move(words)).first;
-      }
-      uint64_t in = b % SparseBitmap::kBitsPerPage;
-      it->second[in / 64] |= 1ull << (in % 64);
+bool ChangeTracker::mark_fast(uint64_t first, uint64_t last) {
+  // The visibility rules of the header, in order: unarmed; announced; still
+  // the same unarmed epoch once announced (else arm() may have missed us);
+  // no flusher batch for an older generation still running; the coarse
+  // regions durable. seq_cst throughout (state_, marking_, batch_gen_).
+  uint64_t s = state_.load(std::memory_order_seq_cst);
+  if (s & 1) return false;
+  uint64_t e = s >> 1;
+  std::atomic<int64_t>& m = marking_[e % 2];
+  m.fetch_add(1, std::memory_order_seq_cst);
+  bool ok = false;
+  if (state_.load(std::memory_order_seq_cst) == s) {
+    Generation* g = active_raw_.load(std::memory_order_acquire);
+    uint64_t b = batch_gen_.load(std::memory_order_seq_cst);
+    if (g->number == e && (b == 0 || b >= e) && g->coarse_covers(first, last)) {
+      g->bits.set_range(first, last);
+      ok = true;
     }
   }
-  if (pages.empty()) return Status::Ok();
-  for (auto& [pi, words] : pages) {
-    off_t off = static_cast<off_t>(kHeaderBytes + pi * SparseBitmap::kPageBytes);
-    Status st = PwriteFull(gen.fd.get(), words.data(), SparseBitmap::kPageBytes, uint64_t(off),
-                           gen.path, "tracking.write");
-    if (!st.ok()) return st;
-  }
+  m.fetch_sub(1, std::memory_order_seq_cst);  // release: arm() sees the bits set
+  return ok;
+}
+
+Status ChangeTracker::write_header(Generation& gen,
+                                   const std::array<uint64_t, kCoarseWords>& coarse,
+                                   bool incomplete) {
+  alignas(8) char page[kHeaderBytes] = {};
+  Header h{};
+  std::memcpy(h.magic, kMagic, sizeof kMagic);
+  h.granularity = granularity_;
+  h.flags = incomplete ? kFineIncomplete : 0;
+  h.generation = gen.number;
+  h.coarse_shift = gen.coarse_shift;
+  std::memcpy(page, &h, sizeof h);
+  std::memcpy(page + kCoarseOffset, coarse.data(), sizeof(uint64_t) * kCoarseWords);
+  Status st = PwriteFull(gen.fd.get(), page, sizeof page, 0, gen.path, "tracking.write");
+  if (!st.ok()) return st;
   if (fault::Fdatasync("tracking.sync", gen.fd.get()) != 0) {
     return Status::FromErrno(errno, "fdatasync " + gen.path);
   }
-  // Durable: only now may readers see the bits (and skip the slow path).
-  for (auto& [pi, words] : pages) gen.bits.or_page(pi, words.data());
-  marks_written_.fetch_add(pages.size());
-  syncs_.fetch_add(1);
+  marks_written_.fetch_add(1);
+  return Status::Ok();
+}
+
+Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& batch) {
+  // The coarse regions the batch needs that are not durable yet: one header
+  // write + fdatasync for all of them (the whole map is rewritten: a retry
+  // after a failed sync never trusts what that sync may have dropped).
+  std::array<uint64_t, kCoarseWords> coarse{};
+  for (uint64_t w = 0; w < kCoarseWords; ++w) coarse[w] = gen.coarse[w].load();
+  bool fresh = false;
+  for (const Pending& p : batch) {
+    for (uint64_t r = p.first >> gen.coarse_shift; r <= (p.last >> gen.coarse_shift); ++r) {
+      if (r >= kCoarseBits) break;  // past the map: always widened
+      if (!((coarse[r / 64] >> (r % 64)) & 1)) {
+        coarse[r / 64] |= 1ull << (r % 64);
+        fresh = true;
+      }
+    }
+  }
+  if (fresh) {
+    Status st = write_header(gen, coarse, true);
+    if (!st.ok()) return st;
+    syncs_.fetch_add(1);  // intent syncs only (finalize's do not delay a write)
+    gen.incomplete_on_disk = true;
+    for (uint64_t w = 0; w < kCoarseWords; ++w) {
+      gen.coarse[w].fetch_or(coarse[w], std::memory_order_acq_rel);
+    }
+  }
+  // Durable intent: only now may readers see the fine bits (and skip the slow path).
+  for (const Pending& p : batch) gen.bits.set_range(p.first, p.last);
+  return Status::Ok();
+}
+
+Status ChangeTracker::finalize(Generation& gen) {
+  if (!gen.incomplete_on_disk) return Status::Ok();
+  for (size_t pi = 0; pi < gen.bits.page_count(); ++pi) {
+    const uint64_t* words = gen.bits.page_words(pi);
+    if (!words) continue;
+    std::vector<uint64_t> copy(words, words + SparseBitmap::kWordsPerPage);
+    Status st =
+        PwriteFull(gen.fd.get(), copy.data(), SparseBitmap::kPageBytes,
+                   kHeaderBytes + pi * SparseBitmap::kPageBytes, gen.path, "tracking.write");
+    if (!st.ok()) return st;
+    marks_written_.fetch_add(1);
+  }
+  // The fine pages durable before the header stops saying they may lag.
+  if (fault::Fdatasync("tracking.sync", gen.fd.get()) != 0) {
+    return Status::FromErrno(errno, "fdatasync " + gen.path);
+  }
+  std::array<uint64_t, kCoarseWords> coarse{};
+  for (uint64_t w = 0; w < kCoarseWords; ++w) coarse[w] = gen.coarse[w].load();
+  Status st = write_header(gen, coarse, false);
+  if (!st.ok()) return st;
+  gen.incomplete_on_disk = false;
+  finalized_.fetch_add(1);
   return Status::Ok();
 }
 
 void ChangeTracker::flusher_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-    if (queue_.empty() && stopping_) return;
+    cv_.wait(lock, [&] { return stopping_ || !queue_.empty() || !to_finalize_.empty(); });
+    if (queue_.empty()) {
+      if (to_finalize_.empty()) return;  // stopping, nothing left
+      // A frozen generation takes no more marks (settle() queued it after
+      // arm() drained the fast marks, and its batches ran before this one).
+      std::shared_ptr<Generation> g = to_finalize_.front();
+      lock.unlock();
+      Status st = finalize(*g);
+      // Not fatal: the generation stays flagged, and a crash before it is
+      // retired widens it (over-reports).
+      if (!st.ok()) spdlog::warn("change tracking {}: {}", dir_, st.ToString());
+      lock.lock();
+      to_finalize_.pop_front();
+      synced_cv_.notify_all();
+      continue;
+    }
     std::vector<Pending> batch(std::make_move_iterator(queue_.begin()),
                                std::make_move_iterator(queue_.end()));
     queue_.clear();
@@ -344,19 +505,20 @@ void ChangeTracker::flusher_loop() {
     // a batch holding a mark of a new-epoch write was queued after that write
     // saw the switch published, so it goes to the new generation. Batches run
     // one after the other, so every bit of a frozen generation is visible
-    // before any bit of the next one is (see the header).
+    // before any bit of the next one is (see the header). batch_gen_ keeps the
+    // fast path of a newer epoch off until this batch's bits are visible.
     std::shared_ptr<Generation> gen = current_locked();
+    batch_gen_.store(gen->number, std::memory_order_seq_cst);
     ++batches_started_;
     lock.unlock();
     Status st = write_marks(*gen, batch);
-    // A transient failure is retried before the writes waiting on it fail:
-    // write_marks writes every page again before the next fdatasync, so a
-    // retry never trusts pages an earlier failed sync may have dropped.
+    // A transient failure is retried before the writes waiting on it fail.
     for (int attempt = 1; !st.ok() && attempt < kMarkAttempts; ++attempt) {
       spdlog::warn("change tracking {}: {}; retrying", dir_, st.ToString());
       std::this_thread::sleep_for(std::chrono::milliseconds(10 * attempt));
       st = write_marks(*gen, batch);
     }
+    batch_gen_.store(0, std::memory_order_seq_cst);
     if (!st.ok()) spdlog::error("change tracking {}: {}", dir_, st.ToString());
     for (Pending& p : batch) {
       p.reactor->post([done = std::move(p.done), st] { done(st); });
@@ -370,7 +532,8 @@ void ChangeTracker::flusher_loop() {
 Status ChangeTracker::sync() {
   std::unique_lock<std::mutex> lock(mu_);
   uint64_t target = batches_started_ + (queue_.empty() ? 0 : 1);
-  synced_cv_.wait(lock, [&] { return batches_done_ >= target || stopping_; });
+  synced_cv_.wait(lock,
+                  [&] { return (batches_done_ >= target && to_finalize_.empty()) || stopping_; });
   return Status::Ok();
 }
 
@@ -378,7 +541,7 @@ Result<ChangeTracker::Armed> ChangeTracker::arm(std::shared_ptr<const CutSwitch>
                                                 uint64_t after) {
   Status st = prepare_next();  // no-op when the cut prepared it already
   if (!st.ok()) return st;
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   if (armed_) return Status::Conflict("change tracking " + dir_ + ": a cut is already armed");
   if (!next_) return Status::Conflict("change tracking " + dir_ + ": retry the cut");
   uint64_t e = active_->number;
@@ -397,6 +560,12 @@ Result<ChangeTracker::Armed> ChangeTracker::arm(std::shared_ptr<const CutSwitch>
   // The Arm before the bit: a reader that sees the bit finds the Arm.
   arm_.store(armed_);
   state_.store((e << 1) | 1, std::memory_order_seq_cst);
+  lock.unlock();  // a reactor's slow path may need mu_ meanwhile
+  // Fast marks that read the unarmed epoch finish before the switch can be
+  // published (see the header); new ones see the armed bit and queue. Each
+  // is a few atomic ORs on a reactor thread: at most a preempted thread's
+  // time slice, and before the publish, so no write waits for it.
+  while (marking_[e % 2].load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
   return out;
 }
 
@@ -405,6 +574,8 @@ uint64_t ChangeTracker::settle() {
   uint64_t e = active_->number;
   if (!armed_) return e;  // nothing armed (defensive)
   frozen_.push_back(active_);
+  // Its fine bits to disk behind (flusher): it takes no more marks.
+  to_finalize_.push_back(active_);
   active_ = std::move(next_);
   // Published already: readers see the next generation through the Arm; the
   // plain word takes over before the Arm goes.
@@ -412,6 +583,7 @@ uint64_t ChangeTracker::settle() {
   state_.store(active_->number << 1, std::memory_order_seq_cst);
   arm_.store(nullptr);
   armed_.reset();
+  cv_.notify_one();
   return e;
 }
 

@@ -38,6 +38,13 @@ def two_regions(tmp_path):
             f"  - {{name: west, path: {tmp_path}/west}}\n")
 
 
+def widened(blocks, per=16):
+    """What an unclean stop leaves of a generation's blocks: every block of
+    each coarse tracking region (1/256 of the disk, at least 1 MiB: 16 blocks
+    here) one of them is in (engine/change_tracker.h)."""
+    return {b for x in blocks for b in range(x // per * per, x // per * per + per)}
+
+
 def generation_files(d, disk):
     t = os.path.join(d.state_dir, "tracking", disk)
     return sorted(f for f in os.listdir(t) if f.endswith(".ctbm"))
@@ -102,14 +109,18 @@ def test_two_collections_alternate_each_incremental_against_its_own(make_daemon,
     d.kill9()
     d.start()
     q, imgs["cw", "q2"] = point(d, "cw", "q2", tmp_path)
-    assert q["incremental"] is True and q["blocksChanged"] == len(s2 | s3), q
+    # s3's generation was active at the kill: widened to its coarse regions.
+    # s2's was frozen (made complete behind the cut, so exact, unless the kill
+    # came first: widened too).
+    assert q["incremental"] is True, q
+    assert len(s2 | widened(s3)) <= q["blocksChanged"] <= len(widened(s2 | s3)), q
 
     # kill -9 right after a point succeeded.
     d.kill9()
     d.start()
     s4 = w.write(7)
     p, imgs["ce", "p3"] = point(d, "ce", "p3", tmp_path)
-    assert p["incremental"] is True and p["blocksChanged"] == len(s3 | s4), p
+    assert p["incremental"] is True and p["blocksChanged"] == len(widened(s3) | s4), p
     check_exact(d, imgs, tmp_path)
 
     # cw lags behind ce: the tracker keeps what cw has not captured (s4),

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
@@ -74,11 +75,11 @@ std::vector<char> ReadFile(const fs::path& p) {
 
 }  // namespace
 
-TEST_CASE("change tracker: first write to a block pays one sync, later writes none") {
+TEST_CASE("change tracker: only the first write into a coarse region waits for a sync") {
   TempDir tmp;
   fs::path img = tmp.path / "disk.img";
   { std::ofstream(img).close(); }
-  fs::resize_file(img, 64 * kGran);
+  fs::resize_file(img, 64 * kGran);  // 4 MiB: coarse regions of 1 MiB (16 blocks)
   auto disk = FileDisk::Open({"d", img, false, false, (tmp.path / "track").string(), kGran});
   REQUIRE(disk.ok());
   ChangeTracker* t = disk.value()->tracker();
@@ -89,21 +90,25 @@ TEST_CASE("change tracker: first write to a block pays one sync, later writes no
   CHECK(t->syncs() == 1);
   for (int i = 0; i < 20; ++i) CHECK(Write(loop, *disk.value(), 3 * kGran + i * 512, buf) == 0);
   CHECK(t->syncs() == 1);
-  // A write spanning two blocks marks both.
+  // Other blocks of the same region, a write spanning two of them included:
+  // marked in memory, no sync (one sync per block before).
+  CHECK(Write(loop, *disk.value(), 5 * kGran, buf) == 0);
   CHECK(Write(loop, *disk.value(), 10 * kGran - 10, buf) == 0);
+  CHECK(t->syncs() == 1);
+  // A write into the next region pays its intent sync.
+  CHECK(Write(loop, *disk.value(), 20 * kGran, buf) == 0);
   CHECK(t->syncs() == 2);
 
   auto frozen = t->flip();
   REQUIRE(frozen.ok());
   SparseBitmap changed = t->changed();
-  CHECK(changed.count() == 3);
-  CHECK(changed.test(3));
-  CHECK(changed.test(9));
-  CHECK(changed.test(10));
+  CHECK(changed.count() == 5);
+  for (uint64_t b : {3, 5, 9, 10, 20}) CHECK(changed.test(b));
   CHECK(t->all_since_creation());
-  // Writes after the flip go to the new generation only.
-  CHECK(Write(loop, *disk.value(), 20 * kGran, buf) == 0);
-  CHECK(t->changed().count() == 3);
+  // Writes after the flip go to the new generation only, with its own intent.
+  CHECK(Write(loop, *disk.value(), 21 * kGran, buf) == 0);
+  CHECK(t->syncs() == 3);
+  CHECK(t->changed().count() == 5);
   CHECK(t->retire_through(frozen.value()).ok());
   CHECK(t->changed().count() == 0);
   CHECK_FALSE(t->all_since_creation());
@@ -470,4 +475,214 @@ TEST_CASE("change tracker: a recreated tracker directory has another identity") 
   REQUIRE(disk.ok());
   CHECK(disk.value()->tracker()->id() != id1);
   CHECK(disk.value()->tracker()->all_since_creation());
+}
+
+namespace {
+
+// A crash: SIGKILL of this process, no destructor runs.
+[[noreturn]] void Crash() {
+  kill(getpid(), SIGKILL);
+  _exit(9);
+}
+
+// Runs `body` in a child process, which must end in Crash() (inside its own
+// scope, before its tracker's destructor could stop it cleanly), and waits.
+template <typename F>
+void InKilledChild(F body) {
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    body();
+    _exit(8);  // body returned: its destructors ran, not a crash
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSIGNALED(status));
+  REQUIRE(WTERMSIG(status) == SIGKILL);
+}
+
+// A power cut after a crash loses the page cache: every fine bitmap page that
+// was never fdatasynced. The harshest such loss: every fine page of every
+// generation file whose header says its fine bits may lag (the ones the
+// tracker made complete keep theirs). Returns how many files were hit.
+int LosePageCache(const std::string& track) {
+  int hit = 0;
+  for (const auto& e : fs::directory_iterator(track)) {
+    if (e.path().extension() != ".ctbm") continue;
+    std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
+    uint32_t flags = 0;
+    f.seekg(12);
+    f.read(reinterpret_cast<char*>(&flags), sizeof flags);
+    if (!(flags & 1)) continue;
+    std::vector<char> zeros(fs::file_size(e.path()) - 4096, 0);
+    f.seekp(4096);
+    f.write(zeros.data(), static_cast<std::streamsize>(zeros.size()));
+    ++hit;
+  }
+  return hit;
+}
+
+uint32_t HeaderFlags(const fs::path& file) {
+  std::ifstream f(file, std::ios::binary);
+  uint32_t flags = 0;
+  f.seekg(12);
+  f.read(reinterpret_cast<char*>(&flags), sizeof flags);
+  return flags;
+}
+
+std::vector<uint64_t> SetBits(const SparseBitmap& b) {
+  std::vector<uint64_t> out;
+  for (uint64_t i = b.find_next(0); i < b.size(); i = b.find_next(i + 1)) out.push_back(i);
+  return out;
+}
+
+std::vector<uint64_t> Range(uint64_t first, uint64_t last) {
+  std::vector<uint64_t> out;
+  for (uint64_t b = first; b <= last; ++b) out.push_back(b);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "change tracker: an unclean stop widens the coarse regions; a lost page cache loses no "
+    "change") {
+  TempDir tmp;
+  fs::path img = tmp.path / "disk.img";
+  { std::ofstream(img).close(); }
+  fs::resize_file(img, 64 * kGran);  // coarse regions of 16 blocks
+  std::string track = (tmp.path / "track").string();
+  InKilledChild([&] {
+    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    if (!disk.ok()) _exit(3);
+    Loop loop;
+    std::vector<char> buf(4096, 'a');
+    if (Write(loop, *disk.value(), 3 * kGran, buf) != 0) _exit(4);
+    if (Write(loop, *disk.value(), 40 * kGran, buf) != 0) _exit(4);
+    if (Write(loop, *disk.value(), 41 * kGran, buf) != 0) _exit(4);
+    Crash();
+  });
+  CHECK(LosePageCache(track) == 1);  // the active generation was never made complete
+  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  REQUIRE(disk.ok());
+  ChangeTracker* t = disk.value()->tracker();
+  REQUIRE(t->flip().ok());
+  // Regions 0 (blocks 0-15) and 2 (32-47) whole; region 1 and 3 not.
+  std::vector<uint64_t> want = Range(0, 15), r2 = Range(32, 47);
+  want.insert(want.end(), r2.begin(), r2.end());
+  CHECK(SetBits(t->changed()) == want);
+}
+
+TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, not widened") {
+  TempDir tmp;
+  fs::path img = tmp.path / "disk.img";
+  { std::ofstream(img).close(); }
+  fs::resize_file(img, 64 * kGran);
+  std::string track = (tmp.path / "track").string();
+  InKilledChild([&] {
+    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    if (!disk.ok()) _exit(3);
+    Loop loop;
+    std::vector<char> buf(4096, 'a');
+    if (Write(loop, *disk.value(), 3 * kGran, buf) != 0) _exit(4);
+    ChangeTracker* t = disk.value()->tracker();
+    if (!t->flip().ok()) _exit(5);  // a point that never retires (failed)
+    if (!t->sync().ok() || t->finalized() != 1) _exit(6);
+    if (Write(loop, *disk.value(), 40 * kGran, buf) != 0) _exit(4);
+    Crash();
+  });
+  // The frozen generation's header says complete; the active one's does not.
+  std::vector<uint32_t> flags;
+  for (const auto& e : fs::directory_iterator(track)) {
+    if (e.path().extension() == ".ctbm") flags.push_back(HeaderFlags(e.path()));
+  }
+  std::sort(flags.begin(), flags.end());
+  CHECK(flags == std::vector<uint32_t>{0, 1});
+  CHECK(LosePageCache(track) == 1);
+  {
+    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    REQUIRE(disk.ok());
+    ChangeTracker* t = disk.value()->tracker();
+    // The frozen generation exact (block 3), the crashed active one widened
+    // (region 2: blocks 32-47).
+    std::vector<uint64_t> want = {3};
+    std::vector<uint64_t> r2 = Range(32, 47);
+    want.insert(want.end(), r2.begin(), r2.end());
+    CHECK(SetBits(t->changed()) == want);
+    Loop loop;
+    std::vector<char> buf(4096, 'b');
+    CHECK(Write(loop, *disk.value(), 60 * kGran, buf) == 0);
+  }  // a clean stop: the active generation is made complete
+  for (const auto& e : fs::directory_iterator(track)) {
+    if (e.path().extension() == ".ctbm") CHECK(HeaderFlags(e.path()) == 0);
+  }
+  CHECK(LosePageCache(track) == 0);
+  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  REQUIRE(disk.ok());
+  SparseBitmap all = disk.value()->tracker()->changed();
+  CHECK(all.count() == 18);  // 3, 32-47 (as widened before), 60 exact
+  CHECK(all.test(60));
+  CHECK_FALSE(all.test(61));
+}
+
+TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost page cache") {
+  TempDir tmp;
+  fs::path img = tmp.path / "disk.img";
+  { std::ofstream(img).close(); }
+  fs::resize_file(img, 64 * kGran);  // coarse regions of 16 blocks, 32256 of them
+  std::string track = (tmp.path / "track").string();
+  // Past the coarse map (32256 * 16 blocks): covered by widening everything past it.
+  const uint64_t inside = 7999, past = ChangeTracker::kCoarseBits * 16 + 1000;
+  InKilledChild([&] {
+    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    if (!disk.ok()) _exit(3);
+    if (!disk.value()->grow((past + 100) * kGran).ok()) _exit(5);
+    Loop loop;
+    std::vector<char> buf(4096, 'g');
+    if (Write(loop, *disk.value(), inside * kGran, buf) != 0) _exit(4);
+    if (Write(loop, *disk.value(), past * kGran, buf) != 0) _exit(4);
+    Crash();
+  });
+  CHECK(LosePageCache(track) == 1);
+  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  REQUIRE(disk.ok());
+  ChangeTracker* t = disk.value()->tracker();
+  REQUIRE(t->flip().ok());
+  SparseBitmap c = t->changed();
+  CHECK(c.test(inside));
+  CHECK(c.test(past));
+  // The region of `inside` (7984-7999) and every block past the map.
+  CHECK(c.count() == 16 + (past + 100 - ChangeTracker::kCoarseBits * 16));
+  CHECK_FALSE(c.test(7983));
+}
+
+TEST_CASE("change tracker: a retired generation stays gone after a crash; the active one widens") {
+  TempDir tmp;
+  fs::path img = tmp.path / "disk.img";
+  { std::ofstream(img).close(); }
+  fs::resize_file(img, 64 * kGran);
+  std::string track = (tmp.path / "track").string();
+  InKilledChild([&] {
+    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    if (!disk.ok()) _exit(3);
+    ChangeTracker* t = disk.value()->tracker();
+    Loop loop;
+    std::vector<char> buf(4096, 'r');
+    if (Write(loop, *disk.value(), 3 * kGran, buf) != 0) _exit(4);
+    auto g = t->flip();
+    // Retired at once: its write-behind may still be queued or running.
+    if (!g.ok() || !t->retire_through(g.value()).ok()) _exit(5);
+    if (Write(loop, *disk.value(), 40 * kGran, buf) != 0) _exit(4);
+    if (!t->sync().ok()) _exit(6);
+    Crash();
+  });
+  size_t files = 0;
+  for (const auto& e : fs::directory_iterator(track)) files += e.path().extension() == ".ctbm";
+  CHECK(files == 1);
+  CHECK(LosePageCache(track) == 1);
+  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  REQUIRE(disk.ok());
+  ChangeTracker* t = disk.value()->tracker();
+  CHECK_FALSE(t->all_since_creation());
+  CHECK(SetBits(t->changed()) == Range(32, 47));
 }
