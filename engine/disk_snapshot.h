@@ -70,7 +70,7 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   static constexpr uint64_t kMaxUnflushed = 64ull << 20;
   // The share of its time a copy thread may work while the guest is busy.
   static constexpr double kGuestBusyDuty = 0.1;
-  // staging_fd: an empty, unnamed file opened read-write (made before the cut's pause).
+  // staging_fd: an empty, unnamed file opened read-write (made before the cut is published).
   static Result<std::shared_ptr<DiskSnapshot>> Create(Params params, UniqueFd staging_fd);
   ~DiskSnapshot();
 
@@ -83,7 +83,7 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
 
   // Blocks the restore point must store: for a full point every block allocated
   // at the cut, else every block changed since the last retired point.
-  // Computed once, after the cut (never during the pause).
+  // Computed once, after the cut (never while the cut is being published).
   Result<SparseBitmap> to_copy();
 
   // Copies block b as it was at the cut into buf (granularity bytes; the tail
