@@ -110,6 +110,33 @@ class Daemon:
         except OSError:
             return ""
 
+    def log_all(self):
+        """The whole log (log() keeps only its tail, for messages)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def sighup_and_wait(self, want, timeout=10):
+        """SIGHUP the daemon and wait until its log says `want` once more."""
+        before = self.log_all().count(want)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log_all().count(want) <= before:
+            assert time.monotonic() < deadline, f"no {want!r} after SIGHUP:\n{self.log()}"
+            time.sleep(0.02)
+
+    def arm_faults(self, rules, path=None):
+        """Writes the fault rules file (RPOINTD_FAULTS_FILE unless `path`) and,
+        when the daemon runs, reloads it by SIGHUP; returns once armed."""
+        path = path or self.env["RPOINTD_FAULTS_FILE"]
+        with open(path + ".tmp", "w") as f:
+            f.write(rules + "\n")
+        os.rename(path + ".tmp", path)
+        if self.proc is not None:
+            self.sighup_and_wait("fault injection: rules now " + (rules or "none"))
+
     def stop(self, timeout=30):
         """SIGTERM and wait; returns the exit code."""
         if self.proc is None:

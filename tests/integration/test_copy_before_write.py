@@ -20,7 +20,6 @@ point and never the guest is test_restore_point_staging.py's job.
 """
 import os
 import random
-import signal
 import threading
 import time
 
@@ -48,21 +47,10 @@ class Rig:
         self.d = Daemon(state, env={"RPOINTD_FAULTS_FILE": self.rules}).start()
 
     def arm(self, rules):
-        tmp = self.rules + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(rules + "\n")
-        os.rename(tmp, self.rules)
-        want = "fault injection: rules now " + (rules or "none")
-        before = self.log().count(want)
-        self.d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while self.log().count(want) <= before:
-            assert time.monotonic() < deadline, f"rules {rules!r} not armed:\n{self.d.log()}"
-            time.sleep(0.02)
+        self.d.arm_faults(rules)
 
     def log(self):
-        with open(self.d.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        return self.d.log_all()
 
 
 @pytest.fixture

@@ -46,17 +46,7 @@ class Faults:
         self.path = path
 
     def arm(self, rules):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(rules + "\n")
-        os.rename(tmp, self.path)
-        want = "fault injection: rules now " + (rules or "none")
-        before = self.d.log_text().count(want)
-        self.d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while self.d.log_text().count(want) <= before:
-            assert time.monotonic() < deadline, f"rules {rules!r} not armed:\n{self.d.log()}"
-            time.sleep(0.02)
+        self.d.arm_faults(rules, self.path)
 
     def disarm(self):
         self.arm("")
@@ -64,8 +54,7 @@ class Faults:
 
 class FaultDaemon(Daemon):
     def log_text(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        return self.log_all()
 
 
 @pytest.fixture

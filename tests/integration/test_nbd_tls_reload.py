@@ -6,9 +6,7 @@ connection made before goes on reading. Then a broken certificate file and
 SIGHUP: the error is logged, and new handshakes still get the good one.
 """
 import os
-import signal
 import ssl
-import time
 
 import pytest
 
@@ -39,19 +37,6 @@ def server_cert_seen(d, client_dir):
 
 def der_of(pem_path):
     return ssl.PEM_cert_to_DER_cert(pem_path.read_text())
-
-
-def sighup_and_wait(d, want):
-    with open(d.log_path, "rb") as f:
-        before = f.read().decode(errors="replace").count(want)
-    d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while True:
-        with open(d.log_path, "rb") as f:
-            if f.read().decode(errors="replace").count(want) > before:
-                return
-        assert time.monotonic() < deadline, f"no {want!r} after SIGHUP:\n{d.log()}"
-        time.sleep(0.02)
 
 
 def test_sighup_reloads_the_server_certificate(tmp_path):
@@ -86,7 +71,7 @@ def test_sighup_reloads_the_server_certificate(tmp_path):
             os.replace(new / name, srv / name)
         second = der_of(srv / "server-cert.pem")
         assert second != first
-        sighup_and_wait(d, "SIGHUP: TLS credentials reloaded")
+        d.sighup_and_wait("SIGHUP: TLS credentials reloaded")
         assert server_cert_seen(d, cli) == second
         assert h.pread(4096, 0) == b"k" * 4096  # the old connection goes on
         h2 = nbd.NBD()
@@ -97,7 +82,7 @@ def test_sighup_reloads_the_server_certificate(tmp_path):
 
         # A broken certificate: logged, the credentials in use stay.
         (srv / "server-cert.pem").write_text("-----BEGIN CERTIFICATE-----\nbroken\n")
-        sighup_and_wait(d, "SIGHUP: keeping the TLS credentials in use")
+        d.sighup_and_wait("SIGHUP: keeping the TLS credentials in use")
         assert server_cert_seen(d, cli) == second
         assert h.pread(4096, 0) == b"k" * 4096
         h.shutdown()

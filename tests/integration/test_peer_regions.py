@@ -28,7 +28,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -66,23 +65,7 @@ class NsDaemon(Daemon):
         return ["ip", "netns", "exec", self.ns] + super().args()
 
     def arm(self, rules):
-        path = self.env["RPOINTD_FAULTS_FILE"]
-        with open(path + ".tmp", "w") as f:
-            f.write(rules + "\n")
-        os.rename(path + ".tmp", path)
-        if self.proc is None:
-            return
-        want = "fault injection: rules now " + (rules or "none")
-        before = self.log_all().count(want)
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while self.log_all().count(want) <= before:
-            assert time.monotonic() < deadline, f"rules {rules!r} not armed:\n{self.log()}"
-            time.sleep(0.02)
-
-    def log_all(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        self.arm_faults(rules)
 
 
 @pytest.fixture(scope="module")
@@ -545,15 +528,6 @@ def peer_cert_seen(rig):
     return bytes.fromhex(r.stdout.strip())
 
 
-def sighup_until(d, want):
-    before = d.log_all().count(want)
-    d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while d.log_all().count(want) <= before:
-        assert time.monotonic() < deadline, f"no {want!r} after SIGHUP:\n{d.log()}"
-        time.sleep(0.02)
-
-
 def test_sighup_reloads_the_peer_api_certificate(rig):
     a, b, pki_b = rig["a"], rig["b"], rig["pki"]["b"]
     old = peer_cert_seen(rig)
@@ -563,13 +537,13 @@ def test_sighup_reloads_the_peer_api_certificate(rig):
                       f'ip_address = "{B_IP}"\n')
     new = ssl.PEM_cert_to_DER_cert((pki_b / "server-cert.pem").read_text())
     assert new != old
-    sighup_until(b, "SIGHUP: peer API TLS credentials reloaded")
+    b.sighup_and_wait("SIGHUP: peer API TLS credentials reloaded")
     assert peer_cert_seen(rig) == new
     # A broken certificate: logged, and new handshakes still get the good one.
     good_pem = (pki_b / "server-cert.pem").read_text()
     (pki_b / "server-cert.pem").write_text("not a certificate\n")
     try:
-        sighup_until(b, "SIGHUP: peer API keeps the TLS credentials in use")
+        b.sighup_and_wait("SIGHUP: peer API keeps the TLS credentials in use")
         assert peer_cert_seen(rig) == new
     finally:
         (pki_b / "server-cert.pem").write_text(good_pem)
@@ -584,7 +558,7 @@ def test_sighup_reloads_the_peer_api_certificate(rig):
 def test_peers_deadline_seconds_bounds_a_copy_to_an_unreachable_peer(rig):
     """peers.deadline_seconds: 2 on A, the link down: the copy ends Failed
     (PeerUnreachable) after ~2 s of retries, not the default 120 s."""
-    a, b = rig["a"], rig["b"]
+    a = rig["a"]
     original = a.config_text
     listen = f'peers:\n  listen: "{A_IP}:10443"\n'
     assert listen in original

@@ -19,7 +19,6 @@ the source's own collection or to another VM's collection are refused.
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 
@@ -46,21 +45,7 @@ class FaultDaemon(Daemon):
     """A daemon with a fault rules file, armed through SIGHUP."""
 
     def arm(self, rules):
-        path = self.env["RPOINTD_FAULTS_FILE"]
-        with open(path + ".tmp", "w") as f:
-            f.write(rules + "\n")
-        os.rename(path + ".tmp", path)
-        want = "fault injection: rules now " + (rules or "none")
-        before = self.log_all().count(want)
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while self.log_all().count(want) <= before:
-            assert time.monotonic() < deadline, f"rules {rules!r} not armed:\n{self.log()}"
-            time.sleep(0.02)
-
-    def log_all(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        self.arm_faults(rules)
 
 
 @pytest.fixture

@@ -542,16 +542,26 @@ std::vector<uint64_t> Range(uint64_t first, uint64_t last) {
   return out;
 }
 
+// A 64-block (4 MiB) disk image and its tracking directory for the crash
+// cases: coarse regions of 16 blocks.
+struct CrashDisk {
+  TempDir tmp;
+  fs::path img = tmp.path / "disk.img";
+  std::string track = (tmp.path / "track").string();
+  CrashDisk() {
+    { std::ofstream(img).close(); }
+    fs::resize_file(img, 64 * kGran);
+  }
+};
+
 }  // namespace
 
 TEST_CASE(
     "change tracker: an unclean stop widens the coarse regions; a lost page cache loses no "
     "change") {
-  TempDir tmp;
-  fs::path img = tmp.path / "disk.img";
-  { std::ofstream(img).close(); }
-  fs::resize_file(img, 64 * kGran);  // coarse regions of 16 blocks
-  std::string track = (tmp.path / "track").string();
+  CrashDisk cd;  // coarse regions of 16 blocks
+  const fs::path& img = cd.img;
+  const std::string& track = cd.track;
   InKilledChild([&] {
     auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
     if (!disk.ok()) _exit(3);
@@ -574,11 +584,9 @@ TEST_CASE(
 }
 
 TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, not widened") {
-  TempDir tmp;
-  fs::path img = tmp.path / "disk.img";
-  { std::ofstream(img).close(); }
-  fs::resize_file(img, 64 * kGran);
-  std::string track = (tmp.path / "track").string();
+  CrashDisk cd;
+  const fs::path& img = cd.img;
+  const std::string& track = cd.track;
   InKilledChild([&] {
     auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
     if (!disk.ok()) _exit(3);
@@ -626,11 +634,9 @@ TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, 
 }
 
 TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost page cache") {
-  TempDir tmp;
-  fs::path img = tmp.path / "disk.img";
-  { std::ofstream(img).close(); }
-  fs::resize_file(img, 64 * kGran);  // coarse regions of 16 blocks, 32256 of them
-  std::string track = (tmp.path / "track").string();
+  CrashDisk cd;  // coarse regions of 16 blocks, 32256 of them
+  const fs::path& img = cd.img;
+  const std::string& track = cd.track;
   // Past the coarse map (32256 * 16 blocks): covered by widening everything past it.
   const uint64_t inside = 7999, past = ChangeTracker::kCoarseBits * 16 + 1000;
   InKilledChild([&] {
@@ -657,11 +663,9 @@ TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost 
 }
 
 TEST_CASE("change tracker: a retired generation stays gone after a crash; the active one widens") {
-  TempDir tmp;
-  fs::path img = tmp.path / "disk.img";
-  { std::ofstream(img).close(); }
-  fs::resize_file(img, 64 * kGran);
-  std::string track = (tmp.path / "track").string();
+  CrashDisk cd;
+  const fs::path& img = cd.img;
+  const std::string& track = cd.track;
   InKilledChild([&] {
     auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
     if (!disk.ok()) _exit(3);
