@@ -552,6 +552,7 @@ struct CrashDisk {
     { std::ofstream(img).close(); }
     fs::resize_file(img, 64 * kGran);
   }
+  auto open() const { return FileDisk::Open({"d", img, false, false, track, kGran}); }
 };
 
 }  // namespace
@@ -560,10 +561,9 @@ TEST_CASE(
     "change tracker: an unclean stop widens the coarse regions; a lost page cache loses no "
     "change") {
   CrashDisk cd;  // coarse regions of 16 blocks
-  const fs::path& img = cd.img;
   const std::string& track = cd.track;
   InKilledChild([&] {
-    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    auto disk = cd.open();
     if (!disk.ok()) _exit(3);
     Loop loop;
     std::vector<char> buf(4096, 'a');
@@ -573,7 +573,7 @@ TEST_CASE(
     Crash();
   });
   CHECK(LosePageCache(track) == 1);  // the active generation was never made complete
-  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  auto disk = cd.open();
   REQUIRE(disk.ok());
   ChangeTracker* t = disk.value()->tracker();
   REQUIRE(t->flip().ok());
@@ -585,10 +585,9 @@ TEST_CASE(
 
 TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, not widened") {
   CrashDisk cd;
-  const fs::path& img = cd.img;
   const std::string& track = cd.track;
   InKilledChild([&] {
-    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    auto disk = cd.open();
     if (!disk.ok()) _exit(3);
     Loop loop;
     std::vector<char> buf(4096, 'a');
@@ -608,7 +607,7 @@ TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, 
   CHECK(flags == std::vector<uint32_t>{0, 1});
   CHECK(LosePageCache(track) == 1);
   {
-    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    auto disk = cd.open();
     REQUIRE(disk.ok());
     ChangeTracker* t = disk.value()->tracker();
     // The frozen generation exact (block 3), the crashed active one widened
@@ -625,7 +624,7 @@ TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, 
     if (e.path().extension() == ".ctbm") CHECK(HeaderFlags(e.path()) == 0);
   }
   CHECK(LosePageCache(track) == 0);
-  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  auto disk = cd.open();
   REQUIRE(disk.ok());
   SparseBitmap all = disk.value()->tracker()->changed();
   CHECK(all.count() == 18);  // 3, 32-47 (as widened before), 60 exact
@@ -635,12 +634,11 @@ TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, 
 
 TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost page cache") {
   CrashDisk cd;  // coarse regions of 16 blocks, 32256 of them
-  const fs::path& img = cd.img;
   const std::string& track = cd.track;
   // Past the coarse map (32256 * 16 blocks): covered by widening everything past it.
   const uint64_t inside = 7999, past = ChangeTracker::kCoarseBits * 16 + 1000;
   InKilledChild([&] {
-    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    auto disk = cd.open();
     if (!disk.ok()) _exit(3);
     if (!disk.value()->grow((past + 100) * kGran).ok()) _exit(5);
     Loop loop;
@@ -650,7 +648,7 @@ TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost 
     Crash();
   });
   CHECK(LosePageCache(track) == 1);
-  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  auto disk = cd.open();
   REQUIRE(disk.ok());
   ChangeTracker* t = disk.value()->tracker();
   REQUIRE(t->flip().ok());
@@ -664,10 +662,9 @@ TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost 
 
 TEST_CASE("change tracker: a retired generation stays gone after a crash; the active one widens") {
   CrashDisk cd;
-  const fs::path& img = cd.img;
   const std::string& track = cd.track;
   InKilledChild([&] {
-    auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+    auto disk = cd.open();
     if (!disk.ok()) _exit(3);
     ChangeTracker* t = disk.value()->tracker();
     Loop loop;
@@ -684,7 +681,7 @@ TEST_CASE("change tracker: a retired generation stays gone after a crash; the ac
   for (const auto& e : fs::directory_iterator(track)) files += e.path().extension() == ".ctbm";
   CHECK(files == 1);
   CHECK(LosePageCache(track) == 1);
-  auto disk = FileDisk::Open({"d", img, false, false, track, kGran});
+  auto disk = cd.open();
   REQUIRE(disk.ok());
   ChangeTracker* t = disk.value()->tracker();
   CHECK_FALSE(t->all_since_creation());
