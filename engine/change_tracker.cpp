@@ -530,6 +530,7 @@ void ChangeTracker::flusher_loop() {
 }
 
 Status ChangeTracker::sync() {
+  write_behind();  // a settled generation is written even if nobody asked yet
   std::unique_lock<std::mutex> lock(mu_);
   uint64_t target = batches_started_ + (queue_.empty() ? 0 : 1);
   synced_cv_.wait(lock,
@@ -583,8 +584,14 @@ uint64_t ChangeTracker::settle() {
   state_.store(active_->number << 1, std::memory_order_seq_cst);
   arm_.store(nullptr);
   armed_.reset();
-  cv_.notify_one();
+  // No wake-up here: see write_behind().
   return e;
+}
+
+void ChangeTracker::write_behind() {
+  // to_finalize_ was filled under mu_ (settle), so a flusher that checks its
+  // predicate after this either sees it or is waiting and gets the signal.
+  cv_.notify_one();
 }
 
 void ChangeTracker::disarm() {
@@ -600,7 +607,9 @@ Result<uint64_t> ChangeTracker::flip() {
   auto armed = arm(sw);
   if (!armed.ok()) return armed.status();
   sw->publish();
-  return settle();
+  uint64_t frozen = settle();
+  write_behind();
+  return frozen;
 }
 
 Status ChangeTracker::prepare_next() {

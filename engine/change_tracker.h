@@ -35,7 +35,9 @@
 // three steps (engine/cut.h): arm() makes the next generation's file and arms
 // the flip on the cut's CutSwitch; the switch's publish() is the flip (one
 // store shared by all of a VM's disks, no lock, no I/O, no gate); settle()
-// then files the frozen generation away. flip() does all three for one disk.
+// then files the frozen generation away, and write_behind() (once every disk
+// of the cut settled) wakes the flusher to write its fine bits. flip() does it
+// all for one disk.
 // Frozen generations stay on disk until the restore point that copied them has
 // succeeded (retire_through()); a failed point keeps them, so the next point
 // still sees every change. changed() is the union of all frozen generations:
@@ -168,8 +170,14 @@ class ChangeTracker {
   };
   Result<Armed> arm(std::shared_ptr<const CutSwitch> sw, uint64_t after = 0);
   // After sw was published: the frozen generation joins the frozen ones, the
-  // next one becomes active. No I/O, cannot fail. Returns the frozen number.
+  // next one becomes active. No I/O, cannot fail, wakes no thread (a woken
+  // flusher could take the CPU from the cutting thread while the VM's other
+  // disks wait to settle). Returns the frozen number.
   uint64_t settle();
+  // After every disk of the cut settled: wakes the flusher to write the
+  // frozen generation's fine bits behind (until then its header flag stays
+  // set, so a crash widens it: as safe, only later complete).
+  void write_behind();
   // A cut that failed before publishing: back to unarmed (the prepared next
   // generation is kept for the next try).
   void disarm();

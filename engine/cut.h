@@ -1,17 +1,19 @@
 // CutDisks: a crash-consistent cut across all the disks of a VM.
 //
 // "Acknowledged before the cut is in, submitted after is out." No gate, no
-// pause: the cut is one store. First every disk is prepared (staging file,
-// the tracker's next generation) and armed on one CutSwitch with its snapshot
-// installed, while writes go on in the old epoch; then the switch is
-// published, which moves every disk of the VM to the new epoch at once (each
-// mutation reads its epoch at submission: ChangeTracker::enter); then every
-// tracker settles. Any failure comes before the publish (and disarms); after
-// it nothing can fail. No drain: writes in flight across the switch may land
-// on either side, as with a power cut, and are tracked in the new generation
-// before they are acknowledged. Because all disks switch with the one store, a
-// write that depends on another disk's acknowledged write can never be in the
-// point without it. The argument in full: docs/restore-points.md, *The cut*.
+// pause: the cut is one store. First every disk is prepared (staging file, the
+// tracker's next generation) and armed on one CutSwitch with its snapshot
+// installed, while writes go on in the old epoch; then the switch is published,
+// which moves every disk of the VM to the new epoch at once (each mutation
+// reads its epoch at submission: ChangeTracker::enter); then every tracker
+// settles (waking no thread; the trackers' flushers are woken to write the
+// frozen generations behind once the last disk settled). Any failure comes
+// before the publish (and disarms); after it nothing can fail. No drain: writes
+// in flight across the switch may land on either side, as with a power cut, and
+// are tracked in the new generation before they are acknowledged. Because all
+// disks switch with the one store, a write that depends on another disk's
+// acknowledged write can never be in the point without it. The argument in
+// full: docs/restore-points.md, *The cut*.
 //
 // Thread-safety: call from one control-plane thread per VM at a time.
 #pragma once
