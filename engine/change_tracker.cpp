@@ -83,12 +83,20 @@ Status Preallocate(int fd, const std::string& path, uint64_t nblocks) {
   return Status::Ok();
 }
 
+// Whether coarse region r is set in a coarse map's words: plain ones (a
+// header's image) or a live generation's atomics (then a seq_cst load).
+template <typename Word>
+bool CoarseBit(const Word* words, uint64_t r) {
+  uint64_t w = words[r / 64];
+  return (w >> (r % 64)) & 1;
+}
+
 // A generation whose fine bits may lag its coarse map: every block of every
 // coarse region set (and of every region past the map) counts as changed.
 void Widen(SparseBitmap& bits, const uint64_t* coarse, unsigned cs) {
   uint64_t n = bits.size();
   for (uint64_t r = 0; r < ChangeTracker::kCoarseBits && (r << cs) < n; ++r) {
-    if ((coarse[r / 64] >> (r % 64)) & 1) bits.set_range(r << cs, ((r + 1) << cs) - 1);
+    if (CoarseBit(coarse, r)) bits.set_range(r << cs, ((r + 1) << cs) - 1);
   }
   uint64_t past = ChangeTracker::kCoarseBits << cs;
   if (past < n) bits.set_range(past, n - 1);
@@ -150,9 +158,15 @@ ChangeTracker::~ChangeTracker() {
 bool ChangeTracker::Generation::coarse_covers(uint64_t first, uint64_t last) const {
   for (uint64_t r = first >> coarse_shift; r <= (last >> coarse_shift); ++r) {
     if (r >= kCoarseBits) return true;  // past the map: always widened
-    if (!((coarse[r / 64].load(std::memory_order_acquire) >> (r % 64)) & 1)) return false;
+    if (!CoarseBit(coarse.data(), r)) return false;
   }
   return true;
+}
+
+std::array<uint64_t, ChangeTracker::kCoarseWords> ChangeTracker::Generation::coarse_words() const {
+  std::array<uint64_t, kCoarseWords> out{};
+  for (uint64_t w = 0; w < kCoarseWords; ++w) out[w] = coarse[w].load();
+  return out;
 }
 
 Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generation(
@@ -428,13 +442,12 @@ Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& b
   // The coarse regions the batch needs that are not durable yet: one header
   // write + fdatasync for all of them (the whole map is rewritten: a retry
   // after a failed sync never trusts what that sync may have dropped).
-  std::array<uint64_t, kCoarseWords> coarse{};
-  for (uint64_t w = 0; w < kCoarseWords; ++w) coarse[w] = gen.coarse[w].load();
+  std::array<uint64_t, kCoarseWords> coarse = gen.coarse_words();
   bool fresh = false;
   for (const Pending& p : batch) {
     for (uint64_t r = p.first >> gen.coarse_shift; r <= (p.last >> gen.coarse_shift); ++r) {
       if (r >= kCoarseBits) break;  // past the map: always widened
-      if (!((coarse[r / 64] >> (r % 64)) & 1)) {
+      if (!CoarseBit(coarse.data(), r)) {
         coarse[r / 64] |= 1ull << (r % 64);
         fresh = true;
       }
@@ -470,9 +483,7 @@ Status ChangeTracker::finalize(Generation& gen) {
   if (fault::Fdatasync("tracking.sync", gen.fd.get()) != 0) {
     return Status::FromErrno(errno, "fdatasync " + gen.path);
   }
-  std::array<uint64_t, kCoarseWords> coarse{};
-  for (uint64_t w = 0; w < kCoarseWords; ++w) coarse[w] = gen.coarse[w].load();
-  Status st = write_header(gen, coarse, false);
+  Status st = write_header(gen, gen.coarse_words(), false);
   if (!st.ok()) return st;
   gen.incomplete_on_disk = false;
   finalized_.fetch_add(1);

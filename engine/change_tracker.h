@@ -242,6 +242,7 @@ class ChangeTracker {
     std::array<std::atomic<uint64_t>, kCoarseWords> coarse{};
     bool incomplete_on_disk = false;  // kFineIncomplete durable; flusher/owner only
     bool coarse_covers(uint64_t first, uint64_t last) const;
+    std::array<uint64_t, kCoarseWords> coarse_words() const;  // a copy of `coarse`
   };
   struct Arm {  // immutable; the generations the armed flip is between
     std::shared_ptr<const CutSwitch> sw;

@@ -553,6 +553,18 @@ struct CrashDisk {
     fs::resize_file(img, 64 * kGran);
   }
   auto open() const { return FileDisk::Open({"d", img, false, false, track, kGran}); }
+  // In a child process: opens the disk, runs body(disk, loop), then crashes
+  // (kill -9: the tracker never stops cleanly). body _exit()s on a failure.
+  template <typename F>
+  void crash_after(F body) const {
+    InKilledChild([&] {
+      auto disk = open();
+      if (!disk.ok()) _exit(3);
+      Loop loop;
+      body(*disk.value(), loop);
+      Crash();
+    });
+  }
 };
 
 }  // namespace
@@ -562,15 +574,11 @@ TEST_CASE(
     "change") {
   CrashDisk cd;  // coarse regions of 16 blocks
   const std::string& track = cd.track;
-  InKilledChild([&] {
-    auto disk = cd.open();
-    if (!disk.ok()) _exit(3);
-    Loop loop;
+  cd.crash_after([](FileDisk& disk, Loop& loop) {
     std::vector<char> buf(4096, 'a');
-    if (Write(loop, *disk.value(), 3 * kGran, buf) != 0) _exit(4);
-    if (Write(loop, *disk.value(), 40 * kGran, buf) != 0) _exit(4);
-    if (Write(loop, *disk.value(), 41 * kGran, buf) != 0) _exit(4);
-    Crash();
+    if (Write(loop, disk, 3 * kGran, buf) != 0) _exit(4);
+    if (Write(loop, disk, 40 * kGran, buf) != 0) _exit(4);
+    if (Write(loop, disk, 41 * kGran, buf) != 0) _exit(4);
   });
   CHECK(LosePageCache(track) == 1);  // the active generation was never made complete
   auto disk = cd.open();
@@ -586,17 +594,13 @@ TEST_CASE(
 TEST_CASE("change tracker: frozen and cleanly stopped generations are complete, not widened") {
   CrashDisk cd;
   const std::string& track = cd.track;
-  InKilledChild([&] {
-    auto disk = cd.open();
-    if (!disk.ok()) _exit(3);
-    Loop loop;
+  cd.crash_after([](FileDisk& disk, Loop& loop) {
     std::vector<char> buf(4096, 'a');
-    if (Write(loop, *disk.value(), 3 * kGran, buf) != 0) _exit(4);
-    ChangeTracker* t = disk.value()->tracker();
+    if (Write(loop, disk, 3 * kGran, buf) != 0) _exit(4);
+    ChangeTracker* t = disk.tracker();
     if (!t->flip().ok()) _exit(5);  // a point that never retires (failed)
     if (!t->sync().ok() || t->finalized() != 1) _exit(6);
-    if (Write(loop, *disk.value(), 40 * kGran, buf) != 0) _exit(4);
-    Crash();
+    if (Write(loop, disk, 40 * kGran, buf) != 0) _exit(4);
   });
   // The frozen generation's header says complete; the active one's does not.
   std::vector<uint32_t> flags;
@@ -637,15 +641,11 @@ TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost 
   const std::string& track = cd.track;
   // Past the coarse map (32256 * 16 blocks): covered by widening everything past it.
   const uint64_t inside = 7999, past = ChangeTracker::kCoarseBits * 16 + 1000;
-  InKilledChild([&] {
-    auto disk = cd.open();
-    if (!disk.ok()) _exit(3);
-    if (!disk.value()->grow((past + 100) * kGran).ok()) _exit(5);
-    Loop loop;
+  cd.crash_after([&](FileDisk& disk, Loop& loop) {
+    if (!disk.grow((past + 100) * kGran).ok()) _exit(5);
     std::vector<char> buf(4096, 'g');
-    if (Write(loop, *disk.value(), inside * kGran, buf) != 0) _exit(4);
-    if (Write(loop, *disk.value(), past * kGran, buf) != 0) _exit(4);
-    Crash();
+    if (Write(loop, disk, inside * kGran, buf) != 0) _exit(4);
+    if (Write(loop, disk, past * kGran, buf) != 0) _exit(4);
   });
   CHECK(LosePageCache(track) == 1);
   auto disk = cd.open();
@@ -663,19 +663,15 @@ TEST_CASE("change tracker: a grown disk's new blocks survive a crash and a lost 
 TEST_CASE("change tracker: a retired generation stays gone after a crash; the active one widens") {
   CrashDisk cd;
   const std::string& track = cd.track;
-  InKilledChild([&] {
-    auto disk = cd.open();
-    if (!disk.ok()) _exit(3);
-    ChangeTracker* t = disk.value()->tracker();
-    Loop loop;
+  cd.crash_after([](FileDisk& disk, Loop& loop) {
+    ChangeTracker* t = disk.tracker();
     std::vector<char> buf(4096, 'r');
-    if (Write(loop, *disk.value(), 3 * kGran, buf) != 0) _exit(4);
+    if (Write(loop, disk, 3 * kGran, buf) != 0) _exit(4);
     auto g = t->flip();
     // Retired at once: its write-behind may still be queued or running.
     if (!g.ok() || !t->retire_through(g.value()).ok()) _exit(5);
-    if (Write(loop, *disk.value(), 40 * kGran, buf) != 0) _exit(4);
+    if (Write(loop, disk, 40 * kGran, buf) != 0) _exit(4);
     if (!t->sync().ok()) _exit(6);
-    Crash();
   });
   size_t files = 0;
   for (const auto& e : fs::directory_iterator(track)) files += e.path().extension() == ".ctbm";
