@@ -107,6 +107,13 @@ class StrictBuilder {
 }  // namespace
 
 Result<json> ParseJson(std::string_view text, size_t max_depth) {
+  // nlohmann's lexer takes a NUL byte for the end of the input (C strings), so
+  // `{...}\0anything` would parse as `{...}`. JSON has no raw NUL anywhere
+  // (inside a string it must be escaped as \u0000).
+  if (size_t nul = text.find('\0'); nul != std::string_view::npos) {
+    return Status::InvalidArgument("a NUL byte at offset " + std::to_string(nul) +
+                                   " is not JSON (inside a string, write \\u0000)");
+  }
   StrictBuilder b(max_depth);
   bool ok = json::sax_parse(text.begin(), text.end(), &b, json::input_format_t::json,
                             /*strict=*/true);

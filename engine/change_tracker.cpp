@@ -157,7 +157,8 @@ ChangeTracker::~ChangeTracker() {
 
 bool ChangeTracker::Generation::coarse_covers(uint64_t first, uint64_t last) const {
   for (uint64_t r = first >> coarse_shift; r <= (last >> coarse_shift); ++r) {
-    if (r >= kCoarseBits) return true;  // past the map: always widened
+    // Past the map: widened whole by an unclean open, once the flag is durable.
+    if (r >= kCoarseBits) return incomplete_on_disk.load(std::memory_order_acquire);
     if (!CoarseBit(coarse.data(), r)) return false;
   }
   return true;
@@ -225,7 +226,14 @@ Status ChangeTracker::load_or_make_id() {
   } else if (errno != ENOENT) {
     return Status::FromErrno(errno, "open " + path);
   }
-  while (id_ == 0) {
+  return make_id();
+}
+
+Status ChangeTracker::make_id() {
+  std::string path = dir_ + "/" + kIdFile;
+  uint64_t old = id_;
+  id_ = 0;
+  while (id_ == 0 || id_ == old) {
     if (getrandom(&id_, sizeof id_, 0) != static_cast<ssize_t>(sizeof id_)) {
       return Status::FromErrno(errno, "getrandom");
     }
@@ -265,7 +273,9 @@ Status ChangeTracker::load_existing() {
     retired_through_ = last;
   }
   std::vector<std::string> unmarked;
+  std::string damaged;  // the first unreadable generation file, and why
   for (auto& [number, path] : found) {
+    last = std::max(last, number);
     auto g = std::make_shared<Generation>();
     g->number = number;
     g->path = path;
@@ -279,18 +289,39 @@ Status ChangeTracker::load_existing() {
     bool v1 = hn >= static_cast<ssize_t>(sizeof h) && std::memcmp(h.magic, kMagicV1, 8) == 0;
     bool v2 = hn >= static_cast<ssize_t>(sizeof h) && std::memcmp(h.magic, kMagic, 8) == 0;
     if ((!v1 && !v2) || h.granularity != granularity_ || (v2 && h.coarse_shift > 45)) {
-      return Status::IoError(path + " is not a change-tracking bitmap of granularity " +
-                             std::to_string(granularity_));
+      // Zeroed, truncated into its header, of another granularity, garbage:
+      // which blocks it marked is unknown, so no history can be trusted.
+      if (damaged.empty()) {
+        damaged = path + " is not a change-tracking bitmap of granularity " +
+                  std::to_string(granularity_);
+      }
+      continue;
     }
     std::vector<uint64_t> page(SparseBitmap::kWordsPerPage);
     for (size_t p = 0; p < g->bits.page_count(); ++p) {
       ssize_t n = pread(g->fd.get(), page.data(), SparseBitmap::kPageBytes,
                         static_cast<off_t>(kHeaderBytes + p * SparseBitmap::kPageBytes));
-      if (n <= 0) break;  // sparse tail: nothing was ever marked there
+      if (n < static_cast<ssize_t>(SparseBitmap::kPageBytes) && v2) {
+        // Every RPCTBM02 file is allocated whole for its disk's size before a
+        // mark can land (Preallocate), so a short one was truncated (or lost
+        // a crashed resize's allocation): the blocks of its missing bytes
+        // count as changed.
+        uint64_t from =
+            p * SparseBitmap::kBitsPerPage + static_cast<uint64_t>(std::max<ssize_t>(n, 0)) * 8;
+        if (from < g->bits.size()) {
+          spdlog::warn(
+              "change tracking {}: generation {} is shorter than its disk needs: "
+              "blocks {}..{} count as changed",
+              dir_, number, from, g->bits.size() - 1);
+          g->bits.set_range(from, g->bits.size() - 1);
+        }
+      }
+      if (n <= 0) break;  // RPCTBM01 sparse tail: nothing was ever marked there
       if (n < static_cast<ssize_t>(SparseBitmap::kPageBytes)) {
         std::memset(reinterpret_cast<char*>(page.data()) + n, 0, SparseBitmap::kPageBytes - n);
       }
       g->bits.or_page(p, page.data());
+      if (n < static_cast<ssize_t>(SparseBitmap::kPageBytes)) break;
     }
     if (v2) {
       g->coarse_shift = h.coarse_shift;
@@ -307,7 +338,6 @@ Status ChangeTracker::load_existing() {
             dir_, number, before, g->bits.count());
       }
     }
-    last = std::max(last, number);
     if (g->bits.find_next(0) == g->bits.size()) {
       // Never marked (e.g. the pre-made next generation): nothing to keep,
       // once the new active generation (numbered above it) is durable.
@@ -320,6 +350,11 @@ Status ChangeTracker::load_existing() {
     // time it is opened until then).
     if (g->incomplete_on_disk) to_finalize_.push_back(g);
     frozen_.push_back(std::move(g));
+  }
+  if (!damaged.empty()) {
+    Status st = forget_history(damaged, found);
+    if (!st.ok()) return st;
+    unmarked.clear();
   }
   if (!frozen_.empty()) {
     spdlog::info("change tracking {}: recovered {} generation(s), {} changed blocks", dir_,
@@ -334,6 +369,35 @@ Status ChangeTracker::load_existing() {
   // The next generation is made (fully allocated) by the cut that needs it,
   // before it publishes: only one fully allocated file exists between points.
   return Status::Ok();
+}
+
+Status ChangeTracker::forget_history(const std::string& why,
+                                     const std::map<uint64_t, std::string>& files) {
+  // Failing the open would take the disk out of service for the sake of an
+  // optimisation. Instead the tracker starts over as a new one: a new id, so
+  // no consumer's recorded generation matches it (their next copy is full,
+  // and no rpoint:changed context answers from it), and no retirement, so
+  // all_since_creation() forces a full copy for bases recorded without an
+  // id. The id first: a crash before the files go redoes all of this.
+  spdlog::error(
+      "change tracking {}: {}: the blocks it marked are unknown, so the tracking history of "
+      "this disk is dropped; the next restore point of every collection copies the whole disk",
+      dir_, why);
+  Status st = make_id();
+  if (!st.ok()) return st;
+  if (unlinkat(dir_fd_.get(), kRetiredFile, 0) != 0 && errno != ENOENT) {
+    return Status::FromErrno(errno, "unlink " + dir_ + "/" + kRetiredFile);
+  }
+  for (const auto& [number, path] : files) {
+    if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "unlink " + path);
+    }
+  }
+  frozen_.clear();
+  to_finalize_.clear();
+  ever_retired_ = false;
+  retired_through_ = 0;
+  return FsyncDir(dir_fd_.get(), dir_);
 }
 
 ChangeTracker::View ChangeTracker::view() const {
@@ -446,7 +510,13 @@ Status ChangeTracker::write_marks(Generation& gen, const std::vector<Pending>& b
   bool fresh = false;
   for (const Pending& p : batch) {
     for (uint64_t r = p.first >> gen.coarse_shift; r <= (p.last >> gen.coarse_shift); ++r) {
-      if (r >= kCoarseBits) break;  // past the map: always widened
+      if (r >= kCoarseBits) {
+        // Past the map (a disk grown 126x in this generation): no coarse bit,
+        // the flag alone makes an unclean open widen it, and it is what makes
+        // finalize() write the fine bits at all.
+        fresh |= !gen.incomplete_on_disk.load();
+        break;
+      }
       if (!CoarseBit(coarse.data(), r)) {
         coarse[r / 64] |= 1ull << (r % 64);
         fresh = true;
@@ -719,15 +789,19 @@ Status ChangeTracker::retire_through(uint64_t gen) {
     ever_retired_ = true;
     retired_through_ = std::max(retired_through_, gen);
   }
-  // The marker first: once a generation is gone, "never retired" must not come back.
+  // The marker first: once a generation is gone, "never retired" must not come
+  // back. Replaced by rename, never rewritten in place: a power cut must not
+  // leave it empty (read as "retired through 0", a history that looks whole).
   std::string marker = dir_ + "/" + kRetiredFile;
-  UniqueFd m(::open(marker.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!m) return Status::FromErrno(errno, "create " + marker);
+  std::string tmp = marker + ".tmp";
+  UniqueFd m(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!m) return Status::FromErrno(errno, "create " + tmp);
   std::string text = std::to_string(gen) + "\n";
   if (write(m.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()) ||
       fdatasync(m.get()) != 0) {
-    return Status::FromErrno(errno, "write " + marker);
+    return Status::FromErrno(errno, "write " + tmp);
   }
+  if (rename(tmp.c_str(), marker.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
   Status st = FsyncDir(dir_fd_.get(), dir_);
   if (!st.ok()) return st;
   for (const auto& g : dropped) {

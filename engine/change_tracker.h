@@ -108,6 +108,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -238,9 +239,11 @@ class ChangeTracker {
     std::string path;
     unsigned coarse_shift = 0;  // log2 of fine blocks per coarse region
     // Durable coarse regions (set only after their header write's fdatasync).
-    // Regions past kCoarseBits count as always set (opening widens them).
+    // Regions past kCoarseBits count as set once kFineIncomplete is durable
+    // (an unclean open widens everything past the map).
     std::array<std::atomic<uint64_t>, kCoarseWords> coarse{};
-    bool incomplete_on_disk = false;  // kFineIncomplete durable; flusher/owner only
+    // kFineIncomplete durable. Written by the flusher/owner; read by the fast path.
+    std::atomic<bool> incomplete_on_disk{false};
     bool coarse_covers(uint64_t first, uint64_t last) const;
     std::array<uint64_t, kCoarseWords> coarse_words() const;  // a copy of `coarse`
   };
@@ -266,6 +269,9 @@ class ChangeTracker {
   Result<std::shared_ptr<Generation>> create_generation(uint64_t number);
   Status load_existing();
   Status load_or_make_id();
+  Status make_id();  // a fresh random id, durable in <dir>/id
+  // An unreadable generation file: start over as a new tracker (see the .cpp).
+  Status forget_history(const std::string& why, const std::map<uint64_t, std::string>& files);
   Status write_marks(Generation& gen, const std::vector<Pending>& batch);
   Status write_header(Generation& gen, const std::array<uint64_t, kCoarseWords>& coarse,
                       bool incomplete);

@@ -657,3 +657,17 @@ def test_concurrent_identical_puts_create_once(daemon):
         t.join()
     assert sorted(results) == [200] * 7 + [201]
     assert len(daemon.api("GET", "/disks").json["value"]) == 1
+
+
+@pytest.mark.parametrize("body", [b'{"properties": {"sizeBytes": 1048576}}\x00',
+                                  b'{"properties": {"sizeBytes": 1048576}}\x00{"x": 1}',
+                                  b'{"properties": {"sizeBytes": 1048576}\x00}',
+                                  b'{"properties": {"sizeBytes": 1048576, "kind": "sha\x00red"}}'])
+def test_nul_bytes_in_a_json_body_are_refused(daemon, body):
+    # The JSON library takes a NUL for the end of its input: a body with
+    # anything after a NUL must not be read as the part before it.
+    r = daemon.api("PUT", "/disks/n", body)
+    assert r.status == 400, r
+    assert r.json["error"]["code"] == "InvalidJson", r
+    assert "NUL byte" in r.json["error"]["message"], r
+    assert daemon.api("GET", "/disks/n").status == 404
