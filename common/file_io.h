@@ -19,6 +19,17 @@ Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string&
 Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::string& what,
                   const char* fault_point = nullptr);
 
+// PwriteFull through `direct_fd` (the file opened with O_DIRECT, or -1) when
+// buffer, offset and length are 4 KiB aligned: no copy into the page cache and
+// no writeback later. What the filesystem refuses as direct I/O (EINVAL), or
+// what a short direct write leaves unaligned, goes through `fd` (buffered).
+// *direct_bytes (optional): how many leading bytes went direct; the rest are
+// in the page cache (the caller may start their writeback). Either way all
+// len bytes are written, or an error is returned.
+Status PwriteDirect(int direct_fd, int fd, const void* buf, size_t len, uint64_t off,
+                    const std::string& what, const char* fault_point = nullptr,
+                    size_t* direct_bytes = nullptr);
+
 // fsync of a directory, so entries created, renamed or removed in it are durable.
 Status FsyncDir(const std::string& dir, const char* fault_point = nullptr);
 // The same on a directory the caller keeps open (`dir` names it in errors).

@@ -415,59 +415,119 @@ Status DiskSnapshot::pread_all(int fd, char* buf, uint64_t len, uint64_t off) co
   return Status::Ok();
 }
 
+Status DiskSnapshot::pread_disk(char* buf, uint64_t len, uint64_t cap, uint64_t off,
+                                int direct_fd) const {
+  // O_DIRECT wants buffer, offset and length 4 KiB aligned; the length is
+  // rounded up within the buffer's `cap` bytes (whole blocks), and a read past
+  // the file's end comes back short.
+  const uint64_t rounded = (len + kSubBlock - 1) / kSubBlock * kSubBlock;
+  if (direct_fd >= 0 && reinterpret_cast<uintptr_t>(buf) % kSubBlock == 0 && off % kSubBlock == 0 &&
+      rounded <= cap) {
+    uint64_t done = 0;
+    while (done < rounded) {
+      ssize_t n = pread(direct_fd, buf + done, rounded - done, static_cast<off_t>(off + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EINVAL) break;  // refused as direct I/O: the page cache serves the rest
+      if (n < 0) return Status::FromErrno(errno, "read snapshot block");
+      if (n == 0) {
+        std::memset(buf + done, 0, rounded - done);  // past EOF reads as zeroes
+        return Status::Ok();
+      }
+      done += static_cast<uint64_t>(n);
+      if (done % kSubBlock != 0) break;  // a short read: the rest is unaligned
+    }
+    if (done >= len) return Status::Ok();
+    return pread_all(p_.data_fd, buf + done, len - done, off + done);
+  }
+  return pread_all(p_.data_fd, buf, len, off);
+}
+
 Status DiskSnapshot::read_block(uint64_t block, char* buf) {
-  if (block >= nblocks_) return Status::OutOfRange("block beyond the snapshot");
+  return read_blocks(block, 1, buf);
+}
+
+Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int direct_fd) {
+  if (n == 0) return Status::Ok();
+  if (first >= nblocks_ || n > nblocks_ - first) {
+    return Status::OutOfRange("block beyond the snapshot");
+  }
   pace();
-  const uint64_t off = block * p_.granularity;
-  const uint64_t len = std::min<uint64_t>(p_.granularity, p_.size - off);
-  const uint32_t in_range = static_cast<uint32_t>((len + sub_ - 1) / sub_);
-  std::vector<uint32_t> subs;
-  std::vector<std::shared_ptr<char[]>> mem;  // the log chunk in memory, per staged sub-block
+  const uint64_t off = first * p_.granularity;
+  const uint64_t len = std::min<uint64_t>(uint64_t{n} * p_.granularity, p_.size - off);
+  // Per block of the run: its sub-block map (empty: nothing preserved) and
+  // the log chunk in memory per staged sub-block.
+  std::vector<std::vector<uint32_t>> subs(n);
+  std::vector<std::vector<std::shared_ptr<char[]>>> mem(n);
+  auto range_of = [&](uint32_t i) {
+    const uint64_t at = uint64_t{i} * p_.granularity;
+    return static_cast<uint32_t>((std::min<uint64_t>(p_.granularity, len - at) + sub_ - 1) / sub_);
+  };
   {
     std::unique_lock<std::mutex> lock(mu_);
+    // The whole run at once: no block of it may be mid-preserve. A write
+    // waiting on one of them holds no other block, so this always ends.
     for (;;) {
       if (broken_.load()) return Status::IoError(broken_reason_);
-      if (!busy_.count(block)) break;
+      bool busy = false;
+      for (uint32_t i = 0; i < n && !busy; ++i) busy = busy_.count(first + i) > 0;
+      if (!busy) break;
       cv_.wait(lock);
     }
-    if (read_.test(block)) {
-      return Status::Internal("block " + std::to_string(block) + " of the snapshot read twice");
+    for (uint32_t i = 0; i < n; ++i) {
+      if (read_.test(first + i)) {
+        return Status::Internal("block " + std::to_string(first + i) +
+                                " of the snapshot read twice");
+      }
     }
-    busy_.emplace(block, std::vector<Waiter>{});
-    auto it = subs_.find(block);
-    if (it != subs_.end()) {
-      subs = it->second;
-      mem.resize(subs.size());
-      for (uint32_t i = 0; i < in_range; ++i) {
-        if (subs[i] >= kZeroAtCut) continue;
-        auto c = chunks_.find(subs[i] / kChunkSlots);
-        if (c != chunks_.end()) mem[i] = c->second;
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint64_t block = first + i;
+      busy_.emplace(block, std::vector<Waiter>{});
+      auto it = subs_.find(block);
+      if (it == subs_.end()) continue;
+      subs[i] = it->second;
+      mem[i].resize(subs[i].size());
+      for (uint32_t j = 0; j < range_of(i); ++j) {
+        if (subs[i][j] >= kZeroAtCut) continue;
+        auto c = chunks_.find(subs[i][j] / kChunkSlots);
+        if (c != chunks_.end()) mem[i][j] = c->second;
       }
     }
   }
-  bool from_disk = subs.empty() || std::any_of(subs.begin(), subs.begin() + in_range,
+  bool from_disk = false;
+  for (uint32_t i = 0; i < n && !from_disk; ++i) {
+    from_disk = subs[i].empty() || std::any_of(subs[i].begin(), subs[i].begin() + range_of(i),
                                                [](uint32_t e) { return e == kNotPreserved; });
+  }
+  // One read for the whole run (the preserved sub-blocks it covers are
+  // overwritten from the log below).
   Status st;
-  if (from_disk) st = pread_all(p_.data_fd, buf, len, off);
-  for (uint32_t i = 0; st.ok() && i < subs.size() && i < in_range; ++i) {
-    const uint64_t at = uint64_t{i} * sub_;
-    const uint64_t n = std::min<uint64_t>(sub_, len - at);
-    if (subs[i] == kNotPreserved) continue;
-    if (subs[i] == kZeroAtCut) {
-      std::memset(buf + at, 0, n);
-    } else if (mem[i]) {
-      std::memcpy(buf + at, mem[i].get() + (subs[i] % kChunkSlots) * sub_, n);
-    } else {
-      st = pread_all(staging_fd_.get(), buf + at, n, uint64_t{subs[i]} * sub_);
+  if (from_disk) st = pread_disk(buf, len, uint64_t{n} * p_.granularity, off, direct_fd);
+  for (uint32_t i = 0; st.ok() && i < n; ++i) {
+    char* b = buf + uint64_t{i} * p_.granularity;
+    const uint64_t blen = std::min<uint64_t>(p_.granularity, len - uint64_t{i} * p_.granularity);
+    for (uint32_t j = 0; st.ok() && j < subs[i].size() && j < range_of(i); ++j) {
+      const uint64_t at = uint64_t{j} * sub_;
+      const uint64_t k = std::min<uint64_t>(sub_, blen - at);
+      const uint32_t e = subs[i][j];
+      if (e == kNotPreserved) continue;
+      if (e == kZeroAtCut) {
+        std::memset(b + at, 0, k);
+      } else if (mem[i][j]) {
+        std::memcpy(b + at, mem[i][j].get() + (e % kChunkSlots) * sub_, k);
+      } else {
+        st = pread_all(staging_fd_.get(), b + at, k, uint64_t{e} * sub_);
+      }
     }
   }
-  if (len < p_.granularity) std::memset(buf + len, 0, p_.granularity - len);
+  if (len < uint64_t{n} * p_.granularity) std::memset(buf + len, 0, n * p_.granularity - len);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    read_.set(block);
-    copied_.set(block);
-    subs_.erase(block);
-    release_busy(block);
+    for (uint32_t i = 0; i < n; ++i) {
+      read_.set(first + i);
+      copied_.set(first + i);
+      subs_.erase(first + i);
+      release_busy(first + i);
+    }
   }
   return st;
 }

@@ -155,28 +155,15 @@ void PackWriter::flusher_loop() {
 }
 
 Status PackWriter::write_out(const Flush& f) {
-  size_t done = 0;
-  const bool aligned = dfd_ && reinterpret_cast<uintptr_t>(f.buf) % kDirectAlign == 0 &&
-                       f.len % kDirectAlign == 0 && f.off % kDirectAlign == 0;
-  if (aligned) {
-    while (done < f.len) {
-      ssize_t n = fault::Pwrite("pack.write", dfd_.get(), f.buf + done, f.len - done,
-                                static_cast<off_t>(f.off + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && errno == EINVAL) break;  // refused as direct I/O: the page cache takes the rest
-      if (n < 0) return Status::FromErrno(errno, "write " + tmp_path_);
-      if (n == 0) return Status::IoError("write " + tmp_path_ + ": no progress");
-      done += size_t(n);
-      if (done % kDirectAlign != 0) break;  // a short write: the rest is unaligned
-    }
-    if (done == f.len) return Status::Ok();
-  }
+  size_t direct = 0;
   STORE_RETURN_IF_ERROR(
-      PwriteFull(fd_.get(), f.buf + done, f.len - done, f.off + done, tmp_path_, "pack.write"));
-  // Start writeback now, in the background: by seal() time most of the pack is
-  // already on disk and the fdatasync is short.
-  (void)::sync_file_range(fd_.get(), static_cast<off_t>(f.off + done),
-                          static_cast<off_t>(f.len - done), SYNC_FILE_RANGE_WRITE);
+      PwriteDirect(dfd_.get(), fd_.get(), f.buf, f.len, f.off, tmp_path_, "pack.write", &direct));
+  // What went through the page cache: start its writeback now, in the
+  // background, so by seal() time the fdatasync is short.
+  if (direct < f.len) {
+    (void)::sync_file_range(fd_.get(), static_cast<off_t>(f.off + direct),
+                            static_cast<off_t>(f.len - direct), SYNC_FILE_RANGE_WRITE);
+  }
   return Status::Ok();
 }
 

@@ -2,22 +2,25 @@
 
 Excluded disks are absent; shared and ephemeral disks are refused unless
 excluded; a whole VM restores to the same configuration and bytes; a disk is
-created from a disk restore point; a disk grown or added between points;
+created from a disk restore point; the same with the whole state (disks,
+staging, region) on tmpfs; a disk grown or added between points;
 FileSystemConsistent points run the configured freeze/thaw hooks around the cut
 (a failing freeze fails the point, thaw still runs); a restored ext4 disk
 mounts (nbdfuse + loop).
 """
 import os
 import random
+import shutil
 import stat
 import subprocess
+import tempfile
 
 import pytest
 
 from blockstack import (check_files, fsck_clean, leaked_mounts, require_kernel_stack, run,
                         stack_factory, write_files)
 from conftest import require
-from rpointd_harness import images_equal, nbd_save, nbd_write, operation_path
+from rpointd_harness import Daemon, images_equal, nbd_save, nbd_write, operation_path
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd (Debian python) is needed")
 
@@ -227,6 +230,41 @@ def test_disk_create_from_point(daemon, tmp_path):
     assert r.status == 400, r
     assert d.api("GET", "/disks/r3").status == 404
     assert d.api("GET", "/disks/r4").status == 404
+
+
+def test_points_and_restores_on_tmpfs(tmp_path):
+    """Disks, staging and region on tmpfs, where O_DIRECT is the page cache (or
+    refused, on kernels before 6.6): the copier's direct reads, the packs' and
+    the restore's direct writes still give exact points and restores."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    state = tempfile.mkdtemp(prefix="rpointd-tmpfs-", dir="/dev/shm")
+    d = Daemon(os.path.join(state, "state")).start()
+    try:
+        d.create_disk("a", 64 * MiB)
+        d.create_vm("vm", ["a"])
+        d.create_collection("c", "vm")
+        rng = random.Random(11)
+        fill(d, "a", rng, 200, 64 * MiB)
+        img1 = nbd_save(d.nbd_uri("a"), tmp_path / "a1.img")
+        d.create_restore_point("c", "full")
+        fill(d, "a", rng, 50, 64 * MiB)
+        img2 = nbd_save(d.nbd_uri("a"), tmp_path / "a2.img")
+        d.create_restore_point("c", "inc")
+        for name, img in (("full", img1), ("inc", img2)):
+            src = f"/restorePointCollections/c/restorePoints/{name}/diskRestorePoints/a"
+            r = d.api("PUT", f"/disks/r-{name}", {"properties": {"creationData": {
+                "createOption": "Restore", "sourceResourceId": src}}})
+            assert r.status == 201, r
+            assert d.wait_operation(operation_path(r))["status"] == "Succeeded"
+            assert_same(img, nbd_save(d.nbd_uri(f"r-{name}"), tmp_path / f"r-{name}.img"),
+                        f"disk restored from {name}")
+        rc = d.stop()
+        assert rc == 0, "rpointd did not exit 0 on SIGTERM:\n" + d.log()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill9()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_grown_and_added_disk_between_points(daemon, tmp_path):
