@@ -39,7 +39,9 @@ class Reactor {
     ~Op() = default;
   };
 
-  static Result<std::unique_ptr<Reactor>> Create(std::string name, unsigned queue_depth);
+  // `setup_flags`: extra IORING_SETUP_* flags for the ring.
+  static Result<std::unique_ptr<Reactor>> Create(std::string name, unsigned queue_depth,
+                                                 unsigned setup_flags = 0);
   ~Reactor();
   Reactor(const Reactor&) = delete;
   Reactor& operator=(const Reactor&) = delete;
