@@ -22,13 +22,12 @@ class Reactor::WakeOp final : public Reactor::Op {
 
 Reactor::Reactor(std::string name) : name_(std::move(name)) {}
 
-Result<std::unique_ptr<Reactor>> Reactor::Create(std::string name, unsigned queue_depth,
-                                                 unsigned setup_flags) {
+Result<std::unique_ptr<Reactor>> Reactor::Create(std::string name, unsigned queue_depth) {
   std::unique_ptr<Reactor> r(new Reactor(std::move(name)));
   io_uring_params params{};
   // The kernel sizes the CQ at twice the SQ by default; ask for more so bursts of
   // completions (many requests finishing at once) never overflow.
-  params.flags = IORING_SETUP_CQSIZE | setup_flags;
+  params.flags = IORING_SETUP_CQSIZE;
   params.cq_entries = queue_depth * 4;
   int rc = io_uring_queue_init_params(queue_depth, &r->ring_, &params);
   if (rc < 0) return Status::FromErrno(-rc, "io_uring_queue_init");

@@ -39,9 +39,7 @@ class Reactor {
     ~Op() = default;
   };
 
-  // `setup_flags`: extra IORING_SETUP_* flags for the ring.
-  static Result<std::unique_ptr<Reactor>> Create(std::string name, unsigned queue_depth,
-                                                 unsigned setup_flags = 0);
+  static Result<std::unique_ptr<Reactor>> Create(std::string name, unsigned queue_depth);
   ~Reactor();
   Reactor(const Reactor&) = delete;
   Reactor& operator=(const Reactor&) = delete;

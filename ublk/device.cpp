@@ -7,7 +7,6 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
-#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -76,10 +75,6 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   info.nr_hw_queues = static_cast<uint16_t>(nq);
   info.queue_depth = static_cast<uint16_t>(opts.depth);
   info.max_io_buf_bytes = opts.max_io_bytes;
-  // EXPERIMENT (not for merge)
-  if (const char* e = ::getenv("RPOINTD_UBLK_MAX_IO"); e && std::atoi(e) > 0) {
-    info.max_io_buf_bytes = static_cast<uint32_t>(std::atoi(e));
-  }
   info.dev_id = dev_id < 0 ? UINT32_MAX : static_cast<uint32_t>(dev_id);
   info.ublksrv_pid = ::getpid();
   // The device outlives this process: a restarted rpointd takes it over and

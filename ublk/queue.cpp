@@ -7,7 +7,6 @@
 
 #include <cerrno>
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -73,17 +72,8 @@ Result<std::unique_ptr<UblkQueue>> UblkQueue::Create(const UblkQueueOptions& opt
   q->bufs_ = static_cast<char*>(b);
   // Every tag has one command in flight, each request one or two engine
   // operations: the ring holds them all, the CQ four times that.
-  // EXPERIMENT (not for merge): ring setup flags from the environment.
-  unsigned setup = 0;
-  if (const char* e = ::getenv("RPOINTD_UBLK_RING")) {
-    std::string v = e;
-    if (v == "coop") setup = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
-    if (v == "defer")
-      setup = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED;
-  }
-  q->ring_disabled_ = (setup & IORING_SETUP_R_DISABLED) != 0;
   auto r = Reactor::Create("ublk" + std::to_string(opts.dev_id) + "q" + std::to_string(opts.q_id),
-                           2u * opts.depth + 16, setup);
+                           2u * opts.depth + 16);
   if (!r.ok()) return r.status();
   q->reactor_ = std::move(r).value();
   int fd = opts.char_fd;
@@ -116,10 +106,6 @@ void UblkQueue::start() {
   thread_ = std::thread([this] {
     std::string n = reactor_->name().substr(0, 15);
     pthread_setname_np(pthread_self(), n.c_str());
-    if (ring_disabled_) {
-      int rc = io_uring_enable_rings(reactor_->ring());
-      if (rc < 0) spdlog::error("ublk: io_uring_enable_rings: {}", std::strerror(-rc));
-    }
     reactor_->run();
   });
 }

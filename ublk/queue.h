@@ -97,7 +97,6 @@ class UblkQueue {
   std::atomic<int> in_engine_{0};  // requests handed to the BlockDevice
   std::atomic<bool> failed_{false};
   bool started_ = false;
-  bool ring_disabled_ = false;
 };
 
 }  // namespace rpoint
