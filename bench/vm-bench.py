@@ -147,7 +147,12 @@ down_ublk() { $T/rpoint disk delete bublk >/dev/null; }
 up_ublkbuf() {
   pid=$(cat /tmp/rpointd.pid)
   kill "$pid"
-  i=0; while kill -0 "$pid" 2>/dev/null; do i=$((i+1)); [ $i -gt 300 ] && return 1; sleep 0.1; done
+  # Its parent (this script) is waiting for this subshell, so it stays a
+  # zombie: gone or Z is stopped.
+  i=0
+  while st=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null) && [ -n "$st" ] && [ "$st" != Z ]; do
+    i=$((i+1)); [ $i -gt 300 ] && { echo "rpointd $pid did not stop" >&2; return 1; }; sleep 0.1
+  done
   echo "ublk: {user_copy: false}" >>/tmp/rpointd.yaml
   start_rpointd >&2
   up_ublk
