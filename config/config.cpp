@@ -466,7 +466,8 @@ class Parser {
                 // drivers overflowed above ~2700 (SPDK caps 1024): 1024 here.
                 WalkMap(it.value, MarkOf(it), it.path,
                         {{"queues", [&](const Item& x) { c.ublk_queues = Unsigned(x, 0, 64); }},
-                         {"depth", [&](const Item& x) { c.ublk_depth = Unsigned(x, 1, 1024); }}});
+                         {"depth", [&](const Item& x) { c.ublk_depth = Unsigned(x, 1, 1024); }},
+                         {"user_copy", [&](const Item& x) { c.ublk_user_copy = Bool(x); }}});
               }}});
   }
 
@@ -794,6 +795,7 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "ublk" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "queues" << YAML::Value << c.ublk_queues;
   out << YAML::Key << "depth" << YAML::Value << c.ublk_depth;
+  out << YAML::Key << "user_copy" << YAML::Value << c.ublk_user_copy;
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
@@ -844,6 +846,7 @@ const std::vector<std::string>& ConfigKeys() {
       "access.tcp_grants_only",
       "ublk.queues",
       "ublk.depth",
+      "ublk.user_copy",
 
       "regions[].peer",
       "regions[].peer_region",

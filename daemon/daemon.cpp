@@ -320,6 +320,7 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   UblkServiceOptions ublk_options;
   ublk_options.device.queues = config.ublk_queues ? config.ublk_queues : UsableCpus();
   ublk_options.device.depth = config.ublk_depth;
+  ublk_options.device.user_copy = config.ublk_user_copy;
   UblkService ublk(ublk_options);
   DiskServiceOptions disk_options = DiskOptions(config);
   disk_options.local_export = &ublk;

@@ -149,4 +149,12 @@ Status UblkControl::end_user_recovery(uint32_t dev_id, int pid) {
   return r.ok() ? Status::Ok() : r.status();
 }
 
+Result<uint64_t> UblkControl::get_features() {
+  uint64_t features = 0;
+  auto r = run(kUblkCmdGetFeatures, static_cast<uint32_t>(-1), &features, sizeof(features), 0,
+               "GET_FEATURES");
+  if (!r.ok()) return r.status();
+  return features;
+}
+
 }  // namespace rpoint

@@ -42,6 +42,23 @@ static_assert(sizeof(ublksrv_ctrl_dev_info) == 64);
 
 inline constexpr const char* kUblkControlPath = "/dev/ublk-control";
 
+// Newer than Debian 12's 6.1 header, so defined here (values of the 6.5+
+// header). USER_COPY: the server copies a request's data itself, by pread /
+// pwrite on /dev/ublkcN at UblkUserCopyPos(), instead of the driver copying
+// into the buffer at the command's `addr` on the queue thread.
+inline constexpr uint64_t kUblkFUserCopy = 1ull << 7;
+// UBLK_U_CMD_GET_FEATURES, _IOR('u', 0x13, struct ublksrv_ctrl_cmd) (6.5+):
+// the driver's feature bits in an 8-byte buffer. Older drivers refuse it.
+inline constexpr uint32_t kUblkCmdGetFeatures = (2u << 30) | (32u << 16) | ('u' << 8) | 0x13;
+inline constexpr uint64_t kUblkIoBufOffset = 0x80000000ull;  // UBLKSRV_IO_BUF_OFFSET
+inline constexpr unsigned kUblkTagOff = 25;                  // UBLK_TAG_OFF
+inline constexpr unsigned kUblkQidOff = 41;                  // UBLK_QID_OFF
+static_assert(UBLKSRV_IO_BUF_OFFSET == kUblkIoBufOffset);
+// Where tag `tag` of queue `q_id` reads and writes its data in /dev/ublkcN.
+constexpr uint64_t UblkUserCopyPos(uint16_t q_id, uint16_t tag) {
+  return kUblkIoBufOffset + (uint64_t{q_id} << kUblkQidOff) + (uint64_t{tag} << kUblkTagOff);
+}
+
 class UblkControl {
  public:
   // Unavailable (with the kernel module's name and how to load it) when
@@ -68,6 +85,9 @@ class UblkControl {
   // Conflict (EBUSY) while the old server is still being torn down.
   Status start_user_recovery(uint32_t dev_id);
   Status end_user_recovery(uint32_t dev_id, int pid);
+  // The driver's UBLK_F_* feature bits; an error on drivers before 6.5,
+  // which have no such command (callers take that as "none of the new ones").
+  Result<uint64_t> get_features();
 
  private:
   UblkControl() = default;

@@ -80,6 +80,12 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   // The device outlives this process: a restarted rpointd takes it over and
   // the requests in flight are sent again (a block device may see a write twice).
   info.flags = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+  if (opts.user_copy) {
+    // Drivers before 6.5 have neither the command nor the flag: buffer mode.
+    auto features = ctl.get_features();
+    if (features.ok() && (features.value() & kUblkFUserCopy)) info.flags |= kUblkFUserCopy;
+    if (!features.ok()) spdlog::debug("ublk: GET_FEATURES: {}", features.status().ToString());
+  }
   auto added = ctl.add_dev(info);
   if (!added.ok()) return added.status();
   d->info_ = added.value();
@@ -98,8 +104,9 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   if (!s.ok()) return fail(s);
   s = ctl.start_dev(d->info_.dev_id, ::getpid());
   if (!s.ok()) return fail(s);
-  spdlog::info("ublk {}: {} serves disk {} ({} queue(s), depth {})", d->info_.dev_id,
-               d->block_path(), d->dev_->name(), d->info_.nr_hw_queues, d->info_.queue_depth);
+  spdlog::info("ublk {}: {} serves disk {} ({} queue(s), depth {}, {})", d->info_.dev_id,
+               d->block_path(), d->dev_->name(), d->info_.nr_hw_queues, d->info_.queue_depth,
+               d->user_copy() ? "user copy" : "buffer copy");
   return d;
 }
 
@@ -133,8 +140,9 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Recover(UblkControl& ctl,
     d->gone_ = true;  // still quiesced: the next start tries again
     return s;
   }
-  spdlog::info("ublk {}: recovered {} for disk {} ({} queue(s), depth {})", info.dev_id,
-               d->block_path(), d->dev_->name(), info.nr_hw_queues, info.queue_depth);
+  spdlog::info("ublk {}: recovered {} for disk {} ({} queue(s), depth {}, {})", info.dev_id,
+               d->block_path(), d->dev_->name(), info.nr_hw_queues, info.queue_depth,
+               d->user_copy() ? "user copy" : "buffer copy");
   return d;
 }
 
@@ -149,6 +157,7 @@ Status UblkDevice::open_queues() {
     o.depth = info_.queue_depth;
     o.max_io_bytes = info_.max_io_buf_bytes;
     o.char_fd = char_fd_.get();
+    o.user_copy = user_copy();
     auto queue = UblkQueue::Create(o, dev_);
     if (!queue.ok()) return queue.status();
     queues_.push_back(std::move(queue).value());

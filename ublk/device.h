@@ -1,12 +1,14 @@
 // UblkDevice: one disk served as /dev/ublkbN, its control steps in order.
 //
 // New device: ADD_DEV (USER_RECOVERY | USER_RECOVERY_REISSUE, so the device
-// outlives this process), SET_PARAMS, open /dev/ublkcN, the queues (each on
-// its own thread, fetching every tag), START_DEV from this (control) thread.
+// outlives this process; USER_COPY when the driver has it), SET_PARAMS, open
+// /dev/ublkcN, the queues (each on its own thread, fetching every tag),
+// START_DEV from this (control) thread.
 // Recovery of a device a previous rpointd left (killed, or a clean stop that
 // kept it): START_USER_RECOVERY, queues with the device's own queue count and
 // depth, END_USER_RECOVERY; the number and /dev/ublkbN stay, requests the old
-// server had not answered are sent again.
+// server had not answered are sent again; the queues copy data the way the
+// device was made (its flags say whether USER_COPY).
 // Remove: STOP_DEV, queues stopped, descriptors unmapped and the char device
 // closed (DEL_DEV waits while they are held), DEL_DEV. Detach (shutdown):
 // queues drained and stopped, the kernel device left quiesced for recovery.
@@ -32,6 +34,10 @@ struct UblkDeviceOptions {
   unsigned queues = 0;  // 0: one per CPU
   unsigned depth = 128;
   uint32_t max_io_bytes = 512 * 1024;
+  // UBLK_F_USER_COPY when the driver has it (GET_FEATURES says so; 6.5+):
+  // the queues copy the data themselves, off the queue thread. Otherwise, or
+  // false, the driver copies into the tag's buffer (buffer mode).
+  bool user_copy = true;
 };
 
 class UblkDevice {
@@ -58,6 +64,7 @@ class UblkDevice {
   std::string block_path() const { return "/dev/ublkb" + std::to_string(info_.dev_id); }
   std::string char_path() const { return "/dev/ublkc" + std::to_string(info_.dev_id); }
   bool queues_failed() const;
+  bool user_copy() const { return (info_.flags & kUblkFUserCopy) != 0; }
 
  private:
   UblkDevice(UblkControl& ctl, std::shared_ptr<BlockDevice> dev)

@@ -8,6 +8,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <string>
+
+#include "ublk/control.h"
 
 namespace rpoint {
 
@@ -38,10 +41,15 @@ struct UblkQueue::Tag final : public IoRequest {
     Tag* t = nullptr;
     void complete(int res, uint32_t) override { t->q->on_cmd(*t, res); }
   };
+  struct CopyOp final : public Reactor::Op {
+    Tag* t = nullptr;
+    void complete(int res, uint32_t) override { t->q->on_copy(*t, res); }
+  };
   UblkQueue* q = nullptr;
   uint16_t tag = 0;
   uint8_t op = 0;
   CmdOp cmd;
+  CopyOp copy;
   void on_done(int result) override { q->on_io_done(*this, result); }
 };
 
@@ -76,6 +84,7 @@ Result<std::unique_ptr<UblkQueue>> UblkQueue::Create(const UblkQueueOptions& opt
     t->q = q.get();
     t->tag = i;
     t->cmd.t = t.get();
+    t->copy.t = t.get();
     t->buf = q->bufs_ + size_t{i} * opts.max_io_bytes;
     q->tags_.push_back(std::move(t));
   }
@@ -139,7 +148,9 @@ void UblkQueue::issue_cmd(Tag& t, uint32_t op, int result) {
   cmd.q_id = opts_.q_id;
   cmd.tag = t.tag;
   cmd.result = result;
-  cmd.addr = reinterpret_cast<uint64_t>(t.buf);
+  // User copy: the driver refuses a buffer address (the data moves by
+  // issue_copy instead).
+  cmd.addr = opts_.user_copy ? 0 : reinterpret_cast<uint64_t>(t.buf);
   static_assert(sizeof(cmd) == 16, "fits the cmd area of a 64-byte SQE");
   std::memcpy(sqe->cmd, &cmd, sizeof(cmd));
 }
@@ -187,6 +198,12 @@ void UblkQueue::on_cmd(Tag& t, int res) {
     return issue_cmd(t, UBLK_IO_COMMIT_AND_FETCH_REQ, -EINVAL);
   }
   in_engine_.fetch_add(1);
+  // User copy: a write's data comes from the request first.
+  if (opts_.user_copy && t.kind == IoKind::kWrite && t.length > 0) return issue_copy(t);
+  submit_to_engine(t);
+}
+
+void UblkQueue::submit_to_engine(Tag& t) {
   dev_->submit(*reactor_, t);
 }
 
@@ -195,8 +212,40 @@ void UblkQueue::on_io_done(Tag& t, int result) {
   if (result == 0 && (t.kind == IoKind::kRead || t.kind == IoKind::kWrite)) {
     result = static_cast<int>(t.length);
   }
+  // User copy: a read's data goes to the request before the commit.
+  if (opts_.user_copy && t.kind == IoKind::kRead && result > 0) return issue_copy(t);
+  commit(t, result);
+}
+
+void UblkQueue::commit(Tag& t, int result) {
   issue_cmd(t, UBLK_IO_COMMIT_AND_FETCH_REQ, result);
   in_engine_.fetch_sub(1);
+}
+
+void UblkQueue::issue_copy(Tag& t) {
+  io_uring_sqe* sqe = reactor_->sqe(&t.copy);
+  uint64_t pos = UblkUserCopyPos(opts_.q_id, t.tag);
+  auto len = static_cast<unsigned>(t.length);
+  // The fixed file's read takes the request's data (a write), its write
+  // fills the request (a read).
+  if (t.kind == IoKind::kWrite) {
+    io_uring_prep_read(sqe, 0, t.buf, len, pos);
+  } else {
+    io_uring_prep_write(sqe, 0, t.buf, len, pos);
+  }
+  sqe->flags |= IOSQE_FIXED_FILE;
+}
+
+void UblkQueue::on_copy(Tag& t, int res) {
+  if (res != static_cast<int>(t.length)) {
+    // The request is gone (device aborting) or the copy fell short: the
+    // request fails, never half-done data acknowledged.
+    spdlog::warn("ublk {} queue {} tag {}: user copy of {} bytes: {}", opts_.dev_id, opts_.q_id,
+                 t.tag, t.length, res < 0 ? std::strerror(-res) : "short");
+    return commit(t, -EIO);
+  }
+  if (t.kind == IoKind::kWrite) return submit_to_engine(t);
+  commit(t, static_cast<int>(t.length));
 }
 
 }  // namespace rpoint

@@ -11,6 +11,15 @@
 // so these are ordinary 64-byte SQEs on the reactor's ring. Nothing on the
 // queue's thread blocks.
 //
+// Data: in buffer mode the driver copies a request's pages into the tag's
+// buffer (writes, before the CQE) or out of it (reads, inside the commit), in
+// this queue's task: one CPU copies every byte of the queue. With user copy
+// (UBLK_F_USER_COPY, 6.5+) the commands carry no buffer and the queue copies
+// itself, as ring reads and writes on /dev/ublkcN at UblkUserCopyPos(): the
+// char device has no FMODE_NOWAIT, so io_uring runs them on its io-wq
+// workers, on any CPU, several requests' copies beside each other and beside
+// the backing I/O.
+//
 // Thread-safety: Create/start/drain_and_stop from a control thread, once
 // each, in that order; everything else runs on the queue's thread.
 #pragma once
@@ -35,6 +44,7 @@ struct UblkQueueOptions {
   uint16_t depth = 128;
   uint32_t max_io_bytes = 512 * 1024;  // the device's max_io_buf_bytes
   int char_fd = -1;                    // /dev/ublkcN, owned by the device
+  bool user_copy = false;              // the device has UBLK_F_USER_COPY
 };
 
 // Where queue q's descriptors are mapped in /dev/ublkcN: the driver spaces the
@@ -68,6 +78,12 @@ class UblkQueue {
   void issue_cmd(Tag& t, uint32_t op, int result);
   void on_cmd(Tag& t, int res);
   void on_io_done(Tag& t, int result);
+  // User copy: the tag's data between its buffer and the request.
+  void issue_copy(Tag& t);
+  void on_copy(Tag& t, int res);
+  // Hands the request to the engine / answers it (the end of its time here).
+  void submit_to_engine(Tag& t);
+  void commit(Tag& t, int result);
 
   UblkQueueOptions opts_;
   std::shared_ptr<BlockDevice> dev_;

@@ -150,7 +150,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "b}}}\n"
       "operations: {retention_seconds: 60, max_count: 5}\n"
       "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
-      "ublk: {queues: 2, depth: 64}\n"
+      "ublk: {queues: 2, depth: 64, user_copy: false}\n"
       "peers: {listen: 'localhost:2', deadline_seconds: 30}\n";
   // A peer region has no path: its keys are checked on a second entry.
   text.replace(text.find("default: true}]"), 15,
@@ -297,6 +297,8 @@ TEST_CASE("numbers and booleans") {
   ExpectError("io:\n  threads: 1025\n", "2:12:", "io.threads", "from 0 to 1024");
   CHECK(Parse("").ublk_queues == 0);  // one per CPU
   CHECK(Parse("").ublk_depth == 128);
+  CHECK(Parse("").ublk_user_copy);
+  CHECK_FALSE(Parse("ublk:\n  user_copy: false\n").ublk_user_copy);
   CHECK(Parse("ublk: {queues: 4, depth: 1024}").ublk_depth == 1024);
   ExpectError("ublk:\n  depth: 0\n", "2:10:", "ublk.depth", "from 1 to 1024");
   ExpectError("ublk:\n  depth: 1025\n", "2:10:", "ublk.depth", "from 1 to 1024");

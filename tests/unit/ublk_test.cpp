@@ -77,6 +77,17 @@ TEST_CASE("ublk: queue q's descriptors are spaced by the largest depth, not by t
   CHECK(UblkDescBytes(4096) == 98304);
 }
 
+TEST_CASE("ublk: user copy positions are the driver's (q_id << 41) + (tag << 25) above 2 GiB") {
+  // ublk_pos_to_hwq / ublk_pos_to_tag in the 6.5+ driver decode these.
+  CHECK(UblkUserCopyPos(0, 0) == 0x80000000ull);
+  CHECK(UblkUserCopyPos(0, 1) == 0x80000000ull + (1ull << 25));
+  CHECK(UblkUserCopyPos(1, 0) == 0x80000000ull + (1ull << 41));
+  CHECK(UblkUserCopyPos(3, 4095) == 0x80000000ull + (3ull << 41) + (4095ull << 25));
+  // A tag's window (32 MiB) holds the largest request.
+  CHECK((UblkUserCopyPos(0, 1) - UblkUserCopyPos(0, 0)) >= 512u * 1024);
+  CHECK(kUblkCmdGetFeatures == 0x80207513u);  // _IOR('u', 0x13, struct ublksrv_ctrl_cmd)
+}
+
 TEST_CASE("ublk: params pass the driver's checks and describe the disk") {
   TempDisk t;
   ublk_params p = UblkParamsFor(*t.disk, 512 * 1024);

@@ -16,6 +16,13 @@ inside Debian's 6.12 kernel under qemu (lane.py), one boot for both parts.
 4. DELETE of a ublk disk whose device is mounted: 409 naming the device,
    the device and its filesystem untouched; after umount the delete works.
 
+5. copy modes: d0 was made with UBLK_F_USER_COPY (6.12 has it); restarted
+   with `ublk.user_copy: false` rpointd recovers d0 still in user copy mode
+   and makes a new disk b0 in buffer mode (the driver's copy, what a kernel
+   without USER_COPY gets); kill -9 under a write load on b0, restart with
+   the default config: b0 comes back in buffer mode, dd ends without error,
+   e2fsck is clean, a point of b0 equals the device (cmp).
+
 Part 1 also checks the API: devicePath and state Live in GET, and the NBD
 export of a ublk disk marked read-only.
 
@@ -48,8 +55,9 @@ S=/tmp/state
 L=/tmp/rpointd.log
 export RPOINT_SOCKET=$S/control.sock
 fail() { echo "UBLK-FAIL: $*"; echo "--- rpointd log"; tail -40 $L; echo "--- dmesg"; dmesg | tail -30; exit 1; }
-start_rpointd() {
-  $T/rpointd --state-dir $S --log-level info >>$L 2>&1 &
+start_rpointd() {  # extra arguments: rpointd's (e.g. --config F)
+  wc -l <$L >/tmp/logmark 2>/dev/null || echo 0 >/tmp/logmark
+  $T/rpointd --state-dir $S "$@" --log-level info >>$L 2>&1 &
   echo $! >/tmp/rpointd.pid
   i=0
   until $T/rpoint daemon status >/dev/null 2>&1; do
@@ -57,6 +65,8 @@ start_rpointd() {
     sleep 0.1
   done
 }
+# What the rpointd started last has logged.
+newlog() { tail -n +$(( $(cat /tmp/logmark) + 1 )) $L; }
 wait_dev() { i=0; while [ ! -b $1 ]; do i=$((i+1)); [ $i -gt 300 ] && fail "$1 did not appear"; sleep 0.1; done; }
 field() { $T/rpoint --output json disk show $1 | tr -d ' \n' | sed -n "s/.*\"$2\":\([^,}]*\).*/\1/p" | tr -d '"'; }
 mkdir -p $S /mnt/a /mnt/r
@@ -70,6 +80,8 @@ wait_dev /dev/ublkb0
 [ "$(field d0 devicePath)" = /dev/ublkb0 ] || fail "d0 devicePath is $(field d0 devicePath)"
 [ "$(field d0 state)" = Live ] || fail "d0 state is $(field d0 state)"
 $T/rpoint disk show d0 | grep -q 'NBD export.*read-only' || fail "NBD export of a ublk disk not read-only"
+# This kernel (6.12) has UBLK_F_USER_COPY: rpointd copies the data itself.
+newlog | grep -q 'ublk 0: /dev/ublkb0 serves disk d0 .*user copy' || fail "d0 is not in user copy mode"
 $T/mke2fs -q -F -t ext4 /dev/ublkb0 || fail "mkfs.ext4"
 mount -t ext4 /dev/ublkb0 /mnt/a || fail "mount d0"
 C=7; for f in f1 f2 f3; do C=$((C+9)); $T/dd if=/dev/urandom of=/mnt/a/$f bs=64k count=$C status=none || fail "write $f"; done
@@ -171,6 +183,53 @@ $T/rpoint disk delete e0 >/dev/null || fail "delete of unmounted e0"
 i=0; while [ -b $dev ]; do i=$((i+1)); [ $i -gt 100 ] && fail "$dev still there after delete"; sleep 0.1; done
 dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O' && fail "the kernel logged I/O errors"
 echo "@@UBLK-4 ok@@"
+
+# ---- 5: buffer copy (ublk.user_copy: false, what a kernel before 6.5 gets);
+# a recovered device keeps the copy mode it was made with, whatever the config ----
+pid=$(cat /tmp/rpointd.pid)
+kill $pid
+wait $pid || fail "rpointd exited $? on SIGTERM (part 5)"
+printf 'ublk: {user_copy: false}\n' >/tmp/buffer.yaml
+start_rpointd --config /tmp/buffer.yaml
+newlog | grep -q 'recovered /dev/ublkb0 for disk d0 .*user copy' || fail "d0 not recovered in user copy mode"
+mount -t ext4 /dev/ublkb0 /mnt/a || fail "mount d0 (part 5)"
+(cd /mnt/a && sha256sum -c /tmp/sums2 >/dev/null) || fail "d0 files, recovered under user_copy: false"
+umount /mnt/a
+$T/rpoint disk create b0 --size 64M --export ublk >/tmp/out 2>&1 || { cat /tmp/out; fail "create b0"; }
+dev=$(field b0 devicePath)
+wait_dev $dev
+newlog | grep -q "${dev#/dev/}.* serves disk b0 .*buffer copy" || fail "b0 is not in buffer copy mode"
+$T/mke2fs -q -F -t ext4 $dev || fail "mkfs.ext4 on b0"
+mount -t ext4 $dev /mnt/r || fail "mount b0"
+$T/dd if=/dev/urandom of=/mnt/r/h bs=1M count=6 status=none && (cd /mnt/r && sha256sum h >/tmp/sums5)
+( rc=0; i=0
+  while [ $i -lt 384 ]; do
+    $T/dd if=/tmp/pattern of=/mnt/r/load bs=64k skip=$i seek=$i count=1 oflag=direct conv=notrunc,fsync status=none || { rc=$?; break; }
+    i=$((i+1))
+  done
+  echo $rc >/tmp/dd5.rc ) &
+i=0; while [ "$(stat -c %s /mnt/r/load 2>/dev/null || echo 0)" -lt 524288 ]; do
+  i=$((i+1)); [ $i -gt 1200 ] && fail "the b0 write load did not start"; sleep 0.05
+done
+[ -e /tmp/dd5.rc ] && fail "the b0 write load ended before the kill"
+kill -9 $(cat /tmp/rpointd.pid)
+sleep 1
+start_rpointd
+newlog | grep -q "recovered $dev for disk b0 .*buffer copy" || fail "b0 not recovered in buffer copy mode"
+i=0; while [ ! -e /tmp/dd5.rc ]; do i=$((i+1)); [ $i -gt 1200 ] && fail "b0 dd did not finish"; sleep 0.1; done
+[ "$(cat /tmp/dd5.rc)" = 0 ] || fail "b0 dd under kill -9 exited $(cat /tmp/dd5.rc)"
+cmp /tmp/pattern /mnt/r/load || fail "b0: the file written across the kill differs"
+sync; echo 3 >/proc/sys/vm/drop_caches
+(cd /mnt/r && sha256sum -c /tmp/sums5 >/dev/null) || fail "b0 files after recovery"
+umount /mnt/r || fail "umount b0"
+dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O' && fail "the kernel logged I/O errors"
+$T/e2fsck -fn $dev || fail "e2fsck -fn of b0"
+$T/rpoint vm create vmb --disk b0 >/dev/null || fail "vm create vmb"
+$T/rpoint collection create cb --vm vmb >/dev/null || fail "collection create cb"
+$T/rpoint restore-point create cb/q1 --wait >/tmp/out 2>&1 || { cat /tmp/out; fail "point q1"; }
+$T/rpoint disk create rb --from cb/q1/b0 --wait >/tmp/out 2>&1 || { cat /tmp/out; fail "restore rb"; }
+cmp $dev $S/disks/rb.raw || fail "point q1 differs from b0"
+echo "@@UBLK-5 ok@@"
 kill $(cat /tmp/rpointd.pid)
 exit 0
 """
@@ -218,6 +277,11 @@ def test_ublk_sigterm_keeps_device_for_the_next_start(boot):
 def test_ublk_delete_of_a_mounted_disk_is_refused(boot):
     assert "@@UBLK-3 ok@@" in boot.console, "part 3 failed first"
     assert "@@UBLK-4 ok@@" in boot.console and boot.rc == 0, _failure(boot)
+
+
+def test_ublk_buffer_copy_and_modes_kept_across_recovery(boot):
+    assert "@@UBLK-4 ok@@" in boot.console, "part 4 failed first"
+    assert "@@UBLK-5 ok@@" in boot.console and boot.rc == 0, _failure(boot)
 
 
 def _failure(r):
