@@ -12,10 +12,10 @@ of random data, and in turn (rows):
   ublk  /dev/ublkbN: rpointd serving the same file as a ublk disk
         (PUT /disks/{d} {"properties": {"path": F, "export": "ublk"}}, the
         device from GET /disks/{d} properties.export.ublk.devicePath), only
-        with --with-ublk (needs rpointd's ublk transport, issue #11); the kernel
-        has UBLK_F_USER_COPY (6.5+), so rpointd copies the data itself
-  ublkbuf the same with `ublk.user_copy: false` (--with-ublk-buffer): the
-        driver copies into per-tag buffers, as before user copy; rpointd is
+        with --with-ublk (needs rpointd's ublk transport, issue #11); the
+        default buffer mode: the driver copies into per-tag buffers
+  ublkuc the same with `ublk.user_copy: true` (--with-ublk-user-copy):
+        UBLK_F_USER_COPY (6.5+), rpointd copies the data itself; rpointd is
         restarted with that setting for this row (it comes last)
 each running the same fio jobs (libaio, O_DIRECT). Prints a Markdown report with
 every row's ratio to loop, measured in the same boot, and the host's load
@@ -142,9 +142,9 @@ up_ublk() {
 }
 down_ublk() { $T/rpoint disk delete bublk >/dev/null; }
 
-# The same with the driver's copy (ublk.user_copy: false). Runs in a
+# The same with rpointd's own copy (ublk.user_copy: true). Runs in a
 # subshell, so rpointd is stopped by its recorded pid and started anew.
-up_ublkbuf() {
+up_ublkuc() {
   pid=$(cat /tmp/rpointd.pid)
   kill "$pid"
   # Its parent (this script) is waiting for this subshell, so it stays a
@@ -153,11 +153,11 @@ up_ublkbuf() {
   while st=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null) && [ -n "$st" ] && [ "$st" != Z ]; do
     i=$((i+1)); [ $i -gt 300 ] && { echo "rpointd $pid did not stop" >&2; return 1; }; sleep 0.1
   done
-  echo "ublk: {user_copy: false}" >>/tmp/rpointd.yaml
+  echo "ublk: {user_copy: true}" >>/tmp/rpointd.yaml
   start_rpointd >&2
   up_ublk
 }
-down_ublkbuf() { down_ublk "$@"; }
+down_ublkuc() { down_ublk "$@"; }
 
 for row in $ROWS; do
   dev=$(up_$row 2>/tmp/up.err) || die "$row: could not set up the device: $(tr '\n' ' ' </tmp/up.err | cut -c1-600)"
@@ -223,8 +223,8 @@ def main():
     p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated, of " + ", ".join(JOBS))
     p.add_argument("--with-ublk", action="store_true",
                    help="add the ublk row (needs rpointd's ublk transport)")
-    p.add_argument("--with-ublk-buffer", action="store_true",
-                   help="add the ublkbuf row: ublk with ublk.user_copy false (the driver's copy)")
+    p.add_argument("--with-ublk-user-copy", action="store_true",
+                   help="add the ublkuc row: ublk with ublk.user_copy true (UBLK_F_USER_COPY)")
     p.add_argument("--with-tcp", action="store_true",
                    help="add an nbdtcp row: rpointd over TCP on the guest's loopback")
     p.add_argument("--with-nbdkit", action="store_true",
@@ -244,14 +244,14 @@ def main():
             p.error(f"unknown job {j!r}")
     rows = (["loop", "nbd"] + (["nbdtcp"] if a.with_tcp else []) +
             (["nbdkit"] if a.with_nbdkit else []) +
-            (["ublk"] if a.with_ublk else []) + (["ublkbuf"] if a.with_ublk_buffer else []))
+            (["ublk"] if a.with_ublk else []) + (["ublkuc"] if a.with_ublk_user_copy else []))
     work = a.workdir or tempfile.mkdtemp(prefix="vm-bench-", dir=workroot())
     os.makedirs(work, exist_ok=True)
     try:
         lane.ensure_tools()
         kernel = lane.Kernel.fetch()
         ir = lane.Initramfs(work)
-        ir.add_modules(kernel, ["loop", "nbd", "virtio_blk"] + (["ublk_drv"] if a.with_ublk or a.with_ublk_buffer else []))
+        ir.add_modules(kernel, ["loop", "nbd", "virtio_blk"] + (["ublk_drv"] if a.with_ublk or a.with_ublk_user_copy else []))
         ir.add_build_binaries(os.path.abspath(a.build), ["daemon/rpointd", "cli/rpoint"])
         for t in ("nbd-client", "fio", "losetup", "curl") + (("nbdkit",) if a.with_nbdkit else ()):
             ir.add_binary(tool(t))
@@ -305,7 +305,7 @@ def main():
 def report(a, kernel, rows, jobs, results, failures, load0, load1, started, took, queues):
     lines = [f"## vm-bench {started} UTC", "",
              f"`bench/vm-bench.py --size {a.size}M --runtime {a.runtime} --backing {a.backing}"
-             f"{' --with-tcp' if a.with_tcp else ''}{' --with-nbdkit' if a.with_nbdkit else ''}{' --with-ublk' if a.with_ublk else ''}{' --with-ublk-buffer' if a.with_ublk_buffer else ''}`, kernel {kernel.version} under qemu TCG "
+             f"{' --with-tcp' if a.with_tcp else ''}{' --with-nbdkit' if a.with_nbdkit else ''}{' --with-ublk' if a.with_ublk else ''}{' --with-ublk-user-copy' if a.with_ublk_user_copy else ''}`, kernel {kernel.version} under qemu TCG "
              f"(`-cpu max,-cx16 -smp 2`), fio libaio O_DIRECT, {took:.0f} s. Host load average "
              f"{' '.join(load0)} at the start, {' '.join(load1)} at the end.", ""]
     busy = max(float(load0[0]), float(load1[0]))

@@ -134,9 +134,10 @@ struct Config {
   unsigned ublk_queues = 0;
   unsigned ublk_depth = 128;
   // ublk.user_copy: new devices copy request data in rpointd (UBLK_F_USER_COPY,
-  // kernels 6.5+) instead of in the driver; false, or an older kernel: the
-  // driver's copy into a per-tag buffer.
-  bool ublk_user_copy = true;
+  // kernels 6.5+) instead of in the driver; false (the default: the driver's
+  // copy measured faster, bench/RESULTS.md 2026-12-02), or an older kernel:
+  // the driver's copy into a per-tag buffer.
+  bool ublk_user_copy = false;
 
   // peers.listen: the HTTPS (mutual TLS, keys from tls.dir) address other
   // rpointd hosts call to keep regions here; unset: none.

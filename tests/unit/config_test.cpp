@@ -297,8 +297,8 @@ TEST_CASE("numbers and booleans") {
   ExpectError("io:\n  threads: 1025\n", "2:12:", "io.threads", "from 0 to 1024");
   CHECK(Parse("").ublk_queues == 0);  // one per CPU
   CHECK(Parse("").ublk_depth == 128);
-  CHECK(Parse("").ublk_user_copy);
-  CHECK_FALSE(Parse("ublk:\n  user_copy: false\n").ublk_user_copy);
+  CHECK_FALSE(Parse("").ublk_user_copy);
+  CHECK(Parse("ublk:\n  user_copy: true\n").ublk_user_copy);
   CHECK(Parse("ublk: {queues: 4, depth: 1024}").ublk_depth == 1024);
   ExpectError("ublk:\n  depth: 0\n", "2:10:", "ublk.depth", "from 1 to 1024");
   ExpectError("ublk:\n  depth: 1025\n", "2:10:", "ublk.depth", "from 1 to 1024");

@@ -16,11 +16,11 @@ inside Debian's 6.12 kernel under qemu (lane.py), one boot for both parts.
 4. DELETE of a ublk disk whose device is mounted: 409 naming the device,
    the device and its filesystem untouched; after umount the delete works.
 
-5. copy modes: d0 was made with UBLK_F_USER_COPY (6.12 has it); restarted
-   with `ublk.user_copy: false` rpointd recovers d0 still in user copy mode
-   and makes a new disk b0 in buffer mode (the driver's copy, what a kernel
-   without USER_COPY gets); kill -9 under a write load on b0, restart with
-   the default config: b0 comes back in buffer mode, dd ends without error,
+5. copy modes: d0 was made in buffer mode (the default, the driver's copy);
+   restarted with `ublk.user_copy: true` rpointd recovers d0 still in buffer
+   mode and makes a new disk b0 with UBLK_F_USER_COPY (6.12 has it); kill -9
+   under a write load on b0, restart with the default config: b0 comes back
+   in user copy mode, dd ends without error,
    e2fsck is clean, a point of b0 equals the device (cmp).
 
 Part 1 also checks the API: devicePath and state Live in GET, and the NBD
@@ -80,8 +80,8 @@ wait_dev /dev/ublkb0
 [ "$(field d0 devicePath)" = /dev/ublkb0 ] || fail "d0 devicePath is $(field d0 devicePath)"
 [ "$(field d0 state)" = Live ] || fail "d0 state is $(field d0 state)"
 $T/rpoint disk show d0 | grep -q 'NBD export.*read-only' || fail "NBD export of a ublk disk not read-only"
-# This kernel (6.12) has UBLK_F_USER_COPY: rpointd copies the data itself.
-newlog | grep -q 'ublk 0: /dev/ublkb0 serves disk d0 .*user copy' || fail "d0 is not in user copy mode"
+# The default is buffer mode (ublk.user_copy: false): the driver copies the data.
+newlog | grep -q 'ublk 0: /dev/ublkb0 serves disk d0 .*buffer copy' || fail "d0 is not in buffer copy mode"
 $T/mke2fs -q -F -t ext4 /dev/ublkb0 || fail "mkfs.ext4"
 mount -t ext4 /dev/ublkb0 /mnt/a || fail "mount d0"
 C=7; for f in f1 f2 f3; do C=$((C+9)); $T/dd if=/dev/urandom of=/mnt/a/$f bs=64k count=$C status=none || fail "write $f"; done
@@ -184,21 +184,21 @@ i=0; while [ -b $dev ]; do i=$((i+1)); [ $i -gt 100 ] && fail "$dev still there 
 dmesg | grep -E 'I/O error|EXT4-fs error|Buffer I/O' && fail "the kernel logged I/O errors"
 echo "@@UBLK-4 ok@@"
 
-# ---- 5: buffer copy (ublk.user_copy: false, what a kernel before 6.5 gets);
+# ---- 5: user copy (ublk.user_copy: true, UBLK_F_USER_COPY, 6.5+);
 # a recovered device keeps the copy mode it was made with, whatever the config ----
 pid=$(cat /tmp/rpointd.pid)
 kill $pid
 wait $pid || fail "rpointd exited $? on SIGTERM (part 5)"
-printf 'ublk: {user_copy: false}\n' >/tmp/buffer.yaml
-start_rpointd --config /tmp/buffer.yaml
-newlog | grep -q 'recovered /dev/ublkb0 for disk d0 .*user copy' || fail "d0 not recovered in user copy mode"
+printf 'ublk: {user_copy: true}\n' >/tmp/usercopy.yaml
+start_rpointd --config /tmp/usercopy.yaml
+newlog | grep -q 'recovered /dev/ublkb0 for disk d0 .*buffer copy' || fail "d0 not recovered in buffer copy mode"
 mount -t ext4 /dev/ublkb0 /mnt/a || fail "mount d0 (part 5)"
-(cd /mnt/a && sha256sum -c /tmp/sums2 >/dev/null) || fail "d0 files, recovered under user_copy: false"
+(cd /mnt/a && sha256sum -c /tmp/sums2 >/dev/null) || fail "d0 files, recovered under user_copy: true"
 umount /mnt/a
 $T/rpoint disk create b0 --size 64M --export ublk >/tmp/out 2>&1 || { cat /tmp/out; fail "create b0"; }
 dev=$(field b0 devicePath)
 wait_dev $dev
-newlog | grep -q "${dev#/dev/}.* serves disk b0 .*buffer copy" || fail "b0 is not in buffer copy mode"
+newlog | grep -q "${dev#/dev/}.* serves disk b0 .*user copy" || fail "b0 is not in user copy mode"
 $T/mke2fs -q -F -t ext4 $dev || fail "mkfs.ext4 on b0"
 mount -t ext4 $dev /mnt/r || fail "mount b0"
 $T/dd if=/dev/urandom of=/mnt/r/h bs=1M count=6 status=none && (cd /mnt/r && sha256sum h >/tmp/sums5)
@@ -215,7 +215,7 @@ done
 kill -9 $(cat /tmp/rpointd.pid)
 sleep 1
 start_rpointd
-newlog | grep -q "recovered $dev for disk b0 .*buffer copy" || fail "b0 not recovered in buffer copy mode"
+newlog | grep -q "recovered $dev for disk b0 .*user copy" || fail "b0 not recovered in user copy mode"
 i=0; while [ ! -e /tmp/dd5.rc ]; do i=$((i+1)); [ $i -gt 1200 ] && fail "b0 dd did not finish"; sleep 0.1; done
 [ "$(cat /tmp/dd5.rc)" = 0 ] || fail "b0 dd under kill -9 exited $(cat /tmp/dd5.rc)"
 cmp /tmp/pattern /mnt/r/load || fail "b0: the file written across the kill differs"
