@@ -1,6 +1,7 @@
 #include "disks/disk_files.h"
 
 #include <fcntl.h>
+#include <stdio.h>  // renameat2
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -50,6 +51,23 @@ Status RemoveFile(const std::string& path) {
     return Status::FromErrno(errno, "unlink " + path);
   }
   return FsyncDir(DirName(path));
+}
+
+Status RenameFile(const std::string& from, const std::string& to) {
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) != 0) {
+    if (errno == EEXIST) return Status::AlreadyExists(to + " already exists");
+    return Status::FromErrno(errno, "rename " + from + " to " + to);
+  }
+  return FsyncDir(DirName(to));
+}
+
+Result<bool> FileHasData(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return Status::FromErrno(errno, "open " + path);
+  if (::lseek(fd.get(), 0, SEEK_DATA) >= 0) return true;
+  if (errno == ENXIO) return false;  // one hole to the end (or empty)
+  if (errno == EINVAL || errno == EOPNOTSUPP) return true;
+  return Status::FromErrno(errno, "lseek SEEK_DATA " + path);
 }
 
 std::string NowRfc3339() {

@@ -22,6 +22,16 @@ Status CreateSparseFile(const std::string& path, uint64_t size_bytes);
 // Removes `path` (a missing file is fine) and fsyncs its directory.
 Status RemoveFile(const std::string& path);
 
+// Renames `from` to `to` (replacing nothing: AlreadyExists if `to` exists)
+// and fsyncs their directory, so the new name survives a crash.
+Status RenameFile(const std::string& from, const std::string& to);
+
+// Whether the regular file at `path` holds any allocated data (SEEK_DATA). A
+// file that never received a write is one hole: false. A filesystem without
+// SEEK_DATA answers true (it cannot tell, and true is the safe answer for the
+// callers, which only ever delete a file that holds nothing).
+Result<bool> FileHasData(const std::string& path);
+
 // Directory part of a path ("." when it has none).
 std::string DirName(const std::string& path);
 

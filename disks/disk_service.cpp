@@ -30,6 +30,11 @@ namespace {
 
 constexpr const char* kDiskFileSuffix = ".raw";
 
+// The name a managed disk's file takes while its delete commits.
+std::string Tombstone(const std::string& path) {
+  return path + ".deleting";
+}
+
 bool IsNameChar(char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
          c == '_' || c == '-';
@@ -128,6 +133,7 @@ class DiskServiceImpl final : public DiskService {
     for (DiskRow& row : rows.value()) {
       Entry e;
       e.row = std::move(row);
+      undo_interrupted_delete(e.row);
       open_entry(e);
       std::string name = e.row.name;
       disks_.emplace(name, std::move(e));
@@ -158,7 +164,8 @@ class DiskServiceImpl final : public DiskService {
                             uint32_t tracking_granularity,
                             const std::string& export_mode) override {
     if (Status s = check_export(export_mode); !s.ok()) return s;
-    auto r = create_disk(name, size_bytes, kind, tracking_granularity, "Succeeded", "", export_mode);
+    auto r =
+        create_disk(name, size_bytes, kind, tracking_granularity, "Succeeded", "", export_mode);
     if (!r.ok() || export_mode == "nbd") return r;
     return start_local_or_undo(name);
   }
@@ -488,17 +495,38 @@ class DiskServiceImpl final : public DiskService {
     if (it == disks_.end()) return not_found(name);
     Entry& e = it->second;
     int users = UsersOf(e);
-    // Row first, then the file: a crash in between leaves an orphan file that
-    // the next start removes, never a row whose file is gone.
+    // The file takes its tombstone name first, then the row goes, then the
+    // file: a crash before the row's delete commits finds the tombstone and the
+    // row, and the next start renames it back (the delete was never
+    // acknowledged); a crash after it finds a tombstone no row names, and
+    // removes it. A plain `NAME.raw` no row names is therefore never a deleted
+    // disk, and holds data only when metadata.db lost its row: sweep_orphans
+    // recovers it instead of deleting it.
+    const std::string tomb = Tombstone(e.row.path);
+    if (!e.row.adopted) {
+      // A tombstone already there is a committed delete's whose unlink failed.
+      (void)RemoveFile(tomb);
+      struct stat st {};
+      if (::lstat(e.row.path.c_str(), &st) == 0) {
+        Status r = RenameFile(e.row.path, tomb);
+        if (!r.ok()) return r;
+      }  // else an unavailable disk whose file is gone: nothing to keep
+    }
     Status s = db_->delete_disk(name);
-    if (!s.ok()) return s;
+    if (!s.ok()) {
+      if (!e.row.adopted && ::access(tomb.c_str(), F_OK) == 0) {
+        Status r = RenameFile(tomb, e.row.path);
+        if (!r.ok()) spdlog::error("disk {}: cannot undo its delete: {}", name, r.ToString());
+      }
+      return s;
+    }
     // Retired even with no user: a client resolving the export right now gets
     // a device the transport closes at its first request.
     RetireEntry(e);
     Entry gone = std::move(e);
     disks_.erase(it);
     if (!gone.row.adopted) {
-      s = RemoveFile(gone.row.path);
+      s = RemoveFile(tomb);
       if (!s.ok()) spdlog::warn("disk {}: deleted, but its file stays: {}", name, s.ToString());
     }
     remove_tracking(name);
@@ -541,8 +569,9 @@ class DiskServiceImpl final : public DiskService {
     std::vector<ExportInfo> out;
     for (const auto& [name, e] : disks_) {
       if (!e.disk || e.row.provisioning_state != "Succeeded") continue;
-      out.push_back({name, "rpointd " + e.row.kind + " disk " + name +
-                               (e.row.export_mode == "ublk" ? " (read-only: served over ublk)" : "")});
+      out.push_back(
+          {name, "rpointd " + e.row.kind + " disk " + name +
+                     (e.row.export_mode == "ublk" ? " (read-only: served over ublk)" : "")});
     }
     return out;
   }
@@ -616,7 +645,8 @@ class DiskServiceImpl final : public DiskService {
     if (!id.ok()) return id.status();
     if (id.value() != e.row.ublk_dev_id) {
       Status s = db_->update_disk_export(e.row.name, "ublk", id.value());
-      if (!s.ok()) spdlog::error("disk {}: cannot record ublk {}: {}", e.row.name, id.value(), s.ToString());
+      if (!s.ok())
+        spdlog::error("disk {}: cannot record ublk {}: {}", e.row.name, id.value(), s.ToString());
       e.row.ublk_dev_id = id.value();
     }
     return id;
@@ -751,10 +781,31 @@ class DiskServiceImpl final : public DiskService {
     }
   }
 
-  // Removes files in the disks directory that look like ours but no row names:
-  // left by a crash between creating a file and committing its row (never
-  // acknowledged, never exported: all zeroes), or between deleting a row and
-  // unlinking its file.
+  // A row whose file is missing but whose tombstone is there: a crash inside
+  // delete_disk before the row's delete committed. The delete was never
+  // acknowledged, so the disk comes back.
+  void undo_interrupted_delete(const DiskRow& row) {
+    if (row.adopted) return;
+    struct stat st {};
+    std::string tomb = Tombstone(row.path);
+    if (::lstat(row.path.c_str(), &st) == 0 || errno != ENOENT) return;
+    if (::lstat(tomb.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return;
+    Status s = RenameFile(tomb, row.path);
+    if (s.ok()) {
+      spdlog::warn("disk {}: a delete was interrupted before it committed; the disk is kept",
+                   row.name);
+    } else {
+      spdlog::error("disk {}: cannot undo an interrupted delete: {}", row.name, s.ToString());
+    }
+  }
+
+  // Files in the disks directory that look like ours but no row names:
+  // - `NAME.raw.deleting`: a delete whose row had committed; removed.
+  // - `NAME.raw` holding no data: a crash between creating the file and
+  //   committing its row (never acknowledged, never exported); removed.
+  // - `NAME.raw` holding data: its row was lost (metadata.db deleted, or put
+  //   back from an old copy). Never deleted: the disk is recovered under its
+  //   name, with no change tracking (its next restore point is full).
   void sweep_orphans() {
     std::set<std::string> known;
     for (const auto& [name, e] : disks_) known.insert(e.row.path);
@@ -763,18 +814,40 @@ class DiskServiceImpl final : public DiskService {
       spdlog::warn("disk service: cannot list {}: {}", disks_dir_, std::strerror(errno));
       return;
     }
-    std::vector<std::string> orphans;
+    std::vector<std::string> orphans, tombs;
+    const std::string suffix = kDiskFileSuffix, tomb_suffix = Tombstone(suffix);
+    auto named = [this](const std::string& f, const std::string& sfx) {
+      return f.size() > sfx.size() && f.compare(f.size() - sfx.size(), sfx.size(), sfx) == 0 &&
+             ValidateName(f.substr(0, f.size() - sfx.size())).ok();
+    };
     while (struct dirent* de = ::readdir(dir)) {
       std::string f = de->d_name;
-      size_t n = std::char_traits<char>::length(kDiskFileSuffix);
-      if (f.size() <= n || f.compare(f.size() - n, n, kDiskFileSuffix) != 0) continue;
-      if (!ValidateName(f.substr(0, f.size() - n)).ok()) continue;
       std::string path = disks_dir_ + "/" + f;
       struct stat st {};
       if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
-      if (!known.count(path)) orphans.push_back(path);
+      if (named(f, tomb_suffix)) {
+        if (!known.count(path.substr(0, path.size() - tomb_suffix.size() + suffix.size()))) {
+          tombs.push_back(path);
+        }
+      } else if (named(f, suffix) && !known.count(path)) {
+        orphans.push_back(path);
+      }
     }
     ::closedir(dir);
+    for (const auto& path : tombs) {
+      spdlog::warn("disk service: removing {}: its disk was deleted", path);
+      Status s = RemoveFile(path);
+      if (!s.ok()) spdlog::warn("disk service: {}", s.ToString());
+    }
+    std::vector<std::string> empty;
+    for (const auto& path : orphans) {
+      auto data = FileHasData(path);
+      if (data.ok() && !data.value()) {
+        empty.push_back(path);
+      } else {
+        recover_orphan(path, data.ok() ? "" : data.status().ToString());
+      }
+    }
     if (!options_.tracking_dir.empty()) {
       // Tracking directories of disks deleted just before a crash.
       std::error_code ec;
@@ -790,14 +863,60 @@ class DiskServiceImpl final : public DiskService {
         remove_tracking(name);
       }
     }
-    for (const auto& path : orphans) {
+    for (const auto& path : empty) {
       spdlog::warn(
-          "disk service: removing {}: no disk record names it (an interrupted "
-          "create or delete)",
+          "disk service: removing {}: no disk record names it and it holds no data (an "
+          "interrupted create)",
           path);
       Status s = RemoveFile(path);
       if (!s.ok()) spdlog::warn("disk service: {}", s.ToString());
     }
+  }
+
+  // Gives a data-holding disk file no row names a row again (sweep_orphans).
+  // `why_unsure` is set when the file could not be probed for data: kept then
+  // too, since keeping an empty file costs nothing and deleting a full one
+  // loses a disk.
+  void recover_orphan(const std::string& path, const std::string& why_unsure) {
+    std::string f = path.substr(disks_dir_.size() + 1);
+    std::string name = f.substr(0, f.size() - std::char_traits<char>::length(kDiskFileSuffix));
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return;
+    uint64_t size = static_cast<uint64_t>(st.st_size);
+    Status valid = ValidateSize(size);
+    if (disks_.count(name) || !valid.ok()) {
+      spdlog::error(
+          "disk service: {} holds data but no disk record names it, and it cannot be "
+          "recovered as disk '{}' ({}); left in place for the operator",
+          path, name, disks_.count(name) ? "the name is taken" : valid.message());
+      return;
+    }
+    DiskRow row;
+    row.name = name;
+    row.path = path;
+    row.size_bytes = size;
+    row.kind = "managed";
+    row.time_created = NowRfc3339();
+    row.tracking_granularity = kDefaultTrackingGranularity;
+    // Its tracking (if any survived) belongs to a history metadata.db no
+    // longer holds: the next restore point of this disk is full.
+    remove_tracking(name);
+    Status s = db_->insert_disk(row);
+    if (!s.ok()) {
+      spdlog::error("disk service: cannot recover {} as disk '{}': {}; left in place", path, name,
+                    s.ToString());
+      return;
+    }
+    Entry e;
+    e.row = row;
+    open_entry(e);
+    spdlog::warn(
+        "disk {}: recovered from {} ({} bytes), which no disk record named{}{}: metadata.db "
+        "lost its row; it is served over NBD, kind managed, with no change tracking (its next "
+        "restore point is full); add it to its VM again",
+        name, path, size,
+        why_unsure.empty() ? "" : "; could not tell if it holds data: ", why_unsure);
+    disks_.emplace(name, std::move(e));
   }
 
   const DiskServiceOptions options_;

@@ -1,4 +1,6 @@
 // DiskService (disks/disk_service.h): validation, files, metadata, restarts.
+#include "disks/disk_service.h"
+
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -8,7 +10,6 @@
 #include <filesystem>
 #include <fstream>
 
-#include "disks/disk_service.h"
 #include "disks/metadata_db.h"
 #include "engine/file_disk.h"
 
@@ -132,8 +133,7 @@ TEST_CASE("adopt: existing regular files only, once") {
   std::string img = t.path + "/img.raw";
   WriteFile(img, 2 * kMiB);
   CHECK(svc->adopt("a", "relative/path", "managed").status().code() == Code::kInvalidArgument);
-  CHECK(svc->adopt("a", t.path + "/missing", "managed").status().code() ==
-        Code::kInvalidArgument);
+  CHECK(svc->adopt("a", t.path + "/missing", "managed").status().code() == Code::kInvalidArgument);
   CHECK(svc->adopt("a", t.path, "managed").status().code() == Code::kInvalidArgument);  // a dir
   std::string odd = t.path + "/odd.raw";
   WriteFile(odd, 1000);
@@ -237,8 +237,10 @@ TEST_CASE("start-up removes orphan files and adopts a grown file's size") {
     auto svc = OpenSvc(t);
     REQUIRE(svc->create("keep", kMiB, "managed").ok());
   }
-  // A create interrupted before its row committed, and foreign files that stay.
-  WriteFile(t.path + "/disks/orphan.raw", kMiB);
+  // A create interrupted before its row committed (a sparse file, never
+  // written), and foreign files that stay.
+  { std::ofstream(t.path + "/disks/orphan.raw"); }
+  fs::resize_file(t.path + "/disks/orphan.raw", kMiB);
   WriteFile(t.path + "/disks/notes.txt", 10);
   WriteFile(t.path + "/disks/.hidden.raw", 512);
   // A resize interrupted after the file grew.
@@ -248,6 +250,61 @@ TEST_CASE("start-up removes orphan files and adopts a grown file's size") {
   CHECK(fs::exists(t.path + "/disks/notes.txt"));
   CHECK(fs::exists(t.path + "/disks/.hidden.raw"));
   CHECK(svc->get("keep")->size_bytes == 3 * kMiB);
+}
+
+TEST_CASE("a disk file whose row is lost is recovered, never deleted") {
+  TempDir t;
+  {
+    auto svc = OpenSvc(t);
+    REQUIRE(svc->create("lost", 2 * kMiB, "managed").ok());
+    REQUIRE(svc->create("kept", kMiB, "managed").ok());
+    std::ofstream f(t.path + "/disks/lost.raw", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(12345);
+    f << "guest data";
+  }
+  // metadata.db put back from before "lost" existed: only "kept" has a row.
+  {
+    auto db = MetadataDb::Open(t.path + "/metadata.db");
+    REQUIRE(db.ok());
+    REQUIRE(db.value()->delete_disk("lost").ok());
+  }
+  // A stale tombstone of a committed delete.
+  WriteFile(t.path + "/disks/gone.raw.deleting", kMiB);
+  auto svc = OpenSvc(t);
+  auto rec = svc->get("lost");
+  REQUIRE(rec.ok());
+  CHECK(rec->size_bytes == 2 * kMiB);
+  CHECK(rec->error.empty());
+  CHECK(fs::exists(t.path + "/disks/lost.raw"));
+  CHECK_FALSE(fs::exists(t.path + "/disks/gone.raw.deleting"));
+  std::ifstream f(t.path + "/disks/lost.raw", std::ios::binary);
+  f.seekg(12345);
+  std::string got(10, '\0');
+  f.read(got.data(), 10);
+  CHECK(got == "guest data");
+}
+
+TEST_CASE("a delete interrupted before its row's delete committed keeps the disk") {
+  TempDir t;
+  {
+    auto svc = OpenSvc(t);
+    REQUIRE(svc->create("d", kMiB, "managed").ok());
+  }
+  // The state a crash leaves between the tombstone rename and the row's delete.
+  fs::rename(t.path + "/disks/d.raw", t.path + "/disks/d.raw.deleting");
+  {
+    auto svc = OpenSvc(t);
+    auto rec = svc->get("d");
+    REQUIRE(rec.ok());
+    CHECK(rec->error.empty());
+    CHECK(fs::exists(t.path + "/disks/d.raw"));
+    CHECK_FALSE(fs::exists(t.path + "/disks/d.raw.deleting"));
+    // A real delete leaves neither name behind, and the name can be used again.
+    REQUIRE(svc->remove("d", false).ok());
+    CHECK_FALSE(fs::exists(t.path + "/disks/d.raw"));
+    CHECK_FALSE(fs::exists(t.path + "/disks/d.raw.deleting"));
+    REQUIRE(svc->create("d", kMiB, "managed").ok());
+  }
 }
 
 TEST_CASE("a database from a newer rpointd is refused") {
