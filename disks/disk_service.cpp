@@ -990,11 +990,24 @@ Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions&
   }
   // Rows store absolute paths, so they stay right whatever the daemon's cwd.
   std::string disks_dir = CanonicalPath(options.disks_dir);
+  // A damaged database stops the start (nothing is guessed from it); the
+  // message says how to start again without losing a disk.
+  auto damaged = [&](const Status& st) {
+    const std::string& m = st.message();
+    if (m.find("malformed") == std::string::npos && m.find("not a database") == std::string::npos) {
+      return st;
+    }
+    return Status(st.code(), m + "; to start without it, move " + options.metadata_db +
+                                 " (and its -wal and -shm files) aside: the disks in " +
+                                 options.disks_dir +
+                                 " are recovered from their files and the "
+                                 "restore points from the regions; VMs must be created again");
+  };
   auto db = MetadataDb::Open(options.metadata_db);
-  if (!db.ok()) return db.status();
+  if (!db.ok()) return damaged(db.status());
   auto svc = std::make_unique<DiskServiceImpl>(options, disks_dir, std::move(db).value());
   s = svc->load();
-  if (!s.ok()) return s;
+  if (!s.ok()) return damaged(s);
   return std::unique_ptr<DiskService>(std::move(svc));
 }
 

@@ -12,6 +12,7 @@ import os
 import shutil
 
 import nbd
+import pytest
 
 from rpointd_harness import nbd_write
 
@@ -107,3 +108,31 @@ def test_crash_states_of_create_and_delete(make_daemon):
     assert os.listdir(disks) == []
     d.create_disk("kept", 8 * MiB)
     assert read_all(d.nbd_uri("kept"), MiB) == bytes(MiB)
+
+
+def test_a_damaged_metadata_db_stops_the_start_and_says_how_to_recover(make_daemon):
+    d = make_daemon().start()
+    d.create_disk("disk", 8 * MiB)
+    d.create_vm("vm", ["disk"])
+    d.create_collection("c", "vm")
+    data = os.urandom(2 * MiB)
+    nbd_write(d.nbd_uri("disk"), [(0, data)])
+    d.create_restore_point("c", "rp1")
+    d.stop()
+    db = os.path.join(d.state_dir, "metadata.db")
+    with open(db, "r+b") as f:  # a page of garbage past the header
+        f.seek(4096)
+        f.write(os.urandom(4096))
+    with pytest.raises(Exception, match="exited"):
+        d.start()
+    log = d.log_all()
+    assert "malformed" in log and "move " + db in log, log[-2000:]
+    # Nothing was touched: the disk file is all there.
+    with open(os.path.join(d.state_dir, "disks", "disk.raw"), "rb") as f:
+        assert f.read(2 * MiB) == data
+    # Following the advice brings the disk and the point back.
+    for f in glob.glob(db + "*"):
+        os.rename(f, f + ".damaged")
+    d.start()
+    assert read_all(d.nbd_uri("disk"), 2 * MiB) == data
+    assert read_all(d.rp_uri("c", "rp1", "disk"), 2 * MiB) == data
