@@ -183,7 +183,8 @@ void RestoreServiceImpl::resume_copies() {
 // copy, whose tree the new one is compared with. Caller holds mu_.
 static std::optional<DiskRestorePointRecord> CopyBase(RestoreDb& db, const std::string& collection,
                                                       const std::string& disk,
-                                                      const store::PointReader& src) {
+                                                      const store::PointReader& src,
+                                                      std::string* point_name) {
   auto points = db.list_points(collection);
   if (!points.ok()) return std::nullopt;
   for (auto it = points.value().rbegin(); it != points.value().rend(); ++it) {
@@ -191,6 +192,7 @@ static std::optional<DiskRestorePointRecord> CopyBase(RestoreDb& db, const std::
     for (const auto& d : it->disk_restore_points) {
       if (d.disk == disk && d.store_point && d.size_bytes <= src.size() &&
           d.granularity == src.chunk_size()) {
+        *point_name = it->name;
         return d;
       }
     }
@@ -211,7 +213,8 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     const auto& sd = src.disk_restore_points[i];
     prog->started[i].store(true);
     if (d.status == "Succeeded" && d.store_point) continue;  // committed before a restart
-    auto reader = src_st->open_point(sd.store_point);
+    auto reader =
+        OpenDiskPoint(*src_st, sd.store_point, DiskPointId(src.collection, src.name, sd.disk));
     if (!reader.ok()) {
       d.status = "Failed";
       err = JobError{"CopyFailed",
@@ -225,9 +228,10 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     // Start from the target's previous copy of the disk: only what differs
     // from its tree is visited (an unreadable base just means a full walk).
     std::optional<DiskRestorePointRecord> base_rec;
+    std::string base_name;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      base_rec = CopyBase(*db_, rec.collection, d.disk, *reader.value());
+      base_rec = CopyBase(*db_, rec.collection, d.disk, *reader.value(), &base_name);
     }
     std::shared_ptr<store::PointReader> base;
     if (base_rec) {

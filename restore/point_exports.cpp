@@ -48,7 +48,7 @@ std::shared_ptr<BlockDevice> RestoreServiceImpl::find_export(const std::string& 
   }
   auto st = store_of(region);
   if (!sp || !st) return nullptr;
-  auto reader = st->open_point(sp);
+  auto reader = OpenDiskPoint(*st, sp, DiskPointId(parts[0], parts[1], parts[2]));
   if (!reader.ok()) {
     spdlog::warn("export {}: {}", name, reader.status().ToString());
     return nullptr;
@@ -268,8 +268,8 @@ std::shared_ptr<MetaContext> RestoreServiceImpl::open_meta_context(const std::st
   }
   auto st = store_of(self->region);
   if (!st) return nullptr;
-  auto a = st->open_point(self->store_point);
-  auto b = st->open_point(other->store_point);
+  auto a = OpenDiskPoint(*st, self->store_point, DiskPointId(parts[0], parts[1], parts[2]));
+  auto b = OpenDiskPoint(*st, other->store_point, DiskPointId(ref[0], ref[1], parts[2]));
   if (!a.ok() || !b.ok()) {
     spdlog::warn("export {}: {}: {}", export_name, name,
                  (a.ok() ? b.status() : a.status()).ToString());

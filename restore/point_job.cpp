@@ -377,6 +377,17 @@ std::optional<JobError> RestoreServiceImpl::create_point(
     if (!info.ok() || info->chunk_size != fd->tracker()->granularity() || info->size > fd->size()) {
       continue;
     }
+    // The base must be the store point written for that disk restore point: a
+    // damaged row naming another one would make this point's unchanged blocks
+    // another point's (OpenDiskPoint has the same rule for reads).
+    if (!info->tag.empty() &&
+        info->tag != DiskPointId(base->collection, base->restore_point, d.disk)) {
+      spdlog::error(
+          "restore point {}/{}: disk {}: its tracking base names store point {}, which was "
+          "written for {} (metadata.db damaged?); full point",
+          rec.collection, rec.name, d.disk, base->store_point, info->tag);
+      continue;
+    }
     force_full[i] = false;
     parent[i] = base->store_point;
     since[i] = base->generation;

@@ -70,8 +70,14 @@ void RestoreServiceImpl::run_verify(RestorePointRecord rec, OperationRecord op,
     }
     // Quarantine: damage found here is re-copied from the disk by its next
     // restore point (docs/store.md, "Verify"), which heals this point too.
-    auto r = st ? st->verify(d.store_point, store::VerifyOptions{.quarantine = true})
-                : Result<store::VerifyReport>(Status::NotFound("region"));
+    // The record must name this point's store point: verifying another
+    // point's would report it intact.
+    Status own =
+        st ? OpenDiskPoint(*st, d.store_point, DiskPointId(rec.collection, rec.name, d.disk))
+                 .status()
+           : Status::NotFound("region");
+    auto r = own.ok() ? st->verify(d.store_point, store::VerifyOptions{.quarantine = true})
+                      : Result<store::VerifyReport>(own);
     if (!r.ok()) {
       err = JobError{"VerifyFailed", "disk '" + d.disk + "': " + r.status().message()};
       break;
@@ -114,9 +120,9 @@ void RestoreServiceImpl::run_verify(RestorePointRecord rec, OperationRecord op,
 // Restore
 
 Status RestoreServiceImpl::fill_disk(const std::string& disk, store::Store& st,
-                                     uint64_t store_point,
+                                     uint64_t store_point, const std::string& disk_point_id,
                                      const std::function<void(uint64_t, uint64_t)>& progress) {
-  auto reader = st.open_point(store_point);
+  auto reader = OpenDiskPoint(st, store_point, disk_point_id);
   if (!reader.ok()) return reader.status();
   auto rec = disks_.get(disk);
   if (!rec.ok()) return rec.status();
@@ -249,10 +255,11 @@ Result<std::string> RestoreServiceImpl::start_restore_disk(const std::string& di
     return s;
   }
   spdlog::info("disk {}: restoring from {}, operation {}", disk, source_id, op.id);
-  spawn([this, disk, drp, region, op, pct]() mutable {
+  std::string want = DiskPointId(c, rp, src);
+  spawn([this, disk, drp, want, region, op, pct]() mutable {
     auto st = store_of(region);
     Status r =
-        st ? fill_disk(disk, *st, drp.store_point,
+        st ? fill_disk(disk, *st, drp.store_point, want,
                        [&](uint64_t done, uint64_t total) {
                          if (total)
                            pct->store(static_cast<int>(std::min<uint64_t>(99, done * 100 / total)));
@@ -347,11 +354,13 @@ Result<std::string> RestoreServiceImpl::start_restore_vm(
     uint64_t before = 0;
     for (size_t i = 0; i < targets.size() && r.ok(); ++i) {
       const auto& d = rec.disk_restore_points[i];
-      r = fill_disk(targets[i], *st, d.store_point, [&](uint64_t done, uint64_t t) {
-        uint64_t part = t ? d.size_bytes * done / t : 0;
-        if (total)
-          pct->store(static_cast<int>(std::min<uint64_t>(99, (before + part) * 100 / total)));
-      });
+      r = fill_disk(
+          targets[i], *st, d.store_point, DiskPointId(rec.collection, rec.name, d.disk),
+          [&](uint64_t done, uint64_t t) {
+            uint64_t part = t ? d.size_bytes * done / t : 0;
+            if (total)
+              pct->store(static_cast<int>(std::min<uint64_t>(99, (before + part) * 100 / total)));
+          });
       before += d.size_bytes;
     }
     for (size_t i = 0; i < targets.size() && r.ok(); ++i) r = disks_.mark_provisioned(targets[i]);

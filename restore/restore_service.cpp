@@ -62,6 +62,19 @@ std::string DiskPointId(const std::string& c, const std::string& rp, const std::
   return PointId(c, rp) + "/diskRestorePoints/" + d;
 }
 
+Result<std::shared_ptr<store::PointReader>> OpenDiskPoint(store::Store& st, uint64_t store_point,
+                                                          const std::string& disk_point_id) {
+  auto r = st.open_point(store_point);
+  if (!r.ok()) return r.status();
+  const std::string& tag = r.value()->info().tag;
+  if (!tag.empty() && tag != disk_point_id) {
+    return Status::IoError(disk_point_id + ": its record names store point " +
+                           std::to_string(store_point) + ", which was written for " + tag +
+                           ": the metadata (metadata.db, or the region's manifest) is damaged");
+  }
+  return r;
+}
+
 std::vector<std::string> Split(const std::string& s, char sep) {
   std::vector<std::string> out;
   size_t start = 0;

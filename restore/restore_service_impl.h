@@ -40,6 +40,15 @@ std::string PointId(const std::string& c, const std::string& rp);
 std::string DiskPointId(const std::string& c, const std::string& rp, const std::string& d);
 std::vector<std::string> Split(const std::string& s, char sep);
 
+// Opens the store point a disk restore point's record names, and checks it is
+// that point's: the tag it was written with (DiskPointId of its collection,
+// point and disk) must be `disk_point_id`. A record naming another point (a
+// flipped bit in metadata.db, a damaged manifest) would otherwise serve,
+// restore or copy another point's bytes as this one's: IoError instead.
+// Points written without a tag are taken as they are.
+Result<std::shared_ptr<store::PointReader>> OpenDiskPoint(store::Store& st, uint64_t store_point,
+                                                          const std::string& disk_point_id);
+
 // Live progress of a job, so GETs see it without a database write per block.
 struct PointProgress {
   explicit PointProgress(size_t disks) : to_copy(disks), copied(disks) {}
@@ -235,6 +244,7 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
                                      std::atomic<uint64_t>& to_copy, std::atomic<uint64_t>& copied);
   // Fills an existing (Creating) disk's file from a store point.
   Status fill_disk(const std::string& disk, store::Store& st, uint64_t store_point,
+                   const std::string& disk_point_id,
                    const std::function<void(uint64_t, uint64_t)>& progress);
   void run_verify(RestorePointRecord rec, OperationRecord op, std::string region);
   // The copy job (restore/copy_job.cpp): `src` in `src_region` into `rec`.

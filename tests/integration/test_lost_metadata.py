@@ -8,15 +8,23 @@ committed) or the tombstone of a committed delete may go. Real daemon, real
 NBD writes (python3-libnbd), real kill -9.
 """
 import glob
+import hashlib
 import os
 import shutil
+import sqlite3
 
 import nbd
 import pytest
 
-from rpointd_harness import nbd_write
+from rpointd_harness import nbd_write, operation_path
 
 MiB = 1 << 20
+
+
+def same(a, b):
+    """Equal bytes, compared by digest: pytest's diff of two disk images
+    takes longer than any test may."""
+    return hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
 
 
 def read_all(uri, length):
@@ -53,18 +61,18 @@ def test_disks_survive_a_lost_metadata_db(make_daemon):
         r = d.api("GET", f"/disks/{n}")
         assert r.status == 200, r
         assert r.json["properties"]["sizeBytes"] == size, r.json
-        assert read_all(d.nbd_uri(n), size) == want[n], f"disk {n} lost data"
+        assert same(read_all(d.nbd_uri(n), size), want[n]), f"disk {n} lost data"
     assert "recovered" in d.log_all()
     # The restore points came back from the region; the VM is made again with
     # its recovered disks, and its next point is full (the tracking history
     # went with metadata.db) and equals the disks.
-    assert read_all(d.rp_uri("c", "rp1", "web.os"), 8 * MiB) == first
+    assert same(read_all(d.rp_uri("c", "rp1", "web.os"), 8 * MiB), first)
     d.create_vm("vm", ["web.os", "data"])
     d.create_restore_point("c", "rp2")
     for n in ("web.os", "data"):
         drp = d.disk_restore_point("c", "rp2", n)["properties"]
         assert drp["incremental"] is False, drp
-        assert read_all(d.rp_uri("c", "rp2", n), size) == want[n]
+        assert same(read_all(d.rp_uri("c", "rp2", n), size), want[n])
 
 
 def test_a_stale_metadata_db_keeps_disks_created_after_it(make_daemon):
@@ -80,7 +88,7 @@ def test_a_stale_metadata_db_keeps_disks_created_after_it(make_daemon):
     d.stop()
     os.replace(backup, os.path.join(d.state_dir, "metadata.db"))
     d.start()
-    assert read_all(d.nbd_uri("new"), 8 * MiB)[MiB:3 * MiB] == data
+    assert same(read_all(d.nbd_uri("new"), 8 * MiB)[MiB:3 * MiB], data)
     assert d.api("GET", "/disks/old").status == 200
 
 
@@ -101,13 +109,13 @@ def test_crash_states_of_create_and_delete(make_daemon):
         f.truncate(8 * MiB)
     d.start()
     assert sorted(os.listdir(disks)) == ["kept.raw"]
-    assert read_all(d.nbd_uri("kept"), MiB) == data
+    assert same(read_all(d.nbd_uri("kept"), MiB), data)
     assert d.api("GET", "/disks/half").status == 404
     # A real delete leaves nothing behind, and the name is free again.
     assert d.api("DELETE", "/disks/kept").status in (200, 202, 204)
     assert os.listdir(disks) == []
     d.create_disk("kept", 8 * MiB)
-    assert read_all(d.nbd_uri("kept"), MiB) == bytes(MiB)
+    assert same(read_all(d.nbd_uri("kept"), MiB), bytes(MiB))
 
 
 def test_a_damaged_metadata_db_stops_the_start_and_says_how_to_recover(make_daemon):
@@ -129,10 +137,81 @@ def test_a_damaged_metadata_db_stops_the_start_and_says_how_to_recover(make_daem
     assert "malformed" in log and "move " + db in log, log[-2000:]
     # Nothing was touched: the disk file is all there.
     with open(os.path.join(d.state_dir, "disks", "disk.raw"), "rb") as f:
-        assert f.read(2 * MiB) == data
+        assert same(f.read(2 * MiB), data)
     # Following the advice brings the disk and the point back.
     for f in glob.glob(db + "*"):
         os.rename(f, f + ".damaged")
     d.start()
-    assert read_all(d.nbd_uri("disk"), 2 * MiB) == data
-    assert read_all(d.rp_uri("c", "rp1", "disk"), 2 * MiB) == data
+    assert same(read_all(d.nbd_uri("disk"), 2 * MiB), data)
+    assert same(read_all(d.rp_uri("c", "rp1", "disk"), 2 * MiB), data)
+
+
+def two_points(d):
+    """rp1 and rp2 of disk `disk`, different contents; returns both images."""
+    size = 16 * MiB
+    d.create_disk("disk", size)
+    d.create_vm("vm", ["disk"])
+    d.create_collection("c", "vm")
+    nbd_write(d.nbd_uri("disk"), [(0, os.urandom(size))])
+    one = read_all(d.nbd_uri("disk"), size)
+    d.create_restore_point("c", "rp1")
+    nbd_write(d.nbd_uri("disk"), [(0, os.urandom(4 * MiB))])
+    two = read_all(d.nbd_uri("disk"), size)
+    d.create_restore_point("c", "rp2")
+    return size, one, two
+
+
+def sql(d, *statements):
+    con = sqlite3.connect(os.path.join(d.state_dir, "metadata.db"))
+    with con:
+        rows = [con.execute(s).fetchall() for s in statements]
+    con.close()
+    return rows
+
+
+def test_a_record_naming_another_points_data_fails_loudly(make_daemon):
+    """A damaged row of metadata.db (here: rp1's store point swapped with
+    rp2's, as a flipped bit could) must not serve, verify, restore or copy
+    rp2's bytes as rp1's: every use fails, naming the damage."""
+    d = make_daemon().start()
+    size, one, two = two_points(d)
+    d.stop()
+    (sp1,), (sp2,) = [r[0] for r in sql(
+        d, "SELECT store_point FROM disk_restore_points WHERE restore_point = 'rp1'",
+        "SELECT store_point FROM disk_restore_points WHERE restore_point = 'rp2'")]
+    sql(d, f"UPDATE disk_restore_points SET store_point = {sp2} WHERE restore_point = 'rp1'")
+    d.start()
+    h = nbd.NBD()
+    with pytest.raises(nbd.Error):
+        h.connect_uri(d.rp_uri("c", "rp1", "disk"))
+        got = h.pread(MiB, 0)
+        assert got != two[:MiB], "rp1's export served rp2's bytes"
+    assert "written for /restorePointCollections/c/restorePoints/rp2" in d.log_all()
+    r = d.api("POST", "/restorePointCollections/c/restorePoints/rp1/verify")
+    assert r.status == 202, r
+    v = d.wait_operation(operation_path(r))
+    assert v["status"] == "Failed" and "damaged" in v["error"]["message"], v
+    r, _ = d.restore_disk("back", "c", "rp1", "disk", wait=False)
+    res = d.wait_operation(operation_path(r))
+    assert res["status"] == "Failed" and "damaged" in str(res), res
+    # rp2 itself is untouched.
+    assert same(read_all(d.rp_uri("c", "rp2", "disk"), size), two)
+    assert d.verify_restore_point("c", "rp2")["status"] == "Succeeded"
+
+
+def test_a_tracking_base_naming_another_point_makes_the_next_point_full(make_daemon):
+    """The disk's tracking base (the parent of its next incremental point)
+    damaged to name rp1's store point while the tracker counts changes since
+    rp2: an incremental point on that parent would hold rp1's bytes where the
+    disk did not change since rp2. It must be full instead, and equal the disk."""
+    d = make_daemon().start()
+    size, one, two = two_points(d)
+    nbd_write(d.nbd_uri("disk"), [(12 * MiB, os.urandom(MiB))])
+    now = read_all(d.nbd_uri("disk"), size)
+    d.stop()
+    ((sp1,),), = sql(d, "SELECT store_point FROM disk_restore_points WHERE restore_point = 'rp1'")
+    sql(d, f"UPDATE tracking_bases SET store_point = {sp1}, retained = 1")
+    d.start()
+    d.create_restore_point("c", "rp3")
+    assert same(read_all(d.rp_uri("c", "rp3", "disk"), size), now)
+    assert d.disk_restore_point("c", "rp3", "disk")["properties"]["incremental"] is False
