@@ -266,8 +266,16 @@ def test_link_cut_mid_copy_retries_and_completes(rig):
     try:
         op = start_copy(a, "cf", "cut1", ("c", "cut1"))
         wait_progress(a, "cf", "cut1")
+        la, lb = len(a.log_all()), len(b.log_all())
         sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "down")
-        time.sleep(3)
+        # Down for at least 3 s, and until a side has seen the cut: a poll or
+        # read in flight when the link went down just stalls (TCP retransmits)
+        # until its own timeout, so a fixed outage could pass unnoticed.
+        t0 = time.monotonic()
+        while (time.monotonic() - t0 < 3 or
+               "retrying" not in a.log_all()[la:] + b.log_all()[lb:]):
+            assert time.monotonic() - t0 < 40, "no side noticed the cut"
+            time.sleep(0.2)
         sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "up")
         b.arm("")
         done = a.wait_operation(op, timeout=90)
