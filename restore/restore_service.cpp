@@ -543,6 +543,14 @@ Result<nlohmann::json> RestoreServiceImpl::gc_region(const std::string& region, 
       }
     }
   }
+  {
+    std::lock_guard<std::mutex> lock(gc_mu_);
+    if (gc_holds_[region] > 0) {
+      // hold_gc: a resumed receive has not yet named what it checkpointed.
+      return Status::Conflict("a copy received from a peer is resuming in region '" + region +
+                              "'; retry in a moment");
+    }
+  }
   auto g = st->collect_garbage();
   if (!g.ok()) return g.status();
   store::OrphanReport o;
