@@ -119,12 +119,9 @@ std::optional<std::string> RestoreServiceImpl::copy_resume_blocker_locked(
   if (parts.size() != 5) return "its source id " + p.source_restore_point + " is malformed";
   auto coll = db_->get_collection(p.collection);
   if (!coll.ok() || !coll.value()) return std::string("its collection is gone");
-  if (const RegionSpec* peer = peer_region(coll.value()->region)) {
-    return "it copied to region '" + coll.value()->region + "', kept by peer " + peer->peer +
-           ", and a copy to another host does not resume: copy it again (chunks that "
-           "already reached the peer are not sent again)";
-  }
-  if (!store_of(coll.value()->region)) {
+  // A copy to a peer region resumes too (run_send_point posts it again; the
+  // peer goes on from what it checkpointed).
+  if (!peer_region(coll.value()->region) && !store_of(coll.value()->region)) {
     return "its region '" + coll.value()->region + "' is no longer configured";
   }
   auto found = find_point_locked(parts[2], parts[4]);
@@ -171,10 +168,36 @@ void RestoreServiceImpl::resume_copies() {
     RestorePointRecord src = found.value().point;
     std::string src_region = found.value().region, region = coll.value()->region;
     OperationRecord o = *op.value();
+    if (peer_region(region)) {
+      // It shares its source with the peer again: once the sharer is set.
+      if (sharer_.load()) {
+        spawn([this, rec, o, src, src_region, region, prog] {
+          run_send_point(rec, o, src, src_region, region, prog);
+        });
+      } else {
+        sends_to_resume_.push_back({rec, o, src, src_region, region, prog});
+      }
+      continue;
+    }
     lock.unlock();
     spawn([this, rec, o, src, src_region, region, prog] {
       run_copy_point(rec, o, src, src_region, region, prog);
     });
+  }
+  // Points being received from peers: each holds its region's GC until its
+  // writer names what its interrupted run checkpointed (run_receive_point).
+  std::vector<std::pair<RestorePointRecord, PeerPull>> receives;
+  receives.swap(receives_to_resume_);
+  for (auto& [rec, pull] : receives) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto coll = db_->get_collection(rec.collection);
+    auto op = db_->get_operation(rec.operation_id);
+    if (!coll.ok() || !coll.value() || !op.ok() || !op.value()) {
+      spdlog::error("restore point {}/{}: cannot resume receiving it", rec.collection, rec.name);
+      continue;
+    }
+    hold_gc(coll.value()->region);
+    start_receive_locked(rec, *op.value(), pull, coll.value()->region, true);
   }
 }
 

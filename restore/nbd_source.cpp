@@ -38,6 +38,13 @@ void NbdSource::close() {
 
 Status NbdSource::connect() {
   close();
+  if (uri_source_) {
+    std::string u = uri_source_();
+    if (!u.empty() && u != uri_) {
+      uri_ = std::move(u);
+      uri_changed_ = true;
+    }
+  }
   h_ = nbd_create();
   if (!h_) return Status::IoError(std::string("libnbd: ") + nbd_get_error());
   auto fail = [&](const char* step) {
@@ -136,6 +143,10 @@ Status NbdSource::retrying(const std::function<Status()>& op, const std::functio
   for (;;) {
     if (stop()) return Status::Shutdown("daemon stopping");
     Status s = h_ ? Status::Ok() : connect();
+    if (uri_changed_) {
+      uri_changed_ = false;
+      last_ok = std::chrono::steady_clock::now();
+    }
     if (s.ok()) {
       s = op();
       // NotFound: the context is not offered; a new connection would not change that.

@@ -7,6 +7,9 @@
 // retries after a backoff (200 ms doubling to 5 s) until `deadline_seconds`
 // pass without a successful read; then the read fails with the last error.
 // What a read returns is checked by the caller against the chunk digest.
+// A uri source (set_uri_source) is asked before each connection: a sending
+// host that restarted shares its point again under a new token and posts it
+// again, and the next reconnect uses it (a new uri restarts the deadline).
 //
 // With a meta context (an incremental peer copy: rpoint:changed:{c}/{rp} of
 // the sending host, naming the base point the keeping host already holds a
@@ -48,6 +51,8 @@ class NbdSource {
   Result<std::vector<std::pair<uint64_t, uint64_t>>> dirty_extents(
       uint64_t size, const std::function<bool()>& stop);
   uint64_t reconnects() const { return reconnects_; }
+  // The uri to connect to, asked before each connection (from this thread).
+  void set_uri_source(std::function<std::string()> source) { uri_source_ = std::move(source); }
 
  private:
   Status connect();
@@ -61,6 +66,8 @@ class NbdSource {
   void close();
   std::string uri_, tls_dir_, meta_context_;
   std::chrono::seconds deadline_;
+  std::function<std::string()> uri_source_;
+  bool uri_changed_ = false;  // since the last connect(): the deadline starts again
   nbd_handle* h_ = nullptr;
   uint64_t reconnects_ = 0;
 };

@@ -79,6 +79,12 @@ class PeerClient final : public PeerLink {
       stream.set_verify_callback(ssl::host_name_verification(host));
       stream.next_layer().expires_after(deadline);
       step([&](auto h) { stream.async_handshake(ssl::stream_base::client, h); });
+      // A connection that ends mid-handshake (a peer stopping or starting,
+      // a cut) is a transport failure, retried; only a TLS error proper (a
+      // certificate refused on either side) is PermissionDenied.
+      if (ec && ec.category() != asio::error::get_ssl_category()) {
+        return Status::IoError(what + ": TLS handshake: " + ec.message());
+      }
       if (ec) {
         return Status::PermissionDenied(what + ": TLS handshake with the peer failed (" +
                                         ec.message() +

@@ -5,16 +5,29 @@
 // (receive_restore_point / run_receive_point) reads with libnbd only the
 // chunks its region lacks, re-hashes each (StoreChunkTarget::put), commits,
 // writes the manifest and records the point Succeeded. A point is Succeeded on
-// the sending host only once the peer says its copy is: a crash or a cut
-// anywhere leaves it Failed (or still retrying), never Succeeded with data
-// missing on the peer.
+// the sending host only once the peer says its copy is, never with data
+// missing on the peer. A restart of either host resumes the copy: the sender
+// shares and posts the same pull again (an idempotent repeat that hands the
+// running receive new grant uris); the receiver keeps the pull in a file,
+// checkpoints what it read, and on its restart resumes from both, naming the
+// chunks it already holds (under a GC hold until it has) and reading the rest.
+// A cut is retried with backoff up to peers.deadline_seconds.
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "common/fault_injection.h"
+#include "common/file_io.h"
+#include "common/unique_fd.h"
 #include "disks/disk_files.h"
 #include "restore/manifest.h"
 #include "restore/nbd_source.h"
@@ -314,9 +327,11 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   };
   nlohmann::json body = EncodePeerPull(pull);
   note_pull(body);
+  bool stopped = false;
   while (!err) {
     if (stopping_.load()) {
-      err = JobError{"Interrupted", "rpointd stopped during the copy to peer " + peer->peer};
+      // Still Creating, its operation InProgress: the next start resumes it.
+      stopped = true;
       break;
     }
     Result<nlohmann::json> r = posted ? peer_link_->call(peer->peer, "GET", path, nullptr)
@@ -390,7 +405,27 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   for (const auto& disk : shared) sharer->unshare(src.collection, src.name, disk);
+  if (stopped) {
+    spdlog::info(
+        "restore point {}/{}: rpointd stopping: the copy to peer {} resumes at the next start",
+        rec.collection, rec.name, peer->peer);
+    std::lock_guard<std::mutex> lock(mu_);
+    live_points_.erase(rec.collection + "/" + rec.name);
+    return;
+  }
   finish_copy(rec, op, err, nullptr, std::move(result));
+}
+
+void RestoreServiceImpl::set_point_sharer(PointSharer* sharer) {
+  std::vector<PendingSend> sends;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    sharer_ = sharer;
+    if (sharer) sends.swap(sends_to_resume_);
+  }
+  for (auto& p : sends) {
+    spawn([this, p] { run_send_point(p.rec, p.op, p.src, p.src_region, p.region, p.prog); });
+  }
 }
 
 // ---- the keeping host ----
@@ -446,15 +481,38 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::receive_restore_point(
   }
   auto existing = db_->get_point(collection, name);
   if (!existing.ok()) return existing.status();
+  std::optional<RestorePointRecord> again;  // a Failed copy of the same source, posted again
   if (existing.value()) {
     RestorePointRecord p = *existing.value();
-    if (p.source_restore_point == pull.source_restore_point && p.provisioning_state != "Deleting") {
+    if (p.source_restore_point != pull.source_restore_point || p.provisioning_state == "Deleting") {
+      return Status::Conflict("restore point '" + name + "' already exists in collection '" +
+                              collection + "'");
+    }
+    const std::string key = collection + "/" + name;
+    auto live = receiving_.find(key);
+    if (p.provisioning_state == "Succeeded" ||
+        (p.provisioning_state == "Creating" && live != receiving_.end())) {
+      // The same copy posted again (a sender that restarted, or a retried
+      // post): idempotent. Its grant uris replace the running job's, which
+      // connects to them next (a restarted sender's old tokens are gone).
+      if (live != receiving_.end()) {
+        std::lock_guard<std::mutex> ul(live->second->mu);
+        for (const auto& pd : pull.disks) {
+          for (size_t i = 0; i < p.disk_restore_points.size(); ++i) {
+            if (p.disk_restore_points[i].disk == pd.disk && i < live->second->uris.size()) {
+              live->second->uris[i] = pd.uri;
+            }
+          }
+        }
+      }
       overlay(p);
       std::string op = p.operation_id;
       return Started<RestorePointRecord>{std::move(p), op, false};
     }
-    return Status::Conflict("restore point '" + name + "' already exists in collection '" +
-                            collection + "'");
+    // Failed (a deadline passed while the sender was down, say): the sender
+    // resumed, so this host goes on with a new operation; what it stored and
+    // checkpointed before is found by has() and not read again.
+    again = std::move(p);
   }
   // NotFound for a base this host does not hold as the sender thinks: the
   // sender then sends full lists. Re-checked by the job, which pins it.
@@ -484,31 +542,103 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::receive_restore_point(
     d.status = "Pending";
     rec.disk_restore_points.push_back(d);
   }
+  // The pull first: a record Creating without it would not resume.
+  s = save_pull(collection, name, pull);
+  if (!s.ok()) return s;
   OperationRecord op = new_operation("CopyRestorePoint", PointId(collection, name));
   rec.operation_id = op.id;
   s = db_->save_point(rec, &op);
-  if (!s.ok()) return s;
-  auto prog = std::make_shared<PointProgress>(rec.disk_restore_points.size());
-  auto moved = std::make_shared<std::vector<std::atomic<uint64_t>>>(pull.disks.size());
-  live_points_[collection + "/" + name] = prog;
-  receiving_[collection + "/" + name] = moved;
-  lock.unlock();
-  spdlog::info("restore point {}/{}: receiving {} from a peer, operation {}", collection, name,
-               pull.source_restore_point, op.id);
-  spawn([this, rec, op, pull, region, prog, moved] {
-    run_receive_point(rec, op, pull, region, prog, moved);
-  });
-  return Started<RestorePointRecord>{rec, op.id, true};
+  if (!s.ok()) {
+    remove_pull(collection, name);
+    return s;
+  }
+  spdlog::info("restore point {}/{}: receiving {} from a peer{}, operation {}", collection, name,
+               pull.source_restore_point, again ? " again (its last try failed)" : "", op.id);
+  start_receive_locked(rec, op, pull, region, false);
+  return Started<RestorePointRecord>{rec, op.id, !again};
 }
 
-void RestoreServiceImpl::run_receive_point(
-    RestorePointRecord rec, OperationRecord op, PeerPull pull, std::string region,
-    std::shared_ptr<PointProgress> prog,
-    std::shared_ptr<std::vector<std::atomic<uint64_t>>> moved) {
+void RestoreServiceImpl::start_receive_locked(const RestorePointRecord& rec,
+                                              const OperationRecord& op, const PeerPull& pull,
+                                              const std::string& region, bool gc_held) {
+  auto prog = std::make_shared<PointProgress>(rec.disk_restore_points.size());
+  for (size_t i = 0; i < rec.disk_restore_points.size(); ++i) {
+    // What an interrupted run recorded, until this one has gone past it.
+    prog->to_copy[i].store(rec.disk_restore_points[i].blocks_to_copy);
+    prog->copied[i].store(rec.disk_restore_points[i].blocks_copied);
+  }
+  auto rx = std::make_shared<PeerReceive>(pull);
+  live_points_[rec.collection + "/" + rec.name] = prog;
+  receiving_[rec.collection + "/" + rec.name] = rx;
+  spawn([this, rec, op, pull, region, prog, rx, gc_held] {
+    run_receive_point(rec, op, pull, region, prog, rx, gc_held);
+  });
+}
+
+std::string RestoreServiceImpl::pull_path(const std::string& collection,
+                                          const std::string& name) const {
+  return options_.staging_dir + "/peer-pulls/" + collection + "/" + name + ".pull";
+}
+
+Status RestoreServiceImpl::save_pull(const std::string& collection, const std::string& name,
+                                     const PeerPull& pull) {
+  const std::string path = pull_path(collection, name);
+  const std::string dir = path.substr(0, path.rfind('/'));
+  Status s = MakeDirs(dir, 0700);
+  if (!s.ok()) return s;
+  const std::string text = EncodePeerPull(pull).dump();
+  const std::string tmp = path + ".tmp";
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd) return Status::FromErrno(errno, "creating " + tmp);
+  s = PwriteFull(fd.get(), text.data(), text.size(), 0, tmp);
+  if (s.ok() && ::fsync(fd.get()) != 0) s = Status::FromErrno(errno, "fsync " + tmp);
+  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
+    s = Status::FromErrno(errno, "renaming " + tmp);
+  }
+  if (s.ok()) s = FsyncDir(dir);
+  if (!s.ok()) (void)::unlink(tmp.c_str());
+  return s;
+}
+
+Result<PeerPull> RestoreServiceImpl::load_pull(const std::string& collection,
+                                               const std::string& name) const {
+  const std::string path = pull_path(collection, name);
+  std::ifstream in(path);
+  if (!in) return Status::NotFound("cannot open " + path);
+  std::stringstream text;
+  text << in.rdbuf();
+  auto j = nlohmann::json::parse(text.str(), nullptr, false);
+  if (j.is_discarded()) return Status::IoError(path + " is not JSON");
+  return DecodePeerPull(j);
+}
+
+void RestoreServiceImpl::remove_pull(const std::string& collection, const std::string& name) {
+  const std::string path = pull_path(collection, name);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    spdlog::warn("restore point {}/{}: removing {}: {}", collection, name, path,
+                 std::strerror(errno));
+  }
+}
+
+void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationRecord op,
+                                           PeerPull pull, std::string region,
+                                           std::shared_ptr<PointProgress> prog,
+                                           std::shared_ptr<PeerReceive> rx, bool gc_held) {
   auto st = store_of(region);
   std::optional<JobError> err;
   uint64_t chunks_moved = 0, chunks_reused = 0, bytes = 0, looked_up = 0, compared = 0;
+  uint64_t checkpoints = 0;
+  bool stopped = false;
   auto stop = [&] { return stopping_.load(); };
+  auto release = [&] {
+    if (gc_held) release_gc(region);
+    gc_held = false;
+  };
+  auto save = [&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    Status s = db_->save_point(rec);
+    if (!s.ok()) spdlog::warn("restore point {}/{}: {}", rec.collection, rec.name, s.ToString());
+  };
   if (!st) err = JobError{"RegionUnavailable", "region '" + region + "' is not configured"};
   std::vector<store::PointId> bases(pull.disks.size(), 0);
   if (!err && !pull.base_restore_point.empty()) {
@@ -524,8 +654,19 @@ void RestoreServiceImpl::run_receive_point(
   for (size_t i = 0; !err && i < pull.disks.size(); ++i) {
     const PeerPullDisk& pd = pull.disks[i];
     auto& d = rec.disk_restore_points[i];
+    prog->started[i].store(true);
+    if (d.status == "Succeeded" && d.store_point) {  // committed before a restart
+      prog->to_copy[i].store(d.blocks_to_copy);
+      prog->copied[i].store(d.blocks_copied);
+      continue;
+    }
     auto fail = [&](const std::string& what, const Status& s, const char* code = "CopyFailed") {
-      d.status = "Failed";
+      if (s.code() == Code::kShutdown) {
+        stopped = true;  // stays Creating: the next start resumes it
+        d.status = "InProgress";
+      } else {
+        d.status = "Failed";
+      }
       err = JobError{s.code() == Code::kShutdown ? "Interrupted" : code,
                      "disk '" + d.disk + "': " + what + s.message()};
     };
@@ -542,10 +683,13 @@ void RestoreServiceImpl::run_receive_point(
            target.status(), pd.changed ? "CopyBaseUnavailable" : "CopyFailed");
       break;
     }
-    prog->started[i].store(true);
     prog->to_copy[i].store(pd.chunks.size());
     NbdSource nbd(pd.uri, options_.peer_tls_dir, options_.peer_deadline_seconds,
                   pd.changed ? context : std::string());
+    nbd.set_uri_source([rx, i] {
+      std::lock_guard<std::mutex> lock(rx->mu);
+      return rx->uris[i];
+    });
     Status s;
     if (pd.changed) {
       // What changed since the base, as the sender's grant export answers it
@@ -600,28 +744,45 @@ void RestoreServiceImpl::run_receive_point(
       fail("", held.status());
       break;
     }
-    std::vector<char> buf(pd.chunk_size);
+    // First every slot this region can fill alone: holes, and chunks it
+    // holds (other points', or the checkpoints of a run a restart
+    // interrupted). Naming them puts them in the writer's references, so the
+    // GC a resumed run held back may run from here on.
+    uint64_t done = 0;
+    std::vector<size_t> to_read;
     for (size_t k = 0, h = 0; s.ok() && k < pd.chunks.size(); ++k) {
-      if (stop()) {
-        s = Status::Shutdown("daemon stopping");
-        break;
-      }
       const auto& [slot, digest] = pd.chunks[k];
       if (digest.is_zero()) {  // data in the base, a hole now
         s = target.value()->put_hole(slot);
-        if (s.ok()) prog->copied[i].fetch_add(1);
+        if (s.ok()) ++done;
         continue;
       }
       if (held.value()[h++]) {
         s = target.value()->reuse(slot, digest);
         if (s.ok()) {
           ++chunks_reused;
-          prog->copied[i].fetch_add(1);
+          ++done;
           continue;
         }
         if (s.code() != Code::kNotFound) break;
         s = Status::Ok();  // collected meanwhile: read it after all
       }
+      to_read.push_back(k);
+    }
+    release();
+    prog->copied[i].store(std::max(prog->copied[i].load(), done));
+    // Then the rest over NBD, checkpointed every 16 MiB or second: a restart
+    // of either host (or a cut) later re-reads at most that much.
+    std::vector<char> buf(pd.chunk_size);
+    uint64_t since_checkpoint = 0;
+    auto last_checkpoint = std::chrono::steady_clock::now();
+    for (size_t k : to_read) {
+      if (!s.ok()) break;
+      if (stop()) {
+        s = Status::Shutdown("daemon stopping");
+        break;
+      }
+      const auto& [slot, digest] = pd.chunks[k];
       fault::Action a = fault::Hit("peer.chunk");
       if (a.error) {
         s = Status::FromErrno(a.error, "receiving chunk of slot " + std::to_string(slot));
@@ -633,11 +794,28 @@ void RestoreServiceImpl::run_receive_point(
       if (s.ok()) s = target.value()->put(slot, digest, buf.data(), len);
       if (!s.ok()) break;
       ++chunks_moved;
+      ++done;
       bytes += len;
-      (*moved)[i].fetch_add(len);
-      prog->copied[i].fetch_add(1);
+      since_checkpoint += len;
+      rx->moved[i].fetch_add(len);
+      prog->copied[i].store(std::max(prog->copied[i].load(), done));
+      auto now = std::chrono::steady_clock::now();
+      if (since_checkpoint >= (16u << 20) || now - last_checkpoint >= std::chrono::seconds(1)) {
+        s = target.value()->checkpoint();
+        if (!s.ok()) break;
+        ++checkpoints;
+        since_checkpoint = 0;
+        last_checkpoint = now;
+        // The chunks so far are durable objects of the region: record the
+        // progress (a resumed run finds them by has()).
+        d.status = "InProgress";
+        d.blocks_to_copy = pd.chunks.size();
+        d.blocks_copied = done;
+        save();
+      }
     }
     if (!s.ok()) {
+      if (s.code() == Code::kShutdown) (void)target.value()->checkpoint();
       target.value()->abandon();
       fail("", s);
       break;
@@ -649,19 +827,34 @@ void RestoreServiceImpl::run_receive_point(
     }
     d.store_point = info->id;
     d.parent_store_point = pp.parent;
-    d.bytes_stored = (*moved)[i].load();
+    d.bytes_stored = rx->moved[i].load();
     d.blocks_to_copy = pd.chunks.size();
     d.blocks_copied = pd.chunks.size();
     d.completion_percent = 100;
     d.status = "Succeeded";
+    // Named by the record at once: a restart resumes after this disk, and a
+    // copy that then fails deletes it.
+    save();
+  }
+  release();
+  if (stopped) {
+    spdlog::info("restore point {}/{}: rpointd stopping: receiving it resumes at the next start",
+                 rec.collection, rec.name);
+    save();
+    std::lock_guard<std::mutex> lock(mu_);
+    live_points_.erase(rec.collection + "/" + rec.name);
+    receiving_.erase(rec.collection + "/" + rec.name);
+    return;
   }
   if (!err) err = write_manifest(*st, rec);
   nlohmann::json result = {{"bytesMoved", bytes},
                            {"chunksMoved", chunks_moved},
                            {"chunksReused", chunks_reused},
                            {"chunksLookedUp", looked_up},
-                           {"disksComparedWithBase", compared}};
+                           {"disksComparedWithBase", compared},
+                           {"checkpoints", checkpoints}};
   if (!pull.base_restore_point.empty()) result["base"] = pull.base_restore_point;
+  remove_pull(rec.collection, rec.name);
   finish_copy(rec, op, err, st.get(), std::move(result));
 }
 
@@ -673,15 +866,15 @@ Result<PeerPointState> RestoreServiceImpl::peer_point_state(const std::string& c
   s.provisioning_state = p->provisioning_state;
   s.error_code = p->error_code;
   s.error_message = p->error_message;
-  std::shared_ptr<std::vector<std::atomic<uint64_t>>> moved;
+  std::shared_ptr<PeerReceive> rx;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = receiving_.find(collection + "/" + name);
-    if (it != receiving_.end()) moved = it->second;
+    if (it != receiving_.end()) rx = it->second;
   }
   for (size_t i = 0; i < p->disk_restore_points.size(); ++i) {
     const auto& d = p->disk_restore_points[i];
-    uint64_t b = moved && i < moved->size() ? (*moved)[i].load() : d.bytes_stored;
+    uint64_t b = rx && i < rx->moved.size() ? rx->moved[i].load() : d.bytes_stored;
     s.disks.push_back({d.disk, d.blocks_to_copy, d.blocks_copied, b});
   }
   if (p->provisioning_state == "Succeeded") {

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <list>
 #include <mutex>
 #include <random>
@@ -239,7 +240,26 @@ Status RestoreServiceImpl::recover() {
   // After the loop: a source that was being deleted is gone by now.
   std::set<std::string> resumed_ops;
   for (auto& p : copies) {
-    std::optional<std::string> blocker = copy_resume_blocker_locked(p);
+    std::optional<std::string> blocker;
+    // A point being received from a peer (restore/peer_jobs.cpp) has its pull
+    // kept beside it: it resumes from its checkpoints and waits for the sender.
+    if (store_of(region_of[p.collection]) &&
+        std::filesystem::exists(pull_path(p.collection, p.name))) {
+      auto pull = load_pull(p.collection, p.name);
+      if (pull.ok() && pull->source_restore_point == p.source_restore_point) {
+        spdlog::warn(
+            "restore point {}/{}: daemon restarted while receiving {} from a peer; resuming",
+            p.collection, p.name, p.source_restore_point);
+        resumed_ops.insert(p.operation_id);
+        receives_to_resume_.emplace_back(p, std::move(pull).value());
+        continue;
+      }
+      blocker = "its pull from the peer is unreadable (" +
+                (pull.ok() ? std::string("another source") : pull.status().message()) + ")";
+      remove_pull(p.collection, p.name);
+    } else {
+      blocker = copy_resume_blocker_locked(p);
+    }
     if (!blocker) {
       spdlog::warn("restore point {}/{}: daemon restarted during its copy from {}; resuming",
                    p.collection, p.name, p.source_restore_point);
@@ -536,6 +556,14 @@ Result<nlohmann::json> RestoreServiceImpl::gc_region(const std::string& region, 
       }
     }
   }
+  {
+    std::lock_guard<std::mutex> lock(gc_mu_);
+    if (gc_holds_[region] > 0) {
+      // hold_gc: a resumed receive has not yet named what it checkpointed.
+      return Status::Conflict("a copy received from a peer is resuming in region '" + region +
+                              "'; retry in a moment");
+    }
+  }
   auto g = st->collect_garbage();
   if (!g.ok()) return g.status();
   store::OrphanReport o;
@@ -688,6 +716,10 @@ void RestoreServiceImpl::free_store_points(const std::vector<StoreRef>& refs) {
 void RestoreServiceImpl::request_gc(const std::string& region) {
   {
     std::lock_guard<std::mutex> lock(gc_mu_);
+    if (gc_holds_[region] > 0) {
+      gc_deferred_.insert(region);  // release_gc runs it
+      return;
+    }
     if (gc_running_.count(region)) {
       gc_again_.insert(region);  // the running pass may have started before this delete
       return;
@@ -713,6 +745,19 @@ void RestoreServiceImpl::request_gc(const std::string& region) {
       }
     }
   });
+}
+
+void RestoreServiceImpl::hold_gc(const std::string& region) {
+  std::lock_guard<std::mutex> lock(gc_mu_);
+  ++gc_holds_[region];
+}
+
+void RestoreServiceImpl::release_gc(const std::string& region) {
+  {
+    std::lock_guard<std::mutex> lock(gc_mu_);
+    if (--gc_holds_[region] > 0 || !gc_deferred_.erase(region)) return;
+  }
+  request_gc(region);
 }
 
 // ---------------------------------------------------------------------------

@@ -131,7 +131,8 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // ---- region maintenance ----
   Result<nlohmann::json> repair_region(const std::string& region) override;
   Result<nlohmann::json> gc_region(const std::string& region, bool orphans) override;
-  void set_point_sharer(PointSharer* sharer) override { sharer_ = sharer; }
+  // Also starts the copies to peers recover() kept Creating (they need it).
+  void set_point_sharer(PointSharer* sharer) override;
   Result<std::pair<CollectionRecord, bool>> put_peer_collection(const std::string& name,
                                                                 const std::string& source_vm,
                                                                 const std::string& region) override;
@@ -293,9 +294,35 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // Caller holds mu_.
   Result<std::vector<store::PointId>> peer_base_disks_locked(const std::string& collection,
                                                              const PeerPull& pull);
+  // A point being received: bytes moved per disk, and each disk's grant uri
+  // (a post of the same copy again, from a sender that restarted, replaces
+  // them; the job's next NBD connection uses the new one).
+  struct PeerReceive {
+    explicit PeerReceive(const PeerPull& pull) : moved(pull.disks.size()) {
+      for (const auto& d : pull.disks) uris.push_back(d.uri);
+    }
+    std::vector<std::atomic<uint64_t>> moved;
+    std::mutex mu;
+    std::vector<std::string> uris;  // guarded by mu
+  };
+  // Starts receiving `pull` into `rec` (Creating, saved): the live maps, the job.
+  // `gc_held`: the job releases a GC hold on `region` once its references
+  // protect what an interrupted run checkpointed. Caller holds mu_.
+  void start_receive_locked(const RestorePointRecord& rec, const OperationRecord& op,
+                            const PeerPull& pull, const std::string& region, bool gc_held);
   void run_receive_point(RestorePointRecord rec, OperationRecord op, PeerPull pull,
                          std::string region, std::shared_ptr<PointProgress> prog,
-                         std::shared_ptr<std::vector<std::atomic<uint64_t>>> moved);
+                         std::shared_ptr<PeerReceive> rx, bool gc_held);
+  // The pull of a point being received, kept (atomically, fsynced) for as
+  // long as it is Creating so that a restart resumes it: <staging>/peer-pulls/c/rp.
+  std::string pull_path(const std::string& collection, const std::string& name) const;
+  Status save_pull(const std::string& collection, const std::string& name, const PeerPull& pull);
+  Result<PeerPull> load_pull(const std::string& collection, const std::string& name) const;
+  void remove_pull(const std::string& collection, const std::string& name);
+  // GC of `region` waits while held (a resumed receive has not yet named the
+  // chunks its interrupted run checkpointed); the last release runs it if asked.
+  void hold_gc(const std::string& region);
+  void release_gc(const std::string& region);
   // Ends a copy job (local or received): on error deletes its store points in
   // `st` and marks it Failed; records the point and its operation. summary:
   // what the success log line says was moved (empty: the result as JSON).
@@ -322,8 +349,8 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::map<std::string, std::weak_ptr<store::PointDevice>> devices_;
   std::unique_ptr<PeerLink> peer_link_;  // set when a peer region is configured
   std::atomic<PointSharer*> sharer_{nullptr};
-  // Points being received from another host: bytes moved per disk ("c/rp").
-  std::map<std::string, std::shared_ptr<std::vector<std::atomic<uint64_t>>>> receiving_;
+  // Points being received from another host ("c/rp"): progress and grant uris.
+  std::map<std::string, std::shared_ptr<PeerReceive>> receiving_;
 
   std::mutex jobs_mu_;
   std::list<Job> jobs_;
@@ -331,10 +358,24 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
 
   std::mutex gc_mu_;
   std::set<std::string> gc_running_, gc_again_;
+  std::map<std::string, int> gc_holds_;   // region -> holds (hold_gc)
+  std::set<std::string> gc_deferred_;     // asked while held
   std::vector<std::string> gc_at_start_;  // regions recover() freed store points in
   // Copies recover() found interrupted with their source still there: Open
   // starts them again (restore/copy_job.cpp).
   std::vector<RestorePointRecord> copies_to_resume_;
+  // Points being received from a peer that recover() kept Creating, with their pulls.
+  std::vector<std::pair<RestorePointRecord, PeerPull>> receives_to_resume_;
+  // Copies to a peer resumed before the sharer was set (guarded by mu_):
+  // set_point_sharer starts them.
+  struct PendingSend {
+    RestorePointRecord rec;
+    OperationRecord op;
+    RestorePointRecord src;
+    std::string src_region, region;
+    std::shared_ptr<PointProgress> prog;
+  };
+  std::vector<PendingSend> sends_to_resume_;
 };
 
 }  // namespace rpoint

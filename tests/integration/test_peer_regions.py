@@ -12,7 +12,9 @@ short-lived export): the bytes on the veth are measured on the first (full)
 copy and on the next one after a 1 MiB change. B restores the copied points
 with A gone, byte-identical to the disk at each cut. The link is cut
 (`ip link set down`) mid-copy and restored; each side is killed (-9) mid-copy
-and restarted; a client or a peer without a certificate our CA signed is
+and restarted, and the copy resumes (only what B still lacks crosses the wire
+again) to Succeeded; B stopped for seconds and back; the source deleted and A
+restarted fails clearly; a client or a peer without a certificate our CA signed is
 refused. Root is needed (ip netns); under CI=true its absence fails.
 
 Incremental copies from a base (VM `vmb`, disk `big`: 2048 data slots of one
@@ -264,8 +266,16 @@ def test_link_cut_mid_copy_retries_and_completes(rig):
     try:
         op = start_copy(a, "cf", "cut1", ("c", "cut1"))
         wait_progress(a, "cf", "cut1")
+        la, lb = len(a.log_all()), len(b.log_all())
         sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "down")
-        time.sleep(3)
+        # Down for at least 3 s, and until a side has seen the cut: a poll or
+        # read in flight when the link went down just stalls (TCP retransmits)
+        # until its own timeout, so a fixed outage could pass unnoticed.
+        t0 = time.monotonic()
+        while (time.monotonic() - t0 < 3 or
+               "retrying" not in a.log_all()[la:] + b.log_all()[lb:]):
+            assert time.monotonic() - t0 < 40, "no side noticed the cut"
+            time.sleep(0.2)
         sh("ip", "-n", rig["ns_a"], "link", "set", rig["if_a"], "up")
         b.arm("")
         done = a.wait_operation(op, timeout=90)
@@ -277,59 +287,187 @@ def test_link_cut_mid_copy_retries_and_completes(rig):
     assert sha_of_restore(b, "cf", "cut1", "rcut1") == sha
 
 
-def test_sender_killed_mid_copy(rig):
+def fresh_point(rig, name):
+    """A point of A's disk after writing all of it anew (random bytes B holds
+    none of: every one of its 256 chunks must cross); returns the sha256 of
+    what the disk held at its cut."""
+    a, data = rig["a"], rig["data"]
+    new = rig["rnd"].randbytes(DISK)
+    data[:] = new
+    nbd_write(a.nbd_uri("a"), [(off, new[off:off + 4 * MiB]) for off in range(0, DISK, 4 * MiB)])
+    a.create_restore_point("c", name)
+    return hashlib.sha256(new).hexdigest()
+
+
+CHUNKS = DISK // (64 << 10)
+
+
+def wait_received(b, c, rp, at_least, timeout=60):
+    """Until B's record of c/rp shows at_least blocks copied; returns them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = b.api("GET", point_id(c, rp) + "?$expand=instanceView")
+        if r.status == 200:
+            iv = r.json["properties"].get("instanceView", {})
+            done = sum(x.get("replicationStatus", {}).get("blocksCopied", 0)
+                       for x in iv.get("diskRestorePoints", []))
+            if not done:  # the percentage when no block counts are shown
+                pct = [x.get("replicationStatus", {}).get("completionPercent", 0)
+                       for x in iv.get("diskRestorePoints", [])]
+                done = (max(pct) if pct else 0) * CHUNKS // 100
+            if done >= at_least:
+                return done
+        time.sleep(0.05)
+    raise AssertionError(f"B did not reach {at_least} blocks of {c}/{rp}: {b.log()}")
+
+
+def received_result(b, c, rp):
+    """The result B's job logged when it recorded c/rp copied (the last one)."""
+    marker = f"restore point {c}/{rp}: copied from "
+    lines = [ln for ln in b.log_all().splitlines() if marker in ln]
+    assert lines, b.log()
+    return json.loads(lines[-1].split(marker, 1)[1].split(": ", 1)[1])
+
+
+def test_sender_killed_mid_copy_resumes_and_sends_only_the_rest(rig):
+    """kill -9 of A mid-copy: its restart resumes the copy (shares the point
+    again under new tokens, posts it again: B takes the new uris and goes on),
+    Succeeded, byte-identical, and what crossed the wire after the restart is
+    only what B still lacked."""
     a, b = rig["a"], rig["b"]
     a.create_collection("cf", "vm", location="far")
-    sha = cut_point(rig, "k1", change_at=7 * MiB)
-    b.arm("peer.chunk=delay200")
-    op = start_copy(a, "cf", "k1", ("c", "k1"))
-    wait_progress(a, "cf", "k1")
-    a.kill9()
-    a.start()
-    b.arm("")
-    # The sender's record of an unfinished copy is Failed after its restart.
-    p = a.get_restore_point("cf", "k1")
-    assert p["properties"]["provisioningState"] == "Failed", p
-    assert a.wait_operation(op)["status"] == "Failed"
-    # The peer either finishes its copy (the share outlives the restart) or
-    # fails it; never Succeeded short.
-    deadline = time.monotonic() + 60
-    while True:
-        st = b.get_restore_point("cf", "k1")["properties"]["provisioningState"]
-        if st != "Creating":
-            break
-        assert time.monotonic() < deadline, b.log()
-        time.sleep(0.1)
-    assert st in ("Succeeded", "Failed"), st
-    if st == "Succeeded":
-        assert sha_of_restore(b, "cf", "k1", "rk1") == sha
-    # A new copy of the same point succeeds.
-    done = a.wait_operation(start_copy(a, "cf", "k1b", ("c", "k1")), timeout=60)
+    sha = fresh_point(rig, "k1")
+    b.arm("peer.chunk=delay40")
+    try:
+        before = wire_bytes(rig)
+        op = start_copy(a, "cf", "k1", ("c", "k1"))
+        wait_received(b, "cf", "k1", CHUNKS // 3)
+        a.kill9()
+        mid = wire_bytes(rig)
+        a.start()
+        b.arm("")
+        done = a.wait_operation(op, timeout=120)
+    finally:
+        b.arm("")
     assert done["status"] == "Succeeded", (done, a.log(), b.log())
-    # Deleting the far point here forgets this host's record only.
-    a.delete_restore_point("cf", "k1b")
-    assert a.api("GET", point_id("cf", "k1b")).status == 404
-    assert b.get_restore_point("cf", "k1b")["properties"]["provisioningState"] == "Succeeded"
+    assert "resuming" in a.log_all()
+    after = wire_bytes(rig)
+    first, second = mid - before, after - mid
+    print(f"sender kill: {first} bytes on the wire before, {second} after (disk {DISK})")
+    assert first + second <= 1.15 * DISK, (first, second)
+    assert second <= DISK * 0.8, (first, second)
+    assert b.get_restore_point("cf", "k1")["properties"]["provisioningState"] == "Succeeded"
+    res = received_result(b, "cf", "k1")
+    assert res["chunksMoved"] + res["chunksReused"] == CHUNKS, res
+    assert sha_of_restore(b, "cf", "k1", "rk1") == sha
 
 
-def test_peer_killed_mid_copy(rig):
+def test_sender_killed_twice_quickly_still_resumes(rig):
+    """Two restarts in a row (the first resumption killed as it starts): one
+    copy, Succeeded, byte-identical."""
     a, b = rig["a"], rig["b"]
     a.create_collection("cf", "vm", location="far")
-    sha = cut_point(rig, "k2", change_at=9 * MiB)
-    b.arm("peer.chunk=delay200")
-    op = start_copy(a, "cf", "k2", ("c", "k2"))
-    wait_progress(a, "cf", "k2")
-    b.kill9()
-    b.arm("")
-    b.start()
-    done = a.wait_operation(op, timeout=60)
-    assert done["status"] == "Failed", done
-    assert b.get_restore_point("cf", "k2")["properties"]["provisioningState"] == "Failed"
+    sha = fresh_point(rig, "k1b")
+    b.arm("peer.chunk=delay40")
+    try:
+        op = start_copy(a, "cf", "k1b", ("c", "k1b"))
+        wait_received(b, "cf", "k1b", CHUNKS // 4)
+        a.kill9()
+        a.start()
+        a.kill9()
+        a.start()
+        b.arm("")
+        done = a.wait_operation(op, timeout=120)
+    finally:
+        b.arm("")
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    assert sha_of_restore(b, "cf", "k1b", "rk1b") == sha
+
+
+def test_peer_killed_mid_copy_resumes_from_its_checkpoints(rig):
+    """kill -9 of B mid-copy: B's restart resumes its half from its pull and
+    checkpoints (the chunks it checkpointed are named, not read again), A
+    keeps polling through the outage; Succeeded, byte-identical."""
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    sha = fresh_point(rig, "k2")
+    b.arm("peer.chunk=delay40")
+    try:
+        before = wire_bytes(rig)
+        op = start_copy(a, "cf", "k2", ("c", "k2"))
+        got = wait_received(b, "cf", "k2", CHUNKS // 3)
+        time.sleep(1.2)  # past a checkpoint (every second)
+        b.kill9()
+        mid = wire_bytes(rig)
+        b.arm("")
+        b.start()
+        done = a.wait_operation(op, timeout=120)
+    finally:
+        b.arm("")
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    assert "resuming" in b.log_all()
+    after = wire_bytes(rig)
+    first, second = mid - before, after - mid
+    res = received_result(b, "cf", "k2")
+    print(f"peer kill: {got}+ chunks before, resumed run moved {res['chunksMoved']} and "
+          f"reused {res['chunksReused']}; wire {first} before, {second} after")
+    assert res["chunksMoved"] + res["chunksReused"] == CHUNKS, res
+    assert res["chunksReused"] >= got, res
+    assert res["chunksMoved"] <= CHUNKS - got, res
+    assert first + second <= 1.15 * DISK, (first, second)
     p = a.get_restore_point("cf", "k2")
-    assert p["properties"]["provisioningState"] == "Failed", p
-    done = a.wait_operation(start_copy(a, "cf", "k2b", ("c", "k2")), timeout=60)
+    assert p["properties"]["provisioningState"] == "Succeeded", p
+    assert sha_of_restore(b, "cf", "k2", "rk2") == sha
+
+
+def test_peer_down_for_seconds_then_back(rig):
+    """B stopped (SIGTERM) for 4 s mid-copy: its half stays Creating, A retries
+    with backoff; B back: Succeeded, byte-identical."""
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    sha = fresh_point(rig, "k3")
+    b.arm("peer.chunk=delay40")
+    try:
+        op = start_copy(a, "cf", "k3", ("c", "k3"))
+        wait_received(b, "cf", "k3", CHUNKS // 3)
+        b.stop()
+        time.sleep(4)
+        b.arm("")
+        b.start()
+        done = a.wait_operation(op, timeout=120)
+    finally:
+        b.arm("")
     assert done["status"] == "Succeeded", (done, a.log(), b.log())
-    assert sha_of_restore(b, "cf", "k2b", "rk2b") == sha
+    assert "retrying" in a.log_all()
+    assert sha_of_restore(b, "cf", "k3", "rk3") == sha
+
+
+def test_source_deleted_then_sender_restarted_fails_clearly(rig):
+    """The source point deleted mid-copy, then A killed: the restart cannot
+    resume it and says why; never Succeeded on A. A new copy of another point
+    still works."""
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    fresh_point(rig, "k4")
+    b.arm("peer.chunk=delay40")
+    try:
+        op = start_copy(a, "cf", "k4", ("c", "k4"))
+        wait_received(b, "cf", "k4", CHUNKS // 4)
+        a.delete_restore_point("c", "k4")
+        a.kill9()
+        a.start()
+    finally:
+        b.arm("")
+    done = a.wait_operation(op, timeout=30)
+    assert done["status"] == "Failed", done
+    p = a.get_restore_point("cf", "k4")["properties"]
+    assert p["provisioningState"] == "Failed", p
+    msg = json.dumps(done)
+    assert "cannot resume" in msg and "no longer exists" in msg, msg
+    sha = cut_point(rig, "k4b", change_at=3 * MiB)
+    done = a.wait_operation(start_copy(a, "cf", "k4b", ("c", "k4b")), timeout=60)
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    assert sha_of_restore(b, "cf", "k4b", "rk4b") == sha
 
 
 def curl_peer(rig, *cert_args):
