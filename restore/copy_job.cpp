@@ -258,7 +258,8 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     }
     std::shared_ptr<store::PointReader> base;
     if (base_rec) {
-      auto b = st->open_point(base_rec->store_point);
+      auto b =
+          OpenDiskPoint(*st, base_rec->store_point, DiskPointId(rec.collection, base_name, d.disk));
       if (b.ok()) {
         base = std::move(b).value();
         pp.parent = base_rec->store_point;

@@ -239,7 +239,8 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
           bd.granularity != sd.granularity) {
         continue;
       }
-      auto r = src_st->open_point(bd.store_point);
+      auto r = OpenDiskPoint(*src_st, bd.store_point,
+                             DiskPointId(base->source.collection, base->source.name, bd.disk));
       if (r.ok()) return std::move(r).value();
       spdlog::warn("restore point {}/{}: disk {}: base {} unreadable ({}): full list",
                    rec.collection, rec.name, sd.disk, base->far_point, r.status().ToString());
@@ -248,7 +249,8 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   };
   for (size_t i = 0; !err && i < rec.disk_restore_points.size(); ++i) {
     const auto& sd = src.disk_restore_points[i];
-    auto reader = src_st->open_point(sd.store_point);
+    auto reader =
+        OpenDiskPoint(*src_st, sd.store_point, DiskPointId(src.collection, src.name, sd.disk));
     std::shared_ptr<store::PointReader> from = reader.ok() ? base_reader(sd) : nullptr;
     Result<SlotDigests> chunks = !reader.ok() ? Result<SlotDigests>(reader.status())
                                  : from       ? ChangedChunks(*reader.value(), *from)
@@ -677,6 +679,15 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
     // A changed list starts from the base's tree (the writer pins it): the
     // slots not listed keep the base's chunks.
     pp.parent = pd.changed ? bases[i] : 0;
+    if (pp.parent) {  // the base's row must name the base's own store point
+      auto own = OpenDiskPoint(*st, pp.parent,
+                               DiskPointId(rec.collection, pull.base_restore_point, d.disk));
+      if (!own.ok()) {
+        fail("the copy base " + pull.base_restore_point + ": ", own.status(),
+             "CopyBaseUnavailable");
+        break;
+      }
+    }
     auto target = StoreChunkTarget::Begin(st, pp);
     if (!target.ok()) {
       fail(pd.changed ? "starting from the copy base " + pull.base_restore_point + ": " : "",
