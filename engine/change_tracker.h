@@ -88,8 +88,13 @@
 // that hold a lock others need wait first with wait_writes_left(), unlocked.
 //
 // Files: <dir>/<generation:016x>.ctbm, a 4 KiB header page (magic RPCTBM02,
-// granularity, flags, generation, coarse shift, then the coarse map from byte
-// 64) followed by the fine bitmap pages at their page offsets. RPCTBM01 files
+// granularity, flags, generation, coarse shift, header CRC-32C, fine-map page
+// count and CRC-32C, then the coarse map from byte 64) followed by the fine
+// bitmap pages at their page offsets. A header that fails its checksum drops
+// the history (forget_history: the next point of the disk is full); a complete
+// generation whose fine map fails its own is widened as after a crash (its
+// fine bits are all inside its coarse map). Headers without the checksum flag
+// (older daemons) load unchecked. RPCTBM01 files
 // (older daemons: every fine bit durable before its write) load as complete. Each file is
 // fully allocated when its generation is prepared (before a cut is published) or the
 // disk grows, so marking on the data path never needs a new block: a full state
@@ -273,8 +278,10 @@ class ChangeTracker {
   // An unreadable generation file: start over as a new tracker (see the .cpp).
   Status forget_history(const std::string& why, const std::map<uint64_t, std::string>& files);
   Status write_marks(Generation& gen, const std::vector<Pending>& batch);
+  // The header page (checksummed); a complete one carries the CRC of the
+  // first fine_pages fine pages.
   Status write_header(Generation& gen, const std::array<uint64_t, kCoarseWords>& coarse,
-                      bool incomplete);
+                      bool incomplete, uint64_t fine_pages = 0, uint32_t fine_crc = 0);
   // The generation takes no more marks: its fine bits to disk, then the flag.
   Status finalize(Generation& gen);
   // The reactor's own mark (see the header): false when it must queue.

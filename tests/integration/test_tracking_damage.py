@@ -110,3 +110,43 @@ def test_grown_disk_written_only_past_the_coarse_map(make_daemon, stop):
         assert h.pread(4096, at) == data, f"rp1 lost the write at {at} ({stop} restart)"
     finally:
         h.shutdown()
+
+
+def test_flipped_header_bit_after_kill9_makes_the_next_point_full(make_daemon, tmp_path):
+    """A single flipped bit in the header of the generation a kill -9 left
+    unfinished: its coarse shift (4, regions of 16 blocks, read as 0: regions
+    of one block) would make the restart widen block numbers instead of
+    regions and the next incremental point miss the writes. The header's
+    checksum catches it: the history is dropped, loudly, and the next point is
+    full and equals the disk."""
+    d = make_daemon().start()
+    d.create_disk("a", SIZE)
+    d.create_vm("vm", ["a"])
+    d.create_collection("c", "vm")
+    rng = random.Random(11)
+    nbd_write(d.nbd_uri("a"), [(0, rng.randbytes(SIZE))])
+    d.create_restore_point("c", "rp0")
+    nbd_write(d.nbd_uri("a"), [(5 * MiB, rng.randbytes(64 << 10)),
+                               (11 * MiB + 4096, rng.randbytes(4096))])
+    d.kill9()
+    gen = newest_generation(d, "a")
+    with open(gen, "r+b") as f:
+        head = bytearray(f.read(32))
+        assert head[:8] == b"RPCTBM02" and head[12] & 1, "the active generation is unfinished"
+        assert head[24] == 4, f"coarse shift {head[24]}: the disk size changed?"
+        head[24] ^= 1 << 2
+        f.seek(0)
+        f.write(head)
+    d.start()
+    r = d.api("GET", "/disks/a")
+    assert r.status == 200 and r.json["properties"]["diskState"] != "Unavailable", r
+    d.create_restore_point("c", "rp1")
+    a = nbd_save(d.nbd_uri("a"), tmp_path / "a.disk")
+    b = nbd_save(d.rp_uri("c", "rp1", "a"), tmp_path / "rp1.point")
+    same, msg = images_equal(a, b)
+    assert same, f"rp1 misses changes after a flipped coarse-shift bit: {msg}\n{d.log()}"
+    drp = d.disk_restore_point("c", "rp1", "a")["properties"]
+    assert drp["incremental"] is False, drp
+    log = d.log_all()
+    assert "fails its header checksum" in log and "tracking history of this disk is dropped" in log
+    assert "tracking/a" in log  # the line names the disk
