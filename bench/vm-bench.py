@@ -360,6 +360,7 @@ def main():
         failures.append(f"guest script exited {r.rc}")
     queues = re.findall(r"@@QUEUE (.*?)@@", console)
     queues += [u for u in re.findall(r"@@UP (\S+ \S.*?)@@", console)]
+    queues = list(dict.fromkeys(q.strip() for q in queues))  # once each, whatever the rounds
     out = report(a, kernel, rows, jobs, results, stats, failures, load0, load1, started, took, queues)
     print(out)
     if a.out:

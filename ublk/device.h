@@ -40,7 +40,7 @@ struct UblkDeviceOptions {
   bool user_copy = true;
   // The queues' rings (UblkQueueOptions::ring_mode); a recovered device's
   // queues take it too.
-  Reactor::RingMode ring_mode = Reactor::RingMode::kDefer;
+  Reactor::RingMode ring_mode = Reactor::RingMode::kPlain;
   // Each queue's thread pinned to the CPUs the driver maps to its queue
   // (GET_QUEUE_AFFINITY), as ublksrv does; recovered devices too.
   bool pin_queues = false;

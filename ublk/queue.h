@@ -48,7 +48,7 @@ struct UblkQueueOptions {
   bool user_copy = false;              // the device has UBLK_F_USER_COPY
   // How the queue's ring runs task work (the driver's dispatch of each
   // request and its commit run as task work of the queue's thread).
-  Reactor::RingMode ring_mode = Reactor::RingMode::kDefer;
+  Reactor::RingMode ring_mode = Reactor::RingMode::kPlain;
   // The queue's thread runs only on these CPUs (the ones whose requests
   // blk-mq sends to this queue), when `pin`.
   bool pin = false;

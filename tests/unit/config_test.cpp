@@ -299,8 +299,8 @@ TEST_CASE("numbers and booleans") {
   CHECK(Parse("").ublk_depth == 128);
   CHECK_FALSE(Parse("").ublk_user_copy);
   CHECK(Parse("ublk:\n  user_copy: true\n").ublk_user_copy);
-  CHECK(Parse("").ublk_taskrun == "defer");
-  CHECK(Parse("ublk: {taskrun: plain}").ublk_taskrun == "plain");
+  CHECK(Parse("").ublk_taskrun == "plain");
+  CHECK(Parse("ublk: {taskrun: defer}").ublk_taskrun == "defer");
   CHECK_FALSE(Parse("").ublk_pin_queues);
   ExpectError("ublk:\n  taskrun: lazy\n", "2:12:", "ublk.taskrun", "expected defer, coop or plain");
   CHECK(Parse("ublk: {queues: 4, depth: 1024}").ublk_depth == 1024);
