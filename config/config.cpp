@@ -369,6 +369,14 @@ class Parser {
     return v;
   }
 
+  std::string TaskrunText(const Item& it) {
+    std::string v = String(it);
+    if (v != "defer" && v != "coop" && v != "plain") {
+      Fail(it, "expected defer, coop or plain, got '" + v + "'");
+    }
+    return v;
+  }
+
   static Status ValidateRegionName(const std::string& name) { return ValidateName(name, "region name"); }
 
   // Region and VM names: the API's resource name rule.
@@ -467,7 +475,9 @@ class Parser {
                 WalkMap(it.value, MarkOf(it), it.path,
                         {{"queues", [&](const Item& x) { c.ublk_queues = Unsigned(x, 0, 64); }},
                          {"depth", [&](const Item& x) { c.ublk_depth = Unsigned(x, 1, 1024); }},
-                         {"user_copy", [&](const Item& x) { c.ublk_user_copy = Bool(x); }}});
+                         {"user_copy", [&](const Item& x) { c.ublk_user_copy = Bool(x); }},
+                         {"taskrun", [&](const Item& x) { c.ublk_taskrun = TaskrunText(x); }},
+                         {"pin_queues", [&](const Item& x) { c.ublk_pin_queues = Bool(x); }}});
               }}});
   }
 
@@ -796,6 +806,8 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "queues" << YAML::Value << c.ublk_queues;
   out << YAML::Key << "depth" << YAML::Value << c.ublk_depth;
   out << YAML::Key << "user_copy" << YAML::Value << c.ublk_user_copy;
+  out << YAML::Key << "taskrun" << YAML::Value << c.ublk_taskrun;
+  out << YAML::Key << "pin_queues" << YAML::Value << c.ublk_pin_queues;
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
@@ -847,6 +859,8 @@ const std::vector<std::string>& ConfigKeys() {
       "ublk.queues",
       "ublk.depth",
       "ublk.user_copy",
+      "ublk.taskrun",
+      "ublk.pin_queues",
 
       "regions[].peer",
       "regions[].peer_region",

@@ -138,6 +138,14 @@ struct Config {
   // copy measured faster, bench/RESULTS.md 2026-12-02), or an older kernel:
   // the driver's copy into a per-tag buffer.
   bool ublk_user_copy = false;
+  // ublk.taskrun: how each queue's ring runs the driver's task work ("defer":
+  // SINGLE_ISSUER + DEFER_TASKRUN, "coop": COOP_TASKRUN, "plain"); a kernel
+  // without the flags gets the next weaker one. Default plain: defer and coop
+  // did not win consistently (bench/RESULTS.md 2026-12-02 02:11).
+  std::string ublk_taskrun = "plain";
+  // ublk.pin_queues: each queue's thread runs only on the CPUs the driver maps
+  // to that queue (GET_QUEUE_AFFINITY).
+  bool ublk_pin_queues = false;
 
   // peers.listen: the HTTPS (mutual TLS, keys from tls.dir) address other
   // rpointd hosts call to keep regions here; unset: none.

@@ -2,13 +2,47 @@
 
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 
 #include "common/thread_role.h"
 
+// Debian 12's 6.1 UAPI header has these; older ones may not.
+#ifndef IORING_SETUP_COOP_TASKRUN
+#define IORING_SETUP_COOP_TASKRUN (1U << 8)
+#endif
+#ifndef IORING_SETUP_SINGLE_ISSUER
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
+#endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#endif
+
 namespace rpoint {
+
+namespace {
+
+unsigned ModeFlags(Reactor::RingMode mode) {
+  switch (mode) {
+    case Reactor::RingMode::kPlain:
+      return 0;
+    case Reactor::RingMode::kCoop:
+      return IORING_SETUP_COOP_TASKRUN;
+    case Reactor::RingMode::kDefer:
+      return IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+             IORING_SETUP_R_DISABLED;
+  }
+  return 0;
+}
+
+Reactor::RingMode Weaker(Reactor::RingMode mode) {
+  return mode == Reactor::RingMode::kDefer ? Reactor::RingMode::kCoop : Reactor::RingMode::kPlain;
+}
+
+}  // namespace
 
 // Keeps one read armed on the eventfd that post()/stop() write to.
 class Reactor::WakeOp final : public Reactor::Op {
@@ -22,16 +56,27 @@ class Reactor::WakeOp final : public Reactor::Op {
 
 Reactor::Reactor(std::string name) : name_(std::move(name)) {}
 
-Result<std::unique_ptr<Reactor>> Reactor::Create(std::string name, unsigned queue_depth) {
+Result<std::unique_ptr<Reactor>> Reactor::Create(std::string name, unsigned queue_depth,
+                                                 RingMode mode) {
   std::unique_ptr<Reactor> r(new Reactor(std::move(name)));
-  io_uring_params params{};
-  // The kernel sizes the CQ at twice the SQ by default; ask for more so bursts of
-  // completions (many requests finishing at once) never overflow.
-  params.flags = IORING_SETUP_CQSIZE;
-  params.cq_entries = queue_depth * 4;
-  int rc = io_uring_queue_init_params(queue_depth, &r->ring_, &params);
-  if (rc < 0) return Status::FromErrno(-rc, "io_uring_queue_init");
+  for (;;) {
+    io_uring_params params{};
+    // The kernel sizes the CQ at twice the SQ by default; ask for more so bursts of
+    // completions (many requests finishing at once) never overflow.
+    params.flags = IORING_SETUP_CQSIZE | ModeFlags(mode);
+    params.cq_entries = queue_depth * 4;
+    int rc = io_uring_queue_init_params(queue_depth, &r->ring_, &params);
+    // An older kernel refuses flags it does not know: fall back a mode.
+    if (rc == -EINVAL && mode != RingMode::kPlain) {
+      mode = Weaker(mode);
+      continue;
+    }
+    if (rc < 0) return Status::FromErrno(-rc, "io_uring_queue_init");
+    break;
+  }
   r->ring_ready_ = true;
+  r->mode_ = mode;
+  r->ring_disabled_ = mode == RingMode::kDefer;
   r->wake_fd_.reset(eventfd(0, EFD_CLOEXEC));
   if (!r->wake_fd_) return Status::FromErrno(errno, "eventfd");
   r->wake_op_ = std::make_unique<WakeOp>(r.get());
@@ -102,6 +147,17 @@ void Reactor::run_idle_hooks() {
 
 void Reactor::run() {
   loop_thread_.store(std::this_thread::get_id());
+  if (ring_disabled_) {
+    // Enabling makes this thread the ring's single issuer. liburing 2.3
+    // declares io_uring_enable_rings but does not export it: the raw call.
+    long rc =
+        ::syscall(__NR_io_uring_register, ring_.ring_fd, IORING_REGISTER_ENABLE_RINGS, nullptr, 0);
+    if (rc < 0) {
+      spdlog::critical("reactor {}: enabling the ring: {}", name_, std::strerror(errno));
+      return;
+    }
+    ring_disabled_ = false;
+  }
   SetReactorThread(true);  // debug builds check that nothing here blocks
   constexpr unsigned kBatch = 128;
   io_uring_cqe* cqes[kBatch];
@@ -140,6 +196,18 @@ void Reactor::run() {
   SetReactorThread(false);
 }
 
+const char* RingModeName(Reactor::RingMode mode) {
+  switch (mode) {
+    case Reactor::RingMode::kPlain:
+      return "plain";
+    case Reactor::RingMode::kCoop:
+      return "coop";
+    case Reactor::RingMode::kDefer:
+      return "defer";
+  }
+  return "?";
+}
+
 Result<std::unique_ptr<ReactorPool>> ReactorPool::Create(unsigned threads, unsigned queue_depth) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   std::unique_ptr<ReactorPool> pool(new ReactorPool());
@@ -170,6 +238,8 @@ void ReactorPool::stop_and_join() {
   threads_.clear();
 }
 
-ReactorPool::~ReactorPool() { stop_and_join(); }
+ReactorPool::~ReactorPool() {
+  stop_and_join();
+}
 
 }  // namespace rpoint

@@ -39,7 +39,30 @@ class Reactor {
     ~Op() = default;
   };
 
-  static Result<std::unique_ptr<Reactor>> Create(std::string name, unsigned queue_depth);
+  // How the ring runs task work: the completions the kernel finishes in the
+  // loop thread's own context (ublk's request dispatch and commit, O_DIRECT
+  // completions, poll wakeups).
+  enum class RingMode {
+    // The kernel interrupts the thread for each (an IPI when it runs
+    // elsewhere), whatever it is doing.
+    kPlain,
+    // IORING_SETUP_COOP_TASKRUN (5.19+): no interrupt; task work runs the
+    // next time the thread enters the kernel.
+    kCoop,
+    // IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN (6.1+), with COOP: task
+    // work waits until the loop thread asks for completions
+    // (io_uring_enter with GETEVENTS, which run() does every iteration) and
+    // runs there in one batch. The ring is made disabled (R_DISABLED) and
+    // enabled by run(), so the loop thread is its single issuer whichever
+    // thread created it; until run() starts only io_uring_register (fixed
+    // files) and sqe() may touch it.
+    kDefer,
+  };
+
+  // `mode` is what the caller wants; a kernel that refuses its flags
+  // (EINVAL) gets the next weaker mode, down to kPlain (mode() says which).
+  static Result<std::unique_ptr<Reactor>> Create(std::string name, unsigned queue_depth,
+                                                 RingMode mode = RingMode::kPlain);
   ~Reactor();
   Reactor(const Reactor&) = delete;
   Reactor& operator=(const Reactor&) = delete;
@@ -73,6 +96,8 @@ class Reactor {
   bool in_loop_thread() const { return std::this_thread::get_id() == loop_thread_.load(); }
   const std::string& name() const { return name_; }
   io_uring* ring() { return &ring_; }
+  // The mode the kernel accepted.
+  RingMode mode() const { return mode_; }
 
  private:
   class WakeOp;
@@ -84,6 +109,8 @@ class Reactor {
   std::string name_;
   io_uring ring_{};
   bool ring_ready_ = false;
+  RingMode mode_ = RingMode::kPlain;
+  bool ring_disabled_ = false;  // R_DISABLED: run() enables it
   UniqueFd wake_fd_;
   uint64_t wake_buf_ = 0;
   std::unique_ptr<WakeOp> wake_op_;
@@ -94,6 +121,9 @@ class Reactor {
   std::mutex posted_mu_;
   std::vector<std::function<void()>> posted_;
 };
+
+// "plain", "coop", "defer" (logs, config).
+const char* RingModeName(Reactor::RingMode mode);
 
 // A fixed set of reactors, each on its own thread. Connections are spread
 // over them round-robin. Thread-safety: next() is safe from any thread.

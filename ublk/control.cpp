@@ -50,7 +50,7 @@ UblkControl::~UblkControl() {
 }
 
 Result<int> UblkControl::run(uint32_t op, uint32_t dev_id, void* buf, uint16_t len, uint64_t data0,
-                             const char* what) {
+                             const char* what, uint16_t queue_id) {
   std::lock_guard<std::mutex> lock(mu_);
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   if (sqe == nullptr) return Status::Internal("ublk control ring full");
@@ -62,7 +62,7 @@ Result<int> UblkControl::run(uint32_t op, uint32_t dev_id, void* buf, uint16_t l
   sqe->user_data = ++seq_;
   ublksrv_ctrl_cmd cmd{};
   cmd.dev_id = dev_id;
-  cmd.queue_id = static_cast<uint16_t>(-1);
+  cmd.queue_id = queue_id;
   cmd.len = len;
   cmd.addr = reinterpret_cast<uint64_t>(buf);
   cmd.data[0] = data0;
@@ -155,6 +155,15 @@ Result<uint64_t> UblkControl::get_features() {
                "GET_FEATURES");
   if (!r.ok()) return r.status();
   return features;
+}
+
+Result<cpu_set_t> UblkControl::get_queue_affinity(uint32_t dev_id, uint16_t q_id) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  auto r =
+      run(UBLK_CMD_GET_QUEUE_AFFINITY, dev_id, &set, sizeof(set), 0, "GET_QUEUE_AFFINITY", q_id);
+  if (!r.ok()) return r.status();
+  return set;
 }
 
 }  // namespace rpoint

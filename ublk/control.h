@@ -17,6 +17,7 @@
 
 #include <liburing.h>
 #include <linux/ublk_cmd.h>
+#include <sched.h>
 
 #include <chrono>
 #include <cstdint>
@@ -88,12 +89,15 @@ class UblkControl {
   // The driver's UBLK_F_* feature bits; an error on drivers before 6.5,
   // which have no such command (callers take that as "none of the new ones").
   Result<uint64_t> get_features();
+  // The CPUs whose requests blk-mq sends to queue `q_id` of the device
+  // (GET_QUEUE_AFFINITY).
+  Result<cpu_set_t> get_queue_affinity(uint32_t dev_id, uint16_t q_id);
 
  private:
   UblkControl() = default;
   // Runs one command; returns the CQE's res (>= 0) or an error naming `what`.
   Result<int> run(uint32_t op, uint32_t dev_id, void* buf, uint16_t len, uint64_t data0,
-                  const char* what);
+                  const char* what, uint16_t queue_id = static_cast<uint16_t>(-1));
 
   std::mutex mu_;
   UniqueFd fd_;

@@ -70,7 +70,7 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   if (opts.depth == 0 || opts.depth > UBLK_MAX_QUEUE_DEPTH) {
     return Status::InvalidArgument("ublk.depth must be 1.." + std::to_string(UBLK_MAX_QUEUE_DEPTH));
   }
-  std::unique_ptr<UblkDevice> d(new UblkDevice(ctl, std::move(dev)));
+  std::unique_ptr<UblkDevice> d(new UblkDevice(ctl, std::move(dev), opts));
   ublksrv_ctrl_dev_info info{};
   info.nr_hw_queues = static_cast<uint16_t>(nq);
   info.queue_depth = static_cast<uint16_t>(opts.depth);
@@ -104,16 +104,18 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   if (!s.ok()) return fail(s);
   s = ctl.start_dev(d->info_.dev_id, ::getpid());
   if (!s.ok()) return fail(s);
-  spdlog::info("ublk {}: {} serves disk {} ({} queue(s), depth {}, {})", d->info_.dev_id,
-               d->block_path(), d->dev_->name(), d->info_.nr_hw_queues, d->info_.queue_depth,
-               d->user_copy() ? "user copy" : "buffer copy");
+  spdlog::info("ublk {}: {} serves disk {} ({} queue(s), depth {}, {}, {} rings{})",
+               d->info_.dev_id, d->block_path(), d->dev_->name(), d->info_.nr_hw_queues,
+               d->info_.queue_depth, d->user_copy() ? "user copy" : "buffer copy",
+               d->ring_mode_name(), d->pin_queues_ ? ", queues pinned" : "");
   return d;
 }
 
 Result<std::unique_ptr<UblkDevice>> UblkDevice::Recover(UblkControl& ctl,
                                                         std::shared_ptr<BlockDevice> dev,
-                                                        const ublksrv_ctrl_dev_info& info) {
-  std::unique_ptr<UblkDevice> d(new UblkDevice(ctl, std::move(dev)));
+                                                        const ublksrv_ctrl_dev_info& info,
+                                                        const UblkDeviceOptions& opts) {
+  std::unique_ptr<UblkDevice> d(new UblkDevice(ctl, std::move(dev), opts));
   d->info_ = info;
   if (!(info.flags & UBLK_F_USER_RECOVERY)) {
     d->gone_ = true;
@@ -140,9 +142,10 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Recover(UblkControl& ctl,
     d->gone_ = true;  // still quiesced: the next start tries again
     return s;
   }
-  spdlog::info("ublk {}: recovered {} for disk {} ({} queue(s), depth {}, {})", info.dev_id,
-               d->block_path(), d->dev_->name(), info.nr_hw_queues, info.queue_depth,
-               d->user_copy() ? "user copy" : "buffer copy");
+  spdlog::info("ublk {}: recovered {} for disk {} ({} queue(s), depth {}, {}, {} rings{})",
+               info.dev_id, d->block_path(), d->dev_->name(), info.nr_hw_queues, info.queue_depth,
+               d->user_copy() ? "user copy" : "buffer copy", d->ring_mode_name(),
+               d->pin_queues_ ? ", queues pinned" : "");
   return d;
 }
 
@@ -158,6 +161,16 @@ Status UblkDevice::open_queues() {
     o.max_io_bytes = info_.max_io_buf_bytes;
     o.char_fd = char_fd_.get();
     o.user_copy = user_copy();
+    o.ring_mode = ring_mode_;
+    if (pin_queues_) {
+      auto cpus = ctl_.get_queue_affinity(info_.dev_id, q);
+      if (cpus.ok() && CPU_COUNT(&cpus.value()) > 0) {
+        o.pin = true;
+        o.cpus = cpus.value();
+      } else if (!cpus.ok()) {
+        spdlog::warn("ublk {} queue {}: not pinned: {}", info_.dev_id, q, cpus.status().ToString());
+      }
+    }
     auto queue = UblkQueue::Create(o, dev_);
     if (!queue.ok()) return queue.status();
     queues_.push_back(std::move(queue).value());

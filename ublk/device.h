@@ -38,6 +38,12 @@ struct UblkDeviceOptions {
   // the queues copy the data themselves, off the queue thread. Otherwise, or
   // false, the driver copies into the tag's buffer (buffer mode).
   bool user_copy = true;
+  // The queues' rings (UblkQueueOptions::ring_mode); a recovered device's
+  // queues take it too.
+  Reactor::RingMode ring_mode = Reactor::RingMode::kPlain;
+  // Each queue's thread pinned to the CPUs the driver maps to its queue
+  // (GET_QUEUE_AFFINITY), as ublksrv does; recovered devices too.
+  bool pin_queues = false;
 };
 
 class UblkDevice {
@@ -46,9 +52,11 @@ class UblkDevice {
   static Result<std::unique_ptr<UblkDevice>> Add(UblkControl& ctl, std::shared_ptr<BlockDevice> dev,
                                                  const UblkDeviceOptions& opts, int dev_id);
   // Takes over the kernel device `dev_id` that a previous server left.
+  // Of `opts` only ring_mode applies: the rest is the device's own (`info`).
   static Result<std::unique_ptr<UblkDevice>> Recover(UblkControl& ctl,
                                                      std::shared_ptr<BlockDevice> dev,
-                                                     const ublksrv_ctrl_dev_info& info);
+                                                     const ublksrv_ctrl_dev_info& info,
+                                                     const UblkDeviceOptions& opts);
   ~UblkDevice();  // detach() unless removed
 
   // STOP_DEV, queues, munmap/close, DEL_DEV.
@@ -65,15 +73,21 @@ class UblkDevice {
   std::string char_path() const { return "/dev/ublkc" + std::to_string(info_.dev_id); }
   bool queues_failed() const;
   bool user_copy() const { return (info_.flags & kUblkFUserCopy) != 0; }
+  // The ring mode the queues got from the kernel (RingModeName).
+  const char* ring_mode_name() const {
+    return queues_.empty() ? "no" : RingModeName(queues_.front()->ring_mode());
+  }
 
  private:
-  UblkDevice(UblkControl& ctl, std::shared_ptr<BlockDevice> dev)
-      : ctl_(ctl), dev_(std::move(dev)) {}
+  UblkDevice(UblkControl& ctl, std::shared_ptr<BlockDevice> dev, const UblkDeviceOptions& opts)
+      : ctl_(ctl), dev_(std::move(dev)), ring_mode_(opts.ring_mode), pin_queues_(opts.pin_queues) {}
   Status open_queues();
   void stop_queues();
 
   UblkControl& ctl_;
   std::shared_ptr<BlockDevice> dev_;
+  Reactor::RingMode ring_mode_;
+  bool pin_queues_;
   ublksrv_ctrl_dev_info info_{};
   UniqueFd char_fd_;
   std::vector<std::unique_ptr<UblkQueue>> queues_;

@@ -73,9 +73,11 @@ Result<std::unique_ptr<UblkQueue>> UblkQueue::Create(const UblkQueueOptions& opt
   // Every tag has one command in flight, each request one or two engine
   // operations: the ring holds them all, the CQ four times that.
   auto r = Reactor::Create("ublk" + std::to_string(opts.dev_id) + "q" + std::to_string(opts.q_id),
-                           2u * opts.depth + 16);
+                           2u * opts.depth + 16, opts.ring_mode);
   if (!r.ok()) return r.status();
   q->reactor_ = std::move(r).value();
+  // Before run(): a kDefer ring is still disabled, which registration allows
+  // from this (not yet the issuer) thread.
   int fd = opts.char_fd;
   int rc = io_uring_register_files(q->reactor_->ring(), &fd, 1);
   if (rc < 0) return Status::FromErrno(-rc, what + ": registering /dev/ublkc as a fixed file");
@@ -106,6 +108,13 @@ void UblkQueue::start() {
   thread_ = std::thread([this] {
     std::string n = reactor_->name().substr(0, 15);
     pthread_setname_np(pthread_self(), n.c_str());
+    if (opts_.pin) {
+      int rc = pthread_setaffinity_np(pthread_self(), sizeof(opts_.cpus), &opts_.cpus);
+      if (rc != 0) {
+        spdlog::warn("ublk {} queue {}: pinning to its CPUs: {}", opts_.dev_id, opts_.q_id,
+                     std::strerror(rc));
+      }
+    }
     reactor_->run();
   });
 }

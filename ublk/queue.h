@@ -25,6 +25,7 @@
 #pragma once
 
 #include <linux/ublk_cmd.h>
+#include <sched.h>
 
 #include <atomic>
 #include <cstdint>
@@ -45,6 +46,13 @@ struct UblkQueueOptions {
   uint32_t max_io_bytes = 512 * 1024;  // the device's max_io_buf_bytes
   int char_fd = -1;                    // /dev/ublkcN, owned by the device
   bool user_copy = false;              // the device has UBLK_F_USER_COPY
+  // How the queue's ring runs task work (the driver's dispatch of each
+  // request and its commit run as task work of the queue's thread).
+  Reactor::RingMode ring_mode = Reactor::RingMode::kPlain;
+  // The queue's thread runs only on these CPUs (the ones whose requests
+  // blk-mq sends to this queue), when `pin`.
+  bool pin = false;
+  cpu_set_t cpus{};
 };
 
 // Where queue q's descriptors are mapped in /dev/ublkcN: the driver spaces the
@@ -71,6 +79,8 @@ class UblkQueue {
   void drain_and_stop(int timeout_ms = 10000);
   // A command failed in a way that stops the queue (logged once).
   bool failed() const { return failed_.load(); }
+  // The ring mode the kernel accepted (opts.ring_mode or a weaker one).
+  Reactor::RingMode ring_mode() const { return reactor_->mode(); }
 
  private:
   struct Tag;

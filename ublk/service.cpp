@@ -52,7 +52,7 @@ Result<int> UblkService::serve(const std::string& name, std::shared_ptr<BlockDev
       bool ours_left = i.state == UBLK_S_DEV_QUIESCED ||
                        (i.state == UBLK_S_DEV_LIVE && !ProcessAlive(i.ublksrv_pid));
       if (ours_left && (i.flags & UBLK_F_USER_RECOVERY)) {
-        auto d = UblkDevice::Recover(*ctl_, dev, i);
+        auto d = UblkDevice::Recover(*ctl_, dev, i, opts_.device);
         if (!d.ok()) return fail(d.status());
         int id = d.value()->dev_id();
         devices_[name] = std::move(d).value();

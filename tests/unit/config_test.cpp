@@ -150,7 +150,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "b}}}\n"
       "operations: {retention_seconds: 60, max_count: 5}\n"
       "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
-      "ublk: {queues: 2, depth: 64, user_copy: false}\n"
+      "ublk: {queues: 2, depth: 64, user_copy: false, taskrun: coop, pin_queues: false}\n"
       "peers: {listen: 'localhost:2', deadline_seconds: 30}\n";
   // A peer region has no path: its keys are checked on a second entry.
   text.replace(text.find("default: true}]"), 15,
@@ -299,6 +299,10 @@ TEST_CASE("numbers and booleans") {
   CHECK(Parse("").ublk_depth == 128);
   CHECK_FALSE(Parse("").ublk_user_copy);
   CHECK(Parse("ublk:\n  user_copy: true\n").ublk_user_copy);
+  CHECK(Parse("").ublk_taskrun == "plain");
+  CHECK(Parse("ublk: {taskrun: defer}").ublk_taskrun == "defer");
+  CHECK_FALSE(Parse("").ublk_pin_queues);
+  ExpectError("ublk:\n  taskrun: lazy\n", "2:12:", "ublk.taskrun", "expected defer, coop or plain");
   CHECK(Parse("ublk: {queues: 4, depth: 1024}").ublk_depth == 1024);
   ExpectError("ublk:\n  depth: 0\n", "2:10:", "ublk.depth", "from 1 to 1024");
   ExpectError("ublk:\n  depth: 1025\n", "2:10:", "ublk.depth", "from 1 to 1024");

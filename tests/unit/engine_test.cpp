@@ -327,6 +327,62 @@ TEST_SUITE("reactor") {
     CHECK(op.errors.load() == 0);
   }
 
+  // The ublk queues' rings (ublk/queue.h): made on the control thread, a
+  // fixed file registered there, run on the queue's thread. A DEFER_TASKRUN
+  // ring is single-issuer: made enabled, its issuer would be the creating
+  // thread and the loop's io_uring_enter would fail (EEXIST); run() enables it
+  // instead. The read on the pipe completes while the loop waits: with
+  // DEFER_TASKRUN that completion is task work only a GETEVENTS enter runs.
+  TEST_CASE("every RingMode: fixed file before run(), run() on another thread, waits woken") {
+    for (Reactor::RingMode want :
+         {Reactor::RingMode::kPlain, Reactor::RingMode::kCoop, Reactor::RingMode::kDefer}) {
+      CAPTURE(RingModeName(want));
+      auto r = Reactor::Create("t", 16, want);
+      REQUIRE(r.ok());
+      Reactor& reactor = *r.value();
+      // This machine's kernel (6.18) has every flag; an old one gets a weaker mode.
+      CHECK(std::string(RingModeName(reactor.mode())) == RingModeName(want));
+      int p[2];
+      REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+      REQUIRE(io_uring_register_files(reactor.ring(), &p[0], 1) == 0);
+      struct ReadOp final : Reactor::Op {
+        Reactor* reactor = nullptr;
+        char buf[8] = {};
+        std::promise<int> res;
+        bool on_loop = false;
+        void complete(int n, uint32_t) override {
+          on_loop = reactor->in_loop_thread();
+          res.set_value(n);
+        }
+      } op;
+      op.reactor = &reactor;
+      std::promise<void> armed;
+      reactor.post([&] {  // posted before run(): runs on the loop thread
+        io_uring_sqe* sqe = reactor.sqe(&op);
+        io_uring_prep_read(sqe, 0, op.buf, sizeof(op.buf), 0);
+        sqe->flags |= IOSQE_FIXED_FILE;
+        armed.set_value();
+      });
+      std::thread loop([&] { reactor.run(); });
+      REQUIRE(armed.get_future().wait_for(kTimeout) == std::future_status::ready);
+      std::this_thread::sleep_for(20ms);  // the loop is asleep in io_uring_enter
+      REQUIRE(::write(p[1], "ring", 4) == 4);
+      auto f = op.res.get_future();
+      REQUIRE(f.wait_for(kTimeout) == std::future_status::ready);
+      CHECK(f.get() == 4);
+      CHECK(op.on_loop);
+      CHECK(std::string(op.buf, 4) == "ring");
+      // post() still wakes the loop after the ring was enabled.
+      std::promise<void> again;
+      reactor.post([&] { again.set_value(); });
+      CHECK(again.get_future().wait_for(kTimeout) == std::future_status::ready);
+      reactor.stop();
+      loop.join();
+      ::close(p[0]);
+      ::close(p[1]);
+    }
+  }
+
   TEST_CASE("ReactorPool: threads, round-robin next(), stop_and_join") {
     auto p = ReactorPool::Create(2, 32);
     REQUIRE(p.ok());

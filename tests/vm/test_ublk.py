@@ -17,8 +17,9 @@ inside Debian's 6.12 kernel under qemu (lane.py), one boot for both parts.
    the device and its filesystem untouched; after umount the delete works.
 
 5. copy modes: d0 was made in buffer mode (the default, the driver's copy);
-   restarted with `ublk.user_copy: true` rpointd recovers d0 still in buffer
-   mode and makes a new disk b0 with UBLK_F_USER_COPY (6.12 has it); kill -9
+   restarted with `ublk.user_copy: true` (and `ublk.taskrun: defer`, so the
+   load below runs on SINGLE_ISSUER + DEFER_TASKRUN rings, the other parts
+   on the default plain ones) rpointd recovers d0 still in buffer mode and makes a new disk b0 with UBLK_F_USER_COPY (6.12 has it); kill -9
    under a write load on b0, restart with the default config: b0 comes back
    in user copy mode, dd ends without error,
    e2fsck is clean, a point of b0 equals the device (cmp).
@@ -82,6 +83,8 @@ wait_dev /dev/ublkb0
 $T/rpoint disk show d0 | grep -q 'NBD export.*read-only' || fail "NBD export of a ublk disk not read-only"
 # The default is buffer mode (ublk.user_copy: false): the driver copies the data.
 newlog | grep -q 'ublk 0: /dev/ublkb0 serves disk d0 .*buffer copy' || fail "d0 is not in buffer copy mode"
+# The default rings (ublk.taskrun: plain).
+newlog | grep -q 'ublk 0: /dev/ublkb0 serves disk d0 .*plain rings' || fail "d0's queues are not on plain rings"
 $T/mke2fs -q -F -t ext4 /dev/ublkb0 || fail "mkfs.ext4"
 mount -t ext4 /dev/ublkb0 /mnt/a || fail "mount d0"
 C=7; for f in f1 f2 f3; do C=$((C+9)); $T/dd if=/dev/urandom of=/mnt/a/$f bs=64k count=$C status=none || fail "write $f"; done
@@ -189,9 +192,11 @@ echo "@@UBLK-4 ok@@"
 pid=$(cat /tmp/rpointd.pid)
 kill $pid
 wait $pid || fail "rpointd exited $? on SIGTERM (part 5)"
-printf 'ublk: {user_copy: true}\n' >/tmp/usercopy.yaml
+printf 'ublk: {user_copy: true, taskrun: defer}\n' >/tmp/usercopy.yaml
 start_rpointd --config /tmp/usercopy.yaml
 newlog | grep -q 'recovered /dev/ublkb0 for disk d0 .*buffer copy' || fail "d0 not recovered in buffer copy mode"
+# The ring mode is the running config's, not the device's.
+newlog | grep -q 'recovered /dev/ublkb0 for disk d0 .*defer rings' || fail "d0 not recovered on defer rings"
 mount -t ext4 /dev/ublkb0 /mnt/a || fail "mount d0 (part 5)"
 (cd /mnt/a && sha256sum -c /tmp/sums2 >/dev/null) || fail "d0 files, recovered under user_copy: true"
 umount /mnt/a
@@ -199,6 +204,7 @@ $T/rpoint disk create b0 --size 64M --export ublk >/tmp/out 2>&1 || { cat /tmp/o
 dev=$(field b0 devicePath)
 wait_dev $dev
 newlog | grep -q "${dev#/dev/}.* serves disk b0 .*user copy" || fail "b0 is not in user copy mode"
+newlog | grep -q "${dev#/dev/}.* serves disk b0 .*defer rings" || fail "b0 is not on defer rings"
 $T/mke2fs -q -F -t ext4 $dev || fail "mkfs.ext4 on b0"
 mount -t ext4 $dev /mnt/r || fail "mount b0"
 $T/dd if=/dev/urandom of=/mnt/r/h bs=1M count=6 status=none && (cd /mnt/r && sha256sum h >/tmp/sums5)
