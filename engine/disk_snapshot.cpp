@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "common/fault_injection.h"
+#include "common/file_io.h"
 
 namespace rpoint {
 namespace {
@@ -400,48 +401,6 @@ void DiskSnapshot::pace() {
   t.since = std::chrono::steady_clock::now();
 }
 
-Status DiskSnapshot::pread_all(int fd, char* buf, uint64_t len, uint64_t off) const {
-  uint64_t done = 0;
-  while (done < len) {
-    ssize_t n = pread(fd, buf + done, len - done, static_cast<off_t>(off + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Status::FromErrno(errno, "read snapshot block");
-    if (n == 0) {
-      std::memset(buf + done, 0, len - done);  // past EOF reads as zeroes
-      break;
-    }
-    done += static_cast<uint64_t>(n);
-  }
-  return Status::Ok();
-}
-
-Status DiskSnapshot::pread_disk(char* buf, uint64_t len, uint64_t cap, uint64_t off,
-                                int direct_fd) const {
-  // O_DIRECT wants buffer, offset and length 4 KiB aligned; the length is
-  // rounded up within the buffer's `cap` bytes (whole blocks), and a read past
-  // the file's end comes back short.
-  const uint64_t rounded = (len + kSubBlock - 1) / kSubBlock * kSubBlock;
-  if (direct_fd >= 0 && reinterpret_cast<uintptr_t>(buf) % kSubBlock == 0 && off % kSubBlock == 0 &&
-      rounded <= cap) {
-    uint64_t done = 0;
-    while (done < rounded) {
-      ssize_t n = pread(direct_fd, buf + done, rounded - done, static_cast<off_t>(off + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && errno == EINVAL) break;  // refused as direct I/O: the page cache serves the rest
-      if (n < 0) return Status::FromErrno(errno, "read snapshot block");
-      if (n == 0) {
-        std::memset(buf + done, 0, rounded - done);  // past EOF reads as zeroes
-        return Status::Ok();
-      }
-      done += static_cast<uint64_t>(n);
-      if (done % kSubBlock != 0) break;  // a short read: the rest is unaligned
-    }
-    if (done >= len) return Status::Ok();
-    return pread_all(p_.data_fd, buf + done, len - done, off + done);
-  }
-  return pread_all(p_.data_fd, buf, len, off);
-}
-
 Status DiskSnapshot::read_block(uint64_t block, char* buf) {
   return read_blocks(block, 1, buf);
 }
@@ -501,7 +460,10 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
   // One read for the whole run (the preserved sub-blocks it covers are
   // overwritten from the log below).
   Status st;
-  if (from_disk) st = pread_disk(buf, len, uint64_t{n} * p_.granularity, off, direct_fd);
+  if (from_disk) {
+    st = PreadDirect(direct_fd, p_.data_fd, buf, len, off, "disk " + p_.disk_name, "snapshot.read",
+                     uint64_t{n} * p_.granularity);
+  }
   for (uint32_t i = 0; st.ok() && i < n; ++i) {
     char* b = buf + uint64_t{i} * p_.granularity;
     const uint64_t blen = std::min<uint64_t>(p_.granularity, len - uint64_t{i} * p_.granularity);
@@ -515,7 +477,8 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
       } else if (mem[i][j]) {
         std::memcpy(b + at, mem[i][j].get() + (e % kChunkSlots) * sub_, k);
       } else {
-        st = pread_all(staging_fd_.get(), b + at, k, uint64_t{e} * sub_);
+        st = PreadFull(staging_fd_.get(), b + at, k, uint64_t{e} * sub_,
+                       "the staging file of disk " + p_.disk_name, "snapshot.read");
       }
     }
   }

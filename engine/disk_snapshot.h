@@ -148,9 +148,6 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   void release_busy(uint64_t block);  // mu_ held by caller: wakes waiters
   void wake_space_waiters();          // mu_ held
   void pace();                        // read_block: yield to the guest
-  Status pread_all(int fd, char* buf, uint64_t len, uint64_t off) const;
-  // len bytes of the disk at off into buf (cap bytes): O_DIRECT when it can.
-  Status pread_disk(char* buf, uint64_t len, uint64_t cap, uint64_t off, int direct_fd) const;
 
   Params p_;
   uint64_t nblocks_;
