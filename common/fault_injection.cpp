@@ -232,6 +232,22 @@ ssize_t WriteLength(const char* point, size_t len) {
   return ssize_t(len);
 }
 
+uint64_t Hits(const char* point) {
+  Table& t = table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  auto it = t.hits.find(point);
+  return it == t.hits.end() ? 0 : it->second;
+}
+
+ssize_t Pread(const char* point, int fd, void* buf, size_t len, off_t off) {
+  ssize_t n = WriteLength(point, len);
+  if (n < 0) {
+    errno = int(-n);
+    return -1;
+  }
+  return ::pread(fd, buf, size_t(n), off);
+}
+
 ssize_t Pwrite(const char* point, int fd, const void* buf, size_t len, off_t off) {
   ssize_t n = WriteLength(point, len);
   if (n < 0) {

@@ -41,6 +41,7 @@ namespace rpoint::fault {
 // Every point the code hooks, for documentation and rule checking.
 inline constexpr const char* kFaultPoints[] = {
     "staging.write",    // copy-before-write of a block into the staging file (io_uring)
+    "snapshot.read",    // the copier's reads of a disk as at the cut (the disk, the staging file)
     "tracking.write",   // a change-tracking bitmap page write
     "tracking.sync",    // fdatasync of the bitmap after the page writes
     "tracking.create",  // write/fsync/rename of a new tracking generation file
@@ -55,8 +56,8 @@ inline constexpr const char* kFaultPoints[] = {
     "copy.chunk",       // a chunk moved by a restore point copy between regions
     "cut.settle",       // a cut, after its switch is published, before each disk settles
 
-    "peer.chunk",       // a chunk a host receiving a point from a peer reads over NBD
-    "peer.changed",     // a receiving host's rpoint:changed query of an incremental copy
+    "peer.chunk",    // a chunk a host receiving a point from a peer reads over NBD
+    "peer.changed",  // a receiving host's rpoint:changed query of an incremental copy
 };
 
 // What one hit of a point must do.
@@ -102,13 +103,18 @@ inline Action Hit(const char* point) {
   return internal::HitSlow(point);
 }
 
-// The length a write of `len` bytes at `point` should transfer (len, or a
-// shorter one for `short`), or -errno to fail it with.
+// The length a write (or read) of `len` bytes at `point` should transfer
+// (len, or a shorter one for `short`), or -errno to fail it with.
 ssize_t WriteLength(const char* point, size_t len);
+// How many times `point` was hit since the rules were last armed (hits count
+// only while some rule is armed): lets a test see that its fault was reached.
+uint64_t Hits(const char* point);
 
 // Syscall wrappers: the same contract as the syscall (-1 with errno set on
-// failure), with the point's fault applied first. A fault on a non-write
-// operation that says `short` fails with EIO.
+// failure), with the point's fault applied first. A fault on an operation
+// other than a read or write that says `short` fails with EIO; a short read
+// reads about half the bytes asked for, as a real short read would.
+ssize_t Pread(const char* point, int fd, void* buf, size_t len, off_t off);
 ssize_t Pwrite(const char* point, int fd, const void* buf, size_t len, off_t off);
 ssize_t Write(const char* point, int fd, const void* buf, size_t len);
 int Fdatasync(const char* point, int fd);

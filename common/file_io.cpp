@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
+#include <type_traits>
 
 #include "common/fault_injection.h"
 #include "common/thread_role.h"
@@ -12,67 +14,102 @@
 
 namespace rpoint {
 
-Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what) {
-  RPOINT_ASSERT_MAY_BLOCK("pread");
-  auto* p = static_cast<char*>(buf);
-  while (len > 0) {
-    ssize_t n = ::pread(fd, p, len, static_cast<off_t>(off));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "read " + what);
-    }
-    if (n == 0) return Status::IoError("read " + what + ": unexpected end of file");
-    p += n;
-    len -= size_t(n);
-    off += uint64_t(n);
-  }
-  return Status::Ok();
-}
-
 namespace {
 
 // O_DIRECT wants buffer, offset and length aligned to the logical block size;
 // 4 KiB covers every block device in use.
 constexpr size_t kDirectAlign = 4096;
 
-// The one write loop: continues short writes, retries EINTR. With `direct`
-// (an O_DIRECT descriptor) it stops early, without an error, where the rest
-// must go through the page cache: the write was refused as direct I/O
-// (EINVAL), or a short write left the rest unaligned. *done: bytes written.
-Status WriteLoop(int fd, const char* p, size_t len, uint64_t off, const std::string& what,
-                 const char* fault_point, bool direct, size_t* done) {
+bool Aligned(const void* p, uint64_t off) {
+  return reinterpret_cast<uintptr_t>(p) % kDirectAlign == 0 && off % kDirectAlign == 0;
+}
+
+// The one transfer loop, for reads and writes: continues short transfers,
+// retries EINTR, applies the fault point. With `direct` (an O_DIRECT
+// descriptor) it stops early, without an error, where the rest must go
+// through the page cache: the transfer was refused as direct I/O (EINVAL), or
+// a short one left the rest unaligned. A read stops at the end of the file
+// (*eof). *done: bytes transferred. Byte: char reads into p, const char
+// writes from it.
+template <typename Byte>
+Status Transfer(int fd, Byte* p, size_t len, uint64_t off, const std::string& what,
+                const char* fault_point, bool direct, size_t* done, bool* eof) {
+  constexpr bool kRead = !std::is_const_v<Byte>;
   *done = 0;
+  *eof = false;
+  const char* verb = kRead ? "read " : "write ";
   while (*done < len) {
-    ssize_t n =
-        fault::Pwrite(fault_point, fd, p + *done, len - *done, static_cast<off_t>(off + *done));
+    const auto at = static_cast<off_t>(off + *done);
+    ssize_t n;
+    if constexpr (kRead) {
+      n = fault::Pread(fault_point, fd, p + *done, len - *done, at);
+    } else {
+      n = fault::Pwrite(fault_point, fd, p + *done, len - *done, at);
+    }
     if (n < 0) {
       if (errno == EINTR) continue;
       if (direct && errno == EINVAL) return Status::Ok();
-      return Status::FromErrno(errno, "write " + what);
+      return Status::FromErrno(errno, verb + what);
     }
-    // A regular file never takes 0 bytes of a non-empty write without an error.
-    if (n == 0) return Status::IoError("write " + what + ": no progress");
+    if (n == 0) {
+      // A regular file never takes 0 bytes of a non-empty write without an error.
+      if (!kRead) return Status::IoError("write " + what + ": no progress");
+      *eof = true;
+      return Status::Ok();
+    }
     *done += size_t(n);
     if (direct && *done % kDirectAlign != 0) return Status::Ok();
   }
   return Status::Ok();
 }
 
+Status EndOfFile(const std::string& what) {
+  return Status::IoError("read " + what + ": unexpected end of file");
+}
+
 }  // namespace
+
+Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what,
+                 const char* fault_point) {
+  RPOINT_ASSERT_MAY_BLOCK("pread");
+  size_t done = 0;
+  bool eof = false;
+  Status s = Transfer(fd, static_cast<char*>(buf), len, off, what, fault_point, false, &done, &eof);
+  if (s.ok() && eof) return EndOfFile(what);
+  return s;
+}
+
+Status PreadDirect(int direct_fd, int fd, void* buf, size_t len, uint64_t off,
+                   const std::string& what, const char* fault_point, size_t cap) {
+  RPOINT_ASSERT_MAY_BLOCK("pread");
+  auto* p = static_cast<char*>(buf);
+  const size_t rounded = (len + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+  size_t done = 0;
+  if (direct_fd >= 0 && Aligned(p, off) && (rounded == len || rounded <= cap)) {
+    bool eof = false;
+    Status s = Transfer(direct_fd, p, rounded, off, what, fault_point, true, &done, &eof);
+    if (!s.ok()) return s;
+    if (done >= len) return Status::Ok();  // what came past len is the caller's slack
+    if (eof) return EndOfFile(what);
+  }
+  return PreadFull(fd, p + done, len - done, off + done, what, fault_point);
+}
 
 Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::string& what,
                   const char* fault_point) {
   size_t done = 0;
-  return WriteLoop(fd, static_cast<const char*>(buf), len, off, what, fault_point, false, &done);
+  bool eof = false;
+  return Transfer(fd, static_cast<const char*>(buf), len, off, what, fault_point, false, &done,
+                  &eof);
 }
 
 Status PwriteDirect(int direct_fd, int fd, const void* buf, size_t len, uint64_t off,
                     const std::string& what, const char* fault_point, size_t* direct_bytes) {
   const auto* p = static_cast<const char*>(buf);
   size_t done = 0;
-  if (direct_fd >= 0 && reinterpret_cast<uintptr_t>(p) % kDirectAlign == 0 &&
-      len % kDirectAlign == 0 && off % kDirectAlign == 0) {
-    Status s = WriteLoop(direct_fd, p, len, off, what, fault_point, true, &done);
+  if (direct_fd >= 0 && Aligned(p, off) && len % kDirectAlign == 0) {
+    bool eof = false;
+    Status s = Transfer(direct_fd, p, len, off, what, fault_point, true, &done, &eof);
     if (!s.ok()) return s;
   }
   if (direct_bytes != nullptr) *direct_bytes = done;

@@ -1,7 +1,9 @@
 // The file I/O every component shares: whole-buffer pread/pwrite (a short
-// transfer is continued, EINTR retried), directory fsync and mkdir -p. Each
-// write or fsync may name a fault point (common/fault_injection.h); the one
-// implementation of each keeps error messages and fault points alike everywhere.
+// transfer is continued, EINTR retried), their O_DIRECT variants with a
+// buffered fallback, directory fsync and mkdir -p. Each read, write or fsync
+// may name a fault point (common/fault_injection.h); one transfer loop serves
+// reads and writes, direct or buffered, so error messages, fault points and
+// the direct-I/O fallback are alike everywhere.
 // Thread-safety: stateless functions.
 #pragma once
 
@@ -14,7 +16,8 @@
 namespace rpoint {
 
 // Reads exactly len bytes at off; a short read (end of file) is an IoError.
-Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what);
+Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what,
+                 const char* fault_point = nullptr);
 // Writes all len bytes at off, continuing short writes.
 Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::string& what,
                   const char* fault_point = nullptr);
@@ -29,6 +32,18 @@ Status PwriteFull(int fd, const void* buf, size_t len, uint64_t off, const std::
 Status PwriteDirect(int direct_fd, int fd, const void* buf, size_t len, uint64_t off,
                     const std::string& what, const char* fault_point = nullptr,
                     size_t* direct_bytes = nullptr);
+
+// PreadFull through `direct_fd` (the file opened with O_DIRECT, or -1) when
+// buffer and offset are 4 KiB aligned: no copy through the page cache (the
+// kernel writes dirty pages of the range back first, so the read sees every
+// completed write). An unaligned len is rounded up to 4 KiB for the direct
+// read when buf holds `cap` >= that many bytes (bytes past len are then
+// clobbered, and come back short past the end of the file); else, and for what
+// the filesystem refuses as direct I/O (EINVAL) or a short direct read leaves
+// unaligned, the rest is read through `fd` (buffered). All len bytes are read
+// or an error is returned: the end of the file before len is an IoError.
+Status PreadDirect(int direct_fd, int fd, void* buf, size_t len, uint64_t off,
+                   const std::string& what, const char* fault_point = nullptr, size_t cap = 0);
 
 // fsync of a directory, so entries created, renamed or removed in it are durable.
 Status FsyncDir(const std::string& dir, const char* fault_point = nullptr);

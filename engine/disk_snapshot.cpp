@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "common/fault_injection.h"
+#include "common/file_io.h"
 
 namespace rpoint {
 namespace {
@@ -226,7 +227,7 @@ void DiskSnapshot::preserve_from(Reactor& reactor, uint64_t offset, uint64_t len
     };
     auto it = busy_.find(b);
     if (it != busy_.end()) {
-      // The copier (or another write) is on this block: retry when it is done.
+      // Another write is preserving in this block: retry when it is done.
       it->second.push_back({&reactor, again()});
       return;
     }
@@ -281,7 +282,6 @@ void DiskSnapshot::release_busy(uint64_t block) {
   if (it == busy_.end()) return;
   for (Waiter& w : it->second) w.reactor->post(std::move(w.resume));
   busy_.erase(it);
-  cv_.notify_all();
 }
 
 void DiskSnapshot::wake_space_waiters() {
@@ -296,13 +296,19 @@ void DiskSnapshot::break_locked(const std::string& why, int error) {
   spdlog::error("disk {}: {}; the restore point fails, guest writes go on", p_.disk_name,
                 broken_reason_);
   wake_space_waiters();  // they pass straight through now
-  cv_.notify_all();
 }
 
 std::unique_ptr<DiskSnapshot::StageWrite> DiskSnapshot::preserved(Reactor& reactor, uint64_t block,
                                                                   uint32_t s0, uint32_t n,
                                                                   const char* buf, int error) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (copied_.test(block)) {
+    // The copier took the block while this preserve was reading (its read
+    // ran before this write was issued, so it holds the cut content): the
+    // old content is not needed any more, and the write may go on.
+    release_busy(block);
+    return next_stage_write(reactor);
+  }
   if (error != 0) {
     break_locked("copy-before-write of block " + std::to_string(block) + " failed reading the disk",
                  error);
@@ -400,48 +406,6 @@ void DiskSnapshot::pace() {
   t.since = std::chrono::steady_clock::now();
 }
 
-Status DiskSnapshot::pread_all(int fd, char* buf, uint64_t len, uint64_t off) const {
-  uint64_t done = 0;
-  while (done < len) {
-    ssize_t n = pread(fd, buf + done, len - done, static_cast<off_t>(off + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return Status::FromErrno(errno, "read snapshot block");
-    if (n == 0) {
-      std::memset(buf + done, 0, len - done);  // past EOF reads as zeroes
-      break;
-    }
-    done += static_cast<uint64_t>(n);
-  }
-  return Status::Ok();
-}
-
-Status DiskSnapshot::pread_disk(char* buf, uint64_t len, uint64_t cap, uint64_t off,
-                                int direct_fd) const {
-  // O_DIRECT wants buffer, offset and length 4 KiB aligned; the length is
-  // rounded up within the buffer's `cap` bytes (whole blocks), and a read past
-  // the file's end comes back short.
-  const uint64_t rounded = (len + kSubBlock - 1) / kSubBlock * kSubBlock;
-  if (direct_fd >= 0 && reinterpret_cast<uintptr_t>(buf) % kSubBlock == 0 && off % kSubBlock == 0 &&
-      rounded <= cap) {
-    uint64_t done = 0;
-    while (done < rounded) {
-      ssize_t n = pread(direct_fd, buf + done, rounded - done, static_cast<off_t>(off + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && errno == EINVAL) break;  // refused as direct I/O: the page cache serves the rest
-      if (n < 0) return Status::FromErrno(errno, "read snapshot block");
-      if (n == 0) {
-        std::memset(buf + done, 0, rounded - done);  // past EOF reads as zeroes
-        return Status::Ok();
-      }
-      done += static_cast<uint64_t>(n);
-      if (done % kSubBlock != 0) break;  // a short read: the rest is unaligned
-    }
-    if (done >= len) return Status::Ok();
-    return pread_all(p_.data_fd, buf + done, len - done, off + done);
-  }
-  return pread_all(p_.data_fd, buf, len, off);
-}
-
 Status DiskSnapshot::read_block(uint64_t block, char* buf) {
   return read_blocks(block, 1, buf);
 }
@@ -454,25 +418,24 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
   pace();
   const uint64_t off = first * p_.granularity;
   const uint64_t len = std::min<uint64_t>(uint64_t{n} * p_.granularity, p_.size - off);
-  // Per block of the run: its sub-block map (empty: nothing preserved) and
-  // the log chunk in memory per staged sub-block.
-  std::vector<std::vector<uint32_t>> subs(n);
-  std::vector<std::vector<std::shared_ptr<char[]>>> mem(n);
   auto range_of = [&](uint32_t i) {
     const uint64_t at = uint64_t{i} * p_.granularity;
     return static_cast<uint32_t>((std::min<uint64_t>(p_.granularity, len - at) + sub_ - 1) / sub_);
   };
+  // The run is read from the disk in one read, with no block of it held
+  // against copy-before-write: a guest write landing in the run meanwhile
+  // preserves the sub-blocks it touches itself (a 4 KiB read, instead of
+  // waiting for the whole run's read), and what it preserved is laid over
+  // the read afterwards. That is exact because a write is issued only once
+  // its sub-blocks are in the log: a sub-block still unpreserved after the
+  // read was not written during it (nor since the cut), so the read holds its
+  // cut content; a preserved one may have been read before or after its
+  // write, so the log's copy is taken. Entries only ever go from not
+  // preserved to preserved, so the map taken after the read is the one to use.
+  bool from_disk = false;
   {
-    std::unique_lock<std::mutex> lock(mu_);
-    // The whole run at once: no block of it may be mid-preserve. A write
-    // waiting on one of them holds no other block, so this always ends.
-    for (;;) {
-      if (broken_.load()) return Status::IoError(broken_reason_);
-      bool busy = false;
-      for (uint32_t i = 0; i < n && !busy; ++i) busy = busy_.count(first + i) > 0;
-      if (!busy) break;
-      cv_.wait(lock);
-    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (broken_.load()) return Status::IoError(broken_reason_);
     for (uint32_t i = 0; i < n; ++i) {
       if (read_.test(first + i)) {
         return Status::Internal("block " + std::to_string(first + i) +
@@ -480,11 +443,36 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
       }
     }
     for (uint32_t i = 0; i < n; ++i) {
+      read_.set(first + i);  // claimed: a second read of it is a bug
+      auto it = subs_.find(first + i);
+      if (it == subs_.end() || std::any_of(it->second.begin(), it->second.begin() + range_of(i),
+                                           [](uint32_t e) { return e == kNotPreserved; })) {
+        from_disk = true;  // else every sub-block of it is in the log already
+      }
+    }
+  }
+  // One read for the whole run (the preserved sub-blocks it covers are
+  // overwritten from the log below).
+  Status st;
+  if (from_disk) {
+    st = PreadDirect(direct_fd, p_.data_fd, buf, len, off, "disk " + p_.disk_name, "snapshot.read",
+                     uint64_t{n} * p_.granularity);
+  }
+  // Per block of the run: its sub-block map (empty: nothing preserved) and
+  // the log chunk in memory per staged sub-block, taken after the read. From
+  // here on the blocks are copied: later writes go straight through, and a
+  // preserve still in flight is dropped (preserved()).
+  std::vector<std::vector<uint32_t>> subs(n);
+  std::vector<std::vector<std::shared_ptr<char[]>>> mem(n);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (uint32_t i = 0; i < n; ++i) {
       const uint64_t block = first + i;
-      busy_.emplace(block, std::vector<Waiter>{});
+      copied_.set(block);
       auto it = subs_.find(block);
       if (it == subs_.end()) continue;
-      subs[i] = it->second;
+      subs[i] = std::move(it->second);
+      subs_.erase(it);
       mem[i].resize(subs[i].size());
       for (uint32_t j = 0; j < range_of(i); ++j) {
         if (subs[i][j] >= kZeroAtCut) continue;
@@ -493,15 +481,6 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
       }
     }
   }
-  bool from_disk = false;
-  for (uint32_t i = 0; i < n && !from_disk; ++i) {
-    from_disk = subs[i].empty() || std::any_of(subs[i].begin(), subs[i].begin() + range_of(i),
-                                               [](uint32_t e) { return e == kNotPreserved; });
-  }
-  // One read for the whole run (the preserved sub-blocks it covers are
-  // overwritten from the log below).
-  Status st;
-  if (from_disk) st = pread_disk(buf, len, uint64_t{n} * p_.granularity, off, direct_fd);
   for (uint32_t i = 0; st.ok() && i < n; ++i) {
     char* b = buf + uint64_t{i} * p_.granularity;
     const uint64_t blen = std::min<uint64_t>(p_.granularity, len - uint64_t{i} * p_.granularity);
@@ -515,20 +494,12 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
       } else if (mem[i][j]) {
         std::memcpy(b + at, mem[i][j].get() + (e % kChunkSlots) * sub_, k);
       } else {
-        st = pread_all(staging_fd_.get(), b + at, k, uint64_t{e} * sub_);
+        st = PreadFull(staging_fd_.get(), b + at, k, uint64_t{e} * sub_,
+                       "the staging file of disk " + p_.disk_name, "snapshot.read");
       }
     }
   }
   if (len < uint64_t{n} * p_.granularity) std::memset(buf + len, 0, n * p_.granularity - len);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (uint32_t i = 0; i < n; ++i) {
-      read_.set(first + i);
-      copied_.set(first + i);
-      subs_.erase(first + i);
-      release_busy(first + i);
-    }
-  }
   return st;
 }
 

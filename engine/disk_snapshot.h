@@ -9,9 +9,9 @@
 // in-memory log that is written behind, in runs of up to 1 MiB, to a local
 // staging file (copy-before-write into fast local storage, Proxmox's
 // "fleecing"), so guest writes never wait on the restore point store nor on
-// the staging write. The copier reads each block exactly once: the disk for
-// the sub-blocks nobody preserved, the log (memory or staging file) for the
-// rest, while writes that must preserve in that block wait for the read.
+// the staging write. The copier reads each block exactly once (the disk for
+// the sub-blocks nobody preserved, the log for the rest), holding no block:
+// a write into a run being read preserves for itself (read_blocks: why).
 //
 // Only blocks the point will copy are preserved (full: every block; incremental:
 // the changed ones), and a sub-block that reads as zeroes at the cut (a hole,
@@ -148,9 +148,6 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   void release_busy(uint64_t block);  // mu_ held by caller: wakes waiters
   void wake_space_waiters();          // mu_ held
   void pace();                        // read_block: yield to the guest
-  Status pread_all(int fd, char* buf, uint64_t len, uint64_t off) const;
-  // len bytes of the disk at off into buf (cap bytes): O_DIRECT when it can.
-  Status pread_disk(char* buf, uint64_t len, uint64_t cap, uint64_t off, int direct_fd) const;
 
   Params p_;
   uint64_t nblocks_;
@@ -167,7 +164,7 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::unordered_map<uint64_t, std::vector<Waiter>> busy_;  // block -> writes waiting on it
+  std::unordered_map<uint64_t, std::vector<Waiter>> busy_;  // block being preserved -> its waiters
   // block -> per sub-block kNotPreserved / kZeroAtCut / log slot; dropped once read.
   std::unordered_map<uint64_t, std::vector<uint32_t>> subs_;
   // The log: slot s at byte s * sub_ of the staging file; chunks not yet

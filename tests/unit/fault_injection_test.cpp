@@ -12,7 +12,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -147,6 +149,48 @@ TEST_CASE("wrappers fail real syscalls with the rule's errno, and short writes a
   CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10));
   DisarmAll();
   CHECK(WriteLength("tracking.write", 3) == 3);
+}
+
+TEST_CASE("file_io: PreadDirect reads all or fails: short reads continued, EOF and EIO errors") {
+  TempDir tmp;
+  std::string path = tmp.path + "/f";
+  const size_t size = 5 * 4096 + 100;  // an unaligned tail
+  std::vector<char> data(size);
+  for (size_t i = 0; i < size; ++i) data[i] = static_cast<char>(i * 7 + i / 4096);
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  REQUIRE(fd);
+  REQUIRE(rpoint::PwriteFull(fd.get(), data.data(), size, 0, "f").ok());
+  // tmpfs may refuse O_DIRECT: then every read is buffered, which must work the same.
+  UniqueFd direct(::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));
+  const size_t cap = 6 * 4096;
+  std::unique_ptr<char, decltype(&std::free)> buf(static_cast<char*>(std::aligned_alloc(4096, cap)),
+                                                  &std::free);
+  for (int d = 0; d < 2; ++d) {
+    const int dfd = d == 0 ? -1 : direct.get();
+    // Whole file, the tail rounded up within cap; from an unaligned offset.
+    REQUIRE(rpoint::PreadDirect(dfd, fd.get(), buf.get(), size, 0, "f", "snapshot.read", cap).ok());
+    CHECK(std::memcmp(buf.get(), data.data(), size) == 0);
+    REQUIRE(rpoint::PreadDirect(dfd, fd.get(), buf.get(), 5000, 123, "f", "snapshot.read").ok());
+    CHECK(std::memcmp(buf.get(), data.data() + 123, 5000) == 0);
+    // Short reads every time: still all of it.
+    ArmText("snapshot.read=short");
+    std::memset(buf.get(), 0, cap);
+    REQUIRE(rpoint::PreadDirect(dfd, fd.get(), buf.get(), size, 0, "f", "snapshot.read", cap).ok());
+    CHECK(std::memcmp(buf.get(), data.data(), size) == 0);
+    CHECK(Hits("snapshot.read") > 2);
+    // EIO is reported, naming the file.
+    ArmText("snapshot.read=EIO@2*1");
+    Status s = rpoint::PreadDirect(dfd, fd.get(), buf.get(), 4096, 0, "f", "snapshot.read");
+    CHECK(s.ok());
+    s = rpoint::PreadDirect(dfd, fd.get(), buf.get(), 4096, 0, "f", "snapshot.read");
+    CHECK(s.code() == rpoint::Code::kIoError);
+    CHECK_MESSAGE(s.message().find("read f") != std::string::npos, s.ToString());
+    DisarmAll();
+    // The end of the file before len is an error, never zeroes taken for data.
+    s = rpoint::PreadDirect(dfd, fd.get(), buf.get(), 4096, 5 * 4096, "f", "snapshot.read", cap);
+    CHECK(s.code() == rpoint::Code::kIoError);
+    CHECK_MESSAGE(s.message().find("end of file") != std::string::npos, s.ToString());
+  }
 }
 
 TEST_CASE("RPOINTD_FAULTS and RPOINTD_FAULTS_FILE arm rules; bad ones are errors") {

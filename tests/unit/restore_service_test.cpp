@@ -22,6 +22,7 @@
 #include <random>
 #include <thread>
 
+#include "common/fault_injection.h"
 #include "common/json_raw.h"
 #include "disks/disk_service.h"
 #include "engine/change_tracker.h"
@@ -438,6 +439,47 @@ TEST_CASE("restore points: a failed point keeps its changes for the next one") {
   CHECK(Dp(rp3, "a").parent_store_point == Dp(rp1, "a").store_point);
   CHECK(Dp(rp3, "a").blocks_to_copy == 2);  // blocks 10 and 12
   CHECK(e.point("c", "rp3", "a") == e.file("a"));
+}
+
+TEST_CASE("restore points: a failed disk read in the copy fails the point; a short one is continued") {
+  Env e;
+  e.make_disk("a", 2 * kMiB);
+  e.write("a", 0, 2 * kMiB, 'q');
+  REQUIRE(e.rs->put_vm("vm", {"a"}, nullptr).ok());
+  REQUIRE(e.rs->put_collection("c", "vm", "local").ok());
+  struct Disarm {
+    ~Disarm() { fault::DisarmAll(); }
+  } disarm;
+
+  // EIO on the copier's disk reads: Failed, loudly, and no point holds
+  // whatever the buffer had instead of the disk's data.
+  auto rules = fault::ParseRules("snapshot.read=EIO");
+  REQUIRE_MESSAGE(rules.ok(), rules.status().ToString());
+  fault::Arm(std::move(rules).value());
+  auto s = e.rs->create_restore_point("c", "bad", {}, "");
+  REQUIRE(s.ok());
+  auto op = e.wait(s->operation_id);
+  CHECK(fault::Hits("snapshot.read") > 0);  // the copy-out's reads reached the point
+  fault::DisarmAll();
+  CHECK(op.status == "Failed");
+  CHECK_MESSAGE(op.error_message.find("Input/output error") != std::string::npos,
+                op.error_message);
+  CHECK_MESSAGE(op.error_message.find("disk a") != std::string::npos, op.error_message);
+  auto bad = e.rs->get_restore_point("c", "bad");
+  REQUIRE(bad.ok());
+  CHECK(bad->provisioning_state == "Failed");
+  CHECK(e.rs->exports().find_export("c/bad/a") == nullptr);
+
+  // Short reads (half of each read, every time): continued, the point is exact.
+  e.write("a", 5 * kGran, kGran, 'r');
+  rules = fault::ParseRules("snapshot.read=short");
+  REQUIRE(rules.ok());
+  fault::Arm(std::move(rules).value());
+  auto good = e.create_point("c", "good");
+  CHECK(fault::Hits("snapshot.read") > 0);
+  fault::DisarmAll();
+  CHECK(good.provisioning_state == "Succeeded");
+  CHECK(e.point("c", "good", "a") == e.file("a"));
 }
 
 TEST_CASE("restore points: recovery after a crash during creation and restore") {
