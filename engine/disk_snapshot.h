@@ -163,7 +163,6 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   std::atomic<uint64_t> zero_count_{0};
 
   mutable std::mutex mu_;
-  std::condition_variable cv_;
   std::unordered_map<uint64_t, std::vector<Waiter>> busy_;  // block being preserved -> its waiters
   // block -> per sub-block kNotPreserved / kZeroAtCut / log slot; dropped once read.
   std::unordered_map<uint64_t, std::vector<uint32_t>> subs_;
