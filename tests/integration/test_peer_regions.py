@@ -329,27 +329,44 @@ def received_result(b, c, rp):
     return json.loads(lines[-1].split(marker, 1)[1].split(": ", 1)[1])
 
 
+def interrupted_copy(rig, name, received, interrupt):
+    """Copies a fresh point `name` of A to far collection cf with B's reads
+    slowed (peer.chunk=delay40); once B holds `received` chunks, calls
+    interrupt(got), lifts the delay and waits: the copy must end Succeeded and
+    byte-identical. Returns (final operation, wire bytes before the copy,
+    what interrupt returned)."""
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    sha = fresh_point(rig, name)
+    b.arm("peer.chunk=delay40")
+    try:
+        before = wire_bytes(rig)
+        op = start_copy(a, "cf", name, ("c", name))
+        got = wait_received(b, "cf", name, received)
+        mid = interrupt(got)
+        b.arm("")
+        done = a.wait_operation(op, timeout=120)
+    finally:
+        b.arm("")
+    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+    assert sha_of_restore(b, "cf", name, "r" + name) == sha
+    return done, before, mid
+
+
 def test_sender_killed_mid_copy_resumes_and_sends_only_the_rest(rig):
     """kill -9 of A mid-copy: its restart resumes the copy (shares the point
     again under new tokens, posts it again: B takes the new uris and goes on),
     Succeeded, byte-identical, and what crossed the wire after the restart is
     only what B still lacked."""
     a, b = rig["a"], rig["b"]
-    a.create_collection("cf", "vm", location="far")
-    sha = fresh_point(rig, "k1")
-    b.arm("peer.chunk=delay40")
-    try:
-        before = wire_bytes(rig)
-        op = start_copy(a, "cf", "k1", ("c", "k1"))
-        wait_received(b, "cf", "k1", CHUNKS // 3)
+
+    def kill_sender(got):
         a.kill9()
         mid = wire_bytes(rig)
         a.start()
-        b.arm("")
-        done = a.wait_operation(op, timeout=120)
-    finally:
-        b.arm("")
-    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+        return mid
+
+    _, before, mid = interrupted_copy(rig, "k1", CHUNKS // 3, kill_sender)
     assert "resuming" in a.log_all()
     after = wire_bytes(rig)
     first, second = mid - before, after - mid
@@ -359,29 +376,19 @@ def test_sender_killed_mid_copy_resumes_and_sends_only_the_rest(rig):
     assert b.get_restore_point("cf", "k1")["properties"]["provisioningState"] == "Succeeded"
     res = received_result(b, "cf", "k1")
     assert res["chunksMoved"] + res["chunksReused"] == CHUNKS, res
-    assert sha_of_restore(b, "cf", "k1", "rk1") == sha
 
 
 def test_sender_killed_twice_quickly_still_resumes(rig):
     """Two restarts in a row (the first resumption killed as it starts): one
     copy, Succeeded, byte-identical."""
-    a, b = rig["a"], rig["b"]
-    a.create_collection("cf", "vm", location="far")
-    sha = fresh_point(rig, "k1b")
-    b.arm("peer.chunk=delay40")
-    try:
-        op = start_copy(a, "cf", "k1b", ("c", "k1b"))
-        wait_received(b, "cf", "k1b", CHUNKS // 4)
-        a.kill9()
-        a.start()
-        a.kill9()
-        a.start()
-        b.arm("")
-        done = a.wait_operation(op, timeout=120)
-    finally:
-        b.arm("")
-    assert done["status"] == "Succeeded", (done, a.log(), b.log())
-    assert sha_of_restore(b, "cf", "k1b", "rk1b") == sha
+    a = rig["a"]
+
+    def kill_sender_twice(got):
+        for _ in range(2):
+            a.kill9()
+            a.start()
+
+    interrupted_copy(rig, "k1b", CHUNKS // 4, kill_sender_twice)
 
 
 def test_peer_killed_mid_copy_resumes_from_its_checkpoints(rig):
@@ -389,22 +396,16 @@ def test_peer_killed_mid_copy_resumes_from_its_checkpoints(rig):
     checkpoints (the chunks it checkpointed are named, not read again), A
     keeps polling through the outage; Succeeded, byte-identical."""
     a, b = rig["a"], rig["b"]
-    a.create_collection("cf", "vm", location="far")
-    sha = fresh_point(rig, "k2")
-    b.arm("peer.chunk=delay40")
-    try:
-        before = wire_bytes(rig)
-        op = start_copy(a, "cf", "k2", ("c", "k2"))
-        got = wait_received(b, "cf", "k2", CHUNKS // 3)
+
+    def kill_peer(got):
         time.sleep(1.2)  # past a checkpoint (every second)
         b.kill9()
         mid = wire_bytes(rig)
         b.arm("")
         b.start()
-        done = a.wait_operation(op, timeout=120)
-    finally:
-        b.arm("")
-    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+        return got, mid
+
+    _, before, (got, mid) = interrupted_copy(rig, "k2", CHUNKS // 3, kill_peer)
     assert "resuming" in b.log_all()
     after = wire_bytes(rig)
     first, second = mid - before, after - mid
@@ -417,29 +418,21 @@ def test_peer_killed_mid_copy_resumes_from_its_checkpoints(rig):
     assert first + second <= 1.15 * DISK, (first, second)
     p = a.get_restore_point("cf", "k2")
     assert p["properties"]["provisioningState"] == "Succeeded", p
-    assert sha_of_restore(b, "cf", "k2", "rk2") == sha
 
 
 def test_peer_down_for_seconds_then_back(rig):
     """B stopped (SIGTERM) for 4 s mid-copy: its half stays Creating, A retries
     with backoff; B back: Succeeded, byte-identical."""
     a, b = rig["a"], rig["b"]
-    a.create_collection("cf", "vm", location="far")
-    sha = fresh_point(rig, "k3")
-    b.arm("peer.chunk=delay40")
-    try:
-        op = start_copy(a, "cf", "k3", ("c", "k3"))
-        wait_received(b, "cf", "k3", CHUNKS // 3)
+
+    def peer_down(got):
         b.stop()
         time.sleep(4)
         b.arm("")
         b.start()
-        done = a.wait_operation(op, timeout=120)
-    finally:
-        b.arm("")
-    assert done["status"] == "Succeeded", (done, a.log(), b.log())
+
+    interrupted_copy(rig, "k3", CHUNKS // 3, peer_down)
     assert "retrying" in a.log_all()
-    assert sha_of_restore(b, "cf", "k3", "rk3") == sha
 
 
 def test_source_deleted_then_sender_restarted_fails_clearly(rig):

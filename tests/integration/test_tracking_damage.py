@@ -34,18 +34,38 @@ def newest_generation(d, disk):
     return os.path.join(t, sorted(f for f in os.listdir(t) if f.endswith(".ctbm"))[-1])
 
 
-@pytest.mark.parametrize("damage", ["zeroed", "cut-in-header", "cut-after-header"])
-def test_damaged_tracking_file_keeps_the_disk_and_every_change(make_daemon, tmp_path, damage):
+def disk_changed_after_a_point(make_daemon, seed):
+    """A daemon with disk `a` of VM `vm`, point rp0 of collection c, and two
+    writes after it: the changes the damaged file holds. Returns (d, rng)."""
     d = make_daemon().start()
     d.create_disk("a", SIZE)
     d.create_vm("vm", ["a"])
     d.create_collection("c", "vm")
-    rng = random.Random(7)
+    rng = random.Random(seed)
     nbd_write(d.nbd_uri("a"), [(0, rng.randbytes(SIZE))])
     d.create_restore_point("c", "rp0")
-    # Changed after rp0: what the damaged file held.
     nbd_write(d.nbd_uri("a"), [(5 * MiB, rng.randbytes(64 << 10)),
                                (11 * MiB + 4096, rng.randbytes(4096))])
+    return d, rng
+
+
+def restart_and_check_rp1(d, tmp_path, what):
+    """Restarts d: disk `a` is served, and rp1 equals it byte for byte.
+    Returns rp1's disk restore point properties."""
+    d.start()
+    r = d.api("GET", "/disks/a")
+    assert r.status == 200 and r.json["properties"]["diskState"] != "Unavailable", r
+    d.create_restore_point("c", "rp1")
+    a = nbd_save(d.nbd_uri("a"), tmp_path / "a.disk")
+    b = nbd_save(d.rp_uri("c", "rp1", "a"), tmp_path / "rp1.point")
+    same, msg = images_equal(a, b)
+    assert same, f"rp1 misses changes after {what}: {msg}\n{d.log()}"
+    return d.disk_restore_point("c", "rp1", "a")["properties"]
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "cut-in-header", "cut-after-header"])
+def test_damaged_tracking_file_keeps_the_disk_and_every_change(make_daemon, tmp_path, damage):
+    d, rng = disk_changed_after_a_point(make_daemon, 7)
     assert d.stop() == 0, d.log()
     gen = newest_generation(d, "a")
     with open(gen, "r+b") as f:
@@ -55,15 +75,7 @@ def test_damaged_tracking_file_keeps_the_disk_and_every_change(make_daemon, tmp_
             f.truncate(16)
         else:
             f.truncate(4096)
-    d.start()
-    r = d.api("GET", "/disks/a")
-    assert r.status == 200 and r.json["properties"]["diskState"] != "Unavailable", r
-    d.create_restore_point("c", "rp1")
-    a = nbd_save(d.nbd_uri("a"), tmp_path / "a.disk")
-    b = nbd_save(d.rp_uri("c", "rp1", "a"), tmp_path / "rp1.point")
-    same, msg = images_equal(a, b)
-    assert same, f"rp1 misses changes after the tracking file was {damage}: {msg}\n{d.log()}"
-    drp = d.disk_restore_point("c", "rp1", "a")["properties"]
+    drp = restart_and_check_rp1(d, tmp_path, f"the tracking file was {damage}")
     if damage == "cut-after-header":
         assert "shorter than its disk needs" in d.log_all()
     else:
@@ -119,15 +131,7 @@ def test_flipped_header_bit_after_kill9_makes_the_next_point_full(make_daemon, t
     regions and the next incremental point miss the writes. The header's
     checksum catches it: the history is dropped, loudly, and the next point is
     full and equals the disk."""
-    d = make_daemon().start()
-    d.create_disk("a", SIZE)
-    d.create_vm("vm", ["a"])
-    d.create_collection("c", "vm")
-    rng = random.Random(11)
-    nbd_write(d.nbd_uri("a"), [(0, rng.randbytes(SIZE))])
-    d.create_restore_point("c", "rp0")
-    nbd_write(d.nbd_uri("a"), [(5 * MiB, rng.randbytes(64 << 10)),
-                               (11 * MiB + 4096, rng.randbytes(4096))])
+    d, _ = disk_changed_after_a_point(make_daemon, 11)
     d.kill9()
     gen = newest_generation(d, "a")
     with open(gen, "r+b") as f:
@@ -137,15 +141,7 @@ def test_flipped_header_bit_after_kill9_makes_the_next_point_full(make_daemon, t
         head[24] ^= 1 << 2
         f.seek(0)
         f.write(head)
-    d.start()
-    r = d.api("GET", "/disks/a")
-    assert r.status == 200 and r.json["properties"]["diskState"] != "Unavailable", r
-    d.create_restore_point("c", "rp1")
-    a = nbd_save(d.nbd_uri("a"), tmp_path / "a.disk")
-    b = nbd_save(d.rp_uri("c", "rp1", "a"), tmp_path / "rp1.point")
-    same, msg = images_equal(a, b)
-    assert same, f"rp1 misses changes after a flipped coarse-shift bit: {msg}\n{d.log()}"
-    drp = d.disk_restore_point("c", "rp1", "a")["properties"]
+    drp = restart_and_check_rp1(d, tmp_path, "a flipped coarse-shift bit")
     assert drp["incremental"] is False, drp
     log = d.log_all()
     assert "fails its header checksum" in log and "tracking history of this disk is dropped" in log
