@@ -46,12 +46,12 @@ std::string Bytes(const json& props, const char* key) {
 // ---- regions ----
 
 int RegionList(Context& ctx, const po::variables_map&) {
-  return ListResources(
-      ctx, "/regions", nullptr, {"NAME", "DEFAULT", "PATH"},
-      [](const json& g) -> std::vector<std::string> {
-        const json& p = Props(g);
-        return {Str(g, "name"), Str(p, "default") == "true" ? "yes" : "", Str(p, "path")};
-      });
+  return ListResources(ctx, "/regions", nullptr, {"NAME", "DEFAULT", "STATE", "PATH"},
+                       [](const json& g) -> std::vector<std::string> {
+                         const json& p = Props(g);
+                         return {Str(g, "name"), Str(p, "default") == "true" ? "yes" : "",
+                                 Str(p, "state"), Str(p, "path")};
+                       });
 }
 
 // region repair NAME / region gc NAME [--orphans]: synchronous, a JSON result.

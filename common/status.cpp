@@ -40,6 +40,7 @@ const char* Status::code_name() const {
     case Code::kIoError: return "IoError";
     case Code::kShutdown: return "Shutdown";
     case Code::kInternal: return "Internal";
+    case Code::kUnavailable: return "Unavailable";
   }
   return "Unknown";
 }

@@ -26,6 +26,7 @@ enum class Code {
   kIoError,            // EIO and friends: HTTP 500, NBD EIO
   kShutdown,           // daemon stopping: NBD ESHUTDOWN, HTTP 503
   kInternal,           // a bug: HTTP 500
+  kUnavailable,        // a resource this needs is missing for now (a region's store): HTTP 503
 };
 
 class [[nodiscard]] Status {
@@ -44,6 +45,7 @@ class [[nodiscard]] Status {
   static Status Unsupported(std::string m) { return {Code::kUnsupported, std::move(m)}; }
   static Status IoError(std::string m) { return {Code::kIoError, std::move(m)}; }
   static Status Shutdown(std::string m) { return {Code::kShutdown, std::move(m)}; }
+  static Status Unavailable(std::string m) { return {Code::kUnavailable, std::move(m)}; }
   static Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }
   // Maps a positive errno value (as from errno or -cqe->res) to a Status.
   static Status FromErrno(int err, const std::string& context);

@@ -27,6 +27,7 @@ int HttpStatusFor(Code code) {
     case Code::kShutdown: return 503;
     case Code::kIoError: return 500;
     case Code::kInternal: return 500;
+    case Code::kUnavailable: return 503;
   }
   return 500;
 }

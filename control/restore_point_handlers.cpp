@@ -55,6 +55,9 @@ HttpResponse ListRegions(RestoreService& svc, const RequestContext&) {
       props["peer"] = r.peer;
       props["peerRegion"] = r.peer_region;
     }
+    Status state = svc.region_status(r.name);
+    props["state"] = state.ok() ? "Available" : "Unavailable";
+    if (!state.ok()) props["error"] = {{"code", "RegionUnavailable"}, {"message", state.message()}};
     value.push_back(ResourceJson("/regions/" + r.name, r.name, kRegionType, std::move(props)));
   }
   return ListResponse(std::move(value));

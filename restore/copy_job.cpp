@@ -51,11 +51,11 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::copy_restore_point(
                             "', the source " + src_id + " for VM '" + src_coll.value()->source_vm +
                             "'; a copy goes to a collection of the same VM");
   }
-  if (src.provisioning_state != "Succeeded" || !store_of(src_region)) {
+  if (src.provisioning_state != "Succeeded") {
     return Status::Conflict("restore point " + src_id + " is " + src.provisioning_state +
-                            (store_of(src_region) ? "" : " in an unconfigured region") +
                             ", not Succeeded; only a complete point can be copied");
   }
+  if (!store_of(src_region)) return no_store(src_region);
   auto existing = db_->get_point(collection, name);
   if (!existing.ok()) return existing.status();
   if (existing.value()) {
@@ -122,7 +122,7 @@ std::optional<std::string> RestoreServiceImpl::copy_resume_blocker_locked(
   // A copy to a peer region resumes too (run_send_point posts it again; the
   // peer goes on from what it checkpointed).
   if (!peer_region(coll.value()->region) && !store_of(coll.value()->region)) {
-    return "its region '" + coll.value()->region + "' is no longer configured";
+    return no_store(coll.value()->region).message();
   }
   auto found = find_point_locked(parts[2], parts[4]);
   if (!found.ok()) {
@@ -134,8 +134,8 @@ std::optional<std::string> RestoreServiceImpl::copy_resume_blocker_locked(
     return "its source restore point " + p.source_restore_point + " is " + src.provisioning_state;
   }
   if (!store_of(found.value().region)) {
-    return "the region '" + found.value().region + "' of its source restore point " +
-           p.source_restore_point + " is no longer configured";
+    return "its source restore point " + p.source_restore_point + ": " +
+           no_store(found.value().region).message();
   }
   if (src.disk_restore_points.size() != p.disk_restore_points.size()) {
     return "its source restore point " + p.source_restore_point + " has other disks";
@@ -230,7 +230,9 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
   auto st = store_of(region);
   std::optional<JobError> err;
   uint64_t moved = 0, chunks_moved = 0, chunks_reused = 0, looked_up = 0, compared_from = 0;
-  if (!src_st || !st) err = JobError{"RegionUnavailable", "a region of the copy is not configured"};
+  if (!src_st || !st) {
+    err = JobError{"RegionUnavailable", no_store(src_st ? region : src_region).message()};
+  }
   for (size_t i = 0; !err && i < rec.disk_restore_points.size(); ++i) {
     auto& d = rec.disk_restore_points[i];
     const auto& sd = src.disk_restore_points[i];

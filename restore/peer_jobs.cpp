@@ -112,9 +112,9 @@ const RegionSpec* RestoreServiceImpl::peer_region(const std::string& region) con
 }
 
 Status RestoreServiceImpl::kept_here(const std::string& region, const std::string& collection,
-                                     const std::string& name) const {
+                                     const std::string& name) {
   const RegionSpec* peer = peer_region(region);
-  if (!peer) return Status::Ok();
+  if (!peer) return store_of(region) ? Status::Ok() : no_store(region);
   return Status::Conflict("restore point " + PointId(collection, name) + " is in region '" +
                           region + "', kept by peer " + peer->peer +
                           ": its data is there; use that host's API");
@@ -125,6 +125,7 @@ Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::put_peer_collectio
   Status s = ValidateResourceName("collection", name);
   if (s.ok()) s = ValidateResourceName("VM", source_vm);
   if (!s.ok()) return s;
+  if (missing_stores_.count(region)) return no_store(region);
   if (!stores_.count(region)) {
     return Status::NotFound("region '" + region + "' is not kept on this host");
   }
@@ -223,8 +224,9 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   pull.source_metadata = rec.source_metadata;
   std::vector<std::string> shared;
   std::vector<std::shared_ptr<store::PointReader>> readers;
-  if (!peer || !src_st)
-    err = JobError{"RegionUnavailable", "a region of the copy is not configured"};
+  if (!peer || !src_st) {
+    err = JobError{"RegionUnavailable", no_store(src_st ? region : src_region).message()};
+  }
   if (!err && !sharer) {
     err = JobError{"PeerCopyUnavailable", "this daemon cannot share points with peers"};
   }
@@ -479,7 +481,11 @@ Result<Started<RestorePointRecord>> RestoreServiceImpl::receive_restore_point(
   }
   const std::string region = coll.value()->region;
   if (!store_of(region)) {
-    return Status::Conflict("collection '" + collection + "' is not in a region kept on this host");
+    if (!stores_.count(region)) {
+      return Status::Conflict("collection '" + collection +
+                              "' is not in a region kept on this host");
+    }
+    return no_store(region);
   }
   auto existing = db_->get_point(collection, name);
   if (!existing.ok()) return existing.status();
@@ -641,7 +647,7 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
     Status s = db_->save_point(rec);
     if (!s.ok()) spdlog::warn("restore point {}/{}: {}", rec.collection, rec.name, s.ToString());
   };
-  if (!st) err = JobError{"RegionUnavailable", "region '" + region + "' is not configured"};
+  if (!st) err = JobError{"RegionUnavailable", no_store(region).message()};
   std::vector<store::PointId> bases(pull.disks.size(), 0);
   if (!err && !pull.base_restore_point.empty()) {
     std::lock_guard<std::mutex> lock(mu_);

@@ -47,6 +47,7 @@ std::shared_ptr<BlockDevice> RestoreServiceImpl::find_export(const std::string& 
     sp = ref->store_point;
   }
   auto st = store_of(region);
+  if (sp && !st) spdlog::warn("export {}: {}", name, no_store(region).message());
   if (!sp || !st) return nullptr;
   auto reader = OpenDiskPoint(*st, sp, DiskPointId(parts[0], parts[1], parts[2]));
   if (!reader.ok()) {
@@ -267,7 +268,10 @@ std::shared_ptr<MetaContext> RestoreServiceImpl::open_meta_context(const std::st
     return nullptr;
   }
   auto st = store_of(self->region);
-  if (!st) return nullptr;
+  if (!st) {
+    spdlog::warn("export {}: {}", export_name, no_store(self->region).message());
+    return nullptr;
+  }
   auto a = OpenDiskPoint(*st, self->store_point, DiskPointId(parts[0], parts[1], parts[2]));
   auto b = OpenDiskPoint(*st, other->store_point, DiskPointId(ref[0], ref[1], parts[2]));
   if (!a.ok() || !b.ok()) {

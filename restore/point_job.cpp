@@ -329,7 +329,7 @@ std::optional<JobError> RestoreServiceImpl::create_point(
     RestorePointRecord& rec, const std::string& vm, const std::string& region, PointProgress& prog,
     std::vector<std::pair<std::shared_ptr<FileDisk>, uint64_t>>* to_retire) {
   auto st = store_of(region);
-  if (!st) return JobError{"RegionUnavailable", "region '" + region + "' is not configured"};
+  if (!st) return JobError{"RegionUnavailable", no_store(region).message()};
   const size_t n = rec.disk_restore_points.size();
 
   // Which disks can be incremental: their tracking base is of this

@@ -264,7 +264,7 @@ Result<std::string> RestoreServiceImpl::start_restore_disk(const std::string& di
                          if (total)
                            pct->store(static_cast<int>(std::min<uint64_t>(99, done * 100 / total)));
                        })
-           : Status::NotFound("region '" + region + "' is not configured");
+           : no_store(region);
     if (r.ok()) r = disks_.mark_provisioned(disk);
     if (!r.ok()) {
       spdlog::error("disk {}: restore failed: {}", disk, r.ToString());
@@ -348,7 +348,7 @@ Result<std::string> RestoreServiceImpl::start_restore_vm(
                targets.size(), op.id);
   spawn([this, rec, targets, vm, region, op, pct]() mutable {
     auto st = store_of(region);
-    Status r = st ? Status::Ok() : Status::NotFound("region '" + region + "' is not configured");
+    Status r = st ? Status::Ok() : no_store(region);
     uint64_t total = 0;
     for (const auto& d : rec.disk_restore_points) total += d.size_bytes;
     uint64_t before = 0;

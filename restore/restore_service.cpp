@@ -149,6 +149,26 @@ Status RestoreServiceImpl::init() {
       }
       continue;
     }
+    // A store that is not there while metadata.db records points in it is
+    // not created afresh: it is most likely on a filesystem that is not
+    // mounted (or was removed), and an empty store in its place would take
+    // new points where the operator will not find them, and hide the old
+    // ones. The region stays unavailable; disks and other regions serve.
+    if (!store::Store::Exists(r.path)) {
+      auto known = points_in_region(r.name);
+      if (!known.ok()) return known.status();
+      if (known.value() > 0) {
+        std::string why = "its store " + r.path + " is missing (no store.db, packs or LOCK), " +
+                          "and metadata.db records " + std::to_string(known.value()) +
+                          " restore point(s) in it. If it is on a filesystem that is not " +
+                          "mounted, mount it and restart rpointd; if its data is gone, delete " +
+                          "those restore points (or their collections) and restart to start " +
+                          "an empty store";
+        spdlog::error("region '{}' is unavailable: {}", r.name, why);
+        missing_stores_[r.name] = why;
+        continue;
+      }
+    }
     Status made = MakeDirs(r.path, 0700);
     if (!made.ok()) return made;
     store::StoreOptions so;
@@ -295,7 +315,8 @@ Status RestoreServiceImpl::recover() {
   // a lost or fresh metadata.db, or a region copied from another host.
   std::set<std::string> imported_collections;
   for (const auto& r : regions_) {
-    if (!r.peer.empty()) continue;  // its manifests are on the peer
+    if (!r.peer.empty()) continue;                // its manifests are on the peer
+    if (missing_stores_.count(r.name)) continue;  // unavailable: nothing to import
     auto imp = import_manifests_locked(r.name, &imported_collections);
     if (!imp.ok()) return imp.status();
   }
@@ -364,7 +385,7 @@ Result<std::vector<std::pair<store::PointInfo, bool>>>
 RestoreServiceImpl::unnamed_store_points_locked(const std::string& region,
                                                 const std::set<std::string>& imported) {
   auto st = store_of(region);
-  if (!st) return Status::NotFound("region '" + region + "' not found");
+  if (!st) return no_store(region);
   auto regions = collection_regions_locked();
   if (!regions.ok()) return regions.status();
   std::map<std::string, std::string>& region_of = regions.value();
@@ -416,7 +437,7 @@ RestoreServiceImpl::unnamed_store_points_locked(const std::string& region,
 Result<std::vector<std::string>> RestoreServiceImpl::import_manifests_locked(
     const std::string& region, std::set<std::string>* imported_collections) {
   auto st = store_of(region);
-  if (!st) return Status::NotFound("region '" + region + "' not found");
+  if (!st) return no_store(region);
   auto ms = st->manifests();
   if (!ms.ok()) return ms.status();
   std::vector<std::pair<CollectionRecord, RestorePointRecord>> todo;
@@ -489,7 +510,7 @@ Result<std::vector<std::string>> RestoreServiceImpl::import_manifests_locked(
 
 Result<nlohmann::json> RestoreServiceImpl::repair_region(const std::string& region) {
   auto st = store_of(region);
-  if (!st) return Status::NotFound("region '" + region + "' not found");
+  if (!st) return no_store(region);
   auto rep = st->repair();
   if (!rep.ok()) return rep.status();
   std::vector<std::string> imported;
@@ -523,7 +544,7 @@ Result<nlohmann::json> RestoreServiceImpl::repair_region(const std::string& regi
 
 Result<nlohmann::json> RestoreServiceImpl::gc_region(const std::string& region, bool orphans) {
   auto st = store_of(region);
-  if (!st) return Status::NotFound("region '" + region + "' not found");
+  if (!st) return no_store(region);
   uint64_t dropped = 0;
   if (orphans) {
     std::vector<store::PointInfo> victims;
@@ -614,7 +635,59 @@ void RestoreServiceImpl::shutdown() {
 
 std::shared_ptr<store::Store> RestoreServiceImpl::store_of(const std::string& region) {
   auto it = stores_.find(region);
-  return it == stores_.end() ? nullptr : it->second;
+  if (it == stores_.end()) return nullptr;
+  Status present = it->second->check_present();
+  if (present.ok()) return it->second;
+  std::lock_guard<std::mutex> lock(lost_mu_);
+  if (lost_logged_.insert(region).second) {
+    spdlog::error("region '{}' is unavailable: {}", region, present.message());
+  }
+  return nullptr;
+}
+
+Status RestoreServiceImpl::region_status(const std::string& region) {
+  if (peer_region(region)) return Status::Ok();
+  return store_of(region) ? Status::Ok() : no_store(region);
+}
+
+Status RestoreServiceImpl::no_store(const std::string& region) {
+  if (auto m = missing_stores_.find(region); m != missing_stores_.end()) {
+    return Status::Unavailable("region '" + region + "' is unavailable: " + m->second);
+  }
+  if (auto it = stores_.find(region); it != stores_.end()) {
+    Status present = it->second->check_present();
+    if (!present.ok()) {
+      return Status::Unavailable("region '" + region + "' is unavailable: " + present.message() +
+                                 "; its restore points cannot be read or made until it is " +
+                                 "back and rpointd restarts");
+    }
+    // Never Ok: callers return this as their error.
+    return Status::Unavailable("region '" + region + "' was unavailable a moment ago; retry");
+  }
+  if (peer_region(region)) {
+    return Status::Conflict("region '" + region + "' is kept on peer " + peer_region(region)->peer +
+                            ": use that host's API");
+  }
+  return Status::NotFound("region '" + region + "' is not configured");
+}
+
+Result<size_t> RestoreServiceImpl::points_in_region(const std::string& region) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto regions = collection_regions_locked();
+  if (!regions.ok()) return regions.status();
+  auto points = db_->list_points("");
+  if (!points.ok()) return points.status();
+  size_t n = 0;
+  for (const auto& p : points.value()) {
+    if (regions.value()[p.collection] != region) continue;
+    for (const auto& d : p.disk_restore_points) {
+      if (d.store_point) {
+        ++n;
+        break;
+      }
+    }
+  }
+  return n;
 }
 
 FreezeHooks RestoreServiceImpl::hooks_for(const std::string& vm) const {
@@ -872,6 +945,7 @@ Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::put_collection(
 Result<std::pair<CollectionRecord, bool>> RestoreServiceImpl::insert_collection(
     const std::string& name, const std::string& source_vm, const std::string& region,
     bool vm_here) {
+  if (missing_stores_.count(region)) return no_store(region);
   if (!stores_.count(region) && !peer_region(region)) {
     std::string known;
     for (const auto& r : options_.regions) known += (known.empty() ? "" : ", ") + r.name;
@@ -1017,6 +1091,8 @@ Result<CollectionRecord> RestoreServiceImpl::collection_for_new_point_locked(
   }
   // A peer region has no store here: its points live on the peer.
   if (!store_of(c.value()->region) && !peer_region(c.value()->region)) {
+    Status why = no_store(c.value()->region);
+    if (why.code() == Code::kUnavailable) return why;
     return Status::Conflict("collection '" + collection + "' is in region '" + c.value()->region +
                             "', which is no longer configured");
   }

@@ -187,6 +187,11 @@ class RestoreService {
 
   // ---- regions ----
   virtual std::vector<RegionSpec> regions() = 0;
+  // Ok when the region can be used; Unavailable (with the reason and what to
+  // do) when its store was missing at start while metadata.db records
+  // restore points in it, or its directory was removed while rpointd ran;
+  // NotFound for a region that is not configured. Peer regions are Ok.
+  virtual Status region_status(const std::string& region) = 0;
 
   // ---- collections ----
   // region empty = the default region. A VM may have several collections.

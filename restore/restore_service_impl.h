@@ -94,6 +94,7 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   Status delete_vm(const std::string& name) override;
   std::optional<std::string> vm_of_disk(const std::string& disk) override;
   std::vector<RegionSpec> regions() override { return regions_; }
+  Status region_status(const std::string& region) override;
 
   // ---- collections ----
   Result<std::pair<CollectionRecord, bool>> put_collection(const std::string& name,
@@ -172,7 +173,14 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   void overlay_live_locked(OperationRecord& op);
   // Drops ended operations past the retention window or count (mu_ held).
   void prune_operations_locked();
+  // The region's store; null when it is not configured here, is on a peer or
+  // is unavailable (region_status says why).
   std::shared_ptr<store::Store> store_of(const std::string& region);
+  // Status::Unavailable or NotFound naming why store_of(region) is null, for
+  // the error of whatever needed the store.
+  Status no_store(const std::string& region);
+  // Restore points of collections in `region` that name a store point. Takes mu_.
+  Result<size_t> points_in_region(const std::string& region);
   // Writes the region's own record of a point (restore/manifest.h) after
   // every store commit and before the transaction that makes it Succeeded;
   // the error to fail the job with, if any. Takes mu_.
@@ -268,9 +276,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
 
   // restore/peer_jobs.cpp: regions on other hosts.
   const RegionSpec* peer_region(const std::string& region) const;
-  // Conflict for a point of a region kept by a peer: its data is there.
+  // Conflict for a point of a region kept by a peer: its data is there;
+  // no_store's error when the region's store is unavailable or unknown.
   Status kept_here(const std::string& region, const std::string& collection,
-                   const std::string& name) const;
+                   const std::string& name);
   Result<std::pair<CollectionRecord, bool>> insert_collection(const std::string& name,
                                                               const std::string& source_vm,
                                                               const std::string& region,
@@ -334,6 +343,13 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::string default_region_;
   std::vector<RegionSpec> regions_;  // as configured, is_default normalised
   std::map<std::string, std::shared_ptr<store::Store>> stores_;
+  // Regions left unopened at start: their store was missing while metadata.db
+  // records points in them (an unmounted filesystem, a removed directory).
+  // Written by init() only.
+  std::map<std::string, std::string> missing_stores_;
+  // Regions whose directory went away while running, logged once (lost_mu_).
+  std::mutex lost_mu_;
+  std::set<std::string> lost_logged_;
 
   std::mutex mu_;  // db_, the maps below
   std::unique_ptr<RestoreDb> db_;

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -66,6 +67,26 @@ Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
   RepairReport rep;
   STORE_RETURN_IF_ERROR(s->reconcile(true, &rep));
   return s;
+}
+
+Status Store::check_present() const {
+  struct stat held {
+  }, now{};
+  std::string lock_path = opts_.dir + "/LOCK";
+  bool same = ::fstat(lock_fd_.get(), &held) == 0 && ::stat(lock_path.c_str(), &now) == 0 &&
+              held.st_dev == now.st_dev && held.st_ino == now.st_ino;
+  if (same) return Status::Ok();
+  return Status::Unavailable("its directory " + opts_.dir +
+                             " was removed or replaced while rpointd ran (" + lock_path +
+                             " is not the file opened at start)");
+}
+
+bool Store::Exists(const std::string& dir) {
+  for (const char* f : {"/store.db", "/LOCK", "/packs", "/points", "/manifests"}) {
+    struct stat st {};
+    if (::lstat((dir + f).c_str(), &st) == 0) return true;
+  }
+  return false;
 }
 
 Result<std::shared_ptr<PackFd>> Store::pack_fd_locked(uint64_t pack) {

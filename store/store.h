@@ -269,6 +269,16 @@ class Store : public std::enable_shared_from_this<Store> {
   Result<std::vector<std::pair<std::string, std::string>>> manifests();
 
   Result<StoreStats> stats();
+  // Ok while the region directory is still the one this store opened: its
+  // LOCK file is there and is the file this store holds locked. Unavailable
+  // once the directory was removed or replaced (an `rm -rf`, a filesystem
+  // mounted over it or unmounted lazily): its points can no longer be read
+  // and nothing may be written there. One stat(2); any thread.
+  Status check_present() const;
+  // Whether `dir` holds a store, or what is left of one (its index, LOCK,
+  // packs, point files or manifests): Open on a directory without any of
+  // them starts an empty store.
+  static bool Exists(const std::string& dir);
   const std::string& dir() const { return opts_.dir; }
   const StoreOptions& options() const { return opts_; }
 

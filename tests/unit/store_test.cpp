@@ -1770,4 +1770,28 @@ TEST_CASE("store: debug builds abort when a reactor thread reaches SQLite or a t
 }
 #endif
 
+TEST_CASE("store: Exists tells a store from a bare directory; check_present sees it go") {
+  TmpDir tmp;
+  std::filesystem::create_directories(tmp.region());
+  CHECK_FALSE(Store::Exists(tmp.region()));  // a bare mountpoint
+  auto st = Open(tmp.region());
+  CHECK(Store::Exists(tmp.region()));
+  CHECK(st->check_present().ok());
+  // Moved away (or removed) while open: Unavailable, naming the directory.
+  std::string away = tmp.region() + ".away";
+  std::filesystem::rename(tmp.region(), away);
+  Status gone = st->check_present();
+  CHECK(gone.code() == Code::kUnavailable);
+  CHECK(gone.message().find(tmp.region()) != std::string::npos);
+  // Another store in its place is not this one.
+  std::filesystem::create_directories(tmp.region());
+  auto other = Open(tmp.region());
+  CHECK(st->check_present().code() == Code::kUnavailable);
+  CHECK(other->check_present().ok());
+  // Only what is left of a store counts too (its index lost, packs kept).
+  std::filesystem::remove(away + "/store.db");
+  std::filesystem::remove(away + "/LOCK");
+  CHECK(Store::Exists(away));
+}
+
 }  // namespace rpoint::store
