@@ -993,11 +993,8 @@ Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions&
   // A damaged database stops the start (nothing is guessed from it); the
   // message says how to start again without losing a disk.
   auto damaged = [&](const Status& st) {
-    const std::string& m = st.message();
-    if (m.find("malformed") == std::string::npos && m.find("not a database") == std::string::npos) {
-      return st;
-    }
-    return Status(st.code(), m + "; to start without it, move " + options.metadata_db +
+    if (st.code() != Code::kCorruption) return st;
+    return Status(st.code(), st.message() + "; to start without it, move " + options.metadata_db +
                                  " (and its -wal and -shm files) aside: the disks in " +
                                  options.disks_dir +
                                  " are recovered from their files and the "

@@ -1090,6 +1090,36 @@ void CheckSameRecord(const PointInfo& a, const PointInfo& b) {
 }
 }  // namespace
 
+TEST_CASE("store: a damaged store.db is Corruption and the error says how to rebuild it") {
+  TmpDir tmp;
+  Image a(60 * kCs);
+  for (uint64_t s = 0; s < a.slots(); ++s) a.random_slot(s, 4200 + s);
+  {
+    auto st = Open(tmp.region());
+    Commit(*st, 0, a, AllSlots(a), "disk-a/1");
+  }
+  const std::string db = tmp.region() + "/store.db";
+  for (const char* f : {"-wal", "-shm"}) std::filesystem::remove(db + f);
+  REQUIRE(std::filesystem::file_size(db) > 8192);
+  {  // garbage over every page past the first (the schema)
+    const auto size = std::filesystem::file_size(db);
+    std::fstream f(db, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096);
+    for (uint64_t i = 4096; i < size; ++i) f.put(static_cast<char>(i * 131 + 7));
+  }
+  auto r = Store::Open(Opts(tmp.region()));
+  REQUIRE_FALSE(r.ok());
+  CHECK_MESSAGE(r.status().code() == Code::kCorruption, r.status().ToString());
+  CHECK_MESSAGE(r.status().message().find("move " + db) != std::string::npos,
+                r.status().ToString());
+  // As the hint says: moved aside, it is rebuilt and the point reads back.
+  std::filesystem::rename(db, db + ".bad");
+  auto st = Open(tmp.region());
+  auto points = Take(st->list_points());
+  REQUIRE(points.size() == 1);
+  CheckRead(*st, points[0].id, a);
+}
+
 TEST_CASE("store: a lost or empty store.db is rebuilt from the packs; no pack is unlinked") {
   TmpDir tmp;
   Image a(90 * kCs), b(40 * kCs + 1234);
