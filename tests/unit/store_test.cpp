@@ -1417,6 +1417,21 @@ TEST_CASE("store: pack buffers are written behind, with O_DIRECT where the files
   CheckRead(*sa, pa.id, im);
 }
 
+// A point of `im` written into a fresh region with fault `rules` armed that
+// only divert I/O (to the page cache): it succeeds and reads back exactly.
+void WriteUnderFaultsReadsBack(Image& im, const char* rules) {
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  Result<PointInfo> r = Status::Internal("not run");
+  {
+    ScopedFaults f(rules);
+    r = WriteTwoThreads(*st, im);
+  }
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  CheckRead(*st, r->id, im);
+  CHECK(Take(st->verify(r->id)).ok());
+}
+
 TEST_CASE("store: packs on tmpfs, and direct writes refused (EINVAL), go through the page cache") {
   Image im(uint64_t(200) * kCs + 5000);
   for (uint64_t s = 0; s < im.slots(); ++s) im.random_slot(s, 7100 + s);
@@ -1437,16 +1452,7 @@ TEST_CASE("store: packs on tmpfs, and direct writes refused (EINVAL), go through
   // The first direct buffer write refused with EINVAL (what a filesystem
   // without O_DIRECT support says at write time): that buffer goes through
   // the page cache, the rest direct; the point is exact.
-  TmpDir tmp;
-  auto st = Open(tmp.region());
-  Result<PointInfo> r = Status::Internal("not run");
-  {
-    ScopedFaults f("pack.write=22*1");
-    r = WriteTwoThreads(*st, im);
-  }
-  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
-  CheckRead(*st, r->id, im);
-  CHECK(Take(st->verify(r->id)).ok());
+  WriteUnderFaultsReadsBack(im, "pack.write=22*1");
 }
 
 TEST_CASE("store: a failed pack write or fdatasync in the pipeline fails the point, nothing lost") {
@@ -1494,16 +1500,7 @@ TEST_CASE("store: a failed pack write or fdatasync in the pipeline fails the poi
   }
   // Short writes (the rest of a direct write goes through the page cache):
   // the point succeeds and reads back exactly.
-  TmpDir tmp;
-  auto st = Open(tmp.region());
-  Result<PointInfo> r = Status::Internal("not run");
-  {
-    ScopedFaults f("pack.write=short");
-    r = WriteTwoThreads(*st, im);
-  }
-  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
-  CheckRead(*st, r->id, im);
-  CHECK(Take(st->verify(r->id)).ok());
+  WriteUnderFaultsReadsBack(im, "pack.write=short");
 }
 
 TEST_CASE("store: 1 TiB sparse disk, small change: cost follows the change") {
