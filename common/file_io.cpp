@@ -117,6 +117,15 @@ Status PwriteDirect(int direct_fd, int fd, const void* buf, size_t len, uint64_t
   return PwriteFull(fd, p + done, len - done, off + done, what, fault_point);
 }
 
+Result<uint64_t> SeekData(int fd, uint64_t pos, const std::string& what) {
+  RPOINT_ASSERT_MAY_BLOCK("lseek");
+  off_t data = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+  if (data >= 0) return static_cast<uint64_t>(data);
+  if (errno == ENXIO) return kNoData;
+  if (errno == EINVAL || errno == EOPNOTSUPP) return pos;
+  return Status::FromErrno(errno, "lseek SEEK_DATA " + what);
+}
+
 Status FsyncDir(int dir_fd, const std::string& dir, const char* fault_point) {
   if (fault::Fsync(fault_point, dir_fd) != 0) return Status::FromErrno(errno, "fsync dir " + dir);
   return Status::Ok();

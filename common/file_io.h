@@ -1,6 +1,6 @@
 // The file I/O every component shares: whole-buffer pread/pwrite (a short
 // transfer is continued, EINTR retried), their O_DIRECT variants with a
-// buffered fallback, directory fsync and mkdir -p. Each read, write or fsync
+// buffered fallback, the SEEK_DATA probe, directory fsync and mkdir -p. Each read, write or fsync
 // may name a fault point (common/fault_injection.h); one transfer loop serves
 // reads and writes, direct or buffered, so error messages, fault points and
 // the direct-I/O fallback are alike everywhere.
@@ -44,6 +44,13 @@ Status PwriteDirect(int direct_fd, int fd, const void* buf, size_t len, uint64_t
 // or an error is returned: the end of the file before len is an IoError.
 Status PreadDirect(int direct_fd, int fd, void* buf, size_t len, uint64_t off,
                    const std::string& what, const char* fault_point = nullptr, size_t cap = 0);
+
+// lseek(fd, pos, SEEK_DATA): the first offset at or after pos that holds data,
+// or kNoData when none does (a hole to the end of the file, or pos at or past
+// it). A filesystem without SEEK_DATA (EINVAL, EOPNOTSUPP) counts as all
+// data: pos itself. Blocks while a buffered writer holds the inode lock.
+inline constexpr uint64_t kNoData = UINT64_MAX;
+Result<uint64_t> SeekData(int fd, uint64_t pos, const std::string& what);
 
 // fsync of a directory, so entries created, renamed or removed in it are durable.
 Status FsyncDir(const std::string& dir, const char* fault_point = nullptr);

@@ -38,6 +38,7 @@ const char* Status::code_name() const {
     case Code::kPermissionDenied: return "PermissionDenied";
     case Code::kUnsupported: return "Unsupported";
     case Code::kIoError: return "IoError";
+    case Code::kCorruption: return "Corruption";
     case Code::kShutdown: return "Shutdown";
     case Code::kInternal: return "Internal";
     case Code::kUnavailable: return "Unavailable";

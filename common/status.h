@@ -24,6 +24,7 @@ enum class Code {
   kPermissionDenied,   // read-only export, EPERM: HTTP 403
   kUnsupported,        // HTTP 501 / 400, NBD ENOTSUP
   kIoError,            // EIO and friends: HTTP 500, NBD EIO
+  kCorruption,         // a database file fails its own checks (SQLite: malformed): HTTP 500
   kShutdown,           // daemon stopping: NBD ESHUTDOWN, HTTP 503
   kInternal,           // a bug: HTTP 500
   kUnavailable,        // a resource this needs is missing for now (a region's store): HTTP 503
@@ -44,6 +45,7 @@ class [[nodiscard]] Status {
   static Status PermissionDenied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
   static Status Unsupported(std::string m) { return {Code::kUnsupported, std::move(m)}; }
   static Status IoError(std::string m) { return {Code::kIoError, std::move(m)}; }
+  static Status Corruption(std::string m) { return {Code::kCorruption, std::move(m)}; }
   static Status Shutdown(std::string m) { return {Code::kShutdown, std::move(m)}; }
   static Status Unavailable(std::string m) { return {Code::kUnavailable, std::move(m)}; }
   static Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }

@@ -26,6 +26,7 @@ int HttpStatusFor(Code code) {
     case Code::kNoSpace: return 507;
     case Code::kShutdown: return 503;
     case Code::kIoError: return 500;
+    case Code::kCorruption: return 500;
     case Code::kInternal: return 500;
     case Code::kUnavailable: return 503;
   }

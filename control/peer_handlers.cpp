@@ -63,6 +63,19 @@ HttpResponse PostPoint(RestoreService& svc, const RequestContext& ctx) {
   return PointState(svc, ctx.params[0], ctx.params[1], started->created ? 201 : 200);
 }
 
+// The sender ends a copy it posted: 200 with the point's state after it
+// (Failed), 204 when the abort deleted it.
+HttpResponse AbortPoint(RestoreService& svc, const RequestContext& ctx) {
+  auto body = Body(ctx);
+  if (!body.ok()) return ErrorResponse(body.status());
+  auto abort = DecodePeerAbort(body.value());
+  if (!abort.ok()) return ErrorResponse(abort.status());
+  auto r = svc.abort_peer_receive(ctx.params[0], ctx.params[1], abort.value());
+  if (!r.ok()) return ErrorResponse(r.status());
+  if (!r.value()) return EmptyResponse(204);
+  return Json(200, EncodePeerPointState(*r.value()));
+}
+
 }  // namespace
 
 void AddPeerRoutes(Router& router, RestoreService& svc) {
@@ -71,6 +84,8 @@ void AddPeerRoutes(Router& router, RestoreService& svc) {
              [&svc](const RequestContext& ctx) { return PutCollection(svc, ctx); });
   router.add("POST", "/peer/v1/restorePointCollections/{c}/restorePoints/{rp}",
              [&svc](const RequestContext& ctx) { return PostPoint(svc, ctx); });
+  router.add("POST", "/peer/v1/restorePointCollections/{c}/restorePoints/{rp}/abort",
+             [&svc](const RequestContext& ctx) { return AbortPoint(svc, ctx); });
   router.add("GET", "/peer/v1/restorePointCollections/{c}/restorePoints/{rp}",
              [&svc](const RequestContext& ctx) {
                return PointState(svc, ctx.params[0], ctx.params[1], 200);

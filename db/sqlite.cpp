@@ -12,7 +12,8 @@ namespace rpoint {
 namespace {
 
 // SQLITE_FULL / IOERR / CANTOPEN mean the storage under the database failed,
-// not that the caller asked for something wrong.
+// not that the caller asked for something wrong; CORRUPT / NOTADB that the
+// file itself is damaged.
 Code CodeFor(int rc) {
   switch (rc & 0xff) {
     case SQLITE_FULL:
@@ -28,9 +29,12 @@ Code CodeFor(int rc) {
       return Code::kPermissionDenied;
     case SQLITE_IOERR:
     case SQLITE_CANTOPEN:
+      return Code::kIoError;
+    // The file is there and readable but is not a sound database: retrying
+    // cannot help, the operator must act (disks/ and store/ say how).
     case SQLITE_CORRUPT:
     case SQLITE_NOTADB:
-      return Code::kIoError;
+      return Code::kCorruption;
     default:
       return Code::kInternal;
   }

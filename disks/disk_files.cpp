@@ -64,10 +64,9 @@ Status RenameFile(const std::string& from, const std::string& to) {
 Result<bool> FileHasData(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return Status::FromErrno(errno, "open " + path);
-  if (::lseek(fd.get(), 0, SEEK_DATA) >= 0) return true;
-  if (errno == ENXIO) return false;  // one hole to the end (or empty)
-  if (errno == EINVAL || errno == EOPNOTSUPP) return true;
-  return Status::FromErrno(errno, "lseek SEEK_DATA " + path);
+  auto data = SeekData(fd.get(), 0, path);
+  if (!data.ok()) return data.status();
+  return data.value() != kNoData;
 }
 
 std::string NowRfc3339() {

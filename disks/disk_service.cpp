@@ -505,8 +505,8 @@ class DiskServiceImpl final : public DiskService {
     const std::string tomb = Tombstone(e.row.path);
     if (!e.row.adopted) {
       // A tombstone already there is a committed delete's whose unlink failed.
-      (void)RemoveFile(tomb);
       struct stat st {};
+      if (::lstat(tomb.c_str(), &st) == 0) (void)RemoveFile(tomb);
       if (::lstat(e.row.path.c_str(), &st) == 0) {
         Status r = RenameFile(e.row.path, tomb);
         if (!r.ok()) return r;
@@ -814,7 +814,8 @@ class DiskServiceImpl final : public DiskService {
       spdlog::warn("disk service: cannot list {}: {}", disks_dir_, std::strerror(errno));
       return;
     }
-    std::vector<std::string> orphans, tombs;
+    std::vector<std::string> tombs;
+    std::vector<std::pair<std::string, uint64_t>> orphans;  // path, size
     const std::string suffix = kDiskFileSuffix, tomb_suffix = Tombstone(suffix);
     auto named = [this](const std::string& f, const std::string& sfx) {
       return f.size() > sfx.size() && f.compare(f.size() - sfx.size(), sfx.size(), sfx) == 0 &&
@@ -830,7 +831,7 @@ class DiskServiceImpl final : public DiskService {
           tombs.push_back(path);
         }
       } else if (named(f, suffix) && !known.count(path)) {
-        orphans.push_back(path);
+        orphans.emplace_back(path, static_cast<uint64_t>(st.st_size));
       }
     }
     ::closedir(dir);
@@ -840,12 +841,12 @@ class DiskServiceImpl final : public DiskService {
       if (!s.ok()) spdlog::warn("disk service: {}", s.ToString());
     }
     std::vector<std::string> empty;
-    for (const auto& path : orphans) {
+    for (const auto& [path, size] : orphans) {
       auto data = FileHasData(path);
       if (data.ok() && !data.value()) {
         empty.push_back(path);
       } else {
-        recover_orphan(path, data.ok() ? "" : data.status().ToString());
+        recover_orphan(path, size, data.ok() ? "" : data.status().ToString());
       }
     }
     if (!options_.tracking_dir.empty()) {
@@ -874,15 +875,12 @@ class DiskServiceImpl final : public DiskService {
   }
 
   // Gives a data-holding disk file no row names a row again (sweep_orphans).
-  // `why_unsure` is set when the file could not be probed for data: kept then
-  // too, since keeping an empty file costs nothing and deleting a full one
-  // loses a disk.
-  void recover_orphan(const std::string& path, const std::string& why_unsure) {
+  // `size`: its size as the sweep's lstat found it. `why_unsure` is set when
+  // the file could not be probed for data: kept then too, since keeping an
+  // empty file costs nothing and deleting a full one loses a disk.
+  void recover_orphan(const std::string& path, uint64_t size, const std::string& why_unsure) {
     std::string f = path.substr(disks_dir_.size() + 1);
     std::string name = f.substr(0, f.size() - std::char_traits<char>::length(kDiskFileSuffix));
-    struct stat st {};
-    if (::stat(path.c_str(), &st) != 0) return;
-    uint64_t size = static_cast<uint64_t>(st.st_size);
     Status valid = ValidateSize(size);
     if (disks_.count(name) || !valid.ok()) {
       spdlog::error(
@@ -993,11 +991,8 @@ Result<std::unique_ptr<DiskService>> DiskService::Open(const DiskServiceOptions&
   // A damaged database stops the start (nothing is guessed from it); the
   // message says how to start again without losing a disk.
   auto damaged = [&](const Status& st) {
-    const std::string& m = st.message();
-    if (m.find("malformed") == std::string::npos && m.find("not a database") == std::string::npos) {
-      return st;
-    }
-    return Status(st.code(), m + "; to start without it, move " + options.metadata_db +
+    if (st.code() != Code::kCorruption) return st;
+    return Status(st.code(), st.message() + "; to start without it, move " + options.metadata_db +
                                  " (and its -wal and -shm files) aside: the disks in " +
                                  options.disks_dir +
                                  " are recovered from their files and the "

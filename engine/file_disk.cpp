@@ -14,6 +14,8 @@
 #include <cstring>
 #include <mutex>
 
+#include "common/file_io.h"
+
 namespace rpoint {
 namespace {
 
@@ -429,19 +431,13 @@ Result<std::vector<Extent>> FileDisk::block_status(uint64_t offset, uint64_t len
   }
   uint64_t pos = offset;
   while (pos < end && out.size() < max_extents) {
-    off_t data = lseek(fd_.get(), static_cast<off_t>(pos), SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) {  // no data after pos: the rest is a hole
-        out.push_back({end - pos, Extent::kHole | Extent::kZero});
-        break;
-      }
-      if (errno == EINVAL || errno == EOPNOTSUPP) {  // no SEEK_DATA support: all data
-        out.push_back({end - pos, 0});
-        break;
-      }
-      return Status::FromErrno(errno, "lseek SEEK_DATA " + opts_.path);
+    auto data = SeekData(fd_.get(), pos, opts_.path);
+    if (!data.ok()) return data.status();
+    if (data.value() == kNoData) {  // no data after pos: the rest is a hole
+      out.push_back({end - pos, Extent::kHole | Extent::kZero});
+      break;
     }
-    uint64_t d = static_cast<uint64_t>(data);
+    uint64_t d = data.value();
     if (d > pos) {
       uint64_t hole_end = std::min(d, end);
       out.push_back({hole_end - pos, Extent::kHole | Extent::kZero});

@@ -332,7 +332,23 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   nlohmann::json body = EncodePeerPull(pull);
   note_pull(body);
   bool stopped = false;
+  // Set when the peer's own answer ended the copy: nothing to tell it then.
+  bool peer_ended = false;
+  const std::string canceled = "the copy was canceled: restore point " +
+                               PointId(rec.collection, rec.name) +
+                               " was deleted on the sending host";
+  // Waits, but not past a stop or a cancel.
+  auto nap = [&](std::chrono::milliseconds ms) {
+    const auto until = std::chrono::steady_clock::now() + ms;
+    while (!stopping_.load() && !prog->cancel.load() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  };
   while (!err) {
+    if (prog->cancel.load()) {
+      err = JobError{"Canceled", canceled};
+      break;
+    }
     if (stopping_.load()) {
       // Still Creating, its operation InProgress: the next start resumes it.
       stopped = true;
@@ -355,19 +371,30 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
         result["baseRefused"] = r.status().message();
         continue;
       }
+      if (posted && r.status().code() == Code::kNotFound) {
+        // It was there: deleted on the peer while it was being received.
+        err = JobError{"Canceled", "the copy was canceled on peer " + peer->peer +
+                                       ": its restore point is gone there (deleted while it was "
+                                       "being received): " +
+                                       r.status().message()};
+        peer_ended = true;
+        break;
+      }
       if (r.status().code() != Code::kIoError) {
         err = JobError{"PeerCopyFailed", r.status().message()};
+        peer_ended = true;
         break;
       }
       if (std::chrono::steady_clock::now() - last_answer > deadline) {
         err = JobError{"PeerUnreachable", r.status().message() + " (gave up after " +
                                               std::to_string(deadline.count()) +
                                               " s without an answer)"};
+        peer_ended = true;  // it could not be told anyway
         break;
       }
       spdlog::warn("restore point {}/{}: peer {}: {}; retrying in {} ms", rec.collection, rec.name,
                    peer->peer, r.status().message(), backoff.count());
-      std::this_thread::sleep_for(backoff);
+      nap(backoff);
       backoff = std::min<std::chrono::milliseconds>(backoff * 2, std::chrono::seconds(5));
       continue;
     }
@@ -379,6 +406,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
       err = JobError{"PeerCopyFailed", state.status().message()};
       break;
     }
+    if (prog->cancel.load() && state->provisioning_state != "Succeeded") continue;
     uint64_t bytes = 0;
     for (size_t i = 0; i < state->disks.size() && i < prog->copied.size(); ++i) {
       prog->to_copy[i].store(state->disks[i].to_copy);
@@ -401,14 +429,30 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
       break;
     }
     if (state->provisioning_state != "Creating") {
-      err = JobError{"PeerCopyFailed", "peer " + peer->peer + ": the copy there is " +
-                                           state->provisioning_state + ": " + state->error_code +
-                                           ": " + state->error_message};
+      // Canceled there (its point being deleted): canceled here too.
+      const bool canceled_there = state->error_code == "Canceled";
+      err = JobError{canceled_there ? "Canceled" : "PeerCopyFailed",
+                     (canceled_there ? "the copy was canceled on peer " : "peer ") + peer->peer +
+                         ": the copy there is " + state->provisioning_state + ": " +
+                         state->error_code + ": " + state->error_message};
+      peer_ended = true;
       break;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    nap(std::chrono::milliseconds(200));
   }
   for (const auto& disk : shared) sharer->unshare(src.collection, src.name, disk);
+  if (err && !peer_ended && peer) {
+    // This host ended the copy (canceled, or it cannot read or share its
+    // source): the peer stops at once instead of waiting out its deadline.
+    PeerAbort a{rec.source_restore_point, err->code, err->message, prog->cancel.load()};
+    Status told = tell_peer_abort(region, rec.collection, rec.name, a, std::chrono::seconds(10));
+    if (told.code() == Code::kConflict) {
+      err->message += "; peer " + peer->peer + " keeps its copy: " + told.message();
+    } else if (!told.ok()) {
+      err->message += "; peer " + peer->peer + " could not be told (" + told.message() +
+                      "): its half fails after peers.deadline_seconds";
+    }
+  }
   if (stopped) {
     spdlog::info(
         "restore point {}/{}: rpointd stopping: the copy to peer {} resumes at the next start",
@@ -637,7 +681,9 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
   uint64_t chunks_moved = 0, chunks_reused = 0, bytes = 0, looked_up = 0, compared = 0;
   uint64_t checkpoints = 0;
   bool stopped = false;
-  auto stop = [&] { return stopping_.load(); };
+  // An abort (the sender ended the copy, or the point was deleted here) stops
+  // the reads as a daemon stop does; the job then fails instead of pausing.
+  auto stop = [&] { return stopping_.load() || rx->aborted.load(); };
   auto release = [&] {
     if (gc_held) release_gc(region);
     gc_held = false;
@@ -832,7 +878,8 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
       }
     }
     if (!s.ok()) {
-      if (s.code() == Code::kShutdown) (void)target.value()->checkpoint();
+      // Stopping: what it read is kept for the next start; aborted: it goes.
+      if (s.code() == Code::kShutdown && !rx->aborted.load()) (void)target.value()->checkpoint();
       target.value()->abandon();
       fail("", s);
       break;
@@ -854,6 +901,12 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
     save();
   }
   release();
+  const bool aborted = rx->aborted.load();
+  if (aborted) {
+    std::lock_guard<std::mutex> lock(rx->mu);
+    err = rx->abort_error;
+    stopped = false;
+  }
   if (stopped) {
     spdlog::info("restore point {}/{}: rpointd stopping: receiving it resumes at the next start",
                  rec.collection, rec.name);
@@ -873,6 +926,106 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
   if (!pull.base_restore_point.empty()) result["base"] = pull.base_restore_point;
   remove_pull(rec.collection, rec.name);
   finish_copy(rec, op, err, st.get(), std::move(result));
+  if (aborted && st) request_gc(region);  // what it had checkpointed is garbage now
+}
+
+bool RestoreServiceImpl::abort_receive_locked(const std::string& key, const JobError& why) {
+  auto it = receiving_.find(key);
+  if (it == receiving_.end()) return false;
+  {
+    std::lock_guard<std::mutex> lock(it->second->mu);
+    if (!it->second->aborted.load()) it->second->abort_error = why;  // the first reason stays
+  }
+  it->second->aborted.store(true);
+  return true;
+}
+
+bool RestoreServiceImpl::wait_job_end_locked(std::unique_lock<std::mutex>& lock,
+                                             const std::string& key,
+                                             std::chrono::milliseconds limit) {
+  // A job notices its stop between two reads or polls (an NBD read or a peer
+  // call waits for its answer): well under the limits callers give.
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (live_points_.count(key)) {
+    if (std::chrono::steady_clock::now() >= until) return false;
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    lock.lock();
+  }
+  return true;
+}
+
+Result<std::optional<PeerPointState>> RestoreServiceImpl::abort_peer_receive(
+    const std::string& collection, const std::string& name, const PeerAbort& abort) {
+  using Out = std::optional<PeerPointState>;
+  const std::string key = collection + "/" + name;
+  std::unique_lock<std::mutex> lock(mu_);
+  auto p = db_->get_point(collection, name);
+  if (!p.ok()) return p.status();
+  if (!p.value()) {
+    return Status::NotFound("restore point '" + name + "' not found in collection '" + collection +
+                            "'");
+  }
+  if (p.value()->source_restore_point != abort.source_restore_point) {
+    return Status::Conflict("restore point " + PointId(collection, name) + " is a copy of " +
+                            p.value()->source_restore_point + ", not of " +
+                            abort.source_restore_point);
+  }
+  if (p.value()->provisioning_state == "Creating") {
+    JobError why{abort.code, "the sending host ended the copy: " + abort.message};
+    if (!abort_receive_locked(key, why)) {
+      return Status::Conflict("restore point " + PointId(collection, name) +
+                              " is not being received right now (it resumes after a restart): "
+                              "retry the abort");
+    }
+    spdlog::warn("restore point {}/{}: the sending host ends its copy: {}: {}", collection, name,
+                 abort.code, abort.message);
+    // Short of the sender's 10 s call timeout: a job that takes longer still
+    // ends as asked; the answer then shows it Creating.
+    if (wait_job_end_locked(lock, key, std::chrono::seconds(8))) {
+      p = db_->get_point(collection, name);
+      if (!p.ok()) return p.status();
+      if (!p.value()) return Out();
+    }
+  }
+  if (p.value()->provisioning_state == "Succeeded") {
+    return Status::Conflict("restore point " + PointId(collection, name) +
+                            " is Succeeded here: its copy completed before the abort came; "
+                            "delete it through this host's API");
+  }
+  const bool remove = abort.delete_point && p.value()->provisioning_state == "Failed";
+  lock.unlock();
+  if (remove) {
+    Status s = delete_restore_point(collection, name);
+    if (!s.ok() && s.code() != Code::kNotFound) return s;
+    spdlog::info("restore point {}/{}: deleted, as the sending host canceled its copy", collection,
+                 name);
+    return Out();
+  }
+  auto state = peer_point_state(collection, name);
+  if (!state.ok()) return state.status();
+  return Out(std::move(state).value());
+}
+
+Status RestoreServiceImpl::tell_peer_abort(const std::string& region, const std::string& collection,
+                                           const std::string& name, const PeerAbort& abort,
+                                           std::chrono::seconds budget) {
+  const RegionSpec* peer = peer_region(region);
+  if (!peer || !peer_link_) return Status::Unsupported("region '" + region + "' has no peer");
+  const auto until = std::chrono::steady_clock::now() + budget;
+  auto backoff = std::chrono::milliseconds(200);
+  for (;;) {
+    auto r = peer_link_->call(peer->peer, "POST", PeerPath(collection, name) + "/abort",
+                              EncodePeerAbort(abort));
+    // NotFound: the peer holds no such point (the post never arrived).
+    if (r.ok() || r.status().code() == Code::kNotFound) return Status::Ok();
+    if (r.status().code() != Code::kIoError || stopping_.load() ||
+        std::chrono::steady_clock::now() + backoff > until) {
+      return r.status();
+    }
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min<std::chrono::milliseconds>(backoff * 2, std::chrono::seconds(5));
+  }
 }
 
 Result<PeerPointState> RestoreServiceImpl::peer_point_state(const std::string& collection,

@@ -25,7 +25,7 @@
 // proportional to the change. A peer without the base answers NotFound and
 // the sender posts the full list instead.
 //
-// Thread-safety: PeerPull and PeerPointState are plain values; PeerLink and
+// Thread-safety: PeerPull, PeerPointState and PeerAbort are plain values; PeerLink and
 // PointSharer implementations are safe from any thread.
 #pragma once
 
@@ -83,10 +83,23 @@ struct PeerPointState {
   uint64_t chunks_looked_up = 0;  // digests the peer looked up in its store (once done)
 };
 
+// The sending host ends a copy it posted (POST .../restorePoints/{rp}/abort):
+// the peer stops reading, discards what it received (its store points go, the
+// rest is garbage for the next GC) and ends the point Failed with this error,
+// or deletes it when `delete_point` (the copy was canceled by deleting its
+// point on the sender).
+struct PeerAbort {
+  std::string source_restore_point;  // must be the point's source: another copy is left alone
+  std::string code, message;
+  bool delete_point = false;
+};
+
 nlohmann::json EncodePeerPull(const PeerPull& p);
 Result<PeerPull> DecodePeerPull(const nlohmann::json& j);
 nlohmann::json EncodePeerPointState(const PeerPointState& s);
 Result<PeerPointState> DecodePeerPointState(const nlohmann::json& j);
+nlohmann::json EncodePeerAbort(const PeerAbort& a);
+Result<PeerAbort> DecodePeerAbort(const nlohmann::json& j);
 
 // An HTTPS client for other hosts' peer API.
 class PeerLink {

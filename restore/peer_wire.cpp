@@ -159,4 +159,24 @@ Result<PeerPointState> DecodePeerPointState(const json& j) {
   return s;
 }
 
+json EncodePeerAbort(const PeerAbort& a) {
+  return {{"sourceRestorePoint", a.source_restore_point},
+          {"error", {{"code", a.code}, {"message", a.message}}},
+          {"deletePoint", a.delete_point}};
+}
+
+Result<PeerAbort> DecodePeerAbort(const json& j) {
+  PeerAbort a;
+  try {
+    a.source_restore_point = j.at("sourceRestorePoint").get<std::string>();
+    a.code = j.at("error").at("code").get<std::string>();
+    a.message = j.at("error").at("message").get<std::string>();
+    a.delete_point = j.value("deletePoint", false);
+  } catch (const json::exception& e) {
+    return Status::InvalidArgument(std::string("peer request: abort malformed: ") + e.what());
+  }
+  if (a.code.empty()) return Status::InvalidArgument("peer request: abort without an error code");
+  return a;
+}
+
 }  // namespace rpoint

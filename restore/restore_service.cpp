@@ -185,6 +185,23 @@ Status RestoreServiceImpl::init() {
   if (s.ok()) s = recover();
   if (!s.ok()) return s;
   resume_copies();
+  std::vector<PendingAbort> aborts;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborts.swap(aborts_to_send_);
+  }
+  for (auto& a : aborts) {
+    spawn([this, a] {
+      Status s = tell_peer_abort(a.region, a.collection, a.name, a.abort,
+                                 std::chrono::seconds(options_.peer_deadline_seconds));
+      if (!s.ok()) {
+        spdlog::warn("restore point {}/{}: cannot tell the peer its copy ended: {}", a.collection,
+                     a.name, s.ToString());
+      } else {
+        spdlog::info("restore point {}/{}: the peer was told its copy ended", a.collection, a.name);
+      }
+    });
+  }
   for (const auto& region : gc_at_start_) request_gc(region);
   return Status::Ok();
 }
@@ -290,6 +307,12 @@ Status RestoreServiceImpl::recover() {
     spdlog::warn("restore point {}/{}: daemon restarted during its copy, which cannot resume: {}",
                  p.collection, p.name, *blocker);
     mark_interrupted(p, "daemon restarted during the copy, which cannot resume: " + *blocker);
+    if (peer_region(region_of[p.collection])) {
+      // The peer's half would wait out its deadline for data that cannot come.
+      aborts_to_send_.push_back(
+          {region_of[p.collection], p.collection, p.name,
+           PeerAbort{p.source_restore_point, p.error_code, p.error_message, false}});
+    }
     auto op = db_->get_operation(p.operation_id);
     if (op.ok() && op.value() && op.value()->status == "InProgress") {
       JobError err{p.error_code, p.error_message};
@@ -1153,13 +1176,38 @@ Status RestoreServiceImpl::delete_restore_point(const std::string& collection,
   RestorePointRecord p;
   std::string region;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     auto found = find_point_locked(collection, name);
     if (!found.ok()) return found.status();
     region = std::move(found.value().region);
     p = std::move(found.value().point);
     if (p.provisioning_state == "Creating") {
-      return Status::Conflict("restore point '" + name + "' is being created");
+      // A copy to or from a peer is canceled (restore/peer_jobs.cpp): its job
+      // ends Failed (Canceled) and tells the other host, then the point goes
+      // as a failed one does. Other jobs run to their end.
+      const std::string key = collection + "/" + name;
+      bool asked = abort_receive_locked(
+          key,
+          JobError{"Canceled", "the copy was canceled: restore point " + PointId(collection, name) +
+                                   " was deleted on this host while it was being received"});
+      auto live = live_points_.find(key);
+      if (!asked && peer_region(region) && live != live_points_.end()) {
+        live->second->cancel.store(true);
+        asked = true;
+      }
+      if (!asked) return Status::Conflict("restore point '" + name + "' is being created");
+      spdlog::info("restore point {}/{}: deleted while being copied: canceling the copy",
+                   collection, name);
+      if (!wait_job_end_locked(lock, key, std::chrono::seconds(30))) {
+        return Status::Conflict("restore point '" + name +
+                                "': its copy is being canceled; retry the delete");
+      }
+      found = find_point_locked(collection, name);
+      if (!found.ok()) return found.status();
+      p = std::move(found.value().point);
+      if (p.provisioning_state == "Creating") {
+        return Status::Conflict("restore point '" + name + "' is being created");
+      }
     }
     // A disk base among its disk points keeps its store point (retained), so
     // the disk's next point stays incremental.

@@ -297,6 +297,13 @@ class RestoreService {
                                                                     const PeerPull& pull) = 0;
   virtual Result<PeerPointState> peer_point_state(const std::string& collection,
                                                   const std::string& name) = 0;
+  // The sender ends a copy it posted (PeerAbort): the receive stops within
+  // seconds and what it stored goes. The point's state after it (Failed with
+  // the abort's error), or nullopt when the abort deleted it. NotFound: no
+  // such point; Conflict: a point of another source, or one already Succeeded.
+  virtual Result<std::optional<PeerPointState>> abort_peer_receive(const std::string& collection,
+                                                                   const std::string& name,
+                                                                   const PeerAbort& abort) = 0;
 
   // ---- NBD ----
   // Read-only exports of every Succeeded disk restore point.

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -55,6 +56,9 @@ struct PointProgress {
   std::vector<std::atomic<uint64_t>> to_copy;
   std::vector<std::atomic<uint64_t>> copied;
   std::vector<std::atomic<bool>> started = std::vector<std::atomic<bool>>(to_copy.size());
+  // A delete of the point asks its job to stop (copies to a peer honour it:
+  // they end Canceled and tell the peer).
+  std::atomic<bool> cancel{false};
 };
 
 // A job failure: the Azure-style error code shown to clients and a message.
@@ -142,6 +146,9 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
                                                             const PeerPull& pull) override;
   Result<PeerPointState> peer_point_state(const std::string& collection,
                                           const std::string& name) override;
+  Result<std::optional<PeerPointState>> abort_peer_receive(const std::string& collection,
+                                                           const std::string& name,
+                                                           const PeerAbort& abort) override;
   ExportResolver& exports() override { return *this; }
   void shutdown() override;
 
@@ -313,7 +320,24 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
     std::vector<std::atomic<uint64_t>> moved;
     std::mutex mu;
     std::vector<std::string> uris;  // guarded by mu
+    // Set (under mu, then the flag) to stop the job: it ends Failed with
+    // `abort_error`, its store points deleted (abort_receive_locked).
+    std::atomic<bool> aborted{false};
+    JobError abort_error;  // guarded by mu
   };
+  // Asks the running receive of "c/rp" to stop and fail with `why`; false
+  // when none runs. Caller holds mu_.
+  bool abort_receive_locked(const std::string& key, const JobError& why);
+  // Waits (releasing `lock`, a lock of mu_) up to `limit` for the job of
+  // "c/rp" to end: true once it left live_points_.
+  bool wait_job_end_locked(std::unique_lock<std::mutex>& lock, const std::string& key,
+                           std::chrono::milliseconds limit);
+  // Tells the peer keeping `region` to abort its receive of c/rp (a copy
+  // this host ended): transport failures are retried for up to `budget`.
+  // NotFound (nothing there to abort) counts as done.
+  Status tell_peer_abort(const std::string& region, const std::string& collection,
+                         const std::string& name, const PeerAbort& abort,
+                         std::chrono::seconds budget);
   // Starts receiving `pull` into `rec` (Creating, saved): the live maps, the job.
   // `gc_held`: the job releases a GC hold on `region` once its references
   // protect what an interrupted run checkpointed. Caller holds mu_.
@@ -392,6 +416,13 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
     std::shared_ptr<PointProgress> prog;
   };
   std::vector<PendingSend> sends_to_resume_;
+  // Copies to a peer that recover() ended (their source gone): Open tells
+  // each peer to abort its half (guarded by mu_ until then).
+  struct PendingAbort {
+    std::string region, collection, name;
+    PeerAbort abort;
+  };
+  std::vector<PendingAbort> aborts_to_send_;
 };
 
 }  // namespace rpoint

@@ -61,11 +61,23 @@ Result<std::shared_ptr<Store>> Store::Open(const StoreOptions& opts) {
     return Status::FromErrno(errno, "flock " + lock_path);
   }
 
-  STORE_ASSIGN_OR_RETURN(s->catalog_, Catalog::Open(opts.dir + "/store.db"));
+  // A damaged store.db stops the open (nothing is guessed from it); the
+  // message says how to have it rebuilt, which loses no point.
+  const std::string db_path = opts.dir + "/store.db";
+  auto damaged = [&](const Status& st) {
+    if (st.code() != Code::kCorruption) return st;
+    return Status(st.code(), st.message() + "; to rebuild it, stop the daemon and move " + db_path +
+                                 " (and its -wal and -shm files) aside: the next start indexes "
+                                 "the packs and point files again (the quarantine list is lost: "
+                                 "verify the points to find damage again)");
+  };
+  auto catalog = Catalog::Open(db_path);
+  if (!catalog.ok()) return damaged(catalog.status());
+  s->catalog_ = std::move(catalog).value();
   // A missing or empty store.db is rebuilt here from the packs' trailers and
   // the point files; a crash's leftovers are reconciled the same way.
   RepairReport rep;
-  STORE_RETURN_IF_ERROR(s->reconcile(true, &rep));
+  if (Status r = s->reconcile(true, &rep); !r.ok()) return damaged(r);
   return s;
 }
 

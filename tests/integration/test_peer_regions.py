@@ -14,7 +14,9 @@ with A gone, byte-identical to the disk at each cut. The link is cut
 (`ip link set down`) mid-copy and restored; each side is killed (-9) mid-copy
 and restarted, and the copy resumes (only what B still lacks crosses the wire
 again) to Succeeded; B stopped for seconds and back; the source deleted and A
-restarted fails clearly; a client or a peer without a certificate our CA signed is
+restarted fails clearly, on B too within seconds (A sends an abort); a running
+copy deleted on either host is canceled on both (B keeps no point, no pull, no
+store point); a client or a peer without a certificate our CA signed is
 refused. Root is needed (ip netns); under CI=true its absence fails.
 
 Incremental copies from a base (VM `vmb`, disk `big`: 2048 data slots of one
@@ -442,6 +444,7 @@ def test_source_deleted_then_sender_restarted_fails_clearly(rig):
     a, b = rig["a"], rig["b"]
     a.create_collection("cf", "vm", location="far")
     fresh_point(rig, "k4")
+    gc_orphans(b)
     b.arm("peer.chunk=delay40")
     try:
         op = start_copy(a, "cf", "k4", ("c", "k4"))
@@ -451,16 +454,127 @@ def test_source_deleted_then_sender_restarted_fails_clearly(rig):
         a.start()
     finally:
         b.arm("")
+    t0 = time.monotonic()
     done = a.wait_operation(op, timeout=30)
     assert done["status"] == "Failed", done
     p = a.get_restore_point("cf", "k4")["properties"]
     assert p["provisioningState"] == "Failed", p
     msg = json.dumps(done)
     assert "cannot resume" in msg and "no longer exists" in msg, msg
+    # A tells B at once (an abort on the peer API): B's half fails within
+    # seconds, not after peers.deadline_seconds (120 s), saying why.
+    bp = wait_point_ended(b, "cf", "k4", timeout=20)
+    print(f"B's half ended {time.monotonic() - t0:.1f} s after A's restart")
+    assert bp["provisioningState"] == "Failed", bp
+    assert "sending host ended the copy" in bp["error"]["message"], bp
+    assert "no longer exists" in bp["error"]["message"], bp
+    assert_receive_released(rig, "cf", "k4")
     sha = cut_point(rig, "k4b", change_at=3 * MiB)
     done = a.wait_operation(start_copy(a, "cf", "k4b", ("c", "k4b")), timeout=60)
     assert done["status"] == "Succeeded", (done, a.log(), b.log())
     assert sha_of_restore(b, "cf", "k4b", "rk4b") == sha
+
+
+def wait_point_ended(d, c, rp, timeout):
+    """d's record of c/rp once it is no longer Creating (None: deleted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = d.api("GET", point_id(c, rp))
+        if r.status == 404:
+            return None
+        assert r.status == 200, r
+        p = r.json["properties"]
+        if p["provisioningState"] != "Creating":
+            return p
+        assert time.monotonic() < deadline, (f"{c}/{rp} still Creating after {timeout} s", p,
+                                             d.log()[-3000:])
+        time.sleep(0.1)
+
+
+def operation_of(d, c, rp):
+    """The newest operation d holds for point c/rp."""
+    r = d.api("GET", "/operations")
+    assert r.status == 200, r
+    ops = [o for o in r.json["value"] if o["properties"]["resourceId"] == point_id(c, rp)]
+    assert ops, r.json
+    return ops[0]
+
+
+def gc_orphans(d):
+    """A GC of d's region `local` that first deletes store points no restore
+    point names; its answer."""
+    r = d.api("POST", "/regions/local/gc?orphans=true")
+    assert r.status == 200, (r, d.log()[-3000:])
+    return r.json
+
+
+def assert_receive_released(rig, c, rp):
+    """B keeps nothing of an ended receive of c/rp: its pull file is gone, its
+    region's GC runs (no hold, no point being created) and finds no store
+    point left unnamed (gc_orphans before the copy cleared older ones)."""
+    b = rig["b"]
+    pull = os.path.join(b.state_dir, "staging", "peer-pulls", c, rp + ".pull")
+    assert not os.path.exists(pull), pull
+    res = gc_orphans(b)
+    assert res["storePointsDeleted"] == 0, res
+
+
+def canceled_copy(rig, name, cancel_on):
+    """A fresh point `name` copied to far collection cf with B's reads slowed;
+    once B holds a quarter of it, the point is deleted on host `cancel_on`
+    (a or b). The delete answers 204 within seconds, B keeps nothing, and A's
+    operation ends Failed (Canceled). Returns A's operation."""
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    fresh_point(rig, name)
+    gc_orphans(b)
+    b.arm("peer.chunk=delay40")
+    try:
+        op = start_copy(a, "cf", name, ("c", name))
+        wait_received(b, "cf", name, CHUNKS // 4)
+        t0 = time.monotonic()
+        r = rig[cancel_on].api("DELETE", point_id("cf", name))
+        took = time.monotonic() - t0
+    finally:
+        b.arm("")
+    print(f"delete on {cancel_on} of a running copy answered in {took:.2f} s")
+    assert r.status == 204, (r, a.log()[-3000:], b.log()[-3000:])
+    assert took < 20, took
+    assert rig[cancel_on].api("GET", point_id("cf", name)).status == 404
+    done = a.wait_operation(op, timeout=30)
+    assert done["status"] == "Failed", done
+    assert done["error"]["code"] == "Canceled", done
+    # B: no point (never a half one Succeeded), its operation Canceled.
+    assert wait_point_ended(b, "cf", name, timeout=20) is None
+    bop = operation_of(b, "cf", name)
+    assert bop["status"] == "Failed" and bop["error"]["code"] == "Canceled", bop
+    assert_receive_released(rig, "cf", name)
+    return done
+
+
+def test_deleting_a_running_copy_on_the_sender_cancels_it_on_both_hosts(rig):
+    """DELETE of the far point on A mid-copy: A stops, tells B (abort), B
+    discards what it received and deletes its point; A's record is gone, its
+    operation Failed (Canceled). The same copy again succeeds, byte-identical."""
+    a, b = rig["a"], rig["b"]
+    done = canceled_copy(rig, "x1", "a")
+    assert "deleted on the sending host" in done["error"]["message"], done
+    sha = cut_point(rig, "x1b", change_at=7 * MiB)
+    op = a.wait_operation(start_copy(a, "cf", "x1", ("c", "x1b")), timeout=60)
+    assert op["status"] == "Succeeded", (op, a.log(), b.log())
+    assert sha_of_restore(b, "cf", "x1", "rx1") == sha
+
+
+def test_deleting_a_running_copy_on_the_receiver_cancels_it_on_both_hosts(rig):
+    """DELETE of the point on B (the keeping host) mid-copy: B stops and
+    deletes it; A's next poll finds it gone there: A's copy ends Failed
+    (Canceled, naming B), and its record can be deleted."""
+    a = rig["a"]
+    done = canceled_copy(rig, "x2", "b")
+    assert B_IP in done["error"]["message"], done
+    p = a.get_restore_point("cf", "x2")["properties"]
+    assert p["provisioningState"] == "Failed", p
+    assert a.api("DELETE", point_id("cf", "x2")).status == 204
 
 
 def curl_peer(rig, *cert_args):

@@ -40,6 +40,20 @@ def fill(d, disk, rng, chunks, size):
     return slots
 
 
+def first_point(d, tmp_path, size, seed, chunks, point):
+    """Disk `a` of `size` alone in VM `vm` with collection `c`, `chunks` random
+    chunks written (fill, seeded), saved to a1.img and cut as `point`: returns
+    the generator (to go on with) and the image file."""
+    d.create_disk("a", size)
+    d.create_vm("vm", ["a"])
+    d.create_collection("c", "vm")
+    rng = random.Random(seed)
+    fill(d, "a", rng, chunks, size)
+    img = nbd_save(d.nbd_uri("a"), tmp_path / "a1.img")
+    d.create_restore_point("c", point)
+    return rng, img
+
+
 def exported(d, name):
     r = subprocess.run(["nbdinfo", "--list", "--json", f"nbd+unix://?socket={d.nbd_sock}"],
                        capture_output=True, text=True, timeout=30)
@@ -241,13 +255,7 @@ def test_points_and_restores_on_tmpfs(tmp_path):
     state = tempfile.mkdtemp(prefix="rpointd-tmpfs-", dir="/dev/shm")
     d = Daemon(os.path.join(state, "state")).start()
     try:
-        d.create_disk("a", 64 * MiB)
-        d.create_vm("vm", ["a"])
-        d.create_collection("c", "vm")
-        rng = random.Random(11)
-        fill(d, "a", rng, 200, 64 * MiB)
-        img1 = nbd_save(d.nbd_uri("a"), tmp_path / "a1.img")
-        d.create_restore_point("c", "full")
+        rng, img1 = first_point(d, tmp_path, 64 * MiB, 11, 200, "full")
         fill(d, "a", rng, 50, 64 * MiB)
         img2 = nbd_save(d.nbd_uri("a"), tmp_path / "a2.img")
         d.create_restore_point("c", "inc")
@@ -269,13 +277,7 @@ def test_points_and_restores_on_tmpfs(tmp_path):
 
 def test_grown_and_added_disk_between_points(daemon, tmp_path):
     d = daemon
-    d.create_disk("a", 32 * MiB)
-    d.create_vm("vm", ["a"])
-    d.create_collection("c", "vm")
-    rng = random.Random(4)
-    fill(d, "a", rng, 32, 32 * MiB)
-    img1 = nbd_save(d.nbd_uri("a"), tmp_path / "a1.img")
-    d.create_restore_point("c", "rp1")
+    rng, img1 = first_point(d, tmp_path, 32 * MiB, 4, 32, "rp1")
 
     r = d.api("PATCH", "/disks/a", {"properties": {"sizeBytes": 48 * MiB}})
     assert r.status == 200, r

@@ -372,3 +372,39 @@ TEST_CASE("a disk being provisioned is not exported until marked, and survives a
   CHECK(svc->list_exports().size() == 1);
   CHECK(svc->get("r")->provisioning_state == "Succeeded");
 }
+
+TEST_CASE("a damaged metadata.db is Corruption and the error says how to start without it") {
+  // Garbage over a database's pages, a file that was never one, one cut short:
+  // SQLite's CORRUPT / NOTADB come back as Code::kCorruption, and only that
+  // code gets the hint (a plain I/O error does not).
+  for (int damage = 0; damage < 3; ++damage) {
+    INFO("damage " << damage);
+    TempDir t;
+    {
+      auto svc = OpenSvc(t);
+      for (int i = 0; i < 40; ++i) {
+        REQUIRE(svc->create("d" + std::to_string(i), kMiB, "managed").ok());
+      }
+    }
+    const std::string db = t.path + "/metadata.db";
+    for (const char* f : {"-wal", "-shm"}) fs::remove(db + f);
+    REQUIRE(fs::file_size(db) > 8192);
+    if (damage == 0) {  // garbage over every page past the first (the schema)
+      const auto size = fs::file_size(db);
+      std::fstream f(db, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekp(4096);
+      for (uint64_t i = 4096; i < size; ++i) f.put(static_cast<char>(i * 131 + 7));
+    } else if (damage == 1) {  // not a database at all
+      std::ofstream f(db, std::ios::binary | std::ios::trunc);
+      f << std::string(8192, 'x');
+    } else {  // cut short inside its pages
+      fs::resize_file(db, 4096 + 100);
+    }
+    auto s = DiskService::Open(Opts(t));
+    REQUIRE_FALSE(s.ok());
+    CHECK_MESSAGE(s.status().code() == Code::kCorruption, s.status().ToString());
+    CHECK(std::string(s.status().code_name()) == "Corruption");
+    CHECK_MESSAGE(s.status().message().find("move " + db) != std::string::npos,
+                  s.status().ToString());
+  }
+}

@@ -1090,6 +1090,36 @@ void CheckSameRecord(const PointInfo& a, const PointInfo& b) {
 }
 }  // namespace
 
+TEST_CASE("store: a damaged store.db is Corruption and the error says how to rebuild it") {
+  TmpDir tmp;
+  Image a(60 * kCs);
+  for (uint64_t s = 0; s < a.slots(); ++s) a.random_slot(s, 4200 + s);
+  {
+    auto st = Open(tmp.region());
+    Commit(*st, 0, a, AllSlots(a), "disk-a/1");
+  }
+  const std::string db = tmp.region() + "/store.db";
+  for (const char* f : {"-wal", "-shm"}) std::filesystem::remove(db + f);
+  REQUIRE(std::filesystem::file_size(db) > 8192);
+  {  // garbage over every page past the first (the schema)
+    const auto size = std::filesystem::file_size(db);
+    std::fstream f(db, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096);
+    for (uint64_t i = 4096; i < size; ++i) f.put(static_cast<char>(i * 131 + 7));
+  }
+  auto r = Store::Open(Opts(tmp.region()));
+  REQUIRE_FALSE(r.ok());
+  CHECK_MESSAGE(r.status().code() == Code::kCorruption, r.status().ToString());
+  CHECK_MESSAGE(r.status().message().find("move " + db) != std::string::npos,
+                r.status().ToString());
+  // As the hint says: moved aside, it is rebuilt and the point reads back.
+  std::filesystem::rename(db, db + ".bad");
+  auto st = Open(tmp.region());
+  auto points = Take(st->list_points());
+  REQUIRE(points.size() == 1);
+  CheckRead(*st, points[0].id, a);
+}
+
 TEST_CASE("store: a lost or empty store.db is rebuilt from the packs; no pack is unlinked") {
   TmpDir tmp;
   Image a(90 * kCs), b(40 * kCs + 1234);
@@ -1387,6 +1417,21 @@ TEST_CASE("store: pack buffers are written behind, with O_DIRECT where the files
   CheckRead(*sa, pa.id, im);
 }
 
+// A point of `im` written into a fresh region with fault `rules` armed that
+// only divert I/O (to the page cache): it succeeds and reads back exactly.
+void WriteUnderFaultsReadsBack(Image& im, const char* rules) {
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  Result<PointInfo> r = Status::Internal("not run");
+  {
+    ScopedFaults f(rules);
+    r = WriteTwoThreads(*st, im);
+  }
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  CheckRead(*st, r->id, im);
+  CHECK(Take(st->verify(r->id)).ok());
+}
+
 TEST_CASE("store: packs on tmpfs, and direct writes refused (EINVAL), go through the page cache") {
   Image im(uint64_t(200) * kCs + 5000);
   for (uint64_t s = 0; s < im.slots(); ++s) im.random_slot(s, 7100 + s);
@@ -1407,16 +1452,7 @@ TEST_CASE("store: packs on tmpfs, and direct writes refused (EINVAL), go through
   // The first direct buffer write refused with EINVAL (what a filesystem
   // without O_DIRECT support says at write time): that buffer goes through
   // the page cache, the rest direct; the point is exact.
-  TmpDir tmp;
-  auto st = Open(tmp.region());
-  Result<PointInfo> r = Status::Internal("not run");
-  {
-    ScopedFaults f("pack.write=22*1");
-    r = WriteTwoThreads(*st, im);
-  }
-  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
-  CheckRead(*st, r->id, im);
-  CHECK(Take(st->verify(r->id)).ok());
+  WriteUnderFaultsReadsBack(im, "pack.write=22*1");
 }
 
 TEST_CASE("store: a failed pack write or fdatasync in the pipeline fails the point, nothing lost") {
@@ -1464,16 +1500,7 @@ TEST_CASE("store: a failed pack write or fdatasync in the pipeline fails the poi
   }
   // Short writes (the rest of a direct write goes through the page cache):
   // the point succeeds and reads back exactly.
-  TmpDir tmp;
-  auto st = Open(tmp.region());
-  Result<PointInfo> r = Status::Internal("not run");
-  {
-    ScopedFaults f("pack.write=short");
-    r = WriteTwoThreads(*st, im);
-  }
-  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
-  CheckRead(*st, r->id, im);
-  CHECK(Take(st->verify(r->id)).ok());
+  WriteUnderFaultsReadsBack(im, "pack.write=short");
 }
 
 TEST_CASE("store: 1 TiB sparse disk, small change: cost follows the change") {
