@@ -156,7 +156,7 @@ struct Config {
   // (max_io_buf_bytes; /sys/block/ublkbN/queue/max_hw_sectors_kb), a power of
   // two from kMinUblkIoBytes to kMaxUblkIoBytes. Each tag has a buffer this
   // big (touched only when used). 1 MiB: a 1 MiB request is not split in two
-  // (512 KiB measured 0.6x loop at 1 MiB sequential, bench/RESULTS.md).
+  // (the old fixed 512 KiB split it; 2 MiB measured no better, bench/RESULTS.md).
   uint32_t ublk_max_io_bytes = 1024 * 1024;
 
   // peers.listen: the HTTPS (mutual TLS, keys from tls.dir) address other
