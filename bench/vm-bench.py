@@ -204,7 +204,7 @@ for row in $ROWS; do
   dev=$($up $row 2>/tmp/up.err) || die "$row: could not set up the device: $(tr '\n' ' ' </tmp/up.err | cut -c1-600)"
   q=/sys/block/${dev#/dev/}/queue
   echo "@@UP $row $(tr '\n' ' ' </tmp/up.err | cut -c1-300)@@"
-  echo "@@QUEUE $row $dev max_sectors_kb=$(cat $q/max_sectors_kb) logical_block_size=$(cat $q/logical_block_size)@@"
+  echo "@@QUEUE $row $dev max_sectors_kb=$(cat $q/max_sectors_kb) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb) max_segments=$(cat $q/max_segments) logical_block_size=$(cat $q/logical_block_size)@@"
   for job in $JOBNAMES; do
     eval "args=\$JOB_$(echo $job | tr - _)"
     sync; echo 3 >/proc/sys/vm/drop_caches

@@ -377,6 +377,18 @@ class Parser {
     return v;
   }
 
+  // A power of two from 4 KiB to 32 MiB: whole pages (the driver rounds the
+  // buffer down to pages, O_DIRECT wants 4 KiB), and 32 MiB is what a tag's
+  // window in the user-copy address space holds (UBLK_IO_BUF_BITS 25, ublk/control.h).
+  uint32_t UblkIoBytes(const Item& it) {
+    unsigned v = Unsigned(it, kMinUblkIoBytes, kMaxUblkIoBytes);
+    if ((v & (v - 1)) != 0) {
+      Fail(it, "must be a power of two (4096, 8192, ..., 1048576, ..., 33554432), got " +
+                   std::to_string(v));
+    }
+    return v;
+  }
+
   static Status ValidateRegionName(const std::string& name) { return ValidateName(name, "region name"); }
 
   // Region and VM names: the API's resource name rule.
@@ -477,7 +489,9 @@ class Parser {
                          {"depth", [&](const Item& x) { c.ublk_depth = Unsigned(x, 1, 1024); }},
                          {"user_copy", [&](const Item& x) { c.ublk_user_copy = Bool(x); }},
                          {"taskrun", [&](const Item& x) { c.ublk_taskrun = TaskrunText(x); }},
-                         {"pin_queues", [&](const Item& x) { c.ublk_pin_queues = Bool(x); }}});
+                         {"pin_queues", [&](const Item& x) { c.ublk_pin_queues = Bool(x); }},
+                         {"max_io_bytes",
+                          [&](const Item& x) { c.ublk_max_io_bytes = UblkIoBytes(x); }}});
               }}});
   }
 
@@ -808,6 +822,7 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "user_copy" << YAML::Value << c.ublk_user_copy;
   out << YAML::Key << "taskrun" << YAML::Value << c.ublk_taskrun;
   out << YAML::Key << "pin_queues" << YAML::Value << c.ublk_pin_queues;
+  out << YAML::Key << "max_io_bytes" << YAML::Value << c.ublk_max_io_bytes;
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
@@ -861,6 +876,7 @@ const std::vector<std::string>& ConfigKeys() {
       "ublk.user_copy",
       "ublk.taskrun",
       "ublk.pin_queues",
+      "ublk.max_io_bytes",
 
       "regions[].peer",
       "regions[].peer_region",

@@ -22,6 +22,12 @@
 
 namespace rpoint {
 
+// ublk.max_io_bytes bounds: a page, and the 32 MiB a tag's window in the
+// driver's user-copy address space holds (UBLK_IO_BUF_BITS; ublk/control.h
+// kUblkMaxIoBytes, checked equal in daemon/).
+inline constexpr uint32_t kMinUblkIoBytes = 4096;
+inline constexpr uint32_t kMaxUblkIoBytes = 32u << 20;
+
 struct TcpAddress {
   std::string host;  // IPv4/IPv6 literal or name
   uint16_t port = 10809;
@@ -146,6 +152,12 @@ struct Config {
   // ublk.pin_queues: each queue's thread runs only on the CPUs the driver maps
   // to that queue (GET_QUEUE_AFFINITY).
   bool ublk_pin_queues = false;
+  // ublk.max_io_bytes: the largest request a new device takes
+  // (max_io_buf_bytes; /sys/block/ublkbN/queue/max_hw_sectors_kb), a power of
+  // two from kMinUblkIoBytes to kMaxUblkIoBytes. Each tag has a buffer this
+  // big (touched only when used). 1 MiB: a 1 MiB request is not split in two
+  // (the old fixed 512 KiB split it; 2 MiB measured no better, bench/RESULTS.md).
+  uint32_t ublk_max_io_bytes = 1024 * 1024;
 
   // peers.listen: the HTTPS (mutual TLS, keys from tls.dir) address other
   // rpointd hosts call to keep regions here; unset: none.

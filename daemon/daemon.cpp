@@ -325,6 +325,8 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
                                   : config.ublk_taskrun == "coop" ? Reactor::RingMode::kCoop
                                                                   : Reactor::RingMode::kPlain;
   ublk_options.device.pin_queues = config.ublk_pin_queues;
+  static_assert(kMaxUblkIoBytes == kUblkMaxIoBytes, "config and ublk agree on the largest I/O");
+  ublk_options.device.max_io_bytes = config.ublk_max_io_bytes;
   UblkService ublk(ublk_options);
   DiskServiceOptions disk_options = DiskOptions(config);
   disk_options.local_export = &ublk;

@@ -55,6 +55,12 @@ inline constexpr uint64_t kUblkIoBufOffset = 0x80000000ull;  // UBLKSRV_IO_BUF_O
 inline constexpr unsigned kUblkTagOff = 25;                  // UBLK_TAG_OFF
 inline constexpr unsigned kUblkQidOff = 41;                  // UBLK_QID_OFF
 static_assert(UBLKSRV_IO_BUF_OFFSET == kUblkIoBufOffset);
+// The largest max_io_buf_bytes a device may have: a tag's window in the
+// user-copy space (UBLK_IO_BUF_BITS == UBLK_TAG_OFF, "single IO buffer max
+// size is 32MB" in the 6.5+ header). The driver itself only rounds the size
+// down to pages (ublk_align_max_io_size), and SET_PARAMS refuses max_sectors
+// above it.
+inline constexpr uint32_t kUblkMaxIoBytes = 1u << kUblkTagOff;
 // Where tag `tag` of queue `q_id` reads and writes its data in /dev/ublkcN.
 constexpr uint64_t UblkUserCopyPos(uint16_t q_id, uint16_t tag) {
   return kUblkIoBufOffset + (uint64_t{q_id} << kUblkQidOff) + (uint64_t{tag} << kUblkTagOff);

@@ -34,6 +34,15 @@ Result<UniqueFd> OpenCharDevice(const std::string& path) {
 
 }  // namespace
 
+Status CheckUblkMaxIoBytes(uint32_t bytes) {
+  if (bytes < 4096 || bytes > kUblkMaxIoBytes || (bytes & (bytes - 1)) != 0) {
+    return Status::InvalidArgument("ublk.max_io_bytes must be a power of two from 4096 to " +
+                                   std::to_string(kUblkMaxIoBytes) + ", got " +
+                                   std::to_string(bytes));
+  }
+  return Status::Ok();
+}
+
 ublk_params UblkParamsFor(const BlockDevice& dev, uint32_t max_io_bytes) {
   DeviceCaps caps = dev.caps();
   ublk_params p{};
@@ -70,6 +79,7 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   if (opts.depth == 0 || opts.depth > UBLK_MAX_QUEUE_DEPTH) {
     return Status::InvalidArgument("ublk.depth must be 1.." + std::to_string(UBLK_MAX_QUEUE_DEPTH));
   }
+  if (Status s = CheckUblkMaxIoBytes(opts.max_io_bytes); !s.ok()) return s;
   std::unique_ptr<UblkDevice> d(new UblkDevice(ctl, std::move(dev), opts));
   ublksrv_ctrl_dev_info info{};
   info.nr_hw_queues = static_cast<uint16_t>(nq);

@@ -33,7 +33,11 @@ namespace rpoint {
 struct UblkDeviceOptions {
   unsigned queues = 0;  // 0: one per CPU
   unsigned depth = 128;
-  uint32_t max_io_bytes = 512 * 1024;
+  // The largest request (max_io_buf_bytes, and max_sectors in the params): a
+  // power of two from 4 KiB to kUblkMaxIoBytes. Each queue reserves depth *
+  // max_io_bytes of address space for the tags' buffers, touched only by the
+  // requests that use it.
+  uint32_t max_io_bytes = 1024 * 1024;
   // UBLK_F_USER_COPY when the driver has it (GET_FEATURES says so; 6.5+):
   // the queues copy the data themselves, off the queue thread. Otherwise, or
   // false, the driver copies into the tag's buffer (buffer mode).
@@ -93,6 +97,12 @@ class UblkDevice {
   std::vector<std::unique_ptr<UblkQueue>> queues_;
   bool gone_ = false;  // removed (or never fully made): nothing to detach
 };
+
+// A device's largest request must be a power of two from 4 KiB (whole pages:
+// the driver rounds down to them; O_DIRECT) to kUblkMaxIoBytes (beyond it a
+// tag's user-copy window would overlap the next tag's). Config checks the same
+// bounds at load (config/config.h); this guards every other caller.
+Status CheckUblkMaxIoBytes(uint32_t bytes);
 
 // The params a device of `dev` gets: sizes, block sizes, discard and
 // write-zeroes limits, flush and FUA.

@@ -66,8 +66,12 @@ Result<std::unique_ptr<UblkQueue>> UblkQueue::Create(const UblkQueueOptions& opt
   if (m == MAP_FAILED) return Status::FromErrno(errno, what + ": mmap of the I/O descriptors");
   q->descs_ = static_cast<const ublksrv_io_desc*>(m);
   size_t buf_bytes = size_t{opts.depth} * opts.max_io_bytes;
-  // Anonymous memory: page aligned (O_DIRECT-capable), touched only when used.
-  void* b = ::mmap(nullptr, buf_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  // Anonymous memory: page aligned (O_DIRECT-capable), touched only when used:
+  // a tag's buffer costs what its largest request wrote into it. NORESERVE:
+  // the reservation (depth * max_io_bytes, up to 32 GiB at depth 1024 and
+  // 32 MiB) is address space, not a commitment the overcommit check refuses.
+  void* b = ::mmap(nullptr, buf_bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (b == MAP_FAILED) return Status::FromErrno(errno, what + ": buffers");
   q->bufs_ = static_cast<char*>(b);
   // Every tag has one command in flight, each request one or two engine

@@ -43,9 +43,9 @@ struct UblkQueueOptions {
   uint32_t dev_id = 0;
   uint16_t q_id = 0;
   uint16_t depth = 128;
-  uint32_t max_io_bytes = 512 * 1024;  // the device's max_io_buf_bytes
-  int char_fd = -1;                    // /dev/ublkcN, owned by the device
-  bool user_copy = false;              // the device has UBLK_F_USER_COPY
+  uint32_t max_io_bytes = 1024 * 1024;  // the device's max_io_buf_bytes
+  int char_fd = -1;                     // /dev/ublkcN, owned by the device
+  bool user_copy = false;               // the device has UBLK_F_USER_COPY
   // How the queue's ring runs task work (the driver's dispatch of each
   // request and its commit run as task work of the queue's thread).
   Reactor::RingMode ring_mode = Reactor::RingMode::kPlain;

@@ -150,7 +150,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "b}}}\n"
       "operations: {retention_seconds: 60, max_count: 5}\n"
       "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
-      "ublk: {queues: 2, depth: 64, user_copy: false, taskrun: coop, pin_queues: false}\n"
+      "ublk: {queues: 2, depth: 64, user_copy: false, taskrun: coop, pin_queues: false,\n"
+      "  max_io_bytes: 65536}\n"
       "peers: {listen: 'localhost:2', deadline_seconds: 30}\n";
   // A peer region has no path: its keys are checked on a second entry.
   text.replace(text.find("default: true}]"), 15,
@@ -307,6 +308,20 @@ TEST_CASE("numbers and booleans") {
   ExpectError("ublk:\n  depth: 0\n", "2:10:", "ublk.depth", "from 1 to 1024");
   ExpectError("ublk:\n  depth: 1025\n", "2:10:", "ublk.depth", "from 1 to 1024");
   ExpectError("ublk:\n  queues: 65\n", "2:11:", "ublk.queues", "from 0 to 64");
+}
+
+TEST_CASE("ublk.max_io_bytes: a power of two from 4 KiB to 32 MiB, 1 MiB by default") {
+  CHECK(Parse("").ublk_max_io_bytes == 1024 * 1024);
+  CHECK(Parse("ublk: {max_io_bytes: 4096}").ublk_max_io_bytes == 4096);
+  CHECK(Parse("ublk: {max_io_bytes: 524288}").ublk_max_io_bytes == 512 * 1024);
+  CHECK(Parse("ublk: {max_io_bytes: 33554432}").ublk_max_io_bytes == 32u << 20);
+  CHECK(kMaxUblkIoBytes == 32u << 20);
+  const char* range = "from 4096 to 33554432";
+  ExpectError("ublk:\n  max_io_bytes: 2048\n", "2:17:", "ublk.max_io_bytes", range);
+  ExpectError("ublk:\n  max_io_bytes: 67108864\n", "2:17:", "ublk.max_io_bytes", range);
+  ExpectError("ublk:\n  max_io_bytes: 3145728\n", "2:17:", "ublk.max_io_bytes", "power of two");
+  ExpectError("ublk:\n  max_io_bytes: 4097\n", "2:17:", "ublk.max_io_bytes", "power of two");
+  ExpectError("ublk:\n  max_io_bytes: 1M\n", "2:17:", "ublk.max_io_bytes", "whole number");
   for (const char* t : {"true", "True", "yes", "on"}) CHECK(Parse(std::string("io: {direct: ") + t + "}").direct_io);
   for (const char* f : {"false", "no", "off"}) CHECK(!Parse(std::string("io: {direct: ") + f + "}").direct_io);
   ExpectError("io:\n  direct: maybe\n", "2:11:", "io.direct", "true or false");

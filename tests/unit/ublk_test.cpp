@@ -113,6 +113,24 @@ TEST_CASE("ublk: params pass the driver's checks and describe the disk") {
   // A read-only device says so.
   ReadOnlyDevice ro(t.disk);
   CHECK((UblkParamsFor(ro, 512 * 1024).basic.attrs & UBLK_ATTR_READ_ONLY) != 0);
+  // max_sectors follows the device's largest request: a 1 MiB request whole.
+  CHECK(UblkParamsFor(*t.disk, 1024 * 1024).basic.max_sectors == 2048);
+  CHECK(UblkParamsFor(*t.disk, kUblkMaxIoBytes).basic.max_sectors == 65536);
+}
+
+TEST_CASE("ublk: max_io_bytes is a power of two from a page to a tag's user-copy window") {
+  CHECK(CheckUblkMaxIoBytes(4096).ok());
+  CHECK(CheckUblkMaxIoBytes(1024 * 1024).ok());
+  CHECK(CheckUblkMaxIoBytes(kUblkMaxIoBytes).ok());
+  // The window is exactly the distance between two tags' copy positions.
+  CHECK(kUblkMaxIoBytes == UblkUserCopyPos(0, 1) - UblkUserCopyPos(0, 0));
+  for (uint32_t bad : {0u, 512u, 2048u, 4095u, 4097u, 3u << 20, 2u * kUblkMaxIoBytes}) {
+    Status s = CheckUblkMaxIoBytes(bad);
+    CHECK_FALSE(s.ok());
+    CHECK(s.code() == Code::kInvalidArgument);
+    CHECK(s.message().find("ublk.max_io_bytes") != std::string::npos);
+    CHECK(s.message().find(std::to_string(bad)) != std::string::npos);
+  }
 }
 
 TEST_CASE("ublk: no /dev/ublk-control gives the module's name and how to load it") {
