@@ -769,16 +769,32 @@ Status ChangeTracker::finalize(Generation& gen) {
 void ChangeTracker::flusher_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   auto next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
+  // Frozen generations are written behind only once woken for it
+  // (write_behind, a batch of marks, a stop), never by the file check's
+  // timer: settle() files them inside the cut's publish window, where no
+  // thread may wake to take the CPU from the cutting thread.
+  bool finalize_ok = true;
+  // A write_behind() wake-up lost while the check ran (mu_ released) must not
+  // leave a generation unwritten: one still waiting at the third tick (two
+  // seconds on, far past any publish window) is written anyway.
+  const Generation* waiting = nullptr;
+  int ticks = 0;
   for (;;) {
-    bool work = cv_.wait_until(
-        lock, next_check, [&] { return stopping_ || !queue_.empty() || !to_finalize_.empty(); });
-    if (std::chrono::steady_clock::now() >= next_check) {
-      lock.unlock();
-      watch_files();
-      lock.lock();
-      next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
+    if (!stopping_ && queue_.empty() && (to_finalize_.empty() || !finalize_ok)) {
+      if (cv_.wait_until(lock, next_check) == std::cv_status::timeout) {
+        const Generation* front = to_finalize_.empty() ? nullptr : to_finalize_.front().get();
+        ticks = front != nullptr && front == waiting ? ticks + 1 : 0;
+        waiting = front;
+        finalize_ok = ticks >= 2;
+        lock.unlock();
+        watch_files();
+        lock.lock();
+        next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
+      } else {
+        finalize_ok = true;
+      }
+      continue;
     }
-    if (!work) continue;
     if (queue_.empty()) {
       if (to_finalize_.empty()) return;  // stopping, nothing left
       // A frozen generation takes no more marks (settle() queued it after
@@ -821,6 +837,7 @@ void ChangeTracker::flusher_loop() {
     }
     lock.lock();
     ++batches_done_;
+    finalize_ok = true;  // as before the timer: a batch's wake-up writes behind too
     synced_cv_.notify_all();
   }
 }
