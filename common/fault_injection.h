@@ -58,6 +58,7 @@ inline constexpr const char* kFaultPoints[] = {
 
     "peer.chunk",    // a chunk a host receiving a point from a peer reads over NBD
     "peer.changed",  // a receiving host's rpoint:changed query of an incremental copy
+    "restore.fill",  // a restore's write of one piece of a disk it fills
 };
 
 // What one hit of a point must do.

@@ -61,6 +61,37 @@ Status RenameFile(const std::string& from, const std::string& to) {
   return FsyncDir(DirName(to));
 }
 
+std::string FillingMarker(const std::string& disk_path) {
+  return disk_path + ".filling";
+}
+
+Status CreateFillingMarker(const std::string& disk_path, const std::string& text) {
+  const std::string path = FillingMarker(disk_path);
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd) return Status::FromErrno(errno, "create " + path);
+  Status s = PwriteFull(fd.get(), text.data(), text.size(), 0, path);
+  if (s.ok() && ::fsync(fd.get()) != 0) s = Status::FromErrno(errno, "fsync " + path);
+  if (s.ok()) s = FsyncDir(DirName(path));
+  if (!s.ok()) {
+    fd.reset();
+    (void)RemoveFile(path);
+  }
+  return s;
+}
+
+std::string ReadFillingMarker(const std::string& disk_path) {
+  UniqueFd fd(::open(FillingMarker(disk_path).c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return "";
+  char text[512];
+  ssize_t n = ::pread(fd.get(), text, sizeof text, 0);
+  return n > 0 ? std::string(text, static_cast<size_t>(n)) : "";
+}
+
+bool HasFillingMarker(const std::string& disk_path) {
+  struct stat st {};
+  return ::lstat(FillingMarker(disk_path).c_str(), &st) == 0;
+}
+
 Result<bool> FileHasData(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return Status::FromErrno(errno, "open " + path);

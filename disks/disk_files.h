@@ -26,6 +26,19 @@ Status RemoveFile(const std::string& path);
 // and fsyncs their directory, so the new name survives a crash.
 Status RenameFile(const std::string& from, const std::string& to);
 
+// The marker beside the file of a disk a restore is filling: `path`.filling.
+// It exists from before the disk file is created until after the fill is
+// durable and before the disk is Succeeded (served), so the file system alone
+// tells a partly filled disk from a whole one (a lost metadata.db loses the
+// provisioning state).
+std::string FillingMarker(const std::string& disk_path);
+// Creates the marker durably (file and directory fsynced), holding `text`
+// (what the restore fills the disk from, for the logs).
+Status CreateFillingMarker(const std::string& disk_path, const std::string& text);
+// The marker's text ("" when it cannot be read); whether it exists below.
+std::string ReadFillingMarker(const std::string& disk_path);
+bool HasFillingMarker(const std::string& disk_path);
+
 // Whether the regular file at `path` holds any allocated data (SEEK_DATA). A
 // file that never received a write is one hole: false. A filesystem without
 // SEEK_DATA answers true (it cannot tell, and true is the safe answer for the

@@ -217,7 +217,13 @@ class DiskServiceImpl final : public DiskService {
       auto it = disks_.find(name);
       if (it == disks_.end()) return not_found(name);
       if (it->second.row.provisioning_state == "Succeeded") return Status::Ok();
-      Status s = db_->update_disk_provisioning(name, "Succeeded");
+      // The fill is durable (fill_disk fdatasynced it): the marker goes before
+      // the row says Succeeded. A crash in between leaves the row Creating
+      // (removed at the next start, as any interrupted restore); with the
+      // marker gone, a lost metadata.db then recovers a whole disk.
+      Status s = RemoveFile(FillingMarker(it->second.row.path));
+      if (!s.ok()) return s;
+      s = db_->update_disk_provisioning(name, "Succeeded");
       if (!s.ok()) return s;
       it->second.row.provisioning_state = "Succeeded";
       spdlog::info("disk {}: provisioned", name);
@@ -264,20 +270,36 @@ class DiskServiceImpl final : public DiskService {
     // A tracking directory left by an earlier disk of this name (a crash
     // between its row's deletion and the directory's) must not be taken over.
     remove_tracking(name);
+    // A disk a restore fills is marked so on the file system before its file
+    // exists, until the fill is durable (mark_provisioned): should
+    // metadata.db be lost meanwhile, the start-up sweep must not take the
+    // half-filled file for a whole disk.
+    const bool filling = provisioning_state == "Creating";
+    if (filling) {
+      s = CreateFillingMarker(row.path, source_resource_id);
+      if (!s.ok()) return s;
+    }
+    auto undo_files = [&] {
+      (void)RemoveFile(row.path);
+      if (filling) (void)RemoveFile(FillingMarker(row.path));
+    };
     // File durable first, then the row: a crash in between leaves an orphan
     // file (swept at the next start), never a row without its file.
     s = CreateSparseFile(row.path, size_bytes);
-    if (!s.ok()) return s;
+    if (!s.ok()) {
+      if (filling) (void)RemoveFile(FillingMarker(row.path));
+      return s;
+    }
     auto disk = FileDisk::Open(disk_options(row));
     if (!disk.ok()) {
-      (void)RemoveFile(row.path);
+      undo_files();
       return disk.status();
     }
     s = db_->insert_disk(row);
     if (!s.ok()) {
       disk.value()->retire();
       disk.value().reset();
-      (void)RemoveFile(row.path);
+      undo_files();
       remove_tracking(name);
       return s;
     }
@@ -528,6 +550,9 @@ class DiskServiceImpl final : public DiskService {
     if (!gone.row.adopted) {
       s = RemoveFile(tomb);
       if (!s.ok()) spdlog::warn("disk {}: deleted, but its file stays: {}", name, s.ToString());
+      // A restore's marker (a failed or interrupted fill): after the file,
+      // so the file is never there without it. A crash first: swept.
+      if (HasFillingMarker(gone.row.path)) (void)RemoveFile(FillingMarker(gone.row.path));
     }
     remove_tracking(name);
     spdlog::info("disk {}: deleted{}{}", name,
@@ -725,6 +750,17 @@ class DiskServiceImpl final : public DiskService {
   void open_entry(Entry& e) {
     const std::string& name = e.row.name;
     struct stat st {};
+    if (!e.row.adopted && e.row.provisioning_state == "Succeeded" && HasFillingMarker(e.row.path)) {
+      // A row Succeeded over a file a restore was still filling: metadata.db
+      // put back from an old copy, from a disk of the same name. Never served.
+      e.error = "backing store " + e.row.path +
+                " holds a restore interrupted before it was "
+                "whole (" +
+                FillingMarker(e.row.path) + ", from " + ReadFillingMarker(e.row.path) +
+                "); delete the disk and restore it again";
+      spdlog::error("disk {}: unavailable: {}", name, e.error);
+      return;
+    }
     if (::stat(e.row.path.c_str(), &st) != 0) {
       e.error = Status::FromErrno(errno, "backing store " + e.row.path).message();
       spdlog::error("disk {}: unavailable: {}", name, e.error);
@@ -803,6 +839,10 @@ class DiskServiceImpl final : public DiskService {
   // - `NAME.raw.deleting`: a delete whose row had committed; removed.
   // - `NAME.raw` holding no data: a crash between creating the file and
   //   committing its row (never acknowledged, never exported); removed.
+  // - `NAME.raw` beside its `NAME.raw.filling` marker: a restore interrupted
+  //   before the disk was whole, whose row was lost; removed (it was never
+  //   served, and the restore point it came from still holds the data), with
+  //   the marker. A marker alone (a crash inside a create or delete) goes too.
   // - `NAME.raw` holding data: its row was lost (metadata.db deleted, or put
   //   back from an old copy). Never deleted: the disk is recovered under its
   //   name, with no change tracking (its next restore point is full).
@@ -814,9 +854,10 @@ class DiskServiceImpl final : public DiskService {
       spdlog::warn("disk service: cannot list {}: {}", disks_dir_, std::strerror(errno));
       return;
     }
-    std::vector<std::string> tombs;
+    std::vector<std::string> tombs, markers;
     std::vector<std::pair<std::string, uint64_t>> orphans;  // path, size
     const std::string suffix = kDiskFileSuffix, tomb_suffix = Tombstone(suffix);
+    const std::string marker_suffix = FillingMarker(suffix);
     auto named = [this](const std::string& f, const std::string& sfx) {
       return f.size() > sfx.size() && f.compare(f.size() - sfx.size(), sfx.size(), sfx) == 0 &&
              ValidateName(f.substr(0, f.size() - sfx.size())).ok();
@@ -832,6 +873,9 @@ class DiskServiceImpl final : public DiskService {
         }
       } else if (named(f, suffix) && !known.count(path)) {
         orphans.emplace_back(path, static_cast<uint64_t>(st.st_size));
+      } else if (named(f, marker_suffix)) {
+        std::string disk_path = path.substr(0, path.size() - marker_suffix.size() + suffix.size());
+        if (!known.count(disk_path)) markers.push_back(disk_path);
       }
     }
     ::closedir(dir);
@@ -842,6 +886,19 @@ class DiskServiceImpl final : public DiskService {
     }
     std::vector<std::string> empty;
     for (const auto& [path, size] : orphans) {
+      if (HasFillingMarker(path)) {
+        spdlog::warn(
+            "disk service: removing {}: a restore (from {}) was filling it when the daemon "
+            "stopped, and no disk record names it (metadata.db lost); it was never whole nor "
+            "served, and the restore point still holds its data: restore it again",
+            path, ReadFillingMarker(path));
+        Status s = RemoveFile(path);
+        if (!s.ok()) {
+          spdlog::error("disk service: {}; it stays, never served", s.ToString());
+          continue;  // the marker stays with it, so the next start tries again
+        }
+        continue;  // the marker goes below
+      }
       auto data = FileHasData(path);
       if (data.ok() && !data.value()) {
         empty.push_back(path);
@@ -870,6 +927,13 @@ class DiskServiceImpl final : public DiskService {
           "interrupted create)",
           path);
       Status s = RemoveFile(path);
+      if (!s.ok()) spdlog::warn("disk service: {}", s.ToString());
+    }
+    // Markers whose disk file is gone now (removed above, or before a crash).
+    for (const auto& disk_path : markers) {
+      struct stat st {};
+      if (::lstat(disk_path.c_str(), &st) == 0) continue;  // kept above: its marker too
+      Status s = RemoveFile(FillingMarker(disk_path));
       if (!s.ok()) spdlog::warn("disk service: {}", s.ToString());
     }
   }

@@ -48,6 +48,10 @@ constexpr char kRetiredFile[] = "retired";
 constexpr char kIdFile[] = "id";
 // Tries of one batch of marks before its writes fail with EIO.
 constexpr int kMarkAttempts = 3;
+// How often the flusher checks that the files still hold the history (a few
+// stat calls): bounds how long a kill -9 after an operator's rm -rf can still
+// find a history with holes (see the header).
+constexpr auto kFileCheckInterval = std::chrono::seconds(1);
 
 struct Header {
   char magic[8];
@@ -142,9 +146,13 @@ std::string GenPath(const std::string& dir, uint64_t gen) {
 // mark written on the data path never needs a new block (a full state
 // filesystem fails the cut that prepares a generation, never a guest write).
 // Filesystems without fallocate get zeroes written past the current end.
-Status Preallocate(int fd, const std::string& path, uint64_t nblocks) {
+uint64_t AllocatedBytes(uint64_t nblocks) {
   uint64_t pages = (nblocks + SparseBitmap::kBitsPerPage - 1) / SparseBitmap::kBitsPerPage;
-  off_t len = static_cast<off_t>(kHeaderBytes + pages * SparseBitmap::kPageBytes);
+  return kHeaderBytes + pages * SparseBitmap::kPageBytes;
+}
+
+Status Preallocate(int fd, const std::string& path, uint64_t nblocks) {
+  off_t len = static_cast<off_t>(AllocatedBytes(nblocks));
   if (fallocate(fd, 0, 0, len) == 0) return Status::Ok();
   if (errno != EOPNOTSUPP) return Status::FromErrno(errno, "allocate " + path);
   struct stat st {};
@@ -217,17 +225,21 @@ ChangeTracker::~ChangeTracker() {
     stopping_ = true;
   }
   cv_.notify_all();
-  if (flusher_.joinable()) flusher_.join();
+  const bool opened = flusher_.joinable();  // else Open failed: leave its files alone
+  if (opened) flusher_.join();
   // A clean stop: no mark can come any more (the disk is closed), so the
   // active generation's fine bits are complete once on disk. Frozen ones the
   // flusher did not reach yet as well.
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   std::vector<std::shared_ptr<Generation>> gens(to_finalize_.begin(), to_finalize_.end());
   if (active_) gens.push_back(active_);
   for (auto& g : gens) {
     Status st = finalize(*g);
     if (!st.ok()) spdlog::warn("change tracking {}: {} (it will be widened)", dir_, st.ToString());
   }
+  lock.unlock();
+  // Files lost since the flusher's last check: the restart must not read them.
+  if (opened) watch_files();
 }
 
 bool ChangeTracker::Generation::coarse_covers(uint64_t first, uint64_t last) const {
@@ -281,6 +293,7 @@ Result<std::shared_ptr<ChangeTracker::Generation>> ChangeTracker::create_generat
   Status st = FsyncDir(dir_fd_.get(), dir_);
   if (!st.ok()) return st;
   g->fd = std::move(fd);
+  g->min_size = AllocatedBytes(g->bits.size());
   return g;
 }
 
@@ -291,7 +304,7 @@ Status ChangeTracker::load_or_make_id() {
     char text[32] = {};
     ssize_t n = pread(fd.get(), text, sizeof text - 1, 0);
     if (n > 0) id_ = std::strtoull(text, nullptr, 16);
-    if (id_ != 0) return Status::Ok();
+    if (id_.load() != 0) return Status::Ok();
     // An empty or torn id (a crash while making it): no consumer can have
     // recorded it yet (it is made before the first generation), so make it anew.
   } else if (errno != ENOENT) {
@@ -302,15 +315,18 @@ Status ChangeTracker::load_or_make_id() {
 
 Status ChangeTracker::make_id() {
   std::string path = dir_ + "/" + kIdFile;
-  uint64_t old = id_;
-  id_ = 0;
-  while (id_ == 0 || id_ == old) {
-    if (getrandom(&id_, sizeof id_, 0) != static_cast<ssize_t>(sizeof id_)) {
+  const uint64_t old = id_.load();
+  uint64_t id = 0;
+  while (id == 0 || id == old) {
+    if (getrandom(&id, sizeof id, 0) != static_cast<ssize_t>(sizeof id)) {
       return Status::FromErrno(errno, "getrandom");
     }
   }
+  // In memory first: whatever this returns, the old id is never answered
+  // again (a consumer's base recorded against it copies in full).
+  id_ = id;
   char text[32];
-  int len = std::snprintf(text, sizeof text, "%016" PRIx64 "\n", id_);
+  int len = std::snprintf(text, sizeof text, "%016" PRIx64 "\n", id);
   std::string tmp = path + ".tmp";
   UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (!out) return Status::FromErrno(errno, "create " + tmp);
@@ -358,6 +374,8 @@ Status ChangeTracker::load_existing() {
     bool v1 = false;
     std::string bad = CheckHeader(page0, PreadFull(g->fd.get(), page0, sizeof page0, 0, path),
                                   granularity_, &h, &v1);
+    struct stat fst {};
+    if (!v1 && fstat(g->fd.get(), &fst) == 0) g->min_size = static_cast<uint64_t>(fst.st_size);
     if (!bad.empty()) {
       // Zeroed, truncated into its header, of another granularity, garbage,
       // a flipped bit: which blocks it marked is unknown, so no history can
@@ -451,8 +469,10 @@ Status ChangeTracker::load_existing() {
     frozen_.push_back(std::move(g));
   }
   if (!damaged.empty()) {
-    Status st = forget_history(damaged, found);
+    Status st = forget_history(damaged);
     if (!st.ok()) return st;
+    frozen_.clear();
+    to_finalize_.clear();
     unmarked.clear();
   }
   if (!frozen_.empty()) {
@@ -470,33 +490,114 @@ Status ChangeTracker::load_existing() {
   return Status::Ok();
 }
 
-Status ChangeTracker::forget_history(const std::string& why,
-                                     const std::map<uint64_t, std::string>& files) {
-  // Failing the open would take the disk out of service for the sake of an
-  // optimisation. Instead the tracker starts over as a new one: a new id, so
-  // no consumer's recorded generation matches it (their next copy is full,
-  // and no rpoint:changed context answers from it), and no retirement, so
-  // all_since_creation() forces a full copy for bases recorded without an
-  // id. The id first: a crash before the files go redoes all of this.
+Status ChangeTracker::forget_history(const std::string& why) {
+  // Failing the open (or every cut) would take the disk out of service, or
+  // the VM out of restore points, for the sake of an optimisation. Instead
+  // the tracker starts over as a new one: a new id, so no consumer's recorded
+  // generation matches it (their next copy is full, and no rpoint:changed
+  // context answers from it), and no retirement, so all_since_creation()
+  // forces a full copy for bases recorded without an id. The id first: a
+  // crash before the files go redoes all of this.
   spdlog::error(
-      "change tracking {}: {}: the blocks it marked are unknown, so the tracking history of "
+      "change tracking {}: {}: which blocks changed is unknown, so the tracking history of "
       "this disk is dropped; the next restore point of every collection copies the whole disk",
       dir_, why);
-  Status st = make_id();
+  // The directory itself may be gone or replaced (rm -rf, a lost mount): the
+  // files from now on go to the one at dir_.
+  Status st = MakeDirs(dir_, 0700);
+  if (!st.ok()) return st;
+  UniqueFd dfd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dfd) return Status::FromErrno(errno, "open " + dir_);
+  dir_fd_ = std::move(dfd);
+  st = make_id();
   if (!st.ok()) return st;
   if (unlinkat(dir_fd_.get(), kRetiredFile, 0) != 0 && errno != ENOENT) {
     return Status::FromErrno(errno, "unlink " + dir_ + "/" + kRetiredFile);
   }
-  for (const auto& [number, path] : files) {
-    if (unlink(path.c_str()) != 0 && errno != ENOENT) {
-      return Status::FromErrno(errno, "unlink " + path);
+  // Every generation file there, damaged or not: none is this tracker's any
+  // more. Open generations keep their fds (a running disk goes on marking in
+  // memory) but are detached: their files no longer count.
+  std::unique_ptr<DIR, int (*)(DIR*)> d(opendir(dir_.c_str()), closedir);
+  if (!d) return Status::FromErrno(errno, "opendir " + dir_);
+  while (dirent* e = readdir(d.get())) {
+    std::string name = e->d_name;
+    if ((name.size() == 21 && name.ends_with(".ctbm")) || name.ends_with(".ctbm.tmp")) {
+      if (unlinkat(dir_fd_.get(), name.c_str(), 0) != 0 && errno != ENOENT) {
+        return Status::FromErrno(errno, "unlink " + dir_ + "/" + name);
+      }
     }
   }
-  frozen_.clear();
-  to_finalize_.clear();
-  ever_retired_ = false;
-  retired_through_ = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& g : frozen_) g->detached = true;
+    if (active_) active_->detached = true;
+    next_.reset();  // its file went too; the cut makes a new one
+    ever_retired_ = false;
+    retired_through_ = 0;
+  }
+  damage_reported_ = false;
   return FsyncDir(dir_fd_.get(), dir_);
+}
+
+std::string ChangeTracker::find_damage(bool* dir_lost) const {
+  struct stat a {};
+  struct stat b {};
+  *dir_lost = true;
+  if (stat(dir_.c_str(), &a) != 0) return dir_ + ": " + std::strerror(errno);
+  if (fstat(dir_fd_.get(), &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+    return dir_ + " was removed or replaced";
+  }
+  *dir_lost = false;
+  std::string id = dir_ + "/" + kIdFile;
+  if (stat(id.c_str(), &a) != 0) return id + ": " + std::strerror(errno);
+  std::vector<std::shared_ptr<Generation>> gens;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    gens = frozen_;
+    if (active_) gens.push_back(active_);
+    if (next_) gens.push_back(next_);
+  }
+  for (const auto& g : gens) {
+    if (g->detached) continue;
+    if (stat(g->path.c_str(), &a) != 0) return g->path + ": " + std::strerror(errno);
+    if (fstat(g->fd.get(), &b) != 0) return g->path + ": " + std::strerror(errno);
+    if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) return g->path + " was replaced";
+    uint64_t want = g->min_size.load();
+    if (static_cast<uint64_t>(b.st_size) < want) {
+      return g->path + " was truncated (" + std::to_string(b.st_size) + " bytes of " +
+             std::to_string(want) + ")";
+    }
+  }
+  return "";
+}
+
+void ChangeTracker::watch_files() {
+  std::unique_lock<std::mutex> r(reset_mu_, std::try_to_lock);
+  if (!r) return;  // a cut or a retirement is at the files; it checks or is checked next time
+  bool dir_lost = false;
+  std::string why = find_damage(&dir_lost);
+  // A directory gone needs nothing here: a restart without it is a new
+  // tracker. One replaced may be another tracker's (a disk of the same name
+  // made again while this one's last user lets go): never touched; a cut of
+  // this disk, if any comes, drops the history (prepare_next).
+  if (why.empty() || dir_lost) return;
+  // No in-memory change here (a cut in progress must not see its history
+  // change under it): only what a restart reads. Without an id file the
+  // restart is a new tracker; without the retired file, one never retired.
+  // The next cut drops the history in memory too (prepare_next).
+  int gone = 0;
+  for (const char* name : {kIdFile, kRetiredFile}) {
+    std::string path = dir_ + "/" + name;
+    if (unlink(path.c_str()) == 0) ++gone;
+  }
+  if (gone > 0) (void)FsyncDir(dir_);
+  if (!damage_reported_) {
+    damage_reported_ = true;
+    spdlog::error(
+        "change tracking {}: {}: the tracking files no longer hold this disk's history; the "
+        "next restore point of every collection copies the whole disk",
+        dir_, why);
+  }
 }
 
 ChangeTracker::View ChangeTracker::view() const {
@@ -667,8 +768,33 @@ Status ChangeTracker::finalize(Generation& gen) {
 
 void ChangeTracker::flusher_loop() {
   std::unique_lock<std::mutex> lock(mu_);
+  auto next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
+  // Frozen generations are written behind only once woken for it
+  // (write_behind, a batch of marks, a stop), never by the file check's
+  // timer: settle() files them inside the cut's publish window, where no
+  // thread may wake to take the CPU from the cutting thread.
+  bool finalize_ok = true;
+  // A write_behind() wake-up lost while the check ran (mu_ released) must not
+  // leave a generation unwritten: one still waiting at the third tick (two
+  // seconds on, far past any publish window) is written anyway.
+  const Generation* waiting = nullptr;
+  int ticks = 0;
   for (;;) {
-    cv_.wait(lock, [&] { return stopping_ || !queue_.empty() || !to_finalize_.empty(); });
+    if (!stopping_ && queue_.empty() && (to_finalize_.empty() || !finalize_ok)) {
+      if (cv_.wait_until(lock, next_check) == std::cv_status::timeout) {
+        const Generation* front = to_finalize_.empty() ? nullptr : to_finalize_.front().get();
+        ticks = front != nullptr && front == waiting ? ticks + 1 : 0;
+        waiting = front;
+        finalize_ok = ticks >= 2;
+        lock.unlock();
+        watch_files();
+        lock.lock();
+        next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
+      } else {
+        finalize_ok = true;
+      }
+      continue;
+    }
     if (queue_.empty()) {
       if (to_finalize_.empty()) return;  // stopping, nothing left
       // A frozen generation takes no more marks (settle() queued it after
@@ -711,6 +837,7 @@ void ChangeTracker::flusher_loop() {
     }
     lock.lock();
     ++batches_done_;
+    finalize_ok = true;  // as before the timer: a batch's wake-up writes behind too
     synced_cv_.notify_all();
   }
 }
@@ -799,6 +926,15 @@ Result<uint64_t> ChangeTracker::flip() {
 }
 
 Status ChangeTracker::prepare_next() {
+  std::lock_guard<std::mutex> files(reset_mu_);
+  // Before the cut decides anything (FileDisk::arm_cut reads
+  // all_since_creation() after this): lost files make this point full.
+  bool dir_lost = false;
+  std::string why = find_damage(&dir_lost);
+  if (!why.empty()) {
+    Status st = forget_history(why + " while the daemon ran");
+    if (!st.ok()) return st;
+  }
   uint64_t number;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -884,6 +1020,9 @@ Status ChangeTracker::retire_through(uint64_t gen) {
   // Wait for every mutation that entered in an epoch <= gen to leave.
   while (!wait_writes_left(gen, std::chrono::hours(1))) {
   }
+  // The files under reset_mu_: a check meanwhile would take a generation
+  // taken out but not yet unlinked for damage.
+  std::lock_guard<std::mutex> files(reset_mu_);
   std::vector<std::shared_ptr<Generation>> dropped;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -910,6 +1049,7 @@ Status ChangeTracker::retire_through(uint64_t gen) {
   Status st = FsyncDir(dir_fd_.get(), dir_);
   if (!st.ok()) return st;
   for (const auto& g : dropped) {
+    if (g->detached) continue;  // its file is gone, or is not its any more
     if (unlink(g->path.c_str()) != 0 && errno != ENOENT) {
       return Status::FromErrno(errno, "unlink " + g->path);
     }
@@ -930,6 +1070,7 @@ Status ChangeTracker::grow(uint64_t new_disk_size) {
     if (!g) continue;
     Status st = Preallocate(g->fd.get(), g->path, nb);
     if (!st.ok()) return st;
+    g->min_size = AllocatedBytes(nb);
   }
   nblocks_.store(nb);
   active_->bits.resize(nb);

@@ -100,6 +100,24 @@
 // disk grows, so marking on the data path never needs a new block: a full state
 // filesystem fails a cut or a resize, never a guest write.
 //
+// Files lost while running (an operator's rm -rf of the directory, a file
+// deleted, truncated or replaced, the state filesystem unmounted): the
+// in-memory bits stay whole (the data path only writes through open fds), but
+// a restart would read a history with holes, and a vanished directory would
+// fail every cut. find_damage() tells (the directory and every live
+// generation file still the inode the tracker holds, none shorter than
+// allocated, the id file there). Each cut checks first (prepare_next): a
+// damaged tracker drops its history as forget_history() does at Open (the
+// directory made anew, a new id, no retirement, the old generations detached
+// from their files), so that cut's point is full and succeeds. Between cuts
+// the flusher checks every kFileCheckInterval (and a clean stop once more)
+// and, on damage inside the directory, removes the id and retired files (no
+// in-memory change, which a cut in progress could see half done): a crash or
+// stop before the next cut then restarts as a new tracker, never from the
+// holes (a directory gone restarts as one anyway; one replaced may be a new
+// disk's of the same name, so it is left alone). A kill -9 within that
+// interval of the damage is the one case left uncovered.
+//
 // Thread-safety: ensure_marked/enter/leave/epoch/covered from any reactor
 // thread; flip/changed/retire_through/grow from control-plane threads. The
 // data path takes the tracker mutex only on the slow path (first write into a
@@ -212,7 +230,7 @@ class ChangeTracker {
   // This tracker's identity (never 0): differs between the trackers of two
   // disks ever made under one name, so a generation number recorded against
   // one is never taken for one of the other.
-  uint64_t id() const { return id_; }
+  uint64_t id() const { return id_.load(); }
   // A restore point covering generations <= gen succeeded: waits for mutations
   // of those epochs to leave, then deletes their files.
   Status retire_through(uint64_t gen);
@@ -249,6 +267,13 @@ class ChangeTracker {
     std::array<std::atomic<uint64_t>, kCoarseWords> coarse{};
     // kFineIncomplete durable. Written by the flusher/owner; read by the fast path.
     std::atomic<bool> incomplete_on_disk{false};
+    // Bytes the file is known to hold (allocated when made or grown, or as
+    // found at Open); shorter means it was truncated behind our back. 0: not
+    // checked (RPCTBM01 files are sparse).
+    std::atomic<uint64_t> min_size{0};
+    // The history was dropped (forget_history) since it was made: its file
+    // no longer counts, and find_damage() skips it.
+    std::atomic<bool> detached{false};
     bool coarse_covers(uint64_t first, uint64_t last) const;
     std::array<uint64_t, kCoarseWords> coarse_words() const;  // a copy of `coarse`
   };
@@ -275,8 +300,16 @@ class ChangeTracker {
   Status load_existing();
   Status load_or_make_id();
   Status make_id();  // a fresh random id, durable in <dir>/id
-  // An unreadable generation file: start over as a new tracker (see the .cpp).
-  Status forget_history(const std::string& why, const std::map<uint64_t, std::string>& files);
+  // An unreadable or lost generation file: start over as a new tracker (see
+  // the .cpp). At Open, or with reset_mu_ held.
+  Status forget_history(const std::string& why);
+  // Why the files on disk no longer hold this tracker's history, or "" (see
+  // the header); *dir_lost: the directory itself is gone or another one.
+  // reset_mu_ held.
+  std::string find_damage(bool* dir_lost) const;
+  // The flusher's (and a clean stop's) check: on damage, only the id and
+  // retired files go, so a restart is a new tracker.
+  void watch_files();
   Status write_marks(Generation& gen, const std::vector<Pending>& batch);
   // The header page (checksummed); a complete one carries the CRC of the
   // first fine_pages fine pages.
@@ -292,7 +325,12 @@ class ChangeTracker {
   uint32_t granularity_;
   unsigned shift_;
   std::atomic<uint64_t> nblocks_;
-  UniqueFd dir_fd_;
+  UniqueFd dir_fd_;  // replaced only by forget_history; used at Open or with reset_mu_ held
+  // Serializes what touches the directory's entries after Open: the cut's
+  // check and next generation (prepare_next), retirement's unlinks, the
+  // flusher's check. Taken before mu_.
+  mutable std::mutex reset_mu_;
+  bool damage_reported_ = false;  // guarded by reset_mu_: watch_files logs once
 
   mutable std::mutex mu_;
   std::shared_ptr<Generation> active_;  // guarded by mu_
@@ -309,7 +347,7 @@ class ChangeTracker {
   std::vector<std::shared_ptr<Generation>> frozen_;
   bool ever_retired_ = false;
   uint64_t retired_through_ = 0;  // highest generation retire_through() was given
-  uint64_t id_ = 0;
+  std::atomic<uint64_t> id_{0};
   // In-flight mutations per epoch, indexed by epoch % 4. Cuts are seconds apart
   // and mutations finish in milliseconds, so four slots never alias in practice;
   // flip() refuses if the slot it is about to reuse is still busy.

@@ -185,7 +185,7 @@ Status RestoreServiceImpl::fill_disk(const std::string& disk, store::Store& st,
       Status s = r.read(off, n, buf);
       if (!s.ok()) return fail(s);
       size_t direct = 0;
-      s = PwriteDirect(dfd.get(), fd.get(), buf, n, off, rec->path, nullptr, &direct);
+      s = PwriteDirect(dfd.get(), fd.get(), buf, n, off, rec->path, "restore.fill", &direct);
       if (!s.ok()) return fail(s);
       if (direct < n) {
         (void)::sync_file_range(fd.get(), static_cast<off_t>(off + direct),

@@ -215,3 +215,75 @@ def test_a_tracking_base_naming_another_point_makes_the_next_point_full(make_dae
     d.create_restore_point("c", "rp3")
     assert same(read_all(d.rp_uri("c", "rp3", "disk"), size), now)
     assert d.disk_restore_point("c", "rp3", "disk")["properties"]["incremental"] is False
+
+
+def restore_held_half_done(make_daemon, tmp_path):
+    """Disk `src` (16 MiB of data) in point c/rp1; a restore of it into disk
+    `back` held by the restore.fill fault after two pieces, then kill -9
+    with `back.raw` partly filled. Returns (d, the source image)."""
+    import time
+
+    faults = str(tmp_path / "faults")
+    d = make_daemon(env={"RPOINTD_FAULTS_FILE": faults}).start()
+    size = 16 * MiB
+    d.create_disk("src", size)
+    d.create_vm("vm", ["src"])
+    d.create_collection("c", "vm")
+    nbd_write(d.nbd_uri("src"), [(0, os.urandom(size))])
+    want = read_all(d.nbd_uri("src"), size)
+    d.create_restore_point("c", "rp1")
+    # Pieces are 4 MiB: two are written (which two depends on the workers'
+    # timing), the rest wait.
+    d.arm_faults("restore.fill=delay60000@3")
+    d.restore_disk("back", "c", "rp1", "src", wait=False)
+    raw = os.path.join(d.state_dir, "disks", "back.raw")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with open(raw, "rb") as f:
+                got = f.read()
+            if any(got[p:p + 64 * 1024] == want[p:p + 64 * 1024] for p in range(0, size, 4 * MiB)):
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the restore wrote nothing:\n{d.log()}"
+        time.sleep(0.05)
+    d.kill9()
+    with open(raw, "rb") as f:
+        assert not same(f.read(), want), "the restore was not held half done"
+    return d, want
+
+
+def test_a_restore_interrupted_with_metadata_db_lost_is_not_recovered_as_a_disk(make_daemon,
+                                                                                tmp_path):
+    """A kill -9 while a restore fills `back.raw`, and metadata.db lost: the
+    half-filled file must never come back as a healthy disk (it would read as
+    the point in part, zeroes in the rest). It is removed; the point still
+    holds the data, and restoring again gives the whole disk."""
+    d, want = restore_held_half_done(make_daemon, tmp_path)
+    for f in glob.glob(os.path.join(d.state_dir, "metadata.db*")):
+        os.unlink(f)
+    d.start()
+    r = d.api("GET", "/disks/back")
+    assert r.status == 404, f"a half-restored disk came back: {r}"
+    assert "a restore (from /restorePointCollections/c/restorePoints/rp1" in d.log_all()
+    disks = os.path.join(d.state_dir, "disks")
+    assert sorted(os.listdir(disks)) == ["src.raw"], os.listdir(disks)
+    assert d.api("GET", "/disks/src").status == 200  # a whole disk is still recovered
+    d.arm_faults("")
+    d.restore_disk("again", "c", "rp1", "src")
+    assert same(read_all(d.nbd_uri("again"), len(want)), want)
+
+
+def test_a_restore_interrupted_with_metadata_db_kept_is_removed_as_before(make_daemon, tmp_path):
+    """The same kill -9 with metadata.db intact: the disk still Creating is
+    removed at the start (file and marker), and the name can be restored again."""
+    d, want = restore_held_half_done(make_daemon, tmp_path)
+    d.start()
+    assert d.api("GET", "/disks/back").status == 404
+    assert "its restore was interrupted by a restart" in d.log_all()
+    assert sorted(os.listdir(os.path.join(d.state_dir, "disks"))) == ["src.raw"]
+    d.arm_faults("")
+    d.restore_disk("back", "c", "rp1", "src")
+    assert same(read_all(d.nbd_uri("back"), len(want)), want)
+    assert sorted(os.listdir(os.path.join(d.state_dir, "disks"))) == ["back.raw", "src.raw"]

@@ -146,3 +146,109 @@ def test_flipped_header_bit_after_kill9_makes_the_next_point_full(make_daemon, t
     log = d.log_all()
     assert "fails its header checksum" in log and "tracking history of this disk is dropped" in log
     assert "tracking/a" in log  # the line names the disk
+
+
+def write_load(uri, seed, stop):
+    """A background writer: random 4 KiB writes all over the disk, a flush
+    every 32, until `stop` is set. Returns (thread, errors)."""
+    import threading
+
+    errors = []
+
+    def run():
+        rng = random.Random(seed)
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            n = 0
+            while not stop.is_set():
+                h.pwrite(rng.randbytes(4096), rng.randrange(SIZE // 4096) * 4096)
+                n += 1
+                if n % 32 == 0:
+                    h.flush()
+            h.flush()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+        finally:
+            h.shutdown()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
+def check_point(d, tmp_path, rp, what):
+    """rp of disk `a` equals the disk (qemu-img compare: digests, not bytes in
+    an assert); returns its disk restore point properties."""
+    d.create_restore_point("c", rp)
+    a = nbd_save(d.nbd_uri("a"), tmp_path / f"{rp}.disk")
+    b = nbd_save(d.rp_uri("c", rp, "a"), tmp_path / f"{rp}.point")
+    same, msg = images_equal(a, b)
+    assert same, f"{rp} differs from the disk after {what}: {msg}\n{d.log()}"
+    return d.disk_restore_point("c", rp, "a")["properties"]
+
+
+@pytest.mark.parametrize("damage", ["rm-dir", "rm-file", "truncate-file"])
+def test_tracking_files_lost_while_running_make_the_next_point_full(make_daemon, tmp_path,
+                                                                   damage):
+    """The tracking directory removed (an operator's rm -rf), or the
+    generation file holding the changes since rp0 deleted or truncated, while
+    the daemon runs under an NBD write load. The next point succeeds (no
+    CutFailed), is full (the history is dropped: its files can no longer
+    vouch for it after a crash) and equals the disk; the point after it is
+    incremental and exact again, and so is one after a kill -9."""
+    import shutil
+    import threading
+    import time
+
+    d, rng = disk_changed_after_a_point(make_daemon, 13)
+    track = os.path.join(d.state_dir, "tracking", "a")
+    stop = threading.Event()
+    t, errors = write_load(d.nbd_uri("a"), 5, stop)
+    time.sleep(0.5)
+    if damage == "rm-dir":
+        shutil.rmtree(track)
+    elif damage == "rm-file":
+        os.unlink(newest_generation(d, "a"))
+    else:
+        os.truncate(newest_generation(d, "a"), 0)
+    time.sleep(1.0)  # writes land after the damage too
+    stop.set()
+    t.join(60)
+    assert not t.is_alive() and not errors, errors
+
+    drp = check_point(d, tmp_path, "rp1", f"{damage} of the tracking files")
+    assert drp["incremental"] is False, drp
+    assert "tracking history of this disk is dropped" in d.log_all()
+    assert os.path.exists(os.path.join(track, "id")), os.listdir(track)
+
+    nbd_write(d.nbd_uri("a"), [(3 * MiB, rng.randbytes(8192)), (SIZE - 4096, rng.randbytes(4096))])
+    drp = check_point(d, tmp_path, "rp2", f"{damage}, one point later")
+    assert drp["incremental"] is True, drp
+
+    nbd_write(d.nbd_uri("a"), [(7 * MiB, rng.randbytes(65536))])
+    d.kill9()
+    d.start()
+    drp = check_point(d, tmp_path, "rp3", f"{damage}, then a kill -9")
+    assert drp["incremental"] is True, drp
+
+
+@pytest.mark.parametrize("stop", ["clean", "kill9"])
+def test_tracking_file_deleted_while_running_is_no_hole_after_a_restart(make_daemon, tmp_path,
+                                                                       stop):
+    """The generation file holding the changes since rp0 deleted while the
+    daemon runs, and no point before the daemon stops (clean: at once; kill -9:
+    after the flusher's file check had its second). The restart must not take
+    the remaining files for the whole history: rp1 equals the disk."""
+    import time
+
+    d, rng = disk_changed_after_a_point(make_daemon, 17)
+    os.unlink(newest_generation(d, "a"))
+    nbd_write(d.nbd_uri("a"), [(9 * MiB, rng.randbytes(4096))])  # only in memory now
+    if stop == "clean":
+        assert d.stop() == 0, d.log()
+    else:
+        time.sleep(3)  # the check runs every second
+        d.kill9()
+    drp = restart_and_check_rp1(d, tmp_path, "a tracking file deleted while running")
+    assert drp["incremental"] is False, drp

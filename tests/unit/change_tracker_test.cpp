@@ -757,6 +757,67 @@ TEST_CASE("change tracker: a damaged generation file drops the history loudly, n
   }
 }
 
+TEST_CASE("change tracker: files lost while it runs drop the history at the next cut") {
+  // The directory removed (rm -rf), the active generation's file deleted or
+  // truncated, with the tracker open: the next cut must not fail, and must
+  // drop the history (another id, never retired: the point is full); a stop
+  // without a cut must leave no history with a hole for the restart.
+  for (int how = 0; how < 4; ++how) {
+    CAPTURE(how);
+    TempDir tmp;
+    fs::path img = tmp.path / "disk.img";
+    { std::ofstream(img).close(); }
+    fs::resize_file(img, 64 * kGran);
+    fs::path track = tmp.path / "track";
+    uint64_t id = 0;
+    {
+      auto disk = FileDisk::Open({"d", img, false, false, track.string(), kGran});
+      REQUIRE(disk.ok());
+      ChangeTracker* t = disk.value()->tracker();
+      id = t->id();
+      Loop loop;
+      std::vector<char> buf(4096, 'w');
+      CHECK(Write(loop, *disk.value(), 0, buf) == 0);
+      auto g = t->flip();
+      REQUIRE(g.ok());
+      REQUIRE(t->retire_through(g.value()).ok());
+      CHECK(Write(loop, *disk.value(), 9 * kGran, buf) == 0);
+      fs::path active = NewestGeneration(track.string());
+      if (how == 0) fs::remove_all(track);
+      if (how == 1 || how == 3) fs::remove(active);
+      if (how == 2) fs::resize_file(active, 0);
+      CHECK(Write(loop, *disk.value(), 11 * kGran, buf) == 0);
+      if (how != 3) {  // 3: a stop with no cut, then the restart below
+        REQUIRE(t->prepare_next().ok());
+        CHECK(t->id() != id);
+        CHECK(t->all_since_creation());
+        CHECK(fs::exists(track / "id"));
+        // The cut goes on, and so does tracking, in the directory made anew.
+        auto g2 = t->flip();
+        REQUIRE(g2.ok());
+        REQUIRE(t->retire_through(g2.value()).ok());
+        CHECK(Write(loop, *disk.value(), 20 * kGran, buf) == 0);
+        REQUIRE(t->flip().ok());
+        CHECK(SetBits(t->changed(g2.value())) == std::vector<uint64_t>{20});
+        CHECK(t->sync().ok());
+        id = t->id();
+      }
+    }
+    // Reopened: the history after the last retirement is whole (how 0-2), or
+    // the tracker is a new one (how 3: the file with blocks 9 and 11 is gone).
+    auto disk = FileDisk::Open({"d", img, false, false, track.string(), kGran});
+    REQUIRE(disk.ok());
+    ChangeTracker* t = disk.value()->tracker();
+    if (how == 3) {
+      CHECK(t->id() != id);
+      CHECK(t->all_since_creation());
+    } else {
+      CHECK(t->id() == id);
+      CHECK(SetBits(t->changed()) == std::vector<uint64_t>{20});
+    }
+  }
+}
+
 TEST_CASE("change tracker: a truncated generation counts the blocks it lost as changed") {
   // Generation files are allocated whole before a mark lands, so one shorter
   // than its disk needs lost bits: those blocks must count as changed, never
