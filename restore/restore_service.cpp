@@ -169,15 +169,19 @@ Status RestoreServiceImpl::init() {
         continue;
       }
     }
+    // A region that cannot be opened (a damaged store.db, EIO, its LOCK held
+    // by another daemon) does not stop the daemon: the VMs' disks must serve.
     Status made = MakeDirs(r.path, 0700);
-    if (!made.ok()) return made;
     store::StoreOptions so;
     so.dir = r.path;
     so.pack_cache = packs;
-    auto st = store::Store::Open(so);
+    auto st = made.ok() ? store::Store::Open(so) : Result<std::shared_ptr<store::Store>>(made);
     if (!st.ok()) {
-      return Status(st.status().code(),
-                    "region '" + r.name + "' at " + r.path + ": " + st.status().message());
+      std::string why = "its store " + r.path + " cannot be opened (" + st.status().ToString() +
+                        "); fix that and restart rpointd";
+      spdlog::error("region '{}' is unavailable: {}", r.name, why);
+      missing_stores_[r.name] = why;
+      continue;
     }
     stores_[r.name] = std::move(st).value();
   }

@@ -367,9 +367,10 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::string default_region_;
   std::vector<RegionSpec> regions_;  // as configured, is_default normalised
   std::map<std::string, std::shared_ptr<store::Store>> stores_;
-  // Regions left unopened at start: their store was missing while metadata.db
-  // records points in them (an unmounted filesystem, a removed directory).
-  // Written by init() only.
+  // Regions left unopened at start, and why: their store was missing while
+  // metadata.db records points in them (an unmounted filesystem, a removed
+  // directory), or it failed to open (damaged store.db, EIO, LOCK held by
+  // another daemon). Written by init() only.
   std::map<std::string, std::string> missing_stores_;
   // Regions whose directory went away while running, logged once (lost_mu_).
   std::mutex lost_mu_;

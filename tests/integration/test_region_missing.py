@@ -16,6 +16,9 @@ under it. Now:
 (c) removed while the daemon runs: new points, restores and exports fail at
     once with 503 / RegionUnavailable naming the removal, instead of
     "open pack ...: No such file" on every try; nothing is recreated.
+(d) a damaged store.db: the daemon starts (before, it refused, and no disk
+    was served), the region is Unavailable saying Corruption; moved aside,
+    it is rebuilt and every point reads back.
 """
 import os
 import random
@@ -124,3 +127,25 @@ def test_region_removed_while_running_fails_loudly_and_is_not_recreated(daemon):
     daemon.restart()
     assert_unavailable(daemon, "missing")
     assert not os.path.exists(region)
+
+
+def test_damaged_store_db_leaves_the_region_unavailable_and_the_disks_served(daemon):
+    rp1, disk = make_point(daemon)
+    db = os.path.join(daemon.region_dir(), "store.db")
+    daemon.stop()
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+    with open(db, "r+b") as f:  # garbage over the header and the first pages
+        f.write(b"\xa5" * 8192)
+    daemon.start()  # before: the daemon refused to start, so no VM disk served
+    props = region_state(daemon)
+    assert props["state"] == "Unavailable", props
+    assert "Corruption" in props["error"]["message"], props
+    assert nbd_digest(daemon.nbd_uri("a")) == disk
+    # Moved aside, as the message says: rebuilt from the packs, every point back.
+    daemon.stop()
+    os.rename(db, db + ".damaged")
+    daemon.start()
+    assert region_state(daemon)["state"] == "Available", daemon.log()
+    assert nbd_digest(daemon.rp_uri("c", "rp1", "a")) == rp1
