@@ -146,14 +146,19 @@ def test_a_damaged_metadata_db_stops_the_start_and_says_how_to_recover(make_daem
     assert same(read_all(d.rp_uri("c", "rp1", "disk"), 2 * MiB), data)
 
 
+def random_disk_in_a_vm(d, disk, size):
+    """Disk `disk` of random data in VM `vm` with collection `c`; returns its image."""
+    d.create_disk(disk, size)
+    d.create_vm("vm", [disk])
+    d.create_collection("c", "vm")
+    nbd_write(d.nbd_uri(disk), [(0, os.urandom(size))])
+    return read_all(d.nbd_uri(disk), size)
+
+
 def two_points(d):
     """rp1 and rp2 of disk `disk`, different contents; returns both images."""
     size = 16 * MiB
-    d.create_disk("disk", size)
-    d.create_vm("vm", ["disk"])
-    d.create_collection("c", "vm")
-    nbd_write(d.nbd_uri("disk"), [(0, os.urandom(size))])
-    one = read_all(d.nbd_uri("disk"), size)
+    one = random_disk_in_a_vm(d, "disk", size)
     d.create_restore_point("c", "rp1")
     nbd_write(d.nbd_uri("disk"), [(0, os.urandom(4 * MiB))])
     two = read_all(d.nbd_uri("disk"), size)
@@ -226,11 +231,7 @@ def restore_held_half_done(make_daemon, tmp_path):
     faults = str(tmp_path / "faults")
     d = make_daemon(env={"RPOINTD_FAULTS_FILE": faults}).start()
     size = 16 * MiB
-    d.create_disk("src", size)
-    d.create_vm("vm", ["src"])
-    d.create_collection("c", "vm")
-    nbd_write(d.nbd_uri("src"), [(0, os.urandom(size))])
-    want = read_all(d.nbd_uri("src"), size)
+    want = random_disk_in_a_vm(d, "src", size)
     d.create_restore_point("c", "rp1")
     # Pieces are 4 MiB: two are written (which two depends on the workers'
     # timing), the rest wait.
