@@ -147,8 +147,8 @@ Status RestoreServiceImpl::fill_disk(const std::string& disk, store::Store& st,
     }
   }
   // Pass 2: the runs in pieces of up to 4 MiB, handed out in disk order to
-  // a few workers. Each reads its piece (PointReader::read: large preads of
-  // the packs, every chunk checked against its SHA-256) and writes it with one
+  // a few workers. Each reads its piece (PointReader::read: large O_DIRECT
+  // preads of the packs, every chunk checked against its SHA-256) and writes it with one
   // pwrite, so hashing runs on every core while another worker waits for I/O.
   // Pieces are 4 KiB aligned (chunk boundaries), so they are written with
   // O_DIRECT: no copy into the page cache and no writeback to wait for at the
@@ -182,7 +182,7 @@ Status RestoreServiceImpl::fill_disk(const std::string& disk, store::Store& st,
       if (i >= pieces.size()) return;
       if (stopping_.load()) return fail(Status::Shutdown("daemon stopping"));
       const auto [off, n] = pieces[i];
-      Status s = r.read(off, n, buf);
+      Status s = r.read(off, n, buf, store::PointReader::ReadMode::kDirect);
       if (!s.ok()) return fail(s);
       size_t direct = 0;
       s = PwriteDirect(dfd.get(), fd.get(), buf, n, off, rec->path, "restore.fill", &direct);

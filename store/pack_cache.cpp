@@ -49,12 +49,19 @@ std::shared_ptr<PackFd> PackCache::try_get(uint64_t owner, uint64_t pack) {
   return hand_out_locked(k, it->second);
 }
 
+int PackFd::direct_fd() const {
+  std::call_once(direct_once_,
+                 [this] { direct_.reset(::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC)); });
+  return direct_.get();
+}
+
 Result<std::shared_ptr<PackFd>> PackCache::get(uint64_t owner, uint64_t pack,
                                                const std::string& path) {
   if (auto fd = try_get(owner, pack)) return fd;
   // Open outside the lock: a slow open must not stall try_get() on a reactor.
   auto p = std::make_shared<PackFd>();
   p->id = pack;
+  p->path = path;
   p->fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!p->fd) return Status::FromErrno(errno, "open pack " + path);
   std::vector<std::shared_ptr<PackFd>> evicted;

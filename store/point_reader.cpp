@@ -102,7 +102,7 @@ Status PointReader::check_chunk(uint64_t slot, const Location& l, const void* da
   return damaged_chunk(slot, l.digest, l.pack->id, l.offset);
 }
 
-Status PointReader::read(uint64_t offset, uint64_t len, void* buf) {
+Status PointReader::read(uint64_t offset, uint64_t len, void* buf, ReadMode mode) {
   if (offset > info_.size || len > info_.size - offset) {
     return Status::OutOfRange("read beyond the end of the disk point");
   }
@@ -121,8 +121,9 @@ Status PointReader::read(uint64_t offset, uint64_t len, void* buf) {
   auto flush = [&]() -> Status {
     if (run.empty()) return Status::Ok();
     const Location& l0 = *run.front().loc;
-    Status s = PreadFull(l0.pack->fd.get(), run.front().data, run.size() * cs, l0.offset,
-                         "pack " + std::to_string(l0.pack->id));
+    const int direct = mode == ReadMode::kDirect ? l0.pack->direct_fd() : -1;
+    Status s = PreadDirect(direct, l0.pack->fd.get(), run.front().data, run.size() * cs, l0.offset,
+                           "pack " + std::to_string(l0.pack->id));
     for (size_t i = 0; i < run.size() && s.ok(); ++i) {
       s = check_chunk(run[i].slot, *run[i].loc, run[i].data);
     }

@@ -39,9 +39,14 @@ class PointReader {
   uint32_t chunk_size() const { return info_.chunk_size; }
   uint64_t slots() const { return slots_; }
 
+  // How read() fetches whole chunks from their packs: through the page cache
+  // (exports: read-ahead, and reads that come back), or O_DIRECT into buf
+  // when buf is 4 KiB aligned (a restore or copy reading each chunk once: no
+  // copy through the page cache). Partly covered chunks are always cached.
+  enum class ReadMode { kCached, kDirect };
   // Copies [offset, offset+len) of the disk into buf. IoError when a chunk
   // of the range is damaged or missing.
-  Status read(uint64_t offset, uint64_t len, void* buf);
+  Status read(uint64_t offset, uint64_t len, void* buf, ReadMode mode = ReadMode::kCached);
 
   // Allocation map of [offset, offset+len) in NBD base:allocation terms: holes
   // are kHole|kZero, stored chunks 0. Adjacent runs of one kind are merged;
