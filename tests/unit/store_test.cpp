@@ -947,7 +947,7 @@ TEST_CASE("store: direct reads (restore) read back exactly and fail a damaged ch
   auto r = Take(st->open_point(p.id));
   // 4 KiB aligned, as the restore's buffers: whole chunks go O_DIRECT.
   std::unique_ptr<char, decltype(&std::free)> mem(
-      static_cast<char*>(std::aligned_alloc(4096, im.size() + 8192)), &std::free);
+      static_cast<char*>(std::aligned_alloc(4096, (im.size() + 8191) / 4096 * 4096)), &std::free);
   REQUIRE(mem);
   REQUIRE_OK(V(r->read(0, im.size(), mem.get(), kDirect)));
   CHECK(std::memcmp(mem.get(), im.bytes.data(), im.size()) == 0);
