@@ -41,8 +41,8 @@ class PointReader {
 
   // How read() fetches whole chunks from their packs: through the page cache
   // (exports: read-ahead, and reads that come back), or O_DIRECT into buf
-  // when buf is 4 KiB aligned (a restore or copy reading each chunk once: no
-  // copy through the page cache). Partly covered chunks are always cached.
+  // when buf is 4 KiB aligned (a restore, reading each chunk once: no copy
+  // through the page cache). Partly covered chunks are always cached.
   enum class ReadMode { kCached, kDirect };
   // Copies [offset, offset+len) of the disk into buf. IoError when a chunk
   // of the range is damaged or missing.
