@@ -174,6 +174,16 @@ Result<std::shared_ptr<DiskSnapshot>> FileDisk::arm_cut(
   bool full = force_full || tracker_->all_since_creation();
   auto armed = tracker_->arm(std::move(sw), since);
   if (!armed.ok()) return armed.status();
+  if (!full && !armed.value().history_gap.empty()) {
+    // The base is older than what the tracker retired (metadata.db put back
+    // from a copy, or its -wal lost): an incremental point would miss the
+    // changes of the retired generations.
+    spdlog::warn(
+        "disk {}: the tracking history after the restore point's base (generation {}) is not "
+        "whole: {}; metadata.db older than the change tracker? This point is full",
+        name(), since, armed.value().history_gap);
+    full = true;
+  }
   DiskSnapshot::Params p{
       name(),
       fd_.get(),
