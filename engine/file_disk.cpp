@@ -481,15 +481,27 @@ Status FileDisk::grow(uint64_t new_size) {
     size_.store(sz);
     return Status::Ok();
   }
-  if (new_size < size_.load()) return Status::InvalidArgument("disks can only grow");
+  const uint64_t old_size = size_.load();
+  if (new_size < old_size) return Status::InvalidArgument("disks can only grow");
+  // A grow that fails leaves the file as it was: a file larger than its
+  // disk's row or its tracking would make the restart take the new size
+  // against a tracker that never allocated it (the disk Unavailable). No
+  // client can have written past old_size (size_ did not move yet).
+  auto undo = [&](Status failed) {
+    if (ftruncate(fd_.get(), static_cast<off_t>(old_size)) != 0 || fsync(fd_.get()) != 0) {
+      spdlog::error("disk {}: a failed grow could not be undone (the file stays at {} bytes): {}",
+                    name(), new_size, std::strerror(errno));
+    }
+    return failed;
+  };
   if (ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
-    return Status::FromErrno(errno, "ftruncate " + opts_.path);
+    return undo(Status::FromErrno(errno, "ftruncate " + opts_.path));
   }
-  if (fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + opts_.path);
+  if (fsync(fd_.get()) != 0) return undo(Status::FromErrno(errno, "fsync " + opts_.path));
   // Tracking covers the new blocks before any client can address them.
   if (tracker_) {
     Status st = tracker_->grow(new_size);
-    if (!st.ok()) return st;
+    if (!st.ok()) return undo(st);
   }
   size_.store(new_size);
   return Status::Ok();
