@@ -963,8 +963,9 @@ std::string ChangeTracker::history_gap_locked(uint64_t after) const {
   // after `after` is whole unless a retirement went past it. (Never-marked
   // generations are dropped at Open without retiring: they held nothing.)
   if (after >= active_->number) {
-    return "generation " + std::to_string(after) + " is not one this tracker froze (the active one is " +
-           std::to_string(active_->number) + ")";
+    return "generation " + std::to_string(after) +
+           " is not one this tracker froze (the active one is " + std::to_string(active_->number) +
+           ")";
   }
   if (ever_retired_ && retired_through_ > after) {
     return "the generations after " + std::to_string(after) + " were retired through " +

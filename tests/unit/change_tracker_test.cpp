@@ -175,8 +175,7 @@ TEST_CASE("change tracker: arm says when the history after the base was retired"
     REQUIRE(ct.retire_through(g2).ok());
     a = ct.arm(sw, g1);
     REQUIRE(a.ok());
-    CHECK(a.value().history_gap.find("retired through " + std::to_string(g2)) !=
-          std::string::npos);
+    CHECK(a.value().history_gap.find("retired through " + std::to_string(g2)) != std::string::npos);
     CHECK_FALSE(ct.changed_since(g1, nullptr));
     ct.disarm();
   }

@@ -445,8 +445,8 @@ TEST_CASE("cut: a base older than the tracker's retired history makes the point 
   uint64_t gen[2];
   for (int i = 0; i < 2; ++i) {
     REQUIRE(WriteSync(*loop.reactor, *d, (1 + 2 * i) * kGran, data) == 0);
-    auto c = CutDisks({d}, tmp.path.string(), "p" + std::to_string(i), {}, {},
-                      {i == 0 ? 0 : gen[0]});
+    auto c =
+        CutDisks({d}, tmp.path.string(), "p" + std::to_string(i), {}, {}, {i == 0 ? 0 : gen[0]});
     REQUIRE(c.ok());
     gen[i] = c.value().snapshots[0]->generation();
     d->end_snapshot();
