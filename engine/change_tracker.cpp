@@ -866,6 +866,7 @@ Result<ChangeTracker::Armed> ChangeTracker::arm(std::shared_ptr<const CutSwitch>
   next_->bits.resize(nblocks_.load());
   Armed out;
   out.frozen = e;
+  if (after != 0) out.history_gap = history_gap_locked(after);
   for (const auto& g : frozen_) {
     if (g->number > after) out.bitmaps.emplace_back(g, &g->bits);
   }
@@ -957,12 +958,25 @@ SparseBitmap ChangeTracker::changed(uint64_t after) const {
   return out;
 }
 
-bool ChangeTracker::changed_since(uint64_t after, SparseBitmap* out) const {
-  std::lock_guard<std::mutex> lock(mu_);
+std::string ChangeTracker::history_gap_locked(uint64_t after) const {
   // Retirement deletes every generation through its number: the history
   // after `after` is whole unless a retirement went past it. (Never-marked
   // generations are dropped at Open without retiring: they held nothing.)
-  if (after >= active_->number || (ever_retired_ && retired_through_ > after)) return false;
+  if (after >= active_->number) {
+    return "generation " + std::to_string(after) +
+           " is not one this tracker froze (the active one is " + std::to_string(active_->number) +
+           ")";
+  }
+  if (ever_retired_ && retired_through_ > after) {
+    return "the generations after " + std::to_string(after) + " were retired through " +
+           std::to_string(retired_through_) + " (a later restore point succeeded)";
+  }
+  return "";
+}
+
+bool ChangeTracker::changed_since(uint64_t after, SparseBitmap* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!history_gap_locked(after).empty()) return false;
   if (!out) return true;
   SparseBitmap bits(nblocks_.load());
   for (const auto& g : frozen_) {

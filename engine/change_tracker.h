@@ -187,10 +187,17 @@ class ChangeTracker {
   // published nothing changes for writes. Returns the generation the flip
   // freezes and the bitmaps a snapshot of it tests (frozen_bitmaps(after) plus
   // the active one, which publishing freezes). Conflict when already armed or
-  // writes of the epoch four back are still in flight.
+  // writes of the epoch four back are still in flight. history_gap: empty
+  // when the history after `after` is whole (this tracker froze generation
+  // `after` and still holds every generation since: none was retired past
+  // it); else why not, and `bitmaps` lack changes, so the point must be full.
+  // A gap means the caller's base is older than what the tracker retired: a
+  // metadata.db put back from a copy, or its -wal lost in a crash. after == 0
+  // (no particular base: what the kept generations hold) is always whole.
   struct Armed {
     uint64_t frozen = 0;
     std::vector<std::shared_ptr<const SparseBitmap>> bitmaps;
+    std::string history_gap;
   };
   Result<Armed> arm(std::shared_ptr<const CutSwitch> sw, uint64_t after = 0);
   // After sw was published: the frozen generation joins the frozen ones, the
@@ -310,6 +317,9 @@ class ChangeTracker {
   // The flusher's (and a clean stop's) check: on damage, only the id and
   // retired files go, so a restart is a new tracker.
   void watch_files();
+  // Why the history after generation `after` is not whole (see Armed), or "".
+  // mu_ held.
+  std::string history_gap_locked(uint64_t after) const;
   Status write_marks(Generation& gen, const std::vector<Pending>& batch);
   // The header page (checksummed); a complete one carries the CRC of the
   // first fine_pages fine pages.

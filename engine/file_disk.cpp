@@ -174,6 +174,16 @@ Result<std::shared_ptr<DiskSnapshot>> FileDisk::arm_cut(
   bool full = force_full || tracker_->all_since_creation();
   auto armed = tracker_->arm(std::move(sw), since);
   if (!armed.ok()) return armed.status();
+  if (!full && !armed.value().history_gap.empty()) {
+    // The base is older than what the tracker retired (metadata.db put back
+    // from a copy, or its -wal lost): an incremental point would miss the
+    // changes of the retired generations.
+    spdlog::warn(
+        "disk {}: the tracking history after the restore point's base (generation {}) is not "
+        "whole: {}; metadata.db older than the change tracker? This point is full",
+        name(), since, armed.value().history_gap);
+    full = true;
+  }
   DiskSnapshot::Params p{
       name(),
       fd_.get(),
@@ -471,15 +481,27 @@ Status FileDisk::grow(uint64_t new_size) {
     size_.store(sz);
     return Status::Ok();
   }
-  if (new_size < size_.load()) return Status::InvalidArgument("disks can only grow");
+  const uint64_t old_size = size_.load();
+  if (new_size < old_size) return Status::InvalidArgument("disks can only grow");
+  // A grow that fails leaves the file as it was: a file larger than its
+  // disk's row or its tracking would make the restart take the new size
+  // against a tracker that never allocated it (the disk Unavailable). No
+  // client can have written past old_size (size_ did not move yet).
+  auto undo = [&](Status failed) {
+    if (ftruncate(fd_.get(), static_cast<off_t>(old_size)) != 0 || fsync(fd_.get()) != 0) {
+      spdlog::error("disk {}: a failed grow could not be undone (the file stays at {} bytes): {}",
+                    name(), new_size, std::strerror(errno));
+    }
+    return failed;
+  };
   if (ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
-    return Status::FromErrno(errno, "ftruncate " + opts_.path);
+    return undo(Status::FromErrno(errno, "ftruncate " + opts_.path));
   }
-  if (fsync(fd_.get()) != 0) return Status::FromErrno(errno, "fsync " + opts_.path);
+  if (fsync(fd_.get()) != 0) return undo(Status::FromErrno(errno, "fsync " + opts_.path));
   // Tracking covers the new blocks before any client can address them.
   if (tracker_) {
     Status st = tracker_->grow(new_size);
-    if (!st.ok()) return st;
+    if (!st.ok()) return undo(st);
   }
   size_.store(new_size);
   return Status::Ok();

@@ -80,6 +80,8 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
   // protects them from the cut on like any changed block.
   // since: the generation the point's base captured through (its collection's
   // previous point); an incremental point copies the generations after it.
+  // When the tracker no longer holds every generation after it (retired past
+  // it: metadata.db older than the tracker), the point is full (a warning).
   Result<std::shared_ptr<DiskSnapshot>> arm_cut(
       std::shared_ptr<const CutSwitch> sw, UniqueFd staging_fd, bool force_full = false,
       std::shared_ptr<const SparseBitmap> also_copy = nullptr, uint64_t since = 0);

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import require
+from rpointd_harness import nbd_write
 
 API = "2026-11-01"
 MiB = 1 << 20
@@ -186,6 +187,49 @@ def test_disk_lifecycle(daemon):
     assert daemon.api("DELETE", "/disks/vm1").status == 404
     assert daemon.api("DELETE", "/disks/alpha?force=false").status == 204
     assert daemon.api("GET", "/disks").json == {"value": []}
+
+
+def test_a_grow_refused_for_tracking_space_leaves_the_disk_as_it_was(make_daemon, tmp_path):
+    """A disk grow refused with 507 because the change tracker's bitmaps
+    cannot be allocated (tracking_dir on a 1 MiB tmpfs; 4 TiB needs 8 MiB of
+    bitmap) must leave the disk file at its old size: grown, the restart
+    found a file larger than its tracking and the disk Unavailable."""
+    nbd = pytest.importorskip("nbd", reason="python3-libnbd (Debian python) is needed")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr}")
+    try:
+        d = make_daemon(config_text=f"tracking_dir: {mnt}/tracking\n").start()
+        assert put(d, "g", {"sizeBytes": 8 * MiB}).status == 201
+        data = os.urandom(MiB)
+        nbd_write(d.nbd_uri("g"), [(MiB, data)])
+        path = os.path.join(d.state_dir, "disks", "g.raw")
+        g = d.api("PATCH", "/disks/g", {"properties": {"sizeBytes": 4 << 40}})
+        assert g.status == 507, g
+        assert err(g)[0] == "NoSpace" and "No space left on device" in err(g)[1], g
+        assert os.stat(path).st_size == 8 * MiB, "the refused grow left the file grown"
+        got = d.api("GET", "/disks/g").json["properties"]
+        assert got["sizeBytes"] == 8 * MiB, got
+        d.stop()
+        d.start()
+        got = d.api("GET", "/disks/g").json["properties"]
+        assert got["sizeBytes"] == 8 * MiB and "error" not in got, got
+        h = nbd.NBD()
+        h.connect_uri(d.nbd_uri("g"))
+        assert h.get_size() == 8 * MiB
+        assert h.pread(MiB, MiB) == data
+        h.shutdown()
+        # A grow that fits still works.
+        assert d.api("PATCH", "/disks/g", {"properties": {"sizeBytes": 16 * MiB}}).status == 200
+        assert os.stat(path).st_size == 16 * MiB
+        d.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_resize_is_seen_by_new_nbd_clients(daemon):

@@ -288,3 +288,72 @@ def test_a_restore_interrupted_with_metadata_db_kept_is_removed_as_before(make_d
     d.restore_disk("back", "c", "rp1", "src")
     assert same(read_all(d.nbd_uri("back"), len(want)), want)
     assert sorted(os.listdir(os.path.join(d.state_dir, "disks"))) == ["back.raw", "src.raw"]
+
+
+def point_after_lost_history(d, lose_metadata):
+    """Disk `disk` written A, point rp1, B, rp2, C; then lose_metadata(d)
+    brings back a metadata.db that knows rp1 but not rp2 (its tracking base
+    is rp1's generation, which the tracker retired with rp2) and starts the
+    daemon; D is written and rp3 made. rp3, restored, must be the disk: an
+    incremental point on rp1 that copies only what the tracker still holds
+    (C and D) would miss B."""
+    size = 16 * MiB
+    d.create_disk("disk", size)
+    d.create_vm("vm", ["disk"])
+    d.create_collection("c", "vm")
+    nbd_write(d.nbd_uri("disk"), [(0, os.urandom(2 * MiB))])  # A
+    d.create_restore_point("c", "rp1")
+    lose_metadata(d, "before")
+    nbd_write(d.nbd_uri("disk"), [(4 * MiB, os.urandom(2 * MiB))])  # B
+    d.create_restore_point("c", "rp2")
+    nbd_write(d.nbd_uri("disk"), [(8 * MiB, os.urandom(2 * MiB))])  # C
+    lose_metadata(d, "after")
+    nbd_write(d.nbd_uri("disk"), [(12 * MiB, os.urandom(2 * MiB))])  # D
+    want = read_all(d.nbd_uri("disk"), size)
+    d.create_restore_point("c", "rp3")
+    d.restore_disk("back", "c", "rp3", "disk")
+    assert same(read_all(d.nbd_uri("back"), size), want), "rp3 is not the disk"
+    assert same(read_all(d.rp_uri("c", "rp3", "disk"), size), want), "rp3 is not the disk"
+    assert d.disk_restore_point("c", "rp3", "disk")["properties"]["incremental"] is False
+    assert "tracking history" in d.log_all()
+    return d
+
+
+def test_a_metadata_db_put_back_from_before_a_point_makes_the_next_point_full(make_daemon):
+    """metadata.db copied aside (daemon stopped: a consistent copy) after rp1,
+    put back after rp2 (its -wal and -shm removed)."""
+    backup = None
+
+    def lose(d, when):
+        nonlocal backup
+        db = os.path.join(d.state_dir, "metadata.db")
+        d.stop()
+        if when == "before":
+            backup = db + ".bak"
+            shutil.copy(db, backup)
+        else:
+            for f in glob.glob(db + "-*"):
+                os.unlink(f)
+            os.replace(backup, db)
+        d.start()
+
+    point_after_lost_history(make_daemon().start(), lose)
+
+
+def test_a_metadata_db_wal_lost_in_a_crash_makes_the_next_point_full(make_daemon):
+    """metadata.db-wal deleted while the daemon runs (rp2's commit only in it),
+    then kill -9: the restart's metadata.db ends at rp1."""
+    def lose(d, when):
+        db = os.path.join(d.state_dir, "metadata.db")
+        if when == "before":
+            d.restart()  # a clean stop checkpoints: rp1 is in metadata.db itself
+            assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+            return
+        os.unlink(db + "-wal")
+        d.kill9()
+        d.start()
+        # rp2's commit went with the -wal: the point comes back from the
+        # region's manifest, not its tracking base.
+        assert "restorePoints/rp2 imported" in d.log(), d.log()[-3000:]
+
+    point_after_lost_history(make_daemon().start(), lose)

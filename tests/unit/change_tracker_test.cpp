@@ -149,6 +149,61 @@ TEST_CASE("change tracker: retirement sleeps until the old epoch's writes leave"
   ct.leave(later);
 }
 
+TEST_CASE("change tracker: arm says when the history after the base was retired") {
+  // A consumer's base at g1 while a later point (through g2) was retired: a
+  // metadata.db put back from before that point. Changes of g2 are gone, so
+  // the history after g1 is not whole, also after a reopen; after g2 it is.
+  TempDir tmp;
+  std::string track = (tmp.path / "track").string();
+  uint64_t g1 = 0, g2 = 0;
+  {
+    auto t = ChangeTracker::Open({track, kGran, 64 * kGran});
+    REQUIRE(t.ok());
+    ChangeTracker& ct = *t.value();
+    auto f1 = ct.flip();
+    REQUIRE(f1.ok());
+    g1 = f1.value();
+    REQUIRE(ct.retire_through(g1).ok());
+    auto f2 = ct.flip();
+    REQUIRE(f2.ok());
+    g2 = f2.value();
+    auto sw = std::make_shared<CutSwitch>();
+    auto a = ct.arm(sw, g1);
+    REQUIRE(a.ok());
+    CHECK(a.value().history_gap.empty());  // g2 is still kept
+    ct.disarm();
+    REQUIRE(ct.retire_through(g2).ok());
+    a = ct.arm(sw, g1);
+    REQUIRE(a.ok());
+    CHECK(a.value().history_gap.find("retired through " + std::to_string(g2)) != std::string::npos);
+    CHECK_FALSE(ct.changed_since(g1, nullptr));
+    ct.disarm();
+  }
+  auto t = ChangeTracker::Open({track, kGran, 64 * kGran});
+  REQUIRE(t.ok());
+  ChangeTracker& ct = *t.value();
+  auto sw = std::make_shared<CutSwitch>();
+  auto a = ct.arm(sw, g1);
+  REQUIRE(a.ok());
+  MESSAGE(a.value().history_gap);
+  CHECK_FALSE(a.value().history_gap.empty());
+  ct.disarm();
+  a = ct.arm(sw, g2);
+  REQUIRE(a.ok());
+  CHECK(a.value().history_gap.empty());
+  ct.disarm();
+  // A base the tracker never froze (numbered at or past the active one).
+  a = ct.arm(sw, ct.epoch() + 5);
+  REQUIRE(a.ok());
+  CHECK_FALSE(a.value().history_gap.empty());
+  ct.disarm();
+  // No particular base: the kept history, as it always was.
+  a = ct.arm(sw, 0);
+  REQUIRE(a.ok());
+  CHECK(a.value().history_gap.empty());
+  ct.disarm();
+}
+
 TEST_CASE("change tracker: a failed point keeps its generation; reopen recovers everything") {
   TempDir tmp;
   fs::path img = tmp.path / "disk.img";

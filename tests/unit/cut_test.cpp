@@ -434,6 +434,46 @@ TEST_CASE("cut: staging of points whose dotted names once collided stays apart")
   for (const auto& e : fs::directory_iterator(tmp.path)) CHECK(e.path().extension() != ".staging");
 }
 
+TEST_CASE("cut: a base older than the tracker's retired history makes the point full") {
+  // Points through g1 and g2 succeeded and retired; the next cut names g1
+  // as its base (a metadata.db put back from before the second point). An
+  // incremental point would copy only block 5 and miss block 3 (of g2).
+  TempDir tmp;
+  OneLoop loop;
+  auto d = MakeDisk(tmp.path, "d", 64 * kGran, {}, 'o');
+  std::vector<char> data(kGran, 'w');
+  uint64_t gen[2];
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE(WriteSync(*loop.reactor, *d, (1 + 2 * i) * kGran, data) == 0);
+    auto c =
+        CutDisks({d}, tmp.path.string(), "p" + std::to_string(i), {}, {}, {i == 0 ? 0 : gen[0]});
+    REQUIRE(c.ok());
+    gen[i] = c.value().snapshots[0]->generation();
+    d->end_snapshot();
+    REQUIRE(d->tracker()->retire_through(gen[i]).ok());
+  }
+  REQUIRE(WriteSync(*loop.reactor, *d, 5 * kGran, data) == 0);
+  auto stale = CutDisks({d}, tmp.path.string(), "stale", {}, {}, {gen[0]});
+  REQUIRE(stale.ok());
+  DiskSnapshot& snap = *stale.value().snapshots[0];
+  CHECK(snap.full());
+  auto blocks = snap.to_copy();
+  REQUIRE(blocks.ok());
+  CHECK(blocks.value().test(1));
+  CHECK(blocks.value().test(3));
+  CHECK(blocks.value().test(5));
+  d->end_snapshot();
+  // The right base (g2) stays incremental: only block 5.
+  auto right = CutDisks({d}, tmp.path.string(), "right", {}, {}, {gen[1]});
+  REQUIRE(right.ok());
+  CHECK_FALSE(right.value().snapshots[0]->full());
+  blocks = right.value().snapshots[0]->to_copy();
+  REQUIRE(blocks.ok());
+  CHECK(blocks.value().count() == 1);
+  CHECK(blocks.value().test(5));
+  d->end_snapshot();
+}
+
 TEST_CASE("cut: a full point stages only the non-zero blocks it had, however much the guest writes") {
   // 64 MiB disk, 8 blocks of data, the rest holes; after the cut the guest
   // writes every block before the copier reaches it.
