@@ -46,6 +46,8 @@ constexpr unsigned kMinCoarseLog2 = 20;
 constexpr uint64_t kCoarsePerDisk = 256;
 constexpr char kRetiredFile[] = "retired";
 constexpr char kIdFile[] = "id";
+// The generations the tracker holds and their inodes (see record_live()).
+constexpr char kLiveFile[] = "live";
 // Tries of one batch of marks before its writes fail with EIO.
 constexpr int kMarkAttempts = 3;
 // How often the flusher checks that the files still hold the history (a few
@@ -361,6 +363,38 @@ Status ChangeTracker::load_existing() {
   }
   std::vector<std::string> unmarked;
   std::string damaged;  // the first unreadable generation file, and why
+  // Every generation the last run recorded (record_live) and did not retire
+  // must still be its file: one deleted or replaced while it ran, and no
+  // file check caught it before a kill -9, would be a history with a hole.
+  // No record (older daemons): nothing to compare.
+  UniqueFd live(::open((dir_ + "/" + kLiveFile).c_str(), O_RDONLY | O_CLOEXEC));
+  if (live) {
+    std::string text;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(live.get(), buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
+    if (n < 0) return Status::FromErrno(errno, "read " + dir_ + "/" + kLiveFile);
+    size_t at = 0;
+    while (damaged.empty() && at < text.size()) {
+      size_t eol = text.find('\n', at);
+      std::string line = text.substr(at, eol == std::string::npos ? eol : eol - at);
+      at = eol == std::string::npos ? text.size() : eol + 1;
+      uint64_t number = 0;
+      unsigned long long ino = 0;
+      if (std::sscanf(line.c_str(), "%" SCNx64 " %llu", &number, &ino) != 2) {
+        damaged = dir_ + "/" + kLiveFile + " is unreadable";
+        break;
+      }
+      if (ever_retired_ && number <= retired_through_) continue;  // retired: deleted on purpose
+      std::string path = GenPath(dir_, number);
+      struct stat st {};
+      if (stat(path.c_str(), &st) != 0) {
+        damaged = path + ": " + std::strerror(errno) + " (the last run held it)";
+      } else if (st.st_ino != ino) {
+        damaged = path + " was replaced (not the file the tracker wrote)";
+      }
+    }
+  }
   for (auto& [number, path] : found) {
     last = std::max(last, number);
     auto g = std::make_shared<Generation>();
@@ -484,6 +518,9 @@ Status ChangeTracker::load_existing() {
   active_ = std::move(active).value();
   active_raw_.store(active_.get());
   state_.store(active_->number << 1);
+  // The new record before the unmarked files go (it no longer lists them).
+  Status rec = record_live();
+  if (!rec.ok()) return rec;
   for (const auto& path : unmarked) unlink(path.c_str());
   // The next generation is made (fully allocated) by the cut that needs it,
   // before it publishes: only one fully allocated file exists between points.
@@ -511,8 +548,10 @@ Status ChangeTracker::forget_history(const std::string& why) {
   dir_fd_ = std::move(dfd);
   st = make_id();
   if (!st.ok()) return st;
-  if (unlinkat(dir_fd_.get(), kRetiredFile, 0) != 0 && errno != ENOENT) {
-    return Status::FromErrno(errno, "unlink " + dir_ + "/" + kRetiredFile);
+  for (const char* name : {kLiveFile, kRetiredFile}) {
+    if (unlinkat(dir_fd_.get(), name, 0) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "unlink " + dir_ + "/" + name);
+    }
   }
   // Every generation file there, damaged or not: none is this tracker's any
   // more. Open generations keep their fds (a running disk goes on marking in
@@ -535,8 +574,44 @@ Status ChangeTracker::forget_history(const std::string& why) {
     ever_retired_ = false;
     retired_through_ = 0;
   }
+  recorded_through_ = 0;
   damage_reported_ = false;
   return FsyncDir(dir_fd_.get(), dir_);
+}
+
+Status ChangeTracker::record_live() {
+  std::vector<std::shared_ptr<Generation>> gens;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    gens = frozen_;
+    if (active_) gens.push_back(active_);
+    if (next_) gens.push_back(next_);
+  }
+  std::string text;
+  uint64_t highest = 0;
+  for (const auto& g : gens) {
+    if (g->detached) continue;
+    struct stat st {};
+    if (fstat(g->fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + g->path);
+    char line[64];
+    std::snprintf(line, sizeof line, "%016" PRIx64 " %llu\n", g->number,
+                  static_cast<unsigned long long>(st.st_ino));
+    text += line;
+    highest = std::max(highest, g->number);
+  }
+  // Replaced by rename (as the retired marker): never torn, never empty.
+  std::string path = dir_ + "/" + kLiveFile;
+  std::string tmp = path + ".tmp";
+  UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!out) return Status::FromErrno(errno, "create " + tmp);
+  Status w = PwriteFull(out.get(), text.data(), text.size(), 0, tmp);
+  if (!w.ok()) return w;
+  if (fdatasync(out.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
+  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
+  Status st = FsyncDir(dir_fd_.get(), dir_);
+  if (!st.ok()) return st;
+  recorded_through_ = highest;
+  return Status::Ok();
 }
 
 std::string ChangeTracker::find_damage(bool* dir_lost) const {
@@ -548,8 +623,10 @@ std::string ChangeTracker::find_damage(bool* dir_lost) const {
     return dir_ + " was removed or replaced";
   }
   *dir_lost = false;
-  std::string id = dir_ + "/" + kIdFile;
-  if (stat(id.c_str(), &a) != 0) return id + ": " + std::strerror(errno);
+  for (const char* name : {kIdFile, kLiveFile}) {
+    std::string path = dir_ + "/" + name;
+    if (stat(path.c_str(), &a) != 0) return path + ": " + std::strerror(errno);
+  }
   std::vector<std::shared_ptr<Generation>> gens;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -936,16 +1013,21 @@ Status ChangeTracker::prepare_next() {
     if (!st.ok()) return st;
   }
   uint64_t number;
+  bool have_next;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (next_) return Status::Ok();
     number = active_->number + 1;
+    have_next = next_ != nullptr;
+    if (have_next && recorded_through_ >= number) return Status::Ok();
   }
-  auto next = create_generation(number);
-  if (!next.ok()) return next.status();
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!next_ && active_->number + 1 == number) next_ = std::move(next).value();
-  return Status::Ok();
+  if (!have_next) {
+    auto next = create_generation(number);
+    if (!next.ok()) return next.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!next_ && active_->number + 1 == number) next_ = std::move(next).value();
+  }
+  // Recorded before the cut can make it active (a failed record fails the cut).
+  return record_live();
 }
 
 SparseBitmap ChangeTracker::changed(uint64_t after) const {
