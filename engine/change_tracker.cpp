@@ -518,6 +518,7 @@ Status ChangeTracker::load_existing() {
   active_ = std::move(active).value();
   active_raw_.store(active_.get());
   state_.store(active_->number << 1);
+  behind_through_ = active_->number - 1;  // the crashed ones: written behind at once
   // The new record before the unmarked files go (it no longer lists them).
   Status rec = record_live();
   if (!rec.ok()) return rec;
@@ -846,34 +847,26 @@ Status ChangeTracker::finalize(Generation& gen) {
 void ChangeTracker::flusher_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   auto next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
-  // Frozen generations are written behind only once woken for it
-  // (write_behind, a batch of marks, a stop), never by the file check's
-  // timer: settle() files them inside the cut's publish window, where no
-  // thread may wake to take the CPU from the cutting thread.
-  bool finalize_ok = true;
-  // A write_behind() wake-up lost while the check ran (mu_ released) must not
-  // leave a generation unwritten: one still waiting at the third tick (two
-  // seconds on, far past any publish window) is written anyway.
-  const Generation* waiting = nullptr;
-  int ticks = 0;
+  // Frozen generations are written behind only up to behind_through_, which
+  // write_behind() moves once every disk of the cut settled: never inside the
+  // cut's publish window (settle() files them there, and no thread may wake
+  // to take the CPU from the cutting thread), whatever woke the flusher. A
+  // value under mu_, so no wake-up can be lost.
+  auto behind_due = [&] {
+    return !to_finalize_.empty() && to_finalize_.front()->number <= behind_through_;
+  };
   for (;;) {
-    if (!stopping_ && queue_.empty() && (to_finalize_.empty() || !finalize_ok)) {
+    if (!stopping_ && queue_.empty() && !behind_due()) {
       if (cv_.wait_until(lock, next_check) == std::cv_status::timeout) {
-        const Generation* front = to_finalize_.empty() ? nullptr : to_finalize_.front().get();
-        ticks = front != nullptr && front == waiting ? ticks + 1 : 0;
-        waiting = front;
-        finalize_ok = ticks >= 2;
         lock.unlock();
         watch_files();
         lock.lock();
         next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
-      } else {
-        finalize_ok = true;
       }
       continue;
     }
     if (queue_.empty()) {
-      if (to_finalize_.empty()) return;  // stopping, nothing left
+      if (stopping_) return;  // the destructor writes what is left
       // A frozen generation takes no more marks (settle() queued it after
       // arm() drained the fast marks, and its batches ran before this one).
       std::shared_ptr<Generation> g = to_finalize_.front();
@@ -914,7 +907,6 @@ void ChangeTracker::flusher_loop() {
     }
     lock.lock();
     ++batches_done_;
-    finalize_ok = true;  // as before the timer: a batch's wake-up writes behind too
     synced_cv_.notify_all();
   }
 }
@@ -979,8 +971,11 @@ uint64_t ChangeTracker::settle() {
 }
 
 void ChangeTracker::write_behind() {
-  // to_finalize_ was filled under mu_ (settle), so a flusher that checks its
-  // predicate after this either sees it or is waiting and gets the signal.
+  {
+    // Every generation settled so far (all older than the active one).
+    std::lock_guard<std::mutex> lock(mu_);
+    behind_through_ = active_->number - 1;
+  }
   cv_.notify_one();
 }
 

@@ -378,6 +378,9 @@ class ChangeTracker {
   std::atomic<uint64_t> batch_gen_{0};
   unsigned coarse_shift_for_new_ = 0;  // guarded by mu_: for generations made from now on
   std::deque<std::shared_ptr<Generation>> to_finalize_;  // guarded by mu_
+  // The flusher writes frozen generations behind up to this number (guarded
+  // by mu_): moved by write_behind(), and at Open past the crashed ones.
+  uint64_t behind_through_ = 0;
 
   std::deque<Pending> queue_;  // guarded by mu_
   bool stopping_ = false;
