@@ -46,6 +46,8 @@ constexpr unsigned kMinCoarseLog2 = 20;
 constexpr uint64_t kCoarsePerDisk = 256;
 constexpr char kRetiredFile[] = "retired";
 constexpr char kIdFile[] = "id";
+// The generations the tracker holds and their inodes (see record_live()).
+constexpr char kLiveFile[] = "live";
 // Tries of one batch of marks before its writes fail with EIO.
 constexpr int kMarkAttempts = 3;
 // How often the flusher checks that the files still hold the history (a few
@@ -361,6 +363,38 @@ Status ChangeTracker::load_existing() {
   }
   std::vector<std::string> unmarked;
   std::string damaged;  // the first unreadable generation file, and why
+  // Every generation the last run recorded (record_live) and did not retire
+  // must still be its file: one deleted or replaced while it ran, and no
+  // file check caught it before a kill -9, would be a history with a hole.
+  // No record (older daemons): nothing to compare.
+  UniqueFd live(::open((dir_ + "/" + kLiveFile).c_str(), O_RDONLY | O_CLOEXEC));
+  if (live) {
+    std::string text;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(live.get(), buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
+    if (n < 0) return Status::FromErrno(errno, "read " + dir_ + "/" + kLiveFile);
+    size_t at = 0;
+    while (damaged.empty() && at < text.size()) {
+      size_t eol = text.find('\n', at);
+      std::string line = text.substr(at, eol == std::string::npos ? eol : eol - at);
+      at = eol == std::string::npos ? text.size() : eol + 1;
+      uint64_t number = 0;
+      unsigned long long ino = 0;
+      if (std::sscanf(line.c_str(), "%" SCNx64 " %llu", &number, &ino) != 2) {
+        damaged = dir_ + "/" + kLiveFile + " is unreadable";
+        break;
+      }
+      if (ever_retired_ && number <= retired_through_) continue;  // retired: deleted on purpose
+      std::string path = GenPath(dir_, number);
+      struct stat st {};
+      if (stat(path.c_str(), &st) != 0) {
+        damaged = path + ": " + std::strerror(errno) + " (the last run held it)";
+      } else if (st.st_ino != ino) {
+        damaged = path + " was replaced (not the file the tracker wrote)";
+      }
+    }
+  }
   for (auto& [number, path] : found) {
     last = std::max(last, number);
     auto g = std::make_shared<Generation>();
@@ -484,6 +518,10 @@ Status ChangeTracker::load_existing() {
   active_ = std::move(active).value();
   active_raw_.store(active_.get());
   state_.store(active_->number << 1);
+  behind_through_ = active_->number - 1;  // the crashed ones: written behind at once
+  // The new record before the unmarked files go (it no longer lists them).
+  Status rec = record_live();
+  if (!rec.ok()) return rec;
   for (const auto& path : unmarked) unlink(path.c_str());
   // The next generation is made (fully allocated) by the cut that needs it,
   // before it publishes: only one fully allocated file exists between points.
@@ -511,8 +549,10 @@ Status ChangeTracker::forget_history(const std::string& why) {
   dir_fd_ = std::move(dfd);
   st = make_id();
   if (!st.ok()) return st;
-  if (unlinkat(dir_fd_.get(), kRetiredFile, 0) != 0 && errno != ENOENT) {
-    return Status::FromErrno(errno, "unlink " + dir_ + "/" + kRetiredFile);
+  for (const char* name : {kLiveFile, kRetiredFile}) {
+    if (unlinkat(dir_fd_.get(), name, 0) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "unlink " + dir_ + "/" + name);
+    }
   }
   // Every generation file there, damaged or not: none is this tracker's any
   // more. Open generations keep their fds (a running disk goes on marking in
@@ -535,8 +575,44 @@ Status ChangeTracker::forget_history(const std::string& why) {
     ever_retired_ = false;
     retired_through_ = 0;
   }
+  recorded_through_ = 0;
   damage_reported_ = false;
   return FsyncDir(dir_fd_.get(), dir_);
+}
+
+Status ChangeTracker::record_live() {
+  std::vector<std::shared_ptr<Generation>> gens;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    gens = frozen_;
+    if (active_) gens.push_back(active_);
+    if (next_) gens.push_back(next_);
+  }
+  std::string text;
+  uint64_t highest = 0;
+  for (const auto& g : gens) {
+    if (g->detached) continue;
+    struct stat st {};
+    if (fstat(g->fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + g->path);
+    char line[64];
+    std::snprintf(line, sizeof line, "%016" PRIx64 " %llu\n", g->number,
+                  static_cast<unsigned long long>(st.st_ino));
+    text += line;
+    highest = std::max(highest, g->number);
+  }
+  // Replaced by rename (as the retired marker): never torn, never empty.
+  std::string path = dir_ + "/" + kLiveFile;
+  std::string tmp = path + ".tmp";
+  UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!out) return Status::FromErrno(errno, "create " + tmp);
+  Status w = PwriteFull(out.get(), text.data(), text.size(), 0, tmp);
+  if (!w.ok()) return w;
+  if (fdatasync(out.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
+  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
+  Status st = FsyncDir(dir_fd_.get(), dir_);
+  if (!st.ok()) return st;
+  recorded_through_ = highest;
+  return Status::Ok();
 }
 
 std::string ChangeTracker::find_damage(bool* dir_lost) const {
@@ -548,8 +624,10 @@ std::string ChangeTracker::find_damage(bool* dir_lost) const {
     return dir_ + " was removed or replaced";
   }
   *dir_lost = false;
-  std::string id = dir_ + "/" + kIdFile;
-  if (stat(id.c_str(), &a) != 0) return id + ": " + std::strerror(errno);
+  for (const char* name : {kIdFile, kLiveFile}) {
+    std::string path = dir_ + "/" + name;
+    if (stat(path.c_str(), &a) != 0) return path + ": " + std::strerror(errno);
+  }
   std::vector<std::shared_ptr<Generation>> gens;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -769,34 +847,26 @@ Status ChangeTracker::finalize(Generation& gen) {
 void ChangeTracker::flusher_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   auto next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
-  // Frozen generations are written behind only once woken for it
-  // (write_behind, a batch of marks, a stop), never by the file check's
-  // timer: settle() files them inside the cut's publish window, where no
-  // thread may wake to take the CPU from the cutting thread.
-  bool finalize_ok = true;
-  // A write_behind() wake-up lost while the check ran (mu_ released) must not
-  // leave a generation unwritten: one still waiting at the third tick (two
-  // seconds on, far past any publish window) is written anyway.
-  const Generation* waiting = nullptr;
-  int ticks = 0;
+  // Frozen generations are written behind only up to behind_through_, which
+  // write_behind() moves once every disk of the cut settled: never inside the
+  // cut's publish window (settle() files them there, and no thread may wake
+  // to take the CPU from the cutting thread), whatever woke the flusher. A
+  // value under mu_, so no wake-up can be lost.
+  auto behind_due = [&] {
+    return !to_finalize_.empty() && to_finalize_.front()->number <= behind_through_;
+  };
   for (;;) {
-    if (!stopping_ && queue_.empty() && (to_finalize_.empty() || !finalize_ok)) {
+    if (!stopping_ && queue_.empty() && !behind_due()) {
       if (cv_.wait_until(lock, next_check) == std::cv_status::timeout) {
-        const Generation* front = to_finalize_.empty() ? nullptr : to_finalize_.front().get();
-        ticks = front != nullptr && front == waiting ? ticks + 1 : 0;
-        waiting = front;
-        finalize_ok = ticks >= 2;
         lock.unlock();
         watch_files();
         lock.lock();
         next_check = std::chrono::steady_clock::now() + kFileCheckInterval;
-      } else {
-        finalize_ok = true;
       }
       continue;
     }
     if (queue_.empty()) {
-      if (to_finalize_.empty()) return;  // stopping, nothing left
+      if (stopping_) return;  // the destructor writes what is left
       // A frozen generation takes no more marks (settle() queued it after
       // arm() drained the fast marks, and its batches ran before this one).
       std::shared_ptr<Generation> g = to_finalize_.front();
@@ -837,7 +907,6 @@ void ChangeTracker::flusher_loop() {
     }
     lock.lock();
     ++batches_done_;
-    finalize_ok = true;  // as before the timer: a batch's wake-up writes behind too
     synced_cv_.notify_all();
   }
 }
@@ -903,8 +972,11 @@ uint64_t ChangeTracker::settle() {
 }
 
 void ChangeTracker::write_behind() {
-  // to_finalize_ was filled under mu_ (settle), so a flusher that checks its
-  // predicate after this either sees it or is waiting and gets the signal.
+  {
+    // Every generation settled so far (all older than the active one).
+    std::lock_guard<std::mutex> lock(mu_);
+    behind_through_ = active_->number - 1;
+  }
   cv_.notify_one();
 }
 
@@ -937,16 +1009,21 @@ Status ChangeTracker::prepare_next() {
     if (!st.ok()) return st;
   }
   uint64_t number;
+  bool have_next;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (next_) return Status::Ok();
     number = active_->number + 1;
+    have_next = next_ != nullptr;
+    if (have_next && recorded_through_ >= number) return Status::Ok();
   }
-  auto next = create_generation(number);
-  if (!next.ok()) return next.status();
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!next_ && active_->number + 1 == number) next_ = std::move(next).value();
-  return Status::Ok();
+  if (!have_next) {
+    auto next = create_generation(number);
+    if (!next.ok()) return next.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!next_ && active_->number + 1 == number) next_ = std::move(next).value();
+  }
+  // Recorded before the cut can make it active (a failed record fails the cut).
+  return record_live();
 }
 
 SparseBitmap ChangeTracker::changed(uint64_t after) const {

@@ -116,7 +116,12 @@
 // stop before the next cut then restarts as a new tracker, never from the
 // holes (a directory gone restarts as one anyway; one replaced may be a new
 // disk's of the same name, so it is left alone). A kill -9 within that
-// interval of the damage is the one case left uncovered.
+// interval of the damage is caught by Open: <dir>/live records the number and
+// inode of every generation held (record_live: at Open and when a cut
+// prepares the next one), and a recorded generation not retired but missing,
+// or another inode at its path, drops the history as an unreadable file does.
+// Left uncovered: the live file deleted too within that interval (or none,
+// from an older daemon).
 //
 // Thread-safety: ensure_marked/enter/leave/epoch/covered from any reactor
 // thread; flip/changed/retire_through/grow from control-plane threads. The
@@ -314,6 +319,12 @@ class ChangeTracker {
   // the header); *dir_lost: the directory itself is gone or another one.
   // reset_mu_ held.
   std::string find_damage(bool* dir_lost) const;
+  // Writes <dir>/live: the number and inode of every generation held (frozen,
+  // active, prepared next), so that Open tells a file deleted or replaced
+  // while the last run went on (then a kill -9 before any check) from one
+  // retired. At Open (once the active generation is made) and by
+  // prepare_next (once the next one is), reset_mu_ held.
+  Status record_live();
   // The flusher's (and a clean stop's) check: on damage, only the id and
   // retired files go, so a restart is a new tracker.
   void watch_files();
@@ -341,6 +352,7 @@ class ChangeTracker {
   // flusher's check. Taken before mu_.
   mutable std::mutex reset_mu_;
   bool damage_reported_ = false;  // guarded by reset_mu_: watch_files logs once
+  uint64_t recorded_through_ = 0;  // guarded by reset_mu_: highest generation in <dir>/live
 
   mutable std::mutex mu_;
   std::shared_ptr<Generation> active_;  // guarded by mu_
@@ -376,6 +388,9 @@ class ChangeTracker {
   std::atomic<uint64_t> batch_gen_{0};
   unsigned coarse_shift_for_new_ = 0;  // guarded by mu_: for generations made from now on
   std::deque<std::shared_ptr<Generation>> to_finalize_;  // guarded by mu_
+  // The flusher writes frozen generations behind up to this number (guarded
+  // by mu_): moved by write_behind(), and at Open past the crashed ones.
+  uint64_t behind_through_ = 0;
 
   std::deque<Pending> queue_;  // guarded by mu_
   bool stopping_ = false;

@@ -233,13 +233,15 @@ def test_tracking_files_lost_while_running_make_the_next_point_full(make_daemon,
     assert drp["incremental"] is True, drp
 
 
-@pytest.mark.parametrize("stop", ["clean", "kill9"])
+@pytest.mark.parametrize("stop", ["clean", "kill9", "kill9-at-once"])
 def test_tracking_file_deleted_while_running_is_no_hole_after_a_restart(make_daemon, tmp_path,
                                                                        stop):
     """The generation file holding the changes since rp0 deleted while the
     daemon runs, and no point before the daemon stops (clean: at once; kill -9:
-    after the flusher's file check had its second). The restart must not take
-    the remaining files for the whole history: rp1 equals the disk."""
+    after the flusher's file check had its second; kill -9 at once: before
+    any check, so only the start-up can tell, from the generations it
+    recorded). The restart must not take the remaining files for the whole
+    history: rp1 is full, equals the disk, and so does a disk restored from it."""
     import time
 
     d, rng = disk_changed_after_a_point(make_daemon, 17)
@@ -247,8 +249,23 @@ def test_tracking_file_deleted_while_running_is_no_hole_after_a_restart(make_dae
     nbd_write(d.nbd_uri("a"), [(9 * MiB, rng.randbytes(4096))])  # only in memory now
     if stop == "clean":
         assert d.stop() == 0, d.log()
-    else:
+    elif stop == "kill9":
         time.sleep(3)  # the check runs every second
         d.kill9()
-    drp = restart_and_check_rp1(d, tmp_path, "a tracking file deleted while running")
+    else:
+        d.kill9()
+    if stop != "kill9-at-once":
+        drp = restart_and_check_rp1(d, tmp_path, "a tracking file deleted while running")
+        assert drp["incremental"] is False, drp
+        return
+    d.start()
+    nbd_write(d.nbd_uri("a"), [(13 * MiB, rng.randbytes(8192))])  # after the restart
+    d.create_restore_point("c", "rp1")
+    drp = d.disk_restore_point("c", "rp1", "a")["properties"]
+    d.restore_disk("back", "c", "rp1", "a")
+    a = nbd_save(d.nbd_uri("a"), tmp_path / "a.disk")
+    b = nbd_save(d.nbd_uri("back"), tmp_path / "back.disk")
+    same, msg = images_equal(a, b)
+    assert same, f"rp1 misses changes after a tracking file deleted, then kill -9: {msg}\n{d.log()}"
     assert drp["incremental"] is False, drp
+    assert "tracking history of this disk is dropped" in d.log_all()

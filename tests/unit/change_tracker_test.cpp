@@ -812,6 +812,54 @@ TEST_CASE("change tracker: a damaged generation file drops the history loudly, n
   }
 }
 
+TEST_CASE("change tracker: a generation deleted or replaced, then a kill -9, drops the history") {
+  // The active generation's file deleted (how 0) or replaced by a copy made
+  // before its marks (how 1: another inode at its path) while the tracker
+  // runs, then a crash before any file check: the open must not take what is
+  // left for the whole history (blocks 5 and 9 would be missed) but start
+  // over as a new tracker, as for an unreadable file.
+  for (int how = 0; how < 2; ++how) {
+    CAPTURE(how);
+    CrashDisk cd;
+    uint64_t id = 0;
+    {
+      auto disk = cd.open();
+      REQUIRE(disk.ok());
+      id = disk.value()->tracker()->id();
+    }
+    cd.crash_after([&](FileDisk& disk, Loop& loop) {
+      ChangeTracker* t = disk.tracker();
+      std::vector<char> buf(4096, 'p');
+      if (Write(loop, disk, 0, buf) != 0) _exit(4);
+      auto g = t->flip();
+      if (!g.ok() || !t->retire_through(g.value()).ok()) _exit(5);
+      fs::path active = NewestGeneration(cd.track);
+      fs::path copy = active.string() + ".old";
+      if (how == 1) fs::copy_file(active, copy);
+      if (Write(loop, disk, 5 * kGran, buf) != 0) _exit(4);
+      if (Write(loop, disk, 9 * kGran, buf) != 0) _exit(4);
+      if (how == 0) fs::remove(active);
+      if (how == 1) fs::rename(copy, active);
+    });
+    auto disk = cd.open();
+    REQUIRE(disk.ok());
+    ChangeTracker* t = disk.value()->tracker();
+    CHECK(t->id() != id);
+    CHECK(t->all_since_creation());
+    // Tracking goes on from there, and a clean reopen keeps it.
+    Loop loop;
+    std::vector<char> buf(4096, 'q');
+    CHECK(Write(loop, *disk.value(), 20 * kGran, buf) == 0);
+    REQUIRE(t->flip().ok());
+    CHECK(SetBits(t->changed()) == std::vector<uint64_t>{20});
+    id = t->id();
+    disk.value().reset();
+    auto again = cd.open();
+    REQUIRE(again.ok());
+    CHECK(again.value()->tracker()->id() == id);
+  }
+}
+
 TEST_CASE("change tracker: files lost while it runs drop the history at the next cut") {
   // The directory removed (rm -rf), the active generation's file deleted or
   // truncated, with the tracker open: the next cut must not fail, and must
