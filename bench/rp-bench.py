@@ -23,7 +23,9 @@ copy-out, and the cut pause, each against an anchor measured in the same run.
   guest IOPS fio (nbd engine) 4k randwrite, then 4k randread, QD32 on a disk
              of a VM, first with no point in progress, then while a full point of that VM is being
              copied out (copy-before-write on every first write to a block
-             not yet copied). Ratio during / idle. Then randwrite once more
+             not yet copied). Ratio during / idle, the median of --rounds rounds
+             (each after a sync and a --settle pause, each a full point of a
+             new collection). Then randwrite once more
              right after the point ended (no copy-out, a fresh change-tracking
              generation: every block's first write is a first mark), against
              the run after it (same generation, every block marked).
@@ -252,8 +254,9 @@ class Bench:
             raise RuntimeError(f"fio failed ({p.returncode}): {err[-1000:]}")
         return j[side]["iops"]
 
-    def row(self, what, value, unit, anchor=None, anchor_value=None):
-        ratio = value / anchor_value if anchor_value else None
+    def row(self, what, value, unit, anchor=None, anchor_value=None, ratio=None):
+        if ratio is None:
+            ratio = value / anchor_value if anchor_value else None
         self.rows.append((what, value, unit, anchor, anchor_value, ratio))
         log(f"  {what}: {value:.1f} {unit}"
             + (f" ({ratio:.2f}x {anchor} = {anchor_value:.1f})" if ratio else ""))
@@ -407,22 +410,42 @@ class Bench:
         if self.full_rate:
             # The copy-out must outlast both fio runs: 30% of the expected copy time each.
             runtime = max(1, min(runtime, int(0.3 * (a.size / MiB) / self.full_rate)))
-        idle = {rw: self.fio(uri, runtime, rw=rw) for rw in ("randwrite", "randread")}
-        d.create_collection("cio", "io")
-        r = d.start_restore_point("cio", "p")
-        if r.status != 201:
-            raise RuntimeError(f"restore point: {r}")
-        op_path = operation_path(r)
-        t0 = time.monotonic()
-        busy = {}
+        # Rounds: each after a sync and a settle pause (the idle anchor swung
+        # with the fill's writeback), each a full point (a new collection has
+        # no base) copied out under fio; the report takes the median ratio.
+        ratios = {"randwrite": [], "randread": []}
+        per_round = []
         still = True
-        for rw in ("randwrite", "randread"):
-            busy[rw] = self.fio(uri, runtime, rw=rw)
-            still = still and d.api("GET", op_path).json["status"] == "InProgress"
-        op = d.wait_operation(op_path, timeout=3600)
-        total = time.monotonic() - t0
-        if op["status"] != "Succeeded":
-            raise RuntimeError(f"point under fio failed: {op}")
+        totals = []
+        for rnd in range(a.rounds):
+            os.sync()
+            time.sleep(a.settle)
+            load = os.getloadavg()[0]
+            idle = {rw: self.fio(uri, runtime, rw=rw) for rw in ("randwrite", "randread")}
+            coll = f"cio{rnd}"
+            d.create_collection(coll, "io")
+            r = d.start_restore_point(coll, "p")
+            if r.status != 201:
+                raise RuntimeError(f"restore point: {r}")
+            op_path = operation_path(r)
+            t0 = time.monotonic()
+            busy = {}
+            for rw in ("randwrite", "randread"):
+                busy[rw] = self.fio(uri, runtime, rw=rw)
+                still = still and d.api("GET", op_path).json["status"] == "InProgress"
+            op = d.wait_operation(op_path, timeout=3600)
+            totals.append(time.monotonic() - t0)
+            if op["status"] != "Succeeded":
+                raise RuntimeError(f"point under fio failed: {op}")
+            for rw in ratios:
+                ratios[rw].append((busy[rw] / idle[rw], busy[rw], idle[rw]))
+            per_round.append(
+                f"round {rnd + 1}: randwrite {busy['randwrite']:.0f} / {idle['randwrite']:.0f} = "
+                f"{busy['randwrite'] / idle['randwrite']:.2f}, randread {busy['randread']:.0f} / "
+                f"{idle['randread']:.0f} = {busy['randread'] / idle['randread']:.2f} "
+                f"(load average {load:.2f} at its start)")
+            log("  " + per_round[-1])
+        total = sorted(totals)[len(totals) // 2]
         # Right after the point ended: no copy-out, but a fresh change-tracking
         # generation, so every block's first write in it is a first mark.
         # Anchor: the same run again in that generation (every block marked by
@@ -430,12 +453,19 @@ class Bench:
         fresh = self.fio(uri, runtime, rw="randwrite")
         marked = self.fio(uri, runtime, rw="randwrite")
         for rw in ("randwrite", "randread"):
-            self.row(f"guest 4k {rw} QD32 during a copy-out", busy[rw], "IOPS",
-                     "no point in progress", idle[rw])
+            vals = sorted(ratios[rw])
+            ratio, b, i = vals[len(vals) // 2]
+            if len(vals) % 2 == 0:
+                ratio = (vals[len(vals) // 2 - 1][0] + ratio) / 2
+            self.row(f"guest 4k {rw} QD32 during a copy-out (median of {len(vals)} rounds)", b,
+                     "IOPS", "no point in progress", i, ratio=ratio)
         self.row("guest 4k randwrite QD32 right after a point (fresh generation, no copy-out)",
                  fresh, "IOPS", "the next run (every block marked)", marked)
         self.notes.append(
-            f"copy-out of {a.size >> 20} MiB took {total:.1f} s with fio randwrite then randread "
+            f"{a.rounds} rounds, each after sync + {a.settle:g} s: " + "; ".join(per_round))
+        self.notes.append(
+            f"copy-out of {a.size >> 20} MiB took {total:.1f} s (median) with fio randwrite then "
+            f"randread "
             f"running for {runtime} s each; "
             + ("the point was still copying when each fio run ended (both overlapped it)"
                if still else f"WARNING: the copy-out ended before the fio runs did: "
@@ -590,6 +620,10 @@ def main():
                     help="skip the restic anchors")
     ap.add_argument("--runtime", type=int, help="seconds of fio per measurement "
                                                  "(default 8; --quick 3)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="part iops: idle/copy-out rounds, the median ratio is reported (default 3)")
+    ap.add_argument("--settle", type=float, default=5,
+                    help="part iops: seconds to wait after the sync before each round (default 5)")
     ap.add_argument("--cuts", type=int, help="points per cut-pause series (default 200; "
                                              "--quick 20)")
     ap.add_argument("--only", default=",".join(PARTS),
@@ -611,6 +645,8 @@ def main():
     for p in a.only:
         if p not in PARTS:
             ap.error(f"unknown part {p}")
+    if a.rounds < 1:
+        ap.error("--rounds: at least 1")
     if a.size % MiB or a.changed % MiB or a.changed > a.size:
         ap.error("--size and --changed: whole MiB, changed <= size")
     if os.geteuid() != 0:

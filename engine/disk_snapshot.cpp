@@ -167,7 +167,9 @@ DiskSnapshot::DiskSnapshot(Params p)
       nsub_(p_.granularity / sub_),
       copied_(nblocks_),
       read_(nblocks_),
-      preserved_(nblocks_) {}
+      preserved_(nblocks_) {
+  if (p_.guest_ops) ops_seen_.store(p_.guest_ops->load(std::memory_order_relaxed));
+}
 
 Result<std::shared_ptr<DiskSnapshot>> DiskSnapshot::Create(Params params, UniqueFd staging_fd) {
   if (!staging_fd) return Status::InvalidArgument("no staging file");
@@ -406,6 +408,20 @@ void DiskSnapshot::pace() {
   t.since = std::chrono::steady_clock::now();
 }
 
+bool DiskSnapshot::guest_busy_buffered() {
+  if (!p_.guest_ops || p_.guest_direct) return false;
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  const uint64_t ops = p_.guest_ops->load(std::memory_order_relaxed);
+  if (ops_seen_.exchange(ops, std::memory_order_relaxed) != ops) {
+    guest_seen_ns_.store(now, std::memory_order_relaxed);
+    return true;
+  }
+  return now - guest_seen_ns_.load(std::memory_order_relaxed) <
+         std::chrono::nanoseconds(kQuietBeforeDirect).count();
+}
+
 Status DiskSnapshot::read_block(uint64_t block, char* buf) {
   return read_blocks(block, 1, buf);
 }
@@ -452,9 +468,20 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
     }
   }
   // One read for the whole run (the preserved sub-blocks it covers are
-  // overwritten from the log below).
+  // overwritten from the log below). While the guest is busy on a buffered
+  // disk, through the page cache, not O_DIRECT: on ext4 an O_DIRECT read
+  // holds the inode lock (shared) while it writes back and waits for the
+  // dirty pages of its range, and every buffered guest write to the file
+  // waits for that lock meanwhile. A buffered read takes no inode lock and is
+  // as exact: the page cache holds every completed buffered write (what the
+  // O_DIRECT read would have flushed to the device first). Once the guest is
+  // quiet, O_DIRECT again: no copy of the disk through the page cache.
   Status st;
   if (from_disk) {
+    if (direct_fd >= 0 && guest_busy_buffered()) {
+      direct_fd = -1;
+      runs_buffered_.fetch_add(1, std::memory_order_relaxed);
+    }
     st = PreadDirect(direct_fd, p_.data_fd, buf, len, off, "disk " + p_.disk_name, "snapshot.read",
                      uint64_t{n} * p_.granularity);
   }

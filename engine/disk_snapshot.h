@@ -31,11 +31,16 @@
 // thread works at most kGuestBusyDuty of its time (bounded per block, so the
 // copy always ends); with the guest quiet it runs flat out.
 //
+// It also reads through the page cache while the guest is busy on a buffered
+// disk (read_blocks: why), and with O_DIRECT once the guest has been quiet
+// for kQuietBeforeDirect, or always on a disk whose guest I/O is O_DIRECT.
+//
 // Thread-safety: read_block(s)/to_copy/finish from job threads;
 // preserve_then/needs_preserve from reactor threads.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -65,11 +70,17 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
     // Counts the guest's requests on the disk (the copier yields while it
     // moves); nullptr: never yield.
     const std::atomic<uint64_t>* guest_ops = nullptr;
+    // The disk serves the guest with O_DIRECT (io.direct): the copier's runs
+    // are always read O_DIRECT when it has a descriptor for that.
+    bool guest_direct = false;
   };
   // Unflushed staging log bytes held in memory before preserving writes wait.
   static constexpr uint64_t kMaxUnflushed = 64ull << 20;
   // The share of its time a copy thread may work while the guest is busy.
   static constexpr double kGuestBusyDuty = 0.1;
+  // On a buffered disk, how long the guest must have been quiet (no request
+  // submitted) before the copier reads its runs with O_DIRECT again.
+  static constexpr std::chrono::milliseconds kQuietBeforeDirect{1000};
   // staging_fd: an empty, unnamed file opened read-write (made before the cut is published).
   static Result<std::shared_ptr<DiskSnapshot>> Create(Params params, UniqueFd staging_fd);
   ~DiskSnapshot();
@@ -95,8 +106,12 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   // of one per block. `direct_fd`: the disk opened with O_DIRECT, or -1; used
   // when buf is 4 KiB aligned (no copy through the page cache, which flushes
   // dirty pages of the range first, so the read sees every completed write),
-  // else, and where the filesystem refuses it, the buffered descriptor.
+  // unless the guest is busy on a buffered disk (see above); else, and where
+  // the filesystem refuses it, the buffered descriptor.
   Status read_blocks(uint64_t first, uint32_t n, char* buf, int direct_fd = -1);
+  // Runs read_blocks was given a direct_fd for but read through the page
+  // cache because the guest was busy on a buffered disk (tests, diagnostics).
+  uint64_t runs_read_buffered() const { return runs_buffered_.load(); }
 
   // Stops copy-before-write. Idempotent. The staging file is freed with the
   // last reference (CoW operations in flight hold one). Waits (at most 2 s)
@@ -148,6 +163,7 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   void release_busy(uint64_t block);  // mu_ held by caller: wakes waiters
   void wake_space_waiters();          // mu_ held
   void pace();                        // read_block: yield to the guest
+  bool guest_busy_buffered();         // read_blocks: read through the page cache now
 
   Params p_;
   uint64_t nblocks_;
@@ -161,6 +177,10 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   SparseBitmap preserved_;  // some of its cut content is in the log
   std::atomic<uint64_t> staged_count_{0};
   std::atomic<uint64_t> zero_count_{0};
+  std::atomic<uint64_t> runs_buffered_{0};
+  // guest_busy_buffered: the guest's request count last seen, and when it last moved (ns).
+  std::atomic<uint64_t> ops_seen_{0};
+  std::atomic<int64_t> guest_seen_ns_{INT64_MIN / 2};
 
   mutable std::mutex mu_;
   std::unordered_map<uint64_t, std::vector<Waiter>> busy_;  // block being preserved -> its waiters

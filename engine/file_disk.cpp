@@ -193,6 +193,7 @@ Result<std::shared_ptr<DiskSnapshot>> FileDisk::arm_cut(
       full,
       full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : std::move(armed.value().bitmaps)};
   p.guest_ops = &guest_ops_;
+  p.guest_direct = direct();
   // The snapshot treats every frozen bitmap alike (to_copy, copy-before-write).
   if (!full && also_copy) p.frozen.push_back(std::move(also_copy));
   auto snap = DiskSnapshot::Create(std::move(p), std::move(staging_fd));

@@ -589,6 +589,9 @@ Result<store::PointInfo> RestoreServiceImpl::copy_disk(store::PointWriter& w, Di
   // into the worker's buffer, with no copy through the page cache and no
   // page cache filled with a whole disk nobody reads again (that copy and
   // its reclaim were the largest CPU cost of a full point after hashing).
+  // While the guest is busy on a buffered disk the snapshot reads the runs
+  // buffered all the same (read_blocks: an O_DIRECT read would hold the
+  // inode lock against the guest's writes while it waits for writeback).
   // Where O_DIRECT is refused (tmpfs), the snapshot reads buffered, helped by
   // readahead hints on a descriptor of our own: the kernel reads the runs
   // about to be copied in large requests at once, instead of discovering

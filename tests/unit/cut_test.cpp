@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -327,6 +329,100 @@ TEST_CASE("cut: runs read with O_DIRECT are exact on tmpfs too (the page cache i
   }
   Rig rig(CopyMode::kDirectRuns, "/dev/shm");
   FullThenIncremental(rig);
+}
+
+namespace {
+
+// Drops the page cache of a file (its dirty pages written first).
+void Evict(const fs::path& img) {
+  UniqueFd fd(::open(img.c_str(), O_RDWR | O_CLOEXEC));
+  REQUIRE(fd);
+  REQUIRE(::fdatasync(fd.get()) == 0);
+  REQUIRE(::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_DONTNEED) == 0);
+}
+
+// The share of [off, off + len) of a file resident in the page cache (mincore).
+double Resident(const fs::path& img, uint64_t off, uint64_t len) {
+  UniqueFd fd(::open(img.c_str(), O_RDONLY | O_CLOEXEC));
+  REQUIRE(fd);
+  void* p = ::mmap(nullptr, len, PROT_READ, MAP_SHARED, fd.get(), static_cast<off_t>(off));
+  REQUIRE(p != MAP_FAILED);
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> vec((len + page - 1) / page);
+  REQUIRE(::mincore(p, len, vec.data()) == 0);
+  ::munmap(p, len);
+  size_t in = 0;
+  for (unsigned char v : vec) in += v & 1;
+  return double(in) / double(vec.size());
+}
+
+}  // namespace
+
+// The static half of each disk (written before the cut, never again, evicted
+// from the page cache) is read by the copier only: whether it is resident
+// afterwards says how the copier read it.
+TEST_CASE("cut: a busy buffered disk's runs are read through the page cache, exact") {
+  Rig rig(CopyMode::kDirectRuns);  // /tmp: a filesystem that takes O_DIRECT
+  std::vector<fs::path> imgs;
+  for (const auto& d : rig.disks) imgs.push_back(d->path());
+  for (const auto& img : imgs) {
+    Evict(img);
+    REQUIRE(Resident(img, kDiskBytes, kDiskBytes) < 0.05);
+  }
+  rig.start_writers();
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  auto a0 = Clock::now();
+  auto cut = CutDisks(rig.disks, rig.tmp.path.string(), "rp1");
+  auto a1 = Clock::now();
+  REQUIRE(cut.ok());
+  std::vector<std::vector<char>> images;
+  for (size_t d = 0; d < rig.disks.size(); ++d) {
+    // Writes arriving since the cut (on a loaded machine the reactor may not
+    // have run since): the copy starts with the guest busy.
+    auto issued = [&] {
+      uint64_t n = 0;
+      for (const Writer* w : rig.by_disk[d]) n += w->issued.load();
+      return n;
+    };
+    const uint64_t at_cut = issued();
+    for (auto until = Clock::now() + std::chrono::seconds(10);
+         issued() < at_cut + 16 && Clock::now() < until;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    uint64_t copied = 0;
+    images.push_back(rig.copy_out(*cut.value().snapshots[d], {}, &copied));
+    CHECK(copied >= kDiskBytes / kGran);
+    CHECK(images.back()[kDiskBytes + 12345] == 'z');
+    CHECK_FALSE(cut.value().snapshots[d]->broken());
+  }
+  rig.wait_writes(400);
+  rig.stop_writers();
+  // disk0 is buffered: its runs went through the page cache (no O_DIRECT read
+  // holding the inode lock against the guest's writes) ...
+  CHECK(cut.value().snapshots[0]->runs_read_buffered() > 0);
+  CHECK(Resident(imgs[0], kDiskBytes, kDiskBytes) > 0.9);
+  // ... disk1 serves the guest with O_DIRECT: the copier reads O_DIRECT too.
+  CHECK(cut.value().snapshots[1]->runs_read_buffered() == 0);
+  CHECK(Resident(imgs[1], kDiskBytes, kDiskBytes) < 0.05);
+  for (size_t d = 0; d < rig.disks.size(); ++d) {
+    CheckImage(images[d], {}, rig.by_disk[d], a0, a1);
+    rig.disks[d]->end_snapshot();
+  }
+}
+
+TEST_CASE("cut: with the guest quiet, runs of a buffered disk are read with O_DIRECT") {
+  Rig rig(CopyMode::kDirectRuns);
+  const fs::path img = rig.disks[0]->path();
+  Evict(img);
+  auto cut = CutDisks({rig.disks[0]}, rig.tmp.path.string(), "rp1");
+  REQUIRE(cut.ok());
+  uint64_t copied = 0;
+  auto image = rig.copy_out(*cut.value().snapshots[0], {}, &copied);
+  CHECK(copied >= kDiskBytes / kGran);
+  CHECK(image[kDiskBytes + 12345] == 'z');
+  CHECK(cut.value().snapshots[0]->runs_read_buffered() == 0);
+  CHECK(Resident(img, kDiskBytes, kDiskBytes) < 0.05);
+  rig.disks[0]->end_snapshot();
 }
 
 TEST_CASE("cut: an idle disk's incremental point copies nothing; a second cut while one runs is refused") {
