@@ -102,6 +102,13 @@ std::string OperationIdOf(const HttpReply& reply);
 // after printing the error when it Failed, or the exit code of a failed call.
 int WaitForOperation(Context& ctx, const std::string& id, const std::string& label,
                      nlohmann::ordered_json* operation);
+// For a PUT --wait that started no operation (the resource already existed):
+// polls GET path until its provisioningState is no longer Creating. Returns
+// kExitOk when it is Succeeded (with *resource set to its final JSON),
+// kExitServerError after printing its error when it is Failed (or gone: a
+// failed restore removes its disk), or the exit code of a failed call.
+int WaitForProvisioning(Context& ctx, const std::string& path, const std::string& label,
+                        nlohmann::ordered_json* resource);
 // For a create/action without --wait: "operation ID started (rpoint operation show ID)".
 void PrintOperationHint(Context& ctx, const std::string& id);
 

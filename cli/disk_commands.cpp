@@ -115,6 +115,13 @@ int Create(Context& ctx, const po::variables_map& vm) {
     rc = WaitForOperation(ctx, op, "restoring disk " + Name(vm), &done);
     if (rc != kExitOk) return rc;
     if (!Call(ctx, "GET", "/disks/" + Escape(Name(vm)), std::nullopt, &r, &rc)) return rc;
+  } else if (op.empty() && vm.count("wait")) {
+    // The restore already existed (a rerun): wait for it as for a new one.
+    json disk;
+    rc =
+        WaitForProvisioning(ctx, "/disks/" + Escape(Name(vm)), "restoring disk " + Name(vm), &disk);
+    if (rc != kExitOk) return rc;
+    r.json = disk;
   }
   if (r.json) PrintDisk(ctx, *r.json);
   if (!op.empty() && !vm.count("wait")) PrintOperationHint(ctx, op);

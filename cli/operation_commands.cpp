@@ -129,6 +129,36 @@ int WaitForOperation(Context& ctx, const std::string& id, const std::string& lab
   }
 }
 
+int WaitForProvisioning(Context& ctx, const std::string& path, const std::string& label,
+                        json* resource) {
+  bool said = false;
+  for (;;) {
+    HttpReply r;
+    int rc;
+    if (!Call(ctx, "GET", path, std::nullopt, &r, &rc)) {
+      if (r.status == 404) ctx.err << "rpoint: " << label << " failed (it is gone)\n";
+      return rc;
+    }
+    json res = r.json.value_or(json::object());
+    const json& props = Props(res);
+    std::string state = Str(props, "provisioningState");
+    if (state == "Creating") {
+      if (!said) ctx.err << label << ": already under way; waiting\n";
+      said = true;
+      std::this_thread::sleep_for(kPollInterval);
+      continue;
+    }
+    *resource = res;
+    if (state == "Succeeded" || state.empty()) return kExitOk;
+    std::string message = props.contains("error") ? Str(props["error"], "message") : "";
+    std::string code = props.contains("error") ? Str(props["error"], "code") : "";
+    ctx.err << "rpoint: " << label << " " << state << (message.empty() ? "" : ": " + message)
+            << (code.empty() ? "" : " (" + code + ")") << '\n';
+    if (ctx.output == OutputFormat::kJson) PrintJson(ctx, res);
+    return kExitServerError;
+  }
+}
+
 void AddOperationCommands(std::vector<Command>& table) {
   table.push_back({"operation", "show", "ID",
                    "show a long-running operation (restore point creation, restore, verify)",

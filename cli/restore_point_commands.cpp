@@ -249,13 +249,21 @@ int PointCreate(Context& ctx, const po::variables_map& vm) {
     return rc;
   }
   std::string op = OperationIdOf(r);
+  const std::string label = "restore point " + pt[0] + "/" + pt[1];
+  if (op.empty() && vm.count("wait")) {
+    // It already existed (a rerun): wait for it as for a new one.
+    json point;
+    rc = WaitForProvisioning(ctx, RestorePointPath(pt[0], pt[1]), label, &point);
+    if (rc != kExitOk) return rc;
+    return ShowPoint(ctx, pt[0], pt[1]);
+  }
   if (op.empty() || !vm.count("wait")) {
     if (r.json) PrintRestorePoint(ctx, *r.json, json::array());
     if (!op.empty()) PrintOperationHint(ctx, op);
     return kExitOk;
   }
   json done;
-  rc = WaitForOperation(ctx, op, "restore point " + pt[0] + "/" + pt[1], &done);
+  rc = WaitForOperation(ctx, op, label, &done);
   if (rc != kExitOk) return rc;
   return ShowPoint(ctx, pt[0], pt[1]);
 }
@@ -280,14 +288,21 @@ int PointCopy(Context& ctx, const po::variables_map& vm) {
   HttpReply r;
   if (!Call(ctx, "PUT", RestorePointPath(dst[0], dst[1]), body, &r, &rc)) return rc;
   std::string op = OperationIdOf(r);
+  const std::string label = "copying " + src[0] + "/" + src[1] + " to " + dst[0] + "/" + dst[1];
+  if (op.empty() && vm.count("wait")) {
+    // The copy already existed (a rerun): wait for it as for a new one.
+    json point;
+    rc = WaitForProvisioning(ctx, RestorePointPath(dst[0], dst[1]), label, &point);
+    if (rc != kExitOk) return rc;
+    return ShowPoint(ctx, dst[0], dst[1]);
+  }
   if (op.empty() || !vm.count("wait")) {
     if (r.json) PrintRestorePoint(ctx, *r.json, json::array());
     if (!op.empty()) PrintOperationHint(ctx, op);
     return kExitOk;
   }
   json done;
-  rc = WaitForOperation(ctx, op,
-                        "copying " + src[0] + "/" + src[1] + " to " + dst[0] + "/" + dst[1], &done);
+  rc = WaitForOperation(ctx, op, label, &done);
   if (rc != kExitOk) return rc;
   json output = Props(done).value("output", json::object());
   if (ctx.output == OutputFormat::kTable) {

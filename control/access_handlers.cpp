@@ -39,7 +39,7 @@ HttpResponse BeginGetAccess(AccessGrants& grants, const RequestContext& ctx) {
   }
   auto access = StringField(body["access"], "access");
   if (!access.ok()) return ErrorResponse(access.status());
-  auto duration = UnsignedField(body["durationInSeconds"], "durationInSeconds");
+  auto duration = UnsignedField(body["durationInSeconds"], "durationInSeconds", "seconds");
   if (!duration.ok()) return ErrorResponse(duration.status());
   std::string listener;
   if (auto it = body.find("listener"); it != body.end() && !it->is_null()) {

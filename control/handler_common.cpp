@@ -164,12 +164,12 @@ Result<std::string> StringField(const json& value, const std::string& where) {
   return value.get<std::string>();
 }
 
-Result<uint64_t> UnsignedField(const json& value, const std::string& where) {
+Result<uint64_t> UnsignedField(const json& value, const std::string& where, const char* unit) {
   if (value.is_number_unsigned()) return value.get<uint64_t>();
   if (value.is_number_integer()) {
     return Status::InvalidArgument(where + " must be positive, got " + value.dump());
   }
-  return Status::InvalidArgument(where + " must be an integer number of bytes, got " +
+  return Status::InvalidArgument(where + " must be an integer number of " + unit + ", got " +
                                  value.dump());
 }
 

@@ -61,9 +61,11 @@ bool ReadActionBody(const RequestContext& ctx, nlohmann::json* out, HttpResponse
 // whose keys they are ("properties.creationData").
 Status CheckFields(const nlohmann::json& object, const std::vector<std::string>& allowed,
                    const std::string& where);
-// `where` names the field in messages, e.g. "properties.kind".
+// `where` names the field in messages, e.g. "properties.kind"; `unit` is what
+// an integer field counts ("bytes", "seconds").
 Result<std::string> StringField(const nlohmann::json& value, const std::string& where);
-Result<uint64_t> UnsignedField(const nlohmann::json& value, const std::string& where);
+Result<uint64_t> UnsignedField(const nlohmann::json& value, const std::string& where,
+                               const char* unit = "bytes");
 // A reference to a resource: {"id": "/disks/a"} (an extra "name" must match)
 // or the plain string "/disks/a". Returns the name after `prefix` ("/disks/").
 Result<std::string> ReferenceField(const nlohmann::json& value, const std::string& prefix,

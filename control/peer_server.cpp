@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -110,11 +111,45 @@ class PeerServerImpl final : public PeerServer {
   }
 
  private:
+  // What the acceptor may do to a connection still in its TLS handshake:
+  // shut its socket down (evicted at the cap, or past its deadline). Once the
+  // handshake is over (`handshaken`) the socket is the serving thread's alone.
+  struct HandshakeState {
+    std::mutex mu;
+    bool handshaken = false;
+    bool evicted = false;
+  };
   struct Conn {
     int fd = -1;
     std::thread thread;
     std::shared_ptr<std::atomic<bool>> done;
+    std::shared_ptr<HandshakeState> hs;
+    std::chrono::steady_clock::time_point accepted;
+    std::string who;  // PeerName at accept (a socket shut down may have none)
+    bool handshaken_or_evicted() const { return hs->handshaken || hs->evicted; }  // hs->mu held
   };
+
+  // Shuts down `c` if it is still in its TLS handshake; true if it did.
+  static bool evict_locked(Conn& c) {
+    if (c.done->load()) return false;
+    std::lock_guard<std::mutex> lock(c.hs->mu);
+    if (c.handshaken_or_evicted()) return false;
+    c.hs->evicted = true;
+    ::shutdown(c.fd, SHUT_RDWR);
+    return true;
+  }
+
+  // Handshakes past their deadline (io_timeout_seconds) are cut.
+  void expire_handshakes_locked() {
+    auto now = std::chrono::steady_clock::now();
+    for (auto& c : conns_) {
+      if (now - c.accepted < std::chrono::seconds(options_.io_timeout_seconds)) continue;
+      if (evict_locked(c)) {
+        spdlog::warn("peer API: {} did not finish its TLS handshake in {} s; closed", c.who,
+                     options_.io_timeout_seconds);
+      }
+    }
+  }
 
   void reap_locked() {
     for (auto it = conns_.begin(); it != conns_.end();) {
@@ -131,14 +166,40 @@ class PeerServerImpl final : public PeerServer {
     std::vector<pollfd> fds;
     for (auto& l : listeners_) fds.push_back({l.get(), POLLIN, 0});
     while (!stopping_.load()) {
-      if (::poll(fds.data(), fds.size(), 200) <= 0) continue;
+      int n = ::poll(fds.data(), fds.size(), 200);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        expire_handshakes_locked();
+      }
+      if (n <= 0) continue;
       for (auto& p : fds) {
         if (!(p.revents & POLLIN)) continue;
         int fd = ::accept4(p.fd, nullptr, nullptr, SOCK_CLOEXEC);
         if (fd < 0) continue;
         std::lock_guard<std::mutex> lock(mu_);
         reap_locked();
-        if (conns_.size() >= options_.max_connections) {
+        // At the cap, the oldest connection still in its TLS handshake makes
+        // room (silent clients cannot lock peers out); authenticated ones stay.
+        // Evicted ones still exiting may take up to the cap again.
+        size_t live = 0;
+        for (auto& c : conns_) {
+          std::lock_guard<std::mutex> hs_lock(c.hs->mu);
+          live += !c.done->load() && !c.hs->evicted;
+        }
+        bool room = live < options_.max_connections;
+        if (!room && conns_.size() < 2 * size_t{options_.max_connections}) {
+          for (auto& c : conns_) {
+            if (evict_locked(c)) {
+              spdlog::warn(
+                  "peer API: {} connections open; closed {}, still in its TLS handshake, "
+                  "for {}",
+                  live, c.who, PeerName(fd));
+              room = true;
+              break;
+            }
+          }
+        }
+        if (!room) {
           spdlog::warn("peer API: {} connections open; refusing {}", conns_.size(), PeerName(fd));
           ::close(fd);
           continue;
@@ -154,16 +215,17 @@ class PeerServerImpl final : public PeerServer {
         setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
         setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof user_timeout_ms);
         auto done = std::make_shared<std::atomic<bool>>(false);
-        conns_.push_back({fd, std::thread([this, fd, done] {
-                            serve(fd);
+        auto hs = std::make_shared<HandshakeState>();
+        conns_.push_back({fd, std::thread([this, fd, done, hs] {
+                            serve(fd, *hs);
                             done->store(true);
                           }),
-                          done});
+                          done, hs, std::chrono::steady_clock::now(), PeerName(fd)});
       }
     }
   }
 
-  void serve(int fd) {
+  void serve(int fd, HandshakeState& hs) {
     const std::string who = PeerName(fd);
     asio::io_context io;
     beast::error_code ec;
@@ -179,6 +241,13 @@ class PeerServerImpl final : public PeerServer {
       return;
     }
     stream.handshake(ssl::stream_base::server, ec);
+    {
+      // From here the acceptor leaves the socket alone (it is closed below or
+      // served). One evicted just as its handshake succeeded is dead: drop it.
+      std::lock_guard<std::mutex> lock(hs.mu);
+      hs.handshaken = true;
+      if (hs.evicted && !ec) return;
+    }
     if (ec) {
       // No certificate, another CA's, a plaintext client: nothing is served.
       spdlog::warn("peer API: refused {}: TLS handshake failed: {}", who, ec.message());

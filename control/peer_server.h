@@ -10,8 +10,11 @@
 //
 // One thread accepts; each connection gets a thread (peers are few, calls
 // rare); keepalive probes and TCP_USER_TIMEOUT (io_timeout_seconds) fail a
-// connection whose link is gone, so a cut link frees its thread. Requests are
-// HTTP/1.1 with keep-alive.
+// connection whose link is gone, so a cut link frees its thread. A client
+// that does not finish its TLS handshake within io_timeout_seconds is cut, and
+// at max_connections a new connection evicts the oldest one still in its
+// handshake (never an authenticated one): silent sockets cannot lock peers
+// out. Requests are HTTP/1.1 with keep-alive.
 //
 // Thread-safety: add_listener/start/stop from the owning (main) thread;
 // reload_tls from any.

@@ -31,7 +31,10 @@ namespace {
 
 using nbd::Connection;
 
-// Handshakes in progress at once; connections beyond it are closed at accept.
+// Handshakes in progress at once. A new connection at the cap evicts the
+// oldest one still negotiating (silent clients cannot lock real ones out);
+// evicted threads still exiting count up to kMaxHandshakes more, beyond which
+// new connections are closed at accept.
 constexpr size_t kMaxHandshakes = 512;
 // The acceptor also looks for connections of retired devices this often.
 constexpr int kHousekeepingMs = 200;
@@ -57,6 +60,11 @@ class NbdServerImpl final : public NbdServer {
   struct HandshakeThread {
     std::thread thread;
     std::atomic<bool> done{false};
+    // The socket while it negotiates (-1 once the handshake is over, success
+    // or not): evict() shuts it down, which wakes the handshake's poll.
+    std::mutex fd_mu;
+    int fd = -1;
+    bool evicted = false;  // written under fd_mu by the acceptor thread
   };
 
   void accept_loop();
@@ -68,10 +76,13 @@ class NbdServerImpl final : public NbdServer {
   void accept_one(const ListenerEntry& l);
   void run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver& resolver,
                      HandshakeThread* self);
+  // Shuts down the socket of the oldest handshake not yet evicted; false if none.
+  bool evict_oldest_handshake();
   // Negotiates on in/out; on success returns a registered connection on `reactor`.
+  // `self` (null for serve_one) is unhooked from eviction once negotiation ends.
   std::shared_ptr<Connection> negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
                                         ExportResolver& resolver, Connection::ClosedFn on_closed,
-                                        const nbd::TlsPolicy& tls);
+                                        const nbd::TlsPolicy& tls, HandshakeThread* self = nullptr);
   void on_closed(Connection* c);
   void check_retired();
   bool wait_empty(std::chrono::milliseconds timeout);
@@ -189,10 +200,19 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
-      if (handshaking_ >= kMaxHandshakes) {
+      if (handshaking_ >= 2 * kMaxHandshakes) {
         spdlog::warn("nbd: too many handshakes in progress; dropping a new client");
         continue;
       }
+    }
+    size_t live = 0;
+    for (const HandshakeThread& h : handshakes_) live += !h.done.load() && !h.evicted;
+    if (live >= kMaxHandshakes) {
+      if (!evict_oldest_handshake()) continue;
+      spdlog::warn("nbd: {} handshakes in progress; evicted the oldest for a new client", live);
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
       ++handshaking_;
     }
     nbd::TlsPolicy tls;  // a copy: the handshake keeps the credentials it began with
@@ -203,6 +223,7 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
     handshakes_.emplace_back();
     HandshakeThread* h = &handshakes_.back();
     int raw = fd.release();
+    h->fd = raw;  // the thread does not exist yet: no lock needed
     try {
       h->thread = std::thread([this, raw, tls = std::move(tls), h, &resolver] {
         pthread_setname_np(pthread_self(), "nbd-handshake");
@@ -223,12 +244,24 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
   }
 }
 
+bool NbdServerImpl::evict_oldest_handshake() {
+  for (HandshakeThread& h : handshakes_) {  // oldest first: accept order
+    if (h.done.load() || h.evicted) continue;
+    std::lock_guard<std::mutex> lock(h.fd_mu);
+    if (h.fd < 0) continue;  // negotiation just ended: not a handshake any more
+    h.evicted = true;
+    ::shutdown(h.fd, SHUT_RDWR);
+    return true;
+  }
+  return false;
+}
+
 void NbdServerImpl::run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver& resolver,
                                   HandshakeThread* self) {
   Reactor& reactor = pool_.next();
   std::shared_ptr<Connection> c = negotiate(
       std::move(fd), UniqueFd(), reactor, resolver, [this](Connection* conn) { on_closed(conn); },
-      tls);
+      tls, self);
   if (c) reactor.post([c] { c->start(); });
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -241,13 +274,21 @@ void NbdServerImpl::run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolve
 std::shared_ptr<Connection> NbdServerImpl::negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
                                                      ExportResolver& resolver,
                                                      Connection::ClosedFn on_closed,
-                                                     const nbd::TlsPolicy& tls) {
+                                                     const nbd::TlsPolicy& tls,
+                                                     HandshakeThread* self) {
   auto deadline =
       std::chrono::steady_clock::now() + std::chrono::seconds(opts_.handshake_timeout_seconds);
   int in_fd = in.get();
   int out_fd = out.valid() ? out.get() : in_fd;
   nbd::HandshakeChannel ch(in_fd, out_fd, stop_fd_.get(), deadline);
   auto r = nbd::Negotiate(ch, resolver, opts_.max_payload, tls);
+  if (self) {
+    // From here the socket is closed or established: never evicted. One shut
+    // down just as Negotiate succeeded is dead: drop it.
+    std::lock_guard<std::mutex> lock(self->fd_mu);
+    self->fd = -1;
+    if (self->evicted && r.ok()) return nullptr;
+  }
   if (!r.ok()) {
     // A refused TLS client (wrong certificate or key) is worth an operator's eye.
     if (r.status().code() == Code::kPermissionDenied) {

@@ -192,3 +192,75 @@ def test_verify_wait_exit_4_on_damage(vm):
     r = rpoint(d, "-o", "json", "restore-point", "verify", "col/rp", "--wait")
     assert r.returncode == 4, r
     assert json.loads(r.stdout)["properties"]["output"]["ok"] is False
+
+
+def test_wait_on_a_rerun_waits_for_what_already_exists(make_daemon, tmp_path):
+    """A PUT repeated for a point, copy or restore that exists answers 200 with
+    no operation; --wait still waits for its provisioningState: exit 0 once
+    Succeeded, 1 with the error when Failed (it used to exit 0 at once)."""
+    faults = tmp_path / "faults"
+    faults.write_text("\n")
+    cfg = ("regions:\n"
+           f"  - {{name: east, path: {tmp_path}/east, default: true}}\n"
+           f"  - {{name: west, path: {tmp_path}/west}}\n"
+           "consistency:\n"
+           "  vms:\n"
+           '    slow: {freeze: "sleep 3", thaw: "true"}\n'
+           '    bad: {freeze: "echo frozen-out >&2; exit 7", thaw: "true"}\n')
+    d = make_daemon(config_text=cfg, env={"RPOINTD_FAULTS_FILE": str(faults)}).start()
+    d.create_disk("a", 16 * MiB)
+    d.create_disk("b", 4 * MiB)
+    rng = random.Random(5)
+    nbd_write(d.nbd_uri("a"), [(s * G, rng.randbytes(G)) for s in rng.sample(range(256), 64)])
+    d.create_vm("slow", ["a"])
+    d.create_vm("bad", ["b"])
+    d.create_collection("ce", "slow", location="east")
+    d.create_collection("cw", "slow", location="west")
+    d.create_collection("cb", "bad")
+
+    def state(c, rp):
+        return d.get_restore_point(c, rp)["properties"]["provisioningState"]
+
+    # A point still Creating (its freeze takes 3 s): the rerun waits for it.
+    r = js(rpoint(d, "restore-point", "create", "ce/p1", "--consistency", "fs", "-o", "json"))
+    assert r["properties"]["provisioningState"] == "Creating", r
+    r = ok(rpoint(d, "restore-point", "create", "ce/p1", "--consistency", "fs", "--wait"))
+    assert state("ce", "p1") == "Succeeded", r.stderr
+    assert "Succeeded" in r.stdout, r.stdout
+
+    # A Failed point: the first --wait and the rerun both exit 1 saying why.
+    r = rpoint(d, "restore-point", "create", "cb/p", "--consistency", "fs", "--wait")
+    assert r.returncode == 1, r
+    assert state("cb", "p") == "Failed"
+    r = rpoint(d, "restore-point", "create", "cb/p", "--consistency", "fs", "--wait")
+    assert r.returncode == 1, r
+    assert "Failed" in r.stderr and "FreezeFailed" in r.stderr, r.stderr
+
+    # A copy still Creating (each chunk delayed): the rerun waits for it.
+    d.arm_faults("copy.chunk=delay100")
+    r = js(rpoint(d, "restore-point", "copy", "ce/p1", "cw", "-o", "json"))
+    assert r["properties"]["provisioningState"] == "Creating", r
+    r = ok(rpoint(d, "restore-point", "copy", "ce/p1", "cw", "--wait"))
+    assert state("cw", "p1") == "Succeeded", r.stderr
+    d.arm_faults("")
+
+    # A restore still Creating (each piece delayed): the rerun waits for it.
+    d.arm_faults("restore.fill=delay1000")
+    ok(rpoint(d, "disk", "create", "ra", "--from", "ce/p1/a"))
+    assert d.api("GET", "/disks/ra").json["properties"]["provisioningState"] == "Creating"
+    r = ok(rpoint(d, "disk", "create", "ra", "--from", "ce/p1/a", "--wait"))
+    assert d.api("GET", "/disks/ra").json["properties"]["provisioningState"] == "Succeeded", r
+    d.arm_faults("")
+
+
+def test_access_grant_duration_error_says_seconds(daemon):
+    d = daemon
+    d.create_disk("a", 4 * MiB)
+    d.create_vm("vm", ["a"])
+    d.create_collection("col", "vm")
+    d.create_restore_point("col", "p")
+    r = d.api("POST", "/restorePointCollections/col/restorePoints/p/diskRestorePoints/a/beginGetAccess",
+              {"access": "Read", "durationInSeconds": "an hour"})
+    assert r.status == 400, r
+    msg = r.json["error"]["message"]
+    assert "durationInSeconds" in msg and "seconds" in msg and "bytes" not in msg, msg
