@@ -316,7 +316,6 @@ Status ChangeTracker::load_or_make_id() {
 }
 
 Status ChangeTracker::make_id() {
-  std::string path = dir_ + "/" + kIdFile;
   const uint64_t old = id_.load();
   uint64_t id = 0;
   while (id == 0 || id == old) {
@@ -329,10 +328,15 @@ Status ChangeTracker::make_id() {
   id_ = id;
   char text[32];
   int len = std::snprintf(text, sizeof text, "%016" PRIx64 "\n", id);
+  return replace_file(kIdFile, std::string(text, static_cast<size_t>(len)));
+}
+
+Status ChangeTracker::replace_file(const char* name, const std::string& text) {
+  std::string path = dir_ + "/" + name;
   std::string tmp = path + ".tmp";
   UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (!out) return Status::FromErrno(errno, "create " + tmp);
-  Status w = PwriteFull(out.get(), text, static_cast<size_t>(len), 0, tmp);
+  Status w = PwriteFull(out.get(), text.data(), text.size(), 0, tmp);
   if (!w.ok()) return w;
   if (fdatasync(out.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
   if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
@@ -601,15 +605,7 @@ Status ChangeTracker::record_live() {
     highest = std::max(highest, g->number);
   }
   // Replaced by rename (as the retired marker): never torn, never empty.
-  std::string path = dir_ + "/" + kLiveFile;
-  std::string tmp = path + ".tmp";
-  UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!out) return Status::FromErrno(errno, "create " + tmp);
-  Status w = PwriteFull(out.get(), text.data(), text.size(), 0, tmp);
-  if (!w.ok()) return w;
-  if (fdatasync(out.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
-  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
-  Status st = FsyncDir(dir_fd_.get(), dir_);
+  Status st = replace_file(kLiveFile, text);
   if (!st.ok()) return st;
   recorded_through_ = highest;
   return Status::Ok();
@@ -1127,17 +1123,7 @@ Status ChangeTracker::retire_through(uint64_t gen) {
   // The marker first: once a generation is gone, "never retired" must not come
   // back. Replaced by rename, never rewritten in place: a power cut must not
   // leave it empty (read as "retired through 0", a history that looks whole).
-  std::string marker = dir_ + "/" + kRetiredFile;
-  std::string tmp = marker + ".tmp";
-  UniqueFd m(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!m) return Status::FromErrno(errno, "create " + tmp);
-  std::string text = std::to_string(gen) + "\n";
-  if (write(m.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()) ||
-      fdatasync(m.get()) != 0) {
-    return Status::FromErrno(errno, "write " + tmp);
-  }
-  if (rename(tmp.c_str(), marker.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
-  Status st = FsyncDir(dir_fd_.get(), dir_);
+  Status st = replace_file(kRetiredFile, std::to_string(gen) + "\n");
   if (!st.ok()) return st;
   for (const auto& g : dropped) {
     if (g->detached) continue;  // its file is gone, or is not its any more

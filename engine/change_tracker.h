@@ -325,6 +325,10 @@ class ChangeTracker {
   // retired. At Open (once the active generation is made) and by
   // prepare_next (once the next one is), reset_mu_ held.
   Status record_live();
+  // <dir>/<name> replaced by `text` durably: a temporary file written and
+  // fdatasync'ed, renamed over it, the directory fsync'ed (never torn, never
+  // empty after a power cut). The id file, the retired marker, <dir>/live.
+  Status replace_file(const char* name, const std::string& text);
   // The flusher's (and a clean stop's) check: on damage, only the id and
   // retired files go, so a restart is a new tracker.
   void watch_files();
@@ -351,7 +355,7 @@ class ChangeTracker {
   // check and next generation (prepare_next), retirement's unlinks, the
   // flusher's check. Taken before mu_.
   mutable std::mutex reset_mu_;
-  bool damage_reported_ = false;  // guarded by reset_mu_: watch_files logs once
+  bool damage_reported_ = false;   // guarded by reset_mu_: watch_files logs once
   uint64_t recorded_through_ = 0;  // guarded by reset_mu_: highest generation in <dir>/live
 
   mutable std::mutex mu_;
