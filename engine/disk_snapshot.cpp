@@ -169,6 +169,7 @@ DiskSnapshot::DiskSnapshot(Params p)
       read_(nblocks_),
       preserved_(nblocks_) {
   if (p_.guest_ops) ops_seen_.store(p_.guest_ops->load(std::memory_order_relaxed));
+  if (p_.guest_writes) writes_seen_.store(p_.guest_writes->load(std::memory_order_relaxed));
 }
 
 Result<std::shared_ptr<DiskSnapshot>> DiskSnapshot::Create(Params params, UniqueFd staging_fd) {
@@ -383,43 +384,58 @@ std::unique_ptr<DiskSnapshot::StageWrite> DiskSnapshot::staged(Reactor& reactor,
   return next_stage_write(reactor);
 }
 
+namespace {
+
+int64_t SteadyNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Moves *when to now if *counter moved since *seen last held it.
+void Notice(const std::atomic<uint64_t>* counter, std::atomic<uint64_t>& seen,
+            std::atomic<int64_t>& when, int64_t now) {
+  if (!counter) return;
+  const uint64_t v = counter->load(std::memory_order_relaxed);
+  if (seen.exchange(v, std::memory_order_relaxed) != v) when.store(now, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+DiskSnapshot::GuestSeen DiskSnapshot::watch_guest() {
+  const int64_t now = SteadyNs();
+  Notice(p_.guest_ops, ops_seen_, op_seen_ns_, now);
+  Notice(p_.guest_writes, writes_seen_, write_seen_ns_, now);
+  return {op_seen_ns_.load(std::memory_order_relaxed),
+          write_seen_ns_.load(std::memory_order_relaxed)};
+}
+
 void DiskSnapshot::pace() {
   if (!p_.guest_ops) return;
-  // Per copy thread: when it last came back for a block, and the guest's
-  // request count then. The time in between is its work on the last block.
+  // Per copy thread: when it last came back for a block. The time since is
+  // its work on the last block; a guest request seen since makes it yield.
   thread_local struct {
     const DiskSnapshot* owner = nullptr;
-    std::chrono::steady_clock::time_point since;
-    uint64_t ops = 0;
+    int64_t since = 0;
   } t;
-  auto now = std::chrono::steady_clock::now();
-  uint64_t ops = p_.guest_ops->load(std::memory_order_relaxed);
-  if (t.owner == this && ops != t.ops) {
+  const int64_t now = SteadyNs();
+  if (t.owner == this && watch_guest().op_ns >= t.since) {
     // The guest is busy: work at most kGuestBusyDuty of the time, but never
     // sleep long per block, so the copy ends however busy the guest stays.
-    auto work = now - t.since;
+    const auto work = std::chrono::nanoseconds(now - t.since);
     auto pause = std::chrono::duration_cast<std::chrono::microseconds>(
         work * ((1.0 - kGuestBusyDuty) / kGuestBusyDuty));
     std::this_thread::sleep_for(
         std::min<std::chrono::microseconds>(pause, std::chrono::milliseconds(50)));
   }
   t.owner = this;
-  t.ops = p_.guest_ops->load(std::memory_order_relaxed);
-  t.since = std::chrono::steady_clock::now();
+  watch_guest();  // what moved while it slept is not the next block's work
+  t.since = SteadyNs();
 }
 
 bool DiskSnapshot::guest_busy_buffered() {
-  if (!p_.guest_ops || p_.guest_direct) return false;
-  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch())
-                          .count();
-  const uint64_t ops = p_.guest_ops->load(std::memory_order_relaxed);
-  if (ops_seen_.exchange(ops, std::memory_order_relaxed) != ops) {
-    guest_seen_ns_.store(now, std::memory_order_relaxed);
-    return true;
-  }
-  return now - guest_seen_ns_.load(std::memory_order_relaxed) <
-         std::chrono::nanoseconds(kQuietBeforeDirect).count();
+  if (!p_.guest_writes || p_.guest_direct) return false;
+  return SteadyNs() - watch_guest().write_ns < std::chrono::nanoseconds(kQuietBeforeDirect).count();
 }
 
 Status DiskSnapshot::read_block(uint64_t block, char* buf) {
@@ -468,14 +484,15 @@ Status DiskSnapshot::read_blocks(uint64_t first, uint32_t n, char* buf, int dire
     }
   }
   // One read for the whole run (the preserved sub-blocks it covers are
-  // overwritten from the log below). While the guest is busy on a buffered
+  // overwritten from the log below). While the guest writes to a buffered
   // disk, through the page cache, not O_DIRECT: on ext4 an O_DIRECT read
   // holds the inode lock (shared) while it writes back and waits for the
   // dirty pages of its range, and every buffered guest write to the file
   // waits for that lock meanwhile. A buffered read takes no inode lock and is
   // as exact: the page cache holds every completed buffered write (what the
-  // O_DIRECT read would have flushed to the device first). Once the guest is
-  // quiet, O_DIRECT again: no copy of the disk through the page cache.
+  // O_DIRECT read would have flushed to the device first). Once the guest
+  // stops writing, O_DIRECT again: no copy of the disk through the page cache
+  // (guest reads alone do not contend with an O_DIRECT read).
   Status st;
   if (from_disk) {
     if (direct_fd >= 0 && guest_busy_buffered()) {

@@ -31,9 +31,13 @@
 // thread works at most kGuestBusyDuty of its time (bounded per block, so the
 // copy always ends); with the guest quiet it runs flat out.
 //
-// It also reads through the page cache while the guest is busy on a buffered
-// disk (read_blocks: why), and with O_DIRECT once the guest has been quiet
-// for kQuietBeforeDirect, or always on a disk whose guest I/O is O_DIRECT.
+// It also reads through the page cache while the guest writes to a buffered
+// disk (Params::guest_writes moves; read_blocks: why), and with O_DIRECT once
+// the guest has not written for kQuietBeforeDirect, or always on a disk whose
+// guest I/O is O_DIRECT. Guest reads alone keep it on O_DIRECT: they take no
+// lock an O_DIRECT read holds, and a buffered copy would spend the CPU (a copy
+// of every page) and the page cache the guest's reads need. One sampler of
+// both counters (watch_guest) serves both decisions.
 //
 // Thread-safety: read_block(s)/to_copy/finish from job threads;
 // preserve_then/needs_preserve from reactor threads.
@@ -70,6 +74,10 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
     // Counts the guest's requests on the disk (the copier yields while it
     // moves); nullptr: never yield.
     const std::atomic<uint64_t>* guest_ops = nullptr;
+    // Counts the guest's writes, trims and zeroes (a subset of guest_ops):
+    // while it moves on a buffered disk the copier reads through the page
+    // cache; nullptr: always O_DIRECT when it has a descriptor for that.
+    const std::atomic<uint64_t>* guest_writes = nullptr;
     // The disk serves the guest with O_DIRECT (io.direct): the copier's runs
     // are always read O_DIRECT when it has a descriptor for that.
     bool guest_direct = false;
@@ -78,8 +86,8 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   static constexpr uint64_t kMaxUnflushed = 64ull << 20;
   // The share of its time a copy thread may work while the guest is busy.
   static constexpr double kGuestBusyDuty = 0.1;
-  // On a buffered disk, how long the guest must have been quiet (no request
-  // submitted) before the copier reads its runs with O_DIRECT again.
+  // On a buffered disk, how long the guest must have been quiet (no write,
+  // trim or zero submitted) before the copier reads its runs with O_DIRECT again.
   static constexpr std::chrono::milliseconds kQuietBeforeDirect{1000};
   // staging_fd: an empty, unnamed file opened read-write (made before the cut is published).
   static Result<std::shared_ptr<DiskSnapshot>> Create(Params params, UniqueFd staging_fd);
@@ -162,8 +170,16 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   void break_locked(const std::string& why, int error);                             // mu_ held
   void release_busy(uint64_t block);  // mu_ held by caller: wakes waiters
   void wake_space_waiters();          // mu_ held
-  void pace();                        // read_block: yield to the guest
-  bool guest_busy_buffered();         // read_blocks: read through the page cache now
+  // When (steady clock, ns) the guest was last seen submitting a request and
+  // a write: samples Params::guest_ops/guest_writes, a move since the last
+  // sample (by any copy thread) counting as now.
+  struct GuestSeen {
+    int64_t op_ns;
+    int64_t write_ns;
+  };
+  GuestSeen watch_guest();
+  void pace();                 // read_block: yield to the guest
+  bool guest_busy_buffered();  // read_blocks: read through the page cache now
 
   Params p_;
   uint64_t nblocks_;
@@ -178,9 +194,11 @@ class DiskSnapshot : public std::enable_shared_from_this<DiskSnapshot> {
   std::atomic<uint64_t> staged_count_{0};
   std::atomic<uint64_t> zero_count_{0};
   std::atomic<uint64_t> runs_buffered_{0};
-  // guest_busy_buffered: the guest's request count last seen, and when it last moved (ns).
+  // watch_guest: the guest's counts last sampled, and when each last moved (ns).
   std::atomic<uint64_t> ops_seen_{0};
-  std::atomic<int64_t> guest_seen_ns_{INT64_MIN / 2};
+  std::atomic<uint64_t> writes_seen_{0};
+  std::atomic<int64_t> op_seen_ns_{INT64_MIN / 2};
+  std::atomic<int64_t> write_seen_ns_{INT64_MIN / 2};
 
   mutable std::mutex mu_;
   std::unordered_map<uint64_t, std::vector<Waiter>> busy_;  // block being preserved -> its waiters

@@ -114,6 +114,7 @@ void FileDisk::submit(Reactor& reactor, IoRequest& req) {
   req.done_ = 0;
   req.stage_ = kStageIo;
   guest_ops_.fetch_add(1, std::memory_order_relaxed);  // a copy-out yields while this moves
+  if (IsMutation(req.kind)) guest_writes_.fetch_add(1, std::memory_order_relaxed);
   int err = 0;
   if (req.kind != IoKind::kFlush && !check_range(req.offset, req.length).ok()) {
     err = EINVAL;
@@ -193,6 +194,7 @@ Result<std::shared_ptr<DiskSnapshot>> FileDisk::arm_cut(
       full,
       full ? std::vector<std::shared_ptr<const SparseBitmap>>{} : std::move(armed.value().bitmaps)};
   p.guest_ops = &guest_ops_;
+  p.guest_writes = &guest_writes_;
   p.guest_direct = direct();
   // The snapshot treats every frozen bitmap alike (to_copy, copy-before-write).
   if (!full && also_copy) p.frozen.push_back(std::move(also_copy));

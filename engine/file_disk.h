@@ -123,6 +123,8 @@ class FileDisk final : public BlockDevice, public std::enable_shared_from_this<F
 
   std::atomic<std::shared_ptr<DiskSnapshot>> snapshot_;
   std::atomic<uint64_t> guest_ops_{0};  // requests submitted: the copier yields while it moves
+  // Writes, trims and zeroes submitted: the copier reads buffered while it moves.
+  std::atomic<uint64_t> guest_writes_{0};
 };
 
 }  // namespace rpoint
