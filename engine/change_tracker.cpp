@@ -370,8 +370,12 @@ Status ChangeTracker::load_existing() {
   // Every generation the last run recorded (record_live) and did not retire
   // must still be its file: one deleted or replaced while it ran, and no
   // file check caught it before a kill -9, would be a history with a hole.
-  // No record (older daemons): nothing to compare.
+  // No record where a history is claimed (generation files, or a retired
+  // marker) is no proof either: the record may be gone with the file it
+  // listed. Such a history is dropped (a directory from a daemon older than
+  // the record, too: one full point).
   UniqueFd live(::open((dir_ + "/" + kLiveFile).c_str(), O_RDONLY | O_CLOEXEC));
+  const int live_errno = live ? 0 : errno;
   if (live) {
     std::string text;
     char buf[4096];
@@ -398,6 +402,10 @@ Status ChangeTracker::load_existing() {
         damaged = path + " was replaced (not the file the tracker wrote)";
       }
     }
+  }
+  if (!live && damaged.empty() && (ever_retired_ || !found.empty())) {
+    damaged = dir_ + "/" + kLiveFile + ": " + std::strerror(live_errno) +
+              " (the record of the generations the last run held)";
   }
   for (auto& [number, path] : found) {
     last = std::max(last, number);

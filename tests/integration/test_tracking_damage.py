@@ -233,19 +233,23 @@ def test_tracking_files_lost_while_running_make_the_next_point_full(make_daemon,
     assert drp["incremental"] is True, drp
 
 
-@pytest.mark.parametrize("stop", ["clean", "kill9", "kill9-at-once"])
+@pytest.mark.parametrize("stop", ["clean", "kill9", "kill9-at-once", "kill9-live-too"])
 def test_tracking_file_deleted_while_running_is_no_hole_after_a_restart(make_daemon, tmp_path,
                                                                        stop):
     """The generation file holding the changes since rp0 deleted while the
     daemon runs, and no point before the daemon stops (clean: at once; kill -9:
     after the flusher's file check had its second; kill -9 at once: before
     any check, so only the start-up can tell, from the generations it
-    recorded). The restart must not take the remaining files for the whole
-    history: rp1 is full, equals the disk, and so does a disk restored from it."""
+    recorded; live too: the record of those generations deleted with it, so
+    the start-up finds a history with no record at all). The restart must not
+    take the remaining files for the whole history: rp1 is full, equals the
+    disk, and so does a disk restored from it."""
     import time
 
     d, rng = disk_changed_after_a_point(make_daemon, 17)
     os.unlink(newest_generation(d, "a"))
+    if stop == "kill9-live-too":
+        os.unlink(os.path.join(d.state_dir, "tracking", "a", "live"))
     nbd_write(d.nbd_uri("a"), [(9 * MiB, rng.randbytes(4096))])  # only in memory now
     if stop == "clean":
         assert d.stop() == 0, d.log()
@@ -254,7 +258,7 @@ def test_tracking_file_deleted_while_running_is_no_hole_after_a_restart(make_dae
         d.kill9()
     else:
         d.kill9()
-    if stop != "kill9-at-once":
+    if stop not in ("kill9-at-once", "kill9-live-too"):
         drp = restart_and_check_rp1(d, tmp_path, "a tracking file deleted while running")
         assert drp["incremental"] is False, drp
         return
