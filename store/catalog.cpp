@@ -387,6 +387,28 @@ Status Catalog::quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad,
   return txn.commit();
 }
 
+Result<uint64_t> Catalog::quarantine_pack(uint64_t pack, const std::string& why) {
+  std::lock_guard<std::mutex> lock(wr_mu_);
+  STORE_ASSIGN_OR_RETURN(auto txn, SqliteTxn::Begin(*wr_));
+  STORE_ASSIGN_OR_RETURN(
+      auto ins, wr_->prepare_cached("INSERT INTO bad_objects(digest, pack, offset, length, "
+                                    "detected_ns, reason) SELECT digest, pack, offset, length, ?, "
+                                    "? FROM objects WHERE pack=?"));
+  ins.bind(1, NowNs()).bind(2, why).bind(3, int64_t(pack));
+  STORE_RETURN_IF_ERROR(ins.run());
+  const uint64_t moved = uint64_t(wr_->changes());
+  STORE_ASSIGN_OR_RETURN(auto del, wr_->prepare_cached("DELETE FROM objects WHERE pack=?"));
+  del.bind(1, int64_t(pack));
+  STORE_RETURN_IF_ERROR(del.run());
+  // Forgotten as a pack too: a file put back is a pack the index does not
+  // know, indexed again by the next open or repair (its objects healed).
+  STORE_ASSIGN_OR_RETURN(auto dp, wr_->prepare_cached("DELETE FROM packs WHERE id=?"));
+  dp.bind(1, int64_t(pack));
+  STORE_RETURN_IF_ERROR(dp.run());
+  STORE_RETURN_IF_ERROR(txn.commit());
+  return moved;
+}
+
 Result<std::vector<Digest>> Catalog::unhealed_bad_objects() {
   std::lock_guard<std::mutex> lock(rd_mu_);
   STORE_ASSIGN_OR_RETURN(auto q,

@@ -120,6 +120,10 @@ class Catalog {
   // point naming that digest).
   // A row is moved only while the index still names that location.
   Status quarantine(const std::vector<std::pair<Digest, ObjectLoc>>& bad, const std::string& why);
+  // The same for every object the index places in pack `pack` (its file is
+  // gone or shorter than recorded), and the pack's row goes: a file put back
+  // is indexed again as an unknown pack. Returns how many objects were moved.
+  Result<uint64_t> quarantine_pack(uint64_t pack, const std::string& why);
   // Digests quarantined and not stored again since (usually none).
   Result<std::vector<Digest>> unhealed_bad_objects();
 

@@ -164,8 +164,49 @@ void Store::quarantine(const Digest& d, const ObjectLoc& loc, const std::string&
   pages_.erase(d);
 }
 
+Result<std::vector<Store::LostPack>> Store::find_lost_packs() {
+  STORE_ASSIGN_OR_RETURN(auto packs, catalog_->packs());
+  std::vector<LostPack> lost;
+  // Against GC, which removes a pack's row before its file.
+  std::shared_lock<std::shared_mutex> g(gc_mu_);
+  for (const PackRow& p : packs) {
+    const std::string path = PackPath(packs_dir_, p.id);
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+      if (errno == ENOENT) lost.push_back({p.id, "pack file missing"});
+    } else if (uint64_t(st.st_size) < p.bytes) {
+      lost.push_back({p.id, "pack file is " + std::to_string(st.st_size) + " bytes, " +
+                                std::to_string(p.bytes) + " recorded"});
+    }
+  }
+  // A descriptor still open on a deleted file would read it until closed.
+  for (const LostPack& l : lost) drop_pack_fd_locked(l.id);
+  return lost;
+}
+
+Result<uint64_t> Store::quarantine_packs(const std::vector<LostPack>& lost) {
+  uint64_t moved = 0;
+  for (const LostPack& l : lost) {
+    std::lock_guard<std::mutex> run(gc_run_mu_);
+    std::unique_lock<std::shared_mutex> g(gc_mu_);
+    STORE_ASSIGN_OR_RETURN(uint64_t n, catalog_->quarantine_pack(l.id, l.why));
+    if (n == 0) continue;  // GC emptied it meanwhile, or already quarantined
+    spdlog::error("store {}: pack {}: {}: its {} object(s) are quarantined; the next point of "
+                  "each disk naming them copies those blocks again",
+                  opts_.dir, l.id, l.why, n);
+    moved += n;
+  }
+  return moved;
+}
+
+Result<uint64_t> Store::check_packs() {
+  STORE_ASSIGN_OR_RETURN(auto lost, find_lost_packs());
+  return quarantine_packs(lost);
+}
+
 Result<std::vector<uint64_t>> Store::damaged_slots(PointId id) {
   std::vector<uint64_t> out;
+  STORE_RETURN_IF_ERROR(check_packs().status());
   STORE_ASSIGN_OR_RETURN(auto bad_list, catalog_->unhealed_bad_objects());
   if (bad_list.empty()) return out;
   std::unordered_set<Digest, DigestHash> bad(bad_list.begin(), bad_list.end());

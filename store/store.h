@@ -246,7 +246,24 @@ class Store : public std::enable_shared_from_this<Store> {
   // Free while nothing quarantined is unhealed (one index query); else one
   // walk of the point's tree. IoError when a page of the point is unreadable
   // (the caller cannot know those slots: take a full point instead).
+  // Every pack file the index names is first checked to be there, at least
+  // as long as recorded (check_packs): a pack deleted or cut short on disk
+  // is damage found before any read, and healed the same way.
   Result<std::vector<uint64_t>> damaged_slots(PointId id);
+  // Packs the index names whose file is missing or shorter than recorded:
+  // their objects are quarantined (logged as errors), so dedup never names
+  // them again and the next point of each disk copies those blocks afresh.
+  // Returns how many objects were quarantined. One stat per pack.
+  Result<uint64_t> check_packs();
+  struct LostPack {
+    uint64_t id;
+    std::string why;
+  };
+  // check_packs in two steps (verify reports the damage in between): the
+  // packs found lost, their cached descriptors dropped; then their objects
+  // quarantined (caller must NOT hold gc_mu_ for either).
+  Result<std::vector<LostPack>> find_lost_packs();
+  Result<uint64_t> quarantine_packs(const std::vector<LostPack>& lost);
   // Re-runs Open's reconciliation on the live store: re-indexes sealed packs
   // the index does not know, imports point files it does not list, writes
   // missing point files. Conflict while a point is being written (nothing

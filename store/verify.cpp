@@ -29,6 +29,9 @@ constexpr size_t kMaxRememberedGood = 1u << 20;
 }  // namespace
 
 Result<VerifyReport> Store::verify(PointId id, const VerifyOptions& o) {
+  // Pack files gone from the disk are reported as such even while a
+  // descriptor opened before still reads them.
+  STORE_ASSIGN_OR_RETURN(auto lost, find_lost_packs());
   STORE_ASSIGN_OR_RETURN(auto reader, open_point(id));  // pins the root meanwhile
   const PointInfo& info = reader->info();
   const uint64_t slots = reader->slots();
@@ -201,6 +204,9 @@ Result<VerifyReport> Store::verify(PointId id, const VerifyOptions& o) {
     STORE_RETURN_IF_ERROR(catalog_->quarantine(to_quarantine, "verify: checksum mismatch"));
     for (const auto& [d, loc] : to_quarantine) pages_.erase(d);
   }
+  // Objects of a pack file gone or cut short are quarantined as a whole pack
+  // (every point naming them heals at its disk's next point).
+  if (o.quarantine) STORE_RETURN_IF_ERROR(quarantine_packs(lost).status());
   return rep;
 }
 

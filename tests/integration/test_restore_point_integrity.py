@@ -11,6 +11,7 @@ naming it). The same holds for damage found by the verify operation: it
 quarantines, and the next point heals.
 """
 import errno
+import os
 import random
 import subprocess
 
@@ -127,3 +128,70 @@ def test_damaged_chunk_is_eio_and_next_point_heals(daemon, tmp_path):
     for rp in ("rp1", "rp2", "rp3"):
         same, msg = images_equal(disk_img, nbd_save(d.rp_uri("c", rp, "a"), tmp_path / f"{rp}.2"))
         assert same, f"{rp} differs from the disk after healing: {msg}"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+@pytest.mark.parametrize("verify_first", [False, True], ids=["no-verify", "verify"])
+def test_lost_pack_file_heals_at_the_next_point(daemon, tmp_path, damage, verify_first):
+    """A pack file deleted (or cut short) on disk behind the daemon's back.
+    rp0 stored data A (pack 1, with rp0's tree pages); rp1 stored data B and
+    a whole new tree (pack 2), naming A's chunks in pack 1. With pack 1 gone,
+    rp1 must not be taken as a sound base: rp2, with no guest write since,
+    copies A's blocks again (found before any read: the point job checks the
+    packs the index names; or by verify first), is Succeeded and equals the
+    disk, and rp1 reads back exactly again (content addressing). rp0, whose
+    tree pages were in the lost pack, fails its reads loudly, never wrong
+    bytes. On the old daemon rp2 was an incremental point of 0 blocks whose
+    every read failed."""
+    d = daemon
+    d.create_disk("a", DISK_SIZE)
+    d.create_vm("vm", ["a"])
+    d.create_collection("c", "vm")
+    region = region_path(d, "local")
+    rng = random.Random(91)
+    a_slots = list(range(0, 64))
+    a = {s: rng.randbytes(G) for s in a_slots}
+    nbd_write(d.nbd_uri("a"), [(s * G, a[s]) for s in a_slots])
+    d.create_restore_point("c", "rp0")
+    pack_a, _ = find_in_packs(region, a[10])
+    b_slots = list(range(100, 110)) + list(range(200, 210))  # both leaves: a new tree
+    nbd_write(d.nbd_uri("a"), [(s * G, rng.randbytes(G)) for s in b_slots])
+    d.create_restore_point("c", "rp1")
+    assert find_in_packs(region, a[10])[0] == pack_a  # rp1 names A where rp0 stored it
+    disk_img = nbd_save(d.nbd_uri("a"), tmp_path / "disk.img")  # no write from here on
+
+    if damage == "deleted":
+        os.unlink(pack_a)
+    else:
+        os.truncate(pack_a, os.path.getsize(pack_a) // 2)
+    if verify_first:
+        r = d.api("POST", "/restorePointCollections/c/restorePoints/rp1/verify")
+        assert r.status == 202, r
+        op = d.wait_operation(operation_path(r))
+        assert op["status"] == "Succeeded", op
+        assert op["properties"]["output"]["ok"] is False, op
+
+    d.create_restore_point("c", "rp2")
+    drp2 = d.disk_restore_point("c", "rp2", "a")["properties"]
+    assert drp2["incremental"] is True, drp2  # rp1's tree is sound: only A is copied
+    assert drp2["blocksChanged"] >= len(a_slots) // 2, drp2
+    assert "quarantined" in d.log_all(), d.log()
+    for rp in ("rp2", "rp1"):
+        same, msg = images_equal(disk_img, nbd_save(d.rp_uri("c", rp, "a"), tmp_path / f"{rp}.x"))
+        assert same, f"{rp} differs from the disk after a lost pack: {msg}\n{d.log()}"
+    out = d.verify_restore_point("c", "rp1")["properties"]["output"]
+    assert out["ok"] is True, out
+    # rp0's tree pages were in the lost pack too: it reads back what it held
+    # (pages and the pack still open from before serve verified bytes) or
+    # fails loudly, never wrong bytes.
+    want = tmp_path / "rp0.want"
+    with open(want, "wb") as f:
+        f.truncate(DISK_SIZE)
+        for s in a_slots:
+            f.seek(s * G)
+            f.write(a[s])
+    r = subprocess.run(["nbdcopy", d.rp_uri("c", "rp0", "a"), str(tmp_path / "rp0.copy")],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode == 0:
+        same, msg = images_equal(str(want), str(tmp_path / "rp0.copy"))
+        assert same, f"rp0 read back wrong bytes after its pack was lost: {msg}"
