@@ -274,6 +274,14 @@ int Fdatasync(const char* point, int fd) {
   return ::fdatasync(fd);
 }
 
+int Open(const char* point, const char* path, int flags, mode_t mode) {
+  if (int e = ErrorOf(Hit(point))) {
+    errno = e;
+    return -1;
+  }
+  return ::open(path, flags, mode);
+}
+
 int Fsync(const char* point, int fd) {
   if (int e = ErrorOf(Hit(point))) {
     errno = e;

@@ -4,7 +4,7 @@
 //
 // Every hooked I/O names its point ("pack.sync", "staging.write", ...; the
 // list is kFaultPoints below and docs/testing.md) and goes through one of the
-// wrappers here (Pwrite, Fdatasync, Fsync, Rename) or, where the I/O is not a
+// wrappers here (Open, Pwrite, Fdatasync, Fsync, Rename) or, where the I/O is not a
 // plain syscall (io_uring SQEs, SQLite's VFS), asks Hit() what to do.
 //
 // Rules arm points. A rule is `point=ACTION[@N][*K]`:
@@ -45,6 +45,7 @@ inline constexpr const char* kFaultPoints[] = {
     "tracking.write",   // a change-tracking bitmap page write
     "tracking.sync",    // fdatasync of the bitmap after the page writes
     "tracking.create",  // write/fsync/rename of a new tracking generation file
+    "pack.open",        // open of a pack file: its new .tmp, a sealed pack to read or index
     "pack.write",       // a pack file write (buffer flush, trailer)
     "pack.sync",        // fdatasync of a pack before it is renamed into place
     "pack.rename",      // rename of <id>.pack.tmp to <id>.pack
@@ -118,6 +119,7 @@ uint64_t Hits(const char* point);
 ssize_t Pread(const char* point, int fd, void* buf, size_t len, off_t off);
 ssize_t Pwrite(const char* point, int fd, const void* buf, size_t len, off_t off);
 ssize_t Write(const char* point, int fd, const void* buf, size_t len);
+int Open(const char* point, const char* path, int flags, mode_t mode = 0);
 int Fdatasync(const char* point, int fd);
 int Fsync(const char* point, int fd);
 int Rename(const char* point, const char* from, const char* to);

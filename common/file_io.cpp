@@ -69,6 +69,16 @@ Status EndOfFile(const std::string& what) {
 
 }  // namespace
 
+Result<UniqueFd> OpenFile(const std::string& path, int flags, unsigned mode,
+                          const char* fault_point, const std::string& what) {
+  UniqueFd fd(fault::Open(fault_point, path.c_str(), flags, static_cast<mode_t>(mode)));
+  if (!fd) {
+    return Status::FromErrno(
+        errno, ((flags & O_CREAT) ? "create " : "open ") + (what.empty() ? path : what));
+  }
+  return fd;
+}
+
 Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what,
                  const char* fault_point) {
   RPOINT_ASSERT_MAY_BLOCK("pread");
@@ -124,6 +134,50 @@ Result<uint64_t> SeekData(int fd, uint64_t pos, const std::string& what) {
   if (errno == ENXIO) return kNoData;
   if (errno == EINVAL || errno == EOPNOTSUPP) return pos;
   return Status::FromErrno(errno, "lseek SEEK_DATA " + what);
+}
+
+Result<std::string> ReadWholeFile(int fd, const std::string& what, const char* fault_point) {
+  std::string out;
+  char buf[16384];
+  for (;;) {
+    ssize_t n = fault::Pread(fault_point, fd, buf, sizeof(buf), static_cast<off_t>(out.size()));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, "read " + what);
+    }
+    if (n == 0) break;
+    out.append(buf, size_t(n));
+  }
+  return out;
+}
+
+Result<std::string> ReadWholeFile(const std::string& path, const char* fault_point) {
+  auto fd = OpenFile(path, O_RDONLY | O_CLOEXEC);
+  if (!fd.ok()) return fd.status();
+  return ReadWholeFile(fd->get(), path, fault_point);
+}
+
+Status WriteFileAtomic(const std::string& dir, const std::string& name, const std::string& data,
+                       unsigned mode, int dir_fd, const char* fault_point) {
+  const std::string path = dir + "/" + name, tmp = path + ".tmp";
+  {
+    auto fd = OpenFile(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+    if (!fd.ok()) return fd.status();
+    Status s = PwriteFull(fd->get(), data.data(), data.size(), 0, tmp, fault_point);
+    if (s.ok() && fault::Fdatasync(fault_point, fd->get()) != 0) {
+      s = Status::FromErrno(errno, "fdatasync " + tmp);
+    }
+    if (!s.ok()) {
+      ::unlink(tmp.c_str());
+      return s;
+    }
+  }
+  if (fault::Rename(fault_point, tmp.c_str(), path.c_str()) != 0) {
+    Status s = Status::FromErrno(errno, "rename " + tmp);
+    ::unlink(tmp.c_str());
+    return s;
+  }
+  return dir_fd >= 0 ? FsyncDir(dir_fd, dir, fault_point) : FsyncDir(dir, fault_point);
 }
 
 Status FsyncDir(int dir_fd, const std::string& dir, const char* fault_point) {

@@ -1,6 +1,7 @@
-// The file I/O every component shares: whole-buffer pread/pwrite (a short
-// transfer is continued, EINTR retried), their O_DIRECT variants with a
-// buffered fallback, the SEEK_DATA probe, directory fsync and mkdir -p. Each read, write or fsync
+// The file I/O every component shares: open, whole-buffer pread/pwrite (a
+// short transfer is continued, EINTR retried), their O_DIRECT variants with a
+// buffered fallback, the SEEK_DATA probe, whole small files read and replaced
+// atomically, directory fsync and mkdir -p. Each open, read, write or sync
 // may name a fault point (common/fault_injection.h); one transfer loop serves
 // reads and writes, direct or buffered, so error messages, fault points and
 // the direct-I/O fallback are alike everywhere.
@@ -12,8 +13,14 @@
 #include <string>
 
 #include "common/status.h"
+#include "common/unique_fd.h"
 
 namespace rpoint {
+
+// open(path, flags, mode). The error names `what` (default: the path), as
+// "create <what>" when flags hold O_CREAT, else "open <what>".
+Result<UniqueFd> OpenFile(const std::string& path, int flags, unsigned mode = 0,
+                          const char* fault_point = nullptr, const std::string& what = "");
 
 // Reads exactly len bytes at off; a short read (end of file) is an IoError.
 Status PreadFull(int fd, void* buf, size_t len, uint64_t off, const std::string& what,
@@ -51,6 +58,23 @@ Status PreadDirect(int direct_fd, int fd, void* buf, size_t len, uint64_t off,
 // data: pos itself. Blocks while a buffered writer holds the inode lock.
 inline constexpr uint64_t kNoData = UINT64_MAX;
 Result<uint64_t> SeekData(int fd, uint64_t pos, const std::string& what);
+
+// The whole content of a (small) file, read to its end (EINTR retried).
+Result<std::string> ReadWholeFile(const std::string& path, const char* fault_point = nullptr);
+// The same from a descriptor the caller opened (read from offset 0; `what`
+// names it in errors).
+Result<std::string> ReadWholeFile(int fd, const std::string& what,
+                                  const char* fault_point = nullptr);
+
+// Makes `dir/name` hold exactly `data`, atomically and durably: written to
+// `name.tmp` (created with `mode`, less the umask), fdatasync'ed, renamed over `name`, `dir`
+// fsync'ed. A crash leaves the old file (perhaps beside a stray .tmp) or the
+// new one, never a mix, never an empty file; on an error the .tmp is removed
+// and the old file is still there. `dir_fd`: `dir` kept open by the caller
+// (-1: opened here for the fsync). `fault_point` names the write, the
+// fdatasync, the rename and the directory fsync.
+Status WriteFileAtomic(const std::string& dir, const std::string& name, const std::string& data,
+                       unsigned mode, int dir_fd = -1, const char* fault_point = nullptr);
 
 // fsync of a directory, so entries created, renamed or removed in it are durable.
 Status FsyncDir(const std::string& dir, const char* fault_point = nullptr);

@@ -24,6 +24,7 @@
 #include <boost/beast/ssl.hpp>
 #pragma GCC diagnostic pop
 
+#include "common/handshake_slots.h"
 #include "control/http_types.h"
 #include "control/peer_handlers.h"
 #include "control/router.h"
@@ -55,7 +56,7 @@ std::string PeerName(int fd) {
 class PeerServerImpl final : public PeerServer {
  public:
   PeerServerImpl(RestoreService& restore, PeerServerOptions options)
-      : options_(std::move(options)) {
+      : options_(std::move(options)), slots_(options_.max_connections) {
     AddPeerRoutes(router_, restore);
   }
   ~PeerServerImpl() override { stop(); }
@@ -111,49 +112,30 @@ class PeerServerImpl final : public PeerServer {
   }
 
  private:
-  // What the acceptor may do to a connection still in its TLS handshake:
-  // shut its socket down (evicted at the cap, or past its deadline). Once the
-  // handshake is over (`handshaken`) the socket is the serving thread's alone.
-  struct HandshakeState {
-    std::mutex mu;
-    bool handshaken = false;
-    bool evicted = false;
-  };
+  // A connection's slot (common/handshake_slots.h) says what the acceptor
+  // may do to it while it is in its TLS handshake: shut its socket down
+  // (evicted at the cap, or past its deadline). Once the handshake is over
+  // (end_handshake) the socket is the serving thread's alone. The slot's
+  // label is the PeerName at accept (a socket shut down may have none).
   struct Conn {
     int fd = -1;
     std::thread thread;
-    std::shared_ptr<std::atomic<bool>> done;
-    std::shared_ptr<HandshakeState> hs;
-    std::chrono::steady_clock::time_point accepted;
-    std::string who;  // PeerName at accept (a socket shut down may have none)
-    bool handshaken_or_evicted() const { return hs->handshaken || hs->evicted; }  // hs->mu held
+    std::shared_ptr<HandshakeSlots::Slot> slot;
   };
 
-  // Shuts down `c` if it is still in its TLS handshake; true if it did.
-  static bool evict_locked(Conn& c) {
-    if (c.done->load()) return false;
-    std::lock_guard<std::mutex> lock(c.hs->mu);
-    if (c.handshaken_or_evicted()) return false;
-    c.hs->evicted = true;
-    ::shutdown(c.fd, SHUT_RDWR);
-    return true;
-  }
-
   // Handshakes past their deadline (io_timeout_seconds) are cut.
-  void expire_handshakes_locked() {
-    auto now = std::chrono::steady_clock::now();
-    for (auto& c : conns_) {
-      if (now - c.accepted < std::chrono::seconds(options_.io_timeout_seconds)) continue;
-      if (evict_locked(c)) {
-        spdlog::warn("peer API: {} did not finish its TLS handshake in {} s; closed", c.who,
-                     options_.io_timeout_seconds);
-      }
+  void expire_handshakes() {
+    auto cutoff =
+        std::chrono::steady_clock::now() - std::chrono::seconds(options_.io_timeout_seconds);
+    for (const std::string& who : slots_.expire(cutoff)) {
+      spdlog::warn("peer API: {} did not finish its TLS handshake in {} s; closed", who,
+                   options_.io_timeout_seconds);
     }
   }
 
   void reap_locked() {
     for (auto it = conns_.begin(); it != conns_.end();) {
-      if (it->done->load()) {
+      if (it->slot->exited()) {
         it->thread.join();
         it = conns_.erase(it);
       } else {
@@ -167,10 +149,7 @@ class PeerServerImpl final : public PeerServer {
     for (auto& l : listeners_) fds.push_back({l.get(), POLLIN, 0});
     while (!stopping_.load()) {
       int n = ::poll(fds.data(), fds.size(), 200);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        expire_handshakes_locked();
-      }
+      expire_handshakes();
       if (n <= 0) continue;
       for (auto& p : fds) {
         if (!(p.revents & POLLIN)) continue;
@@ -181,28 +160,16 @@ class PeerServerImpl final : public PeerServer {
         // At the cap, the oldest connection still in its TLS handshake makes
         // room (silent clients cannot lock peers out); authenticated ones stay.
         // Evicted ones still exiting may take up to the cap again.
-        size_t live = 0;
-        for (auto& c : conns_) {
-          std::lock_guard<std::mutex> hs_lock(c.hs->mu);
-          live += !c.done->load() && !c.hs->evicted;
-        }
-        bool room = live < options_.max_connections;
-        if (!room && conns_.size() < 2 * size_t{options_.max_connections}) {
-          for (auto& c : conns_) {
-            if (evict_locked(c)) {
-              spdlog::warn(
-                  "peer API: {} connections open; closed {}, still in its TLS handshake, "
-                  "for {}",
-                  live, c.who, PeerName(fd));
-              room = true;
-              break;
-            }
-          }
-        }
-        if (!room) {
-          spdlog::warn("peer API: {} connections open; refusing {}", conns_.size(), PeerName(fd));
+        HandshakeSlots::Admission a = slots_.admit(fd, PeerName(fd));
+        if (!a.slot) {
+          spdlog::warn("peer API: {} connections open; refusing {}", a.threads, PeerName(fd));
           ::close(fd);
           continue;
+        }
+        if (a.evicted) {
+          spdlog::warn(
+              "peer API: {} connections open; closed {}, still in its TLS handshake, for {}",
+              a.live, *a.evicted, a.slot->label());
         }
         // Asio's blocking calls poll without a timeout (SO_RCVTIMEO would
         // not help): keepalive probes and TCP_USER_TIMEOUT make the kernel
@@ -214,18 +181,17 @@ class PeerServerImpl final : public PeerServer {
         setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
         setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
         setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof user_timeout_ms);
-        auto done = std::make_shared<std::atomic<bool>>(false);
-        auto hs = std::make_shared<HandshakeState>();
-        conns_.push_back({fd, std::thread([this, fd, done, hs] {
-                            serve(fd, *hs);
-                            done->store(true);
+        std::shared_ptr<HandshakeSlots::Slot> slot = a.slot;
+        conns_.push_back({fd, std::thread([this, fd, slot] {
+                            serve(fd, *slot);
+                            slots_.exit(*slot);
                           }),
-                          done, hs, std::chrono::steady_clock::now(), PeerName(fd)});
+                          std::move(a.slot)});
       }
     }
   }
 
-  void serve(int fd, HandshakeState& hs) {
+  void serve(int fd, HandshakeSlots::Slot& slot) {
     const std::string who = PeerName(fd);
     asio::io_context io;
     beast::error_code ec;
@@ -237,17 +203,14 @@ class PeerServerImpl final : public PeerServer {
     ssl::stream<tcp::socket> stream(io, *ctx);
     stream.lowest_layer().assign(fd >= 0 && PeerIsV6(fd) ? tcp::v6() : tcp::v4(), fd, ec);
     if (ec) {
+      slots_.end_handshake(slot);  // before the close: the number may be reused
       ::close(fd);
       return;
     }
     stream.handshake(ssl::stream_base::server, ec);
-    {
-      // From here the acceptor leaves the socket alone (it is closed below or
-      // served). One evicted just as its handshake succeeded is dead: drop it.
-      std::lock_guard<std::mutex> lock(hs.mu);
-      hs.handshaken = true;
-      if (hs.evicted && !ec) return;
-    }
+    // From here the acceptor leaves the socket alone (it is closed below or
+    // served). One evicted just as its handshake succeeded is dead: drop it.
+    if (slots_.end_handshake(slot) && !ec) return;
     if (ec) {
       // No certificate, another CA's, a plaintext client: nothing is served.
       spdlog::warn("peer API: refused {}: TLS handshake failed: {}", who, ec.message());
@@ -292,7 +255,8 @@ class PeerServerImpl final : public PeerServer {
   std::thread accept_thread_;
   std::atomic<bool> stopping_{false};
   std::mutex mu_;
-  std::list<Conn> conns_;
+  std::list<Conn> conns_;  // mu_; accept order
+  HandshakeSlots slots_;
 };
 
 }  // namespace

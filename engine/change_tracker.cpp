@@ -332,15 +332,7 @@ Status ChangeTracker::make_id() {
 }
 
 Status ChangeTracker::replace_file(const char* name, const std::string& text) {
-  std::string path = dir_ + "/" + name;
-  std::string tmp = path + ".tmp";
-  UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!out) return Status::FromErrno(errno, "create " + tmp);
-  Status w = PwriteFull(out.get(), text.data(), text.size(), 0, tmp);
-  if (!w.ok()) return w;
-  if (fdatasync(out.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp);
-  if (rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
-  return FsyncDir(dir_fd_.get(), dir_);
+  return WriteFileAtomic(dir_, name, text, 0600, dir_fd_.get());
 }
 
 Status ChangeTracker::load_existing() {
@@ -377,11 +369,9 @@ Status ChangeTracker::load_existing() {
   UniqueFd live(::open((dir_ + "/" + kLiveFile).c_str(), O_RDONLY | O_CLOEXEC));
   const int live_errno = live ? 0 : errno;
   if (live) {
-    std::string text;
-    char buf[4096];
-    ssize_t n;
-    while ((n = read(live.get(), buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
-    if (n < 0) return Status::FromErrno(errno, "read " + dir_ + "/" + kLiveFile);
+    Result<std::string> read = ReadWholeFile(live.get(), dir_ + "/" + kLiveFile);
+    if (!read.ok()) return read.status();
+    const std::string& text = read.value();
     size_t at = 0;
     while (damaged.empty() && at < text.size()) {
       size_t eol = text.find('\n', at);

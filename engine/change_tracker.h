@@ -325,9 +325,10 @@ class ChangeTracker {
   // retired. At Open (once the active generation is made) and by
   // prepare_next (once the next one is), reset_mu_ held.
   Status record_live();
-  // <dir>/<name> replaced by `text` durably: a temporary file written and
-  // fdatasync'ed, renamed over it, the directory fsync'ed (never torn, never
-  // empty after a power cut). The id file, the retired marker, <dir>/live.
+  // <dir>/<name> replaced by `text` durably (common/file_io.h
+  // WriteFileAtomic: a temporary file written and fdatasync'ed, renamed over
+  // it, the directory fsync'ed; never torn, never empty after a power cut).
+  // The id file, the retired marker, <dir>/live.
   Status replace_file(const char* name, const std::string& text);
   // The flusher's (and a clean stop's) check: on damage, only the id and
   // retired files go, so a restart is a new tracker.

@@ -23,6 +23,7 @@
 #include <unordered_map>
 
 #include "common/accept_guard.h"
+#include "common/handshake_slots.h"
 #include "nbd/connection.h"
 #include "nbd/handshake.h"
 
@@ -34,7 +35,7 @@ using nbd::Connection;
 // Handshakes in progress at once. A new connection at the cap evicts the
 // oldest one still negotiating (silent clients cannot lock real ones out);
 // evicted threads still exiting count up to kMaxHandshakes more, beyond which
-// new connections are closed at accept.
+// new connections are closed at accept (common/handshake_slots.h).
 constexpr size_t kMaxHandshakes = 512;
 // The acceptor also looks for connections of retired devices this often.
 constexpr int kHousekeepingMs = 200;
@@ -57,14 +58,11 @@ class NbdServerImpl final : public NbdServer {
   }
 
  private:
+  // A handshake's thread and its slot in slots_: while it negotiates, an
+  // eviction shuts its socket down, which wakes the handshake's poll.
   struct HandshakeThread {
     std::thread thread;
-    std::atomic<bool> done{false};
-    // The socket while it negotiates (-1 once the handshake is over, success
-    // or not): evict() shuts it down, which wakes the handshake's poll.
-    std::mutex fd_mu;
-    int fd = -1;
-    bool evicted = false;  // written under fd_mu by the acceptor thread
+    std::shared_ptr<HandshakeSlots::Slot> slot;
   };
 
   void accept_loop();
@@ -75,14 +73,13 @@ class NbdServerImpl final : public NbdServer {
   };
   void accept_one(const ListenerEntry& l);
   void run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver& resolver,
-                     HandshakeThread* self);
-  // Shuts down the socket of the oldest handshake not yet evicted; false if none.
-  bool evict_oldest_handshake();
+                     HandshakeSlots::Slot* self);
   // Negotiates on in/out; on success returns a registered connection on `reactor`.
   // `self` (null for serve_one) is unhooked from eviction once negotiation ends.
   std::shared_ptr<Connection> negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
                                         ExportResolver& resolver, Connection::ClosedFn on_closed,
-                                        const nbd::TlsPolicy& tls, HandshakeThread* self = nullptr);
+                                        const nbd::TlsPolicy& tls,
+                                        HandshakeSlots::Slot* self = nullptr);
   void on_closed(Connection* c);
   void check_retired();
   bool wait_empty(std::chrono::milliseconds timeout);
@@ -95,6 +92,7 @@ class NbdServerImpl final : public NbdServer {
   std::thread acceptor_;
   AcceptGuard accept_guard_{"nbd"};        // acceptor thread
   std::list<HandshakeThread> handshakes_;  // acceptor thread, then shutdown after joining it
+  HandshakeSlots slots_{kMaxHandshakes};
 
   std::mutex tls_mu_;  // listeners_[i].tls.credentials
   mutable std::mutex mu_;
@@ -157,7 +155,7 @@ void NbdServerImpl::accept_loop() {
     }
     // Reap finished handshake threads.
     for (auto it = handshakes_.begin(); it != handshakes_.end();) {
-      if (it->done.load()) {
+      if (it->slot->exited()) {
         it->thread.join();
         it = handshakes_.erase(it);
       } else {
@@ -200,16 +198,16 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
-      if (handshaking_ >= 2 * kMaxHandshakes) {
-        spdlog::warn("nbd: too many handshakes in progress; dropping a new client");
-        continue;
-      }
     }
-    size_t live = 0;
-    for (const HandshakeThread& h : handshakes_) live += !h.done.load() && !h.evicted;
-    if (live >= kMaxHandshakes) {
-      if (!evict_oldest_handshake()) continue;
-      spdlog::warn("nbd: {} handshakes in progress; evicted the oldest for a new client", live);
+    HandshakeSlots::Admission a = slots_.admit(fd.get(), "");
+    if (!a.slot) {
+      if (a.threads >= 2 * kMaxHandshakes) {
+        spdlog::warn("nbd: too many handshakes in progress; dropping a new client");
+      }
+      continue;
+    }
+    if (a.evicted) {
+      spdlog::warn("nbd: {} handshakes in progress; evicted the oldest for a new client", a.live);
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -222,16 +220,18 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
     }
     handshakes_.emplace_back();
     HandshakeThread* h = &handshakes_.back();
+    h->slot = std::move(a.slot);
+    HandshakeSlots::Slot* slot = h->slot.get();
     int raw = fd.release();
-    h->fd = raw;  // the thread does not exist yet: no lock needed
     try {
-      h->thread = std::thread([this, raw, tls = std::move(tls), h, &resolver] {
+      h->thread = std::thread([this, raw, tls = std::move(tls), slot, &resolver] {
         pthread_setname_np(pthread_self(), "nbd-handshake");
-        run_handshake(UniqueFd(raw), tls, resolver, h);
+        run_handshake(UniqueFd(raw), tls, resolver, slot);
       });
     } catch (const std::system_error& e) {
       // Out of threads: refuse this client rather than take the daemon down.
       spdlog::warn("nbd: cannot start a handshake thread: {}", e.what());
+      slots_.exit(*slot);  // before the close: never shut down by number again
       ::close(raw);
       handshakes_.pop_back();
       {
@@ -244,20 +244,8 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
   }
 }
 
-bool NbdServerImpl::evict_oldest_handshake() {
-  for (HandshakeThread& h : handshakes_) {  // oldest first: accept order
-    if (h.done.load() || h.evicted) continue;
-    std::lock_guard<std::mutex> lock(h.fd_mu);
-    if (h.fd < 0) continue;  // negotiation just ended: not a handshake any more
-    h.evicted = true;
-    ::shutdown(h.fd, SHUT_RDWR);
-    return true;
-  }
-  return false;
-}
-
 void NbdServerImpl::run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolver& resolver,
-                                  HandshakeThread* self) {
+                                  HandshakeSlots::Slot* self) {
   Reactor& reactor = pool_.next();
   std::shared_ptr<Connection> c = negotiate(
       std::move(fd), UniqueFd(), reactor, resolver, [this](Connection* conn) { on_closed(conn); },
@@ -268,14 +256,14 @@ void NbdServerImpl::run_handshake(UniqueFd fd, nbd::TlsPolicy tls, ExportResolve
     --handshaking_;
   }
   cv_.notify_all();
-  self->done.store(true);
+  slots_.exit(*self);
 }
 
 std::shared_ptr<Connection> NbdServerImpl::negotiate(UniqueFd in, UniqueFd out, Reactor& reactor,
                                                      ExportResolver& resolver,
                                                      Connection::ClosedFn on_closed,
                                                      const nbd::TlsPolicy& tls,
-                                                     HandshakeThread* self) {
+                                                     HandshakeSlots::Slot* self) {
   auto deadline =
       std::chrono::steady_clock::now() + std::chrono::seconds(opts_.handshake_timeout_seconds);
   int in_fd = in.get();
@@ -285,9 +273,7 @@ std::shared_ptr<Connection> NbdServerImpl::negotiate(UniqueFd in, UniqueFd out, 
   if (self) {
     // From here the socket is closed or established: never evicted. One shut
     // down just as Negotiate succeeded is dead: drop it.
-    std::lock_guard<std::mutex> lock(self->fd_mu);
-    self->fd = -1;
-    if (self->evicted && r.ok()) return nullptr;
+    if (slots_.end_handshake(*self) && r.ok()) return nullptr;
   }
   if (!r.ok()) {
     // A refused TLS client (wrong certificate or key) is worth an operator's eye.

@@ -1,39 +1,13 @@
 #include "store/file_util.h"
 
 #include <dirent.h>
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <memory>
 
-#include "common/fault_injection.h"
-#include "common/thread_role.h"
-#include "common/unique_fd.h"
-
 namespace rpoint::store {
-
-Status WriteFileAtomic(const std::string& dir, const std::string& name, const std::string& data) {
-  std::string path = dir + "/" + name, tmp = path + ".tmp";
-  {
-    UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640));
-    if (!fd) return Status::FromErrno(errno, "create " + tmp);
-    Status s = PwriteFull(fd.get(), data.data(), data.size(), 0, tmp);
-    if (s.ok() && ::fsync(fd.get()) != 0) s = Status::FromErrno(errno, "fsync " + tmp);
-    if (!s.ok()) {
-      ::unlink(tmp.c_str());
-      return s;
-    }
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    Status s = Status::FromErrno(errno, "rename " + tmp);
-    ::unlink(tmp.c_str());
-    return s;
-  }
-  return FsyncDir(dir);
-}
 
 Status RemoveFileDurable(const std::string& dir, const std::string& name) {
   std::string path = dir + "/" + name;
@@ -42,23 +16,6 @@ Status RemoveFileDurable(const std::string& dir, const std::string& name) {
     return Status::FromErrno(errno, "unlink " + path);
   }
   return FsyncDir(dir);
-}
-
-Result<std::string> ReadWholeFile(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return Status::FromErrno(errno, "open " + path);
-  std::string out;
-  char buf[16384];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "read " + path);
-    }
-    if (n == 0) break;
-    out.append(buf, size_t(n));
-  }
-  return out;
 }
 
 Result<std::vector<std::string>> ListDir(const std::string& dir) {

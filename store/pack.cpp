@@ -71,11 +71,16 @@ Result<std::unique_ptr<PackWriter>> PackWriter::Create(const std::string& packs_
   if (created) STORE_RETURN_IF_ERROR(FsyncDir(packs_dir));
   w->final_path_ = PackPath(packs_dir, id);
   w->tmp_path_ = w->final_path_ + ".tmp";
-  w->fd_.reset(::open(w->tmp_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640));
-  if (!w->fd_) return Status::FromErrno(errno, "create " + w->tmp_path_);
+  STORE_ASSIGN_OR_RETURN(w->fd_, OpenFile(w->tmp_path_, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC,
+                                          kRegionFileMode, "pack.open"));
   // A second descriptor for the aligned buffer writes; a filesystem without
-  // O_DIRECT (EINVAL) gets every write through the page cache instead.
-  if (direct) w->dfd_.reset(::open(w->tmp_path_.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC));
+  // O_DIRECT (EINVAL) gets every write through the page cache instead. (No
+  // fault point: its failure is that fallback, not an error.)
+  if (direct) {
+    if (auto dfd = OpenFile(w->tmp_path_, O_WRONLY | O_DIRECT | O_CLOEXEC); dfd.ok()) {
+      w->dfd_ = std::move(dfd).value();
+    }
+  }
   w->pool_ = pool ? std::move(pool)
                   : std::make_shared<BufferPool>(std::max<size_t>(buffer_bytes, 1 << 20), 2);
   w->buf_bytes_ = w->pool_->buffer_bytes();

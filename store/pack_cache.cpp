@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <vector>
 
+#include "common/file_io.h"
+
 namespace rpoint::store {
 
 PackCache::PackCache(size_t capacity) : capacity_(capacity < 1 ? 1 : capacity) {}
@@ -50,8 +52,12 @@ std::shared_ptr<PackFd> PackCache::try_get(uint64_t owner, uint64_t pack) {
 }
 
 int PackFd::direct_fd() const {
-  std::call_once(direct_once_,
-                 [this] { direct_.reset(::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC)); });
+  // No fault point: a failure is the buffered fallback (-1), not an error.
+  std::call_once(direct_once_, [this] {
+    if (auto fd = OpenFile(path, O_RDONLY | O_DIRECT | O_CLOEXEC); fd.ok()) {
+      direct_ = std::move(fd).value();
+    }
+  });
   return direct_.get();
 }
 
@@ -62,8 +68,9 @@ Result<std::shared_ptr<PackFd>> PackCache::get(uint64_t owner, uint64_t pack,
   auto p = std::make_shared<PackFd>();
   p->id = pack;
   p->path = path;
-  p->fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!p->fd) return Status::FromErrno(errno, "open pack " + path);
+  auto fd = OpenFile(path, O_RDONLY | O_CLOEXEC, 0, "pack.open", "pack " + path);
+  if (!fd.ok()) return fd.status();
+  p->fd = std::move(fd).value();
   std::vector<std::shared_ptr<PackFd>> evicted;
   std::shared_ptr<PackFd> out;
   {

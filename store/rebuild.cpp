@@ -165,7 +165,7 @@ Result<PointRecord> DecodePointFile(const std::string& text) {
 }
 
 Status Store::write_point_file(const PointRecord& r) {
-  return WriteFileAtomic(points_dir_, PointFileName(r.id), EncodePointFile(r));
+  return WriteFileAtomic(points_dir_, PointFileName(r.id), EncodePointFile(r), kRegionFileMode);
 }
 
 Status Store::check_complete_locked(const PointRecord& r,
@@ -234,9 +234,10 @@ Status Store::reconcile(bool at_open, RepairReport* rep) {
   // a copy stored again after a quarantine), the later copy is indexed.
   std::sort(unknown.begin(), unknown.end(), std::greater<>());
   for (const auto& [id, path] : unknown) {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    auto entries = fd ? ReadPackTrailer(fd.get(), id)
-                      : Result<std::vector<PackEntry>>(Status::FromErrno(errno, "open " + path));
+    auto opened = OpenFile(path, O_RDONLY | O_CLOEXEC, 0, "pack.open");
+    UniqueFd fd = opened.ok() ? std::move(opened).value() : UniqueFd();
+    auto entries =
+        fd ? ReadPackTrailer(fd.get(), id) : Result<std::vector<PackEntry>>(opened.status());
     if (!entries.ok()) {
       spdlog::error(
           "store {}: pack file {} is not in the index and cannot be indexed: {}; "
@@ -380,7 +381,8 @@ Result<OrphanReport> Store::delete_unindexed_packs() {
 
 Status Store::put_manifest(const std::string& name, const std::string& content) {
   if (!ValidManifestName(name)) return Status::InvalidArgument("bad manifest name '" + name + "'");
-  return WriteFileAtomic(opts_.dir + "/manifests", name + kManifestSuffix, content);
+  return WriteFileAtomic(opts_.dir + "/manifests", name + kManifestSuffix, content,
+                         kRegionFileMode);
 }
 
 Status Store::remove_manifest(const std::string& name) {

@@ -146,6 +146,7 @@ CASES = [
     ("tracking-write-short", "tracking.write=short", None, "Succeeded", []),
     ("tracking-sync-EIO-once", "tracking.sync=EIO*1", None, "Succeeded", []),
     ("tracking-create-EIO", "tracking.create=EIO", None, "Failed", [".ctbm"]),
+    ("pack-open-EIO", "pack.open=EIO", None, "Failed", ["open pack", ".pack"]),
     ("pack-write-EIO", "pack.write=EIO", None, "Failed", ["write", ".pack"]),
     ("pack-write-ENOSPC", "pack.write=ENOSPC", None, "Failed", ["write", ".pack"]),
     ("pack-write-short", "pack.write=short", None, "Succeeded", []),
@@ -273,6 +274,32 @@ def test_persistent_tracking_failure_fails_the_write_not_silently(rig, tmp_path)
     d.create_restore_point("c", "rp1")
     assert_point_equals(d, tmp_path, "rp1", img1)
     assert_point_equals(d, tmp_path, "rp0", img0)
+
+
+def test_pack_open_fault_fails_reads_not_the_daemon(rig, tmp_path):
+    """A sealed pack that cannot be opened (pack.open: the pack-descriptor
+    cache's open, after a restart emptied it) fails the point's reads with
+    EIO; the daemon serves on, and disarmed the same export reads back exact."""
+    require("nbdcopy", "qemu-img")
+    d, faults = rig
+    rng = random.Random(3)
+    m = Model(d, rng)
+    for disk in DISKS:
+        m.write(disk, rng.sample(range(SLOTS), 20))
+    img0 = m.save(tmp_path, "rp0")
+    d.create_restore_point("c", "rp0")
+    d.restart()  # no pack open any more
+    faults.arm("pack.open=EIO")
+    h = nbd.NBD()
+    h.connect_uri(d.rp_uri("c", "rp0", "a"))
+    data_slot = next(s for s in range(SLOTS) if any(m.img["a"][s * G:(s + 1) * G]))
+    with pytest.raises(nbd.Error) as e:
+        h.pread(G, data_slot * G)
+    assert e.value.errno == "EIO", e.value
+    h.shutdown()
+    faults.disarm()
+    assert_point_equals(d, tmp_path, "rp0", img0)
+    assert_verifies(d, "rp0")
 
 
 def test_bad_rules_keep_the_armed_ones(rig):

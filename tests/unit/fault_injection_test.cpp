@@ -1,6 +1,7 @@
 // Unit tests for fault injection (common/fault_injection.h): the rule parser,
-// hit counting (@N, *K, prefixes), the syscall wrappers on real files, and the
-// SQLite VFS shim turning an armed point into a real SQLite I/O error.
+// hit counting (@N, *K, prefixes), the syscall wrappers on real files, the
+// SQLite VFS shim turning an armed point into a real SQLite I/O error, and the
+// helpers of common/file_io.h that take a fault point.
 #include "common/fault_injection.h"
 
 #include <doctest/doctest.h>
@@ -303,6 +304,94 @@ TEST_CASE("file_io: MakeDirs modes and created flag; FsyncDir honours its fault 
   CHECK(FsyncDir(deep, "pack.dirsync").code() == Code::kIoError);
   CHECK(FsyncDir(deep, "pack.dirsync").ok());  // *1: only the first hit
   CHECK(FsyncDir(tmp.path + "/missing").code() == Code::kNotFound);
+}
+
+TEST_CASE("file_io: OpenFile names the file in its errors and honours its fault point") {
+  TempDir tmp;
+  const std::string path = tmp.path + "/p.pack";
+  auto created = OpenFile(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600, "pack.open");
+  REQUIRE_MESSAGE(created.ok(), created.status().ToString());
+  CHECK(created->valid());
+  auto again = OpenFile(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  CHECK(again.status().code() == Code::kAlreadyExists);
+  CHECK(again.status().message().rfind("create " + path + ": ", 0) == 0);
+  auto missing = OpenFile(tmp.path + "/none", O_RDONLY | O_CLOEXEC, 0, nullptr, "pack 7");
+  CHECK(missing.status().code() == Code::kNotFound);
+  CHECK(missing.status().message().rfind("open pack 7: ", 0) == 0);
+
+  ArmText("pack.open=EIO*1");
+  auto failed = OpenFile(path, O_RDONLY | O_CLOEXEC, 0, "pack.open");
+  CHECK(failed.status().code() == Code::kIoError);
+  CHECK(Hits("pack.open") == 1);
+  CHECK(OpenFile(path, O_RDONLY | O_CLOEXEC, 0, nullptr).ok());      // unnamed: never fails
+  CHECK(OpenFile(path, O_RDONLY | O_CLOEXEC, 0, "pack.open").ok());  // *1: only the first hit
+}
+
+TEST_CASE("file_io: ReadWholeFile reads to the end, by path or from a descriptor") {
+  TempDir tmp;
+  const std::string path = tmp.path + "/f";
+  std::string big(40000, '\0');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 26);
+  {
+    UniqueFd f(::open(path.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600));
+    REQUIRE(f);
+    REQUIRE(PwriteFull(f.get(), big.data(), big.size(), 0, path).ok());
+  }
+  auto r = ReadWholeFile(path);
+  REQUIRE_MESSAGE(r.ok(), r.status().ToString());
+  CHECK(r.value() == big);  // more than one 16 KiB buffer
+  UniqueFd f(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  REQUIRE(f);
+  REQUIRE(::lseek(f.get(), 100, SEEK_SET) == 100);
+  auto from_fd = ReadWholeFile(f.get(), "the file");
+  REQUIRE(from_fd.ok());
+  CHECK(from_fd.value() == big);  // from offset 0, whatever the file offset
+  ArmText("snapshot.read=EIO");
+  auto failed = ReadWholeFile(f.get(), "the file", "snapshot.read");
+  CHECK(failed.status().code() == Code::kIoError);
+  CHECK(failed.status().message().rfind("read the file: ", 0) == 0);
+  DisarmAll();
+  CHECK(ReadWholeFile(tmp.path + "/none").status().code() == Code::kNotFound);
+  UniqueFd empty(::open((tmp.path + "/empty").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600));
+  REQUIRE(empty);
+  auto none = ReadWholeFile(tmp.path + "/empty");
+  REQUIRE(none.ok());
+  CHECK(none.value().empty());
+}
+
+TEST_CASE("file_io: WriteFileAtomic replaces whole, and a failed step keeps the old file") {
+  TempDir tmp;
+  mode_t old_umask = ::umask(022);
+  Status s = WriteFileAtomic(tmp.path, "rec", "first\n", 0640);
+  ::umask(old_umask);
+  REQUIRE_MESSAGE(s.ok(), s.ToString());
+  struct stat st {};
+  REQUIRE(::stat((tmp.path + "/rec").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0640);
+  CHECK(ReadWholeFile(tmp.path + "/rec").value() == "first\n");
+  CHECK(!fs::exists(tmp.path + "/rec.tmp"));
+
+  // A directory the caller keeps open serves the directory fsync.
+  UniqueFd dir(::open(tmp.path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  REQUIRE(dir);
+  REQUIRE(WriteFileAtomic(tmp.path, "rec", "second", 0600, dir.get()).ok());
+  CHECK(ReadWholeFile(tmp.path + "/rec").value() == "second");
+
+  // Each step fails on its fault point (the write, the fdatasync, the
+  // rename): the old content stays and no .tmp is left behind. The
+  // directory fsync comes after the rename: the new content is in place.
+  for (int step = 1; step <= 4; ++step) {
+    CAPTURE(step);
+    ArmText("tracking.create=EIO@" + std::to_string(step) + "*1");
+    Status f = WriteFileAtomic(tmp.path, "rec", "third", 0600, dir.get(), "tracking.create");
+    CHECK(f.code() == Code::kIoError);
+    CHECK(Hits("tracking.create") == uint64_t(step));
+    CHECK(!fs::exists(tmp.path + "/rec.tmp"));
+    CHECK(ReadWholeFile(tmp.path + "/rec").value() == (step < 4 ? "second" : "third"));
+    DisarmAll();
+    REQUIRE(WriteFileAtomic(tmp.path, "rec", "second", 0600, dir.get()).ok());
+  }
+  CHECK(WriteFileAtomic(tmp.path + "/missing", "rec", "x", 0600).code() == Code::kNotFound);
 }
 
 }  // namespace

@@ -1497,6 +1497,42 @@ TEST_CASE("store: packs on tmpfs, and direct writes refused (EINVAL), go through
   WriteUnderFaultsReadsBack(im, "pack.write=22*1");
 }
 
+TEST_CASE(
+    "store: pack.open reaches every pack open: a new pack fails a point, a sealed one a read") {
+  Image base(64 * kCs);
+  for (uint64_t s = 0; s < base.slots(); ++s) base.random_slot(s, 300 + s);
+  Image im(64 * kCs);
+  for (uint64_t s = 0; s < im.slots(); ++s) im.random_slot(s, 900 + s);
+  TmpDir tmp;
+  auto st = Open(tmp.region());
+  PointId first = Commit(*st, 0, base, AllSlots(base)).id;
+  {
+    ScopedFaults f("pack.open=EIO");
+    Result<PointInfo> r = WriteTwoThreads(*st, im);
+    REQUIRE(!r.ok());
+    CHECK_MESSAGE(r.status().message().find("create ") != std::string::npos, r.status().ToString());
+    CHECK_MESSAGE(r.status().message().find(".pack.tmp") != std::string::npos,
+                  r.status().ToString());
+    CHECK(fault::Hits("pack.open") >= 1);
+  }
+  CHECK(Take(st->list_points()).size() == 1);
+  CheckRead(*st, first, base);
+
+  // Reopened, no pack is open: reading the point opens its packs.
+  st.reset();
+  st = Open(tmp.region());
+  {
+    ScopedFaults f("pack.open=EIO");
+    auto r = Take(st->open_point(first));
+    std::vector<char> got(kCs);
+    Status s = r->read(0, got.size(), got.data());
+    CHECK(s.code() == Code::kIoError);
+    CHECK_MESSAGE(s.message().find("open pack ") != std::string::npos, s.ToString());
+  }
+  CheckRead(*st, first, base);  // disarmed: exact again
+  CHECK(Take(st->verify(first)).ok());
+}
+
 TEST_CASE("store: a failed pack write or fdatasync in the pipeline fails the point, nothing lost") {
   Image base(64 * kCs);
   for (uint64_t s = 0; s < base.slots(); ++s) base.random_slot(s, 100 + s);
