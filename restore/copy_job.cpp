@@ -2,7 +2,9 @@
 // validation, the job (restore/point_copy.h moves the chunks the target region
 // lacks), the manifest and the final transaction. A copy is a point like any
 // other once Succeeded (exported, restorable, independent of its source);
-// while it is Creating nothing can use it. A crash leaves it Creating: Open
+// while it is Creating nothing can use it, its source cannot be deleted
+// (refuse_if_copy_source_locked), and deleting it or its collection cancels
+// it (Failed, Canceled; what it wrote deleted). A crash leaves it Creating: Open
 // resumes it when its source is still there (chunks already in the target,
 // checkpointed every 16 MiB, and disks already committed are not moved
 // again), else turns it Failed (its committed store points deleted).
@@ -233,9 +235,18 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
   if (!src_st || !st) {
     err = JobError{"RegionUnavailable", no_store(src_st ? region : src_region).message()};
   }
+  // A delete of the copy (or of its collection) cancels it: it ends Failed
+  // (Canceled) and finish_copy deletes the store points it committed.
+  const JobError canceled{"Canceled", "the copy was canceled: restore point " +
+                                          PointId(rec.collection, rec.name) +
+                                          " was deleted while it was being copied"};
   for (size_t i = 0; !err && i < rec.disk_restore_points.size(); ++i) {
     auto& d = rec.disk_restore_points[i];
     const auto& sd = src.disk_restore_points[i];
+    if (prog->cancel.load()) {
+      err = canceled;
+      break;
+    }
     prog->started[i].store(true);
     if (d.status == "Succeeded" && d.store_point) continue;  // committed before a restart
     auto reader =
@@ -288,7 +299,7 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     // Asked between chunks: publishes the progress for GETs too.
     auto stop = [&] {
       publish();
-      return stopping_.load();
+      return stopping_.load() || prog->cancel.load();
     };
     CopyOptions co;
     co.base = base.get();
@@ -305,8 +316,12 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
     auto info = CopyDiskPoint(*reader.value(), *target.value(), cp, stop, co);
     if (!info.ok()) {
       d.status = "Failed";
-      err = JobError{info.status().code() == Code::kShutdown ? "Interrupted" : "CopyFailed",
-                     "disk '" + d.disk + "': " + info.status().message()};
+      if (prog->cancel.load()) {  // whatever stopped it: a cancel says so
+        err = canceled;
+      } else {
+        err = JobError{info.status().code() == Code::kShutdown ? "Interrupted" : "CopyFailed",
+                       "disk '" + d.disk + "': " + info.status().message()};
+      }
       break;
     }
     d.store_point = info->id;
@@ -330,6 +345,7 @@ void RestoreServiceImpl::run_copy_point(RestorePointRecord rec, OperationRecord 
       if (!s.ok()) spdlog::warn("restore point {}/{}: {}", rec.collection, rec.name, s.ToString());
     }
   }
+  if (!err && prog->cancel.load()) err = canceled;
   if (!err) {
     // The target region's own record, before the transaction (as for a cut
     // point: a crash in between leaves it Creating, and Open removes it).

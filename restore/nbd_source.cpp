@@ -159,7 +159,11 @@ Status NbdSource::retrying(const std::function<Status()>& op, const std::functio
                              std::to_string(deadline_.count()) + " s of retries)");
     }
     spdlog::warn("peer copy: {}; retrying in {} ms", s.message(), backoff.count());
-    std::this_thread::sleep_for(backoff);
+    if (nap_) {
+      nap_(backoff);
+    } else {
+      std::this_thread::sleep_for(backoff);
+    }
     backoff = std::min<std::chrono::milliseconds>(backoff * 2, std::chrono::seconds(5));
     ++reconnects_;
   }

@@ -6,6 +6,9 @@
 // A failed read (a cut link, the peer restarting) closes the connection and
 // retries after a backoff (200 ms doubling to 5 s) until `deadline_seconds`
 // pass without a successful read; then the read fails with the last error.
+// The backoff is waited through the nap (set_nap) when one is set, so that
+// whoever sets `stop` can wake it at once (a canceled copy does not wait out
+// up to 5 s); without one it is a plain sleep.
 // What a read returns is checked by the caller against the chunk digest.
 // A uri source (set_uri_source) is asked before each connection: a sending
 // host that restarted shares its point again under a new token and posts it
@@ -53,6 +56,9 @@ class NbdSource {
   uint64_t reconnects() const { return reconnects_; }
   // The uri to connect to, asked before each connection (from this thread).
   void set_uri_source(std::function<std::string()> source) { uri_source_ = std::move(source); }
+  // How to wait a retry's backoff (from this thread): it may return early,
+  // `stop` is asked again after it.
+  void set_nap(std::function<void(std::chrono::milliseconds)> nap) { nap_ = std::move(nap); }
 
  private:
   Status connect();
@@ -67,6 +73,7 @@ class NbdSource {
   std::string uri_, tls_dir_, meta_context_;
   std::chrono::seconds deadline_;
   std::function<std::string()> uri_source_;
+  std::function<void(std::chrono::milliseconds)> nap_;
   bool uri_changed_ = false;  // since the last connect(): the deadline starts again
   nbd_handle* h_ = nullptr;
   uint64_t reconnects_ = 0;

@@ -172,8 +172,7 @@ void RestoreServiceImpl::finish_copy(RestorePointRecord& rec, OperationRecord& o
     spdlog::info("restore point {}/{}: copied from {}: {}", rec.collection, rec.name,
                  rec.source_restore_point, summary.empty() ? op.result.dump() : summary);
   }
-  live_points_.erase(rec.collection + "/" + rec.name);
-  receiving_.erase(rec.collection + "/" + rec.name);
+  end_job_locked(rec.collection + "/" + rec.name);
 }
 
 // ---- the sending host ----
@@ -337,13 +336,8 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
   const std::string canceled = "the copy was canceled: restore point " +
                                PointId(rec.collection, rec.name) +
                                " was deleted on the sending host";
-  // Waits, but not past a stop or a cancel.
-  auto nap = [&](std::chrono::milliseconds ms) {
-    const auto until = std::chrono::steady_clock::now() + ms;
-    while (!stopping_.load() && !prog->cancel.load() && std::chrono::steady_clock::now() < until) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  };
+  // Waits, but not past a stop or a cancel (both wake it at once).
+  auto ended = [&] { return stopping_.load() || prog->cancel.load(); };
   while (!err) {
     if (prog->cancel.load()) {
       err = JobError{"Canceled", canceled};
@@ -394,7 +388,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
       }
       spdlog::warn("restore point {}/{}: peer {}: {}; retrying in {} ms", rec.collection, rec.name,
                    peer->peer, r.status().message(), backoff.count());
-      nap(backoff);
+      nap(backoff, ended);
       backoff = std::min<std::chrono::milliseconds>(backoff * 2, std::chrono::seconds(5));
       continue;
     }
@@ -438,7 +432,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
       peer_ended = true;
       break;
     }
-    nap(std::chrono::milliseconds(200));
+    nap(std::chrono::milliseconds(200), ended);
   }
   for (const auto& disk : shared) sharer->unshare(src.collection, src.name, disk);
   if (err && !peer_ended && peer) {
@@ -458,7 +452,7 @@ void RestoreServiceImpl::run_send_point(RestorePointRecord rec, OperationRecord 
         "restore point {}/{}: rpointd stopping: the copy to peer {} resumes at the next start",
         rec.collection, rec.name, peer->peer);
     std::lock_guard<std::mutex> lock(mu_);
-    live_points_.erase(rec.collection + "/" + rec.name);
+    end_job_locked(rec.collection + "/" + rec.name);
     return;
   }
   finish_copy(rec, op, err, nullptr, std::move(result));
@@ -749,6 +743,8 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
     prog->to_copy[i].store(pd.chunks.size());
     NbdSource nbd(pd.uri, options_.peer_tls_dir, options_.peer_deadline_seconds,
                   pd.changed ? context : std::string());
+    // Its retry waits end at an abort or a stop (wake_naps), not after the backoff.
+    nbd.set_nap([&](std::chrono::milliseconds ms) { nap(ms, stop); });
     nbd.set_uri_source([rx, i] {
       std::lock_guard<std::mutex> lock(rx->mu);
       return rx->uris[i];
@@ -912,8 +908,7 @@ void RestoreServiceImpl::run_receive_point(RestorePointRecord rec, OperationReco
                  rec.collection, rec.name);
     save();
     std::lock_guard<std::mutex> lock(mu_);
-    live_points_.erase(rec.collection + "/" + rec.name);
-    receiving_.erase(rec.collection + "/" + rec.name);
+    end_job_locked(rec.collection + "/" + rec.name);
     return;
   }
   if (!err) err = write_manifest(*st, rec);
@@ -937,6 +932,7 @@ bool RestoreServiceImpl::abort_receive_locked(const std::string& key, const JobE
     if (!it->second->aborted.load()) it->second->abort_error = why;  // the first reason stays
   }
   it->second->aborted.store(true);
+  wake_naps();  // its NBD source's retry waits
   return true;
 }
 
@@ -944,15 +940,27 @@ bool RestoreServiceImpl::wait_job_end_locked(std::unique_lock<std::mutex>& lock,
                                              const std::string& key,
                                              std::chrono::milliseconds limit) {
   // A job notices its stop between two reads or polls (an NBD read or a peer
-  // call waits for its answer): well under the limits callers give.
-  const auto until = std::chrono::steady_clock::now() + limit;
-  while (live_points_.count(key)) {
-    if (std::chrono::steady_clock::now() >= until) return false;
-    lock.unlock();
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    lock.lock();
-  }
-  return true;
+  // call waits for its answer; its naps wake at once): well under the limits
+  // callers give.
+  return job_ended_.wait_for(lock, limit, [&] { return !live_points_.count(key); });
+}
+
+void RestoreServiceImpl::end_job_locked(const std::string& key) {
+  live_points_.erase(key);
+  receiving_.erase(key);
+  job_ended_.notify_all();
+}
+
+void RestoreServiceImpl::nap(std::chrono::milliseconds ms, const std::function<bool()>& stop) {
+  std::unique_lock<std::mutex> lock(wake_mu_);
+  wake_.wait_for(lock, ms, stop);
+}
+
+void RestoreServiceImpl::wake_naps() {
+  // Under wake_mu_: a nap between its check of `stop` and its wait sees the
+  // flag set before this (the callers set it first).
+  std::lock_guard<std::mutex> lock(wake_mu_);
+  wake_.notify_all();
 }
 
 Result<std::optional<PeerPointState>> RestoreServiceImpl::abort_peer_receive(
@@ -1023,7 +1031,7 @@ Status RestoreServiceImpl::tell_peer_abort(const std::string& region, const std:
         std::chrono::steady_clock::now() + backoff > until) {
       return r.status();
     }
-    std::this_thread::sleep_for(backoff);
+    nap(backoff, [&] { return stopping_.load(); });
     backoff = std::min<std::chrono::milliseconds>(backoff * 2, std::chrono::seconds(5));
   }
 }

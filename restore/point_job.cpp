@@ -285,7 +285,7 @@ void RestoreServiceImpl::run_create_point(RestorePointRecord rec, OperationRecor
     spdlog::info("restore point {}/{}: succeeded, {} new bytes stored", rec.collection, rec.name,
                  stored);
   }
-  live_points_.erase(rec.collection + "/" + rec.name);
+  end_job_locked(rec.collection + "/" + rec.name);
   creating_vms_.erase(vm);
   lock.unlock();
   // A Failed point's packs (sealed by its writers, or by the commits of disk

@@ -652,6 +652,7 @@ void RestoreServiceImpl::spawn(std::function<void()> fn) {
 
 void RestoreServiceImpl::shutdown() {
   stopping_.store(true);
+  wake_naps();
   std::list<Job> jobs;
   {
     std::lock_guard<std::mutex> lock(jobs_mu_);
@@ -1032,7 +1033,7 @@ Status RestoreServiceImpl::delete_collection(const std::string& name) {
   std::vector<RestorePointRecord> points;
   std::string region, source_vm;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     auto c = db_->get_collection(name);
     if (!c.ok()) return c.status();
     if (!c.value()) return Status::NotFound("collection '" + name + "' not found");
@@ -1042,6 +1043,27 @@ Status RestoreServiceImpl::delete_collection(const std::string& name) {
     region = c.value()->region;
     source_vm = c.value()->source_vm;
     auto ps = db_->list_points(name);
+    if (!ps.ok()) return ps.status();
+    // A point being cut, or one another copy is reading, refuses the whole
+    // delete before any copy into the collection is canceled.
+    for (const auto& p : ps.value()) {
+      if (p.provisioning_state == "Creating") {
+        if (!p.source_restore_point.empty()) continue;  // a copy: canceled below
+        return Status::Conflict("restore point '" + p.name + "' of collection '" + name +
+                                "' is being created");
+      }
+      if (Status busy = refuse_if_copy_source_locked(name, p.name); !busy.ok()) return busy;
+    }
+    // Copies into it are canceled (each waited for); a point being cut is Conflict.
+    for (const auto& p : ps.value()) {
+      if (p.provisioning_state != "Creating") continue;
+      Status s = cancel_copy_locked(lock, name, p.name);
+      if (!s.ok()) return s;
+    }
+    if (deleting_collections_.count(name)) {  // mu_ was released while waiting
+      return Status::Conflict("collection '" + name + "' is being deleted");
+    }
+    ps = db_->list_points(name);
     if (!ps.ok()) return ps.status();
     for (const auto& p : ps.value()) {
       if (p.provisioning_state == "Creating") {
@@ -1175,6 +1197,64 @@ void RestoreServiceImpl::purge_point(const RestorePointRecord& p, const std::str
   }
 }
 
+Status RestoreServiceImpl::cancel_copy_locked(std::unique_lock<std::mutex>& lock,
+                                              const std::string& collection,
+                                              const std::string& name) {
+  // A copy (local, or to or from a peer: restore/peer_jobs.cpp) is canceled:
+  // its job ends Failed (Canceled), deleting what it wrote, and tells the
+  // other host if any; then the point goes as a failed one does. A point
+  // being cut runs to its end.
+  const std::string key = collection + "/" + name;
+  const std::string id = PointId(collection, name);
+  bool asked = abort_receive_locked(
+      key, JobError{"Canceled", "the copy was canceled: restore point " + id +
+                                    " was deleted on this host while it was being received"});
+  auto live = live_points_.find(key);
+  if (!asked && live != live_points_.end()) {
+    auto p = db_->get_point(collection, name);
+    if (p.ok() && p.value() && !p.value()->source_restore_point.empty()) {
+      live->second->cancel.store(true);
+      wake_naps();
+      asked = true;
+    }
+  }
+  if (!asked) {
+    if (!live_points_.count(key)) return Status::Ok();  // ended meanwhile
+    return Status::Conflict("restore point '" + name + "' is being created");
+  }
+  spdlog::info("restore point {}/{}: deleted while being copied: canceling the copy", collection,
+               name);
+  if (!wait_job_end_locked(lock, key, std::chrono::seconds(30))) {
+    return Status::Conflict("restore point '" + name +
+                            "': its copy is being canceled; retry the delete");
+  }
+  return Status::Ok();
+}
+
+Status RestoreServiceImpl::refuse_if_copy_source_locked(const std::string& collection,
+                                                        const std::string& name) {
+  const std::string id = PointId(collection, name);
+  for (const auto& entry : live_points_) {
+    const std::string& key = entry.first;
+    // A point received from a peer names the sender's point: not this one.
+    // A copy being canceled still counts until its job has ended.
+    if (receiving_.count(key)) continue;
+    auto parts = Split(key, '/');
+    if (parts.size() != 2) continue;
+    auto p = db_->get_point(parts[0], parts[1]);
+    if (!p.ok() || !p.value() || p.value()->provisioning_state != "Creating" ||
+        p.value()->source_restore_point != id) {
+      continue;
+    }
+    return Status::Conflict("restore point " + id +
+                            " is the source of a copy in progress: " + PointId(parts[0], parts[1]) +
+                            " (operation /operations/" + p.value()->operation_id +
+                            "); wait for the copy to end, or delete that copy to cancel it, "
+                            "then delete the source");
+  }
+  return Status::Ok();
+}
+
 Status RestoreServiceImpl::delete_restore_point(const std::string& collection,
                                                 const std::string& name) {
   RestorePointRecord p;
@@ -1186,32 +1266,16 @@ Status RestoreServiceImpl::delete_restore_point(const std::string& collection,
     region = std::move(found.value().region);
     p = std::move(found.value().point);
     if (p.provisioning_state == "Creating") {
-      // A copy to or from a peer is canceled (restore/peer_jobs.cpp): its job
-      // ends Failed (Canceled) and tells the other host, then the point goes
-      // as a failed one does. Other jobs run to their end.
-      const std::string key = collection + "/" + name;
-      bool asked = abort_receive_locked(
-          key,
-          JobError{"Canceled", "the copy was canceled: restore point " + PointId(collection, name) +
-                                   " was deleted on this host while it was being received"});
-      auto live = live_points_.find(key);
-      if (!asked && peer_region(region) && live != live_points_.end()) {
-        live->second->cancel.store(true);
-        asked = true;
-      }
-      if (!asked) return Status::Conflict("restore point '" + name + "' is being created");
-      spdlog::info("restore point {}/{}: deleted while being copied: canceling the copy",
-                   collection, name);
-      if (!wait_job_end_locked(lock, key, std::chrono::seconds(30))) {
-        return Status::Conflict("restore point '" + name +
-                                "': its copy is being canceled; retry the delete");
-      }
+      Status c = cancel_copy_locked(lock, collection, name);
+      if (!c.ok()) return c;
       found = find_point_locked(collection, name);
       if (!found.ok()) return found.status();
       p = std::move(found.value().point);
       if (p.provisioning_state == "Creating") {
         return Status::Conflict("restore point '" + name + "' is being created");
       }
+    } else if (Status busy = refuse_if_copy_source_locked(collection, name); !busy.ok()) {
+      return busy;
     }
     // A disk base among its disk points keeps its store point (retained), so
     // the disk's next point stays incremental.

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -56,8 +57,9 @@ struct PointProgress {
   std::vector<std::atomic<uint64_t>> to_copy;
   std::vector<std::atomic<uint64_t>> copied;
   std::vector<std::atomic<bool>> started = std::vector<std::atomic<bool>>(to_copy.size());
-  // A delete of the point asks its job to stop (copies to a peer honour it:
-  // they end Canceled and tell the peer).
+  // A delete of the point (or its collection) asks its job to stop: a copy
+  // (local, or to a peer, which it tells) ends Failed (Canceled). Set it with
+  // RestoreServiceImpl::cancel_copy_locked, which also wakes the job's naps.
   std::atomic<bool> cancel{false};
 };
 
@@ -329,9 +331,25 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   // when none runs. Caller holds mu_.
   bool abort_receive_locked(const std::string& key, const JobError& why);
   // Waits (releasing `lock`, a lock of mu_) up to `limit` for the job of
-  // "c/rp" to end: true once it left live_points_.
+  // "c/rp" to end: true once it left live_points_ (end_job_locked wakes it).
   bool wait_job_end_locked(std::unique_lock<std::mutex>& lock, const std::string& key,
                            std::chrono::milliseconds limit);
+  // A job's end: drops "c/rp" from live_points_ and receiving_ and wakes
+  // wait_job_end_locked. Caller holds mu_.
+  void end_job_locked(const std::string& key);
+  // Sleeps up to `ms`, but returns as soon as `stop` is true: a job's retry
+  // and poll waits. wake_naps() (a cancel, an abort, shutdown) re-checks them.
+  void nap(std::chrono::milliseconds ms, const std::function<bool()>& stop);
+  void wake_naps();
+  // Deleting point c/rp (or its collection) while it is Creating: a copy
+  // (local, to or from a peer) is canceled and waited for (up to 30 s); a
+  // point being cut is Conflict. Ok once no job runs for it. `lock` holds mu_.
+  Status cancel_copy_locked(std::unique_lock<std::mutex>& lock, const std::string& collection,
+                            const std::string& name);
+  // Conflict naming the running copy whose source is point c/rp of this host
+  // (a copy reads its source to the end: it cannot be deleted meanwhile).
+  // Caller holds mu_.
+  Status refuse_if_copy_source_locked(const std::string& collection, const std::string& name);
   // Tells the peer keeping `region` to abort its receive of c/rp (a copy
   // this host ended): transport failures are retried for up to `budget`.
   // NotFound (nothing there to abort) counts as done.
@@ -379,6 +397,7 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::mutex mu_;  // db_, the maps below
   std::unique_ptr<RestoreDb> db_;
   std::map<std::string, std::shared_ptr<PointProgress>> live_points_;  // "c/rp"
+  std::condition_variable job_ended_;  // with mu_: an entry left live_points_
   std::map<std::string, std::shared_ptr<std::atomic<int>>> live_ops_;
   // Ends of point jobs the metadata database refused to record (its commit
   // failed, retries too): served from here ("c/rp", operation id) so clients
@@ -396,6 +415,9 @@ class RestoreServiceImpl final : public RestoreService, public ExportResolver {
   std::mutex jobs_mu_;
   std::list<Job> jobs_;
   std::atomic<bool> stopping_{false};
+  // nap(): jobs' interruptible waits. wake_mu_ is a leaf (taken with mu_ held).
+  std::mutex wake_mu_;
+  std::condition_variable wake_;
 
   std::mutex gc_mu_;
   std::set<std::string> gc_running_, gc_again_;

@@ -13,10 +13,11 @@ copy and on the next one after a 1 MiB change. B restores the copied points
 with A gone, byte-identical to the disk at each cut. The link is cut
 (`ip link set down`) mid-copy and restored; each side is killed (-9) mid-copy
 and restarted, and the copy resumes (only what B still lacks crosses the wire
-again) to Succeeded; B stopped for seconds and back; the source deleted and A
-restarted fails clearly, on B too within seconds (A sends an abort); a running
-copy deleted on either host is canceled on both (B keeps no point, no pull, no
-store point); a client or a peer without a certificate our CA signed is
+again) to Succeeded; B stopped for seconds and back; the source of a running
+copy cannot be deleted (409), and A restarted without its source's region fails
+clearly, on B too within seconds (A sends an abort); a running copy deleted on
+either host is canceled on both (B keeps no point, no pull, no store point),
+at once even while B's reads wait out a retry backoff of A gone; a client or a peer without a certificate our CA signed is
 refused. Root is needed (ip netns); under CI=true its absence fails.
 
 Incremental copies from a base (VM `vmb`, disk `big`: 2048 data slots of one
@@ -437,38 +438,50 @@ def test_peer_down_for_seconds_then_back(rig):
     assert "retrying" in a.log_all()
 
 
-def test_source_deleted_then_sender_restarted_fails_clearly(rig):
-    """The source point deleted mid-copy, then A killed: the restart cannot
-    resume it and says why; never Succeeded on A. A new copy of another point
-    still works."""
+def test_source_unreadable_then_sender_restarted_fails_clearly(rig):
+    """The source point of a running copy cannot be deleted (409 naming the
+    copy). A killed, and restarted with its region `local` gone: the restart
+    cannot resume the copy and says why; never Succeeded on A. A new copy of
+    another point still works (the region back)."""
     a, b = rig["a"], rig["b"]
     a.create_collection("cf", "vm", location="far")
     fresh_point(rig, "k4")
     gc_orphans(b)
     b.arm("peer.chunk=delay40")
+    local = rig["root"] / "A-local"
     try:
         op = start_copy(a, "cf", "k4", ("c", "k4"))
         wait_received(b, "cf", "k4", CHUNKS // 4)
-        a.delete_restore_point("c", "k4")
+        r = a.api("DELETE", point_id("c", "k4"))
+        assert r.status == 409, r
+        assert "source of a copy in progress" in r.json["error"]["message"], r
+        assert point_id("cf", "k4") in r.json["error"]["message"], r
         a.kill9()
+        os.rename(local, str(local) + ".away")
         a.start()
     finally:
         b.arm("")
-    t0 = time.monotonic()
-    done = a.wait_operation(op, timeout=30)
-    assert done["status"] == "Failed", done
-    p = a.get_restore_point("cf", "k4")["properties"]
-    assert p["provisioningState"] == "Failed", p
-    msg = json.dumps(done)
-    assert "cannot resume" in msg and "no longer exists" in msg, msg
-    # A tells B at once (an abort on the peer API): B's half fails within
-    # seconds, not after peers.deadline_seconds (120 s), saying why.
-    bp = wait_point_ended(b, "cf", "k4", timeout=20)
-    print(f"B's half ended {time.monotonic() - t0:.1f} s after A's restart")
-    assert bp["provisioningState"] == "Failed", bp
-    assert "sending host ended the copy" in bp["error"]["message"], bp
-    assert "no longer exists" in bp["error"]["message"], bp
-    assert_receive_released(rig, "cf", "k4")
+    try:
+        t0 = time.monotonic()
+        done = a.wait_operation(op, timeout=30)
+        assert done["status"] == "Failed", done
+        p = a.get_restore_point("cf", "k4")["properties"]
+        assert p["provisioningState"] == "Failed", p
+        msg = json.dumps(done)
+        assert "cannot resume" in msg and "unavailable" in msg, msg
+        # A tells B at once (an abort on the peer API): B's half fails within
+        # seconds, not after peers.deadline_seconds (120 s), saying why.
+        bp = wait_point_ended(b, "cf", "k4", timeout=20)
+        print(f"B's half ended {time.monotonic() - t0:.1f} s after A's restart")
+        assert bp["provisioningState"] == "Failed", bp
+        assert "sending host ended the copy" in bp["error"]["message"], bp
+        assert "unavailable" in bp["error"]["message"], bp
+        assert_receive_released(rig, "cf", "k4")
+    finally:
+        if not local.exists():
+            assert a.stop() == 0, a.log()
+            os.rename(str(local) + ".away", local)
+            a.start()
     sha = cut_point(rig, "k4b", change_at=3 * MiB)
     done = a.wait_operation(start_copy(a, "cf", "k4b", ("c", "k4b")), timeout=60)
     assert done["status"] == "Succeeded", (done, a.log(), b.log())
@@ -575,6 +588,45 @@ def test_deleting_a_running_copy_on_the_receiver_cancels_it_on_both_hosts(rig):
     p = a.get_restore_point("cf", "x2")["properties"]
     assert p["provisioningState"] == "Failed", p
     assert a.api("DELETE", point_id("cf", "x2")).status == 204
+
+
+def test_deleting_a_copy_whose_reads_wait_to_retry_returns_at_once(rig):
+    """A killed mid-copy: B's NBD reads fail and retry, the backoff doubling to
+    5 s. Once B waits 5 s before its next try, a DELETE of the point on B
+    answers 204 at once: the cancel wakes the wait instead of waiting it out."""
+    a, b = rig["a"], rig["b"]
+    a.create_collection("cf", "vm", location="far")
+    fresh_point(rig, "w1")
+    gc_orphans(b)
+    b.arm("peer.chunk=delay40")
+    try:
+        op = start_copy(a, "cf", "w1", ("c", "w1"))
+        wait_received(b, "cf", "w1", CHUNKS // 4)
+        lb = len(b.log_all())
+        a.kill9()
+        b.arm("")
+        t0 = time.monotonic()
+        while "retrying in 5000 ms" not in b.log_all()[lb:]:
+            assert time.monotonic() - t0 < 40, b.log()[-3000:]
+            time.sleep(0.02)
+        t1 = time.monotonic()
+        r = b.api("DELETE", point_id("cf", "w1"))
+        took = time.monotonic() - t1
+        print(f"delete on B of a copy waiting to retry answered in {took:.2f} s")
+        assert r.status == 204, (r, b.log()[-3000:])
+        assert took < 2, took
+        assert b.api("GET", point_id("cf", "w1")).status == 404
+        bop = operation_of(b, "cf", "w1")
+        assert bop["status"] == "Failed" and bop["error"]["code"] == "Canceled", bop
+    finally:
+        b.arm("")
+        if a.proc is None or a.proc.poll() is not None:
+            a.start()
+    # A resumes its half (and may post it again): end it on both hosts, so
+    # that nothing of it is left.
+    a.wait_operation(op, timeout=60)
+    assert a.api("DELETE", point_id("cf", "w1")).status in (204, 404)
+    assert b.api("DELETE", point_id("cf", "w1")).status in (204, 404)
 
 
 def curl_peer(rig, *cert_args):
