@@ -73,7 +73,9 @@ class IoRequest : public Reactor::Op {
   char* buf = nullptr;  // kRead/kWrite: `length` bytes; 4096-aligned enables O_DIRECT
   // kRead/kWrite, >= 0: the data is the fixed (registered) buffer of this
   // index in the submitting reactor's ring, e.g. a ublk request's own pages
-  // (zero copy), and `buf` is the byte offset in it, not an address. Only
+  // (zero copy), and `buf` is where in it as io_uring reckons: the byte
+  // offset for kernel-registered pages (a ublk request's; nullptr = its
+  // first byte), the address for registered user memory. Only
   // devices whose caps() say fixed_buffers are given such requests; the data
   // is then never in user memory (the device must not memcpy or pwrite it).
   int fixed_buf = -1;

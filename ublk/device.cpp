@@ -134,8 +134,8 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   if (!s.ok()) return fail(s);
   spdlog::info("ublk {}: {} serves disk {} ({} queue(s), depth {}, {}, {} rings{})",
                d->info_.dev_id, d->block_path(), d->dev_->name(), d->info_.nr_hw_queues,
-               d->info_.queue_depth, d->copy_mode_name(),
-               d->ring_mode_name(), d->pin_queues_ ? ", queues pinned" : "");
+               d->info_.queue_depth, d->copy_mode_name(), d->ring_mode_name(),
+               d->pin_queues_ ? ", queues pinned" : "");
   return d;
 }
 
@@ -178,8 +178,7 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Recover(UblkControl& ctl,
   }
   spdlog::info("ublk {}: recovered {} for disk {} ({} queue(s), depth {}, {}, {} rings{})",
                info.dev_id, d->block_path(), d->dev_->name(), info.nr_hw_queues, info.queue_depth,
-               d->copy_mode_name(), d->ring_mode_name(),
-               d->pin_queues_ ? ", queues pinned" : "");
+               d->copy_mode_name(), d->ring_mode_name(), d->pin_queues_ ? ", queues pinned" : "");
   return d;
 }
 

@@ -150,8 +150,8 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "b}}}\n"
       "operations: {retention_seconds: 60, max_count: 5}\n"
       "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
-      "ublk: {queues: 2, depth: 64, user_copy: false, zero_copy: off, taskrun: coop, pin_queues: false,\n"
-      "  max_io_bytes: 65536}\n"
+      "ublk: {queues: 2, depth: 64, user_copy: false, taskrun: coop, pin_queues: false,\n"
+      "  max_io_bytes: 65536, zero_copy: off}\n"
       "peers: {listen: 'localhost:2', deadline_seconds: 30}\n";
   // A peer region has no path: its keys are checked on a second entry.
   text.replace(text.find("default: true}]"), 15,
