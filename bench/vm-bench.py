@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """bench/vm-bench.py: block devices inside the VM lane, against a kernel loop device.
 
-One boot of the lane's 6.12 kernel (tests/vm/lane.py). Inside, one backing file
+One boot of the lane's 6.12 kernel (tests/vm/lane.py; --kernel 6.17: trixie-backports
+6.17, where ublk rows are zero copy by default, UBLK_F_AUTO_BUF_REG). Inside, one backing file
 of random data, and in turn (rows):
   loop  losetup --direct-io=on on the file             (the anchor)
   nbd   /dev/nbd0: nbd-client over rpointd's Unix socket, rpointd serving the
@@ -13,7 +14,9 @@ of random data, and in turn (rows):
         (PUT /disks/{d} {"properties": {"path": F, "export": "ublk"}}, the
         device from GET /disks/{d} properties.export.ublk.devicePath), only
         with --with-ublk (needs rpointd's ublk transport, issue #11); the
-        default buffer mode: the driver copies into per-tag buffers
+        default buffer mode: the driver copies into per-tag buffers (on 6.17
+        zero copy, `ublk.zero_copy: auto`; the copy path there is a variant:
+        --ublk-variant copy='{zero_copy: off}')
   ublkuc the same with `ublk.user_copy: true` (--with-ublk-user-copy):
         UBLK_F_USER_COPY (6.5+), rpointd copies the data itself
   ublk_L the same with `ublk: {...}` of --ublk-variant L={...} (e.g.
@@ -31,6 +34,7 @@ the guest's idle CPU, and the host's load average (bench/README.md "vm-bench").
     bench/vm-bench.py --with-ublk --out /tmp/vm-bench.md
     bench/vm-bench.py --runtime 5 --size 128M --jobs randread-4k,read-1m
     bench/vm-bench.py --with-ublk --ublk-variant plain='{taskrun: plain}' --rounds 3
+    bench/vm-bench.py --kernel 6.17 --with-ublk --ublk-variant copy='{zero_copy: off}'
 """
 import argparse
 import json
@@ -269,6 +273,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--build", default=os.environ.get("RPOINTD_BUILD_DIR",
                                                      os.path.join(REPO, "build")))
+    p.add_argument("--kernel", default=lane.Kernel.DEFAULT_SERIES, choices=sorted(lane.Kernel.SERIES),
+                   help="kernel series to boot (default %(default)s, the CI lane's)")
     p.add_argument("--size", type=parse_size, default=512, help="backing file (default 512M)")
     p.add_argument("--runtime", type=int, default=10, help="seconds per fio job (default 10)")
     p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated, of " + ", ".join(JOBS))
@@ -315,7 +321,7 @@ def main():
     os.makedirs(work, exist_ok=True)
     try:
         lane.ensure_tools()
-        kernel = lane.Kernel.fetch()
+        kernel = lane.Kernel.fetch(a.kernel)
         ir = lane.Initramfs(work)
         ir.add_modules(kernel, ["loop", "nbd", "virtio_blk"] + (["ublk_drv"] if any_ublk else []))
         ir.add_build_binaries(os.path.abspath(a.build), ["daemon/rpointd", "cli/rpoint"])
@@ -374,7 +380,8 @@ def main():
 
 
 def report(a, kernel, rows, jobs, results, stats, failures, load0, load1, started, took, queues):
-    flags = (f"{' --with-tcp' if a.with_tcp else ''}{' --with-nbdkit' if a.with_nbdkit else ''}"
+    flags = ((f" --kernel {a.kernel}" if a.kernel != lane.Kernel.DEFAULT_SERIES else "") +
+             f"{' --with-tcp' if a.with_tcp else ''}{' --with-nbdkit' if a.with_nbdkit else ''}"
              f"{' --with-ublk' if a.with_ublk else ''}{' --with-ublk-user-copy' if a.with_ublk_user_copy else ''}"
              + "".join(f" --ublk-variant {v!r}" for v in a.ublk_variant)
              + (f" --rounds {a.rounds}" if a.rounds > 1 else ""))

@@ -369,6 +369,14 @@ class Parser {
     return v;
   }
 
+  std::string ZeroCopyText(const Item& it) {
+    std::string v = String(it);
+    if (v != "auto" && v != "on" && v != "off") {
+      Fail(it, "expected auto, on or off, got '" + v + "'");
+    }
+    return v;
+  }
+
   std::string TaskrunText(const Item& it) {
     std::string v = String(it);
     if (v != "defer" && v != "coop" && v != "plain") {
@@ -488,6 +496,7 @@ class Parser {
                         {{"queues", [&](const Item& x) { c.ublk_queues = Unsigned(x, 0, 64); }},
                          {"depth", [&](const Item& x) { c.ublk_depth = Unsigned(x, 1, 1024); }},
                          {"user_copy", [&](const Item& x) { c.ublk_user_copy = Bool(x); }},
+                         {"zero_copy", [&](const Item& x) { c.ublk_zero_copy = ZeroCopyText(x); }},
                          {"taskrun", [&](const Item& x) { c.ublk_taskrun = TaskrunText(x); }},
                          {"pin_queues", [&](const Item& x) { c.ublk_pin_queues = Bool(x); }},
                          {"max_io_bytes",
@@ -820,6 +829,7 @@ std::string ConfigToYaml(const Config& c) {
   out << YAML::Key << "queues" << YAML::Value << c.ublk_queues;
   out << YAML::Key << "depth" << YAML::Value << c.ublk_depth;
   out << YAML::Key << "user_copy" << YAML::Value << c.ublk_user_copy;
+  out << YAML::Key << "zero_copy" << YAML::Value << c.ublk_zero_copy;
   out << YAML::Key << "taskrun" << YAML::Value << c.ublk_taskrun;
   out << YAML::Key << "pin_queues" << YAML::Value << c.ublk_pin_queues;
   out << YAML::Key << "max_io_bytes" << YAML::Value << c.ublk_max_io_bytes;
@@ -874,6 +884,7 @@ const std::vector<std::string>& ConfigKeys() {
       "ublk.queues",
       "ublk.depth",
       "ublk.user_copy",
+      "ublk.zero_copy",
       "ublk.taskrun",
       "ublk.pin_queues",
       "ublk.max_io_bytes",

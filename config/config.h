@@ -144,6 +144,11 @@ struct Config {
   // copy measured faster, bench/RESULTS.md 2026-12-02), or an older kernel:
   // the driver's copy into a per-tag buffer.
   bool ublk_user_copy = false;
+  // ublk.zero_copy: "auto" (the default): new devices use zero copy when the
+  // driver offers it (UBLK_F_AUTO_BUF_REG, 6.16+): the request's pages are
+  // read and written in place, no copy by anyone; ahead of user_copy. "on":
+  // the same, but a device is not made without it; "off": never.
+  std::string ublk_zero_copy = "auto";
   // ublk.taskrun: how each queue's ring runs the driver's task work ("defer":
   // SINGLE_ISSUER + DEFER_TASKRUN, "coop": COOP_TASKRUN, "plain"); a kernel
   // without the flags gets the next weaker one. Default plain: defer and coop

@@ -348,6 +348,7 @@ nlohmann::ordered_json DiskToJson(const DiskRecord& d) {
         u["devId"] = d.ublk.dev_id;
         u["devicePath"] = d.ublk.device_path;
       }
+      if (!d.ublk.copy_mode.empty()) u["copyMode"] = d.ublk.copy_mode;
       if (!d.ublk.error.empty()) u["error"] = d.ublk.error;
       exp["ublk"] = std::move(u);
     }

@@ -321,6 +321,10 @@ int RunDaemon(const Config& initial, const DaemonOptions& options) {
   ublk_options.device.queues = config.ublk_queues ? config.ublk_queues : UsableCpus();
   ublk_options.device.depth = config.ublk_depth;
   ublk_options.device.user_copy = config.ublk_user_copy;
+  ublk_options.device.zero_copy = config.ublk_zero_copy == "on" ? UblkDeviceOptions::ZeroCopy::kOn
+                                  : config.ublk_zero_copy == "off"
+                                      ? UblkDeviceOptions::ZeroCopy::kOff
+                                      : UblkDeviceOptions::ZeroCopy::kAuto;
   ublk_options.device.ring_mode = config.ublk_taskrun == "defer"  ? Reactor::RingMode::kDefer
                                   : config.ublk_taskrun == "coop" ? Reactor::RingMode::kCoop
                                                                   : Reactor::RingMode::kPlain;

@@ -71,6 +71,14 @@ class IoRequest : public Reactor::Op {
   uint64_t offset = 0;
   uint64_t length = 0;
   char* buf = nullptr;  // kRead/kWrite: `length` bytes; 4096-aligned enables O_DIRECT
+  // kRead/kWrite, >= 0: the data is the fixed (registered) buffer of this
+  // index in the submitting reactor's ring, e.g. a ublk request's own pages
+  // (zero copy), and `buf` is where in it as io_uring reckons: the byte
+  // offset for kernel-registered pages (a ublk request's; nullptr = its
+  // first byte), the address for registered user memory. Only
+  // devices whose caps() say fixed_buffers are given such requests; the data
+  // is then never in user memory (the device must not memcpy or pwrite it).
+  int fixed_buf = -1;
   // kBlockStatus: at most max_extents entries go to extents (covering at least
   // one byte on success; the device clears it first).
   size_t max_extents = 0;
@@ -90,6 +98,7 @@ class IoRequest : public Reactor::Op {
   uint32_t stage_ = 0;
   int inline_result_ = 0;  // FileDisk: result of a write done at submit time
   bool entered_ = false;  // holds a change-tracking epoch ticket
+  bool buffered_ = false;  // FileDisk: O_DIRECT refused this request, the buffered fd serves it
   uint64_t epoch_ = 0;
 
   void complete(int res, uint32_t cqe_flags) override;
@@ -107,6 +116,8 @@ struct DeviceCaps {
   bool can_cache = false;
   bool can_multi_conn = true;  // a flush covers writes completed on every connection
   bool rotational = false;
+  // Takes IoRequest::fixed_buf (registered buffers of the reactor's ring).
+  bool fixed_buffers = false;
   uint32_t min_block = 1;        // smallest request granularity clients must honour
   uint32_t preferred_block = 4096;
 };

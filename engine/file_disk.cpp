@@ -42,6 +42,12 @@ bool IsMutation(IoKind k) {
 
 bool Retryable(int res) { return res == -EAGAIN || res == -EINTR; }
 
+// Where the rest of a read's or write's data is: an address, or with a fixed
+// buffer an offset in it (integer arithmetic: `buf` may be nullptr + offset).
+char* DataAt(const IoRequest& req) {
+  return reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(req.buf) + req.done_);
+}
+
 }  // namespace
 
 Result<std::shared_ptr<FileDisk>> FileDisk::Open(const FileDiskOptions& opts) {
@@ -92,6 +98,7 @@ DeviceCaps FileDisk::caps() const {
   c.can_zero = !opts_.read_only;
   c.can_fast_zero = !opts_.read_only && zero_range_ok_.load();
   c.can_cache = true;
+  c.fixed_buffers = true;   // READ_FIXED / WRITE_FIXED, never a copy in user memory
   c.can_multi_conn = true;  // FLUSH is fdatasync of the one shared file
   c.min_block = 1;          // unaligned requests go through the buffered descriptor
   c.preferred_block = 4096;
@@ -99,11 +106,11 @@ DeviceCaps FileDisk::caps() const {
 }
 
 int FileDisk::fd_for(const IoRequest& req) const {
-  if (!direct_fd_) return fd_.get();
+  if (!direct_fd_ || req.buffered_) return fd_.get();
   uint64_t a = logical_block_ - 1;
   uint64_t off = req.offset + req.done_;
   uint64_t len = req.length - req.done_;
-  const char* buf = req.kind == IoKind::kWriteZeroes ? kZeros : req.buf + req.done_;
+  const char* buf = req.kind == IoKind::kWriteZeroes ? kZeros : DataAt(req);
   if ((off & a) || (len & a) || (reinterpret_cast<uintptr_t>(buf) & a)) return fd_.get();
   return direct_fd_.get();
 }
@@ -113,6 +120,7 @@ void FileDisk::submit(Reactor& reactor, IoRequest& req) {
   req.reactor_ = &reactor;
   req.done_ = 0;
   req.stage_ = kStageIo;
+  req.buffered_ = false;
   guest_ops_.fetch_add(1, std::memory_order_relaxed);  // a copy-out yields while this moves
   if (IsMutation(req.kind)) guest_writes_.fetch_add(1, std::memory_order_relaxed);
   int err = 0;
@@ -229,17 +237,30 @@ void FileDisk::issue(Reactor& reactor, IoRequest& req) {
   uint64_t left = req.length - req.done_;
   switch (req.kind) {
     case IoKind::kRead: {
-      io_uring_prep_read(reactor.sqe(&req), fd_for(req), req.buf + req.done_,
-                         static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30)), off);
+      auto len = static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30));
+      if (req.fixed_buf >= 0) {
+        // A registered buffer (a ublk request's pages): `buf` is the offset in it.
+        io_uring_prep_read_fixed(reactor.sqe(&req), fd_for(req), DataAt(req), len, off,
+                                 req.fixed_buf);
+        return;
+      }
+      io_uring_prep_read(reactor.sqe(&req), fd_for(req), req.buf + req.done_, len, off);
       return;
     }
     case IoKind::kWrite: {
-      if (worker_ && !(req.flags & kIoFua) && fd_for(req) == fd_.get()) {
+      // A fixed buffer's data is not in user memory: pwrite on the worker
+      // cannot reach it, so its buffered writes go through the ring as well
+      // (io_uring punts one that would block to its io-wq).
+      if (worker_ && !(req.flags & kIoFua) && req.fixed_buf < 0 && fd_for(req) == fd_.get()) {
         return issue_buffered_write(reactor, req);
       }
       io_uring_sqe* s = reactor.sqe(&req);
-      io_uring_prep_write(s, fd_for(req), req.buf + req.done_,
-                          static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30)), off);
+      auto len = static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30));
+      if (req.fixed_buf >= 0) {
+        io_uring_prep_write_fixed(s, fd_for(req), DataAt(req), len, off, req.fixed_buf);
+      } else {
+        io_uring_prep_write(s, fd_for(req), req.buf + req.done_, len, off);
+      }
       if (req.flags & kIoFua) s->rw_flags = RWF_DSYNC;
       return;
     }
@@ -349,6 +370,12 @@ void FileDisk::on_completion(Reactor& reactor, IoRequest& req, int res) {
   switch (req.kind) {
     case IoKind::kRead:
     case IoKind::kWrite:
+      if (res == -EINVAL && req.fixed_buf >= 0 && !req.buffered_ && fd_for(req) != fd_.get()) {
+        // O_DIRECT wants the memory aligned too; a registered buffer's pages
+        // are whatever the request brought. The buffered descriptor takes any.
+        req.buffered_ = true;
+        return issue(reactor, req);
+      }
       if (res < 0) return finish(reactor, req, res);
       if (res == 0) {
         // The backing file ended early: it was truncated behind our back.

@@ -27,6 +27,7 @@ class LocalExport {
     std::string device_path;  // e.g. /dev/ublkb0
     std::string state;        // Live, Quiesced, Dead, Recovering, Unavailable, Stopped
     std::string error;        // why it is not served, when it is not
+    std::string copy_mode;    // how request data moves: "zero", "user", "buffer" ("" unknown)
   };
 
   // Ok, or Unsupported with the reason (module not loaded) when this host

@@ -48,6 +48,15 @@ inline constexpr const char* kUblkControlPath = "/dev/ublk-control";
 // pwrite on /dev/ublkcN at UblkUserCopyPos(), instead of the driver copying
 // into the buffer at the command's `addr` on the queue thread.
 inline constexpr uint64_t kUblkFUserCopy = 1ull << 7;
+// UBLK_F_AUTO_BUF_REG (6.16+): zero copy. Before the driver hands a request
+// with data to the server it registers the request's own pages in the
+// fixed-buffer table of the ring that carried the FETCH / COMMIT_AND_FETCH,
+// at the index that command gave in sqe->addr (struct ublk_auto_buf_reg:
+// bits 0-15 index, 16-23 flags, the rest zero); the commit unregisters it.
+// The server's I/O then uses READ_FIXED / WRITE_FIXED on that index (offset
+// 0 = the request's first byte): nobody copies the data.
+inline constexpr uint64_t kUblkFAutoBufReg = 1ull << 11;
+static_assert(UBLK_F_SUPPORT_ZERO_COPY == (1ull << 0));
 // UBLK_U_CMD_GET_FEATURES, _IOR('u', 0x13, struct ublksrv_ctrl_cmd) (6.5+):
 // the driver's feature bits in an 8-byte buffer. Older drivers refuse it.
 inline constexpr uint32_t kUblkCmdGetFeatures = (2u << 30) | (32u << 16) | ('u' << 8) | 0x13;

@@ -90,15 +90,33 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   // The device outlives this process: a restarted rpointd takes it over and
   // the requests in flight are sent again (a block device may see a write twice).
   info.flags = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
-  if (opts.user_copy) {
-    // Drivers before 6.5 have neither the command nor the flag: buffer mode.
+  using ZeroCopy = UblkDeviceOptions::ZeroCopy;
+  if (opts.user_copy || opts.zero_copy != ZeroCopy::kOff) {
+    // Drivers before 6.5 have neither the command nor the flags: buffer mode.
     auto features = ctl.get_features();
-    if (features.ok() && (features.value() & kUblkFUserCopy)) info.flags |= kUblkFUserCopy;
+    uint64_t f = features.ok() ? features.value() : 0;
     if (!features.ok()) spdlog::debug("ublk: GET_FEATURES: {}", features.status().ToString());
+    bool fixed = d->dev_->caps().fixed_buffers;
+    if (opts.zero_copy != ZeroCopy::kOff && (f & kUblkFAutoBufReg) && fixed) {
+      info.flags |= kUblkFAutoBufReg;
+    } else if (opts.zero_copy == ZeroCopy::kOn) {
+      return Status::Unsupported(
+          "ublk.zero_copy is on, but " +
+          std::string(!fixed ? "disk " + d->dev_->name() + " cannot take registered buffers"
+                             : "this kernel's ublk driver has no UBLK_F_AUTO_BUF_REG (6.16+)") +
+          "; set ublk.zero_copy to auto to serve it with a copy");
+    } else if (opts.user_copy && (f & kUblkFUserCopy)) {
+      info.flags |= kUblkFUserCopy;
+    }
   }
   auto added = ctl.add_dev(info);
   if (!added.ok()) return added.status();
   d->info_ = added.value();
+  if ((info.flags & kUblkFAutoBufReg) && !d->zero_copy()) {
+    // The driver clears flags it does not know; GET_FEATURES said it knew it.
+    spdlog::warn("ublk {}: the driver dropped UBLK_F_AUTO_BUF_REG: {}", d->info_.dev_id,
+                 d->copy_mode_name());
+  }
   // From here a failure deletes the half-made device.
   auto fail = [&d](Status s) -> Status {
     d->stop_queues();
@@ -116,8 +134,8 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Add(UblkControl& ctl,
   if (!s.ok()) return fail(s);
   spdlog::info("ublk {}: {} serves disk {} ({} queue(s), depth {}, {}, {} rings{})",
                d->info_.dev_id, d->block_path(), d->dev_->name(), d->info_.nr_hw_queues,
-               d->info_.queue_depth, d->user_copy() ? "user copy" : "buffer copy",
-               d->ring_mode_name(), d->pin_queues_ ? ", queues pinned" : "");
+               d->info_.queue_depth, d->copy_mode_name(), d->ring_mode_name(),
+               d->pin_queues_ ? ", queues pinned" : "");
   return d;
 }
 
@@ -131,6 +149,12 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Recover(UblkControl& ctl,
     d->gone_ = true;
     return Status::Conflict("ublk device " + std::to_string(info.dev_id) +
                             " was made without USER_RECOVERY");
+  }
+  if (d->zero_copy() && !d->dev_->caps().fixed_buffers) {
+    d->gone_ = true;
+    return Status::Conflict("ublk device " + std::to_string(info.dev_id) +
+                            " was made with zero copy, which disk " + d->dev_->name() +
+                            " cannot take");
   }
   // The old server's ring may still be going away: the driver says EBUSY until
   // the device is quiesced and its char device released.
@@ -154,8 +178,7 @@ Result<std::unique_ptr<UblkDevice>> UblkDevice::Recover(UblkControl& ctl,
   }
   spdlog::info("ublk {}: recovered {} for disk {} ({} queue(s), depth {}, {}, {} rings{})",
                info.dev_id, d->block_path(), d->dev_->name(), info.nr_hw_queues, info.queue_depth,
-               d->user_copy() ? "user copy" : "buffer copy", d->ring_mode_name(),
-               d->pin_queues_ ? ", queues pinned" : "");
+               d->copy_mode_name(), d->ring_mode_name(), d->pin_queues_ ? ", queues pinned" : "");
   return d;
 }
 
@@ -171,6 +194,7 @@ Status UblkDevice::open_queues() {
     o.max_io_bytes = info_.max_io_buf_bytes;
     o.char_fd = char_fd_.get();
     o.user_copy = user_copy();
+    o.auto_buf_reg = zero_copy();
     o.ring_mode = ring_mode_;
     if (pin_queues_) {
       auto cpus = ctl_.get_queue_affinity(info_.dev_id, q);

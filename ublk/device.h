@@ -42,6 +42,13 @@ struct UblkDeviceOptions {
   // the queues copy the data themselves, off the queue thread. Otherwise, or
   // false, the driver copies into the tag's buffer (buffer mode).
   bool user_copy = true;
+  // Zero copy (UBLK_F_AUTO_BUF_REG, 6.16+; ublk/control.h), ahead of user
+  // copy: kAuto when GET_FEATURES offers it and the BlockDevice takes fixed
+  // buffers; kOn the same but a device that cannot have it is not made;
+  // kOff never. Explicit registration (UBLK_F_SUPPORT_ZERO_COPY with
+  // REGISTER_IO_BUF, 6.15) is not used: such kernels get the copy paths.
+  enum class ZeroCopy { kAuto, kOn, kOff };
+  ZeroCopy zero_copy = ZeroCopy::kAuto;
   // The queues' rings (UblkQueueOptions::ring_mode); a recovered device's
   // queues take it too.
   Reactor::RingMode ring_mode = Reactor::RingMode::kPlain;
@@ -77,6 +84,11 @@ class UblkDevice {
   std::string char_path() const { return "/dev/ublkc" + std::to_string(info_.dev_id); }
   bool queues_failed() const;
   bool user_copy() const { return (info_.flags & kUblkFUserCopy) != 0; }
+  bool zero_copy() const { return (info_.flags & kUblkFAutoBufReg) != 0; }
+  // "zero copy", "user copy" or "buffer copy" (the log lines' words).
+  const char* copy_mode_name() const {
+    return zero_copy() ? "zero copy" : user_copy() ? "user copy" : "buffer copy";
+  }
   // The ring mode the queues got from the kernel (RingModeName).
   const char* ring_mode_name() const {
     return queues_.empty() ? "no" : RingModeName(queues_.front()->ring_mode());

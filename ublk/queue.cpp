@@ -85,6 +85,11 @@ Result<std::unique_ptr<UblkQueue>> UblkQueue::Create(const UblkQueueOptions& opt
   int fd = opts.char_fd;
   int rc = io_uring_register_files(q->reactor_->ring(), &fd, 1);
   if (rc < 0) return Status::FromErrno(-rc, what + ": registering /dev/ublkc as a fixed file");
+  if (opts.auto_buf_reg) {
+    // One empty slot per tag: the driver fills tag t's at index t.
+    rc = io_uring_register_buffers_sparse(q->reactor_->ring(), opts.depth);
+    if (rc < 0) return Status::FromErrno(-rc, what + ": a sparse fixed-buffer table (zero copy)");
+  }
   for (uint16_t i = 0; i < opts.depth; ++i) {
     auto t = std::make_unique<Tag>();
     t->q = q.get();
@@ -162,8 +167,11 @@ void UblkQueue::issue_cmd(Tag& t, uint32_t op, int result) {
   cmd.tag = t.tag;
   cmd.result = result;
   // User copy: the driver refuses a buffer address (the data moves by
-  // issue_copy instead).
-  cmd.addr = opts_.user_copy ? 0 : reinterpret_cast<uint64_t>(t.buf);
+  // issue_copy instead). Zero copy: no buffer either; the SQE's own addr
+  // (not the command's) names the fixed-buffer slot for the next request,
+  // flags 0 (no fallback: a registration that fails fails the request).
+  cmd.addr = opts_.user_copy || opts_.auto_buf_reg ? 0 : reinterpret_cast<uint64_t>(t.buf);
+  if (opts_.auto_buf_reg) sqe->addr = t.tag;
   static_assert(sizeof(cmd) == 16, "fits the cmd area of a 64-byte SQE");
   std::memcpy(sqe->cmd, &cmd, sizeof(cmd));
 }
@@ -209,6 +217,11 @@ void UblkQueue::on_cmd(Tag& t, int res) {
   if (flags & UBLK_IO_F_FUA) t.flags |= kIoFua;
   if ((t.kind == IoKind::kRead || t.kind == IoKind::kWrite) && t.length > opts_.max_io_bytes) {
     return issue_cmd(t, UBLK_IO_COMMIT_AND_FETCH_REQ, -EINVAL);
+  }
+  if (opts_.auto_buf_reg) {
+    // The request's pages are the ring's fixed buffer `tag`, from offset 0.
+    t.fixed_buf = t.tag;
+    t.buf = nullptr;
   }
   in_engine_.fetch_add(1);
   // User copy: a write's data comes from the request first.

@@ -18,7 +18,11 @@
 // itself, as ring reads and writes on /dev/ublkcN at UblkUserCopyPos(): the
 // char device has no FMODE_NOWAIT, so io_uring runs them on its io-wq
 // workers, on any CPU, several requests' copies beside each other and beside
-// the backing I/O.
+// the backing I/O. With zero copy (UBLK_F_AUTO_BUF_REG, 6.16+) the ring has
+// a sparse fixed-buffer table of `depth` entries; every command asks the
+// driver to register its next request's pages at the tag's own index, and
+// the engine reads and writes them in place (IoRequest::fixed_buf, READ_FIXED
+// / WRITE_FIXED): no copy at all. The commit unregisters them.
 //
 // Thread-safety: Create/start/drain_and_stop from a control thread, once
 // each, in that order; everything else runs on the queue's thread.
@@ -46,6 +50,7 @@ struct UblkQueueOptions {
   uint32_t max_io_bytes = 1024 * 1024;  // the device's max_io_buf_bytes
   int char_fd = -1;                     // /dev/ublkcN, owned by the device
   bool user_copy = false;               // the device has UBLK_F_USER_COPY
+  bool auto_buf_reg = false;            // the device has UBLK_F_AUTO_BUF_REG (zero copy)
   // How the queue's ring runs task work (the driver's dispatch of each
   // request and its commit run as task work of the queue's thread).
   Reactor::RingMode ring_mode = Reactor::RingMode::kPlain;

@@ -110,6 +110,7 @@ LocalExport::State UblkService::state(const std::string& name) {
   }
   st.dev_id = it->second->dev_id();
   st.device_path = it->second->block_path();
+  st.copy_mode = it->second->zero_copy() ? "zero" : it->second->user_copy() ? "user" : "buffer";
   auto info = ctl_->get_dev_info(static_cast<uint32_t>(st.dev_id));
   if (!info.ok()) {
     st.state = "Unknown";

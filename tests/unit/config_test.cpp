@@ -151,7 +151,7 @@ TEST_CASE("every documented key is accepted: ConfigKeys matches the parser") {
       "operations: {retention_seconds: 60, max_count: 5}\n"
       "access: {listener: tcp, host: h, max_duration_seconds: 60, tcp_grants_only: true}\n"
       "ublk: {queues: 2, depth: 64, user_copy: false, taskrun: coop, pin_queues: false,\n"
-      "  max_io_bytes: 65536}\n"
+      "  max_io_bytes: 65536, zero_copy: off}\n"
       "peers: {listen: 'localhost:2', deadline_seconds: 30}\n";
   // A peer region has no path: its keys are checked on a second entry.
   text.replace(text.find("default: true}]"), 15,
@@ -300,6 +300,11 @@ TEST_CASE("numbers and booleans") {
   CHECK(Parse("").ublk_depth == 128);
   CHECK_FALSE(Parse("").ublk_user_copy);
   CHECK(Parse("ublk:\n  user_copy: true\n").ublk_user_copy);
+  CHECK(Parse("").ublk_zero_copy == "auto");
+  CHECK(Parse("ublk: {zero_copy: off}").ublk_zero_copy == "off");
+  CHECK(Parse("ublk: {zero_copy: \"on\"}").ublk_zero_copy == "on");
+  ExpectError("ublk:\n  zero_copy: yes please\n", "2:14:", "ublk.zero_copy",
+              "expected auto, on or off");
   CHECK(Parse("").ublk_taskrun == "plain");
   CHECK(Parse("ublk: {taskrun: defer}").ublk_taskrun == "defer");
   CHECK_FALSE(Parse("").ublk_pin_queues);

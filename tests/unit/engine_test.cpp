@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,6 +26,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "common/thread_role.h"
@@ -503,6 +505,66 @@ TEST_SUITE("file_disk") {
       CHECK(run_io(loop, *disk, IoKind::kWrite, 8 * kMiB - 1, 1, &c) == 0);
       CHECK(run_io(loop, *disk, IoKind::kRead, 8 * kMiB - 1, 1, &got) == 0);
       CHECK(got == 'Z');
+    }
+  }
+
+  TEST_CASE("fixed buffers: the data moves from and into the registered pages, never memory") {
+    // A request with fixed_buf (a ublk request's pages under zero copy) must
+    // be served by READ_FIXED / WRITE_FIXED alone: not by pwrite on the
+    // worker (buffered writes), not by a plain read/write through `buf`.
+    // The pages registered here stay pinned by the ring after the test maps
+    // fresh memory at the same address: a write that reads through the
+    // mapping stores the new memory's bytes, a fixed one the pinned pages'.
+    TempFile f(8 * kMiB);
+    for (bool direct : {false, true}) {
+      CAPTURE(direct);
+      auto disk = open_disk(f, direct);
+      CHECK(disk->caps().fixed_buffers);
+      LoopThread loop;
+      const size_t len = 256 * 1024;
+      void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      REQUIRE(m != MAP_FAILED);
+      char* a = static_cast<char*>(m);
+      fill_pattern(a, len, 21);  // the pinned pages' bytes
+      iovec iov{a, len};
+      int rc = -1;
+      loop.call([&] { rc = io_uring_register_buffers(loop.reactor().ring(), &iov, 1); });
+      REQUIRE(rc == 0);
+      // New memory at the same address; the ring keeps the old pages.
+      REQUIRE(::mmap(a, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+                     0) == a);
+      std::memset(a, 'Q', len);
+      std::vector<char> pinned(len);
+      fill_pattern(pinned.data(), len, 21);
+      // Aligned (O_DIRECT when direct), and unaligned (the buffered descriptor).
+      for (auto [off, n, at] : {std::tuple<uint64_t, uint64_t, size_t>{kMiB, 128 * 1024, 0},
+                                {2 * kMiB + 513, 10000, 4096 + 7}}) {
+        CAPTURE(off);
+        TestIo w(IoKind::kWrite, off, n, a + at);
+        w.fixed_buf = 0;
+        submit(loop, *disk, w);
+        REQUIRE(w.wait() == 0);
+        auto on_disk = f.pread(off, n);
+        CHECK(std::memcmp(on_disk.data(), pinned.data() + at, n) == 0);
+        // A read into the pinned pages leaves the mapping's memory alone.
+        std::vector<char> rr(n, 'R');
+        f.pwrite(off, rr.data(), n);
+        TestIo r(IoKind::kRead, off, n, a + at);
+        r.fixed_buf = 0;
+        submit(loop, *disk, r);
+        REQUIRE(r.wait() == 0);
+        CHECK(std::all_of(a, a + len, [](char c) { return c == 'Q'; }));
+        // And the pinned pages got it: write them back out elsewhere.
+        TestIo w2(IoKind::kWrite, 6 * kMiB, n, a + at);
+        w2.fixed_buf = 0;
+        submit(loop, *disk, w2);
+        REQUIRE(w2.wait() == 0);
+        auto back = f.pread(6 * kMiB, n);
+        CHECK(std::all_of(back.begin(), back.end(), [](char c) { return c == 'R'; }));
+        std::memset(pinned.data() + at, 'R', n);  // what the pinned pages hold now
+      }
+      loop.call([&] { io_uring_unregister_buffers(loop.reactor().ring()); });
+      ::munmap(a, len);
     }
   }
 

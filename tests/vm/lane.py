@@ -6,6 +6,7 @@ else that needs a real kernel with nbd, ublk or virtio_blk (issue #11).
     import lane
     lane.ensure_tools()                       # apt: qemu, busybox-static, cpio, backports
     k = lane.Kernel.fetch()                   # newest 6.12 cloud kernel, cached
+    k = lane.Kernel.fetch("6.17")             # newest 6.17 (trixie-backports), cached
     ir = lane.Initramfs(workdir)
     ir.add_modules(k, ["virtio_blk", "nbd"])  # + their dependencies, loaded by /init
     ir.add_binary("/usr/bin/nbdinfo")         # -> /tools/nbdinfo + its ldd libraries
@@ -70,37 +71,95 @@ class Kernel:
     def __init__(self, root):
         self.root = root
         self.vmlinuz = glob.glob(os.path.join(root, "boot", "vmlinuz-*"))[0]
-        self.moddir = glob.glob(os.path.join(root, "lib", "modules", "*"))[0]
+        # Trixie's packages ship modules under usr/lib (merged /usr), bookworm's under lib.
+        self.moddir = (glob.glob(os.path.join(root, "lib", "modules", "*")) +
+                       glob.glob(os.path.join(root, "usr", "lib", "modules", "*")))[0]
         self.version = os.path.basename(self.moddir)
 
+    # The kernel series the lane can boot. "6.12" (bookworm-backports, through the
+    # machine's own apt sources as install.sh sets them up) is the CI lane; "6.17"
+    # (trixie-backports: ublk zero copy, UBLK_F_AUTO_BUF_REG) is for benches and
+    # zero-copy runs and is looked up through a private apt configuration under the
+    # cache (its own sources file and lists), so the machine's apt sources never
+    # see trixie.
+    SERIES = {
+        "6.12": {"suite": None,
+                 "re": r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$"},
+        "6.17": {"suite": "trixie-backports",
+                 "re": r"^linux-image-6\.17\.[0-9]+\+deb13-cloud-amd64$"},
+    }
+    DEFAULT_SERIES = "6.12"
+
     @staticmethod
-    def newest_package():
-        """The newest 6.12 cloud kernel that has an install candidate today
-        (point releases come and go: never pin one)."""
-        out = _sh(["apt-cache", "search", "--names-only",
-                   r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$"])
+    def _apt_opts(series, cache):
+        """apt options for the series' private configuration ([] for the system's)."""
+        suite = Kernel.SERIES[series]["suite"]
+        if not suite:
+            return []
+        d = os.path.join(cache, "apt-" + suite)
+        for sub in ("lists/partial", "archives/partial", "parts"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        src = os.path.join(d, "sources.list")
+        mirror = _sh("grep -rhs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | "
+                     "grep -v -- '-security' | grep '/debian/\\?$' | head -n 1 || true").strip()
+        if not mirror:
+            mirror = _sh("grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' | "
+                         "grep -v -- '-security' | grep '/debian/\\?$' | head -n 1 || true").strip()
+        if not mirror:
+            raise LaneError("no Debian mirror found in /etc/apt")
+        with open(src + ".tmp", "w") as f:
+            f.write(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} "
+                    f"{suite} main\n")
+        os.rename(src + ".tmp", src)
+        return ["-o", f"Dir::Etc::SourceList={src}",
+                "-o", f"Dir::Etc::SourceParts={os.path.join(d, 'parts')}",
+                "-o", f"Dir::State::Lists={os.path.join(d, 'lists')}",
+                "-o", f"Dir::Cache={d}",
+                "-o", "Dir::State::status=/dev/null",
+                "-o", "APT::Default-Release="]
+
+    @staticmethod
+    def newest_package(series=DEFAULT_SERIES, cache=CACHE):
+        """The newest cloud kernel of the series that has an install candidate
+        today (point releases come and go: never pin one)."""
+        if series not in Kernel.SERIES:
+            raise LaneError(f"unknown kernel series {series!r} (have {sorted(Kernel.SERIES)})")
+        opts = Kernel._apt_opts(series, cache)
+        if opts:
+            lists = os.path.join(cache, "apt-" + Kernel.SERIES[series]["suite"], "lists")
+            fresh = [p for p in glob.glob(os.path.join(lists, "*_Packages*"))
+                     if time.time() - os.path.getmtime(p) < 86400]
+            if not fresh:
+                r = subprocess.run(["apt-get", *opts, "update", "-qq"], capture_output=True,
+                                   text=True)
+                if r.returncode != 0:
+                    raise LaneError(f"apt-get update ({series}) failed:\n{r.stderr}")
+        out = _sh(["apt-cache", *opts, "search", "--names-only", Kernel.SERIES[series]["re"]])
         pkgs = [line.split()[0] for line in out.splitlines() if line.strip()]
 
         def key(p):
             return [int(x) for x in re.findall(r"\d+", p)]
 
         for p in sorted(pkgs, key=key, reverse=True):
-            pol = _sh(["apt-cache", "policy", p])
+            pol = _sh(["apt-cache", *opts, "policy", p])
             if re.search(r"Candidate: [0-9]", pol):
                 return p
-        raise LaneError("no linux-image-6.12.*-cloud-amd64-unsigned package has a candidate "
-                        "(is bookworm-backports in the apt sources? run tests/vm/install.sh)")
+        where = Kernel.SERIES[series]["suite"] or "bookworm-backports"
+        raise LaneError(f"no {Kernel.SERIES[series]['re']} package has a candidate "
+                        f"(is {where} reachable? for 6.12 run tests/vm/install.sh)")
 
     @classmethod
-    def fetch(cls, cache=CACHE):
-        pkg = cls.newest_package()
+    def fetch(cls, series=DEFAULT_SERIES, cache=CACHE):
+        """The newest kernel of `series` ("6.12": the CI lane; "6.17"), downloaded
+        and extracted once into the cache."""
+        pkg = cls.newest_package(series, cache)
         root = os.path.join(cache, pkg)
         if not glob.glob(os.path.join(root, "boot", "vmlinuz-*")):
             debs = os.path.join(cache, "debs")
             os.makedirs(debs, exist_ok=True)
             if not glob.glob(os.path.join(debs, pkg + "_*.deb")):
-                r = subprocess.run(["apt-get", "download", pkg], cwd=debs, capture_output=True,
-                                   text=True)
+                r = subprocess.run(["apt-get", *cls._apt_opts(series, cache), "download", pkg],
+                                   cwd=debs, capture_output=True, text=True)
                 if r.returncode != 0:
                     raise LaneError(f"apt-get download {pkg} failed:\n{r.stderr}")
             deb = glob.glob(os.path.join(debs, pkg + "_*.deb"))[0]

@@ -1,5 +1,9 @@
 """ublk in the VM lane (issue #11): rpointd serves disks as /dev/ublkbN
-inside Debian's 6.12 kernel under qemu (lane.py), one boot for both parts.
+inside Debian's 6.12 kernel under qemu (lane.py), one boot for all parts.
+RPOINTD_VM_KERNEL=6.17 boots the 6.17 kernel of trixie-backports instead,
+where the default `ublk.zero_copy: auto` makes every new device zero copy
+(UBLK_F_AUTO_BUF_REG): d0 is then in zero copy mode, not buffer mode, and
+every part runs over it (the CI lane stays 6.12: the copy path).
 
 1. points over ublk: mkfs.ext4 on /dev/ublkb0, files with known checksums,
    a restore point, changes, a second point; disks restored from each point
@@ -16,13 +20,20 @@ inside Debian's 6.12 kernel under qemu (lane.py), one boot for both parts.
 4. DELETE of a ublk disk whose device is mounted: 409 naming the device,
    the device and its filesystem untouched; after umount the delete works.
 
-5. copy modes: d0 was made in buffer mode (the default, the driver's copy);
-   restarted with `ublk.user_copy: true` (and `ublk.taskrun: defer`, so the
+5. copy modes: d0 was made in buffer mode (the default on 6.12, the
+   driver's copy; zero copy on 6.17);
+   restarted with `ublk.user_copy: true`, `ublk.zero_copy: off` (and `ublk.taskrun: defer`, so the
    load below runs on SINGLE_ISSUER + DEFER_TASKRUN rings, the other parts
    on the default plain ones) rpointd recovers d0 still in buffer mode and makes a new disk b0 with UBLK_F_USER_COPY (6.12 has it); kill -9
    under a write load on b0, restart with the default config: b0 comes back
    in user copy mode, dd ends without error,
    e2fsck is clean, a point of b0 equals the device (cmp).
+6. requests the engine cannot do with O_DIRECT (512-byte aligned, not 4 KiB:
+   served through the buffered descriptor; with zero copy still from the
+   request's own pages, through the ring): O_DIRECT dd of 512-byte blocks at
+   an odd offset on a new disk u0 reads back equal, and a point of u0
+   equals the device. Then `ublk.zero_copy: on`: on 6.12 a new disk is
+   refused with the reason (no UBLK_F_AUTO_BUF_REG); on 6.17 it is zero copy.
 
 Part 1 also checks the API: devicePath and state Live in GET, and the NBD
 export of a ublk disk marked read-only.
@@ -81,8 +92,10 @@ wait_dev /dev/ublkb0
 [ "$(field d0 devicePath)" = /dev/ublkb0 ] || fail "d0 devicePath is $(field d0 devicePath)"
 [ "$(field d0 state)" = Live ] || fail "d0 state is $(field d0 state)"
 $T/rpoint disk show d0 | grep -q 'NBD export.*read-only' || fail "NBD export of a ublk disk not read-only"
-# The default is buffer mode (ublk.user_copy: false): the driver copies the data.
-newlog | grep -q 'ublk 0: /dev/ublkb0 serves disk d0 .*buffer copy' || fail "d0 is not in buffer copy mode"
+# The default is buffer mode on 6.12 (ublk.user_copy: false): the driver copies
+# the data; zero copy on 6.17 (ublk.zero_copy: auto).
+newlog | grep -q "ublk 0: /dev/ublkb0 serves disk d0 .*$D0_MODE copy" || fail "d0 is not in $D0_MODE copy mode"
+[ "$(field d0 copyMode)" = "$D0_MODE" ] || fail "d0 copyMode is $(field d0 copyMode), not $D0_MODE"
 # The default rings (ublk.taskrun: plain).
 newlog | grep -q 'ublk 0: /dev/ublkb0 serves disk d0 .*plain rings' || fail "d0's queues are not on plain rings"
 $T/mke2fs -q -F -t ext4 /dev/ublkb0 || fail "mkfs.ext4"
@@ -192,9 +205,9 @@ echo "@@UBLK-4 ok@@"
 pid=$(cat /tmp/rpointd.pid)
 kill $pid
 wait $pid || fail "rpointd exited $? on SIGTERM (part 5)"
-printf 'ublk: {user_copy: true, taskrun: defer}\n' >/tmp/usercopy.yaml
+printf 'ublk: {user_copy: true, zero_copy: "off", taskrun: defer}\n' >/tmp/usercopy.yaml
 start_rpointd --config /tmp/usercopy.yaml
-newlog | grep -q 'recovered /dev/ublkb0 for disk d0 .*buffer copy' || fail "d0 not recovered in buffer copy mode"
+newlog | grep -q "recovered /dev/ublkb0 for disk d0 .*$D0_MODE copy" || fail "d0 not recovered in $D0_MODE copy mode"
 # The ring mode is the running config's, not the device's.
 newlog | grep -q 'recovered /dev/ublkb0 for disk d0 .*defer rings' || fail "d0 not recovered on defer rings"
 mount -t ext4 /dev/ublkb0 /mnt/a || fail "mount d0 (part 5)"
@@ -236,6 +249,46 @@ $T/rpoint restore-point create cb/q1 --wait >/tmp/out 2>&1 || { cat /tmp/out; fa
 $T/rpoint disk create rb --from cb/q1/b0 --wait >/tmp/out 2>&1 || { cat /tmp/out; fail "restore rb"; }
 cmp $dev $S/disks/rb.raw || fail "point q1 differs from b0"
 echo "@@UBLK-5 ok@@"
+
+# ---- 6: 512-byte O_DIRECT requests (the buffered descriptor), then zero_copy: on ----
+$T/rpoint disk create u0 --size 16M --export ublk >/tmp/out 2>&1 || { cat /tmp/out; fail "create u0"; }
+dev=$(field u0 devicePath)
+wait_dev $dev
+newlog | grep -q "${dev#/dev/}.* serves disk u0 .*$D0_MODE copy" || fail "u0 is not in $D0_MODE copy mode"
+$T/dd if=/tmp/pattern of=/tmp/p6 bs=512 count=2047 status=none
+$T/dd if=/tmp/p6 of=$dev bs=512 seek=1 oflag=direct conv=fsync status=none || fail "512-byte direct writes to u0"
+$T/dd if=$dev of=/tmp/r6 bs=512 skip=1 count=2047 iflag=direct status=none || fail "512-byte direct reads of u0"
+cmp /tmp/p6 /tmp/r6 || fail "u0: 512-byte direct I/O read back differs"
+$T/dd if=$dev of=/tmp/r6b bs=3584 skip=0 count=300 iflag=direct status=none || fail "3.5 KiB direct reads of u0"
+$T/dd if=/tmp/r6b of=/tmp/r6c bs=512 skip=1 count=2047 status=none
+cmp /tmp/p6 /tmp/r6c || fail "u0: 3.5 KiB direct reads differ"
+$T/rpoint vm create vmu --disk u0 >/dev/null || fail "vm create vmu"
+$T/rpoint collection create cu --vm vmu >/dev/null || fail "collection create cu"
+$T/rpoint restore-point create cu/s1 --wait >/tmp/out 2>&1 || { cat /tmp/out; fail "point s1"; }
+$T/rpoint disk create ru --from cu/s1/u0 --wait >/tmp/out 2>&1 || { cat /tmp/out; fail "restore ru"; }
+cmp $dev $S/disks/ru.raw || fail "point s1 differs from u0"
+dmesg | grep -E 'I/O error|Buffer I/O' && fail "the kernel logged I/O errors"
+pid=$(cat /tmp/rpointd.pid)
+kill $pid
+wait $pid || fail "rpointd exited $? on SIGTERM (part 6)"
+printf 'ublk: {zero_copy: "on"}\n' >/tmp/zc.yaml
+start_rpointd --config /tmp/zc.yaml
+if [ "$D0_MODE" = zero ]; then
+  $T/rpoint disk create z0 --size 16M --export ublk >/tmp/out 2>&1 || { cat /tmp/out; fail "create z0 (zero_copy: on)"; }
+  dev=$(field z0 devicePath)
+  wait_dev $dev
+  [ "$(field z0 copyMode)" = zero ] || fail "z0 copyMode is $(field z0 copyMode)"
+  $T/dd if=/tmp/pattern of=$dev bs=1M count=8 oflag=direct status=none || fail "z0 writes"
+  $T/dd if=$dev of=/tmp/r6z bs=1M count=8 iflag=direct status=none || fail "z0 reads"
+  $T/dd if=/tmp/pattern of=/tmp/p6z bs=1M count=8 status=none
+  cmp /tmp/p6z /tmp/r6z || fail "z0 read back differs"
+else
+  $T/rpoint disk create z0 --size 16M --export ublk >/tmp/out 2>&1
+  cat /tmp/out
+  [ "$(field z0 state)" = Live ] && fail "z0 is served although zero_copy is on and the kernel has none"
+  grep -q 'UBLK_F_AUTO_BUF_REG' /tmp/out $L || fail "z0: the refusal does not say why"
+fi
+echo "@@UBLK-6 ok@@"
 kill $(cat /tmp/rpointd.pid)
 exit 0
 """
@@ -246,7 +299,8 @@ def boot(tmp_path_factory):
     if not CI and os.geteuid() != 0 and shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 missing and not root to install it (tests/vm/install.sh)")
     lane.ensure_tools()
-    k = lane.Kernel.fetch()
+    series = os.environ.get("RPOINTD_VM_KERNEL", lane.Kernel.DEFAULT_SERIES)
+    k = lane.Kernel.fetch(series)
     work = str(tmp_path_factory.mktemp("ublk"))
     ir = lane.Initramfs(work)
     ir.add_modules(k, ["ublk_drv"])
@@ -259,7 +313,9 @@ def boot(tmp_path_factory):
         ir.add_binary(t)
     if os.path.exists("/etc/mke2fs.conf"):
         ir.add_file("/etc/mke2fs.conf", "/etc/mke2fs.conf")
-    ir.add_text("/test", GUEST, 0o755)
+    # The copy mode a new device gets by default: zero copy from 6.16 on.
+    mode = "zero" if [int(x) for x in series.split(".")] >= [6, 16] else "buffer"
+    ir.add_text("/test", f"D0_MODE={mode}\n" + GUEST, 0o755)
     r = lane.run(k, ir.build(), timeout=420, smp=SMP, console_log=os.path.join(work, "console"))
     print(r.console[-6000:])
     return r
@@ -288,6 +344,11 @@ def test_ublk_delete_of_a_mounted_disk_is_refused(boot):
 def test_ublk_buffer_copy_and_modes_kept_across_recovery(boot):
     assert "@@UBLK-4 ok@@" in boot.console, "part 4 failed first"
     assert "@@UBLK-5 ok@@" in boot.console and boot.rc == 0, _failure(boot)
+
+
+def test_ublk_unaligned_direct_io_and_zero_copy_on(boot):
+    assert "@@UBLK-5 ok@@" in boot.console, "part 5 failed first"
+    assert "@@UBLK-6 ok@@" in boot.console and boot.rc == 0, _failure(boot)
 
 
 def _failure(r):
