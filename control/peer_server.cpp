@@ -130,11 +130,15 @@ class PeerServerImpl final : public PeerServer {
   };
 
   // Shuts down `c` if it is still in its TLS handshake; true if it did.
-  static bool evict_locked(Conn& c) {
+  // `log` says why first: a client that sees the close finds it in the log
+  // (a warning is flushed as it is written).
+  template <class Log>
+  static bool evict_locked(Conn& c, Log&& log) {
     if (c.done->load()) return false;
     std::lock_guard<std::mutex> lock(c.hs->mu);
     if (c.handshaken_or_evicted()) return false;
     c.hs->evicted = true;
+    log();
     ::shutdown(c.fd, SHUT_RDWR);
     return true;
   }
@@ -144,10 +148,10 @@ class PeerServerImpl final : public PeerServer {
     auto now = std::chrono::steady_clock::now();
     for (auto& c : conns_) {
       if (now - c.accepted < std::chrono::seconds(options_.io_timeout_seconds)) continue;
-      if (evict_locked(c)) {
+      evict_locked(c, [&] {
         spdlog::warn("peer API: {} did not finish its TLS handshake in {} s; closed", c.who,
                      options_.io_timeout_seconds);
-      }
+      });
     }
   }
 
@@ -189,11 +193,12 @@ class PeerServerImpl final : public PeerServer {
         bool room = live < options_.max_connections;
         if (!room && conns_.size() < 2 * size_t{options_.max_connections}) {
           for (auto& c : conns_) {
-            if (evict_locked(c)) {
-              spdlog::warn(
-                  "peer API: {} connections open; closed {}, still in its TLS handshake, "
-                  "for {}",
-                  live, c.who, PeerName(fd));
+            if (evict_locked(c, [&] {
+                  spdlog::warn(
+                      "peer API: {} connections open; closed {}, still in its TLS handshake, "
+                      "for {}",
+                      live, c.who, PeerName(fd));
+                })) {
               room = true;
               break;
             }
