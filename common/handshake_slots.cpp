@@ -12,14 +12,16 @@ void HandshakeSlots::prune_locked() {
   }
 }
 
-bool HandshakeSlots::evict_locked(Slot& s) {
+bool HandshakeSlots::evict_locked(Slot& s, const OnEvict& on_evict) {
   if (s.exited() || s.evicted_ || !s.handshaking_) return false;
   s.evicted_ = true;
+  if (on_evict) on_evict(s.label_);  // the reason first, then the close
   ::shutdown(s.fd_, SHUT_RDWR);
   return true;
 }
 
-HandshakeSlots::Admission HandshakeSlots::admit(int fd, std::string label) {
+HandshakeSlots::Admission HandshakeSlots::admit(int fd, std::string label,
+                                                const OnEvict& on_evict) {
   Admission a;
   std::lock_guard<std::mutex> lock(mu_);
   prune_locked();
@@ -28,7 +30,7 @@ HandshakeSlots::Admission HandshakeSlots::admit(int fd, std::string label) {
   if (a.threads >= 2 * cap_) return a;
   if (a.live >= cap_) {
     for (const auto& s : slots_) {  // oldest first
-      if (evict_locked(*s)) {
+      if (evict_locked(*s, on_evict)) {
         a.evicted = s->label_;
         break;
       }
@@ -44,11 +46,11 @@ HandshakeSlots::Admission HandshakeSlots::admit(int fd, std::string label) {
   return a;
 }
 
-std::vector<std::string> HandshakeSlots::expire(Clock::time_point cutoff) {
+std::vector<std::string> HandshakeSlots::expire(Clock::time_point cutoff, const OnEvict& on_evict) {
   std::vector<std::string> out;
   std::lock_guard<std::mutex> lock(mu_);
   for (const auto& s : slots_) {
-    if (s->accepted_ <= cutoff && evict_locked(*s)) out.push_back(s->label_);
+    if (s->accepted_ <= cutoff && evict_locked(*s, on_evict)) out.push_back(s->label_);
   }
   return out;
 }

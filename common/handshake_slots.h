@@ -25,6 +25,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -70,13 +71,17 @@ class HandshakeSlots {
 
   size_t cap() const { return cap_; }
 
+  // Called with an evicted connection's label just before its socket is shut
+  // down (under the internal mutex: log, do not call back in), so that a
+  // client that sees the close finds the reason already logged.
+  using OnEvict = std::function<void(const std::string& label)>;
   // The acceptor has a new connection on `fd` (`label` names it in logs).
   // Admits it (evicting the oldest handshake at the cap) or refuses it.
-  Admission admit(int fd, std::string label);
+  Admission admit(int fd, std::string label, const OnEvict& on_evict = {});
 
   // Evicts every connection still in its handshake accepted at or before `cutoff`
   // (a deadline enforced by the acceptor); returns their labels.
-  std::vector<std::string> expire(Clock::time_point cutoff);
+  std::vector<std::string> expire(Clock::time_point cutoff, const OnEvict& on_evict = {});
 
   // The connection's thread ends its handshake; true if it was evicted
   // meanwhile (its socket is shut down: drop the connection).
@@ -90,7 +95,7 @@ class HandshakeSlots {
 
  private:
   void prune_locked();
-  static bool evict_locked(Slot& s);
+  static bool evict_locked(Slot& s, const OnEvict& on_evict);
 
   const size_t cap_;
   std::mutex mu_;

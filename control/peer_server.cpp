@@ -127,10 +127,12 @@ class PeerServerImpl final : public PeerServer {
   void expire_handshakes() {
     auto cutoff =
         std::chrono::steady_clock::now() - std::chrono::seconds(options_.io_timeout_seconds);
-    for (const std::string& who : slots_.expire(cutoff)) {
+    // Logged before the close: a client that sees it finds the reason in the
+    // log (a warning is flushed as it is written).
+    slots_.expire(cutoff, [&](const std::string& who) {
       spdlog::warn("peer API: {} did not finish its TLS handshake in {} s; closed", who,
                    options_.io_timeout_seconds);
-    }
+    });
   }
 
   void reap_locked() {
@@ -160,16 +162,16 @@ class PeerServerImpl final : public PeerServer {
         // At the cap, the oldest connection still in its TLS handshake makes
         // room (silent clients cannot lock peers out); authenticated ones stay.
         // Evicted ones still exiting may take up to the cap again.
-        HandshakeSlots::Admission a = slots_.admit(fd, PeerName(fd));
-        if (!a.slot) {
-          spdlog::warn("peer API: {} connections open; refusing {}", a.threads, PeerName(fd));
-          ::close(fd);
-          continue;
-        }
-        if (a.evicted) {
+        const std::string name = PeerName(fd);
+        HandshakeSlots::Admission a = slots_.admit(fd, name, [&](const std::string& evicted) {
           spdlog::warn(
               "peer API: {} connections open; closed {}, still in its TLS handshake, for {}",
-              a.live, *a.evicted, a.slot->label());
+              options_.max_connections, evicted, name);
+        });
+        if (!a.slot) {
+          spdlog::warn("peer API: {} connections open; refusing {}", a.threads, name);
+          ::close(fd);
+          continue;
         }
         // Asio's blocking calls poll without a timeout (SO_RCVTIMEO would
         // not help): keepalive probes and TCP_USER_TIMEOUT make the kernel

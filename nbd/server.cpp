@@ -199,15 +199,16 @@ void NbdServerImpl::accept_one(const ListenerEntry& l) {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
     }
-    HandshakeSlots::Admission a = slots_.admit(fd.get(), "");
+    // The eviction is logged before its close (as the peer API does).
+    HandshakeSlots::Admission a = slots_.admit(fd.get(), "", [](const std::string&) {
+      spdlog::warn("nbd: {} handshakes in progress; evicted the oldest for a new client",
+                   kMaxHandshakes);
+    });
     if (!a.slot) {
       if (a.threads >= 2 * kMaxHandshakes) {
         spdlog::warn("nbd: too many handshakes in progress; dropping a new client");
       }
       continue;
-    }
-    if (a.evicted) {
-      spdlog::warn("nbd: {} handshakes in progress; evicted the oldest for a new client", a.live);
     }
     {
       std::lock_guard<std::mutex> lock(mu_);

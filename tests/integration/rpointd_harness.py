@@ -44,6 +44,30 @@ class Response:
         return f"<Response {self.status} {self.raw[:300]!r}>"
 
 
+def free_tcp_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago. Only a moment: until
+    a daemon binds it any other socket may take it (another test's pick, a
+    client's ephemeral port), so start a daemon on it with start_on_free_port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_on_free_port(daemon, config_for_port, attempts=5):
+    """Starts `daemon` with config_text config_for_port(port) on a port from
+    free_tcp_port; when the start failed because that port was taken in between
+    (the daemon's "... :PORT (port in use)"), again on another. Returns the port."""
+    for attempt in range(attempts):
+        port = free_tcp_port()
+        daemon.config_text = config_for_port(port)
+        try:
+            daemon.start()
+            return port
+        except RuntimeError as e:
+            if f":{port} (port in use)" not in str(e) or attempt == attempts - 1:
+                raise
+
+
 class Daemon:
     """One rpointd process with its own state directory."""
 

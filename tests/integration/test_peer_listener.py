@@ -15,14 +15,9 @@ import pytest
 
 import tls_pki
 from conftest import require
+from rpointd_harness import start_on_free_port
 
 SILENT = 100
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -34,8 +29,8 @@ def peer_daemon(make_daemon, tmp_path):
     tls_pki.make_cert(ca, pki, "server", "localhost", 'ip_address = "127.0.0.1"\n')
     tls_pki.make_cert(ca, pki, "client", "peer")
     (pki / "ca-cert.pem").write_bytes((ca / "ca-cert.pem").read_bytes())
-    port = free_port()
-    d = make_daemon(config_text=f'tls:\n  dir: {pki}\npeers:\n  listen: "127.0.0.1:{port}"\n').start()
+    d = make_daemon()
+    port = start_on_free_port(d, lambda port: f'tls:\n  dir: {pki}\npeers:\n  listen: "127.0.0.1:{port}"\n')
     ctx = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
     ctx.load_cert_chain(str(pki / "client-cert.pem"), str(pki / "client-key.pem"))
     deadline = time.monotonic() + 10

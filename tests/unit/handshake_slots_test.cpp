@@ -156,3 +156,33 @@ TEST_CASE("handshake slots: expire cuts handshakes accepted before the deadline"
   CHECK(ShutDown(young_pair));
   CHECK(slots.end_handshake(*old_slot));
 }
+
+TEST_CASE("handshake slots: the eviction callback runs before the socket is shut down") {
+  HandshakeSlots slots(1);
+  Pair first = MakePair(), second = MakePair();
+  auto a = slots.admit(first.server.get(), "old");
+  REQUIRE(a.slot);
+  std::vector<std::string> seen;
+  bool open_in_callback = false;
+  auto b = slots.admit(second.server.get(), "new", [&](const std::string& label) {
+    seen.push_back(label);
+    open_in_callback = !ShutDown(first);  // a client could not have seen the close yet
+  });
+  REQUIRE(b.slot);
+  CHECK(seen == std::vector<std::string>{"old"});
+  CHECK(open_in_callback);
+  CHECK(ShutDown(first));
+  // The deadline path too.
+  seen.clear();
+  open_in_callback = false;
+  auto gone = slots.expire(HandshakeSlots::Clock::now(), [&](const std::string& label) {
+    seen.push_back(label);
+    open_in_callback = !ShutDown(second);
+  });
+  CHECK(gone == std::vector<std::string>{"new"});
+  CHECK(seen == gone);
+  CHECK(open_in_callback);
+  CHECK(ShutDown(second));
+  slots.exit(*a.slot);
+  slots.exit(*b.slot);
+}
