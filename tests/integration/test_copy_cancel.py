@@ -16,14 +16,14 @@ reads is its source.
   can be deleted once it has.
 Never a Succeeded copy whose data is missing.
 """
-import os
 import random
 import time
 
 import pytest
 
 from conftest import require
-from rpointd_harness import Daemon, images_equal, nbd_save, nbd_write, operation_path
+from rpointd_harness import images_equal, nbd_save, nbd_write, operation_path
+from test_restore_point_copy import two_regions
 
 pytest.importorskip("nbd", reason="python3-libnbd (Debian python) is needed")
 
@@ -40,24 +40,7 @@ def _tools():
 
 @pytest.fixture
 def rig(tmp_path):
-    state = tmp_path / "state"
-    os.makedirs(state)
-    cfg = ("regions:\n"
-           f"  - {{name: east, path: {tmp_path}/east, default: true}}\n"
-           f"  - {{name: west, path: {tmp_path}/west}}\n")
-    d = Daemon(state, config_text=cfg, env={"RPOINTD_FAULTS_FILE": str(state / "faults")})
-    d.start()
-    d.create_disk("a", DISK_SIZE)
-    d.create_disk("b", DISK_SIZE)
-    d.create_vm("vm", ["a", "b"])
-    d.create_collection("ce", "vm", location="east")
-    d.create_collection("cw", "vm", location="west")
-    yield d
-    if d.proc is not None:
-        if d.proc.poll() is None:
-            assert d.stop() == 0, d.log()
-        else:
-            pytest.fail(f"rpointd died:\n{d.log()}")
+    yield from two_regions(tmp_path, ["a", "b"], DISK_SIZE)
 
 
 def point_id(c, rp):

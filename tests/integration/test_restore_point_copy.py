@@ -48,8 +48,11 @@ class FaultDaemon(Daemon):
         self.arm_faults(rules)
 
 
-@pytest.fixture
-def rig(tmp_path):
+def two_regions(tmp_path, disks, size):
+    """A daemon with regions east (default) and west, a fault rules file,
+    disks `disks` of `size` bytes in VM vm, and its collections ce (east) and
+    cw (west). A generator for fixtures: yields the daemon, then checks it
+    stops cleanly (or fails the test if it died)."""
     state = tmp_path / "state"
     os.makedirs(state)
     cfg = ("regions:\n"
@@ -57,8 +60,9 @@ def rig(tmp_path):
            f"  - {{name: west, path: {tmp_path}/west}}\n")
     d = FaultDaemon(state, config_text=cfg, env={"RPOINTD_FAULTS_FILE": str(state / "faults")})
     d.start()
-    d.create_disk("a", DISK_SIZE)
-    d.create_vm("vm", ["a"])
+    for disk in disks:
+        d.create_disk(disk, size)
+    d.create_vm("vm", list(disks))
     d.create_collection("ce", "vm", location="east")
     d.create_collection("cw", "vm", location="west")
     yield d
@@ -67,6 +71,11 @@ def rig(tmp_path):
             assert d.stop() == 0, d.log()
         else:
             pytest.fail(f"rpointd died:\n{d.log()}")
+
+
+@pytest.fixture
+def rig(tmp_path):
+    yield from two_regions(tmp_path, ["a"], DISK_SIZE)
 
 
 def start_copy(d, src_c, src_rp, dst_c, dst_rp, expect=201):
